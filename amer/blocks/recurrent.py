@@ -1,0 +1,223 @@
+"""The R family: Griffin's recurrent block with the RG-LRU (De et al. 2024, arXiv 2402.19427).
+
+Two branches from the (already normalised) input x (B, T, D), fused into one D -> 2W projection::
+
+    gate = GeLU(W_g x)                                      # (B, T, W)
+    u    = RG-LRU(causal_depthwise_conv(W_u x))             # (B, T, W)
+    y    = out_proj(gate * u)                               # (B, T, D)
+
+The Real-Gated Linear Recurrent Unit (paper section 2.4) is a diagonal linear recurrence whose
+decay depends on the input only through a sigmoid gate, so it stays a *linear* scan in h::
+
+    r_t = sigmoid(W_a u_t + b_a)            recurrence gate
+    i_t = sigmoid(W_x u_t + b_x)            input gate
+    log a_t = -c * softplus(-Lambda) * r_t  (a_t = sigmoid(Lambda)^(c r_t), c = 8)
+    h_t = a_t * h_{t-1} + sqrt(1 - a_t^2) * (i_t * u_t)
+
+The gate projections are block-diagonal with ``n_heads`` blocks (recurrentgemma's
+``BlockDiagonalLinear``), computed for both gates by one einsum. The decay, the normaliser and
+the state are kept in fp32 whatever the activation dtype: a decay of 0.999 is not representable
+in bf16 (its neighbours are 0.996 and 1.0), and the state integrates over thousands of steps.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from amer.blocks.common import MixerOutput, register_mixer
+from amer.config import ModelConfig
+from amer.ops.conv import causal_conv1d, conv_state_init
+from amer.ops.scan import linear_scan_backward, linear_scan_forward
+from amer.pattern import Family, LayerSpec
+
+__all__ = ["RecurrentCache", "RecurrentMixer", "rglru_coeffs"]
+
+# Floor on 1 - a^2 under the square root: d sqrt(z)/dz = 1/(2 sqrt z) is unbounded as a -> 1
+# (r -> 0), which overflows in low precision. With this floor the derivative is at most 500,
+# the same order as recurrentgemma's bound of 1000 on the sqrt gradient.
+_MIN_ONE_MINUS_A2 = 1e-6
+
+
+def rglru_coeffs(gates: Tensor, u: Tensor, Lambda: Tensor, c: float) -> tuple[Tensor, Tensor, Tensor]:
+    """RG-LRU coefficients from the gate logits: ``(a, b, sig)``, all in fp32 (fp64 for fp64).
+
+    gates: (B, T, H, 2 bw) logits ``[W_a u + b_a | W_x u + b_x]`` per block; u: (B, T, W);
+    Lambda: (W,). Returns the decay ``a`` (B, T, W), the normalised input
+    ``b = sqrt(1 - a^2) * i * u`` (B, T, W), and ``sig = sigmoid(gates)`` (B, T, H, 2 bw) whose
+    halves are the recurrence gate r and the input gate i. Plain differentiable torch ops: the
+    decoding step uses it, and it is the reference :class:`_RGLRUScan` is tested against.
+    """
+    B, T, W = u.shape
+    bw = gates.shape[-1] // 2
+    acc = torch.promote_types(u.dtype, torch.float32)  # fp32 for bf16/fp16/fp32, fp64 stays
+    sig = torch.sigmoid(gates.to(acc))  # (B, T, H, 2bw)
+    r, i = sig[..., :bw].reshape(B, T, W), sig[..., bw:].reshape(B, T, W)
+    # log sigmoid(Lambda) = -softplus(-Lambda): finite for any Lambda, no log of a rounded 1
+    log_a = (-c * F.softplus(-Lambda.to(acc))) * r  # (B, T, W), <= 0
+    a = torch.exp(log_a)
+    # sqrt(1 - a^2) through expm1(2 log a): no cancellation when a is close to 1
+    norm = torch.sqrt(torch.clamp(-torch.expm1(2.0 * log_a), min=_MIN_ONE_MINUS_A2))
+    return a, norm * i * u.to(acc), sig
+
+
+class _RGLRUScan(torch.autograd.Function):
+    """Gate logits -> RG-LRU states h (B, T, W) in one autograd node.
+
+    Autograd through :func:`rglru_coeffs` + the scan keeps about ten (B, T, W) fp32
+    intermediates per layer and runs about thirty elementwise passes backward. This node keeps
+    the gate sigmoids, a, sqrt(1 - a^2) and its derivative, u and h, and writes the chain rule
+    out by hand. All elementwise work is done in the (B, T, H, bw) block layout so the r / i
+    halves of the gate tensor are used as strided views, never copied.
+    """
+
+    @staticmethod
+    def forward(ctx, gates: Tensor, u: Tensor, Lambda: Tensor, h0: Tensor | None,  # type: ignore[override]
+                c: float) -> Tensor:
+        B, T, H, bw2 = gates.shape
+        bw = bw2 // 2
+        acc = torch.promote_types(u.dtype, torch.float32)
+        # (B, T, H, 2bw) = [r | i], written contiguous whatever layout the einsum left gates in
+        sig = torch.sigmoid(gates.to(acc), out=torch.empty(gates.shape, dtype=acc, device=gates.device))
+        r, i = sig[..., :bw], sig[..., bw:]
+        neg_c_s = (-c * F.softplus(-Lambda.to(acc))).view(H, bw)  # c log sigmoid(Lambda)
+        log_a = r * neg_c_s  # (B, T, H, bw) contiguous
+        a = torch.exp(log_a)
+        one_minus_a2 = torch.expm1(log_a.mul_(2.0)).neg_()
+        live = one_minus_a2 >= _MIN_ONE_MINUS_A2
+        norm = one_minus_a2.clamp_(min=_MIN_ONE_MINUS_A2).sqrt_()
+        # d norm / d log a = -a^2 / norm, zero where the clamp is active
+        dnorm = (a * a).div_(norm).neg_().mul_(live)
+        uf = u.to(acc).reshape(B, T, H, bw)  # a view for the conv's output layout
+        b = (norm * i).mul_(uf)
+        h = linear_scan_forward(a.reshape(B, T, -1), b.reshape(B, T, -1), h0)  # (B, T, W)
+        ctx.save_for_backward(sig, a, norm, dnorm, u, Lambda, h, h0)
+        ctx.c = c
+        ctx.gates_dtype = gates.dtype
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_h: Tensor):  # type: ignore[override]
+        sig, a, norm, dnorm, u, Lambda, h, h0 = ctx.saved_tensors
+        c = ctx.c
+        B, T, H, bw = a.shape
+        acc = a.dtype
+        r, i = sig[..., :bw], sig[..., bw:]
+        g, grad_a, grad_h0 = linear_scan_backward(a.reshape(B, T, -1), h, h0, grad_h)  # g = dL/db
+        g, grad_a = g.view(B, T, H, bw), grad_a.view(B, T, H, bw)
+        uf = u.to(acc).reshape(B, T, H, bw)
+        # b = norm * i * u
+        g_norm = g * norm
+        grad_u = (g_norm * i).view(B, T, -1).to(u.dtype)
+        g_u = g.mul_(uf)
+        grad_i = g_norm.copy_(g_u).mul_(norm)
+        # log a = c log sigmoid(Lambda) * r enters through a and through norm
+        grad_log_a = grad_a.mul_(a).addcmul_(g_u.mul_(i), dnorm)
+        neg_c_s = (-c * F.softplus(-Lambda.to(acc))).view(H, bw)
+        grad_gates = torch.empty_like(sig)
+        torch.mul(grad_log_a, neg_c_s, out=grad_gates[..., :bw])
+        grad_gates[..., bw:].copy_(grad_i)
+        # d(c log sigmoid(Lambda))/dLambda = c sigmoid(-Lambda)
+        grad_Lambda = (grad_log_a.mul_(r).sum(dim=(0, 1)).view(-1)
+                       * (c * torch.sigmoid(-Lambda.to(acc)))).to(Lambda.dtype)
+        # through both sigmoids at once (one fused pass of grad * sig * (1 - sig))
+        grad_gates = torch.ops.aten.sigmoid_backward(grad_gates, sig)
+        if grad_h0 is not None:
+            grad_h0 = grad_h0.to(h0.dtype)
+        return grad_gates.to(ctx.gates_dtype), grad_u, grad_Lambda, grad_h0, None
+
+
+class RecurrentCache(NamedTuple):
+    """Decoding state of one recurrent block: O(1) in the context length."""
+
+    conv_state: Tensor  # (B, K-1, W) the last K-1 inputs of the causal conv
+    h: Tensor  # (B, W) fp32 RG-LRU state after the last token seen
+
+
+@register_mixer(Family.RECURRENT)
+class RecurrentMixer(nn.Module):
+    """Griffin / Hawk recurrent block (De et al. 2024, Fig. 2c) with the RG-LRU.
+
+    Training (``cache=None``) runs the RG-LRU as a chunked parallel scan (:mod:`amer.ops.scan`)
+    inside one hand-differentiated autograd node; a decoding step (T == 1 with a cache) is one
+    multiply-add on the fp32 state; a prefill with a cache scans from the cached state.
+
+    Not modelled: recurrentgemma resets the state (and skips the input normaliser) at document
+    starts given ``segment_pos``; the mixer contract carries no document ids, so the state runs
+    on across documents packed into one row.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer: LayerSpec) -> None:
+        super().__init__()
+        rc = cfg.recurrent
+        self.layer = layer
+        self.d_model = cfg.d_model
+        self.width = rc.lru_width or cfg.d_model
+        self.n_heads = rc.n_heads
+        self.head_width = self.width // self.n_heads
+        self.d_conv = rc.d_conv
+        self.c = float(rc.c)
+        W, H, bw, K = self.width, self.n_heads, self.head_width, self.d_conv
+
+        # gate branch and recurrence branch in one GEMM; the model initialises nn.Linear weights
+        self.in_proj = nn.Linear(cfg.d_model, 2 * W, bias=False)
+        # Depthwise causal conv, PyTorch's nn.Conv1d default init (uniform +-1/sqrt(K)), as the
+        # Mamba block uses: recurrentgemma's 0.1/sqrt(K) std assumes its 1/sqrt(D) input
+        # projections, and on top of the model's small init_std it would start the block mute.
+        bound = 1.0 / math.sqrt(K)
+        self.conv_weight = nn.Parameter(torch.empty(W, K).uniform_(-bound, bound))  # (W, K)
+        self.conv_bias = nn.Parameter(torch.zeros(W))
+        # Block-diagonal gate weights for [r | i], std sqrt(1 / block_width) (recurrentgemma's
+        # BlockDiagonalLinear): each gate logit starts with unit variance for unit inputs.
+        self.gate_weight = nn.Parameter(torch.randn(H, bw, 2 * bw) * (1.0 / math.sqrt(bw)))  # (H, bw, 2bw)
+        self.gate_bias = nn.Parameter(torch.zeros(H, 2 * bw))
+        # Lambda: a^c = sigmoid(Lambda)^c uniform in [0.9, 0.999] (paper section 2.4, following the
+        # LRU's ring init, Orvieto et al. 2023), so at r = 1 every channel starts with a memory of
+        # 10 to 1000 steps. Stored as the logit, so sigmoid(Lambda) is in (0, 1) for any value.
+        a_c = torch.rand(W) * (0.999 - 0.9) + 0.9
+        log_a = torch.log(a_c) / self.c  # log sigmoid(Lambda)
+        self.Lambda = nn.Parameter(log_a - torch.log(-torch.expm1(log_a)))  # logit(exp(log_a))
+        self.out_proj = nn.Linear(W, cfg.d_model, bias=False)
+
+    def init_cache(self, batch_size: int, max_len: int, *, device: torch.device | str | None = None,
+                   dtype: torch.dtype | None = None) -> RecurrentCache:
+        """Zero state; ``max_len`` is unused since the state does not grow with the context."""
+        device = self.in_proj.weight.device if device is None else device
+        dtype = self.in_proj.weight.dtype if dtype is None else dtype
+        return RecurrentCache(
+            conv_state=conv_state_init(batch_size, self.width, self.d_conv, device=device, dtype=dtype),
+            h=torch.zeros(batch_size, self.width, device=device, dtype=torch.float32),
+        )
+
+    def _gate_logits(self, u: Tensor) -> Tensor:
+        """Both gates' logits with one batched matmul over the n_heads diagonal blocks: (B, T, H, 2bw)."""
+        B, T, _ = u.shape
+        gates = torch.einsum("bthi,hij->bthj", u.reshape(B, T, self.n_heads, self.head_width),
+                             self.gate_weight.to(u.dtype))
+        return gates + self.gate_bias.to(u.dtype)
+
+    def forward(self, x: Tensor, cache: RecurrentCache | None = None) -> MixerOutput:
+        """x (B, T, D) -> MixerOutput(y (B, T, D), new cache or None)."""
+        B, T, _ = x.shape
+        gate, u = self.in_proj(x).chunk(2, dim=-1)  # (B, T, W) each
+        gate = F.gelu(gate, approximate="tanh")  # Griffin's GeLU is the tanh approximation (JAX default)
+        u, conv_state = causal_conv1d(u, self.conv_weight, self.conv_bias,
+                                      None if cache is None else cache.conv_state)
+        gates = self._gate_logits(u)  # (B, T, H, 2bw)
+        if cache is None:
+            h = _RGLRUScan.apply(gates, u, self.Lambda, None, self.c)  # (B, T, W) fp32
+            new_cache = None
+        elif T == 1:
+            a, b, _ = rglru_coeffs(gates, u, self.Lambda, self.c)
+            h = torch.addcmul(b, a, cache.h.to(a.dtype).unsqueeze(1))  # (B, 1, W): one step, O(1)
+            new_cache = RecurrentCache(conv_state, h[:, -1])
+        else:
+            # prefill continues the scan from the cached state
+            h = _RGLRUScan.apply(gates, u, self.Lambda, cache.h, self.c)
+            new_cache = RecurrentCache(conv_state, h[:, -1].clone())  # don't pin the (B, T, W) buffer
+        y = self.out_proj(h.to(x.dtype) * gate)
+        return MixerOutput(y, new_cache)

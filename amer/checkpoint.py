@@ -1,0 +1,211 @@
+"""Safetensors checkpoints: written atomically, loaded with errors that name the bad file.
+
+Layout of one checkpoint directory::
+
+    step_000250/
+        model.safetensors   weights (tied weights stored once)
+        optim.safetensors   AdamW moments and step counts, flattened to named tensors
+        meta.json           resolved config, step, RNG states, data position, amer version, metrics
+
+A checkpoint is written into a temporary sibling directory, fsynced, then renamed into place, so
+an interrupted write never leaves a half checkpoint under a real name and never touches the
+previous one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from amer.config import ModelConfig, from_dict
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_checkpoint", "find_checkpoint",
+           "list_checkpoints"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, truncated or corrupt; the message names the file."""
+
+
+def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    # tied weights share storage: safetensors refuses duplicates, so keep the first name only
+    seen: dict[int, str] = {}
+    out = {}
+    for name, t in model.state_dict().items():
+        key = t.data_ptr()
+        if key in seen and t.numel() > 0:
+            continue
+        seen[key] = name
+        out[name] = t.detach().contiguous().cpu()
+    return out
+
+
+def _optim_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            t = v if torch.is_tensor(v) else torch.tensor(v)
+            tensors[f"{pid}.{k}"] = t.detach().contiguous().cpu()
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                    meta: dict[str, Any]) -> Path:
+    """Write ``path`` atomically (temporary directory, fsync, rename). Refuses non-finite weights."""
+    path = Path(path)
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise CheckpointError(f"refusing to write {path}: parameter {name} has non-finite values")
+    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}-{time.monotonic_ns()}"
+    tmp.mkdir(parents=True)
+    try:
+        save_file(_state_tensors(model), str(tmp / "model.safetensors"))
+        meta = dict(meta)
+        if optimizer is not None:
+            tensors, extra = _optim_tensors(optimizer)
+            save_file(tensors, str(tmp / "optim.safetensors"))
+            meta["optimizer"] = extra
+        import amer
+
+        meta.setdefault("amer_version", amer.__version__)
+        with open(tmp / "meta.json", "w") as f:
+            json.dump(meta, f, indent=2, default=_json_default)
+            f.flush()
+            os.fsync(f.fileno())
+        for fname in ("model.safetensors", "optim.safetensors"):
+            if (tmp / fname).exists():
+                with open(tmp / fname, "rb") as f:
+                    os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if path.exists():  # replace (e.g. best/): move the old one aside first, delete after
+            old = path.parent / f".old-{path.name}-{os.getpid()}-{time.monotonic_ns()}"
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _json_default(o: Any) -> Any:
+    if torch.is_tensor(o):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Step checkpoints of a run, oldest first."""
+    run_dir = Path(run_dir)
+    return sorted(p for p in run_dir.glob("step_*") if p.is_dir() and (p / "meta.json").exists())
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from a checkpoint path or a run directory (its latest step)."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    if (p / "meta.json").exists() or (p / "model.safetensors").exists():
+        return p
+    steps = list_checkpoints(p)
+    if not steps:
+        raise CheckpointError(f"no checkpoint in {p}: expected step_*/ directories with meta.json and model.safetensors")
+    return steps[-1]
+
+
+def read_checkpoint(path: str | Path, *, with_optimizer: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict[str, Any]]:
+    """(model tensors, optimizer tensors or None, meta) of a checkpoint, validating every file."""
+    ckpt = find_checkpoint(path)
+    meta_path = ckpt / "meta.json"
+    if not meta_path.exists():
+        raise CheckpointError(f"checkpoint {ckpt} is missing {meta_path.name}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{meta_path}: corrupt or truncated JSON ({e})") from None
+    weights = _load_tensors(ckpt / "model.safetensors")
+    optim = None
+    if with_optimizer and (ckpt / "optim.safetensors").exists():
+        optim = _load_tensors(ckpt / "optim.safetensors")
+    meta["_path"] = str(ckpt)
+    return weights, optim, meta
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint file missing: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({msg})") from None
+
+
+def restore_model(model: nn.Module, weights: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Load ``weights`` into ``model`` strictly (tied weights may be stored once)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in weights]
+    tied = {k for k in missing if k == "lm_head.weight" and getattr(model, "cfg", None) is not None
+            and model.cfg.tie_embeddings}
+    missing = [k for k in missing if k not in tied]
+    unexpected = [k for k in weights if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    for k, v in weights.items():
+        if expected[k].shape != v.shape:
+            raise CheckpointError(f"{source}: {k} has shape {tuple(v.shape)}, model expects {tuple(expected[k].shape)}")
+    model.load_state_dict(weights, strict=False)
+
+
+def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = t
+    opt.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+
+
+def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelConfig]:
+    """``(model, model_config)`` from a checkpoint or run directory, in eval mode.
+
+    >>> model, cfg = amer.load_checkpoint("checkpoints/my-run")   # latest step of the run
+    """
+    from amer.model import HybridLM
+
+    weights, _, meta = read_checkpoint(path, with_optimizer=False)
+    try:
+        cfg = from_dict(ModelConfig, meta["config"]["model"], where="model.")
+    except KeyError:
+        raise CheckpointError(f"{meta['_path']}/meta.json has no config.model section") from None
+    model = HybridLM(cfg).to(device)  # builds non-persistent buffers (RoPE) too
+    restore_model(model, {k: v.to(device) for k, v in weights.items()}, source=meta["_path"])
+    model.eval()
+    return model, cfg

@@ -1,0 +1,1 @@
+"""Pure-torch reference kernels and the one gateway to optional CUDA kernels (``kernels.py``)."""

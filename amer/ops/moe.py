@@ -1,0 +1,156 @@
+"""Mixture-of-experts dispatch: route token-slots to SwiGLU experts and combine the results.
+
+Two strategies over the same stacked expert weights, ``w_gate_up`` (E, D, 2F) (gate columns first,
+then up, as in :class:`amer.blocks.common.SwiGLU`) and ``w_down`` (E, F, D):
+
+* :func:`dispatch_dropless` - sort the N*k token-slots by expert and run each expert on its
+  contiguous slice (MegaBlocks, Gale et al. 2022, arXiv 2211.15841): no token is ever dropped and
+  no FLOP is spent on padding, at the price of data-dependent shapes (eager / CUDA).
+* :func:`dispatch_capacity` - GShard / Switch-Transformer dispatch (Lepikhin et al. 2020, arXiv
+  2006.16668; Fedus et al. 2021, arXiv 2101.03961): every expert gets a fixed-size buffer of
+  ``capacity`` rows and overflowing slots are dropped. Every shape is static, so it compiles to a
+  single graph under ``torch.compile(fullgraph=True)`` and on XLA.
+
+:func:`dense_reference` runs every expert on every token: the test oracle.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from amer.ops.kernels import megablocks_kernel
+
+__all__ = ["expert_capacity", "dispatch_dropless", "dispatch_capacity", "dense_reference", "swiglu_expert"]
+
+
+def swiglu_expert(h: Tensor, w_gate_up: Tensor, w_down: Tensor) -> Tensor:
+    """One SwiGLU expert (Shazeer 2020) on rows h (..., D) with w_gate_up (D, 2F), w_down (F, D).
+
+    Batched weights (E, D, 2F) / (E, F, D) with h (E, C, D) work too (matmul broadcasts).
+    """
+    gate, up = torch.matmul(h, w_gate_up).chunk(2, dim=-1)  # (..., F) each
+    return torch.matmul(F.silu(gate) * up, w_down)  # (..., D)
+
+
+def expert_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) -> int:
+    """Rows per expert buffer: ``ceil(capacity_factor * n_tokens * top_k / n_experts)``.
+
+    Clamped to [1, n_tokens]: a token picks an expert at most once, so no expert can receive more
+    than ``n_tokens`` slots and a larger buffer would only hold padding.
+    """
+    return max(1, min(math.ceil(capacity_factor * n_tokens * top_k / n_experts), n_tokens))
+
+
+def _flatten(x: Tensor, expert_idx: Tensor, weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    D = x.shape[-1]
+    xf = x.reshape(-1, D)  # (N, D)
+    N = xf.shape[0]
+    return xf, expert_idx.reshape(N, -1), weights.reshape(N, -1).to(x.dtype)
+
+
+def dispatch_dropless(x: Tensor, expert_idx: Tensor, weights: Tensor, w_gate_up: Tensor,
+                      w_down: Tensor) -> Tensor:
+    """Dropless top-k dispatch: y[n] = sum_j weights[n, j] * expert_{expert_idx[n, j]}(x[n]).
+
+    x: (..., D); expert_idx, weights: (..., k) (indices distinct per token, as top-k gives);
+    w_gate_up: (E, D, 2F); w_down: (E, F, D). Returns y with the shape of x.
+
+    The N*k slots are sorted by expert id (stable, so slot order within an expert follows the
+    tokens), the inputs gathered once, each expert run on its contiguous slice - a loop over
+    experts, never over tokens - and the weighted outputs summed back per token. The slice sizes
+    come from the host (one sync), so this path is for eager execution; use
+    :func:`dispatch_capacity` under ``torch.compile(fullgraph=True)`` or XLA.
+    """
+    xf, idx, w = _flatten(x, expert_idx, weights)
+    N, k = idx.shape
+    E = w_gate_up.shape[0]
+    flat_e = idx.reshape(-1)  # (N*k,) slot s = n*k + j
+    mb = megablocks_kernel(x.device)
+    if mb is not None and hasattr(mb, "gather") and hasattr(mb, "scatter"):
+        return _dropless_megablocks(mb, xf, flat_e, w.reshape(-1), w_gate_up, w_down, k).reshape(x.shape)
+
+    sorted_e, order = torch.sort(flat_e, stable=True)  # (N*k,) slot ids grouped by expert
+    token = order // k  # (N*k,) source token of each sorted slot
+    counts = torch.bincount(sorted_e, minlength=E).tolist()  # host sync: slice sizes
+    xs = xf.index_select(0, token)  # (N*k, D) the one gather
+    # unbind, not w[e]: indexing's backward would materialise a zero (E, D, 2F) gradient per expert
+    wgu, wd = w_gate_up.unbind(0), w_down.unbind(0)
+    outs = [swiglu_expert(xe, wgu[e], wd[e]) for e, xe in enumerate(xs.split(counts)) if counts[e] > 0]
+    ys = torch.cat(outs) if len(outs) > 1 else outs[0]  # (N*k, D) expert-sorted
+    ys = ys * w.reshape(-1).index_select(0, order).unsqueeze(-1)
+    # index_add (not a gather of the unsorted slots) so the k contributions are summed in one pass
+    y = xf.new_zeros(N, xf.shape[1]).index_add_(0, token, ys)
+    return y.reshape(x.shape)
+
+
+def _dropless_megablocks(mb, xf: Tensor, flat_e: Tensor, w: Tensor, w_gate_up: Tensor, w_down: Tensor,
+                         k: int) -> Tensor:
+    """Same as the torch path with MegaBlocks' fused permute (gather) and weighted un-permute (scatter).
+
+    MegaBlocks' convention: ``indices`` are slot ids (n*k + j) in expert order, ``bins`` the
+    inclusive cumulative slot counts per expert, all int32.
+    """
+    E = w_gate_up.shape[0]
+    with torch.no_grad():
+        sorted_e, order = torch.sort(flat_e.int(), stable=True)
+        counts = torch.bincount(flat_e, minlength=E)
+        bins = torch.cumsum(counts, 0).int()
+        indices, bin_ids = order.int(), sorted_e.int()
+    xs = mb.gather(xf.contiguous(), indices, bin_ids, bins, k)  # (N*k, D) expert-sorted
+    sizes = counts.tolist()
+    wgu, wd = w_gate_up.unbind(0), w_down.unbind(0)
+    outs = [swiglu_expert(xe, wgu[e], wd[e]) for e, xe in enumerate(xs.split(sizes)) if sizes[e] > 0]
+    ys = torch.cat(outs) if len(outs) > 1 else outs[0]
+    return mb.scatter(ys.contiguous(), indices, bin_ids, w.contiguous(), bins, k)  # (N, D)
+
+
+def dispatch_capacity(x: Tensor, expert_idx: Tensor, weights: Tensor, w_gate_up: Tensor, w_down: Tensor,
+                      capacity: int) -> tuple[Tensor, Tensor]:
+    """Fixed-capacity top-k dispatch with static shapes. Returns (y like x, n_dropped 0-dim int64).
+
+    Each slot's position in its expert's queue is a cumulative sum over the one-hot assignment.
+    Slots are queued choice-major - every token's first choice before any token's second choice -
+    so overflow drops low-priority choices first (GShard's rule). Slots at position >= capacity
+    are dropped: they contribute nothing (the token keeps its residual) and are counted. Kept
+    slots are placed in an (E, capacity, D) buffer, the experts run as one batched matmul per
+    projection, and the outputs are gathered back and weighted. No boolean indexing, no host
+    sync, no data-dependent shape: dropped slots are routed to one spare row that is discarded.
+    """
+    xf, idx, w = _flatten(x, expert_idx, weights)
+    N, k = idx.shape
+    E, D = w_gate_up.shape[0], xf.shape[1]
+    C = capacity
+    e_kn = idx.t().reshape(-1)  # (k*N,) choice-major slot order
+    w_kn = w.t().reshape(-1)  # (k*N,)
+    with torch.no_grad():
+        onehot = F.one_hot(e_kn, E)  # (k*N, E)
+        pos = (onehot.cumsum(0) * onehot).sum(-1) - 1  # (k*N,) 0-based place in its expert's queue
+        keep = pos < C
+        n_dropped = (~keep).sum()
+        dest = torch.where(keep, e_kn * C + pos, E * C)  # (k*N,) buffer row; E*C = the spare row
+        token = torch.arange(N, device=xf.device).repeat(k)  # (k*N,)
+        # buffer row -> source token; empty rows point at the zero pad row N
+        src = torch.full((E * C + 1,), N, dtype=torch.long, device=xf.device).scatter(0, dest, token)[: E * C]
+    x_pad = torch.cat([xf, xf.new_zeros(1, D)])  # (N + 1, D)
+    buf = x_pad.index_select(0, src).view(E, C, D)
+    out = swiglu_expert(buf, w_gate_up, w_down)  # (E, C, D): bmm per projection, empty rows stay 0
+    out_pad = torch.cat([out.reshape(E * C, D), out.new_zeros(1, D)])  # (E*C + 1, D)
+    ys = out_pad.index_select(0, dest).view(k, N, D)  # dropped slots read the zero row
+    y = (ys * (w_kn * keep.to(w_kn.dtype)).view(k, N, 1)).sum(0)  # (N, D)
+    return y.reshape(x.shape), n_dropped
+
+
+def dense_reference(x: Tensor, router_probs_topk_dense: Tensor, w_gate_up: Tensor, w_down: Tensor) -> Tensor:
+    """Every expert on every token, combined with dense routing weights (zero off the top-k).
+
+    x: (..., D); router_probs_topk_dense: (..., E). O(N * E) work: the test oracle, not a kernel.
+    """
+    D = x.shape[-1]
+    xf = x.reshape(-1, D)
+    dense_w = router_probs_topk_dense.reshape(xf.shape[0], -1).to(x.dtype)  # (N, E)
+    out = swiglu_expert(xf.unsqueeze(0), w_gate_up, w_down)  # (E, N, D)
+    return torch.einsum("ne,end->nd", dense_w, out).reshape(x.shape)

@@ -1,0 +1,204 @@
+"""State-space duality (SSD) scan of Mamba-2, Dao & Gu 2024 (arXiv 2405.21060), in pure torch.
+
+The selective SSM with scalar-times-identity state matrix, per head ``h``::
+
+    S_t = exp(dt_t * A) * S_{t-1} + dt_t * x_t B_t^T        S: (P, N)
+    y_t = S_t C_t
+
+is a 1-semiseparable matrix mixer, so it can be evaluated chunk by chunk (paper section 6, the
+"minimal SSD" listing): inside a chunk of length L as a masked (L, L) attention-like matmul, and across
+chunks by passing one (P, N) state per chunk through a tiny (c + 1, c + 1) decay matrix. Everything is a
+batched matmul, which is what makes the training path fast on CPUs and GPUs alike.
+
+Shapes (``b`` batch, ``T`` time, ``H`` heads, ``P`` head dim, ``G`` B/C groups, ``N`` state size)::
+
+    x (b, T, H, P)   dt (b, T, H) > 0 (already softplus'd)   A (H,) < 0   B, C (b, T, G, N)
+    state (b, H, P, N), kept in fp32 (fp64 when the inputs are fp64)
+
+Head ``h`` reads group ``h // (H // G)``, as in mamba_ssm (grouped-value attention analogue).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from amer.ops.kernels import ssd_kernel
+
+__all__ = ["ssd_chunked", "ssd_sequential", "ssd_step", "ssd_scan_torch"]
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 at least: decays exp(sum dt*A) lose all precision in bf16/fp16 (paper section 9.1)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+# Log-decays below -60 are clamped: exp(-60) ~ 1e-26 is far below fp32 resolution relative to the
+# diagonal term exp(0) = 1, while exp of very negative inputs (or -inf) falls off the vectorised path on
+# CPUs and yields subnormals that make every later multiply ~100x slower.
+_LOG_DECAY_FLOOR = -60.0
+
+
+def _decay(log_decay: Tensor) -> Tensor:
+    """exp of a log-decay (<= 0), floored at exp(-60) (see ``_LOG_DECAY_FLOOR``)."""
+    return torch.exp(log_decay.clamp(min=_LOG_DECAY_FLOOR))
+
+
+def _segsum_exp(a_cs: Tensor) -> Tensor:
+    """exp(segsum): ``out[..., i, j] = exp(a_cs[i] - a_cs[j])`` for ``j <= i``, else 0.
+
+    a_cs: (..., L) inclusive cumulative sums of log-decays (non-increasing). The difference of cumulative
+    sums is what the fused kernels use. Clamping to [floor, 0] before exp keeps the upper triangle (where
+    the difference is positive and could overflow) finite, and a multiply by the 0/1 causal mask zeroes
+    it: cheaper than masked_fill, and exp never sees -inf.
+    """
+    L = a_cs.shape[-1]
+    diff = a_cs.unsqueeze(-1) - a_cs.unsqueeze(-2)  # (..., L, L)
+    causal = torch.ones(L, L, dtype=a_cs.dtype, device=a_cs.device).tril()
+    return torch.exp(diff.clamp(_LOG_DECAY_FLOOR, 0.0)) * causal
+
+
+class _DecayScores(torch.autograd.Function):
+    """``m = cb * exp(segsum(a_cs))`` with a hand-written backward.
+
+    The (L, L)-per-head decay matrix is the only large elementwise tensor of the scan; autograd would
+    store and revisit it several times (sub, mask, exp, mul). Here the forward saves one tensor and
+    the backward is two elementwise passes plus reductions:
+    d cb = sum_R g * E,  d a_k = sum_j (g m)[k, j] - sum_i (g m)[i, k].
+    cb: (..., G, L, L) shared by the R heads of a group; a_cs: (..., G, R, L). Returns (..., G, R, L, L).
+    """
+
+    @staticmethod
+    def forward(ctx, cb: Tensor, a_cs: Tensor) -> Tensor:  # type: ignore[override]
+        L = a_cs.shape[-1]
+        causal = torch.ones(L, L, dtype=a_cs.dtype, device=a_cs.device).tril()
+        E = (a_cs.unsqueeze(-1) - a_cs.unsqueeze(-2)).clamp_(_LOG_DECAY_FLOOR, 0.0).exp_().mul_(causal)
+        ctx.save_for_backward(cb, E)
+        return cb.unsqueeze(-3) * E
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        cb, E = ctx.saved_tensors
+        gE = g * E
+        d_cb = gE.sum(-3)
+        gm = gE * cb.unsqueeze(-3)
+        d_a = gm.sum(-1) - gm.sum(-2)
+        return d_cb, d_a
+
+
+def ssd_scan_torch(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
+                   initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The chunked matmul SSD in pure torch (paper listing 1, with B/C groups and padding).
+
+    Returns y (b, T, H, P) in x's dtype and the final state (b, H, P, N) in the accumulation dtype.
+    """
+    b, T, H, P = x.shape
+    G, N = B.shape[-2], B.shape[-1]
+    if H % G:
+        raise ValueError(f"ssd: heads ({H}) must be divisible by groups ({G})")
+    R = H // G  # heads per group
+    acc = _acc_dtype(x.dtype)
+    L = min(chunk_size, T) if T > 0 else chunk_size
+    pad = (-T) % L
+    # dt = 0 on padded steps: decay exp(0) = 1 and input dt * x B = 0, so the final state is untouched
+    x, dt, B, C = x.to(acc), dt.to(acc), B.to(acc), C.to(acc)
+    if pad:
+        x = F.pad(x, (0, 0, 0, 0, 0, pad))
+        dt = F.pad(dt, (0, 0, 0, pad))
+        B = F.pad(B, (0, 0, 0, 0, 0, pad))
+        C = F.pad(C, (0, 0, 0, 0, 0, pad))
+    c = (T + pad) // L
+
+    # chunked views; heads split as (G, R) so B/C are shared by the R heads of a group without copying
+    Bc = B.view(b, c, L, G, N)
+    Cc = C.view(b, c, L, G, N)
+    dt_h = dt.view(b, c, L, H).permute(0, 1, 3, 2)  # (b, c, H, L)
+    a_cs = torch.cumsum(dt_h * A.to(acc).view(1, 1, H, 1), dim=-1)  # (b, c, H, L) log-decay from chunk start
+    a_cs = a_cs.view(b, c, G, R, L)
+    # discretised input dt_s x_s, laid out (b, c, G, R, L, P) once: both per-head matmuls read it
+    xdt = (x * dt.unsqueeze(-1)).view(b, c, L, G, R, P).permute(0, 1, 3, 4, 2, 5).contiguous()
+
+    # 1. intra-chunk (diagonal blocks): y = (C B^T o exp(segsum)) (dt x), a masked attention per chunk
+    cb = torch.matmul(Cc.permute(0, 1, 3, 2, 4), Bc.permute(0, 1, 3, 4, 2))  # (b, c, G, L, L), per group
+    m = _DecayScores.apply(cb, a_cs)  # (b, c, G, R, L, L)
+    y = torch.matmul(m, xdt)  # (b, c, G, R, L, P)
+
+    # 2. per-chunk end states from the chunk's own inputs: sum_s exp(a_end - a_s) dt_s x_s B_s^T
+    w = _decay(a_cs[..., -1:] - a_cs)  # (b, c, G, R, L)
+    xw = (xdt * w.unsqueeze(-1)).transpose(-1, -2).reshape(b, c, G, R * P, L)
+    states = torch.matmul(xw, Bc.permute(0, 1, 3, 2, 4))  # (b, c, G, R*P, N)
+    states = states.view(b, c, H, P, N)
+
+    # 3. inter-chunk recurrence, batched over chunks: a (c+1, c+1) semiseparable matrix of chunk decays
+    # maps [initial state, chunk states] to the state entering each chunk (and the final state)
+    a_end = F.pad(a_cs[..., -1].reshape(b, c, H).transpose(1, 2), (1, 0))  # (b, H, c+1)
+    decay_chunk = _segsum_exp(torch.cumsum(a_end, dim=-1))  # (b, H, c+1, c+1)
+    states = torch.matmul(decay_chunk[..., 1:], states.permute(0, 2, 1, 3, 4).reshape(b, H, c, P * N))
+    if initial_state is not None:  # column 0 of the decay matrix carries the initial state
+        states = states + decay_chunk[..., :1] * initial_state.to(acc).reshape(b, H, 1, P * N)
+    states = states.view(b, H, c + 1, P, N)
+    final_state = states[:, :, -1]  # (b, H, P, N)
+    prev = states[:, :, :-1].view(b, G, R, c, P, N).permute(0, 3, 1, 2, 4, 5)  # (b, c, G, R, P, N)
+
+    # 4. contribution of the incoming state to each position: exp(a_l) C_l S_prev
+    prev = prev.reshape(b, c, G, R * P, N)
+    y_off = torch.matmul(Cc.permute(0, 1, 3, 2, 4), prev.transpose(-1, -2))  # (b, c, G, L, R*P)
+    y_off = y_off.view(b, c, G, L, R, P).permute(0, 1, 2, 4, 3, 5)  # (b, c, G, R, L, P)
+    y = y + y_off * _decay(a_cs).unsqueeze(-1)
+
+    y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, c * L, H, P)  # (b, T + pad, H, P)
+    if pad:
+        y = y[:, :T]
+    return y, final_state
+
+
+def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
+                initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Chunked SSD scan: mamba_ssm's fused Triton kernel on CUDA when installed, else :func:`ssd_scan_torch`.
+
+    x (b, T, H, P), dt (b, T, H), A (H,), B/C (b, T, G, N), initial_state (b, H, P, N) or None.
+    Returns y (b, T, H, P) in x's dtype and the final state (b, H, P, N) in fp32 (fp64 for fp64 inputs).
+    """
+    fn = ssd_kernel(x.device)
+    if fn is not None:
+        y, final_state = fn(x, dt, A, B, C, chunk_size, D=None, z=None, initial_states=initial_state,
+                            return_final_states=True)
+        return y, final_state.to(_acc_dtype(x.dtype))
+    y, final_state = ssd_scan_torch(x, dt, A, B, C, chunk_size, initial_state)
+    return y.to(x.dtype), final_state
+
+
+def ssd_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+    """One recurrent step (decoding), O(1) in the context length.
+
+    x (b, H, P), dt (b, H), A (H,), B/C (b, G, N), state (b, H, P, N). Returns y (b, H, P) in x's dtype
+    and the new state in the accumulation dtype (fp32 at least).
+    """
+    b, H, P = x.shape
+    G, N = B.shape[-2], B.shape[-1]
+    acc = _acc_dtype(torch.promote_types(x.dtype, state.dtype))
+    dt = dt.to(acc)
+    Bh = B.to(acc).unsqueeze(2).expand(b, G, H // G, N).reshape(b, H, N)  # group -> its heads
+    Ch = C.to(acc).unsqueeze(2).expand(b, G, H // G, N).reshape(b, H, N)
+    decay = torch.exp(dt * A.to(acc))  # (b, H)
+    dx = x.to(acc) * dt.unsqueeze(-1)  # (b, H, P)
+    new_state = state.to(acc) * decay[..., None, None] + dx.unsqueeze(-1) * Bh.unsqueeze(-2)
+    y = torch.matmul(new_state, Ch.unsqueeze(-1)).squeeze(-1)  # (b, H, P)
+    return y.to(x.dtype), new_state
+
+
+def ssd_sequential(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int | None = None,
+                   initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Reference: the plain recurrence, one :func:`ssd_step` per time step (tests only; chunk_size unused)."""
+    b, T, H, P = x.shape
+    N = B.shape[-1]
+    acc = _acc_dtype(x.dtype)
+    state = (torch.zeros(b, H, P, N, dtype=acc, device=x.device) if initial_state is None
+             else initial_state.to(acc))
+    ys = []
+    for t in range(T):
+        y_t, state = ssd_step(x[:, t], dt[:, t], A, B[:, t], C[:, t], state)
+        ys.append(y_t)
+    y = torch.stack(ys, dim=1) if ys else x.new_zeros(b, 0, H, P)
+    return y, state

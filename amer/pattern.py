@@ -1,0 +1,380 @@
+"""The pattern language: a string such as ``AEMEAEMEAEMR@52`` names a stack of blocks.
+
+Grammar (DESIGN.md)::
+
+    pattern := item+ ['@' DEPTH]        # '@52' tiles the items cyclically to 52 layers
+    item    := FAMILY | '(' item+ ')' '*' COUNT | '|'
+    FAMILY  := 'A' | 'M' | 'E' | 'R'
+
+Whitespace is ignored, ``|`` marks a pipeline-stage boundary (Megatron-Core's hybrid pattern
+convention) and a string that is not a pattern is looked up as a preset in ``patterns/``.
+Every error is a :class:`PatternError` naming the offending character and its position.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import sys
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Iterator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+__all__ = [
+    "Family",
+    "LayerSpec",
+    "Pattern",
+    "PatternError",
+    "parse_pattern",
+    "load_preset",
+    "preset_names",
+    "patterns_dir",
+    "MAX_LAYERS",
+]
+
+MAX_LAYERS = 4096  # guards against '(A)*999999999' eating the machine
+
+
+class Family(str, Enum):
+    """The four block families. The value is the pattern letter."""
+
+    ATTENTION = "A"
+    MAMBA = "M"
+    EXPERT = "E"
+    RECURRENT = "R"
+
+    @property
+    def long_name(self) -> str:
+        return {"A": "attention", "M": "mamba", "E": "expert", "R": "recurrent"}[self.value]
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_EXPECTED = "expected A (attention), M (mamba), E (expert), R (recurrent)"
+
+
+class PatternError(ValueError):
+    """A malformed pattern. ``position`` is the 0-based offset in the source string (or None)."""
+
+    def __init__(self, message: str, position: int | None = None) -> None:
+        super().__init__(message)
+        self.position = position
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One block of the stack: absolute depth index, family, index within the family, stage."""
+
+    index: int
+    family: Family
+    family_index: int
+    stage: int
+
+    @property
+    def name(self) -> str:
+        """``A0``, ``M3``...: family letter plus family index."""
+        return f"{self.family.value}{self.family_index}"
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A parsed pattern: every layer in depth order and the stage it belongs to."""
+
+    source: str
+    layers: tuple[LayerSpec, ...]
+    preset: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self) -> Iterator[LayerSpec]:
+        return iter(self.layers)
+
+    def __getitem__(self, i: int) -> LayerSpec:
+        return self.layers[i]
+
+    @property
+    def n_stages(self) -> int:
+        return self.layers[-1].stage + 1
+
+    @property
+    def letters(self) -> str:
+        """The expanded stack as letters, stages separated by ``|`` (a canonical form)."""
+        out, stage = [], 0
+        for layer in self.layers:
+            if layer.stage != stage:
+                out.append("|")
+                stage = layer.stage
+            out.append(layer.family.value)
+        return "".join(out)
+
+    def count(self, family: Family | str) -> int:
+        fam = Family(family)
+        return sum(1 for layer in self.layers if layer.family is fam)
+
+    def of_family(self, family: Family | str) -> list[LayerSpec]:
+        fam = Family(family)
+        return [layer for layer in self.layers if layer.family is fam]
+
+    def stage_layers(self, stage: int) -> list[LayerSpec]:
+        return [layer for layer in self.layers if layer.stage == stage]
+
+    def __str__(self) -> str:
+        return self.letters
+
+
+# ----------------------------------------------------------------------------------------------
+# parser: tokens are (kind, value, position); the item tree is built recursively, its length is
+# computed before expansion so a huge repeat count fails fast instead of allocating.
+
+_Node = tuple  # ("fam", Family, pos) | ("bar", None, pos) | ("group", [nodes], count, pos)
+
+
+class _Parser:
+    def __init__(self, source: str) -> None:
+        self.src = source
+        # keep positions relative to the original string: skip whitespace while reading
+        self.chars = [(i, c) for i, c in enumerate(source) if not c.isspace()]
+        self.k = 0
+
+    def err(self, msg: str, pos: int | None, hint: str = "") -> PatternError:
+        where = f" at position {pos}" if pos is not None else ""
+        hint = f"; {hint}" if hint else ""
+        return PatternError(f"pattern {self.src!r}: {msg}{where}{hint}", pos)
+
+    def peek(self) -> tuple[int, str] | None:
+        return self.chars[self.k] if self.k < len(self.chars) else None
+
+    def parse(self) -> tuple[list[_Node], int | None, int | None]:
+        items = self.items(top=True)
+        depth = depth_pos = None
+        nxt = self.peek()
+        if nxt is not None and nxt[1] == "@":
+            depth_pos = nxt[0]
+            self.k += 1
+            depth = self.number("'@' needs a layer count like '@52'", depth_pos)
+            if depth < 1:
+                raise self.err(f"'@{depth}' must be at least 1", depth_pos)
+        nxt = self.peek()
+        if nxt is not None:
+            pos, c = nxt
+            if c == ")":
+                raise self.err("unbalanced ')': no matching '('", pos)
+            if c == "@":
+                raise self.err("second '@'", pos, "only one '@DEPTH' is allowed, at the end")
+            raise self.err(f"unexpected {c!r} after '@{depth}'", pos, "'@DEPTH' must come last")
+        return items, depth, depth_pos
+
+    def number(self, missing: str, pos: int) -> int:
+        start = self.k
+        digits = ""
+        while (p := self.peek()) is not None and p[1].isdigit():
+            digits += p[1]
+            self.k += 1
+        if not digits:
+            got = self.peek()
+            if got is None:
+                raise self.err(f"{missing}, found the end", pos)
+            raise self.err(f"{missing}, found {got[1]!r}", got[0])
+        if len(digits) > 9:
+            raise self.err(f"count {digits} is too large (at most {MAX_LAYERS} layers)", self.chars[start][0])
+        return int(digits)
+
+    def items(self, top: bool, open_pos: int | None = None) -> list[_Node]:
+        out: list[_Node] = []
+        while (p := self.peek()) is not None:
+            pos, c = p
+            if c in "AMER":
+                out.append(("fam", Family(c), pos))
+                self.k += 1
+            elif c == "|":
+                out.append(("bar", None, pos))
+                self.k += 1
+            elif c == "(":
+                self.k += 1
+                inner = self.items(top=False, open_pos=pos)
+                close = self.peek()
+                if close is None or close[1] != ")":
+                    raise self.err("unbalanced '(': no matching ')'", pos)
+                self.k += 1
+                star = self.peek()
+                if star is None or star[1] != "*":
+                    where = star[0] if star else close[0] + 1
+                    raise self.err("group without a repeat count", where, "write e.g. '(AEME)*3'")
+                self.k += 1
+                count = self.number("'*' needs a repeat count like '*3'", star[0])
+                if count < 1:
+                    raise self.err(f"repeat count '*{count}' must be at least 1", star[0])
+                if not inner:
+                    raise self.err("empty group '()'", pos)
+                out.append(("group", inner, count, pos))
+            elif c == ")":
+                if top:
+                    raise self.err("unbalanced ')': no matching '('", pos)
+                return out
+            elif c == "@":
+                if not top:
+                    raise self.err("'@DEPTH' cannot appear inside a group", pos)
+                return out
+            elif c == "*":
+                raise self.err("'*' without a group", pos, "repeat a group, e.g. '(AE)*2'")
+            elif c.isalpha() and c.upper() in "AMER":
+                raise PatternError(
+                    f"pattern {self.src!r}: unknown block {c!r} at position {pos}; block letters are "
+                    f"upper case, did you mean {c.upper()!r}? {_EXPECTED}",
+                    pos,
+                )
+            else:
+                raise PatternError(f"pattern {self.src!r}: unknown block {c!r} at position {pos}; {_EXPECTED}", pos)
+        if not top:
+            raise self.err("unbalanced '(': no matching ')'", open_pos)
+        return out
+
+
+def _length(nodes: list[_Node]) -> int:
+    n = 0
+    for node in nodes:
+        if node[0] == "fam":
+            n += 1
+        elif node[0] == "group":
+            n += _length(node[1]) * node[2]
+            if n > MAX_LAYERS:
+                return n
+    return n
+
+
+def _expand(nodes: list[_Node]) -> list[tuple[Family | None, int]]:
+    """Flatten to a list of (family, pos) and (None, pos) for stage bars."""
+    out: list[tuple[Family | None, int]] = []
+    for node in nodes:
+        if node[0] == "fam":
+            out.append((node[1], node[2]))
+        elif node[0] == "bar":
+            out.append((None, node[2]))
+        else:
+            out.extend(_expand(node[1]) * node[2])
+    return out
+
+
+def patterns_dir() -> Path:
+    """Where presets live: ``$AMER_PATTERNS`` or the repository's ``patterns/``."""
+    env = os.environ.get("AMER_PATTERNS")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "patterns"
+
+
+def preset_names() -> list[str]:
+    d = patterns_dir()
+    return sorted(p.stem for p in d.glob("*.toml")) if d.is_dir() else []
+
+
+def _preset_path(name: str) -> Path | None:
+    if name.endswith(".toml"):
+        p = Path(name)
+        return p if p.is_file() else None
+    p = patterns_dir() / f"{name}.toml"
+    return p if p.is_file() else None
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The parsed TOML of preset ``name`` (a name in ``patterns/`` or a path to a .toml file)."""
+    p = _preset_path(name)
+    if p is None:
+        names = preset_names()
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise PatternError(f"no preset named {name!r} in {patterns_dir()}{hint} (available: {', '.join(names) or 'none'})")
+    try:
+        data = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise PatternError(f"preset {p}: invalid TOML: {e}") from None
+    if "model" not in data or "pattern" not in data.get("model", {}):
+        raise PatternError(f"preset {p}: missing [model] table with a 'pattern' key")
+    return data
+
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-/]+$")
+
+
+def parse_pattern(text: str) -> Pattern:
+    """Parse a pattern string (or preset name) into a :class:`Pattern`.
+
+    >>> [layer.name for layer in parse_pattern("(AE)*2M")]
+    ['A0', 'E0', 'A1', 'E1', 'M0']
+    """
+    if not isinstance(text, str):
+        raise PatternError(f"pattern must be a string, got {type(text).__name__}")
+    stripped = text.strip()
+    if not stripped:
+        raise PatternError(f"pattern {text!r} is empty; {_EXPECTED}, e.g. 'AEMR' or '(AEME)*3R'", 0)
+    preset = None
+    if _NAME_RE.match(stripped) and any(c.islower() for c in stripped) and _preset_path(stripped):
+        preset = stripped
+        inner = load_preset(stripped)["model"]["pattern"]
+        if not isinstance(inner, str) or _NAME_RE.match(inner.strip()) and _preset_path(inner.strip()):
+            raise PatternError(f"preset {stripped!r}: model.pattern must be a pattern string, not another preset")
+        text = inner
+    try:
+        return _parse(text, preset)
+    except PatternError as e:
+        if preset is None and _NAME_RE.match(stripped) and any(c.islower() and c not in "aemr" for c in stripped):
+            names = preset_names()
+            close = difflib.get_close_matches(stripped, names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise PatternError(
+                f"{e} (and there is no preset named {stripped!r}{hint}; presets: {', '.join(names) or 'none'})",
+                e.position,
+            ) from None
+        if preset is not None:
+            raise PatternError(f"preset {preset!r}: {e}", e.position) from None
+        raise
+
+
+def _parse(text: str, preset: str | None) -> Pattern:
+    parser = _Parser(text)
+    if not parser.chars:
+        raise PatternError(f"pattern {text!r} is empty; {_EXPECTED}", 0)
+    nodes, depth, depth_pos = parser.parse()
+    n = _length(nodes)
+    if n == 0:
+        raise parser.err("no blocks", parser.chars[0][0], _EXPECTED)
+    if n > MAX_LAYERS:
+        raise parser.err(f"expands to more than {MAX_LAYERS} layers", None)
+    flat = _expand(nodes)
+    bars = [pos for fam, pos in flat if fam is None]
+    if depth is not None:
+        if bars:
+            raise PatternError(
+                f"pattern {text!r}: '@{depth}' at position {depth_pos} conflicts with the '|' stage boundary "
+                f"at position {bars[0]}; cyclic tiling would move the boundaries, so write the stages out, "
+                "e.g. '(AEME)*2|(AEME)*2'",
+                depth_pos,
+            )
+        if depth > MAX_LAYERS:
+            raise parser.err(f"'@{depth}' exceeds the {MAX_LAYERS}-layer limit", depth_pos)
+        fams = [fam for fam, _ in flat]
+        flat = [(fams[i % len(fams)], 0) for i in range(depth)]
+    # stage boundaries: no empty stage anywhere
+    layers: list[LayerSpec] = []
+    counts: dict[Family, int] = {}
+    stage, stage_len, last_bar = 0, 0, None
+    for fam, pos in flat:
+        if fam is None:
+            if stage_len == 0:
+                raise parser.err("empty pipeline stage", pos, "'|' must separate non-empty runs of blocks")
+            stage, stage_len, last_bar = stage + 1, 0, pos
+            continue
+        idx = counts.get(fam, 0)
+        counts[fam] = idx + 1
+        layers.append(LayerSpec(len(layers), fam, idx, stage))
+        stage_len += 1
+    if stage_len == 0:
+        raise parser.err("empty pipeline stage", last_bar, "a pattern cannot end with '|'")
+    return Pattern(source=text, layers=tuple(layers), preset=preset)

@@ -1,0 +1,168 @@
+"""Typed hidden-state taps and the selector language that picks them.
+
+The model records every block's output unconditionally in its layer loop (the seeds' first rule:
+a collector under the wrong branch silently disables STP); selection happens afterwards, here.
+
+Tap positions in a full :class:`TapSet` are depth order: 0 is the embedding output, 1..L the
+block outputs (layer ``l`` at position ``l + 1``) and L + 1 the final-norm output.
+
+Selectors (comma-separated, order-insensitive; duplicates and empty selections are errors)::
+
+    A        every attention block          A0     the first attention block
+    A-1      the last attention block       M1:3   mamba family indices 1 and 2
+    L7       absolute layer 7 (L-1: last)   L2:5   absolute layers 2, 3, 4
+    final    the post-final-norm state      embed  the embedding output
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterator, NamedTuple, Sequence
+
+from torch import Tensor
+
+from amer.pattern import Family, Pattern
+
+__all__ = ["Tap", "TapSet", "SelectorError", "resolve_selector", "tap_names"]
+
+
+class SelectorError(ValueError):
+    """A tap selector that is malformed or selects nothing; the message says what exists."""
+
+
+class Tap(NamedTuple):
+    """One recorded hidden state. ``hidden`` is (B, T, D) on the autograd graph (never detached)."""
+
+    layer: int  # absolute block index; -1 for the embedding, n_layers for the final norm
+    family: Family | None  # None for the embedding and final taps
+    index: int  # index within the family (0 for embedding/final)
+    hidden: Tensor  # (B, T, D)
+    kind: str = "block"  # "embed" | "block" | "final"
+
+    @property
+    def name(self) -> str:
+        """Stable name: ``embed``, ``A0``, ``M3``, ``final``."""
+        return self.kind if self.kind != "block" else f"{self.family.value}{self.index}"
+
+    @property
+    def label(self) -> str:
+        """What boundary types are made of: ``embed``, ``A``, ``M``, ``E``, ``R``, ``final``."""
+        return self.kind if self.kind != "block" else self.family.value
+
+
+def tap_names(pattern: Pattern) -> list[str]:
+    """Names of every tap position of a pattern, in depth order."""
+    return ["embed"] + [layer.name for layer in pattern.layers] + ["final"]
+
+
+_ITEM = re.compile(r"^(?P<kind>[AMERL])(?:(?P<idx>-?\d+)|(?P<lo>-?\d*):(?P<hi>-?\d*))?$")
+_HELP = ("expected A|M|E|R optionally with an index (A0, A-1) or slice (M1:3), L<layer> (L7, L-1, L2:5), "
+         "'final' or 'embed'")
+
+
+def _range_text(fam_name: str, letter: str, n: int) -> str:
+    return f"{fam_name} blocks {letter}0..{letter}{n - 1}" if n > 1 else f"one {fam_name} block {letter}0"
+
+
+def resolve_selector(selector: str, pattern: Pattern) -> list[int]:
+    """Tap positions (depth order, see module doc) chosen by ``selector`` on ``pattern``."""
+    if not isinstance(selector, str) or not selector.strip():
+        raise SelectorError(f"empty tap selector; {_HELP}")
+    L = len(pattern.layers)
+    chosen: dict[int, str] = {}
+    for raw in selector.split(","):
+        item = raw.strip()
+        if not item:
+            raise SelectorError(f"selector {selector!r} has an empty item (stray comma)")
+        low = item.lower()
+        if low == "final":
+            positions = [L + 1]
+        elif low in ("embed", "emb", "embedding"):
+            positions = [0]
+        else:
+            m = _ITEM.match(item)
+            if not m:
+                hint = f"; did you mean {item.upper()!r}?" if _ITEM.match(item.upper()) else ""
+                raise SelectorError(f"selector {selector!r}: unknown item {item!r}{hint}; {_HELP}")
+            kind = m["kind"]
+            if kind == "L":
+                pool = list(range(L))
+                what = f"the pattern has layers L0..L{L - 1}"
+            else:
+                fam = Family(kind)
+                pool = [layer.index for layer in pattern.layers if layer.family is fam]
+                if not pool:
+                    raise SelectorError(
+                        f"selector {item!r} selects nothing: the pattern {pattern.letters!r} has no "
+                        f"{fam.long_name} ({kind}) blocks")
+                what = f"the pattern has {_range_text(fam.long_name, kind, len(pool))}"
+            if m["idx"] is not None:
+                i = int(m["idx"])
+                if not -len(pool) <= i < len(pool):
+                    raise SelectorError(f"selector {item!r} selects nothing: {what}")
+                layers = [pool[i]]
+            elif m["lo"] is not None or m["hi"] is not None:
+                lo = int(m["lo"]) if m["lo"] else None
+                hi = int(m["hi"]) if m["hi"] else None
+                layers = pool[lo:hi]
+                if not layers:
+                    raise SelectorError(f"selector {item!r} selects nothing: {what}")
+            else:
+                layers = pool
+            positions = [li + 1 for li in layers]
+        for p in positions:
+            if p in chosen:
+                name = tap_names(pattern)[p]
+                raise SelectorError(f"selector {selector!r} selects tap {name} twice (by {chosen[p]!r} and {item!r})")
+            chosen[p] = item
+    return sorted(chosen)
+
+
+class TapSet(Sequence[Tap]):
+    """The taps of one forward pass, in depth order, with selection by the selector language."""
+
+    def __init__(self, taps: list[Tap], pattern: Pattern, positions: list[int] | None = None) -> None:
+        self._taps = taps
+        self.pattern = pattern
+        # positions[i] is the full-set position of taps[i] (a partial recording keeps a subset)
+        self._positions = positions if positions is not None else list(range(len(taps)))
+        self._by_pos = dict(zip(self._positions, taps))
+
+    def __len__(self) -> int:
+        return len(self._taps)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self._taps[i]
+
+    def __iter__(self) -> Iterator[Tap]:
+        return iter(self._taps)
+
+    def __repr__(self) -> str:
+        return f"TapSet({', '.join(t.name for t in self._taps)})"
+
+    @property
+    def blocks(self) -> list[Tap]:
+        return [t for t in self._taps if t.kind == "block"]
+
+    @property
+    def embed(self) -> Tap:
+        return self._at(0, "embed")
+
+    @property
+    def final(self) -> Tap:
+        return self._at(len(self.pattern.layers) + 1, "final")
+
+    @property
+    def residual_stream(self) -> list[Tap]:
+        """Embedding then every block output: the states depth curvature walks along."""
+        return [t for t in self._taps if t.kind != "final"]
+
+    def _at(self, pos: int, name: str) -> Tap:
+        if pos not in self._by_pos:
+            raise SelectorError(f"tap {name} was not recorded in this forward pass (call the model with taps=True)")
+        return self._by_pos[pos]
+
+    def select(self, selector: str) -> list[Tap]:
+        """Taps chosen by ``selector`` (e.g. ``"A-1,M-1,E-1,R-1"``), in depth order."""
+        names = tap_names(self.pattern)
+        return [self._at(p, names[p]) for p in resolve_selector(selector, self.pattern)]

@@ -1,0 +1,108 @@
+"""A family: causal GQA attention with RoPE and a KV cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from amer import AttentionConfig, ModelConfig
+from amer.blocks.attention import AttentionMixer
+
+
+def make(n_heads: int = 4, n_kv_heads: int = 2, **kw) -> AttentionMixer:
+    cfg = ModelConfig(pattern="A", d_model=32, attention=AttentionConfig(n_heads=n_heads, n_kv_heads=n_kv_heads, **kw))
+    torch.manual_seed(0)
+    m = AttentionMixer(cfg, cfg.parsed.layers[0])
+    for p in m.parameters():
+        torch.nn.init.normal_(p, 0, 0.2)
+    return m
+
+
+def test_shape_and_grads() -> None:
+    m = make()
+    x = torch.randn(2, 10, 32, requires_grad=True)
+    y = m(x).y
+    assert y.shape == (2, 10, 32)
+    y.square().sum().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kv", [1, 2, 4])
+def test_causal(kv: int) -> None:
+    m = make(n_kv_heads=kv)
+    x = torch.randn(1, 12, 32)
+    y = m(x).y
+    x2 = x.clone()
+    x2[:, 7] += 1.0
+    y2 = m(x2).y
+    torch.testing.assert_close(y[:, :7], y2[:, :7], rtol=0, atol=1e-6)
+    assert (y[:, 7:] - y2[:, 7:]).abs().max() > 1e-4
+
+
+def test_gqa_matches_repeated_heads() -> None:
+    """GQA with kv heads shared equals full multi-head attention whose k/v heads are repeated."""
+    m = make(n_heads=4, n_kv_heads=2)
+    x = torch.randn(2, 9, 32)
+    B, T, H, hd = 2, 9, 4, 8
+    q, k, v = m.qkv(x).split([H * hd, 2 * hd, 2 * hd], dim=-1)
+    q = q.view(B, T, H, hd).transpose(1, 2)
+    k = k.view(B, T, 2, hd).transpose(1, 2).repeat_interleave(2, dim=1)
+    v = v.view(B, T, 2, hd).transpose(1, 2).repeat_interleave(2, dim=1)
+    cos, sin = m._rope(0, T, x.device)
+    from amer.blocks.attention import apply_rope
+
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    att = (q @ k.transpose(-1, -2)) / hd**0.5
+    att = att.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf")).softmax(-1)
+    ref = m.out_proj((att @ v).transpose(1, 2).reshape(B, T, H * hd))
+    torch.testing.assert_close(m(x).y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_relative() -> None:
+    """RoPE scores depend only on relative offsets: shifting every position leaves q.k unchanged."""
+    m = make()
+    q = torch.randn(1, 1, 1, 8).expand(1, 1, 5, 8)
+    k = torch.randn(1, 1, 1, 8).expand(1, 1, 5, 8)
+    from amer.blocks.attention import apply_rope
+
+    c0, s0 = m._rope(0, 5, torch.device("cpu"))
+    c1, s1 = m._rope(100, 5, torch.device("cpu"))
+    d0 = apply_rope(q, c0, s0)[..., 3, :] @ apply_rope(k, c0, s0)[..., 1, :].transpose(-1, -2)
+    d1 = apply_rope(q, c1, s1)[..., 3, :] @ apply_rope(k, c1, s1)[..., 1, :].transpose(-1, -2)
+    torch.testing.assert_close(d0, d1, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_prefill_equals_token_by_token(qk_norm: bool) -> None:
+    m = make(qk_norm=qk_norm)
+    x = torch.randn(2, 11, 32)
+    full = m(x).y
+    cache = m.init_cache(2, 16)
+    steps = []
+    for t in range(11):
+        out = m(x[:, t:t + 1], cache=cache)
+        cache = out.cache
+        steps.append(out.y)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+    # chunked prefill: 4 tokens, then 7
+    cache = m.init_cache(2, 16)
+    a = m(x[:, :4], cache=cache)
+    b = m(x[:, 4:], cache=a.cache)
+    torch.testing.assert_close(torch.cat([a.y, b.y], 1), full, rtol=1e-5, atol=1e-5)
+    assert b.cache.pos == 11
+
+
+def test_too_long_is_clear_error() -> None:
+    m = make()
+    cache = m.init_cache(1, 4)
+    with pytest.raises(ValueError, match="exceeds"):
+        m(torch.randn(1, 5, 32), cache=cache)
+
+
+def test_meta_device() -> None:
+    cfg = ModelConfig(pattern="A", d_model=4096, attention=AttentionConfig(n_heads=32, n_kv_heads=8))
+    with torch.device("meta"):
+        m = AttentionMixer(cfg, cfg.parsed.layers[0])
+    assert all(p.is_meta for p in m.parameters())

@@ -1,0 +1,69 @@
+"""The tap selector language of DESIGN.md, resolved against a pattern (no model needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from amer import SelectorError, parse_pattern
+from amer.tap import resolve_selector, tap_names
+
+P = parse_pattern("AEMEAEMR")  # layers: A0 E0 M0 E1 A1 E2 M1 R0
+
+
+def names(sel: str) -> list[str]:
+    all_names = tap_names(P)
+    return [all_names[i] for i in resolve_selector(sel, P)]
+
+
+def test_tap_names_depth_order() -> None:
+    assert tap_names(P) == ["embed", "A0", "E0", "M0", "E1", "A1", "E2", "M1", "R0", "final"]
+
+
+@pytest.mark.parametrize(
+    "sel, expected",
+    [
+        ("A", ["A0", "A1"]),
+        ("A0", ["A0"]),
+        ("A-1", ["A1"]),
+        ("E1:3", ["E1", "E2"]),
+        ("E:2", ["E0", "E1"]),
+        ("E-2:", ["E1", "E2"]),
+        ("L7", ["R0"]),
+        ("L-1", ["R0"]),
+        ("L2:5", ["M0", "E1", "A1"]),
+        ("final", ["final"]),
+        ("embed", ["embed"]),
+        ("A-1,M-1,E-1,R-1", ["A1", "E2", "M1", "R0"]),
+        (" R-1 , A0 ", ["A0", "R0"]),  # order-insensitive, whitespace ignored
+        ("final,M", ["M0", "M1", "final"]),
+    ],
+)
+def test_selects(sel: str, expected: list[str]) -> None:
+    assert names(sel) == expected
+
+
+@pytest.mark.parametrize(
+    "sel, fragment",
+    [
+        ("A5", "selector 'A5' selects nothing: the pattern has attention blocks A0..A1"),
+        ("A-3", "selects nothing"),
+        ("L8", "the pattern has layers L0..L7"),
+        ("E3:9", "selects nothing"),
+        ("", "empty tap selector"),
+        ("A0,,M0", "empty item"),
+        ("A-1,A1", "selects tap A1 twice"),
+        ("A,A0", "twice"),
+        ("X3", "unknown item 'X3'"),
+        ("a-1", "did you mean 'A-1'"),
+        ("final2", "unknown item"),
+    ],
+)
+def test_errors(sel: str, fragment: str) -> None:
+    with pytest.raises(SelectorError) as exc:
+        resolve_selector(sel, P)
+    assert fragment in str(exc.value)
+
+
+def test_family_absent_is_clear_error() -> None:
+    with pytest.raises(SelectorError, match=r"selector 'M-1' selects nothing: the pattern 'AEAE' has no mamba \(M\) blocks"):
+        resolve_selector("M-1", parse_pattern("AEAE"))
