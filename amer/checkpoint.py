@@ -186,11 +186,15 @@ def restore_model(model: nn.Module, weights: dict[str, torch.Tensor], source: st
 
 
 def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Load optimizer moments saved by :func:`save_checkpoint` (tensors named ``<param id>.<state key>``)."""
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         pid, name = key.split(".", 1)
         state.setdefault(int(pid), {})[name] = t
-    opt.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+    # JSON turned tuples (AdamW betas) into lists; give them back so the restored state_dict equals the saved one
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+              for g in meta["optimizer"]["param_groups"]]
+    opt.load_state_dict({"state": state, "param_groups": groups})
 
 
 def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelConfig]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import typing
 
 __all__ = ["main"]
 
@@ -19,6 +20,7 @@ commands:
   patterns   list the presets in patterns/ (pattern, layers, parameters, STP selection)
   curvature  measure token and depth curvature per family and block boundary
   bench      benchmarks (blocks, stp)
+  experiment reproductions built on amer: nlrx (STP on NL-RX-SYNTH); amer experiment nlrx --help
 """
 
 
@@ -27,8 +29,17 @@ def _fail(msg: str) -> int:
     return 2
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that raises instead of printing the usage block and exiting: bad input is one line."""
+
+    def error(self, message: str) -> typing.NoReturn:  # type: ignore[override]
+        from amer.config import ConfigError
+
+        raise ConfigError(f"{self.prog}: {message} (see --help)")
+
+
 def cmd_patterns(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="amer patterns", description="List presets, or describe one pattern/preset.")
+    p = OneLineParser(prog="amer patterns", description="List presets, or describe one pattern/preset.")
     p.add_argument("pattern", nargs="?", help="a pattern string or preset name to describe")
     args = p.parse_args(argv)
     import torch
@@ -60,14 +71,14 @@ def cmd_patterns(argv: list[str]) -> int:
 
 
 def cmd_sample(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="amer sample", description="Generate text from a trained checkpoint.")
+    p = OneLineParser(prog="amer sample", description="Generate text from a trained checkpoint.")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory (latest step)")
     p.add_argument("--prompt", default="", help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (stops early at EOS)")
+    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 for greedy decoding")
+    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         return _fail(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -77,11 +88,14 @@ def cmd_sample(argv: list[str]) -> int:
 
     from amer.checkpoint import CheckpointError, load_checkpoint
     from amer.data import ByteTokenizer
+    from amer.train import resolve_device
 
     try:
-        model, cfg = load_checkpoint(args.checkpoint, device=args.device)
-    except CheckpointError as e:
+        device = resolve_device(args.device)
+        model, cfg = load_checkpoint(args.checkpoint, device=device)
+    except (CheckpointError, ValueError) as e:  # ConfigError (bad --device) is a ValueError
         return _fail(str(e))
+    args.device = device
     tok = ByteTokenizer()
     ids = [tok.bos_id] + tok.encode(args.prompt)
     prompt = torch.tensor([ids], device=args.device)
@@ -97,11 +111,21 @@ def cmd_sample(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from amer.config import ConfigError
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
-    cmd, rest = argv[0], argv[1:]
+    try:
+        return _dispatch(argv[0], argv[1:])
+    except SystemExit as e:  # --help of a subcommand: printed already; return rather than exit
+        return int(e.code or 0) if not isinstance(e.code, str) else _fail(e.code)
+    except ConfigError as e:  # OneLineParser's errors: one line, exit 2
+        return _fail(str(e))
+
+
+def _dispatch(cmd: str, rest: list[str]) -> int:
     if cmd == "train":
         from amer.train import main as train_main
 
@@ -118,11 +142,27 @@ def main(argv: list[str] | None = None) -> int:
         from amer.bench import main as bench_main
 
         return bench_main(rest)
+    if cmd == "experiment":
+        return cmd_experiment(rest)
     import difflib
 
-    close = difflib.get_close_matches(cmd, ["train", "sample", "patterns", "curvature", "bench"], n=1)
+    close = difflib.get_close_matches(cmd, ["train", "sample", "patterns", "curvature", "bench", "experiment"], n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
-    return _fail(f"unknown command '{cmd}'{hint} (commands: train, sample, patterns, curvature, bench)")
+    return _fail(f"unknown command '{cmd}'{hint} (commands: train, sample, patterns, curvature, bench, experiment)")
+
+
+def cmd_experiment(argv: list[str]) -> int:
+    """``amer experiment NAME ...`` -> ``amer.experiments.NAME.main(...)``."""
+    from amer.experiments import EXPERIMENTS
+
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: amer experiment {{{','.join(EXPERIMENTS)}}} [options]; amer experiment NAME --help")
+        return 0 if argv else 2
+    if argv[0] not in EXPERIMENTS:
+        return _fail(f"unknown experiment '{argv[0]}' (experiments: {', '.join(EXPERIMENTS)})")
+    import importlib
+
+    return importlib.import_module(f"amer.experiments.{argv[0]}").main(argv[1:])
 
 
 if __name__ == "__main__":

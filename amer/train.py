@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -21,9 +20,9 @@ from typing import Any, Literal
 
 import torch
 
-from amer.checkpoint import (CheckpointError, find_checkpoint, list_checkpoints, read_checkpoint, restore_model,
-                             restore_optimizer, save_checkpoint)
-from amer.config import (ConfigError, ModelConfig, STPConfig, TrainConfig, from_dict, load_toml, suggest, to_dict)
+from amer.checkpoint import (CheckpointError, list_checkpoints, read_checkpoint, restore_model, restore_optimizer,
+                             save_checkpoint)
+from amer.config import ConfigError, TrainConfig, from_dict, load_toml, suggest, to_dict
 from amer.curvature import training_metrics
 from amer.data import BatchIterator, ByteTokenizer, DataConfig, DataError, build_datasets
 from amer.model import HybridLM
@@ -74,9 +73,67 @@ def _parse_value(tp: Any, name: str) -> Any:
     return {int: int, float: float, str: str}.get(tp, str)
 
 
+# Help for the nested model/STP fields, which live in config.py without --help metadata. Every flag
+# must have a sentence here or in its field's metadata: a test checks that --help documents them all.
+NESTED_HELP: dict[str, str] = {
+    "stp.enabled": "turn the STP auxiliary loss on (the taps are chosen by --stp.layers)",
+    "stp.weight": "STP coefficient once the gate and ramp are passed (total = ce + moe_aux + weight * stp)",
+    "stp.start_step": "gate: the STP coefficient is 0 for optimizer steps before this one",
+    "stp.ramp_steps": "linear ramp of the STP coefficient from the gate to --stp.weight over this many steps",
+    "stp.n_spans": "(s, r, t) triples sampled per sequence per step for the STP loss",
+    "stp.layers": "taps regularised by STP: comma-separated selectors, e.g. 'A-1,M-1,E-1,R-1', 'final', "
+                  "'L7', 'M1:3'; a selector that selects nothing is an error",
+    "stp.family_weights": "relative STP weight per family, e.g. 'A=1.0,M=0.5' (others 1.0; keys A M E R final embed)",
+    "model.pattern": "block pattern (same as --pattern): A attention, M Mamba-2, E MoE, R RG-LRU; '(AE)*2M', 'AEMR@12'",
+    "model.d_model": "residual stream width",
+    "model.vocab_size": "embedding rows (>= 260 for the byte tokenizer)",
+    "model.max_seq_len": "longest sequence the model accepts (--seq-len must not exceed it)",
+    "model.tie_embeddings": "share the input embedding and the LM head weights",
+    "model.norm_eps": "RMSNorm epsilon",
+    "model.init_std": "std of the normal weight init (residual output projections scaled by 1/sqrt(2 layers))",
+    "model.attention.n_heads": "attention query heads",
+    "model.attention.n_kv_heads": "attention key/value heads (grouped-query attention; divides n-heads)",
+    "model.attention.head_dim": "attention head width (default d-model / n-heads; must be even for RoPE)",
+    "model.attention.rope_theta": "RoPE base frequency",
+    "model.attention.qk_norm": "RMS-normalise queries and keys before the dot product",
+    "model.mamba.d_state": "Mamba-2 SSM state size per head",
+    "model.mamba.d_conv": "Mamba-2 depthwise causal convolution width",
+    "model.mamba.expand": "Mamba-2 inner width as a multiple of d-model",
+    "model.mamba.head_dim": "Mamba-2 head width (divides expand * d-model)",
+    "model.mamba.n_groups": "Mamba-2 B/C groups (divides the number of heads)",
+    "model.mamba.chunk_size": "Mamba-2 SSD chunk length for the training scan",
+    "model.mamba.dt_min": "Mamba-2 smallest initial time step",
+    "model.mamba.dt_max": "Mamba-2 largest initial time step",
+    "model.mamba.dt_init_floor": "Mamba-2 floor on the initial time step",
+    "model.mamba.a_init_range": "Mamba-2 range of the initial decay rates A, as 'lo,hi'",
+    "model.moe.n_experts": "MoE experts per E block",
+    "model.moe.top_k": "MoE experts each token is routed to",
+    "model.moe.d_ff": "MoE expert hidden width (default 2 * d-model)",
+    "model.moe.shared_expert": "add an always-on shared expert to every E block",
+    "model.moe.d_ff_shared": "shared expert hidden width (default d-ff)",
+    "model.moe.dispatch": "MoE dispatch: dropless (sort + grouped matmul) or capacity (static shapes, may drop)",
+    "model.moe.capacity_factor": "MoE capacity per expert as a multiple of the fair share (capacity dispatch)",
+    "model.moe.aux_loss_coef": "MoE load-balancing loss weight",
+    "model.moe.z_loss_coef": "MoE router z-loss weight",
+    "model.recurrent.lru_width": "RG-LRU recurrence width (default d-model)",
+    "model.recurrent.n_heads": "RG-LRU block-diagonal gate heads",
+    "model.recurrent.d_conv": "RG-LRU causal convolution width",
+    "model.recurrent.c": "RG-LRU decay sharpness c in a = sigmoid(Lambda)^(c * r)",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    """The ``amer train`` parser, one flag per config field (``--stp.start-step``...), so --help is complete.
+
+    No defaults are set here (``SUPPRESS``): a flag the user did not give must not override the preset
+    or the TOML file. Abbreviations are off: ``--step`` is an error with a suggestion, not a silent
+    ``--steps`` that a later flag could make ambiguous.
+    """
+    from amer.cli import OneLineParser
+
+    p = OneLineParser(
         prog="amer train",
+        allow_abbrev=False,
         description="Train a hybrid A/M/E/R language model with per-family Semantic Tube Prediction. "
                     "Defaults come from the preset (patterns/<preset>.toml); --config TOML overrides it; "
                     "flags override both.",
@@ -87,13 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-at", type=int, help="stop after this step and checkpoint (the LR schedule still "
                    "targets --steps); continue later with --resume")
     for flag, key, tp, f in _flag_fields(TrainConfig):
-        help_text = f.metadata.get("help", key.replace("_", " "))
+        help_text = f.metadata.get("help") or NESTED_HELP.get(key, key.replace("_", " "))
         if tp is bool or typing.get_args(tp) == (bool,):
             p.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, help=help_text)
             continue
-        kw: dict[str, Any] = {"dest": key, "type": _parse_value(tp, flag), "help": help_text}
+        kw: dict[str, Any] = {"dest": key, "type": _parse_value(tp, flag), "help": help_text,
+                              "metavar": key.rsplit(".", 1)[-1].upper()}
         if typing.get_origin(tp) is Literal:
             kw["choices"] = list(typing.get_args(tp))
+            del kw["metavar"]  # argparse then shows {a,b}: the accepted values
         p.add_argument(flag, **kw)
     return p
 
@@ -130,8 +189,9 @@ def resolve_config(argv: list[str] | None = None) -> tuple[TrainConfig, dict[str
     if unknown:
         flags = [a for a in parser._option_string_actions if a.startswith("--")]
         bad = unknown[0].split("=")[0]
-        hint = suggest(bad, flags) if bad.startswith("--") else ""
-        raise ConfigError(f"unknown option {bad}{hint} (see --help)")
+        if not bad.startswith("-"):
+            raise ConfigError(f"unexpected argument {bad!r}: amer train takes only --options (see --help)")
+        raise ConfigError(f"unknown option {bad}{suggest(bad, flags)} (see --help)")
     given = vars(args)
     extras = {"stop_at": given.pop("stop_at", None), "config": given.pop("config", None)}
     cli: dict[str, Any] = {}
@@ -190,9 +250,13 @@ def make_optimizer(model: HybridLM, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``name`` as a device this machine has; ``auto`` picks CUDA when present. Bad names: ConfigError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r}: accepted values are cpu, cuda, cuda:N, auto") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: CUDA is not available on this machine (accepted here: cpu, auto)")
     if dev.type not in ("cpu", "cuda"):
@@ -231,14 +295,21 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 class RunLogger:
     """JSONL lines plus TensorBoard scalars with the same names."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool, *, resume_step: int | None = None) -> None:
         self.path = run_dir / "log.jsonl"
         self.tb = None
+        if resume_step is not None and self.path.exists():
+            # A run that died after its last checkpoint logged steps that the resumed run will redo:
+            # drop them so every step appears once and the log reads as one uninterrupted run.
+            kept = [line for line in self.path.read_text().splitlines(keepends=True)
+                    if line.strip() and _log_step(line) <= resume_step]
+            self.path.write_text("".join(kept))
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(run_dir))
+                purge = None if resume_step is None else resume_step + 1
+                self.tb = SummaryWriter(str(run_dir), purge_step=purge)
             except ImportError:  # tensorboard not installed: JSONL only, said once
                 print("note: tensorboard is not installed; writing log.jsonl only (pip install tensorboard)")
 
@@ -255,8 +326,25 @@ class RunLogger:
             self.tb.close()
 
 
-def _rng_to_list(state: torch.Tensor) -> list[int]:
-    return state.tolist()
+def _log_step(line: str) -> float:
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")  # a torn last line from a killed run: drop it
+
+
+def _rng_pack(state: torch.Tensor) -> str:
+    """A generator state (uint8 tensor, ~5 kB for CPU Mersenne Twister) as hex: a list of ints made
+    meta.json 100 kB and a noticeable part of every checkpoint write."""
+    return state.cpu().numpy().tobytes().hex()
+
+
+def _rng_unpack(packed: str | list[int], what: str) -> torch.Tensor:
+    try:
+        data = bytes.fromhex(packed) if isinstance(packed, str) else bytes(packed)
+    except (ValueError, TypeError):
+        raise CheckpointError(f"meta.json: rng.{what} is not a generator state") from None
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 def train(cfg: TrainConfig, *, stop_at: int | None = None, quiet: bool = False) -> dict[str, Any]:
@@ -264,6 +352,12 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, quiet: bool = False) 
     say = (lambda *a: None) if quiet else print
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
+    if not cfg.resume:  # before any slow work: a clash should fail at once
+        name = cfg.run_name or f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = Path(cfg.out_dir) / name
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise ConfigError(f"run directory {run_dir} already exists; pass --resume {run_dir} to continue it "
+                              "or --run-name NEW for a new run (nothing is overwritten)")
     tok = ByteTokenizer()
     if cfg.model.vocab_size < tok.vocab_size:
         raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the byte tokenizer's "
@@ -279,25 +373,29 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, quiet: bool = False) 
 
     if cfg.resume:
         weights, optim, meta = read_checkpoint(cfg.resume)
+        lacking = [k for k in ("step", "data_state", "rng") if k not in meta]
+        if lacking:
+            raise CheckpointError(f"{meta['_path']}/meta.json lacks {lacking}: not a training checkpoint, "
+                                  "so the run cannot be resumed from it")
         restore_model(model, {k: v.to(device) for k, v in weights.items()}, source=meta["_path"])
         if optim is not None:
             restore_optimizer(opt, optim, meta)
+        else:
+            say(f"note: {meta['_path']} has no optimizer state (e.g. best/); AdamW restarts from zero moments, "
+                "so the run will not match an uninterrupted one")
         start, best_val = meta["step"], meta.get("best_val", float("inf"))
         batches.load_state_dict(meta["data_state"])
-        torch.set_rng_state(torch.tensor(meta["rng"]["torch"], dtype=torch.uint8))
-        stp_gen.set_state(torch.tensor(meta["rng"]["stp"], dtype=torch.uint8))
+        torch.set_rng_state(_rng_unpack(meta["rng"]["torch"], "torch"))
+        stp_gen.set_state(_rng_unpack(meta["rng"]["stp"], "stp"))
         run_dir = Path(meta["_path"]).parent
+        for stale in run_dir.glob(".tmp-*"):  # a checkpoint write killed part-way (never under a real name)
+            shutil.rmtree(stale, ignore_errors=True)
         say(f"resuming {meta['_path']} at step {start}")
     else:
-        name = cfg.run_name or f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_dir = Path(cfg.out_dir) / name
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise ConfigError(f"run directory {run_dir} already exists; pass --resume {run_dir} to continue it "
-                              "or --run-name NEW for a new run (nothing is overwritten)")
         run_dir.mkdir(parents=True, exist_ok=True)
     resolved = {**to_dict(cfg), "resume": None}
     (run_dir / "config.json").write_text(json.dumps(resolved, indent=2))
-    logger = RunLogger(run_dir, cfg.tensorboard)
+    logger = RunLogger(run_dir, cfg.tensorboard, resume_step=start if cfg.resume else None)
 
     n_params = model.num_params()
     say(f"amer: {cfg.model.pattern} ({model.pattern.letters}) {n_params / 1e6:.2f}M params | data {cfg.data}: "
@@ -312,7 +410,9 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, quiet: bool = False) 
         from tqdm import tqdm
 
         bar = tqdm(total=last_step, initial=start, unit="step", dynamic_ncols=True, disable=None)
-    bad_steps, saved = 0, []
+        if bar.disable:  # not a terminal (piped, nohup, CI): print plain log lines instead of nothing
+            bar = None
+    bad_steps = 0
     val = {}
     t_last, tok_since = time.perf_counter(), 0
     model.train()
@@ -338,13 +438,17 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, quiet: bool = False) 
         if not finite or not torch.isfinite(gnorm):
             opt.zero_grad(set_to_none=True)  # the step is not applied
             bad_steps += 1
-            say(f"step {step + 1}: non-finite {'loss' if not finite else 'gradient'}; step skipped "
-                f"({bad_steps}/{cfg.max_bad_steps})")
+            what = "loss" if not finite else "gradient"
+            say(f"step {step + 1}: non-finite {what}; step skipped ({bad_steps}/{cfg.max_bad_steps})")
+            logger.log(step + 1, {"skipped": 1, "skipped_reason": f"non-finite {what}"})
             if bad_steps >= cfg.max_bad_steps:
+                if bar is not None:
+                    bar.close()
                 logger.close()
+                good = list_checkpoints(run_dir)
                 raise TrainingError(f"{bad_steps} consecutive non-finite steps at step {step + 1}: stopping; "
                                     f"lower --lr or use --dtype float32 (last good checkpoint: "
-                                    f"{saved[-1] if saved else 'none'})")
+                                    f"{good[-1] if good else 'none'})")
             continue
         bad_steps = 0
         opt.step()
@@ -377,9 +481,15 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, quiet: bool = False) 
             best_val = min(best_val, val["val/loss"])
             meta = {"config": resolved, "step": done, "best_val": best_val, "val": val,
                     "data_state": batches.state_dict(),
-                    "rng": {"torch": _rng_to_list(torch.get_rng_state()), "stp": _rng_to_list(stp_gen.get_state())}}
-            path = save_checkpoint(run_dir / f"step_{done:06d}", model, opt, meta)
-            saved.append(path)
+                    "rng": {"torch": _rng_pack(torch.get_rng_state()), "stp": _rng_pack(stp_gen.get_state())}}
+            bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+            if bad:  # finite loss but an update produced inf/NaN weights: never checkpoint them
+                if bar is not None:
+                    bar.close()
+                logger.close()
+                raise TrainingError(f"step {done}: parameter {bad[0]} became non-finite; stopping without "
+                                    f"writing a checkpoint; lower --lr")
+            save_checkpoint(run_dir / f"step_{done:06d}", model, opt, meta)
             if is_best:
                 save_checkpoint(run_dir / "best", model, None, meta)
             for old in list_checkpoints(run_dir)[:-cfg.keep_last]:
@@ -399,7 +509,10 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, quiet: bool = False) 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python train.py`` / ``amer train``. Bad input: one line, exit code 2."""
     try:
-        cfg, extras = resolve_config(argv)
+        try:
+            cfg, extras = resolve_config(argv)
+        except SystemExit as e:  # --help: argparse printed it; main() returns rather than exits
+            return int(e.code or 0)
         train(cfg, stop_at=extras["stop_at"])
     except (ConfigError, PatternError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

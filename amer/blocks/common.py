@@ -18,10 +18,10 @@ import importlib
 from typing import Any, Callable, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from amer.config import ModelConfig
+from amer.ops.fused import rms_norm, swiglu
 from amer.pattern import Family, LayerSpec
 
 __all__ = ["RMSNorm", "SwiGLU", "MixerOutput", "Block", "MIXERS", "register_mixer", "mixer_class"]
@@ -43,7 +43,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class SwiGLU(nn.Module):
@@ -55,8 +55,7 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(swiglu(self.gate_up(x)))
 
 
 MIXERS: dict[Family, type[nn.Module]] = {}

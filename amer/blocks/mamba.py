@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from amer.blocks.common import MixerOutput, register_mixer
+from amer.ops.fused import rms_norm
 from amer.config import ModelConfig
 from amer.ops.conv import causal_conv1d, conv_state_init
 from amer.ops.ssd import ssd_chunked, ssd_step
@@ -94,14 +95,12 @@ class MambaMixer(nn.Module):
 
     def _gated_norm(self, y: Tensor, z: Tensor) -> Tensor:
         """rmsnorm(y * silu(z)) in fp32, normalised per B/C group as mamba_ssm's RMSNormGated does."""
-        acc = torch.promote_types(y.dtype, torch.float32)
-        g = y.to(acc) * F.silu(z.to(acc))  # (..., d_inner)
-        w = self.norm_weight.to(acc)
         if self.n_groups == 1:
-            return F.rms_norm(g, (self.d_inner,), w, self.norm_eps).to(y.dtype)
-        g = g.unflatten(-1, (self.n_groups, -1))  # (..., G, d_inner / G)
-        g = F.rms_norm(g, (g.shape[-1],), eps=self.norm_eps).flatten(-2)
-        return (g * w).to(y.dtype)
+            return rms_norm(y, self.norm_weight, self.norm_eps, gate=z)
+        G = self.n_groups
+        out = rms_norm(y.unflatten(-1, (G, -1)), self.norm_weight.view(G, -1), self.norm_eps,
+                       gate=z.unflatten(-1, (G, -1)))  # (..., G, d_inner / G)
+        return out.flatten(-2)
 
     def forward(self, x: Tensor, cache: MambaCache | None = None) -> MixerOutput:
         """x (B, T, D) -> MixerOutput(y (B, T, D), new cache or None)."""

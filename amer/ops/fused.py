@@ -1,0 +1,103 @@
+"""Hand-differentiated elementwise chains: RMSNorm (optionally gated) and the SwiGLU activation.
+
+On CPU, eager PyTorch runs every elementwise op as its own pass over memory and autograd stores the
+intermediates of composite ops. For the narrow models amer trains on CPU these passes, not the
+matmuls, dominate a block's time, so the chains every block runs are written as single autograd nodes
+that keep only their inputs and compute their backward with as few full-size passes as possible.
+Both equal the plain composite to rounding (gradcheck-tested in fp64).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["rms_norm", "swiglu"]
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """``rmsnorm(x * silu(gate)) * weight`` over the last axis (no gate: plain RMSNorm), one autograd node.
+
+    ``F.rms_norm`` is a composite on CPU (pow, mean, add, rsqrt, mul, mul), so autograd stores and
+    revisits several full-size intermediates, and the gated form of the Mamba block adds a silu and a
+    product on top. Here the forward is a single-pass norm (``vector_norm``), the normalised product
+    and the weight; backward recomputes the cheap gate product instead of storing it and uses the
+    textbook formula ``dx_hat = g w``, ``dx = rstd (dx_hat - x_hat mean(dx_hat x_hat))``.
+    Computed in fp32 at least (fp64 stays fp64); the output has the input's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, gate: Tensor | None, eps: float) -> Tensor:  # type: ignore[override]
+        acc = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(acc)
+        h = xf * F.silu(gate.to(acc)) if gate is not None else xf
+        n = h.shape[-1]
+        rstd = torch.linalg.vector_norm(h, dim=-1, keepdim=True).square_().div_(n).add_(eps).rsqrt_()
+        y = (h * rstd).mul_(weight.to(acc))
+        ctx.save_for_backward(x, weight, gate, rstd)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:  # type: ignore[override]
+        x, weight, gate, rstd = ctx.saved_tensors
+        acc = rstd.dtype
+        xf, g = x.to(acc), grad.to(acc)
+        if gate is not None:
+            zf = gate.to(acc)
+            sz = F.silu(zf)
+            h = xf * sz
+        else:
+            h = xf
+        n = h.shape[-1]
+        x_hat = h.mul_(rstd) if gate is not None else h * rstd
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (g * x_hat).sum(dim=tuple(range(g.dim() - weight.dim()))).to(weight.dtype)
+        gxh = g * weight.to(acc)
+        dot = torch.linalg.vecdot(gxh, x_hat, dim=-1).unsqueeze_(-1).div_(n)
+        dh = gxh.addcmul_(x_hat, dot, value=-1.0).mul_(rstd)  # d loss / d h
+        if gate is None:
+            return dh.to(x.dtype), grad_w, None, None
+        grad_x = (dh * sz).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_gate = None
+        if ctx.needs_input_grad[2]:
+            grad_gate = torch.ops.aten.silu_backward(dh.mul_(xf), zf).to(gate.dtype)
+        return grad_x, grad_w, grad_gate, None
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, gate: Tensor | None = None) -> Tensor:
+    """RMSNorm over the last axis, optionally of ``x * silu(gate)`` (Mamba-2's gated norm); fp32 inside."""
+    return _RMSNormFn.apply(x, weight, gate, eps)
+
+
+class _SwiGLUAct(torch.autograd.Function):
+    """``silu(h[..., :F]) * h[..., F:]`` for a fused gate|up projection ``h`` (..., 2F), one autograd node.
+
+    Through ``chunk`` autograd assembles the two half-gradients with a ``cat`` into a fresh (..., 2F)
+    tensor; here both halves of the gradient are written straight into one buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor) -> Tensor:  # type: ignore[override]
+        gate, up = h.chunk(2, dim=-1)
+        act = F.silu(gate)
+        ctx.save_for_backward(h, act)  # silu is exp-bound: keeping it beats recomputing it
+        return act * up
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        h, act = ctx.saved_tensors
+        gate, up = h.chunk(2, dim=-1)
+        if torch.compiler.is_compiling():  # dynamo rejects strided out= views; a compiler fuses the cat anyway
+            return torch.cat([torch.ops.aten.silu_backward(grad * up, gate), grad * act], dim=-1)
+        dh = torch.empty_like(h)
+        d_gate, d_up = dh.chunk(2, dim=-1)
+        torch.mul(grad, act, out=d_up)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=d_gate)
+        return dh
+
+
+def swiglu(h: Tensor) -> Tensor:
+    """SwiGLU activation of a fused projection: (..., 2F) -> (..., F), gate half first."""
+    return _SwiGLUAct.apply(h)
