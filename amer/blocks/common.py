@@ -18,10 +18,11 @@ import importlib
 from typing import Any, Callable, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from amer.config import ModelConfig
-from amer.ops.fused import rms_norm, swiglu
+from amer.ops.fused import rms_norm
 from amer.pattern import Family, LayerSpec
 
 __all__ = ["RMSNorm", "SwiGLU", "MixerOutput", "Block", "MIXERS", "register_mixer", "mixer_class"]
@@ -55,7 +56,8 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down(swiglu(self.gate_up(x)))
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
 
 
 MIXERS: dict[Family, type[nn.Module]] = {}

@@ -1,10 +1,10 @@
-"""Hand-differentiated elementwise chains: RMSNorm (optionally gated) and the SwiGLU activation.
+"""Hand-differentiated elementwise chains: RMSNorm, optionally gated by silu (Mamba-2's gated norm).
 
 On CPU, eager PyTorch runs every elementwise op as its own pass over memory and autograd stores the
 intermediates of composite ops. For the narrow models amer trains on CPU these passes, not the
 matmuls, dominate a block's time, so the chains every block runs are written as single autograd nodes
 that keep only their inputs and compute their backward with as few full-size passes as possible.
-Both equal the plain composite to rounding (gradcheck-tested in fp64).
+It equals the plain composite to rounding (gradcheck-tested in fp64).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["rms_norm", "swiglu"]
+__all__ = ["rms_norm"]
 
 
 class _RMSNormFn(torch.autograd.Function):
@@ -69,35 +69,3 @@ class _RMSNormFn(torch.autograd.Function):
 def rms_norm(x: Tensor, weight: Tensor, eps: float, gate: Tensor | None = None) -> Tensor:
     """RMSNorm over the last axis, optionally of ``x * silu(gate)`` (Mamba-2's gated norm); fp32 inside."""
     return _RMSNormFn.apply(x, weight, gate, eps)
-
-
-class _SwiGLUAct(torch.autograd.Function):
-    """``silu(h[..., :F]) * h[..., F:]`` for a fused gate|up projection ``h`` (..., 2F), one autograd node.
-
-    Through ``chunk`` autograd assembles the two half-gradients with a ``cat`` into a fresh (..., 2F)
-    tensor; here both halves of the gradient are written straight into one buffer.
-    """
-
-    @staticmethod
-    def forward(ctx, h: Tensor) -> Tensor:  # type: ignore[override]
-        gate, up = h.chunk(2, dim=-1)
-        act = F.silu(gate)
-        ctx.save_for_backward(h, act)  # silu is exp-bound: keeping it beats recomputing it
-        return act * up
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
-        h, act = ctx.saved_tensors
-        gate, up = h.chunk(2, dim=-1)
-        if torch.compiler.is_compiling():  # dynamo rejects strided out= views; a compiler fuses the cat anyway
-            return torch.cat([torch.ops.aten.silu_backward(grad * up, gate), grad * act], dim=-1)
-        dh = torch.empty_like(h)
-        d_gate, d_up = dh.chunk(2, dim=-1)
-        torch.mul(grad, act, out=d_up)
-        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=d_gate)
-        return dh
-
-
-def swiglu(h: Tensor) -> Tensor:
-    """SwiGLU activation of a fused projection: (..., 2F) -> (..., F), gate half first."""
-    return _SwiGLUAct.apply(h)

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from amer.ops.fused import swiglu
 from amer.ops.kernels import megablocks_kernel
 
 __all__ = ["expert_capacity", "dispatch_dropless", "dispatch_capacity", "dense_reference", "swiglu_expert"]
@@ -33,7 +32,8 @@ def swiglu_expert(h: Tensor, w_gate_up: Tensor, w_down: Tensor) -> Tensor:
 
     Batched weights (E, D, 2F) / (E, F, D) with h (E, C, D) work too (matmul broadcasts).
     """
-    return torch.matmul(swiglu(torch.matmul(h, w_gate_up)), w_down)  # (..., D)
+    gate, up = torch.matmul(h, w_gate_up).chunk(2, dim=-1)  # (..., F) each
+    return torch.matmul(F.silu(gate) * up, w_down)  # (..., D)
 
 
 def expert_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) -> int:

@@ -111,24 +111,28 @@ def ssd_scan_torch(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk
     c = (T + pad) // L
 
     # chunked views; heads split as (G, R) so B/C are shared by the R heads of a group without copying
-    Bc = B.view(b, c, L, G, N)
-    Cc = C.view(b, c, L, G, N)
+    Bc = B.view(b, c, L, G, N).transpose(2, 3)  # (b, c, G, L, N) view
+    Cc = C.view(b, c, L, G, N).transpose(2, 3)  # (b, c, G, L, N) view
     dt_h = dt.view(b, c, L, H).permute(0, 1, 3, 2)  # (b, c, H, L)
     a_cs = torch.cumsum(dt_h * A.to(acc).view(1, 1, H, 1), dim=-1)  # (b, c, H, L) log-decay from chunk start
     a_cs = a_cs.view(b, c, G, R, L)
     # discretised input dt_s x_s, laid out (b, c, G, R, L, P) once: both per-head matmuls read it
     xdt = (x * dt.unsqueeze(-1)).view(b, c, L, G, R, P).permute(0, 1, 3, 4, 2, 5).contiguous()
 
-    # 1. intra-chunk (diagonal blocks): y = (C B^T o exp(segsum)) (dt x), a masked attention per chunk
-    cb = torch.matmul(Cc.permute(0, 1, 3, 2, 4), Bc.permute(0, 1, 3, 4, 2))  # (b, c, G, L, L), per group
-    m = _DecayScores.apply(cb, a_cs)  # (b, c, G, R, L, L)
-    y = torch.matmul(m, xdt)  # (b, c, G, R, L, P)
+    # Per-position decays are folded into the N-wide B and C operands (N <= P in every Mamba-2 config),
+    # never applied to the P-wide head outputs: that keeps the elementwise passes over (.., L, P)
+    # tensors to the one layout change of xdt and of y, and lets the two contributions to y
+    # accumulate inside one baddbmm.
 
-    # 2. per-chunk end states from the chunk's own inputs: sum_s exp(a_end - a_s) dt_s x_s B_s^T
+    # 1. intra-chunk (diagonal blocks): y = (C B^T o exp(segsum)) (dt x), a masked attention per chunk
+    cb = torch.matmul(Cc, Bc.transpose(-1, -2))  # (b, c, G, L, L), per group
+    m = _DecayScores.apply(cb, a_cs)  # (b, c, G, R, L, L)
+
+    # 2. per-chunk end states from the chunk's own inputs: sum_s (dt_s x_s) (exp(a_end - a_s) B_s)^T
     w = _decay(a_cs[..., -1:] - a_cs)  # (b, c, G, R, L)
-    xw = (xdt * w.unsqueeze(-1)).transpose(-1, -2).reshape(b, c, G, R * P, L)
-    states = torch.matmul(xw, Bc.permute(0, 1, 3, 2, 4))  # (b, c, G, R*P, N)
-    states = states.view(b, c, H, P, N)
+    Bw = w.unsqueeze(-1) * Bc.unsqueeze(3)  # (b, c, G, R, L, N)
+    states = torch.matmul(xdt.transpose(-1, -2), Bw)  # (b, c, G, R, P, N)
+    states = states.reshape(b, c, H, P, N)
 
     # 3. inter-chunk recurrence, batched over chunks: a (c+1, c+1) semiseparable matrix of chunk decays
     # maps [initial state, chunk states] to the state entering each chunk (and the final state)
@@ -139,15 +143,14 @@ def ssd_scan_torch(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk
         states = states + decay_chunk[..., :1] * initial_state.to(acc).reshape(b, H, 1, P * N)
     states = states.view(b, H, c + 1, P, N)
     final_state = states[:, :, -1]  # (b, H, P, N)
-    prev = states[:, :, :-1].view(b, G, R, c, P, N).permute(0, 3, 1, 2, 4, 5)  # (b, c, G, R, P, N)
+    prev = states[:, :, :-1].permute(0, 2, 1, 3, 4).reshape(b, c, G, R, P, N)  # state entering each chunk
 
-    # 4. contribution of the incoming state to each position: exp(a_l) C_l S_prev
-    prev = prev.reshape(b, c, G, R * P, N)
-    y_off = torch.matmul(Cc.permute(0, 1, 3, 2, 4), prev.transpose(-1, -2))  # (b, c, G, L, R*P)
-    y_off = y_off.view(b, c, G, L, R, P).permute(0, 1, 2, 4, 3, 5)  # (b, c, G, R, L, P)
-    y = y + y_off * _decay(a_cs).unsqueeze(-1)
+    # 4. contribution of the incoming state, exp(a_l) C_l S_prev, accumulated onto the intra-chunk matmul
+    Cd = _decay(a_cs).unsqueeze(-1) * Cc.unsqueeze(3)  # (b, c, G, R, L, N)
+    y_off = torch.matmul(Cd, prev.transpose(-1, -2))  # (b, c, G, R, L, P)
+    y = torch.baddbmm(y_off.reshape(-1, L, P), m.reshape(-1, L, L), xdt.view(-1, L, P))
 
-    y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, c * L, H, P)  # (b, T + pad, H, P)
+    y = y.view(b, c, G, R, L, P).permute(0, 1, 4, 2, 3, 5).reshape(b, c * L, H, P)  # (b, T + pad, H, P)
     if pad:
         y = y[:, :T]
     return y, final_state

@@ -1,0 +1,213 @@
+"""Smoke tests of ``amer bench``: every suite runs in --quick mode and reports the promised table and JSON.
+
+No timing is asserted (the machine is shared); what is asserted is what a user reads: the rows, their
+columns, their relations (ratios against the baseline, one figure per sequence length and family), the
+soundness of the two measuring instruments (interleaving and the peak-memory reader), the analytic FLOP
+count, and one-line errors for bad input. The last tests pin the hand-written backward passes that
+the benchmark's profiling led to (fused RMSNorm, causal conv) to exact gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from amer import bench
+from amer.config import AttentionConfig, ModelConfig, MoEConfig, RecurrentConfig
+
+QUICK = ["--quick", "--threads", "1", "--repeats", "1", "--warmup", "0"]
+
+
+def run_quick(tmp_path, capsys, suite: str) -> tuple[dict, str]:
+    out = tmp_path / f"{suite}.json"
+    assert bench.main([suite, *QUICK, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    payload = json.loads(out.read_text())
+    assert payload["options"]["quick"] is True
+    assert {"cpu", "cores", "torch", "date"} <= set(payload["machine"])
+    return payload["suites"][suite], text
+
+
+def test_blocks_suite(tmp_path, capsys) -> None:
+    threads = torch.get_num_threads()
+    res, text = run_quick(tmp_path, capsys, "blocks")
+    assert torch.get_num_threads() == threads  # --threads does not leak out of an in-process call
+    rows = {r["name"]: r for r in res["rows"]}
+    assert set(rows) == {"A", "M", "E", "R", "tiny"}
+    for fam in "AMER":
+        assert set(rows[fam]["pattern"]) == {fam}  # single-family stacks
+    assert rows["tiny"]["pattern"] == ModelConfig.from_preset("tiny").pattern
+    for r in rows.values():
+        assert r["tokens_per_s"] > 0 and r["ms"] > 0
+        assert math.isclose(r["tokens_per_s"], 2 * 32 / (r["ms"] / 1e3), rel_tol=1e-9)
+    assert "== blocks ==" in text and "tokens_per_s" in text
+
+
+def test_stp_suite_reports_ratio_per_span_count(tmp_path, capsys) -> None:
+    res, _ = run_quick(tmp_path, capsys, "stp")
+    rows = {r["name"]: r for r in res["rows"]}
+    assert list(rows) == ["off", "n_spans=1", "n_spans=4", "n_spans=16"]
+    assert rows["off"]["ratio"] == 1.0
+    for n in (1, 4, 16):
+        assert rows[f"n_spans={n}"]["ratio"] > 0
+    assert any("A-1,M-1,E-1,R-1" in note for note in res["notes"])
+
+
+def test_taps_suite_measures_memory_of_both_variants(tmp_path, capsys) -> None:
+    res, _ = run_quick(tmp_path, capsys, "taps")
+    rows = {r["name"]: r for r in res["rows"]}
+    assert set(rows) == {"taps=True", "taps=False", "taps=True, released"}
+    assert rows["taps=False"]["extra_MB"] == 0 and rows["taps=False"]["time_ratio"] == 1.0
+    for r in rows.values():
+        assert r["peak_MB"] > 0
+    assert rows["taps=True"]["extra_MB"] == pytest.approx(rows["taps=True"]["peak_MB"] - rows["taps=False"]["peak_MB"])
+
+
+def test_scaling_suite_covers_every_family_and_length(tmp_path, capsys) -> None:
+    res, _ = run_quick(tmp_path, capsys, "scaling")
+    train = [r for r in res["rows"] if r["name"].endswith("train")]
+    decode = [r for r in res["rows"] if r["name"].endswith("decode")]
+    assert {(r["family"], r["T"]) for r in train} == {(f, t) for f in "AMER" for t in (16, 32, 64)}
+    assert {(r["family"], r["T"]) for r in decode} == {(f, t) for f in "AMER" for t in (8, 16, 32)}
+    assert all(r["tokens_per_s"] > 0 and r["peak_MB"] > 0 for r in train)
+    assert all(r["ms_per_token"] > 0 for r in decode)
+
+
+def test_flops_suite_relates_step_to_matmul(tmp_path, capsys) -> None:
+    res, _ = run_quick(tmp_path, capsys, "flops")
+    rows = res["rows"]
+    step, mm = rows[0], rows[-1]
+    assert [r["name"] for r in rows[1:-1]] == ["AA fwd+bwd", "MM fwd+bwd", "EE fwd+bwd", "RR fwd+bwd"]
+    assert mm["fraction_of_matmul"] == 1.0
+    expected = bench.training_flops(ModelConfig.from_preset("tiny"), 2, 32)["total"]
+    assert step["GFLOP"] == pytest.approx(expected / 1e9)
+    assert 0 < step["fraction_of_matmul"] and step["GFLOP_per_s"] > 0
+
+
+def test_peers_suite_runs_or_says_why_not(tmp_path, capsys) -> None:
+    res, _ = run_quick(tmp_path, capsys, "peers")
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        assert res["rows"] == [] and any("transformers" in n for n in res["notes"])
+        return
+    names = {r["name"] for r in res["rows"]}
+    assert {"jamba-like", "all-M", "A+E"} <= names
+    for r in res["rows"]:
+        if "skipped" not in r:
+            assert r["amer_params"] > 0 and r["hf_params"] > 0 and r["speedup"] > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["blokcs"], "did you mean 'blocks'"),
+    (["blocks", "--repeats", "0"], "--repeats must be >= 1"),
+    (["blocks", "--threads", "0"], "--threads must be >= 1"),
+    (["blocks", "--out", "/nonexistent-dir/x.json"], "does not exist"),
+])
+def test_bad_input_exits_2_with_one_line(argv, needle, capsys) -> None:
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err and "Traceback" not in err
+
+
+def test_cli_routes_bench(capsys) -> None:
+    from amer.cli import main as cli_main
+
+    assert cli_main(["bench", "nope"]) == 2
+    assert "unknown benchmark suite 'nope'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# the instruments
+
+
+def test_interleave_alternates_and_aligns_rounds() -> None:
+    calls: list[str] = []
+    times = bench.interleave({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=4, warmup=1)
+    assert calls == ["a", "b"] + ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert len(times["a"]) == len(times["b"]) == 4
+    assert bench.paired_ratio([2.0, 4.0, 9.0], [1.0, 2.0, 3.0]) == 2.0
+
+
+def test_peak_tensor_bytes_sees_live_tensors_only() -> None:
+    n = 1 << 20  # 4 MiB of fp32
+
+    def two_live_one_temporary() -> None:
+        a = torch.ones(n)
+        b = torch.ones(n)
+        del a
+        c = torch.ones(n)  # a's memory is free again: the peak is two tensors, not three
+        del b, c
+
+    peak = bench.peak_tensor_bytes(two_live_one_temporary)
+    assert 2 * 4 * n <= peak < 2 * 4 * n + 65536
+
+
+def test_training_flops_is_six_n_per_token_for_dense_matmuls() -> None:
+    """For a pattern without attention or SSD terms, FLOPs = 6 x (matmul weights used per token) x tokens,
+    counted here independently from the model's own parameter shapes."""
+    from amer.model import HybridLM
+
+    cfg = ModelConfig(pattern="RE", d_model=16, vocab_size=40, moe=MoEConfig(n_experts=4, top_k=2, d_ff=24),
+                      recurrent=RecurrentConfig(n_heads=2))
+    model = HybridLM(cfg)
+    B, T = 3, 5
+    used = 0
+    for name, p in model.named_parameters():
+        if name.endswith("w_gate_up") or name.endswith("w_down"):
+            used += p.numel() * cfg.moe.top_k // cfg.moe.n_experts  # a token visits top_k of the experts
+        elif name.endswith(("in_proj.weight", "out_proj.weight", "router.weight", "gate_weight")):
+            used += p.numel()
+        elif name == "embed.weight":  # tied: used once, as the LM head
+            used += p.numel()
+    flops = bench.training_flops(cfg, B, T)
+    assert flops["total"] == pytest.approx(6 * used * B * T)
+    assert flops["total"] == pytest.approx(sum(v for k, v in flops.items() if k != "total"))
+
+
+def test_training_flops_attention_counts_the_causal_half() -> None:
+    cfg = ModelConfig(pattern="A", d_model=16, vocab_size=40, attention=AttentionConfig(n_heads=2, n_kv_heads=1))
+    T = 9
+    flops = bench.training_flops(cfg, 1, T)
+    hd = 8
+    # QK^T and AV: 2 matmuls x 2 FLOPs x heads x hd x (sum over queries of keys seen = T(T+1)/2), x3 training
+    assert flops["A/attention"] == pytest.approx(3 * 2 * 2 * 2 * hd * T * (T + 1) / 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# exact gradients of the hand-written kernels the profiling led to
+
+
+def test_fused_rms_norm_gradients() -> None:
+    from amer.ops.fused import rms_norm
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(rms_norm(x, w, 1e-5), F.rms_norm(x, (6,), w, 1e-5))
+    torch.testing.assert_close(rms_norm(x, w, 1e-5, gate=z), F.rms_norm(x * F.silu(z), (6,), w, 1e-5))
+    assert torch.autograd.gradcheck(lambda x, w: rms_norm(x, w, 1e-5), (x, w))
+    assert torch.autograd.gradcheck(lambda x, w, z: rms_norm(x, w, 1e-5, gate=z), (x, w, z))
+
+
+@pytest.mark.parametrize("T, K", [(7, 4), (2, 4), (5, 1)])
+def test_causal_conv_matches_conv1d_with_gradients(T: int, K: int) -> None:
+    from amer.ops.conv import causal_conv1d
+
+    torch.manual_seed(0)
+    C = 3
+    x = torch.randn(2, T + 2, C, dtype=torch.float64)[:, 1:-1].requires_grad_()  # a strided view, as from a split
+    w = torch.randn(C, K, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(C, dtype=torch.float64, requires_grad=True)
+    ref = F.conv1d(F.pad(x.transpose(1, 2), (K - 1, 0)), w.unsqueeze(1), b, groups=C).transpose(1, 2)
+    torch.testing.assert_close(causal_conv1d(x, w, b)[0], ref)
+    assert torch.autograd.gradcheck(lambda x, w, b: causal_conv1d(x, w, b)[0], (x, w, b))
