@@ -28,6 +28,14 @@ How figures are taken (so that a noisy, shared machine still gives usable number
   cached, is a lifetime maximum (one subprocess per variant), and tracemalloc does not see torch's
   allocations at all. Parameters and optimizer state that exist before the step are not counted.
 
+Options: ``--repeats N`` (timed rounds, default 10), ``--warmup N``, ``--quick`` (tiny sizes: a smoke test),
+``--threads N`` (torch intra-op threads), ``--malloc tuned`` (see :func:`tune_malloc`), ``--out FILE``.
+
+On a machine shared with other busy processes, use ``--threads 1``: with one OpenMP thread per core
+and the cores oversubscribed, every parallel op waits for a descheduled sibling thread and a training
+step measured 2-20x slower and erratic, while a single thread stays steady and ratios stay sound. The
+header prints the load average and warns when it exceeds the core count.
+
 Output: one table per suite on stdout, and the same rows as JSON with ``--out FILE``.
 """
 

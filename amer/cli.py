@@ -19,7 +19,7 @@ commands:
   sample     generate text from a checkpoint with the decoding caches
   patterns   list the presets in patterns/ (pattern, layers, parameters, STP selection)
   curvature  measure token and depth curvature per family and block boundary
-  bench      benchmarks (blocks, stp)
+  bench      benchmarks: blocks, stp, taps, scaling, flops, peers, all (amer bench --help)
   experiment reproductions built on amer: nlrx (STP on NL-RX-SYNTH); amer experiment nlrx --help
 """
 
