@@ -389,7 +389,7 @@ class TrainConfig:
     eval_batches: int = _opt(8, "validation batches per evaluation")
     keep_last: int = _opt(2, "checkpoints kept besides the best one")
     out_dir: str = _opt("checkpoints", "where run directories are created")
-    run_name: str | None = _opt(None, "run directory name (default: <preset>-<pattern>-<time>)")
+    run_name: str | None = _opt(None, "run directory name (default: <preset>-<YYYYmmdd-HHMMSS>)")
     resume: str | None = _opt(None, "continue a run: a run directory or checkpoint directory")
     max_bad_steps: int = _opt(3, "consecutive non-finite losses tolerated before the run stops")
     progress: bool = _opt(True, "show a progress bar")

@@ -289,8 +289,9 @@ def _load_file(path: Path) -> list[str]:
     return [text] if text else []
 
 
-def _load_jsonl(path: Path) -> list[str]:
-    docs: list[str] = []
+def iter_jsonl(path: Path, accepts: str) -> Iterator[tuple[str, Any]]:
+    """``(where, record)`` for every non-blank line of a JSONL file; ``where`` is ``"<path> line N"`` for
+    error messages, and invalid JSON raises a :class:`DataError` that ends with ``accepts``."""
     with path.open(encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -299,18 +300,24 @@ def _load_jsonl(path: Path) -> list[str]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); {_JSONL_ACCEPTS}") from None
-            if isinstance(rec, dict) and "text" in rec:
-                if not isinstance(rec["text"], str):
-                    raise DataError(f"{where}: \"text\" must be a string, got {type(rec['text']).__name__}")
-                text = rec["text"]
-            elif isinstance(rec, dict) and "messages" in rec:
-                text = render_chat_with_spans(rec["messages"], where=where)[0]
-            else:
-                got = sorted(rec)[:5] if isinstance(rec, dict) else type(rec).__name__
-                raise DataError(f"{where}: no \"text\" or \"messages\" (got {got}); {_JSONL_ACCEPTS}")
-            if text:
-                docs.append(text)
+                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); {accepts}") from None
+            yield where, rec
+
+
+def _load_jsonl(path: Path) -> list[str]:
+    docs: list[str] = []
+    for where, rec in iter_jsonl(path, _JSONL_ACCEPTS):
+        if isinstance(rec, dict) and "text" in rec:
+            if not isinstance(rec["text"], str):
+                raise DataError(f"{where}: \"text\" must be a string, got {type(rec['text']).__name__}")
+            text = rec["text"]
+        elif isinstance(rec, dict) and "messages" in rec:
+            text = render_chat_with_spans(rec["messages"], where=where)[0]
+        else:
+            got = sorted(rec)[:5] if isinstance(rec, dict) else type(rec).__name__
+            raise DataError(f"{where}: no \"text\" or \"messages\" (got {got}); {_JSONL_ACCEPTS}")
+        if text:
+            docs.append(text)
     return docs
 
 

@@ -63,7 +63,7 @@ from torch import Tensor
 
 from amer.config import (AttentionConfig, ConfigError, MambaConfig, ModelConfig, MoEConfig, RecurrentConfig, STPConfig,
                          TrainConfig)
-from amer.data import ByteTokenizer, DataError, char_spans_to_byte_spans, render_chat_with_spans
+from amer.data import ByteTokenizer, DataError, char_spans_to_byte_spans, iter_jsonl, render_chat_with_spans
 from amer.model import HybridLM
 from amer.objective import STPPolicy, cross_entropy
 from amer.pattern import PatternError
@@ -140,19 +140,11 @@ def load_examples(path: str | os.PathLike[str], *, limit: int | None = None) -> 
     if not p.is_file():
         raise DataError(f"NL-RX file not found: {p}")
     out: list[Example] = []
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if limit is not None and len(out) >= limit:
-                break
-            if not line.strip():
-                continue
-            where = f"{p} line {lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); each line must be a chat "
-                                'record {"messages": [{"role", "content"}, ...]}') from None
-            out.append(_parse_row(rec, where))
+    accepts = 'each line must be a chat record {"messages": [{"role", "content"}, ...]}'
+    for where, rec in iter_jsonl(p, accepts):
+        if limit is not None and len(out) >= limit:
+            break
+        out.append(_parse_row(rec, where))
     if not out:
         raise DataError(f"{p}: no examples")
     return out
