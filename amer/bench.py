@@ -29,7 +29,8 @@ How figures are taken (so that a noisy, shared machine still gives usable number
   allocations at all. Parameters and optimizer state that exist before the step are not counted.
 
 Options: ``--repeats N`` (timed rounds, default 10), ``--warmup N``, ``--quick`` (tiny sizes: a smoke test),
-``--threads N`` (torch intra-op threads), ``--malloc tuned`` (see :func:`tune_malloc`), ``--out FILE``.
+``--threads N`` (torch intra-op threads), ``--malloc tuned|system`` (default tuned, as training runs; see
+:func:`amer.runtime.tune_malloc`), ``--out FILE``.
 
 On a machine shared with other busy processes, use ``--threads 1``: with one OpenMP thread per core
 and the cores oversubscribed, every parallel op waits for a descheduled sibling thread and a training
@@ -59,6 +60,7 @@ from torch import Tensor
 from amer.config import ModelConfig, STPConfig, from_dict, to_dict
 from amer.model import HybridLM
 from amer.objective import STPPolicy
+from amer.runtime import tune_malloc
 
 __all__ = [
     "SUITES",
@@ -170,29 +172,6 @@ def peak_tensor_bytes(fn: Callable[[], Any]) -> int:
         cur += e.nbytes()
         peak = max(peak, cur)
     return peak
-
-
-def tune_malloc() -> bool:
-    """Make glibc keep freed large blocks in the heap instead of returning them to the OS.
-
-    By default glibc serves large allocations (past a threshold that adapts up to 32 MB) with fresh
-    ``mmap``s and trims the heap top after frees, so many of a training step's activation-sized
-    tensors land on pages the kernel must fault in and zero again, every step. On CPU that costs a
-    large share of every elementwise pass (a (8, 256, 192) zero-fill measured 0.66 ms instead of
-    0.10 ms). Fixing the mmap threshold at its maximum and the trim threshold very high keeps those
-    pages mapped: the same effect as running under jemalloc / tcmalloc, which PyTorch's CPU tuning
-    guide recommends. Process-wide; returns False where it cannot be applied (not glibc).
-    """
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-    return bool(mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024) and mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
-                and mallopt(M_TOP_PAD, 64 * 1024 * 1024))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -706,9 +685,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test): checks that everything runs")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--malloc", choices=("system", "tuned"), default="system",
-                   help="'tuned' keeps freed large blocks mapped (glibc mallopt; see tune_malloc); "
-                   "the training loop runs with the system default")
+    p.add_argument("--malloc", choices=("system", "tuned"), default="tuned",
+                   help="'tuned' (default, as `amer train` and `amer experiment` run) keeps freed large blocks "
+                   "mapped (glibc mallopt; see amer.runtime.tune_malloc); 'system' leaves glibc's defaults")
     p.add_argument("--out", default=None, help="also write the results as JSON to this file")
     return p
 
@@ -753,8 +732,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --out {args.out}: directory {out_dir} does not exist", file=sys.stderr)
             return 2
     if args.malloc == "tuned" and not tune_malloc():
-        print("error: --malloc tuned needs glibc (mallopt); use --malloc system", file=sys.stderr)
-        return 2
+        print("note: --malloc tuned needs glibc (mallopt); running with the system allocator", file=sys.stderr)
+        args.malloc = "system"
     opts = BenchOptions(repeats=repeats, warmup=warmup, quick=args.quick, threads=args.threads, seed=args.seed)
     threads_before = torch.get_num_threads()
     if args.threads is not None:

@@ -211,3 +211,16 @@ def test_causal_conv_matches_conv1d_with_gradients(T: int, K: int) -> None:
     ref = F.conv1d(F.pad(x.transpose(1, 2), (K - 1, 0)), w.unsqueeze(1), b, groups=C).transpose(1, 2)
     torch.testing.assert_close(causal_conv1d(x, w, b)[0], ref)
     assert torch.autograd.gradcheck(lambda x, w, b: causal_conv1d(x, w, b)[0], (x, w, b))
+
+
+def test_tune_malloc_applies_once_and_reports_it() -> None:
+    """On glibc Linux the allocator tuning the training CLI applies is accepted (and repeat calls are no-ops)."""
+    import sys
+
+    from amer.runtime import tune_malloc
+
+    if not sys.platform.startswith("linux"):
+        assert tune_malloc() is False
+        return
+    assert tune_malloc() is True
+    assert tune_malloc() is True

@@ -190,7 +190,7 @@ def test_prefill_equals_decode_steps() -> None:
     torch.testing.assert_close(torch.cat(steps, 1), full.y, rtol=0, atol=1e-5)
     assert isinstance(cache, RecurrentCache) and cache.h.dtype == torch.float32
     torch.testing.assert_close(cache.h, pre.cache.h, rtol=0, atol=1e-5)
-    torch.testing.assert_close(cache.conv_state, pre.cache.conv_state, rtol=0, atol=0)
+    torch.testing.assert_close(cache.conv_state, pre.cache.conv_state, rtol=0, atol=1e-6)  # one GEMM shape vs another
 
 
 @pytest.mark.parametrize("split", [1, 3, CHUNK + 1])

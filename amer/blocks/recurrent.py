@@ -119,8 +119,8 @@ class _RGLRUScan(torch.autograd.Function):
         grad_log_a = grad_a.mul_(a).addcmul_(g_u.mul_(i), dnorm)
         neg_c_s = (-c * F.softplus(-Lambda.to(acc))).view(H, bw)
         grad_gates = torch.empty_like(sig)
-        torch.mul(grad_log_a, neg_c_s, out=grad_gates[..., :bw])
-        grad_gates[..., bw:].copy_(grad_i)
+        grad_gates[..., :bw] = grad_log_a * neg_c_s  # slice assignment, not out=: torch.compile traces it
+        grad_gates[..., bw:] = grad_i
         # d(c log sigmoid(Lambda))/dLambda = c sigmoid(-Lambda)
         grad_Lambda = (grad_log_a.mul_(r).sum(dim=(0, 1)).view(-1)
                        * (c * torch.sigmoid(-Lambda.to(acc)))).to(Lambda.dtype)

@@ -65,6 +65,7 @@ from amer.config import (AttentionConfig, ConfigError, MambaConfig, ModelConfig,
                          TrainConfig)
 from amer.data import ByteTokenizer, DataError, char_spans_to_byte_spans, iter_jsonl, render_chat_with_spans
 from amer.model import HybridLM
+from amer.runtime import tune_malloc
 from amer.objective import STPPolicy, cross_entropy
 from amer.pattern import PatternError
 from amer.tap import SelectorError
@@ -691,6 +692,7 @@ _WORKER_DATA: Data | None = None
 
 def _worker_init(s: Settings) -> None:
     global _WORKER_DATA
+    tune_malloc()
     torch.set_num_threads(s.threads or 1)
     _WORKER_DATA = load_data(s)
 
@@ -1206,6 +1208,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         s = settings_from_args(args)
+        tune_malloc()
         if s.threads:
             torch.set_num_threads(s.threads)
         if args.dry_run:

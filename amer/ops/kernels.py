@@ -38,7 +38,10 @@ def available() -> dict[str, bool]:
 
 
 def log_choice(op: str, backend: str) -> None:
-    """Log ``op -> backend`` the first time it is chosen."""
+    """Log ``op -> backend`` the first time it is chosen (eagerly: under torch.compile a logging call
+    would split the graph, and the eager warm-up or a previous call has logged it already)."""
+    if torch.compiler.is_compiling():
+        return
     key = f"{op}:{backend}"
     if key not in _logged:
         _logged.add(key)

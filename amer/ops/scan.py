@@ -82,7 +82,7 @@ def _scan_(a: Tensor, h: Tensor, h0: Tensor | None = None, *, reverse: bool = Fa
         decay = torch.empty_like(h4)  # prod of a from t to the chunk end (a reversed cumprod)
         decay[:, :, -1].copy_(a4[:, :, -1])
         for t in range(chunk - 2, -1, -1):
-            torch.mul(a4[:, :, t], decay[:, :, t + 1], out=decay[:, :, t])
+            decay[:, :, t] = a4[:, :, t] * decay[:, :, t + 1]
         carry = _scan_(decay[:, :, 0], h4[:, :, 0].clone(), reverse=True, chunk=chunk)  # state at each chunk start
         h4[:, :-1].addcmul_(decay[:, :-1], carry[:, 1:].unsqueeze(2))
     return h
@@ -115,9 +115,9 @@ def linear_scan_backward(a: Tensor, h: Tensor, h0: Tensor | None, grad_h: Tensor
     grad_a = None
     if need_a:
         grad_a = torch.empty_like(g)
-        torch.mul(g[:, 1:], h[:, :-1], out=grad_a[:, 1:])
+        grad_a[:, 1:] = g[:, 1:] * h[:, :-1]  # slice assignment, not out=: torch.compile traces it
         if h0 is not None:
-            torch.mul(g[:, 0], h0, out=grad_a[:, 0])
+            grad_a[:, 0] = g[:, 0] * h0
         else:
             grad_a[:, 0].zero_()
     grad_h0 = None if h0 is None else g[:, 0] * a[:, 0]
