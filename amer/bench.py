@@ -216,12 +216,12 @@ def with_stp(model: HybridLM, n_spans: int, layers: str = STP_TAPS) -> STPPolicy
 
 
 def train_step(model: HybridLM, batch: Batch, policy: STPPolicy, opt: torch.optim.Optimizer | None, *,
-               taps: bool = True, clip: float = 1.0, release: bool = False) -> Callable[[], None]:
+               taps: bool = True, clip: float = 1.0, release: bool = True) -> Callable[[], None]:
     """One training step as :mod:`amer.train` runs it: forward (every tap recorded unless ``taps=False``),
     ``ce + moe_aux (+ coeff * stp)`` with the document-id mask, backward, then (with ``opt``) gradient
     clipping and AdamW. Without ``opt`` it is forward+backward only. The STP coefficient is in force
-    (a step far past ``start_step``). ``release=True`` drops the model output (and so the taps) before
-    backward instead of holding it through backward as the training loop does."""
+    (a step far past ``start_step``). The model output (and so the taps) is dropped before backward, as the
+    training loop does; ``release=False`` holds it through backward instead."""
     gen = torch.Generator().manual_seed(1234)
 
     def run() -> None:
@@ -371,7 +371,7 @@ def suite_taps(opts: BenchOptions) -> SuiteResult:
     policy = no_stp(model)
     fns = {"taps=True": train_step(model, batch, policy, opt, taps=True),
            "taps=False": train_step(model, batch, policy, opt, taps=False),
-           "taps=True, released": train_step(model, batch, policy, opt, taps=True, release=True)}
+           "taps=True, held": train_step(model, batch, policy, opt, taps=True, release=False)}
     times = interleave(fns, opts.repeats, opts.warmup)
     peaks = {name: peak_tensor_bytes(fn) for name, fn in fns.items()}
     for name in fns:
@@ -382,8 +382,8 @@ def suite_taps(opts: BenchOptions) -> SuiteResult:
     one = opts.batch * opts.seq_len * cfg.d_model * 4
     res.notes.append(f"training step without STP; peak = live tensor bytes during the step (profiler allocator "
                      f"events); for scale, one tap is {one / MB:.2f} MB and the model records {n_taps}. "
-                     "'released': the step drops the model output before backward (the training loop holds it "
-                     "through backward, so autograd cannot free the tapped states it is done with)")
+                     "the step drops the model output before backward, as the training loop does; 'held' keeps "
+                     "it through backward, which pins every tapped state until the step ends")
     return res
 
 

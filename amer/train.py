@@ -440,8 +440,15 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, quiet: bool = False) 
             if not torch.isfinite(parts.total):
                 finite = False
                 break
-            live = policy.live_grad_norm(parts, out.taps) if log_now and micro == cfg.grad_accum - 1 else None
-            (parts.total / cfg.grad_accum).backward()
+            if log_now and micro == cfg.grad_accum - 1:  # read the taps now: they are released before backward
+                live = policy.live_grad_norm(parts, out.taps)
+                tap_metrics = training_metrics(out.taps, parts.per_tap, mask=doc_ids)
+                tap_metrics.update({k: float(v) for k, v in out.stats.items() if k.count("/") == 1})
+            # Drop the output (logits, taps, stats) before backward: autograd frees each saved activation
+            # once its node has run, and a live tap list would pin the residual stream until the step ends.
+            loss = parts.total / cfg.grad_accum
+            del out
+            loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         if not finite or not torch.isfinite(gnorm):
             opt.zero_grad(set_to_none=True)  # the step is not applied
@@ -471,8 +478,7 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, quiet: bool = False) 
             record = {"lr": lr, "loss": float(parts.total.detach()), "ce": float(parts.ce.detach()), "moe_aux": float(parts.aux.detach()),
                       "stp": float(parts.stp.detach()), "stp/coeff": parts.coeff, "stp/live_grad_norm": live or 0.0,
                       "grad_norm": float(gnorm), "tokens_per_s": tps, "epoch": batches.epochs_done}
-            record.update(training_metrics(out.taps, parts.per_tap, mask=doc_ids))
-            record.update({k: float(v) for k, v in out.stats.items() if k.count("/") == 1})
+            record.update(tap_metrics)
             logger.log(done, record)
             if bar is not None:
                 bar.set_postfix(loss=f"{record['ce']:.3f}", tok_s=f"{tps:,.0f}", stp=f"{parts.coeff:.3g}")

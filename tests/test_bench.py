@@ -60,11 +60,14 @@ def test_stp_suite_reports_ratio_per_span_count(tmp_path, capsys) -> None:
 def test_taps_suite_measures_memory_of_both_variants(tmp_path, capsys) -> None:
     res, _ = run_quick(tmp_path, capsys, "taps")
     rows = {r["name"]: r for r in res["rows"]}
-    assert set(rows) == {"taps=True", "taps=False", "taps=True, released"}
+    assert set(rows) == {"taps=True", "taps=False", "taps=True, held"}
     assert rows["taps=False"]["extra_MB"] == 0 and rows["taps=False"]["time_ratio"] == 1.0
     for r in rows.values():
         assert r["peak_MB"] > 0
-    assert rows["taps=True"]["extra_MB"] == pytest.approx(rows["taps=True"]["peak_MB"] - rows["taps=False"]["peak_MB"])
+    # taps only reference states autograd saves anyway: recording every block costs not one byte at the peak,
+    # as long as the step releases the output before backward (as the training loop does)
+    assert rows["taps=True"]["extra_MB"] == 0
+    assert rows["taps=True, held"]["extra_MB"] > 0
 
 
 def test_scaling_suite_covers_every_family_and_length(tmp_path, capsys) -> None:

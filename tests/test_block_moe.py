@@ -10,7 +10,8 @@ import torch
 from amer.blocks.common import MIXERS
 from amer.blocks.moe import MoEMixer, route
 from amer.config import ModelConfig, MoEConfig
-from amer.ops.moe import dense_reference, dispatch_capacity, dispatch_dropless, expert_capacity
+from amer.ops.moe import (dense_reference, dispatch_capacity, dispatch_dropless, expert_capacity, grouped_swiglu,
+                          swiglu_expert)
 from amer.pattern import Family
 
 
@@ -186,6 +187,40 @@ def test_dropless_equals_dense_reference_fp64(k: int) -> None:
     y_ref.backward(g)
     for a, b in zip(ins, ref):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_grouped_swiglu_equals_per_expert_swiglu_with_an_empty_expert() -> None:
+    """The one-node grouped kernel against the plain per-expert composite: outputs and every gradient,
+    an expert with no rows included (its weight gradients are exactly zero)."""
+    E, D, Fh = 4, 6, 5
+    counts = [3, 0, 5, 2]
+    xs = torch.randn(sum(counts), D, dtype=torch.float64)
+    wgu, wd = expert_weights(E, D, Fh)
+    ins = [t.clone().requires_grad_() for t in (xs, wgu, wd)]
+    ref = [t.clone().requires_grad_() for t in (xs, wgu, wd)]
+    y = grouped_swiglu(*ins, counts)
+    y_ref = torch.cat([swiglu_expert(xe, ref[1][e], ref[2][e])
+                       for e, xe in enumerate(ref[0].split(counts)) if counts[e]])
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    for a, b in zip(ins, ref):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+    assert ins[1].grad[1].abs().sum() == 0 and ins[2].grad[1].abs().sum() == 0
+    assert torch.autograd.gradcheck(lambda x, a, b: grouped_swiglu(x, a, b, counts), ref)
+
+
+def test_dropless_under_bf16_autocast_matches_fp32() -> None:
+    N, E, k, D, Fh = 24, 4, 2, 16, 12
+    idx, w = random_routing(N, E, k, dtype=torch.float32)
+    x = torch.randn(N, D)
+    wgu, wd = (t.float().requires_grad_() for t in expert_weights(E, D, Fh))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = dispatch_dropless(x, idx, w, wgu, wd)
+    y.float().sum().backward()
+    assert wgu.grad is not None and wgu.grad.dtype == torch.float32
+    torch.testing.assert_close(y.float(), dispatch_dropless(x, idx, w, wgu.detach(), wd.detach()), rtol=0.05, atol=0.05)
 
 
 def test_dropless_with_an_unused_expert_and_leading_dims() -> None:

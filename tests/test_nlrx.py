@@ -244,6 +244,12 @@ def test_verdicts_follow_the_numbers(tmp_path: Path) -> None:
     v = nlrx.summarize(_records(good, stp, ce), s)["verdicts"]["m"]
     assert v["data_efficiency"]["status"] == "reproduced"
     assert v["figure_4b"]["status"] == "reproduced"
+    assert v["figure_4b"]["by_taps"]["final"]["ce_flat_up_to"] == 0.08
+    # CE that rises past 5% at the largest lambda: STP still falls, the mechanism is only flat below it
+    v = nlrx.summarize(_records(good, stp, {0: 0.50, 0.02: 0.51, 0.08: 0.70}), s)["verdicts"]["m"]
+    assert v["figure_4b"]["status"] == "not reproduced"
+    assert v["figure_4b"]["by_taps"]["final"]["ce_flat_up_to"] == 0.02
+    assert "within 5% of NTP's up to lambda 0.02" in v["figure_4b"]["text"]
     bad = dict(good)
     bad[(0.02, "final", "1/16")] = 0.25
     flat_stp = {0: 1.0, 0.02: 1.01, 0.08: 0.99}
@@ -342,3 +348,21 @@ def test_quick_end_to_end_and_resume(tmp_path: Path, capsys) -> None:
     capsys.readouterr()
     assert nlrx.main([*argv, "--max-new-tokens", "9"]) == 2
     assert "different settings" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED / nlrx.TRAIN_FILE).is_file(), reason="shared NL-RX-SYNTH copy not present")
+def test_real_quick_run_on_the_shared_data_learns_the_task(tmp_path: Path, capsys) -> None:
+    """``amer experiment nlrx --quick`` exactly as a user runs it (only the output folder moved): both arms
+    train on the real data, and the NTP arm learns enough to be a usable baseline (the untrained model
+    scores 0 exact match; ~20% after the quick run's 600 steps on 2000 rows)."""
+    out = tmp_path / "quick"
+    assert nlrx.main(["--quick", "--out", str(out)]) == 0
+    capsys.readouterr()
+    ntp = json.loads((out / "arms" / "hybrid_lam0_ntp_f1_s0.json").read_text())
+    stp = json.loads((out / "arms" / "hybrid_lam0.02_family_f1_s0.json").read_text())
+    assert ntp["n_test"] == stp["n_test"] == 200 and ntp["train_rows"] == 2000
+    assert ntp["accuracy"] >= 0.05, ntp["accuracy"]
+    assert stp["train_stp"] is not None and ntp["train_stp"] is None
+    assert stp["train_ce"] < 1.0 and ntp["train_ce"] < 1.0  # far below the ~5.5 nats of a uniform byte guess
+    assert {p.name for p in out.iterdir()} >= {"results.json", "results.md", "results.png", "arms"}

@@ -24,7 +24,8 @@ from torch import Tensor
 
 from amer.ops.kernels import megablocks_kernel
 
-__all__ = ["expert_capacity", "dispatch_dropless", "dispatch_capacity", "dense_reference", "swiglu_expert"]
+__all__ = ["expert_capacity", "dispatch_dropless", "dispatch_capacity", "dense_reference", "swiglu_expert",
+           "grouped_swiglu"]
 
 
 def swiglu_expert(h: Tensor, w_gate_up: Tensor, w_down: Tensor) -> Tensor:
@@ -34,6 +35,97 @@ def swiglu_expert(h: Tensor, w_gate_up: Tensor, w_down: Tensor) -> Tensor:
     """
     gate, up = torch.matmul(h, w_gate_up).chunk(2, dim=-1)  # (..., F) each
     return torch.matmul(F.silu(gate) * up, w_down)  # (..., D)
+
+
+class _GroupedSwiGLU(torch.autograd.Function):
+    """Every expert's SwiGLU on its contiguous slice of expert-sorted rows, as one autograd node.
+
+    The per-expert composite (matmul, chunk, silu, mul, matmul; then cat of the expert outputs) makes
+    autograd build ~6 nodes per expert whose backward cats the chunked gradients, splits the output
+    gradient and stacks the unbound weight gradients: full-size copies that cost more than the
+    elementwise math on CPU. Here the matmuls write straight into slices of preallocated buffers
+    (``out=``), the activation runs once over all experts' rows, and only the inputs, the (M, 2F)
+    pre-activations and silu(gate) are saved (backward recomputes the (M, F) product in one pass).
+    xs (M, D) sorted by expert, ``counts[e]`` rows each; w_gate_up (E, D, 2F); w_down (E, F, D).
+    """
+
+    @staticmethod
+    def forward(ctx, xs: Tensor, w_gate_up: Tensor, w_down: Tensor, counts: list[int]) -> Tensor:  # type: ignore[override]
+        M, D = xs.shape
+        Fh = w_down.shape[1]
+        xs = xs.contiguous()
+        h = xs.new_empty(M, 2 * Fh)  # (M, 2F) gate | up pre-activations
+        slices = _expert_slices(counts)
+        for e, sl in slices:
+            torch.mm(xs[sl], w_gate_up[e], out=h[sl])
+        s = F.silu(h[:, :Fh])  # (M, F), kept: backward needs it twice
+        act = s * h[:, Fh:]  # (M, F)
+        ys = xs.new_empty(M, D)
+        for e, sl in slices:
+            torch.mm(act[sl], w_down[e], out=ys[sl])
+        ctx.save_for_backward(xs, w_gate_up, w_down, h, s)
+        ctx.slices = slices
+        return ys
+
+    @staticmethod
+    def backward(ctx, gy: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:  # type: ignore[override]
+        xs, w_gate_up, w_down, h, s = ctx.saved_tensors
+        slices = ctx.slices
+        need_x, need_gu, need_d = ctx.needs_input_grad[:3]
+        Fh = w_down.shape[1]
+        gy = gy.contiguous()
+        gate, up = h[:, :Fh], h[:, Fh:]
+        busy = {e for e, _ in slices}
+        full = len(busy) == w_gate_up.shape[0]  # an expert without rows gets a zero gradient
+        d_down = None
+        if need_d:
+            d_down = torch.empty_like(w_down) if full else torch.zeros_like(w_down)
+            act = s * up
+            for e, sl in slices:
+                torch.mm(act[sl].t(), gy[sl], out=d_down[e])
+            del act
+        d_act = torch.empty_like(s)  # (M, F)
+        for e, sl in slices:
+            torch.mm(gy[sl], w_down[e].t(), out=d_act[sl])
+        dh = torch.empty_like(h)  # (M, 2F): both halves written in place, no cat
+        torch.mul(d_act, s, out=dh[:, Fh:])  # d up = d_act * silu(gate)
+        torch.ops.aten.silu_backward.grad_input(d_act.mul_(up), gate, grad_input=dh[:, :Fh])  # d gate
+        d_gu = d_x = None
+        if need_gu:
+            d_gu = torch.empty_like(w_gate_up) if full else torch.zeros_like(w_gate_up)
+            for e, sl in slices:
+                torch.mm(xs[sl].t(), dh[sl], out=d_gu[e])
+        if need_x:
+            d_x = torch.empty_like(xs)
+            for e, sl in slices:
+                torch.mm(dh[sl], w_gate_up[e].t(), out=d_x[sl])
+        return d_x, d_gu, d_down, None
+
+
+def _expert_slices(counts: list[int]) -> list[tuple[int, slice]]:
+    """(expert, row slice) of each expert that received rows, in expert order."""
+    out, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            out.append((e, slice(start, start + n)))
+        start += n
+    return out
+
+
+def grouped_swiglu(xs: Tensor, w_gate_up: Tensor, w_down: Tensor, counts: list[int]) -> Tensor:
+    """SwiGLU of expert ``e`` on rows ``xs[sum(counts[:e]) : sum(counts[:e + 1])]``, for every expert.
+
+    xs (M, D) expert-sorted, w_gate_up (E, D, 2F), w_down (E, F, D) -> (M, D). Under autocast the
+    matmuls run in the autocast dtype, as ``torch.matmul`` would.
+    """
+    dev = xs.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        xs, w_gate_up, w_down = xs.to(dt), w_gate_up.to(dt), w_down.to(dt)
+        with torch.autocast(device_type=dev, enabled=False):
+            return _GroupedSwiGLU.apply(xs, w_gate_up, w_down, counts)
+    dt = torch.promote_types(xs.dtype, w_gate_up.dtype)
+    return _GroupedSwiGLU.apply(xs.to(dt), w_gate_up.to(dt), w_down.to(dt), counts)
 
 
 def expert_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) -> int:
@@ -77,10 +169,7 @@ def dispatch_dropless(x: Tensor, expert_idx: Tensor, weights: Tensor, w_gate_up:
     token = order // k  # (N*k,) source token of each sorted slot
     counts = torch.bincount(sorted_e, minlength=E).tolist()  # host sync: slice sizes
     xs = xf.index_select(0, token)  # (N*k, D) the one gather
-    # unbind, not w[e]: indexing's backward would materialise a zero (E, D, 2F) gradient per expert
-    wgu, wd = w_gate_up.unbind(0), w_down.unbind(0)
-    outs = [swiglu_expert(xe, wgu[e], wd[e]) for e, xe in enumerate(xs.split(counts)) if counts[e] > 0]
-    ys = torch.cat(outs) if len(outs) > 1 else outs[0]  # (N*k, D) expert-sorted
+    ys = grouped_swiglu(xs, w_gate_up, w_down, counts)  # (N*k, D) expert-sorted
     ys = ys * w.reshape(-1).index_select(0, order).unsqueeze(-1)
     # index_add (not a gather of the unsorted slots) so the k contributions are summed in one pass
     y = xf.new_zeros(N, xf.shape[1]).index_add_(0, token, ys)
