@@ -44,6 +44,20 @@ def expert_weights(E: int, D: int, Fh: int, dtype=torch.float64, seed: int = 1):
             torch.randn(E, Fh, D, generator=g, dtype=dtype) / math.sqrt(Fh))
 
 
+def assert_same_outputs_and_grads(fn, ref_fn, inputs, tol: float = 1e-12) -> list[torch.Tensor]:
+    """fn and ref_fn agree on the output and on the gradient of every input (fp64); returns fn's inputs."""
+    ins = [t.clone().requires_grad_() for t in inputs]
+    ref = [t.clone().requires_grad_() for t in inputs]
+    y, y_ref = fn(*ins), ref_fn(*ref)
+    torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    for a, b in zip(ins, ref):
+        torch.testing.assert_close(a.grad, b.grad, rtol=tol, atol=tol)
+    return ins
+
+
 # ---------------------------------------------------------------------------------------- shapes
 
 
@@ -177,16 +191,9 @@ def test_dropless_equals_dense_reference_fp64(k: int) -> None:
     idx[:5] = torch.arange(k)  # make expert 0..k-1 crowded, and expert E-1 possibly empty
     x = torch.randn(N, D, dtype=torch.float64)
     wgu, wd = expert_weights(E, D, Fh)
-    ins = [t.clone().requires_grad_() for t in (x, w, wgu, wd)]
-    ref = [t.clone().requires_grad_() for t in (x, w, wgu, wd)]
-    y = dispatch_dropless(ins[0], idx, ins[1], ins[2], ins[3])
-    y_ref = dense_reference(ref[0], dense_weights(idx, ref[1], E), ref[2], ref[3])
-    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
-    g = torch.randn_like(y)
-    y.backward(g)
-    y_ref.backward(g)
-    for a, b in zip(ins, ref):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+    assert_same_outputs_and_grads(lambda x, w, a, b: dispatch_dropless(x, idx, w, a, b),
+                                  lambda x, w, a, b: dense_reference(x, dense_weights(idx, w, E), a, b),
+                                  (x, w, wgu, wd))
 
 
 def test_grouped_swiglu_equals_per_expert_swiglu_with_an_empty_expert() -> None:
@@ -196,19 +203,13 @@ def test_grouped_swiglu_equals_per_expert_swiglu_with_an_empty_expert() -> None:
     counts = [3, 0, 5, 2]
     xs = torch.randn(sum(counts), D, dtype=torch.float64)
     wgu, wd = expert_weights(E, D, Fh)
-    ins = [t.clone().requires_grad_() for t in (xs, wgu, wd)]
-    ref = [t.clone().requires_grad_() for t in (xs, wgu, wd)]
-    y = grouped_swiglu(*ins, counts)
-    y_ref = torch.cat([swiglu_expert(xe, ref[1][e], ref[2][e])
-                       for e, xe in enumerate(ref[0].split(counts)) if counts[e]])
-    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
-    g = torch.randn_like(y)
-    y.backward(g)
-    y_ref.backward(g)
-    for a, b in zip(ins, ref):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+    ins = assert_same_outputs_and_grads(
+        lambda x, a, b: grouped_swiglu(x, a, b, counts),
+        lambda x, a, b: torch.cat([swiglu_expert(xe, a[e], b[e]) for e, xe in enumerate(x.split(counts)) if counts[e]]),
+        (xs, wgu, wd))
     assert ins[1].grad[1].abs().sum() == 0 and ins[2].grad[1].abs().sum() == 0
-    assert torch.autograd.gradcheck(lambda x, a, b: grouped_swiglu(x, a, b, counts), ref)
+    args = [t.clone().requires_grad_() for t in (xs, wgu, wd)]
+    assert torch.autograd.gradcheck(lambda x, a, b: grouped_swiglu(x, a, b, counts), args)
 
 
 def test_dropless_under_bf16_autocast_matches_fp32() -> None:
