@@ -72,7 +72,6 @@ __all__ = [
     "training_flops",
     "run_suite",
     "format_table",
-    "tune_malloc",
     "main",
 ]
 

@@ -64,9 +64,9 @@ from amer.config import (AttentionConfig, ConfigError, MambaConfig, ModelConfig,
                          TrainConfig)
 from amer.data import ByteTokenizer, DataError, char_spans_to_byte_spans, iter_jsonl, render_chat_with_spans
 from amer.model import HybridLM
-from amer.runtime import tune_malloc
 from amer.objective import STPPolicy, cross_entropy
 from amer.pattern import PatternError
+from amer.runtime import tune_malloc
 from amer.tap import SelectorError
 
 __all__ = [

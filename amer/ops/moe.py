@@ -75,8 +75,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
         Fh = w_down.shape[1]
         gy = gy.contiguous()
         gate, up = h[:, :Fh], h[:, Fh:]
-        busy = {e for e, _ in slices}
-        full = len(busy) == w_gate_up.shape[0]  # an expert without rows gets a zero gradient
+        full = len(slices) == w_gate_up.shape[0]  # else an expert without rows gets a zero gradient
         d_down = None
         if need_d:
             d_down = torch.empty_like(w_down) if full else torch.zeros_like(w_down)
