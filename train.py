@@ -2,7 +2,7 @@
 
 import sys
 
-from amer.train import main
+from amer.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -27,13 +27,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from amer.config import ModelConfig, from_dict
+from amer.errors import CheckpointError
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_checkpoint", "find_checkpoint",
            "list_checkpoints"]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, truncated or corrupt; the message names the file."""
 
 
 def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

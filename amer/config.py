@@ -2,7 +2,11 @@
 
 Every config can be built from a nested dict (a TOML table) with :func:`from_dict`, which rejects
 unknown keys with the closest valid name, and validates itself in ``__post_init__`` so a bad value
-fails where it is written, naming the field and what is accepted.
+fails where it is written, naming the field and what is accepted. Each field carries its ``--help``
+text in its metadata (:func:`opt`), so the command line is generated from these classes.
+
+The shared model dimensions live here (:class:`ModelConfig`, :class:`Dims`); each block family's own
+settings live beside its mixer in ``amer/blocks/`` and are reached through the family registry.
 """
 
 from __future__ import annotations
@@ -14,7 +18,10 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Iterator, Literal, NamedTuple, TypeVar
+
+from amer.errors import ConfigError
+from amer.families import FamilySpec, families, get_family
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -22,23 +29,9 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 __all__ = [
-    "ConfigError",
-    "AttentionConfig",
-    "MambaConfig",
-    "MoEConfig",
-    "RecurrentConfig",
-    "ModelConfig",
-    "STPConfig",
-    "stp_config_from_preset",
-    "from_dict",
-    "to_dict",
-    "load_toml",
-    "suggest",
+    "ConfigError", "Dims", "ModelConfig", "STPConfig", "TrainConfig", "stp_config_from_preset", "from_dict",
+    "to_dict", "load_toml", "suggest", "check", "opt", "options",
 ]
-
-
-class ConfigError(ValueError):
-    """A configuration value or key is invalid; the message names the field and what is accepted."""
 
 
 def suggest(name: str, choices: typing.Iterable[str]) -> str:
@@ -47,159 +40,109 @@ def suggest(name: str, choices: typing.Iterable[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
-def _check(cond: bool, msg: str) -> None:
+def check(cond: bool, msg: str) -> None:
+    """Raise :class:`ConfigError` with ``msg`` unless ``cond``."""
     if not cond:
         raise ConfigError(msg)
 
 
-@dataclass
-class AttentionConfig:
-    """Causal grouped-query attention with RoPE (the A family)."""
 
-    n_heads: int = 4
-    n_kv_heads: int = 2
-    head_dim: int | None = None  # default d_model // n_heads
-    rope_theta: float = 10000.0
-    qk_norm: bool = False
-
-    def __post_init__(self) -> None:
-        _check(self.n_heads >= 1, f"attention.n_heads must be >= 1, got {self.n_heads}")
-        _check(self.n_kv_heads >= 1, f"attention.n_kv_heads must be >= 1, got {self.n_kv_heads}")
-        _check(
-            self.n_heads % self.n_kv_heads == 0,
-            f"attention.n_heads ({self.n_heads}) must be divisible by attention.n_kv_heads "
-            f"({self.n_kv_heads}); accepted n_kv_heads: "
-            f"{[d for d in range(1, self.n_heads + 1) if self.n_heads % d == 0]}",
-        )
-        _check(self.head_dim is None or self.head_dim >= 1, "attention.head_dim must be >= 1")
-        _check(self.rope_theta > 0, f"attention.rope_theta must be > 0, got {self.rope_theta}")
+def opt(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field carrying its ``--help`` text."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
 
 
-@dataclass
-class MambaConfig:
-    """Mamba-2 / SSD mixer (the M family), Dao & Gu 2024 (arXiv 2405.21060)."""
+class Dims(NamedTuple):
+    """The dimensions every mixer shares (a family's own settings come in its own config)."""
 
-    d_state: int = 64
-    d_conv: int = 4
-    expand: int = 2
-    head_dim: int = 32
-    n_groups: int = 1
-    chunk_size: int = 64
-    dt_min: float = 0.001
-    dt_max: float = 0.1
-    dt_init_floor: float = 1e-4
-    a_init_range: tuple[float, float] = (1.0, 16.0)
+    d_model: int  # residual stream width
+    n_layers: int  # depth of the whole stack (for residual-scaled initialisation)
+    max_seq_len: int  # longest sequence the model accepts
+    norm_eps: float  # RMSNorm epsilon
+    init_std: float  # std of the normal weight init
 
-    def __post_init__(self) -> None:
-        self.a_init_range = tuple(self.a_init_range)  # type: ignore[assignment]
-        for name in ("d_state", "d_conv", "expand", "head_dim", "n_groups", "chunk_size"):
-            _check(getattr(self, name) >= 1, f"mamba.{name} must be >= 1, got {getattr(self, name)}")
-        _check(0 < self.dt_min <= self.dt_max, "mamba.dt_min must be in (0, dt_max]")
-        lo, hi = self.a_init_range
-        _check(0 < lo <= hi, f"mamba.a_init_range must be 0 < lo <= hi, got {self.a_init_range}")
+    @property
+    def out_std(self) -> float:
+        """GPT-2 residual scaling: projections that write into the residual stream get std / sqrt(2L)."""
+        return self.init_std / (2 * max(1, self.n_layers)) ** 0.5
 
 
-@dataclass
-class MoEConfig:
-    """Mixture of SwiGLU experts (the E family): top-k fp32 router, dropless or capacity dispatch."""
-
-    n_experts: int = 8
-    top_k: int = 2
-    d_ff: int | None = None  # per-expert hidden width; default d_model * 2
-    shared_expert: bool = False
-    d_ff_shared: int | None = None  # default d_ff
-    dispatch: Literal["dropless", "capacity"] = "dropless"
-    capacity_factor: float = 1.25
-    aux_loss_coef: float = 0.01  # Switch-Transformer load-balancing loss weight
-    z_loss_coef: float = 0.001  # ST-MoE router z-loss weight
-
-    def __post_init__(self) -> None:
-        _check(self.n_experts >= 1, f"moe.n_experts must be >= 1, got {self.n_experts}")
-        _check(
-            1 <= self.top_k <= self.n_experts,
-            f"moe.top_k ({self.top_k}) must be between 1 and moe.n_experts ({self.n_experts})",
-        )
-        _check(self.d_ff is None or self.d_ff >= 1, "moe.d_ff must be >= 1")
-        _check(
-            self.dispatch in ("dropless", "capacity"),
-            f"moe.dispatch must be 'dropless' or 'capacity', got {self.dispatch!r}",
-        )
-        _check(self.capacity_factor > 0, f"moe.capacity_factor must be > 0, got {self.capacity_factor}")
-        _check(self.aux_loss_coef >= 0 and self.z_loss_coef >= 0, "moe loss coefficients must be >= 0")
-
-
-@dataclass
-class RecurrentConfig:
-    """Griffin RG-LRU recurrent block (the R family), De et al. 2024 (arXiv 2402.19427)."""
-
-    lru_width: int | None = None  # default d_model
-    n_heads: int = 4  # block-diagonal gate projections, as in recurrentgemma
-    d_conv: int = 4
-    c: float = 8.0  # the fixed scalar in a = sigma(Lambda)^(c * r)
-
-    def __post_init__(self) -> None:
-        _check(self.lru_width is None or self.lru_width >= 1, "recurrent.lru_width must be >= 1")
-        _check(self.n_heads >= 1, f"recurrent.n_heads must be >= 1, got {self.n_heads}")
-        _check(self.d_conv >= 1, f"recurrent.d_conv must be >= 1, got {self.d_conv}")
-        _check(self.c > 0, f"recurrent.c must be > 0, got {self.c}")
-
-
-@dataclass
+@dataclass(init=False)
 class ModelConfig:
-    """A hybrid language model: a pattern string plus one sub-config per block family."""
+    """A hybrid language model: a pattern string, the shared dimensions, and one config per registered
+    block family (``cfg.attention``, ``cfg.mamba``, ... by each family's ``config_key``; TOML tables
+    ``[model.attention]``...). Families absent from the pattern keep their defaults and are not validated.
 
-    pattern: str = "AEMR"
-    d_model: int = 128
-    vocab_size: int = 260
-    max_seq_len: int = 1024
-    tie_embeddings: bool = True
-    norm_eps: float = 1e-5
-    init_std: float = 0.02
-    attention: AttentionConfig = field(default_factory=AttentionConfig)
-    mamba: MambaConfig = field(default_factory=MambaConfig)
-    moe: MoEConfig = field(default_factory=MoEConfig)
-    recurrent: RecurrentConfig = field(default_factory=RecurrentConfig)
+    >>> ModelConfig(pattern="(AE)*2M", d_model=64, moe={"n_experts": 4}).moe.n_experts
+    4
+    """
+
+    pattern: str = opt("AEMR", "block pattern: one letter per block (see `amer patterns`); '(AE)*2M', 'AEMR@12'")
+    d_model: int = opt(128, "residual stream width")
+    vocab_size: int = opt(260, "embedding rows (>= 260 for the byte tokenizer)")
+    max_seq_len: int = opt(1024, "longest sequence the model accepts (--seq-len must not exceed it)")
+    tie_embeddings: bool = opt(True, "share the input embedding and the LM head weights")
+    norm_eps: float = opt(1e-5, "RMSNorm epsilon")
+    init_std: float = opt(0.02, "std of the normal weight init (residual output projections scaled by 1/sqrt(2 layers))")
+    family_configs: dict[str, Any] = field(default_factory=dict)
+
+    def __init__(self, pattern: str = "AEMR", **kwargs: Any) -> None:
+        self.pattern = pattern
+        for f in _shared_fields():
+            if f.name != "pattern":
+                setattr(self, f.name, kwargs.pop(f.name, f.default))
+        specs = {s.config_key: s for s in families()}
+        unknown = sorted(set(kwargs) - set(specs))
+        if unknown:
+            accepted = [f.name for f in _shared_fields()] + list(specs)
+            raise ConfigError(f"unknown model setting '{unknown[0]}'{suggest(unknown[0], accepted)} "
+                              f"(accepted: {', '.join(accepted)})")
+        self.family_configs = {}
+        for key, spec in specs.items():
+            value = kwargs.get(key)
+            if value is None:
+                value = spec.config()
+            elif isinstance(value, dict):
+                value = from_dict(spec.config, value, where=f"model.{key}.")
+            elif not isinstance(value, spec.config):
+                raise ConfigError(f"model.{key} must be a {spec.config.__name__} or a table, got {type(value).__name__}")
+            self.family_configs[key] = value
+        self.__post_init__()
+
+    def __getattr__(self, name: str) -> Any:
+        configs = self.__dict__.get("family_configs")
+        if configs is not None and name in configs:
+            return configs[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __post_init__(self) -> None:
-        from amer.pattern import parse_pattern  # local: pattern.py imports nothing from here
+        from amer.pattern import parse_pattern  # local: the parser reads presets that hold model configs
 
-        _check(self.d_model >= 1, f"d_model must be >= 1, got {self.d_model}")
-        _check(self.vocab_size >= 2, f"vocab_size must be >= 2, got {self.vocab_size}")
-        _check(self.max_seq_len >= 1, f"max_seq_len must be >= 1, got {self.max_seq_len}")
-        _check(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
+        check(self.d_model >= 1, f"d_model must be >= 1, got {self.d_model}")
+        check(self.vocab_size >= 2, f"vocab_size must be >= 2, got {self.vocab_size}")
+        check(self.max_seq_len >= 1, f"max_seq_len must be >= 1, got {self.max_seq_len}")
+        check(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
         self.parsed = parse_pattern(self.pattern)
-        fams = {layer.family.value for layer in self.parsed.layers}
-        a = self.attention
-        if "A" in fams and a.head_dim is None:
-            _check(
-                self.d_model % a.n_heads == 0,
-                f"d_model ({self.d_model}) must be divisible by attention.n_heads ({a.n_heads}) "
-                "or set attention.head_dim",
-            )
-        if "A" in fams and (a.head_dim or self.d_model // a.n_heads) % 2:
-            raise ConfigError("attention head_dim must be even for RoPE")
-        m = self.mamba
-        if "M" in fams:
-            d_inner = m.expand * self.d_model
-            _check(
-                d_inner % m.head_dim == 0,
-                f"mamba.expand * d_model ({d_inner}) must be divisible by mamba.head_dim ({m.head_dim})",
-            )
-            _check(
-                (d_inner // m.head_dim) % m.n_groups == 0,
-                f"mamba heads ({d_inner // m.head_dim}) must be divisible by mamba.n_groups ({m.n_groups})",
-            )
-        r = self.recurrent
-        if "R" in fams:
-            width = r.lru_width or self.d_model
-            _check(
-                width % r.n_heads == 0,
-                f"recurrent.lru_width ({width}) must be divisible by recurrent.n_heads ({r.n_heads})",
-            )
+        dims = self.dims
+        for letter in dict.fromkeys(layer.family for layer in self.parsed.layers):
+            cfg = self.family_config(letter)
+            if hasattr(cfg, "validate"):
+                cfg.validate(dims)
 
     @property
     def n_layers(self) -> int:
         return len(self.parsed.layers)
+
+    @property
+    def dims(self) -> Dims:
+        return Dims(self.d_model, self.n_layers, self.max_seq_len, self.norm_eps, self.init_std)
+
+    def family_config(self, family: str | FamilySpec) -> Any:
+        """The config of ``family`` (a letter, a :class:`~amer.families.Family` or a spec)."""
+        spec = family if isinstance(family, FamilySpec) else get_family(str(family))
+        return self.family_configs[spec.config_key]
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
@@ -210,6 +153,34 @@ class ModelConfig:
         data.update(overrides)
         return from_dict(cls, data, where="model.")
 
+    @classmethod
+    def _from_dict(cls, data: dict[str, Any], where: str) -> "ModelConfig":
+        shared = {f.name: f for f in _shared_fields()}
+        hints = typing.get_type_hints(cls)
+        specs = {s.config_key: s for s in families()}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            k = key.replace("-", "_")
+            if k in shared:
+                kwargs[k] = _coerce(value, hints[k], f"{where}{k}")
+            elif k in specs:
+                if isinstance(value, dict):
+                    value = from_dict(specs[k].config, value, where=f"{where}{k}.")
+                kwargs[k] = value
+            else:
+                accepted = list(shared) + list(specs)
+                raise ConfigError(f"unknown key '{where}{key}'{suggest(k, accepted)} (accepted: {', '.join(accepted)})")
+        return cls(**kwargs)
+
+    def _to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in _shared_fields()}
+        out.update({key: to_dict(cfg) for key, cfg in self.family_configs.items()})
+        return out
+
+
+def _shared_fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(ModelConfig) if f.name != "family_configs"]
+
 
 @dataclass
 class STPConfig:
@@ -218,30 +189,32 @@ class STPConfig:
     The loss kernel (:func:`amer.stp.compute_stp_loss`) knows none of this; the runtime reads it.
     """
 
-    enabled: bool = False
-    weight: float = 0.02
-    start_step: int = 0
-    ramp_steps: int = 0
-    n_spans: int = 4
-    layers: str | None = None  # selector string, e.g. "A-1,M-1,E-1,R-1" or "final"
-    family_weights: dict[str, float] | None = None  # e.g. {"A": 1.0, "M": 0.5}
+    enabled: bool = opt(False, "turn the STP auxiliary loss on (the taps are chosen by --stp.layers)")
+    weight: float = opt(0.02, "STP coefficient once the gate and ramp are passed (total = ce + moe_aux + weight * stp)")
+    start_step: int = opt(0, "gate: the STP coefficient is 0 for optimizer steps before this one")
+    ramp_steps: int = opt(0, "linear ramp of the STP coefficient from the gate to --stp.weight over this many steps")
+    n_spans: int = opt(4, "(s, r, t) triples sampled per sequence per step for the STP loss")
+    layers: str | None = opt(None, "taps regularised by STP: comma-separated selectors, e.g. 'A-1,M-1,E-1,R-1', "
+                             "'final', 'L7', 'M1:3'; a selector that selects nothing is an error")
+    family_weights: dict[str, float] | None = opt(None, "relative STP weight per family, e.g. 'A=1.0,M=0.5' "
+                                                  "(others 1.0; keys: family letters, final, embed)")
 
     def __post_init__(self) -> None:
-        _check(self.weight >= 0, f"stp.weight must be >= 0, got {self.weight}")
-        _check(self.start_step >= 0, f"stp.start_step must be >= 0, got {self.start_step}")
-        _check(self.ramp_steps >= 0, f"stp.ramp_steps must be >= 0, got {self.ramp_steps}")
-        _check(self.n_spans >= 1, f"stp.n_spans must be >= 1, got {self.n_spans}")
+        check(self.weight >= 0, f"stp.weight must be >= 0, got {self.weight}")
+        check(self.start_step >= 0, f"stp.start_step must be >= 0, got {self.start_step}")
+        check(self.ramp_steps >= 0, f"stp.ramp_steps must be >= 0, got {self.ramp_steps}")
+        check(self.n_spans >= 1, f"stp.n_spans must be >= 1, got {self.n_spans}")
         if self.enabled:
-            _check(
+            check(
                 bool(self.layers and self.layers.strip()),
                 "stp.enabled is true but stp.layers is empty: choose the taps explicitly, "
                 "e.g. 'final', 'A-1,M-1,E-1,R-1' or 'L7'",
             )
         if self.family_weights:
-            allowed = {"A", "M", "E", "R", "final", "embed"}
+            allowed = {*(f.letter for f in families()), "final", "embed"}
             for k, v in self.family_weights.items():
-                _check(k in allowed, f"stp.family_weights key {k!r} is not one of {sorted(allowed)}{suggest(k, allowed)}")
-                _check(v >= 0, f"stp.family_weights[{k!r}] must be >= 0, got {v}")
+                check(k in allowed, f"stp.family_weights key {k!r} is not one of {sorted(allowed)}{suggest(k, allowed)}")
+                check(v >= 0, f"stp.family_weights[{k!r}] must be >= 0, got {v}")
 
 
 def stp_config_from_preset(name: str) -> STPConfig:
@@ -265,6 +238,8 @@ def from_dict(cls: type[T], data: dict[str, Any], *, where: str = "") -> T:
     """Build dataclass ``cls`` from a nested dict, rejecting unknown keys with a suggestion."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or cls.__name__} must be a table, got {type(data).__name__}")
+    if hasattr(cls, "_from_dict"):  # a config with its own layout (ModelConfig: one table per family)
+        return cls._from_dict(data, where)  # type: ignore[attr-defined]
     hints = _field_types(cls)
     names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {}
@@ -332,10 +307,12 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain nested dict of a config dataclass (JSON/TOML friendly)."""
+    if hasattr(cfg, "_to_dict"):
+        return cfg._to_dict()
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(v):
+        if dataclasses.is_dataclass(v) or hasattr(v, "_to_dict"):
             v = to_dict(v)
         elif isinstance(v, tuple):
             v = list(v)
@@ -354,59 +331,78 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{p}: invalid TOML: {e}") from None
 
 
-def _opt(default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field carrying its ``--help`` text."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
-
-
 @dataclass
 class TrainConfig:
     """Everything a training run needs. Resolved from: preset ``[train]`` < ``--config`` TOML < CLI flags."""
 
-    preset: str = _opt("small", "named preset in patterns/ giving model dims, STP selection and train defaults")
-    pattern: str | None = _opt(None, "override the preset's block pattern, e.g. 'AEMEAEMR' or '(AE)*2M'")
-    data: str = _opt("kjv", "corpus: 'kjv' (bundled King James Bible), 'stdlib' (Python stdlib source), "
+    preset: str = opt("small", "named preset in patterns/ giving model dims, STP selection and train defaults")
+    pattern: str | None = opt(None, "override the preset's block pattern, e.g. 'AEMEAEMR' or '(AE)*2M'")
+    data: str = opt("kjv", "corpus: 'kjv' (bundled King James Bible), 'stdlib' (Python stdlib source), "
                      "or a path to a text file, a directory, a JSONL file with 'text', or chat JSONL")
-    steps: int = _opt(1000, "optimizer steps to train")
-    batch_size: int = _opt(16, "sequences per micro-batch")
-    grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step")
-    seq_len: int = _opt(256, "tokens per training sequence")
-    lr: float = _opt(3e-3, "peak learning rate (AdamW)")
-    min_lr_ratio: float = _opt(0.1, "final learning rate as a fraction of --lr (cosine decay)")
-    warmup_steps: int = _opt(50, "linear warm-up steps")
-    weight_decay: float = _opt(0.1, "AdamW weight decay (matrices only; norms, biases, embeddings exempt)")
-    beta1: float = _opt(0.9, "AdamW beta1")
-    beta2: float = _opt(0.95, "AdamW beta2")
-    grad_clip: float = _opt(1.0, "clip the global gradient norm to this value (0 disables)")
-    dtype: Literal["float32", "bfloat16"] = _opt("float32", "compute dtype: float32, or bfloat16 autocast")
-    device: str = _opt("cpu", "cpu, cuda, cuda:N or auto")
-    seed: int = _opt(0, "seed for initialisation, data order and STP span sampling")
-    val_fraction: float = _opt(0.05, "fraction of documents held out for validation")
-    log_interval: int = _opt(25, "steps between log lines (JSONL, TensorBoard, metrics)")
-    eval_interval: int = _opt(250, "steps between validation-loss evaluations (and checkpoints)")
-    eval_batches: int = _opt(8, "validation batches per evaluation")
-    keep_last: int = _opt(2, "checkpoints kept besides the best one")
-    out_dir: str = _opt("checkpoints", "where run directories are created")
-    run_name: str | None = _opt(None, "run directory name (default: <preset>-<YYYYmmdd-HHMMSS>)")
-    resume: str | None = _opt(None, "continue a run: a run directory or checkpoint directory")
-    max_bad_steps: int = _opt(3, "consecutive non-finite losses tolerated before the run stops")
-    progress: bool = _opt(True, "show a progress bar")
-    tensorboard: bool = _opt(True, "write TensorBoard event files")
+    steps: int = opt(1000, "optimizer steps to train")
+    batch_size: int = opt(16, "sequences per micro-batch")
+    grad_accum: int = opt(1, "micro-batches accumulated per optimizer step")
+    seq_len: int = opt(256, "tokens per training sequence")
+    lr: float = opt(3e-3, "peak learning rate (AdamW)")
+    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of --lr (cosine decay)")
+    warmup_steps: int = opt(50, "linear warm-up steps")
+    weight_decay: float = opt(0.1, "AdamW weight decay (matrices only; norms, biases, embeddings exempt)")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.95, "AdamW beta2")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this value (0 disables)")
+    dtype: Literal["float32", "bfloat16"] = opt("float32", "compute dtype: float32, or bfloat16 autocast")
+    device: str = opt("cpu", "cpu, cuda, cuda:N or auto")
+    seed: int = opt(0, "seed for initialisation, data order and STP span sampling")
+    val_fraction: float = opt(0.05, "fraction of documents held out for validation")
+    log_interval: int = opt(25, "steps between log lines (JSONL, TensorBoard, metrics)")
+    eval_interval: int = opt(250, "steps between validation-loss evaluations (and checkpoints)")
+    eval_batches: int = opt(8, "validation batches per evaluation")
+    keep_last: int = opt(2, "checkpoints kept besides the best one")
+    out_dir: str = opt("checkpoints", "where run directories are created")
+    run_name: str | None = opt(None, "run directory name (default: <preset>-<YYYYmmdd-HHMMSS>)")
+    resume: str | None = opt(None, "continue a run: a run directory or checkpoint directory")
+    max_bad_steps: int = opt(3, "consecutive non-finite losses tolerated before the run stops")
+    progress: bool = opt(True, "show a progress bar")
+    tensorboard: bool = opt(True, "write TensorBoard event files")
     stp: STPConfig = field(default_factory=STPConfig, metadata={"help": "STP policy"})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model config"})
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "eval_batches", "log_interval", "eval_interval"):
-            _check(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
-        _check(self.seq_len >= 3, f"train.seq_len must be >= 3 (STP needs three positions), got {self.seq_len}")
-        _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
-        _check(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        _check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
-        _check(self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}")
-        _check(0 < self.val_fraction < 1, f"train.val_fraction must be in (0, 1), got {self.val_fraction}")
-        _check(self.keep_last >= 1, f"train.keep_last must be >= 1, got {self.keep_last}")
-        _check(self.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {self.max_bad_steps}")
-        _check(self.seq_len <= self.model.max_seq_len,
+            check(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
+        check(self.seq_len >= 3, f"train.seq_len must be >= 3 (STP needs three positions), got {self.seq_len}")
+        check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        check(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        check(self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}")
+        check(0 < self.val_fraction < 1, f"train.val_fraction must be in (0, 1), got {self.val_fraction}")
+        check(self.keep_last >= 1, f"train.keep_last must be >= 1, got {self.keep_last}")
+        check(self.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {self.max_bad_steps}")
+        check(self.seq_len <= self.model.max_seq_len,
                f"train.seq_len ({self.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
+
+
+class Option(NamedTuple):
+    """One settable leaf of a config tree: its dotted key, type, default and help."""
+
+    key: str  # e.g. "model.attention.n_heads"
+    type: Any
+    default: Any
+    help: str
+
+
+def options(cls: type, prefix: str = "") -> Iterator[Option]:
+    """Every scalar setting of config class ``cls``, recursing into nested configs and into each registered
+    family's config under ``model``: what the command line turns into flags."""
+    hints = typing.get_type_hints(cls)
+    fields = _shared_fields() if cls is ModelConfig else dataclasses.fields(cls)
+    for f in fields:
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from options(tp, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        yield Option(f"{prefix}{f.name}", tp, default, f.metadata.get("help", ""))
+    if cls is ModelConfig:
+        for spec in families():
+            yield from options(spec.config, f"{prefix}{spec.config_key}.")

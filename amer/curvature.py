@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from amer.stp import _one_minus_cos, depth_curvature_per_token, sample_spans, token_curvature
+from amer.analysis.metrics import depth_states, training_metrics  # noqa: F401  (re-exported)
 from amer.tap import Tap
 
 __all__ = ["CurvatureError", "depth_states", "training_metrics", "evaluate", "compare", "format_markdown",
@@ -57,60 +58,6 @@ FORMAT = "amer-curvature/1"
 
 class CurvatureError(ValueError):
     """Bad input to the curvature report; the one-line message names the problem and what is accepted."""
-
-
-def depth_states(taps: list[Tap]) -> tuple[list[Tensor], list[str]]:
-    """States along depth ``[0, embed, block outputs..., final]`` and the label of each boundary.
-
-    ``labels[j]`` names the bend entry ``j`` of :func:`amer.stp.depth_curvature_per_token` on
-    these states: ``embed->A``, then ``A->E`` ..., then ``R->final``.
-    """
-    states = [torch.zeros_like(taps[0].hidden)] + [t.hidden for t in taps]
-    labels = [f"{a.label}->{b.label}" for a, b in zip(taps[:-1], taps[1:])]
-    return states, labels
-
-
-@torch.no_grad()
-def training_metrics(taps, per_tap_stp: Mapping[str, Tensor] | None = None, *,
-                     mask: Tensor | None = None) -> dict[str, float]:
-    """Cheap per-family figures for the training log (flat dict of floats with stable names).
-
-    ``stp/<tap>`` and ``stp/<F>``: STP loss per selected tap and its family mean;
-    ``curv/tok/<F>``: token curvature (stride 1) averaged over every tap of family F (and
-    ``embed``/``final``); ``curv/depth/<X->Y>``: depth curvature averaged over the boundaries of
-    that type. ``taps`` must be a full recording (every block).
-    """
-    out: dict[str, float] = {}
-    fam_stp: dict[str, list[float]] = defaultdict(list)
-    for name, v in (per_tap_stp or {}).items():
-        out[f"stp/{name}"] = float(v)
-        fam_stp[name if name in ("embed", "final") else name[0]].append(float(v))
-    for fam, vs in fam_stp.items():
-        out[f"stp/{fam}"] = sum(vs) / len(vs)
-
-    taps = [Tap(t.layer, t.family, t.index, t.hidden.detach(), t.kind) for t in taps]
-    tok: dict[str, list[float]] = defaultdict(list)
-    for t in taps:
-        tok[t.label].append(float(token_curvature(t.hidden, mask=mask)))
-    for fam, vs in tok.items():
-        out[f"curv/tok/{fam}"] = sum(vs) / len(vs)
-
-    if len(taps) >= 2:
-        states, labels = depth_states(list(taps))
-        per_token = depth_curvature_per_token(states)  # (n_boundaries, B, T)
-        if mask is not None and mask.dtype != torch.bool:
-            valid = (mask >= 0).float()
-        elif mask is not None:
-            valid = mask.float()
-        else:
-            valid = torch.ones_like(per_token[0])
-        means = (per_token * valid).sum(dim=(1, 2)) / valid.sum().clamp_min(1.0)
-        by_type: dict[str, list[float]] = defaultdict(list)
-        for label, v in zip(labels, means.tolist()):
-            by_type[label].append(v)
-        for label, vs in by_type.items():
-            out[f"curv/depth/{label}"] = sum(vs) / len(vs)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from amer.errors import ConfigError, DataError
+
 __all__ = [
     "DataError",
     "ByteTokenizer",
@@ -60,10 +62,6 @@ NAMED_CORPORA = ("kjv", "stdlib")
 DIR_SUFFIXES = (".txt", ".md", ".py", ".jsonl")
 STDLIB_MAX_BYTES = 200_000
 _JSONL_ACCEPTS = 'each line must be a JSON object with a "text" string or a "messages" list of {"role", "content"}'
-
-
-class DataError(ValueError):
-    """Data cannot be loaded or packed; the one-line message names the source and what is accepted."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,8 +333,6 @@ class DataConfig:
     seed: int = 0  # validation split permutation
 
     def __post_init__(self) -> None:
-        from amer.config import ConfigError
-
         if not isinstance(self.seq_len, int) or self.seq_len < 1:
             raise ConfigError(f"data.seq_len must be an integer >= 1, got {self.seq_len!r}")
         if not 0.0 <= self.val_fraction < 1.0:

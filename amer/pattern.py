@@ -1,13 +1,14 @@
 """The pattern language: a string such as ``AEMEAEMEAEMR@52`` names a stack of blocks.
 
-Grammar (DESIGN.md)::
+Grammar::
 
     pattern := item+ ['@' DEPTH]        # '@52' tiles the items cyclically to 52 layers
     item    := FAMILY | '(' item+ ')' '*' COUNT | '|'
-    FAMILY  := 'A' | 'M' | 'E' | 'R'
+    FAMILY  := a registered family letter: 'A' | 'M' | 'E' | 'R' built in (see amer.families)
 
 Whitespace is ignored, ``|`` marks a pipeline-stage boundary (Megatron-Core's hybrid pattern
-convention) and a string that is not a pattern is looked up as a preset in ``patterns/``.
+convention) and a string that is not a pattern is looked up as a preset (``amer/patterns/*.toml``,
+shipped with the package and linked from the repository's top-level ``patterns/``).
 Every error is a :class:`PatternError` naming the offending character and its position.
 """
 
@@ -18,9 +19,11 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Any, Iterator
+
+from amer.errors import PatternError
+from amer.families import Family, expected_text, letters
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -42,31 +45,8 @@ __all__ = [
 MAX_LAYERS = 4096  # guards against '(A)*999999999' eating the machine
 
 
-class Family(str, Enum):
-    """The four block families. The value is the pattern letter."""
-
-    ATTENTION = "A"
-    MAMBA = "M"
-    EXPERT = "E"
-    RECURRENT = "R"
-
-    @property
-    def long_name(self) -> str:
-        return {"A": "attention", "M": "mamba", "E": "expert", "R": "recurrent"}[self.value]
-
-    def __str__(self) -> str:
-        return self.value
-
-
-_EXPECTED = "expected A (attention), M (mamba), E (expert), R (recurrent)"
-
-
-class PatternError(ValueError):
-    """A malformed pattern. ``position`` is the 0-based offset in the source string (or None)."""
-
-    def __init__(self, message: str, position: int | None = None) -> None:
-        super().__init__(message)
-        self.position = position
+def _expected() -> str:
+    return expected_text()
 
 
 @dataclass(frozen=True)
@@ -117,12 +97,10 @@ class Pattern:
         return "".join(out)
 
     def count(self, family: Family | str) -> int:
-        fam = Family(family)
-        return sum(1 for layer in self.layers if layer.family is fam)
+        return sum(1 for layer in self.layers if layer.family == family)
 
     def of_family(self, family: Family | str) -> list[LayerSpec]:
-        fam = Family(family)
-        return [layer for layer in self.layers if layer.family is fam]
+        return [layer for layer in self.layers if layer.family == family]
 
     def stage_layers(self, stage: int) -> list[LayerSpec]:
         return [layer for layer in self.layers if layer.stage == stage]
@@ -144,6 +122,7 @@ class _Parser:
         # keep positions relative to the original string: skip whitespace while reading
         self.chars = [(i, c) for i, c in enumerate(source) if not c.isspace()]
         self.k = 0
+        self.letters = letters()
 
     def err(self, msg: str, pos: int | None, hint: str = "") -> PatternError:
         where = f" at position {pos}" if pos is not None else ""
@@ -192,7 +171,7 @@ class _Parser:
         out: list[_Node] = []
         while (p := self.peek()) is not None:
             pos, c = p
-            if c in "AMER":
+            if c.isupper() and c in self.letters:
                 out.append(("fam", Family(c), pos))
                 self.k += 1
             elif c == "|":
@@ -226,14 +205,14 @@ class _Parser:
                 return out
             elif c == "*":
                 raise self.err("'*' without a group", pos, "repeat a group, e.g. '(AE)*2'")
-            elif c.isalpha() and c.upper() in "AMER":
+            elif c.isalpha() and c.upper() in self.letters:
                 raise PatternError(
                     f"pattern {self.src!r}: unknown block {c!r} at position {pos}; block letters are "
-                    f"upper case, did you mean {c.upper()!r}? {_EXPECTED}",
+                    f"upper case, did you mean {c.upper()!r}? {_expected()}",
                     pos,
                 )
             else:
-                raise PatternError(f"pattern {self.src!r}: unknown block {c!r} at position {pos}; {_EXPECTED}", pos)
+                raise PatternError(f"pattern {self.src!r}: unknown block {c!r} at position {pos}; {_expected()}", pos)
         if not top:
             raise self.err("unbalanced '(': no matching ')'", open_pos)
         return out
@@ -265,9 +244,9 @@ def _expand(nodes: list[_Node]) -> list[tuple[Family | None, int]]:
 
 
 def patterns_dir() -> Path:
-    """Where presets live: ``$AMER_PATTERNS`` or the repository's ``patterns/``."""
+    """Where presets live: ``$AMER_PATTERNS`` or the package's ``amer/patterns/`` (installed with amer)."""
     env = os.environ.get("AMER_PATTERNS")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "patterns"
+    return Path(env) if env else Path(__file__).resolve().parent / "patterns"
 
 
 def preset_names() -> list[str]:
@@ -313,7 +292,7 @@ def parse_pattern(text: str) -> Pattern:
         raise PatternError(f"pattern must be a string, got {type(text).__name__}")
     stripped = text.strip()
     if not stripped:
-        raise PatternError(f"pattern {text!r} is empty; {_EXPECTED}, e.g. 'AEMR' or '(AEME)*3R'", 0)
+        raise PatternError(f"pattern {text!r} is empty; {_expected()}, e.g. 'AEMR' or '(AEME)*3R'", 0)
     preset = None
     if _NAME_RE.match(stripped) and any(c.islower() for c in stripped) and _preset_path(stripped):
         preset = stripped
@@ -324,7 +303,7 @@ def parse_pattern(text: str) -> Pattern:
     try:
         return _parse(text, preset)
     except PatternError as e:
-        if preset is None and _NAME_RE.match(stripped) and any(c.islower() and c not in "aemr" for c in stripped):
+        if preset is None and _NAME_RE.match(stripped) and any(c.islower() and c not in letters().lower() for c in stripped):
             names = preset_names()
             close = difflib.get_close_matches(stripped, names, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
@@ -340,11 +319,11 @@ def parse_pattern(text: str) -> Pattern:
 def _parse(text: str, preset: str | None) -> Pattern:
     parser = _Parser(text)
     if not parser.chars:
-        raise PatternError(f"pattern {text!r} is empty; {_EXPECTED}", 0)
+        raise PatternError(f"pattern {text!r} is empty; {_expected()}", 0)
     nodes, depth, depth_pos = parser.parse()
     n = _length(nodes)
     if n == 0:
-        raise parser.err("no blocks", parser.chars[0][0], _EXPECTED)
+        raise parser.err("no blocks", parser.chars[0][0], _expected())
     if n > MAX_LAYERS:
         raise parser.err(f"expands to more than {MAX_LAYERS} layers", None)
     flat = _expand(nodes)

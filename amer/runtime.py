@@ -1,12 +1,43 @@
-"""Process-level settings for CPU training: memory-allocator behaviour.
+"""Process and device settings: which device, which autocast, how the allocator behaves.
 
-Kept apart from model code: these change how fast the process runs, never what it computes.
+Kept apart from model code: these decide where and how fast a process runs, never what it computes.
 """
 
 from __future__ import annotations
 
 import ctypes
 import sys
+from typing import ContextManager
+
+import torch
+
+from amer.errors import ConfigError
+
+__all__ = ["resolve_device", "autocast", "tune_malloc"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``name`` as a device this machine has; ``auto`` picks CUDA when present. Bad names: ConfigError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r}: accepted values are cpu, cuda, cuda:N, auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine (accepted here: cpu, auto)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name}: accepted values are cpu, cuda, cuda:N, auto")
+    return dev
+
+
+def autocast(dtype: str, device: torch.device | str) -> ContextManager:
+    """bfloat16 autocast for ``dtype == "bfloat16"``; for float32, autocast explicitly off (so a caller's
+    outer autocast does not leak into an fp32 run)."""
+    kind = torch.device(device).type
+    if dtype == "bfloat16":
+        return torch.autocast(device_type=kind, dtype=torch.bfloat16)
+    return torch.autocast(device_type=kind, enabled=False)
 
 _TUNED = False
 

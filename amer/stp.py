@@ -14,7 +14,7 @@ This module is pure math with no policy: it knows nothing about training steps, 
 weights or which layers are selected. Those live in :class:`amer.config.STPConfig` and the
 training loop. Everything here is static-shape and host-sync free (no ``.item()``, no boolean
 indexing, no branching on tensor values), so the loss compiles to one graph whose size does not
-depend on ``n_spans`` (the seeds' warning: a Python loop over spans unrolls into a graph that
+depend on ``n_spans`` (a Python loop over spans would unroll into a graph that
 grows with the span count). Degenerate cases (padding, short documents, ``T < 3``) are handled
 by zero weights, never by dynamic shapes.
 

@@ -1,7 +1,7 @@
 """Typed hidden-state taps and the selector language that picks them.
 
-The model records every block's output unconditionally in its layer loop (the seeds' first rule:
-a collector under the wrong branch silently disables STP); selection happens afterwards, here.
+The model records every block's output unconditionally in its layer loop (a collector under the
+wrong branch would silently disable STP); selection happens afterwards, here.
 
 Tap positions in a full :class:`TapSet` are depth order: 0 is the embedding output, 1..L the
 block outputs (layer ``l`` at position ``l + 1``) and L + 1 the final-norm output.
@@ -21,13 +21,11 @@ from typing import Iterator, NamedTuple, Sequence
 
 from torch import Tensor
 
-from amer.pattern import Family, Pattern
+from amer.errors import SelectorError
+from amer.families import Family, letters
+from amer.pattern import Pattern
 
 __all__ = ["Tap", "TapSet", "SelectorError", "resolve_selector", "tap_names"]
-
-
-class SelectorError(ValueError):
-    """A tap selector that is malformed or selects nothing; the message says what exists."""
 
 
 class Tap(NamedTuple):
@@ -55,9 +53,13 @@ def tap_names(pattern: Pattern) -> list[str]:
     return ["embed"] + [layer.name for layer in pattern.layers] + ["final"]
 
 
-_ITEM = re.compile(r"^(?P<kind>[AMERL])(?:(?P<idx>-?\d+)|(?P<lo>-?\d*):(?P<hi>-?\d*))?$")
-_HELP = ("expected A|M|E|R optionally with an index (A0, A-1) or slice (M1:3), L<layer> (L7, L-1, L2:5), "
-         "'final' or 'embed'")
+_ITEM = re.compile(r"^(?P<kind>[A-Z])(?:(?P<idx>-?\d+)|(?P<lo>-?\d*):(?P<hi>-?\d*))?$")
+
+
+def _help() -> str:
+    fams = "|".join(letters())
+    return (f"expected {fams} optionally with an index ({letters()[0]}0, {letters()[0]}-1) or slice (M1:3), "
+            "L<layer> (L7, L-1, L2:5), 'final' or 'embed'")
 
 
 def _range_text(fam_name: str, letter: str, n: int) -> str:
@@ -67,7 +69,7 @@ def _range_text(fam_name: str, letter: str, n: int) -> str:
 def resolve_selector(selector: str, pattern: Pattern) -> list[int]:
     """Tap positions (depth order, see module doc) chosen by ``selector`` on ``pattern``."""
     if not isinstance(selector, str) or not selector.strip():
-        raise SelectorError(f"empty tap selector; {_HELP}")
+        raise SelectorError(f"empty tap selector; {_help()}")
     L = len(pattern.layers)
     chosen: dict[int, str] = {}
     for raw in selector.split(","):
@@ -81,16 +83,19 @@ def resolve_selector(selector: str, pattern: Pattern) -> list[int]:
             positions = [0]
         else:
             m = _ITEM.match(item)
+            if m and m["kind"] != "L" and m["kind"] not in letters():
+                m = None
             if not m:
-                hint = f"; did you mean {item.upper()!r}?" if _ITEM.match(item.upper()) else ""
-                raise SelectorError(f"selector {selector!r}: unknown item {item!r}{hint}; {_HELP}")
+                up = _ITEM.match(item.upper())
+                hint = f"; did you mean {item.upper()!r}?" if up and up["kind"] in letters() + "L" else ""
+                raise SelectorError(f"selector {selector!r}: unknown item {item!r}{hint}; {_help()}")
             kind = m["kind"]
             if kind == "L":
                 pool = list(range(L))
                 what = f"the pattern has layers L0..L{L - 1}"
             else:
                 fam = Family(kind)
-                pool = [layer.index for layer in pattern.layers if layer.family is fam]
+                pool = [layer.index for layer in pattern.layers if layer.family == fam]
                 if not pool:
                     raise SelectorError(
                         f"selector {item!r} selects nothing: the pattern {pattern.letters!r} has no "

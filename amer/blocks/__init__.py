@@ -1,6 +1,11 @@
-"""Block families, one file per mixer. ``mixer_class(family)`` imports the family's module on demand,
-which registers it in ``common.MIXERS``."""
+"""Block families, one file per family: its config, mixer, initialisation, FLOP count and registry entry.
 
-from amer.blocks.common import MIXERS, Block, MixerOutput, RMSNorm, SwiGLU, mixer_class
+Importing this package registers the built-in families (A, M, E, R) in :mod:`amer.families`; a new
+family is a new module here plus its import below.
+"""
 
-__all__ = ["MIXERS", "Block", "MixerOutput", "RMSNorm", "SwiGLU", "mixer_class"]
+from amer.blocks.common import Block, Mixer, MixerOutput, RMSNorm, SwiGLU
+
+from amer.blocks import attention, mamba, moe, recurrent  # noqa: F401,E402  (registers A, M, E, R)
+
+__all__ = ["Block", "Mixer", "MixerOutput", "RMSNorm", "SwiGLU"]

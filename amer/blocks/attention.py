@@ -8,17 +8,50 @@ The attention itself is ``F.scaled_dot_product_attention``, which picks the fuse
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from amer.blocks.common import MixerOutput, RMSNorm, register_mixer
-from amer.config import ModelConfig
-from amer.pattern import Family, LayerSpec
+from amer.blocks.common import Mixer, MixerOutput, RMSNorm
+from amer.config import Dims, check, opt
+from amer.families import FamilySpec, register_family
+from amer.pattern import LayerSpec
 
-__all__ = ["KVCache", "AttentionMixer", "apply_rope"]
+__all__ = ["AttentionConfig", "KVCache", "AttentionMixer", "apply_rope"]
+
+
+@dataclass
+class AttentionConfig:
+    """Causal grouped-query attention with RoPE (the A family)."""
+
+    n_heads: int = opt(4, "attention query heads")
+    n_kv_heads: int = opt(2, "attention key/value heads (grouped-query attention; divides n-heads)")
+    head_dim: int | None = opt(None, "attention head width (default d-model / n-heads; must be even for RoPE)")
+    rope_theta: float = opt(10000.0, "RoPE base frequency")
+    qk_norm: bool = opt(False, "RMS-normalise queries and keys before the dot product")
+
+    def __post_init__(self) -> None:
+        check(self.n_heads >= 1, f"attention.n_heads must be >= 1, got {self.n_heads}")
+        check(self.n_kv_heads >= 1, f"attention.n_kv_heads must be >= 1, got {self.n_kv_heads}")
+        check(
+            self.n_heads % self.n_kv_heads == 0,
+            f"attention.n_heads ({self.n_heads}) must be divisible by attention.n_kv_heads "
+            f"({self.n_kv_heads}); accepted n_kv_heads: "
+            f"{[d for d in range(1, self.n_heads + 1) if self.n_heads % d == 0]}",
+        )
+        check(self.head_dim is None or self.head_dim >= 1, "attention.head_dim must be >= 1")
+        check(self.rope_theta > 0, f"attention.rope_theta must be > 0, got {self.rope_theta}")
+
+    def validate(self, dims: Dims) -> None:
+        """Checks that need the shared dimensions (run when the pattern has A blocks)."""
+        if self.head_dim is None:
+            check(dims.d_model % self.n_heads == 0,
+                  f"d_model ({dims.d_model}) must be divisible by attention.n_heads ({self.n_heads}) "
+                  "or set attention.head_dim")
+        check((self.head_dim or dims.d_model // self.n_heads) % 2 == 0, "attention head_dim must be even for RoPE")
 
 
 class KVCache(NamedTuple):
@@ -36,23 +69,36 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return y.to(x.dtype)
 
 
-@register_mixer(Family.ATTENTION)
-class AttentionMixer(nn.Module):
+class AttentionMixer(Mixer):
     """Causal GQA + RoPE; one fused QKV projection and an output projection."""
 
-    def __init__(self, cfg: ModelConfig, layer: LayerSpec) -> None:
-        super().__init__()
-        a = cfg.attention
-        self.n_heads, self.n_kv_heads = a.n_heads, a.n_kv_heads
-        self.head_dim = a.head_dim or cfg.d_model // a.n_heads
-        self.max_seq_len = cfg.max_seq_len
+    def __init__(self, cfg: AttentionConfig, dims: Dims, layer: LayerSpec) -> None:
+        super().__init__(dims, layer)
+        self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
+        self.head_dim = cfg.head_dim or dims.d_model // cfg.n_heads
+        self.max_seq_len = dims.max_seq_len
         hd = self.head_dim
-        self.qkv = nn.Linear(cfg.d_model, (a.n_heads + 2 * a.n_kv_heads) * hd, bias=False)
-        self.out_proj = nn.Linear(a.n_heads * hd, cfg.d_model, bias=False)
-        self.q_norm = RMSNorm(hd, cfg.norm_eps) if a.qk_norm else None
-        self.k_norm = RMSNorm(hd, cfg.norm_eps) if a.qk_norm else None
-        inv_freq = 1.0 / (a.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+        self.qkv = nn.Linear(dims.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * hd, bias=False)
+        self.out_proj = nn.Linear(cfg.n_heads * hd, dims.d_model, bias=False)
+        self.q_norm = RMSNorm(hd, dims.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, dims.norm_eps) if cfg.qk_norm else None
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """N(0, init_std) projections; ``out_proj`` writes into the residual stream, so it is scaled by
+        1/sqrt(2 n_layers) (GPT-2); q/k norm gains start at 1."""
+        nn.init.normal_(self.qkv.weight, 0.0, self.dims.init_std)
+        nn.init.normal_(self.out_proj.weight, 0.0, self.dims.out_std)
+        for norm in (self.q_norm, self.k_norm):
+            if norm is not None:
+                norm.reset_parameters()
+
+    def flops(self, seq_len: int) -> dict[str, float]:
+        """Projections, plus ``QK^T`` and ``AV`` over the causal half: 2 * H * hd * T (T + 1) / 2."""
+        T = seq_len
+        return {"proj": self.linear_flops(T), "attention": 2 * self.n_heads * self.head_dim * T * (T + 1) / 2}
 
     def _rope(self, start: int, T: int, device: torch.device) -> tuple[Tensor, Tensor]:
         t = torch.arange(start, start + T, device=device, dtype=torch.float32)
@@ -96,3 +142,8 @@ class AttentionMixer(nn.Module):
             new_cache = KVCache(cache.k, cache.v, end)
         y = y.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, H*hd)
         return MixerOutput(self.out_proj(y), new_cache)
+
+
+register_family(FamilySpec(letter="A", name="attention", colour="#1f77b4", config_key="attention",
+                           config=AttentionConfig, mixer=AttentionMixer,
+                           summary="causal grouped-query attention with RoPE and a KV cache"))

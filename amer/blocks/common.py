@@ -2,10 +2,12 @@
 
 The mixer contract (uniform across families, as in flash-linear-attention)::
 
-    mixer = MixerCls(cfg: ModelConfig, layer: LayerSpec)
+    mixer = MixerCls(cfg, dims: Dims, layer: LayerSpec)   # cfg: the family's own config
     out = mixer(x, cache=None)          # x: (B, T, D) -> MixerOutput(y (B, T, D), cache, aux, stats)
     cache = mixer.init_cache(batch_size, max_len, device=..., dtype=...)
     out = mixer(x, cache=cache)         # continue from the cache (prefill T > 1 or a step T == 1)
+    mixer.reset_parameters()            # the family's own initialisation (called by __init__)
+    mixer.flops(seq_len)                # forward matmul multiply-adds per sequence, by term
 
 ``cache=None`` is the training path: no state is kept and ``out.cache`` is None. With a cache, the
 mixer consumes T new tokens after those the cache has seen and returns the updated cache (caches
@@ -14,18 +16,17 @@ are NamedTuples; they are returned, not mutated, except for preallocated KV buff
 
 from __future__ import annotations
 
-import importlib
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from amer.config import ModelConfig
+from amer.config import Dims
 from amer.ops.fused import rms_norm
-from amer.pattern import Family, LayerSpec
+from amer.pattern import LayerSpec
 
-__all__ = ["RMSNorm", "SwiGLU", "MixerOutput", "Block", "MIXERS", "register_mixer", "mixer_class"]
+__all__ = ["RMSNorm", "SwiGLU", "MixerOutput", "Mixer", "Block"]
 
 
 class MixerOutput(NamedTuple):
@@ -43,6 +44,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
     def forward(self, x: Tensor) -> Tensor:
         return rms_norm(x, self.weight, self.eps)
 
@@ -55,42 +59,57 @@ class SwiGLU(nn.Module):
         self.gate_up = nn.Linear(d_model, 2 * d_ff, bias=False)
         self.down = nn.Linear(d_ff, d_model, bias=False)
 
+    def reset_parameters(self, std: float, out_std: float) -> None:
+        """``down`` writes into the residual stream, so it gets the residual-scaled ``out_std``."""
+        nn.init.normal_(self.gate_up.weight, 0.0, std)
+        nn.init.normal_(self.down.weight, 0.0, out_std)
+
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
 
 
-MIXERS: dict[Family, type[nn.Module]] = {}
+class Mixer(nn.Module):
+    """Base of every family's mixer: keeps ``dims`` and ``layer`` and states the contract above.
 
+    A subclass builds its parameters in ``__init__`` and then calls ``self.reset_parameters()``, so a
+    mixer is initialised the same way standalone and inside :class:`~amer.model.HybridLM`.
+    """
 
-def register_mixer(family: Family) -> Callable[[type[nn.Module]], type[nn.Module]]:
-    """Class decorator: the one registry ``Family -> mixer class``."""
+    def __init__(self, dims: Dims, layer: LayerSpec) -> None:
+        super().__init__()
+        self.dims = dims
+        self.layer = layer
 
-    def deco(cls: type[nn.Module]) -> type[nn.Module]:
-        MIXERS[family] = cls
-        return cls
+    def reset_parameters(self) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must initialise its parameters")
 
-    return deco
+    def flops(self, seq_len: int) -> dict[str, float]:
+        """Forward matmul multiply-adds for one sequence of ``seq_len`` tokens, by term (``proj``...)."""
+        raise NotImplementedError(f"{type(self).__name__} must count its matmul work")
 
+    def init_cache(self, batch_size: int, max_len: int, *, device: torch.device | str | None = None,
+                   dtype: torch.dtype | None = None) -> Any:
+        """Decoding state; stateless mixers keep none."""
+        return None
 
-_MODULES = {Family.ATTENTION: "attention", Family.MAMBA: "mamba", Family.EXPERT: "moe", Family.RECURRENT: "recurrent"}
-
-
-def mixer_class(family: Family) -> type[nn.Module]:
-    """The mixer class of ``family`` (importing its module registers it)."""
-    if family not in MIXERS:
-        importlib.import_module(f"amer.blocks.{_MODULES[family]}")
-    return MIXERS[family]
+    def linear_flops(self, seq_len: int) -> float:
+        """Multiply-adds of every ``nn.Linear`` in the mixer over ``seq_len`` tokens (weights as operands)."""
+        return float(seq_len * sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear)))
 
 
 class Block(nn.Module):
     """One letter of the pattern: ``x = x + mixer(norm(x))`` (Megatron-Core hybrid convention)."""
 
-    def __init__(self, cfg: ModelConfig, layer: LayerSpec) -> None:
+    def __init__(self, cfg: Any, dims: Dims, layer: LayerSpec) -> None:
         super().__init__()
         self.layer = layer
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mixer = mixer_class(layer.family)(cfg, layer)
+        self.norm = RMSNorm(dims.d_model, dims.norm_eps)
+        self.mixer = layer.family.spec.mixer(cfg, dims, layer)
+
+    def reset_parameters(self) -> None:
+        self.norm.reset_parameters()
+        self.mixer.reset_parameters()
 
     def forward(self, x: Tensor, cache: Any = None) -> tuple[Tensor, MixerOutput]:
         out = self.mixer(self.norm(x), cache=cache)

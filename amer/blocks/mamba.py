@@ -15,20 +15,55 @@ Training uses the chunked matmul scan (:func:`amer.ops.ssd.ssd_chunked`); decodi
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from amer.blocks.common import MixerOutput, register_mixer
-from amer.ops.fused import rms_norm
-from amer.config import ModelConfig
+from amer.blocks.common import Mixer, MixerOutput
+from amer.config import Dims, check, opt
+from amer.families import FamilySpec, register_family
 from amer.ops.conv import causal_conv1d, conv_state_init
+from amer.ops.fused import rms_norm
 from amer.ops.ssd import ssd_chunked, ssd_step
-from amer.pattern import Family, LayerSpec
+from amer.pattern import LayerSpec
 
-__all__ = ["MambaCache", "MambaMixer"]
+__all__ = ["MambaConfig", "MambaCache", "MambaMixer"]
+
+
+@dataclass
+class MambaConfig:
+    """Mamba-2 / SSD mixer (the M family), Dao & Gu 2024 (arXiv 2405.21060)."""
+
+    d_state: int = opt(64, "Mamba-2 SSM state size per head")
+    d_conv: int = opt(4, "Mamba-2 depthwise causal convolution width")
+    expand: int = opt(2, "Mamba-2 inner width as a multiple of d-model")
+    head_dim: int = opt(32, "Mamba-2 head width (divides expand * d-model)")
+    n_groups: int = opt(1, "Mamba-2 B/C groups (divides the number of heads)")
+    chunk_size: int = opt(64, "Mamba-2 SSD chunk length for the training scan")
+    dt_min: float = opt(0.001, "Mamba-2 smallest initial time step")
+    dt_max: float = opt(0.1, "Mamba-2 largest initial time step")
+    dt_init_floor: float = opt(1e-4, "Mamba-2 floor on the initial time step")
+    a_init_range: tuple[float, float] = opt((1.0, 16.0), "Mamba-2 range of the initial decay rates A, as 'lo,hi'")
+
+    def __post_init__(self) -> None:
+        self.a_init_range = tuple(self.a_init_range)  # type: ignore[assignment]
+        for name in ("d_state", "d_conv", "expand", "head_dim", "n_groups", "chunk_size"):
+            check(getattr(self, name) >= 1, f"mamba.{name} must be >= 1, got {getattr(self, name)}")
+        check(0 < self.dt_min <= self.dt_max, "mamba.dt_min must be in (0, dt_max]")
+        check(len(self.a_init_range) == 2, f"mamba.a_init_range must be two numbers lo,hi, got {self.a_init_range}")
+        lo, hi = self.a_init_range
+        check(0 < lo <= hi, f"mamba.a_init_range must be 0 < lo <= hi, got {self.a_init_range}")
+
+    def validate(self, dims: Dims) -> None:
+        """Checks that need the shared dimensions (run when the pattern has M blocks)."""
+        d_inner = self.expand * dims.d_model
+        check(d_inner % self.head_dim == 0,
+              f"mamba.expand * d_model ({d_inner}) must be divisible by mamba.head_dim ({self.head_dim})")
+        check((d_inner // self.head_dim) % self.n_groups == 0,
+              f"mamba heads ({d_inner // self.head_dim}) must be divisible by mamba.n_groups ({self.n_groups})")
 
 
 class MambaCache(NamedTuple):
@@ -38,50 +73,70 @@ class MambaCache(NamedTuple):
     ssm_state: Tensor  # (B, H, P, N) fp32: the SSM state after the tokens seen so far
 
 
-@register_mixer(Family.MAMBA)
-class MambaMixer(nn.Module):
+class MambaMixer(Mixer):
     """Mamba-2 (SSD) token mixer with a depthwise causal conv and a gated RMSNorm.
 
-    Parameters outside Linear layers are initialised here as in mamba_ssm's ``Mamba2``:
-    ``dt_bias`` is the inverse softplus of dt ~ logU[dt_min, dt_max] (floored) so softplus(dt_bias)
-    starts in the range that Mamba found to train well; ``A_log = log U[a_init_range]`` gives
-    per-head decay rates spanning short and long memories; ``D = 1`` (skip connection).
+    Initialisation (:meth:`reset_parameters`) follows mamba_ssm's ``Mamba2``: ``dt_bias`` is the
+    inverse softplus of dt ~ logU[dt_min, dt_max] (floored) so softplus(dt_bias) starts in the range
+    that Mamba found to train well; ``A_log = log U[a_init_range]`` gives per-head decay rates spanning
+    short and long memories; ``D = 1`` (skip connection); the depthwise conv takes nn.Conv1d's default.
     ``A_log``, ``dt_bias``, ``D`` and the norm weight carry ``_no_weight_decay = True`` as in mamba_ssm.
     """
 
-    def __init__(self, cfg: ModelConfig, layer: LayerSpec) -> None:
-        super().__init__()
-        m = cfg.mamba
-        self.layer = layer
-        self.d_model = cfg.d_model
-        self.d_inner = m.expand * cfg.d_model
-        self.head_dim = m.head_dim
-        self.n_heads = self.d_inner // m.head_dim
-        self.n_groups = m.n_groups
-        self.d_state = m.d_state
-        self.d_conv = m.d_conv
-        self.chunk_size = m.chunk_size
-        self.norm_eps = cfg.norm_eps
-        self.conv_dim = self.d_inner + 2 * m.n_groups * m.d_state
+    def __init__(self, cfg: MambaConfig, dims: Dims, layer: LayerSpec) -> None:
+        super().__init__(dims, layer)
+        self.cfg = cfg
+        self.d_model = dims.d_model
+        self.d_inner = cfg.expand * dims.d_model
+        self.head_dim = cfg.head_dim
+        self.n_heads = self.d_inner // cfg.head_dim
+        self.n_groups = cfg.n_groups
+        self.d_state = cfg.d_state
+        self.d_conv = cfg.d_conv
+        self.chunk_size = cfg.chunk_size
+        self.norm_eps = dims.norm_eps
+        self.conv_dim = self.d_inner + 2 * cfg.n_groups * cfg.d_state
         H = self.n_heads
 
-        self.in_proj = nn.Linear(cfg.d_model, self.d_inner + self.conv_dim + H, bias=False)
-        # nn.Conv1d's default init for a depthwise kernel: U(-1/sqrt(K), 1/sqrt(K)), fan_in = K
-        bound = 1.0 / math.sqrt(m.d_conv)
-        self.conv_weight = nn.Parameter(torch.empty(self.conv_dim, m.d_conv).uniform_(-bound, bound))
-        self.conv_bias = nn.Parameter(torch.empty(self.conv_dim).uniform_(-bound, bound))
-
-        dt = torch.exp(torch.rand(H) * (math.log(m.dt_max) - math.log(m.dt_min)) + math.log(m.dt_min))
-        dt = dt.clamp(min=m.dt_init_floor)
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
-        lo, hi = m.a_init_range
-        self.A_log = nn.Parameter(torch.log(torch.empty(H).uniform_(lo, hi)))
-        self.D = nn.Parameter(torch.ones(H))
-        self.norm_weight = nn.Parameter(torch.ones(self.d_inner))
+        self.in_proj = nn.Linear(dims.d_model, self.d_inner + self.conv_dim + H, bias=False)
+        self.conv_weight = nn.Parameter(torch.empty(self.conv_dim, cfg.d_conv))
+        self.conv_bias = nn.Parameter(torch.empty(self.conv_dim))
+        self.dt_bias = nn.Parameter(torch.empty(H))
+        self.A_log = nn.Parameter(torch.empty(H))
+        self.D = nn.Parameter(torch.empty(H))
+        self.norm_weight = nn.Parameter(torch.empty(self.d_inner))
         for p in (self.dt_bias, self.A_log, self.D, self.norm_weight):
             p._no_weight_decay = True  # type: ignore[attr-defined]
+        self.out_proj = nn.Linear(self.d_inner, dims.d_model, bias=False)
+        self.reset_parameters()
 
-        self.out_proj = nn.Linear(self.d_inner, cfg.d_model, bias=False)
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        m, H = self.cfg, self.n_heads
+        nn.init.normal_(self.in_proj.weight, 0.0, self.dims.init_std)
+        bound = 1.0 / math.sqrt(m.d_conv)  # nn.Conv1d's default for a depthwise kernel: fan_in = K
+        self.conv_weight.uniform_(-bound, bound)
+        self.conv_bias.uniform_(-bound, bound)
+        dt = torch.exp(torch.rand(H, device=self.dt_bias.device) * (math.log(m.dt_max) - math.log(m.dt_min))
+                       + math.log(m.dt_min)).clamp(min=m.dt_init_floor)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        lo, hi = m.a_init_range
+        self.A_log.copy_(torch.log(torch.empty_like(self.A_log).uniform_(lo, hi)))
+        self.D.fill_(1.0)
+        self.norm_weight.fill_(1.0)
+        nn.init.normal_(self.out_proj.weight, 0.0, self.dims.out_std)
+
+    def flops(self, seq_len: int) -> dict[str, float]:
+        """Projections, plus the chunked SSD as executed (chunk ``L``, ``c`` chunks, head dim ``P``, state
+        ``N``): per chunk ``C B^T`` (L x L x N per group), the masked (L x L) @ (L x P) per head, the
+        chunk-state (P x L) @ (L x N) and state-output (L x N) @ (N x P) per head, plus the inter-chunk
+        (c+1) x c state recurrence."""
+        H, P, N, G = self.n_heads, self.head_dim, self.d_state, self.n_groups
+        L = min(self.chunk_size, seq_len)
+        c = math.ceil(seq_len / L)
+        Tp = c * L
+        ssd = Tp * (G * L * N + H * L * P + 2 * H * P * N) + H * c * c * P * N
+        return {"proj": self.linear_flops(seq_len), "ssd": float(ssd)}
 
     def init_cache(self, batch_size: int, max_len: int, *, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> MambaCache:
@@ -131,3 +186,8 @@ class MambaMixer(nn.Module):
         out = self.out_proj(y)
         new_cache = None if cache is None else MambaCache(conv_state, ssm_state)
         return MixerOutput(out, new_cache, {}, {})
+
+
+register_family(FamilySpec(letter="M", name="mamba", colour="#2ca02c", config_key="mamba",
+                           config=MambaConfig, mixer=MambaMixer,
+                           summary="Mamba-2 (SSD) with a causal depthwise conv; O(1) decoding state"))

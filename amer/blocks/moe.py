@@ -24,18 +24,47 @@ The layer is stateless per token, so it keeps no decoding cache.
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from amer.blocks.common import MixerOutput, SwiGLU, register_mixer
-from amer.config import ModelConfig
+from amer.blocks.common import Mixer, MixerOutput, SwiGLU
+from amer.config import Dims, check, opt
+from amer.families import FamilySpec, register_family
 from amer.ops.moe import dispatch_capacity, dispatch_dropless, expert_capacity
-from amer.pattern import Family, LayerSpec
+from amer.pattern import LayerSpec
 
-__all__ = ["MoEMixer", "route"]
+__all__ = ["MoEConfig", "MoEMixer", "route"]
+
+
+@dataclass
+class MoEConfig:
+    """Mixture of SwiGLU experts (the E family): top-k fp32 router, dropless or capacity dispatch."""
+
+    n_experts: int = opt(8, "MoE experts per E block")
+    top_k: int = opt(2, "MoE experts each token is routed to")
+    d_ff: int | None = opt(None, "MoE expert hidden width (default 2 * d-model)")
+    shared_expert: bool = opt(False, "add an always-on shared expert to every E block")
+    d_ff_shared: int | None = opt(None, "shared expert hidden width (default d-ff)")
+    dispatch: Literal["dropless", "capacity"] = opt(
+        "dropless", "MoE dispatch: dropless (sort + grouped matmul) or capacity (static shapes, may drop)")
+    capacity_factor: float = opt(1.25, "MoE capacity per expert as a multiple of the fair share (capacity dispatch)")
+    aux_loss_coef: float = opt(0.01, "MoE load-balancing loss weight (Switch Transformer)")
+    z_loss_coef: float = opt(0.001, "MoE router z-loss weight (ST-MoE)")
+
+    def __post_init__(self) -> None:
+        check(self.n_experts >= 1, f"moe.n_experts must be >= 1, got {self.n_experts}")
+        check(1 <= self.top_k <= self.n_experts,
+              f"moe.top_k ({self.top_k}) must be between 1 and moe.n_experts ({self.n_experts})")
+        check(self.d_ff is None or self.d_ff >= 1, "moe.d_ff must be >= 1")
+        check(self.d_ff_shared is None or self.d_ff_shared >= 1, "moe.d_ff_shared must be >= 1")
+        check(self.dispatch in ("dropless", "capacity"),
+              f"moe.dispatch must be 'dropless' or 'capacity', got {self.dispatch!r}")
+        check(self.capacity_factor > 0, f"moe.capacity_factor must be > 0, got {self.capacity_factor}")
+        check(self.aux_loss_coef >= 0 and self.z_loss_coef >= 0, "moe loss coefficients must be >= 0")
 
 
 def route(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -49,34 +78,42 @@ def route(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
     return probs, weights, top_i
 
 
-@register_mixer(Family.EXPERT)
-class MoEMixer(nn.Module):
+class MoEMixer(Mixer):
     """Top-k routed mixture of SwiGLU experts with optional shared expert and router aux losses."""
 
-    def __init__(self, cfg: ModelConfig, layer: LayerSpec) -> None:
-        super().__init__()
-        m = cfg.moe
-        D = cfg.d_model
-        self.n_experts, self.top_k = m.n_experts, m.top_k
-        self.d_ff = m.d_ff or 2 * D
-        self.dispatch = m.dispatch
-        self.capacity_factor = m.capacity_factor
-        self.aux_loss_coef, self.z_loss_coef = m.aux_loss_coef, m.z_loss_coef
-        self.init_std = cfg.init_std
-        self.n_layers = cfg.n_layers
-        self.router = nn.Linear(D, m.n_experts, bias=False)
-        self.w_gate_up = nn.Parameter(torch.empty(m.n_experts, D, 2 * self.d_ff))
-        self.w_down = nn.Parameter(torch.empty(m.n_experts, self.d_ff, D))
-        self.shared = SwiGLU(D, m.d_ff_shared or self.d_ff) if m.shared_expert else None
+    def __init__(self, cfg: MoEConfig, dims: Dims, layer: LayerSpec) -> None:
+        super().__init__(dims, layer)
+        D = dims.d_model
+        self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
+        self.d_ff = cfg.d_ff or 2 * D
+        self.dispatch = cfg.dispatch
+        self.capacity_factor = cfg.capacity_factor
+        self.aux_loss_coef, self.z_loss_coef = cfg.aux_loss_coef, cfg.z_loss_coef
+        self.router = nn.Linear(D, cfg.n_experts, bias=False)
+        self.w_gate_up = nn.Parameter(torch.empty(cfg.n_experts, D, 2 * self.d_ff))
+        self.w_down = nn.Parameter(torch.empty(cfg.n_experts, self.d_ff, D))
+        self.shared = SwiGLU(D, cfg.d_ff_shared or self.d_ff) if cfg.shared_expert else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """normal(0, init_std) everywhere; w_down additionally by 1/sqrt(2 * n_layers) (GPT-2 residual
-        scaling, which the model applies to ``out_proj`` Linears but cannot see in stacked weights)."""
-        std = self.init_std
+        """normal(0, init_std) everywhere; the projections that write into the residual stream (every
+        expert's ``w_down`` and the shared expert's ``down``) additionally by 1/sqrt(2 * n_layers)
+        (GPT-2 residual scaling)."""
+        std, out_std = self.dims.init_std, self.dims.out_std
         nn.init.normal_(self.router.weight, 0.0, std)
         nn.init.normal_(self.w_gate_up, 0.0, std)
-        nn.init.normal_(self.w_down, 0.0, std / math.sqrt(2 * self.n_layers))
+        nn.init.normal_(self.w_down, 0.0, out_std)
+        if self.shared is not None:
+            self.shared.reset_parameters(std, out_std)
+
+    def flops(self, seq_len: int) -> dict[str, float]:
+        """The router counts fully; each token visits ``top_k`` experts (3 D F multiply-adds each) and the
+        shared expert."""
+        T, D = seq_len, self.dims.d_model
+        out = {"router": float(T * D * self.n_experts), "experts": float(T * self.top_k * 3 * D * self.d_ff)}
+        if self.shared is not None:
+            out["shared"] = float(T * sum(p.numel() for p in self.shared.parameters()))
+        return out
 
     def forward(self, x: Tensor, cache: None = None) -> MixerOutput:
         """x (B, T, D) -> MixerOutput(y (B, T, D), None, aux, stats). ``cache`` is ignored (stateless)."""
@@ -116,7 +153,7 @@ class MoEMixer(nn.Module):
             }
         return MixerOutput(y.to(x.dtype), None, aux, stats)
 
-    def init_cache(self, batch_size: int, max_len: int, *, device: torch.device | str | None = None,
-                   dtype: torch.dtype | None = None) -> None:
-        """No state: every token is routed and transformed independently."""
-        return None
+
+register_family(FamilySpec(letter="E", name="expert", colour="#d62728", config_key="moe",
+                           config=MoEConfig, mixer=MoEMixer,
+                           summary="top-k mixture of SwiGLU experts (dropless or capacity dispatch)"))

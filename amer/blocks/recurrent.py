@@ -23,19 +23,43 @@ in bf16 (its neighbours are 0.996 and 1.0), and the state integrates over thousa
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from amer.blocks.common import MixerOutput, register_mixer
-from amer.config import ModelConfig
+from amer.blocks.common import Mixer, MixerOutput
+from amer.config import Dims, check, opt
+from amer.families import FamilySpec, register_family
 from amer.ops.conv import causal_conv1d, conv_state_init
 from amer.ops.scan import linear_scan_backward, linear_scan_forward
-from amer.pattern import Family, LayerSpec
+from amer.pattern import LayerSpec
 
-__all__ = ["RecurrentCache", "RecurrentMixer", "rglru_coeffs"]
+__all__ = ["RecurrentConfig", "RecurrentCache", "RecurrentMixer", "rglru_coeffs"]
+
+
+@dataclass
+class RecurrentConfig:
+    """Griffin RG-LRU recurrent block (the R family), De et al. 2024 (arXiv 2402.19427)."""
+
+    lru_width: int | None = opt(None, "RG-LRU recurrence width (default d-model)")
+    n_heads: int = opt(4, "RG-LRU block-diagonal gate heads (as in recurrentgemma)")
+    d_conv: int = opt(4, "RG-LRU causal convolution width")
+    c: float = opt(8.0, "RG-LRU decay sharpness c in a = sigmoid(Lambda)^(c * r)")
+
+    def __post_init__(self) -> None:
+        check(self.lru_width is None or self.lru_width >= 1, "recurrent.lru_width must be >= 1")
+        check(self.n_heads >= 1, f"recurrent.n_heads must be >= 1, got {self.n_heads}")
+        check(self.d_conv >= 1, f"recurrent.d_conv must be >= 1, got {self.d_conv}")
+        check(self.c > 0, f"recurrent.c must be > 0, got {self.c}")
+
+    def validate(self, dims: Dims) -> None:
+        """Checks that need the shared dimensions (run when the pattern has R blocks)."""
+        width = self.lru_width or dims.d_model
+        check(width % self.n_heads == 0,
+              f"recurrent.lru_width ({width}) must be divisible by recurrent.n_heads ({self.n_heads})")
 
 # Floor on 1 - a^2 under the square root: d sqrt(z)/dz = 1/(2 sqrt z) is unbounded as a -> 1
 # (r -> 0), which overflows in low precision. With this floor the derivative is at most 500,
@@ -138,8 +162,7 @@ class RecurrentCache(NamedTuple):
     h: Tensor  # (B, W) fp32 RG-LRU state after the last token seen
 
 
-@register_mixer(Family.RECURRENT)
-class RecurrentMixer(nn.Module):
+class RecurrentMixer(Mixer):
     """Griffin / Hawk recurrent block (De et al. 2024, Fig. 2c) with the RG-LRU.
 
     Training (``cache=None``) runs the RG-LRU as a chunked parallel scan (:mod:`amer.ops.scan`)
@@ -151,37 +174,51 @@ class RecurrentMixer(nn.Module):
     on across documents packed into one row.
     """
 
-    def __init__(self, cfg: ModelConfig, layer: LayerSpec) -> None:
-        super().__init__()
-        rc = cfg.recurrent
-        self.layer = layer
-        self.d_model = cfg.d_model
-        self.width = rc.lru_width or cfg.d_model
-        self.n_heads = rc.n_heads
+    def __init__(self, cfg: RecurrentConfig, dims: Dims, layer: LayerSpec) -> None:
+        super().__init__(dims, layer)
+        self.d_model = dims.d_model
+        self.width = cfg.lru_width or dims.d_model
+        self.n_heads = cfg.n_heads
         self.head_width = self.width // self.n_heads
-        self.d_conv = rc.d_conv
-        self.c = float(rc.c)
+        self.d_conv = cfg.d_conv
+        self.c = float(cfg.c)
         W, H, bw, K = self.width, self.n_heads, self.head_width, self.d_conv
 
-        # gate branch and recurrence branch in one GEMM; the model initialises nn.Linear weights
-        self.in_proj = nn.Linear(cfg.d_model, 2 * W, bias=False)
-        # Depthwise causal conv, PyTorch's nn.Conv1d default init (uniform +-1/sqrt(K)), as the
-        # Mamba block uses: recurrentgemma's 0.1/sqrt(K) std assumes its 1/sqrt(D) input
-        # projections, and on top of the model's small init_std it would start the block mute.
-        bound = 1.0 / math.sqrt(K)
-        self.conv_weight = nn.Parameter(torch.empty(W, K).uniform_(-bound, bound))  # (W, K)
-        self.conv_bias = nn.Parameter(torch.zeros(W))
-        # Block-diagonal gate weights for [r | i], std sqrt(1 / block_width) (recurrentgemma's
-        # BlockDiagonalLinear): each gate logit starts with unit variance for unit inputs.
-        self.gate_weight = nn.Parameter(torch.randn(H, bw, 2 * bw) * (1.0 / math.sqrt(bw)))  # (H, bw, 2bw)
-        self.gate_bias = nn.Parameter(torch.zeros(H, 2 * bw))
-        # Lambda: a^c = sigmoid(Lambda)^c uniform in [0.9, 0.999] (paper section 2.4, following the
-        # LRU's ring init, Orvieto et al. 2023), so at r = 1 every channel starts with a memory of
-        # 10 to 1000 steps. Stored as the logit, so sigmoid(Lambda) is in (0, 1) for any value.
-        a_c = torch.rand(W) * (0.999 - 0.9) + 0.9
+        self.in_proj = nn.Linear(dims.d_model, 2 * W, bias=False)  # gate and recurrence branches in one GEMM
+        self.conv_weight = nn.Parameter(torch.empty(W, K))  # (W, K)
+        self.conv_bias = nn.Parameter(torch.empty(W))
+        self.gate_weight = nn.Parameter(torch.empty(H, bw, 2 * bw))  # (H, bw, 2bw) block-diagonal [r | i]
+        self.gate_bias = nn.Parameter(torch.empty(H, 2 * bw))
+        self.Lambda = nn.Parameter(torch.empty(W))
+        self.out_proj = nn.Linear(W, dims.d_model, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Projections N(0, init_std), ``out_proj`` residual-scaled by 1/sqrt(2 n_layers).
+
+        The depthwise causal conv takes PyTorch's nn.Conv1d default (uniform +-1/sqrt(K)), as the Mamba
+        block does: recurrentgemma's 0.1/sqrt(K) std assumes its 1/sqrt(D) input projections, and on top
+        of the model's small init_std it would start the block mute. The block-diagonal gate weights get
+        std sqrt(1 / block_width) (recurrentgemma's BlockDiagonalLinear), so each gate logit starts with
+        unit variance for unit inputs. Lambda: a^c = sigmoid(Lambda)^c uniform in [0.9, 0.999] (paper
+        section 2.4, following the LRU's ring init, Orvieto et al. 2023), so at r = 1 every channel starts
+        with a memory of 10 to 1000 steps; stored as the logit, so sigmoid(Lambda) is in (0, 1) for any value.
+        """
+        nn.init.normal_(self.in_proj.weight, 0.0, self.dims.init_std)
+        bound = 1.0 / math.sqrt(self.d_conv)
+        self.conv_weight.uniform_(-bound, bound)
+        self.conv_bias.zero_()
+        self.gate_weight.normal_(0.0, 1.0 / math.sqrt(self.head_width))
+        self.gate_bias.zero_()
+        a_c = torch.empty_like(self.Lambda).uniform_(0.9, 0.999)
         log_a = torch.log(a_c) / self.c  # log sigmoid(Lambda)
-        self.Lambda = nn.Parameter(log_a - torch.log(-torch.expm1(log_a)))  # logit(exp(log_a))
-        self.out_proj = nn.Linear(W, cfg.d_model, bias=False)
+        self.Lambda.copy_(log_a - torch.log(-torch.expm1(log_a)))  # logit(exp(log_a))
+        nn.init.normal_(self.out_proj.weight, 0.0, self.dims.out_std)
+
+    def flops(self, seq_len: int) -> dict[str, float]:
+        """Projections, plus the block-diagonal gate projection (W x 2 bw per token); the scan is not a matmul."""
+        return {"proj": self.linear_flops(seq_len), "gates": float(seq_len * self.width * 2 * self.head_width)}
 
     def init_cache(self, batch_size: int, max_len: int, *, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> RecurrentCache:
@@ -221,3 +258,8 @@ class RecurrentMixer(nn.Module):
             new_cache = RecurrentCache(conv_state, h[:, -1].clone())  # don't pin the (B, T, W) buffer
         y = self.out_proj(h.to(x.dtype) * gate)
         return MixerOutput(y, new_cache)
+
+
+register_family(FamilySpec(letter="R", name="recurrent", colour="#9467bd", config_key="recurrent",
+                           config=RecurrentConfig, mixer=RecurrentMixer,
+                           summary="Griffin RG-LRU recurrent block; O(1) decoding state"))

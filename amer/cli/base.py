@@ -1,0 +1,45 @@
+"""What every ``amer`` command shares: the argument parser class and the mapping of errors to exit codes.
+
+Every error amer raises on purpose is an :class:`~amer.errors.AmerError`: :func:`run` prints its message
+as one line (no traceback) and returns its exit code (2 for bad input, 1 for a run that had to stop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+from typing import Callable
+
+from amer.errors import AmerError, InputError
+
+__all__ = ["ArgParser", "UsageError", "fail", "run"]
+
+
+class UsageError(InputError):
+    """A command line that argparse rejected (unknown flag, bad value)."""
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse whose errors are one line naming the problem (raised as :class:`UsageError`), not a usage dump."""
+
+    def error(self, message: str) -> typing.NoReturn:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def fail(msg: str, code: int = 2) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return code
+
+
+def run(command: Callable[[list[str]], int], argv: list[str]) -> int:
+    """Run one command: an AmerError becomes one line on stderr and its exit code; ``--help`` returns 0."""
+    try:
+        return command(argv)
+    except SystemExit as e:  # --help: argparse printed it; return rather than exit
+        return int(e.code or 0) if not isinstance(e.code, str) else fail(e.code)
+    except AmerError as e:
+        return fail(str(e), e.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted: the last written checkpoint is intact", file=sys.stderr)
+        return 130

@@ -1,0 +1,147 @@
+"""The block-family registry: everything amer knows about a family lives in its :class:`FamilySpec`.
+
+A family is registered next to its mixer (``amer/blocks/<family>.py`` calls :func:`register_family`),
+and every other part of amer (the pattern parser, tap selectors, STP family weights, the config and its
+flags, FLOP counts, the curvature report and its colours, ``amer patterns``) reads this registry instead
+of naming families. Adding a family is one new block file plus its import in ``amer/blocks/__init__.py``.
+
+The built-in families are loaded on first use, so ``import amer.families`` stays cheap and the block
+modules can import this one without a cycle.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from amer.errors import InputError
+
+__all__ = ["FamilySpec", "Family", "register_family", "unregister_family", "get_family", "families", "letters",
+           "RESERVED_LETTERS"]
+
+# Letters the grammars use for something else: 'L' is the absolute-layer tap selector (L7).
+RESERVED_LETTERS = frozenset("L")
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """One block family.
+
+    ``config`` is the dataclass of the family's own settings (every field has a default and a ``help``
+    in its metadata; the instance lives at ``ModelConfig.<config_key>`` and in the ``[model.<config_key>]``
+    TOML table). ``mixer`` is the token/channel mixer class, built as ``mixer(config, dims, layer)``;
+    it owns its initialisation (``reset_parameters``), reports its matmul work (``flops(seq_len)``) and
+    its decoding state (``init_cache``), following the contract in :mod:`amer.blocks.common`.
+    """
+
+    letter: str  # one upper-case letter in the pattern language
+    name: str  # long name, e.g. "attention"
+    colour: str  # plot colour, e.g. "#1f77b4"
+    config_key: str  # ModelConfig attribute / TOML table, e.g. "attention"
+    config: type  # the family's config dataclass
+    mixer: type  # the mixer class (an nn.Module)
+    summary: str = ""  # one line for listings, e.g. "causal GQA attention with RoPE"
+
+    def __post_init__(self) -> None:
+        if len(self.letter) != 1 or not self.letter.isupper() or not self.letter.isascii():
+            raise InputError(f"family letter must be one upper-case ASCII letter, got {self.letter!r}")
+        if self.letter in RESERVED_LETTERS:
+            raise InputError(f"family letter {self.letter!r} is reserved (L selects absolute layers)")
+        if not self.config_key.isidentifier():
+            raise InputError(f"family config_key must be an identifier, got {self.config_key!r}")
+
+
+_REGISTRY: dict[str, FamilySpec] = {}
+_LOCK = threading.RLock()
+_BUILTINS_LOADED = False
+
+
+def _ensure_builtins() -> None:
+    global _BUILTINS_LOADED
+    if _BUILTINS_LOADED:
+        return
+    with _LOCK:
+        if not _BUILTINS_LOADED:
+            _BUILTINS_LOADED = True
+            import amer.blocks  # noqa: F401  (each family module registers itself on import)
+
+
+def register_family(spec: FamilySpec) -> FamilySpec:
+    """Add ``spec`` to the registry. Re-registering the same letter with the same mixer is a no-op
+    (a reloaded module); a different family under a taken letter or config key is an error."""
+    with _LOCK:
+        old = _REGISTRY.get(spec.letter)
+        if old is not None and old.mixer.__qualname__ != spec.mixer.__qualname__:
+            raise InputError(f"family letter {spec.letter!r} is already registered to {old.name}")
+        clash = [s for s in _REGISTRY.values() if s.config_key == spec.config_key and s.letter != spec.letter]
+        if clash:
+            raise InputError(f"family config_key {spec.config_key!r} is already used by {clash[0].name}")
+        _REGISTRY[spec.letter] = spec
+    return spec
+
+
+def unregister_family(letter: str) -> None:
+    """Remove a family (tests that register a toy family clean up with this)."""
+    with _LOCK:
+        _REGISTRY.pop(letter, None)
+
+
+def families() -> tuple[FamilySpec, ...]:
+    """Every registered family, in registration order (built-ins first: A, M, E, R)."""
+    _ensure_builtins()
+    return tuple(_REGISTRY.values())
+
+
+def letters() -> str:
+    """The registered family letters, e.g. ``"AMER"``."""
+    return "".join(s.letter for s in families())
+
+
+def expected_text() -> str:
+    """``"expected A (attention), M (mamba), ..."``: what error messages list as accepted."""
+    return "expected " + ", ".join(f"{s.letter} ({s.name})" for s in families())
+
+
+def get_family(letter: str) -> FamilySpec:
+    """The spec of ``letter``; an unknown letter is an :class:`InputError` listing the known ones."""
+    _ensure_builtins()
+    spec = _REGISTRY.get(letter)
+    if spec is None:
+        raise InputError(f"unknown block family {letter!r}; {expected_text()}")
+    return spec
+
+
+class Family(str):
+    """A family's pattern letter as a typed string: ``Family("A") == "A"``, ``Family("A").spec.name``.
+
+    Only registered letters construct; it hashes and compares like the letter, so it can key dicts and
+    travel through JSON unchanged.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, letter: Any) -> "Family":
+        if isinstance(letter, Family):
+            return letter
+        return super().__new__(cls, get_family(str(letter)).letter)
+
+    @property
+    def spec(self) -> FamilySpec:
+        return get_family(str(self))
+
+    @property
+    def value(self) -> str:
+        """The letter (as a plain ``str``)."""
+        return str.__str__(self)
+
+    @property
+    def long_name(self) -> str:
+        return self.spec.name
+
+    def __repr__(self) -> str:
+        return f"Family({self.value!r})"
+
+    @classmethod
+    def all(cls) -> Iterator["Family"]:
+        return iter([cls(s.letter) for s in families()])

@@ -1,0 +1,87 @@
+"""JSON, table and figure writers (see the package docstring)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["atomic_write_text", "dumps_json", "write_json", "md_table", "text_table", "new_figure", "save_figure"]
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary sibling and ``os.replace``: complete or absent."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def dumps_json(obj: Any, level: int = 0) -> str:
+    """JSON with lists of scalars kept on one line (per-sequence rows stay readable); NaN is refused."""
+    pad, end = "  " * (level + 1), "  " * level
+    if isinstance(obj, dict):
+        if not obj:
+            return "{}"
+        return "{\n" + ",\n".join(f"{pad}{json.dumps(str(k))}: {dumps_json(v, level + 1)}" for k, v in obj.items()) \
+            + "\n" + end + "}"
+    if isinstance(obj, (list, tuple)):
+        if all(not isinstance(v, (dict, list, tuple)) for v in obj):
+            return "[" + ", ".join(json.dumps(v, allow_nan=False) for v in obj) + "]"
+        return "[\n" + ",\n".join(pad + dumps_json(v, level + 1) for v in obj) + "\n" + end + "]"
+    return json.dumps(obj, allow_nan=False)
+
+
+def write_json(path: str | Path, obj: Any, *, compact_lists: bool = True) -> Path:
+    """``obj`` as JSON at ``path`` (atomically); ``compact_lists=False`` gives plain ``indent=2`` JSON."""
+    text = dumps_json(obj) if compact_lists else json.dumps(obj, indent=2)
+    return atomic_write_text(path, text + "\n")
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub Markdown table."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A left-aligned terminal table with a dashed rule under the header."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def new_figure(*args: Any, **kwargs: Any) -> Any:
+    """``matplotlib.pyplot.subplots`` on the non-interactive Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def save_figure(fig: Any, path: str | Path, *, dpi: int = 120) -> Path:
+    """Save ``fig`` as PNG at ``path`` (atomically) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path

