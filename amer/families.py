@@ -68,11 +68,14 @@ def _ensure_builtins() -> None:
 
 
 def register_family(spec: FamilySpec) -> FamilySpec:
-    """Add ``spec`` to the registry. Re-registering the same letter with the same mixer is a no-op
-    (a reloaded module); a different family under a taken letter or config key is an error."""
+    """Add ``spec`` to the registry. Re-registering the same letter with the same mixer (same module and
+    name) and config key replaces the entry (a reloaded module); anything else under a taken letter or
+    config key is an error."""
     with _LOCK:
         old = _REGISTRY.get(spec.letter)
-        if old is not None and old.mixer.__qualname__ != spec.mixer.__qualname__:
+        same = old is not None and (old.mixer.__module__, old.mixer.__qualname__, old.config_key) == (
+            spec.mixer.__module__, spec.mixer.__qualname__, spec.config_key)
+        if old is not None and not same:
             raise InputError(f"family letter {spec.letter!r} is already registered to {old.name}")
         clash = [s for s in _REGISTRY.values() if s.config_key == spec.config_key and s.letter != spec.letter]
         if clash:

@@ -22,6 +22,7 @@ Public API
 ----------
 - :func:`compute_stp_loss`: the stochastic auxiliary loss (differentiable, scalar fp32).
 - :func:`sample_spans`: the triple sampler it uses, exposed for inspection and tests.
+- :func:`span_bends`: the bend of each sampled triple (what the loss averages).
 - :func:`token_curvature`: deterministic curvature over consecutive token triples.
 - :func:`depth_curvature` / :func:`depth_curvature_per_token`: curvature along depth.
 
@@ -42,6 +43,7 @@ __all__ = [
     "compute_stp_loss",
     "stp_per_layer",
     "sample_spans",
+    "span_bends",
     "token_curvature",
     "depth_curvature",
     "depth_curvature_per_token",
@@ -177,12 +179,21 @@ def _sample_spans_masked(mask: Tensor, n_spans: int, generator: torch.Generator 
     return idx, ok.float()
 
 
-def _gather_triples(hidden: Tensor, flat_idx: Tensor, n_spans: int) -> tuple[Tensor, Tensor, Tensor]:
-    """One gather of the ``(B, 3 * S)`` positions; returns h_s, h_r, h_t, each ``(B, S, D)`` fp32."""
-    batch, _, dim = hidden.shape
+def span_bends(hidden: Tensor, idx: Tensor) -> Tensor:
+    """The bend ``1 - cos(h[r] - h[s], h[t] - h[r])`` of every triple of ``idx``: ``(B, S)`` fp32, unweighted.
+
+    ``hidden`` is ``(B, T, D)`` and ``idx`` the ``(B, S, 3)`` triples of :func:`sample_spans`; the
+    caller applies the span weights. The STP loss and the curvature report both read their spans
+    through this, so the two figures are one computation. One gather of the ``3 * S`` positions per
+    row, then the cosine, whatever ``S`` is.
+    """
+    batch, n_spans, _ = idx.shape
+    dim = hidden.shape[-1]
+    flat_idx = idx.reshape(batch, n_spans * 3)
     picked = hidden.gather(1, flat_idx.unsqueeze(-1).expand(batch, flat_idx.shape[1], dim))
     picked = picked.float().view(batch, n_spans, 3, dim)  # upcast before subtracting (bf16 safety)
-    return picked[:, :, 0], picked[:, :, 1], picked[:, :, 2]
+    h_s, h_r, h_t = picked[:, :, 0], picked[:, :, 1], picked[:, :, 2]
+    return _one_minus_cos(h_r - h_s, h_t - h_r)
 
 
 def compute_stp_loss(
@@ -254,13 +265,10 @@ def stp_per_layer(
     idx, weight = sample_spans(
         batch, length, n_spans, mask=mask, generator=generator, device=layers[0].device
     )  # (B, S, 3), (B, S)
-    flat_idx = idx.view(batch, n_spans * 3)
     denom = weight.sum().clamp_min(1.0)
     losses = []
     for h in layers:  # a handful of selected taps, never a loop over spans
-        h_s, h_r, h_t = _gather_triples(h, flat_idx, n_spans)
-        bend = _one_minus_cos(h_r - h_s, h_t - h_r)  # (B, S)
-        losses.append((bend * weight).sum() / denom)
+        losses.append((span_bends(h, idx) * weight).sum() / denom)
     return torch.stack(losses)
 
 

@@ -22,7 +22,7 @@ from typing import Iterator, NamedTuple, Sequence
 from torch import Tensor
 
 from amer.errors import SelectorError
-from amer.families import Family, letters
+from amer.families import Family, get_family, letters
 from amer.pattern import Pattern
 
 __all__ = ["Tap", "TapSet", "SelectorError", "resolve_selector", "tap_names"]
@@ -94,13 +94,14 @@ def resolve_selector(selector: str, pattern: Pattern) -> list[int]:
                 pool = list(range(L))
                 what = f"the pattern has layers L0..L{L - 1}"
             else:
-                fam = Family(kind)
-                pool = [layer.index for layer in pattern.layers if layer.family == fam]
+                # the spec, not Family(kind): selection also runs inside torch.compile'd loss functions
+                fam_name = get_family(kind).name
+                pool = [layer.index for layer in pattern.layers if layer.family == kind]
                 if not pool:
                     raise SelectorError(
                         f"selector {item!r} selects nothing: the pattern {pattern.letters!r} has no "
-                        f"{fam.long_name} ({kind}) blocks")
-                what = f"the pattern has {_range_text(fam.long_name, kind, len(pool))}"
+                        f"{fam_name} ({kind}) blocks")
+                what = f"the pattern has {_range_text(fam_name, kind, len(pool))}"
             if m["idx"] is not None:
                 i = int(m["idx"])
                 if not -len(pool) <= i < len(pool):

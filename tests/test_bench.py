@@ -2,9 +2,10 @@
 
 No timing is asserted (the machine is shared); what is asserted is what a user reads: the rows, their
 columns, their relations (ratios against the baseline, one figure per sequence length and family), the
-soundness of the two measuring instruments (interleaving and the peak-memory reader), the analytic FLOP
-count, and one-line errors for bad input. The last tests pin the hand-written backward passes that
-the benchmark's profiling led to (fused RMSNorm, causal conv) to exact gradients.
+soundness of the two measuring instruments (interleaving and the peak-memory reader), the structural FLOP
+count (against hand-written per-family formulas), and one-line errors for bad input. The last tests pin
+the hand-written backward passes that the benchmark's profiling led to (fused RMSNorm, causal conv) to
+exact gradients.
 """
 
 from __future__ import annotations
@@ -16,15 +17,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from amer import bench
-from amer.config import AttentionConfig, ModelConfig, MoEConfig, RecurrentConfig
+from amer import AttentionConfig, ModelConfig, MoEConfig, RecurrentConfig, bench
+from amer.bench.workloads import family_config
+from amer.cli import main as cli_main
 
 QUICK = ["--quick", "--threads", "1", "--repeats", "1", "--warmup", "0"]
 
 
 def run_quick(tmp_path, capsys, suite: str) -> tuple[dict, str]:
     out = tmp_path / f"{suite}.json"
-    assert bench.main([suite, *QUICK, "--out", str(out)]) == 0
+    assert cli_main(["bench", suite, *QUICK, "--out", str(out)]) == 0
     text = capsys.readouterr().out
     payload = json.loads(out.read_text())
     assert payload["options"]["quick"] is True
@@ -116,14 +118,12 @@ def test_peers_suite_runs_or_says_why_not(tmp_path, capsys) -> None:
     (["blocks", "--out", "/nonexistent-dir/x.json"], "does not exist"),
 ])
 def test_bad_input_exits_2_with_one_line(argv, needle, capsys) -> None:
-    assert bench.main(argv) == 2
+    assert cli_main(["bench", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and "\n" not in err and "Traceback" not in err
 
 
 def test_cli_routes_bench(capsys) -> None:
-    from amer.cli import main as cli_main
-
     assert cli_main(["bench", "nope"]) == 2
     assert "unknown benchmark suite 'nope'" in capsys.readouterr().err
 
@@ -183,6 +183,91 @@ def test_training_flops_attention_counts_the_causal_half() -> None:
     hd = 8
     # QK^T and AV: 2 matmuls x 2 FLOPs x heads x hd x (sum over queries of keys seen = T(T+1)/2), x3 training
     assert flops["A/attention"] == pytest.approx(3 * 2 * 2 * 2 * hd * T * (T + 1) / 2)
+
+
+def _hand_written_flops(cfg: ModelConfig, batch: int, seq_len: int) -> dict[str, float]:
+    """Per-family matmul formulas written from the configs alone, not from the modules, so that this
+    count and the mixers' own are independent."""
+    T, D = seq_len, cfg.d_model
+    macs: dict[str, float] = {}
+
+    def add(key: str, value: float) -> None:
+        macs[key] = macs.get(key, 0.0) + value
+
+    for layer in cfg.parsed.layers:
+        fam = str(layer.family)
+        if fam == "A":
+            a = cfg.attention
+            hd = a.head_dim or D // a.n_heads
+            add("A/proj", T * (D * (a.n_heads + 2 * a.n_kv_heads) * hd + a.n_heads * hd * D))
+            add("A/attention", 2 * a.n_heads * hd * T * (T + 1) / 2)
+        elif fam == "M":
+            m = cfg.mamba
+            d_inner = m.expand * D
+            H, P, N, G = d_inner // m.head_dim, m.head_dim, m.d_state, m.n_groups
+            conv_dim = d_inner + 2 * G * N
+            add("M/proj", T * (D * (d_inner + conv_dim + H) + d_inner * D))
+            L = min(m.chunk_size, T)
+            c = math.ceil(T / L)
+            add("M/ssd", c * L * (G * L * N + H * L * P + 2 * H * P * N) + H * c * c * P * N)
+        elif fam == "E":
+            e = cfg.moe
+            f = e.d_ff or 2 * D
+            add("E/router", T * D * e.n_experts)
+            add("E/experts", T * e.top_k * 3 * D * f)
+            if e.shared_expert:
+                add("E/shared", T * 3 * D * (e.d_ff_shared or f))
+        else:
+            assert fam == "R"
+            r = cfg.recurrent
+            W = r.lru_width or D
+            bw = W // r.n_heads
+            add("R/proj", T * (D * 2 * W + W * D))
+            add("R/gates", T * W * 2 * bw)
+    add("lm_head", T * D * cfg.vocab_size)
+    flops = {k: 2.0 * 3.0 * v * batch for k, v in macs.items()}
+    flops["total"] = sum(flops.values())
+    return flops
+
+
+@pytest.mark.parametrize("B, T", [(8, 256), (2, 32), (1, 100)])
+def test_structural_flops_equal_the_hand_written_formulas(B: int, T: int) -> None:
+    cfg = ModelConfig.from_preset("small")
+    flops = bench.training_flops(cfg, B, T)
+    assert flops == _hand_written_flops(cfg, B, T)
+    assert list(flops) == list(_hand_written_flops(cfg, B, T))  # same terms, in the same order
+
+
+def test_structural_flops_cover_every_term_of_the_optional_parts() -> None:
+    """Shared expert, explicit head and LRU widths, B/C groups, a chunk that does not divide T."""
+    cfg = family_config(ModelConfig.from_preset("small"), "AEMR",
+                        attention={"n_heads": 6, "n_kv_heads": 3, "head_dim": 16},
+                        mamba={"d_state": 32, "head_dim": 48, "n_groups": 2, "chunk_size": 48},
+                        moe={"n_experts": 4, "top_k": 1, "d_ff": 96, "shared_expert": True, "d_ff_shared": 64},
+                        recurrent={"lru_width": 256, "n_heads": 8})
+    assert bench.training_flops(cfg, 4, 200) == _hand_written_flops(cfg, 4, 200)
+
+
+def test_a_patterns_flops_are_the_sum_of_its_blocks() -> None:
+    small = ModelConfig.from_preset("small")
+    B, T = 3, 96
+    whole = bench.training_flops(small, B, T)
+    lm_head = whole["lm_head"]
+    singles = {}
+    for layer in small.parsed.layers:
+        one = bench.training_flops(family_config(small, str(layer.family)), B, T)
+        assert one["lm_head"] == lm_head
+        for k, v in one.items():
+            if k not in ("lm_head", "total"):
+                assert k.startswith(f"{layer.family}/")
+                singles[k] = singles.get(k, 0.0) + v
+    assert {k: v for k, v in whole.items() if k not in ("lm_head", "total")} == pytest.approx(singles, rel=1e-12)
+    assert whole["total"] == pytest.approx(sum(singles.values()) + lm_head, rel=1e-12)
+    for pattern in ("(AE)*2M", "MRA"):
+        cfg = family_config(small, pattern)
+        by_block = [bench.training_flops(family_config(small, str(layer.family)), B, T)["total"] - lm_head
+                    for layer in cfg.parsed.layers]
+        assert bench.training_flops(cfg, B, T)["total"] == pytest.approx(sum(by_block) + lm_head, rel=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------

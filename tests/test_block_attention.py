@@ -1,4 +1,8 @@
-"""A family: causal GQA attention with RoPE and a KV cache."""
+"""A family: causal GQA attention with RoPE and a KV cache.
+
+What every family must do (causality, gradients, cached decoding, meta build, compile) is checked in
+test_mixer_contract.py with n_kv_heads = 2 and no q/k norm; here: the other head layouts, GQA and RoPE
+against references, q/k norm in the cache, and the KV-cache limit."""
 
 from __future__ import annotations
 
@@ -7,29 +11,23 @@ import torch
 
 from amer import AttentionConfig, ModelConfig
 from amer.blocks.attention import AttentionMixer
+from amer.families import Family
 
 
 def make(n_heads: int = 4, n_kv_heads: int = 2, **kw) -> AttentionMixer:
     cfg = ModelConfig(pattern="A", d_model=32, attention=AttentionConfig(n_heads=n_heads, n_kv_heads=n_kv_heads, **kw))
     torch.manual_seed(0)
-    m = AttentionMixer(cfg, cfg.parsed.layers[0])
+    m = AttentionMixer(cfg.attention, cfg.dims, cfg.parsed.layers[0])
     for p in m.parameters():
         torch.nn.init.normal_(p, 0, 0.2)
     return m
 
 
-def test_shape_and_grads() -> None:
-    m = make()
-    x = torch.randn(2, 10, 32, requires_grad=True)
-    y = m(x).y
-    assert y.shape == (2, 10, 32)
-    y.square().sum().backward()
-    for name, p in m.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
-    assert x.grad.abs().sum() > 0
+def test_registered() -> None:
+    assert Family("A").spec.mixer is AttentionMixer and Family("A").spec.config is AttentionConfig
 
 
-@pytest.mark.parametrize("kv", [1, 2, 4])
+@pytest.mark.parametrize("kv", [1, 4])  # multi-query and plain multi-head (no GQA); the contract runs 2
 def test_causal(kv: int) -> None:
     m = make(n_kv_heads=kv)
     x = torch.randn(1, 12, 32)
@@ -74,9 +72,9 @@ def test_rope_relative() -> None:
     torch.testing.assert_close(d0, d1, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("qk_norm", [False, True])
-def test_prefill_equals_token_by_token(qk_norm: bool) -> None:
-    m = make(qk_norm=qk_norm)
+def test_prefill_equals_token_by_token_with_qk_norm() -> None:
+    """The normalised keys are what the cache stores (the contract runs without q/k norm)."""
+    m = make(qk_norm=True)
     x = torch.randn(2, 11, 32)
     full = m(x).y
     cache = m.init_cache(2, 16)
@@ -99,10 +97,3 @@ def test_too_long_is_clear_error() -> None:
     cache = m.init_cache(1, 4)
     with pytest.raises(ValueError, match="exceeds"):
         m(torch.randn(1, 5, 32), cache=cache)
-
-
-def test_meta_device() -> None:
-    cfg = ModelConfig(pattern="A", d_model=4096, attention=AttentionConfig(n_heads=32, n_kv_heads=8))
-    with torch.device("meta"):
-        m = AttentionMixer(cfg, cfg.parsed.layers[0])
-    assert all(p.is_meta for p in m.parameters())

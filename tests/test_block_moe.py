@@ -7,19 +7,24 @@ import math
 import pytest
 import torch
 
-from amer.blocks.common import MIXERS
+from amer import ModelConfig, MoEConfig
 from amer.blocks.moe import MoEMixer, route
-from amer.config import ModelConfig, MoEConfig
-from amer.ops.moe import (dense_reference, dispatch_capacity, dispatch_dropless, expert_capacity, grouped_swiglu,
-                          swiglu_expert)
-from amer.pattern import Family
+from amer.families import Family
+from amer.ops.moe import (
+    dense_reference,
+    dispatch_capacity,
+    dispatch_dropless,
+    expert_capacity,
+    grouped_swiglu,
+    swiglu_expert,
+)
 
 
 def make(d_model: int = 32, dtype: torch.dtype = torch.float32, seed: int = 0, pattern: str = "E",
          **moe) -> MoEMixer:
     torch.manual_seed(seed)
     cfg = ModelConfig(pattern=pattern, d_model=d_model, moe=MoEConfig(**moe))
-    mixer = MoEMixer(cfg, cfg.parsed.layers[0]).to(dtype)
+    mixer = MoEMixer(cfg.moe, cfg.dims, cfg.parsed.layers[0]).to(dtype)
     # larger router weights than init_std so routing is far from uniform and ties never happen
     with torch.no_grad():
         mixer.router.weight.normal_(0.0, 1.0)
@@ -62,7 +67,7 @@ def assert_same_outputs_and_grads(fn, ref_fn, inputs, tol: float = 1e-12) -> lis
 
 
 def test_registered() -> None:
-    assert MIXERS[Family.EXPERT] is MoEMixer
+    assert Family("E").spec.mixer is MoEMixer and Family("E").spec.config is MoEConfig
 
 
 @pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
@@ -102,7 +107,7 @@ def test_no_cache_and_decode_step() -> None:
 def test_meta_device_construction() -> None:
     cfg = ModelConfig(pattern="EE", d_model=64, moe=MoEConfig(n_experts=8, top_k=2, shared_expert=True))
     with torch.device("meta"):
-        mixer = MoEMixer(cfg, cfg.parsed.layers[1])
+        mixer = MoEMixer(cfg.moe, cfg.dims, cfg.parsed.layers[1])
     params = dict(mixer.named_parameters())
     assert {"router.weight", "w_gate_up", "w_down", "shared.gate_up.weight", "shared.down.weight"} <= set(params)
     assert all(p.is_meta for p in params.values())
@@ -111,7 +116,7 @@ def test_meta_device_construction() -> None:
 def test_init_scales_w_down() -> None:
     cfg = ModelConfig(pattern="E" * 8, d_model=64, init_std=0.02, moe=MoEConfig(n_experts=8, d_ff=256))
     torch.manual_seed(0)
-    mixer = MoEMixer(cfg, cfg.parsed.layers[0])
+    mixer = MoEMixer(cfg.moe, cfg.dims, cfg.parsed.layers[0])
     assert abs(mixer.w_gate_up.std().item() - 0.02) < 0.001
     assert abs(mixer.w_down.std().item() - 0.02 / math.sqrt(16)) < 0.0003
 

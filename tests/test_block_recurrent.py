@@ -1,23 +1,30 @@
-"""The R family: the linear-recurrence scan and Griffin's recurrent block with the RG-LRU."""
+"""The R family: the linear-recurrence scan and Griffin's recurrent block with the RG-LRU.
+
+test_mixer_contract.py checks every family at T = 24 (one scan chunk boundary); the causality and
+prefill tests here run over three or more chunks of the scan (T > 2 * CHUNK), where the chunk carry
+and the cached state meet mid-chunk."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from amer.blocks.common import MIXERS
+from amer import ModelConfig, RecurrentConfig
 from amer.blocks.recurrent import RecurrentCache, RecurrentMixer, _RGLRUScan, rglru_coeffs
-from amer.config import ModelConfig, RecurrentConfig
+from amer.families import Family
 from amer.ops.scan import CHUNK, linear_scan, linear_scan_sequential
-from amer.pattern import Family
 
 D = 32
 
 
 def make(seed: int = 0, **kw) -> RecurrentMixer:
+    # The mixer initialises its projections with init_std; the training default (0.02) leaves a lone
+    # block's output near 1e-5, where the probes below could not tell a real effect from rounding.
+    # 0.1 gives outputs of the scale these tests were written for (nn.Linear's default init).
     torch.manual_seed(seed)
-    cfg = ModelConfig(pattern="R", d_model=D, recurrent=RecurrentConfig(**{"n_heads": 4, "d_conv": 4, **kw}))
-    return RecurrentMixer(cfg, cfg.parsed.layers[0])
+    cfg = ModelConfig(pattern="R", d_model=D, init_std=0.1,
+                      recurrent=RecurrentConfig(**{"n_heads": 4, "d_conv": 4, **kw}))
+    return RecurrentMixer(cfg.recurrent, cfg.dims, cfg.parsed.layers[0])
 
 
 def rand_scan(B: int, T: int, C: int, dtype=torch.float64, seed: int = 0):
@@ -135,7 +142,7 @@ def test_fused_rglru_matches_autograd_reference(with_h0: bool) -> None:
 
 
 def test_registered_and_output_shape() -> None:
-    assert MIXERS[Family.RECURRENT] is RecurrentMixer
+    assert Family("R").spec.mixer is RecurrentMixer and Family("R").spec.config is RecurrentConfig
     m = make(lru_width=48)
     x = torch.randn(3, 11, D)
     out = m(x)
@@ -149,16 +156,6 @@ def test_lambda_init_matches_paper() -> None:
     a_c = torch.sigmoid(m.Lambda) ** m.c  # decay at r = 1
     assert a_c.min() >= 0.9 - 1e-6 and a_c.max() <= 0.999 + 1e-6
     assert a_c.max() - a_c.min() > 0.05  # spread over the range, not collapsed
-
-
-def test_gradients_reach_every_parameter() -> None:
-    m = make()
-    x = torch.randn(2, 20, D, requires_grad=True)
-    (m(x).y ** 2).sum().backward()
-    for name, p in m.named_parameters():
-        assert p.grad is not None, name
-        assert p.grad.abs().sum() > 0, name
-    assert x.grad.abs().sum() > 0
 
 
 def test_causal() -> None:
@@ -228,7 +225,7 @@ def test_cache_shapes() -> None:
 def test_meta_device_construction() -> None:
     cfg = ModelConfig(pattern="R", d_model=4096, recurrent=RecurrentConfig(n_heads=16))
     with torch.device("meta"):
-        m = RecurrentMixer(cfg, cfg.parsed.layers[0])
+        m = RecurrentMixer(cfg.recurrent, cfg.dims, cfg.parsed.layers[0])
     assert all(p.device.type == "meta" for p in m.parameters())
     assert m.Lambda.shape == (4096,) and m.gate_weight.shape == (16, 256, 512)
 

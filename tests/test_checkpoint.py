@@ -16,9 +16,18 @@ import torch
 
 import amer
 import amer.checkpoint as ckpt_mod
-import amer.train as train_mod
-from amer.checkpoint import (CheckpointError, find_checkpoint, list_checkpoints, load_checkpoint, read_checkpoint,
-                             restore_model, restore_optimizer, save_checkpoint)
+import amer.cli.train as train_cli
+import amer.training.loop as loop_mod
+from amer.checkpoint import (
+    CheckpointError,
+    find_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    read_checkpoint,
+    restore_model,
+    restore_optimizer,
+    save_checkpoint,
+)
 from amer.config import ModelConfig, from_dict, to_dict
 from amer.model import HybridLM
 from amer.pattern import load_preset
@@ -224,8 +233,8 @@ def test_load_checkpoint_reproduces_the_trained_model(tmp_path: Path, monkeypatc
             super().__init__(cfg)
             built.append(self)
 
-    monkeypatch.setattr(train_mod, "HybridLM", Recording)
-    rc = train_mod.main(["--preset", "tiny", "--out-dir", str(tmp_path), "--run-name", "r", "--no-progress",
+    monkeypatch.setattr(loop_mod, "HybridLM", Recording)
+    rc = train_cli.main(["--preset", "tiny", "--out-dir", str(tmp_path), "--run-name", "r", "--no-progress",
                          "--no-tensorboard", "--steps", "5", "--batch-size", "2", "--seq-len", "32",
                          "--eval-interval", "1", "--eval-batches", "1", "--keep-last", "2"])
     assert rc == 0

@@ -16,13 +16,14 @@ from pathlib import Path
 import pytest
 
 import amer.cli as cli
-import amer.train as train_mod
-from amer.config import to_dict
+import amer.cli.train as train_cli
+import amer.training.loop as loop_mod
+from amer.config import TrainConfig, options, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def expect_error(capsys: pytest.CaptureFixture, argv: list[str], *needles: str, entry=train_mod.main) -> str:
+def expect_error(capsys: pytest.CaptureFixture, argv: list[str], *needles: str, entry=train_cli.main) -> str:
     """Run an entry point, require exit 2 and a single 'error: ...' line on stderr containing ``needles``."""
     rc = entry(argv)
     err = capsys.readouterr().err
@@ -106,10 +107,10 @@ def test_existing_run_directory_is_never_overwritten(capsys: pytest.CaptureFixtu
 
 
 def test_help_documents_every_option(capsys: pytest.CaptureFixture) -> None:
-    assert train_mod.main(["--help"]) == 0
+    assert train_cli.main(["--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
-    flags = [flag for flag, *_ in train_mod._flag_fields(train_mod.TrainConfig)] + ["--config", "--stop-at"]
-    parser = train_mod.build_parser()
+    flags = ["--" + o.key.replace("_", "-") for o in options(TrainConfig)] + ["--config", "--stop-at"]
+    parser = train_cli.build_parser()
     for action in parser._actions:
         if not action.option_strings or action.dest == "help":
             continue
@@ -139,7 +140,7 @@ def test_amer_without_command_and_unknown_command(capsys: pytest.CaptureFixture)
 def test_progress_without_a_terminal_prints_log_lines(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Piped output (nohup, CI) has no progress bar; the user must still see the loss go by."""
     argv = [a for a in quick(tmp_path) if a != "--no-progress"] + ["--steps", "2", "--log-interval", "1"]
-    assert train_mod.main(argv) == 0
+    assert train_cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "step 1/2 loss" in out and "step 2/2 loss" in out and "tok/s" in out
     assert f"run directory: {tmp_path / 'r'}" in out and "done: checkpoint" in out
@@ -152,7 +153,7 @@ def test_config_precedence_preset_then_toml_then_flags(tmp_path: Path) -> None:
     toml = tmp_path / "run.toml"
     toml.write_text('preset = "tiny"\nsteps = 7\nlr = 0.001\nseq_len = 32\n'
                     '[stp]\nstart_step = 3\nweight = 0.05\n[model]\nd_model = 48\n')
-    cfg, extras = train_mod.resolve_config(["--config", str(toml), "--steps", "3", "--stp.start-step", "1",
+    cfg, extras = train_cli.resolve_config(["--config", str(toml), "--steps", "3", "--stp.start-step", "1",
                                             "--out-dir", str(tmp_path), "--run-name", "r", "--no-progress",
                                             "--no-tensorboard", "--batch-size", "2", "--eval-batches", "1"])
     assert extras["config"] == str(toml)
@@ -162,7 +163,7 @@ def test_config_precedence_preset_then_toml_then_flags(tmp_path: Path) -> None:
     assert cfg.warmup_steps == 5 and cfg.stp.layers == "A-1,M-1,E-1,R-1"  # preset fills the rest
     assert cfg.model.mamba.d_state == 16 and cfg.model.moe.n_experts == 4  # nested tables merge, not replace
 
-    train_mod.train(cfg, quiet=True)
+    loop_mod.train(cfg, quiet=True)
     run = tmp_path / "r"
     saved = json.loads((run / "config.json").read_text())
     assert saved == {**to_dict(cfg), "resume": None}
@@ -171,7 +172,7 @@ def test_config_precedence_preset_then_toml_then_flags(tmp_path: Path) -> None:
 
 
 def test_pattern_flag_overrides_preset_pattern() -> None:
-    cfg, _ = train_mod.resolve_config(["--preset", "tiny", "--pattern", "AMR", "--stp.layers", "A-1,R-1"])
+    cfg, _ = train_cli.resolve_config(["--preset", "tiny", "--pattern", "AMR", "--stp.layers", "A-1,R-1"])
     assert cfg.model.pattern == "AMR" and cfg.stp.layers == "A-1,R-1" and cfg.model.d_model == 32
 
 
@@ -181,7 +182,7 @@ def test_pattern_flag_overrides_preset_pattern() -> None:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("sample")
-    assert train_mod.main(quick(out) + ["--steps", "4", "--eval-interval", "4"]) == 0
+    assert train_cli.main(quick(out) + ["--steps", "4", "--eval-interval", "4"]) == 0
     return out / "r"
 
 

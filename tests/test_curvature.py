@@ -1,4 +1,6 @@
-"""Tests for amer/curvature.py: the curvature report (evaluate, compare, files) and ``amer curvature``.
+"""Tests for the curvature report: the engine (amer/analysis/curvature.py), the comparison
+(amer/analysis/compare.py), the report files (amer/report/curvature.py) and ``amer curvature``
+(amer/cli/curvature.py).
 
 The geometry tests feed hand-made taps with known answers through a fake model: every tap is
 ``(1 + t) * D_l`` (token t, depth l), so each tap is a straight line along the sequence (token
@@ -18,12 +20,15 @@ import pytest
 import torch
 from torch import nn
 
+from amer.analysis.compare import compare
+from amer.analysis.curvature import evaluate
 from amer.checkpoint import save_checkpoint
 from amer.cli import main as cli_main
 from amer.config import ModelConfig, to_dict
-from amer.curvature import CurvatureError, compare, evaluate, format_markdown, write_report
+from amer.errors import AnalysisError
 from amer.model import HybridLM, ModelOutput
 from amer.pattern import parse_pattern
+from amer.report.curvature import format_markdown, write_report
 from amer.stp import stp_per_layer
 from amer.tap import Tap, TapSet
 
@@ -216,13 +221,13 @@ def test_evaluate_is_deterministic_and_restores_training_mode() -> None:
 
 def test_evaluate_rejects_bad_input() -> None:
     model = GeometryModel([depth_path(turn=2)])
-    with pytest.raises(CurvatureError, match="too short"):
+    with pytest.raises(AnalysisError, match="too short"):
         evaluate(model, token_batches(length=2), progress=False)
-    with pytest.raises(CurvatureError, match="stride 4 needs T >= 9"):
+    with pytest.raises(AnalysisError, match="stride 4 needs T >= 9"):
         evaluate(model, token_batches(length=8), strides=(1, 4), progress=False)
-    with pytest.raises(CurvatureError, match="no batches"):
+    with pytest.raises(AnalysisError, match="no batches"):
         evaluate(model, [], progress=False)
-    with pytest.raises(CurvatureError, match="strides"):
+    with pytest.raises(AnalysisError, match="strides"):
         evaluate(model, token_batches(), strides=(0,), progress=False)
 
 
@@ -267,11 +272,11 @@ def test_compare_rejects_another_pattern() -> None:
     a = evaluate(GeometryModel([depth_path(turn=1)]), token_batches(), n_bootstrap=20, progress=False)
     b = evaluate(GeometryModel([depth_path(turn=1)], pattern="AAMR"), token_batches(), n_bootstrap=20,
                  progress=False)
-    with pytest.raises(CurvatureError, match="different patterns: 'AEMR' vs 'AAMR'"):
+    with pytest.raises(AnalysisError, match="different patterns: 'AEMR' vs 'AAMR'"):
         compare(a, b)
     c = evaluate(GeometryModel([depth_path(turn=1)]), token_batches(), strides=(1, 2), n_bootstrap=20,
                  progress=False)
-    with pytest.raises(CurvatureError, match="different strides"):
+    with pytest.raises(AnalysisError, match="different strides"):
         compare(a, c)
 
 
@@ -312,6 +317,47 @@ def test_write_report_json_markdown_png(tmp_path: Path) -> None:
     single = {"config": {"data": "synthetic"}, "result": a}
     assert "## Comparison" not in format_markdown(single)
     assert_valid_png(write_report(single, tmp_path / "single")["png"])
+
+
+@pytest.fixture
+def toy_family():
+    """A fifth family 'D', registered for one test: the report must pick it up from the registry."""
+    from dataclasses import dataclass
+
+    from amer.families import FamilySpec, register_family, unregister_family
+
+    @dataclass
+    class ToyConfig:
+        pass
+
+    class ToyMixer(nn.Module):
+        pass
+
+    spec = register_family(FamilySpec(letter="D", name="toy", colour="#ff7f0e", config_key="toy", config=ToyConfig,
+                                      mixer=ToyMixer))
+    yield spec
+    unregister_family("D")  # idempotent: the test may already have removed it
+
+
+def test_a_registered_family_appears_in_the_report(toy_family, tmp_path: Path) -> None:
+    batches = token_batches()
+    a = evaluate(GeometryModel([depth_path(turn=2)], pattern="ADMR"), batches, n_bootstrap=20, progress=False)
+    b = evaluate(GeometryModel([depth_path(turn=3)], pattern="ADMR"), batches, n_bootstrap=20, progress=False)
+    assert list(a["families"]) == ["A", "M", "R", "D"]  # registry order
+    assert a["families"]["D"]["name"] == "toy" and a["families"]["D"]["blocks"] == ["D0"]
+    assert a["families"]["D"]["depth_out"]["mean"] == pytest.approx(1.0, abs=1e-5)  # D0->M0 turns
+    assert [x["type"] for x in a["boundaries"]] == ["embed->A", "A->D", "D->M", "M->R", "R->final"]
+    report = {"config": {"data": "synthetic"}, "result": a, "result_b": b, "comparison": compare(a, b)}
+    paths = write_report(report, tmp_path / "out")
+    md = paths["md"].read_text()
+    assert "| D (toy) | 1 |" in md and "| 2 | D0 | toy |" in md
+    assert_valid_png(paths["png"])
+    # a report read back where the family is not registered still renders
+    from amer.families import unregister_family
+
+    unregister_family("D")
+    assert "| D (toy) | 1 |" in write_report(report, tmp_path / "later")["md"].read_text()
+    assert_valid_png(tmp_path / "later" / "curvature.png")
 
 
 # ------------------------------------------------------------------------------------------------

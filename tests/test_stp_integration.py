@@ -29,7 +29,7 @@ from amer import (
     TapSet,
     parse_pattern,
 )
-from amer.curvature import depth_states, training_metrics
+from amer.analysis.metrics import depth_states, training_metrics
 from amer.objective import STPPolicy
 from amer.stp import depth_curvature_per_token, token_curvature
 

@@ -1,7 +1,7 @@
 """The training job end to end on the tiny preset: learning, logs, the STP gate, exact resume, NaN guard,
 every data format, bf16.
 
-Runs are driven through ``amer.train.main`` (what ``python train.py`` runs) with small step counts, so
+Runs are driven through ``amer.cli.train.main`` (what ``python train.py`` runs) with small step counts, so
 each takes about a second; the one 40-step run that checks learning is shared by the tests reading its
 logs. Failure modes guarded here are the quiet ones: STP that never switches on (or is on from step 0),
 a resume that drifts from the uninterrupted run, a NaN step that is applied anyway or that ends up in a
@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import amer.cli.train as train_cli
 import amer.objective as objective_mod
-import amer.train as train_mod
+import amer.training.loop as loop_mod
 from amer.checkpoint import list_checkpoints, read_checkpoint
 from amer.model import HybridLM
 
@@ -30,7 +31,7 @@ def run(out: Path, name: str, *extra: str, expect: int = 0) -> Path:
     """Train the tiny preset briefly (batch 2 x 32 tokens unless ``extra`` says otherwise)."""
     argv = ["--preset", "tiny", "--out-dir", str(out), "--run-name", name, "--no-progress", "--no-tensorboard",
             "--batch-size", "2", "--seq-len", "32", "--eval-batches", "2", *extra]
-    rc = train_mod.main(argv)
+    rc = train_cli.main(argv)
     assert rc == expect, f"amer train {' '.join(argv)} exited {rc}"
     return out / name
 
@@ -50,7 +51,7 @@ def train_lines(run_dir: Path) -> list[dict]:
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny preset as shipped: 40 steps of 4 x 64 tokens on kjv, STP gated on at step 10, TensorBoard on."""
     out = tmp_path_factory.mktemp("tiny")
-    assert train_mod.main(["--preset", "tiny", "--out-dir", str(out), "--run-name", "r", "--no-progress"]) == 0
+    assert train_cli.main(["--preset", "tiny", "--out-dir", str(out), "--run-name", "r", "--no-progress"]) == 0
     return out / "r"
 
 
@@ -136,7 +137,7 @@ def test_resume_is_bit_identical(tmp_path: Path, uninterrupted: Path, crash: boo
         import shutil
 
         shutil.rmtree(part / "step_000007")
-    assert train_mod.main(["--resume", str(part), "--no-progress"]) == 0
+    assert train_cli.main(["--resume", str(part), "--no-progress"]) == 0
 
     full_lines, part_lines = train_lines(uninterrupted), train_lines(part)
     assert [r["step"] for r in part_lines] == list(range(1, 13)), "each step logged exactly once"
@@ -156,7 +157,7 @@ def test_resume_is_bit_identical(tmp_path: Path, uninterrupted: Path, crash: boo
 def test_resume_of_finished_run_changes_nothing(tmp_path: Path) -> None:
     done = run(tmp_path, "done", "--steps", "2", "--eval-interval", "2")
     before = (done / "log.jsonl").read_text(), read_checkpoint(done)[0]
-    assert train_mod.main(["--resume", str(done), "--no-progress"]) == 0
+    assert train_cli.main(["--resume", str(done), "--no-progress"]) == 0
     assert (done / "log.jsonl").read_text() == before[0]
     after = read_checkpoint(done)[0]
     assert all(torch.equal(before[1][k], after[k]) for k in after)
@@ -203,7 +204,7 @@ def _nan_on(monkeypatch: pytest.MonkeyPatch, bad_calls: set[int] | int,
             return loss
         return loss * float("nan") if where == "loss" else _NaNGradient.apply(loss)
 
-    monkeypatch.setattr(train_mod, "HybridLM", Recording)
+    monkeypatch.setattr(loop_mod, "HybridLM", Recording)
     monkeypatch.setattr(objective_mod, "cross_entropy", ce)
     return built, seen
 
@@ -243,7 +244,7 @@ def test_repeated_nan_stops_the_run_without_a_nan_checkpoint(tmp_path: Path, mon
 def test_update_that_makes_weights_nan_is_never_checkpointed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture) -> None:
     """The loss was finite but the optimizer step produced NaN weights (e.g. an inf in a moment)."""
-    real = train_mod.make_optimizer
+    real = loop_mod.make_optimizer
 
     def poisoned(model, cfg):
         opt = real(model, cfg)
@@ -259,7 +260,7 @@ def test_update_that_makes_weights_nan_is_never_checkpointed(tmp_path: Path, mon
         opt.step = bad_step
         return opt
 
-    monkeypatch.setattr(train_mod, "make_optimizer", poisoned)
+    monkeypatch.setattr(loop_mod, "make_optimizer", poisoned)
     r = run(tmp_path, "r", "--steps", "6", "--eval-interval", "3", expect=1)
     assert "non-finite" in capsys.readouterr().err
     assert list_checkpoints(r) == [] and not (r / "best").exists()

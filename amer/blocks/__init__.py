@@ -4,8 +4,7 @@ Importing this package registers the built-in families (A, M, E, R) in :mod:`ame
 family is a new module here plus its import below.
 """
 
-from amer.blocks.common import Block, Mixer, MixerOutput, RMSNorm, SwiGLU
-
 from amer.blocks import attention, mamba, moe, recurrent  # noqa: F401,E402  (registers A, M, E, R)
+from amer.blocks.common import Block, Mixer, MixerOutput, RMSNorm, SwiGLU
 
 __all__ = ["Block", "Mixer", "MixerOutput", "RMSNorm", "SwiGLU"]

@@ -37,6 +37,7 @@ def command(argv: list[str]) -> int:
         if desc and args.pattern:
             print(f"  {desc}")
     print("\nfamilies:")
+    width = max(len(f.config_key) for f in fams) + len("[model.]")
     for f in fams:
-        print(f"  {f.letter}  {f.name:<10} [model.{f.config_key}]  {f.summary}")
+        print(f"  {f.letter}  {f.name:<10} {'[model.' + f.config_key + ']':<{width}}  {f.summary}")
     return 0

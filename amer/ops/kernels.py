@@ -1,4 +1,4 @@
-"""The ONE place that imports optional CUDA packages (mamba-ssm, causal-conv1d, megablocks).
+"""The ONE place that imports optional CUDA packages (mamba-ssm, megablocks).
 
 Each getter returns the fast function only when its package imports and the tensor lives on CUDA;
 otherwise ``None`` and the caller runs its pure-torch reference. The choice is logged once per op,
@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["ssd_kernel", "causal_conv1d_kernel", "megablocks_kernel", "available", "log_choice"]
+__all__ = ["ssd_kernel", "megablocks_kernel", "available", "log_choice"]
 
 log = logging.getLogger("amer.kernels")
 _logged: set[str] = set()
@@ -32,7 +32,6 @@ def available() -> dict[str, bool]:
     """Which optional kernel packages import on this machine."""
     return {
         "mamba_ssm": _try_import("mamba_ssm.ops.triton.ssd_combined") is not None,
-        "causal_conv1d": _try_import("causal_conv1d") is not None,
         "megablocks": _try_import("megablocks") is not None,
     }
 
@@ -58,14 +57,6 @@ def ssd_kernel(device: torch.device) -> Callable | None:
     fn = getattr(mod, "mamba_chunk_scan_combined", None) if mod else None
     log_choice("ssd_scan", "mamba_ssm" if fn else "torch reference (chunked matmul)")
     return fn
-
-
-def causal_conv1d_kernel(device: torch.device) -> tuple[Callable, Callable] | None:
-    """causal-conv1d's ``(causal_conv1d_fn, causal_conv1d_update)`` or None."""
-    mod = _try_import("causal_conv1d") if _on_cuda(device) else None
-    fns = (mod.causal_conv1d_fn, mod.causal_conv1d_update) if mod and hasattr(mod, "causal_conv1d_fn") else None
-    log_choice("causal_conv1d", "causal_conv1d" if fns else "torch reference (conv1d)")
-    return fns
 
 
 def megablocks_kernel(device: torch.device) -> Any | None:

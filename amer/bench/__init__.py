@@ -1,0 +1,85 @@
+"""Benchmarks: ``amer bench SUITE``.
+
+Suites (``all`` runs every one):
+
+``blocks``   forward+backward tokens/s of single-family stacks (one per registered family: ``AAAA``,
+             ``MMMM``...) at the ``small`` preset's dimensions, and of the ``small`` preset itself, at batch
+             8 x 256 tokens.
+``stp``      training-step time (forward, backward, clip, AdamW) of the ``small`` preset with STP on the last
+             block of each family (``A-1,M-1,...``) at ``n_spans`` 1, 4, 16, divided by the same step
+             without STP.
+``taps``     peak tensor memory and step time, taps recorded (``taps=True``) vs none (``taps=False``).
+``scaling``  tokens/s and peak memory vs sequence length 256..4096 per family, and decoding latency per token
+             vs context length (constant for the state-space, recurrent and MoE stacks; growing for
+             attention, whose KV cache grows).
+``flops``    achieved FLOP/s of the ``small`` preset's training step (matmul FLOPs counted from the model's
+             structure, see :func:`training_flops`) divided by a large fp32 matmul's FLOP/s measured in the
+             same run.
+``peers``    amer vs Hugging Face transformers (``JambaForCausalLM`` with ``use_mambapy=True``,
+             ``Mamba2ForCausalLM``, ``MixtralForCausalLM``) at matched configurations, parameter counts side
+             by side; skipped with a message when transformers is not installed (``pip install amer[bench]``).
+
+Every suite times :class:`amer.training.step.TrainStep`, the step ``amer train`` runs. How figures are
+taken on a noisy machine is in :mod:`amer.bench.harness`; the command line is :mod:`amer.cli.bench`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from amer.bench.flops import forward_macs, training_flops
+from amer.bench.harness import (
+    BenchOptions,
+    SuiteResult,
+    format_table,
+    interleave,
+    machine_info,
+    median,
+    paired_ratio,
+    peak_tensor_bytes,
+)
+from amer.bench.peers import suite_peers
+from amer.bench.suites import suite_blocks, suite_flops, suite_scaling, suite_stp, suite_taps
+from amer.config import suggest
+from amer.errors import ConfigError
+
+__all__ = [
+    "SUITES", "BenchOptions", "SuiteResult", "interleave", "paired_ratio", "median", "peak_tensor_bytes",
+    "machine_info", "forward_macs", "training_flops", "select_suites", "run_suite", "format_table",
+]
+
+_SUITE_FNS: dict[str, Callable[[BenchOptions], SuiteResult]] = {
+    "blocks": suite_blocks,
+    "stp": suite_stp,
+    "taps": suite_taps,
+    "scaling": suite_scaling,
+    "flops": suite_flops,
+    "peers": suite_peers,
+}
+SUITES = tuple(_SUITE_FNS)
+
+
+def _unknown(name: str) -> ConfigError:
+    return ConfigError(f"unknown benchmark suite {name!r}{suggest(name, [*SUITES, 'all'])} "
+                       f"(accepted: {', '.join(SUITES)}, all)")
+
+
+def select_suites(specs: list[str]) -> list[str]:
+    """Suite names from command-line words (``blocks``, ``stp,taps``, ``all``), each once, in order given."""
+    names: list[str] = []
+    for spec in specs:
+        for part in (p.strip() for p in spec.split(",")):
+            if part == "all":
+                names += [n for n in SUITES if n not in names]
+            elif part in SUITES:
+                names += [part] if part not in names else []
+            else:
+                raise _unknown(part)
+    return names
+
+
+def run_suite(name: str, opts: BenchOptions) -> SuiteResult:
+    """Run one suite by name (one of :data:`SUITES`)."""
+    if name not in _SUITE_FNS:
+        raise _unknown(name)
+    return _SUITE_FNS[name](opts)

@@ -1,0 +1,152 @@
+"""The ``peers`` suite: amer against Hugging Face transformers at matched configurations.
+
+transformers (and mambapy, its fastest CPU path for Jamba's scan) are optional: ``pip install amer[bench]``;
+without them the suite reports why it was skipped instead of failing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from amer.bench.harness import BenchOptions, SuiteResult, interleave, median, paired_ratio
+from amer.bench.workloads import build_model, family_config, make_batch
+from amer.config import ModelConfig, STPConfig, from_dict, to_dict
+from amer.families import families
+from amer.objective import STPPolicy
+from amer.training.step import TrainStep
+
+__all__ = ["PeerCase", "peer_cases", "suite_peers"]
+
+_HF_CLASSES = ("JambaForCausalLM", "Mamba2ForCausalLM", "MixtralForCausalLM")
+
+
+@dataclass
+class PeerCase:
+    """One side-by-side comparison: an amer model config and a transformers model built to match it."""
+
+    name: str
+    hf_class: str
+    amer_cfg: ModelConfig
+    hf_config: Any
+    matched: str
+
+
+def peer_cases(quick: bool) -> list[PeerCase]:
+    """Three matched pairs (Jamba-like hybrid, all-Mamba-2, attention + MoE), at the ``small`` preset's
+    dimensions (tiny ones with ``quick``).
+
+    Matching rules: same width, vocabulary, heads / kv heads, state size, expert count, top-k and expert
+    width; embeddings tied on both sides; no dropout. A transformers *layer* is a mixer plus its
+    feed-forward, an amer *letter* is one of them, so ``n`` Jamba / Mixtral layers are ``2n`` letters.
+    Jamba's Mamba is Mamba-1 (selective scan, ``dt_rank = ceil(D / 16)``), amer's is Mamba-2, so that
+    pair matches dimensions, not the exact mixer; every feed-forward is the MoE
+    (``expert_layer_period = 1``) because amer's MoE config is shared by all its blocks.
+    """
+    from transformers import JambaConfig, Mamba2Config, MixtralConfig
+
+    # each peer model is a fixed architecture: find the families that play its parts by their config
+    letter = {s.config_key: s.letter for s in families()}
+    att_l, mam_l, moe_l = letter["attention"], letter["mamba"], letter["moe"]
+    base = ModelConfig.from_preset("tiny" if quick else "small")
+    D, V = base.d_model, base.vocab_size
+    att, mam, moe = base.attention, base.mamba, base.moe
+    f = moe.d_ff or 2 * D
+    n_jamba = 2 if quick else 8  # Jamba layers; attention in every 4th (offset 2) or, quick, the 2nd
+    period, offset = (2, 1) if quick else (4, 2)
+    jamba_pat = "".join((att_l if i % period == offset else mam_l) + moe_l for i in range(n_jamba))
+    n_mix = 2 if quick else 4
+    n_m = 2 if quick else 8
+    common = {"vocab_size": V, "hidden_size": D, "tie_word_embeddings": True, "pad_token_id": 0, "bos_token_id": 1,
+              "eos_token_id": 2}
+    jamba = JambaConfig(**common, num_hidden_layers=n_jamba, num_attention_heads=att.n_heads,
+                        num_key_value_heads=att.n_kv_heads, intermediate_size=f, num_experts=moe.n_experts,
+                        num_experts_per_tok=moe.top_k, expert_layer_period=1, expert_layer_offset=0,
+                        attn_layer_period=period, attn_layer_offset=offset, mamba_d_state=16,
+                        mamba_d_conv=mam.d_conv, mamba_expand=mam.expand, mamba_dt_rank=math.ceil(D / 16),
+                        use_mamba_kernels=False, use_mambapy=True, max_position_embeddings=base.max_seq_len,
+                        use_cache=False)
+    mamba2 = Mamba2Config(**common, num_hidden_layers=n_m, state_size=mam.d_state, head_dim=mam.head_dim,
+                          num_heads=mam.expand * D // mam.head_dim, expand=mam.expand, n_groups=mam.n_groups,
+                          chunk_size=mam.chunk_size, conv_kernel=mam.d_conv, use_cache=False)
+    mixtral = MixtralConfig(**common, num_hidden_layers=n_mix, num_attention_heads=att.n_heads,
+                            num_key_value_heads=att.n_kv_heads, intermediate_size=f,
+                            num_local_experts=moe.n_experts, num_experts_per_tok=moe.top_k,
+                            max_position_embeddings=base.max_seq_len, use_cache=False)
+    jamba_mamba = from_dict(type(mam), {**to_dict(mam), "d_state": 16})
+    return [
+        PeerCase("jamba-like", "JambaForCausalLM", family_config(base, jamba_pat, mamba=to_dict(jamba_mamba)), jamba,
+                 f"{n_jamba} Jamba layers (attention where i % {period} == {offset}, MoE FFN in all), d_state 16; "
+                 "HF Mamba-1 scan via mambapy (use_mambapy=True)"),
+        PeerCase(f"all-{mam_l}", "Mamba2ForCausalLM", family_config(base, mam_l * n_m), mamba2,
+                 f"{n_m} Mamba-2 layers, d_state {mam.d_state}, head_dim {mam.head_dim}, chunk {mam.chunk_size}; "
+                 "HF torch_forward (no CUDA kernels)"),
+        PeerCase(f"{att_l}+{moe_l}", "MixtralForCausalLM", family_config(base, (att_l + moe_l) * n_mix), mixtral,
+                 f"{n_mix} Mixtral layers (GQA {att.n_heads}/{att.n_kv_heads} + {moe.n_experts} experts "
+                 f"top-{moe.top_k})"),
+    ]
+
+
+def _hf_step(model: Any, opt: torch.optim.Optimizer, batch: dict[str, Tensor]) -> Callable[[], None]:
+    def run() -> None:  # HF shifts the labels by one itself: T - 1 predictions instead of T, same work
+        out = model(input_ids=batch["tokens"], labels=batch["tokens"], use_cache=False)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return run
+
+
+def _amer_step(model: Any, opt: torch.optim.Optimizer, batch: dict[str, Tensor]) -> Callable[[], None]:
+    # what the HF side computes: cross-entropy plus the MoE auxiliary losses, no STP and no clipping
+    step = TrainStep(model, opt, STPPolicy(STPConfig(enabled=False), model.pattern), grad_clip=None)
+    batches = [batch]
+
+    def run() -> None:
+        step(batches, 0)
+
+    return run
+
+
+def suite_peers(opts: BenchOptions) -> SuiteResult:
+    res = SuiteResult("peers")
+    try:
+        import transformers
+    except ImportError:
+        res.notes.append("skipped: transformers is not installed (pip install 'amer[bench]' for transformers "
+                         "and mambapy)")
+        return res
+    transformers.logging.set_verbosity_error()
+    try:
+        import mambapy  # noqa: F401
+    except ImportError:
+        res.notes.append("mambapy is not installed: JambaForCausalLM falls back to its sequential scan "
+                         "(far slower than its fastest CPU path)")
+    cls = {name: getattr(transformers, name) for name in _HF_CLASSES}
+    B, T = opts.batch, opts.seq_len
+    cases = peer_cases(opts.quick)
+    for case in cases:
+        torch.manual_seed(opts.seed)
+        hf = cls[case.hf_class](case.hf_config).train()
+        amer_model = build_model(case.amer_cfg, opts.seed)
+        batch = make_batch(case.amer_cfg.vocab_size, B, T, opts.seed)
+        # the same optimizer on both sides (the training loop's own adds clipping and param groups)
+        fns = {"amer": _amer_step(amer_model, torch.optim.AdamW(amer_model.parameters(), lr=1e-4), batch),
+               "hf": _hf_step(hf, torch.optim.AdamW(hf.parameters(), lr=1e-4), batch)}
+        times = interleave(fns, opts.repeats, opts.warmup)
+        res.rows.append({
+            "name": case.name, "peer": case.hf_class, "pattern": case.amer_cfg.pattern,
+            "amer_params": amer_model.num_params(), "hf_params": sum(p.numel() for p in hf.parameters()),
+            "amer_tok_s": B * T / median(times["amer"]), "hf_tok_s": B * T / median(times["hf"]),
+            "speedup": paired_ratio(times["hf"], times["amer"]),
+        })
+        res.notes.append(f"{case.name}: {case.matched}")
+        del hf, amer_model
+    res.notes.append(f"training step (forward, backward, AdamW) at batch {B}x{T}; speedup = median of per-round "
+                     f"(transformers step / amer step); targets: {cases[0].name} >= 5, {cases[1].name} and "
+                     f"{cases[2].name} >= 1")
+    return res

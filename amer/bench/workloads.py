@@ -1,0 +1,89 @@
+"""What the suites time: batches shaped like the training loader's, models, and the training step itself.
+
+The step is :class:`amer.training.step.TrainStep`, the one ``amer train`` runs, so a benchmark measures
+the real thing and not a copy that could drift from it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from amer.config import ModelConfig, STPConfig, TrainConfig, from_dict, to_dict
+from amer.families import families
+from amer.model import HybridLM
+from amer.objective import STPPolicy
+from amer.pattern import Pattern
+from amer.training.step import TrainStep
+
+__all__ = ["STP_IN_FORCE", "STP_SPANS", "make_batch", "build_model", "family_config", "single_family_stacks",
+           "OPTIMIZER_SETTINGS", "no_stp", "with_stp", "stp_selector", "train_step"]
+
+# A step far past any gate and ramp, so the STP coefficient is at its full weight.
+STP_IN_FORCE = 10**9
+STP_SPANS = (1, 4, 16)
+_STP_GENERATOR_SEED = 1234
+# What the suites that time a full step hand to the training loop's make_optimizer.
+OPTIMIZER_SETTINGS = TrainConfig(lr=1e-4)
+
+
+def make_batch(vocab: int, batch: int, seq_len: int, seed: int = 0, mean_doc: int = 96) -> dict[str, Tensor]:
+    """Random tokens packed into documents of random length (mean ``mean_doc``), like the training loader's:
+    ``{"tokens", "targets", "doc_ids"}``, each (batch, seq_len); ``doc_ids`` feeds the STP mask."""
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(0, vocab, (batch, seq_len + 1), generator=g)
+    starts = torch.rand(batch, seq_len, generator=g) < 1.0 / mean_doc
+    starts[:, 0] = True
+    return {"tokens": seq[:, :-1].contiguous(), "targets": seq[:, 1:].contiguous(),
+            "doc_ids": starts.long().cumsum(1) - 1}
+
+
+def build_model(cfg: ModelConfig, seed: int = 0) -> HybridLM:
+    torch.manual_seed(seed)
+    return HybridLM(cfg).train()
+
+
+def family_config(base: ModelConfig, pattern: str, **overrides: Any) -> ModelConfig:
+    """``base``'s dimensions with another pattern (and overrides such as ``max_seq_len``)."""
+    data = to_dict(base)
+    data.update(pattern=pattern, **overrides)
+    return from_dict(ModelConfig, data)
+
+
+def single_family_stacks(base: ModelConfig, depth: int, **overrides: Any) -> dict[str, ModelConfig]:
+    """One ``depth``-block stack per registered family at ``base``'s dimensions, keyed by family letter."""
+    return {s.letter: family_config(base, s.letter * depth, **overrides) for s in families()}
+
+
+def no_stp(model: HybridLM) -> STPPolicy:
+    return STPPolicy(STPConfig(enabled=False), model.pattern)
+
+
+def stp_selector(pattern: Pattern) -> str:
+    """The last block of every family the pattern holds (``A-1,M-1,...``), in registry order."""
+    present = {layer.family for layer in pattern.layers}
+    return ",".join(f"{s.letter}-1" for s in families() if s.letter in present)
+
+
+def with_stp(model: HybridLM, n_spans: int) -> STPPolicy:
+    cfg = STPConfig(enabled=True, weight=0.02, n_spans=n_spans, layers=stp_selector(model.pattern))
+    return STPPolicy(cfg, model.pattern)
+
+
+def train_step(model: HybridLM, batch: dict[str, Tensor], policy: STPPolicy,
+               optimizer: torch.optim.Optimizer | None, *, taps: bool = True,
+               hold_output: bool = False) -> Callable[[], None]:
+    """One call of the training step on ``batch`` with the STP coefficient in force. With an optimizer it
+    is the full step (gradient clipping at 1.0, the optimizer step); without, forward and backward only,
+    with no gradient norm either, so that the figure is the model's own work."""
+    step = TrainStep(model, optimizer, policy, grad_clip=1.0 if optimizer is not None else None,
+                     stp_generator=torch.Generator().manual_seed(_STP_GENERATOR_SEED), taps=taps,
+                     hold_output=hold_output)
+    batches = [batch]
+
+    def run() -> None:
+        step(batches, STP_IN_FORCE)
+
+    return run

