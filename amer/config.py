@@ -60,20 +60,23 @@ class ModelConfig:
     init_std: float = opt(0.02, "std of the normal weight init (residual output projections scaled by 1/sqrt(2 layers))")
     family_configs: dict[str, Any] = field(default_factory=dict)
 
-    def __init__(self, pattern: str = "AEMR", **kwargs: Any) -> None:
+    def __init__(self, pattern: str = "AEMR", *, family_configs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        """Shared settings by name, each family's config by its ``config_key`` (a config or a table);
+        ``family_configs`` (what ``dataclasses.replace`` passes) gives several at once, named keys win."""
         self.pattern = pattern
         for f in _shared_fields():
             if f.name != "pattern":
                 setattr(self, f.name, kwargs.pop(f.name, f.default))
         specs = {s.config_key: s for s in families()}
-        unknown = sorted(set(kwargs) - set(specs))
+        given = {**(family_configs or {}), **kwargs}
+        unknown = sorted(set(given) - set(specs))
         if unknown:
             accepted = [f.name for f in _shared_fields()] + list(specs)
             raise ConfigError(f"unknown model setting '{unknown[0]}'{suggest(unknown[0], accepted)} "
                               f"(accepted: {', '.join(accepted)})")
         self.family_configs = {}
         for key, spec in specs.items():
-            value = kwargs.get(key)
+            value = given.get(key)
             if value is None:
                 value = spec.config()
             elif isinstance(value, dict):

@@ -26,9 +26,9 @@ else:  # pragma: no cover - Python 3.10
 __all__ = ["suggest", "check", "opt", "from_dict", "to_dict", "coerce", "load_toml"]
 
 
-def suggest(name: str, choices: typing.Iterable[str]) -> str:
+def suggest(name: str, choices: typing.Iterable[str], *, cutoff: float = 0.5) -> str:
     """A ``"; did you mean 'x'?"`` suffix for the closest valid name, or ``""``."""
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=cutoff)
     return f"; did you mean '{close[0]}'?" if close else ""
 
 

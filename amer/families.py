@@ -5,20 +5,19 @@ and every other part of amer (the pattern parser, tap selectors, STP family weig
 flags, FLOP counts, the curvature report and its colours, ``amer patterns``) reads this registry instead
 of naming families. Adding a family is one new block file plus its import in ``amer/blocks/__init__.py``.
 
-The built-in families are loaded on first use, so ``import amer.families`` stays cheap and the block
-modules can import this one without a cycle.
+The block modules import this one to register themselves; the registry's readers call
+:func:`families`, which makes sure the built-in block modules have been imported first.
 """
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 from amer.errors import InputError
 
 __all__ = ["FamilySpec", "Family", "register_family", "unregister_family", "get_family", "families", "letters",
-           "RESERVED_LETTERS"]
+           "expected_text", "RESERVED_LETTERS"]
 
 # Letters the grammars use for something else: 'L' is the absolute-layer tap selector (L7).
 RESERVED_LETTERS = frozenset("L")
@@ -53,41 +52,32 @@ class FamilySpec:
 
 
 _REGISTRY: dict[str, FamilySpec] = {}
-_LOCK = threading.RLock()
-_BUILTINS_LOADED = False
 
 
 def _ensure_builtins() -> None:
-    global _BUILTINS_LOADED
-    if _BUILTINS_LOADED:
-        return
-    with _LOCK:
-        if not _BUILTINS_LOADED:
-            _BUILTINS_LOADED = True
-            import amer.blocks  # noqa: F401  (each family module registers itself on import)
+    # a lazy import: the block modules import this module to register, so it cannot import them at the top
+    import amer.blocks  # noqa: F401
 
 
 def register_family(spec: FamilySpec) -> FamilySpec:
     """Add ``spec`` to the registry. Re-registering the same letter with the same mixer (same module and
     name) and config key replaces the entry (a reloaded module); anything else under a taken letter or
     config key is an error."""
-    with _LOCK:
-        old = _REGISTRY.get(spec.letter)
-        same = old is not None and (old.mixer.__module__, old.mixer.__qualname__, old.config_key) == (
-            spec.mixer.__module__, spec.mixer.__qualname__, spec.config_key)
-        if old is not None and not same:
-            raise InputError(f"family letter {spec.letter!r} is already registered to {old.name}")
-        clash = [s for s in _REGISTRY.values() if s.config_key == spec.config_key and s.letter != spec.letter]
-        if clash:
-            raise InputError(f"family config_key {spec.config_key!r} is already used by {clash[0].name}")
-        _REGISTRY[spec.letter] = spec
+    old = _REGISTRY.get(spec.letter)
+    same = old is not None and (old.mixer.__module__, old.mixer.__qualname__, old.config_key) == (
+        spec.mixer.__module__, spec.mixer.__qualname__, spec.config_key)
+    if old is not None and not same:
+        raise InputError(f"family letter {spec.letter!r} is already registered to {old.name}")
+    clash = [s for s in _REGISTRY.values() if s.config_key == spec.config_key and s.letter != spec.letter]
+    if clash:
+        raise InputError(f"family config_key {spec.config_key!r} is already used by {clash[0].name}")
+    _REGISTRY[spec.letter] = spec
     return spec
 
 
 def unregister_family(letter: str) -> None:
     """Remove a family (tests that register a toy family clean up with this)."""
-    with _LOCK:
-        _REGISTRY.pop(letter, None)
+    _REGISTRY.pop(letter, None)
 
 
 def families() -> tuple[FamilySpec, ...]:

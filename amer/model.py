@@ -48,17 +48,19 @@ class HybridLM(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        self.reset_parameters()
+        self._init_embedding_and_head()
 
-    def reset_parameters(self, *, blocks: bool = False) -> None:
-        """GPT-2 style: embedding (and an untied LM head) N(0, init_std), norm gains 1. Each block owns its
-        mixer's initialisation (residual projections scaled by 1/sqrt(2L)) and ran it when it was built;
-        ``blocks=True`` re-initialises them too."""
+    def reset_parameters(self) -> None:
+        """Re-initialise every weight: each block its own (:meth:`Block.reset_parameters`), then the model's."""
+        for blk in self.blocks:
+            blk.reset_parameters()
+        self._init_embedding_and_head()
+
+    def _init_embedding_and_head(self) -> None:
+        """GPT-2 style: embedding (and an untied LM head) N(0, init_std), final norm gain 1. The blocks
+        initialised themselves when they were built."""
         std = self.cfg.init_std
         nn.init.normal_(self.embed.weight, 0.0, std)
-        if blocks:
-            for blk in self.blocks:
-                blk.reset_parameters()
         self.norm.reset_parameters()
         if not self.cfg.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, 0.0, std)

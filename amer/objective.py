@@ -19,7 +19,7 @@ from amer.config import ConfigError, STPConfig
 from amer.model import ModelOutput
 from amer.pattern import Pattern
 from amer.stp import stp_per_layer
-from amer.tap import SelectorError, TapSet, resolve_selector, tap_names
+from amer.tap import SelectorError, TapSet, resolve_selector, tap_label, tap_names
 
 __all__ = ["LossBreakdown", "STPPolicy", "cross_entropy"]
 
@@ -60,7 +60,7 @@ class STPPolicy:
         self.names = [names[p] for p in self.positions]
         self.selector = cfg.layers
         fw = cfg.family_weights or {}
-        labels = [_label(n) for n in self.names]
+        labels = [tap_label(n) for n in self.names]
         self.tap_weights = [float(fw.get(lab, 1.0)) for lab in labels]
         if cfg.enabled and sum(self.tap_weights) <= 0:
             raise ConfigError("stp.family_weights give every selected tap weight 0; at least one must be > 0")
@@ -119,7 +119,3 @@ class STPPolicy:
         grads = torch.autograd.grad(breakdown.coeff * breakdown.stp, hiddens, retain_graph=True, allow_unused=True)
         sq = sum((g.float().square().sum() for g in grads if g is not None), torch.zeros(()))
         return float(sq.sqrt())
-
-
-def _label(name: str) -> str:
-    return name if name in ("embed", "final") else name[0]

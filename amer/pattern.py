@@ -14,7 +14,6 @@ Every error is a :class:`PatternError` naming the offending character and its po
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import sys
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from amer.configio import suggest
 from amer.errors import PatternError
 from amer.families import Family, expected_text, letters
 
@@ -43,10 +43,6 @@ __all__ = [
 ]
 
 MAX_LAYERS = 4096  # guards against '(A)*999999999' eating the machine
-
-
-def _expected() -> str:
-    return expected_text()
 
 
 @dataclass(frozen=True)
@@ -208,11 +204,11 @@ class _Parser:
             elif c.isalpha() and c.upper() in self.letters:
                 raise PatternError(
                     f"pattern {self.src!r}: unknown block {c!r} at position {pos}; block letters are "
-                    f"upper case, did you mean {c.upper()!r}? {_expected()}",
+                    f"upper case, did you mean {c.upper()!r}? {expected_text()}",
                     pos,
                 )
             else:
-                raise PatternError(f"pattern {self.src!r}: unknown block {c!r} at position {pos}; {_expected()}", pos)
+                raise PatternError(f"pattern {self.src!r}: unknown block {c!r} at position {pos}; {expected_text()}", pos)
         if not top:
             raise self.err("unbalanced '(': no matching ')'", open_pos)
         return out
@@ -267,8 +263,7 @@ def load_preset(name: str) -> dict[str, Any]:
     p = _preset_path(name)
     if p is None:
         names = preset_names()
-        close = difflib.get_close_matches(name, names, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        hint = suggest(name, names, cutoff=0.6)
         raise PatternError(f"no preset named {name!r} in {patterns_dir()}{hint} (available: {', '.join(names) or 'none'})")
     try:
         data = tomllib.loads(p.read_text())
@@ -292,7 +287,7 @@ def parse_pattern(text: str) -> Pattern:
         raise PatternError(f"pattern must be a string, got {type(text).__name__}")
     stripped = text.strip()
     if not stripped:
-        raise PatternError(f"pattern {text!r} is empty; {_expected()}, e.g. 'AEMR' or '(AEME)*3R'", 0)
+        raise PatternError(f"pattern {text!r} is empty; {expected_text()}, e.g. 'AEMR' or '(AEME)*3R'", 0)
     preset = None
     if _NAME_RE.match(stripped) and any(c.islower() for c in stripped) and _preset_path(stripped):
         preset = stripped
@@ -305,8 +300,7 @@ def parse_pattern(text: str) -> Pattern:
     except PatternError as e:
         if preset is None and _NAME_RE.match(stripped) and any(c.islower() and c not in letters().lower() for c in stripped):
             names = preset_names()
-            close = difflib.get_close_matches(stripped, names, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
+            hint = suggest(stripped, names, cutoff=0.6)
             raise PatternError(
                 f"{e} (and there is no preset named {stripped!r}{hint}; presets: {', '.join(names) or 'none'})",
                 e.position,
@@ -319,11 +313,11 @@ def parse_pattern(text: str) -> Pattern:
 def _parse(text: str, preset: str | None) -> Pattern:
     parser = _Parser(text)
     if not parser.chars:
-        raise PatternError(f"pattern {text!r} is empty; {_expected()}", 0)
+        raise PatternError(f"pattern {text!r} is empty; {expected_text()}", 0)
     nodes, depth, depth_pos = parser.parse()
     n = _length(nodes)
     if n == 0:
-        raise parser.err("no blocks", parser.chars[0][0], _expected())
+        raise parser.err("no blocks", parser.chars[0][0], expected_text())
     if n > MAX_LAYERS:
         raise parser.err(f"expands to more than {MAX_LAYERS} layers", None)
     flat = _expand(nodes)

@@ -22,10 +22,10 @@ from typing import Iterator, NamedTuple, Sequence
 from torch import Tensor
 
 from amer.errors import SelectorError
-from amer.families import Family, get_family, letters
+from amer.families import Family, families, get_family, letters
 from amer.pattern import Pattern
 
-__all__ = ["Tap", "TapSet", "SelectorError", "resolve_selector", "tap_names"]
+__all__ = ["Tap", "TapSet", "SelectorError", "resolve_selector", "tap_names", "tap_label", "last_of_each_family"]
 
 
 class Tap(NamedTuple):
@@ -53,12 +53,23 @@ def tap_names(pattern: Pattern) -> list[str]:
     return ["embed"] + [layer.name for layer in pattern.layers] + ["final"]
 
 
+def tap_label(name: str) -> str:
+    """What a tap name reports under: its family letter (``A3`` -> ``A``), or ``embed`` / ``final``."""
+    return name if name in ("embed", "final") else name[0]
+
+
+def last_of_each_family(pattern: Pattern) -> str:
+    """The selector of the last block of each family present, in registry order: ``"A-1,M-1,E-1,R-1"``."""
+    present = {layer.family.value for layer in pattern.layers}
+    return ",".join(f"{s.letter}-1" for s in families() if s.letter in present)
+
+
 _ITEM = re.compile(r"^(?P<kind>[A-Z])(?:(?P<idx>-?\d+)|(?P<lo>-?\d*):(?P<hi>-?\d*))?$")
 
 
 def _help() -> str:
-    fams = "|".join(letters())
-    return (f"expected {fams} optionally with an index ({letters()[0]}0, {letters()[0]}-1) or slice (M1:3), "
+    first = letters()[0]
+    return (f"expected {'|'.join(letters())} optionally with an index ({first}0, {first}-1) or slice ({first}1:3), "
             "L<layer> (L7, L-1, L2:5), 'final' or 'embed'")
 
 

@@ -53,7 +53,7 @@ def test_reset_parameters_redraws_every_block_weight() -> None:
     for p in model.parameters():
         torch.nn.init.constant_(p, 0.123)
     torch.manual_seed(0)
-    model.reset_parameters(blocks=True)
+    model.reset_parameters()
     for name, p in model.named_parameters():
         assert not torch.all(p == 0.123), f"{name} was not re-initialised"
     # the same distribution, not the same draws: the stds match what construction gave

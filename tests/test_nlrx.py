@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import amer.cli.nlrx as nlrx_cli
+import amer.cli.experiment_nlrx as nlrx_cli
 from amer.analysis.stats import betainc, effective_rank, paired_ttest, t_two_sided_p
 from amer.data import ByteTokenizer, DataError, render_chat
 from amer.experiments import nlrx

@@ -1,4 +1,4 @@
-"""The tap selector language of DESIGN.md, resolved against a pattern (no model needed)."""
+"""The tap selector language, resolved against a pattern (no model needed)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """STP wired into a real HybridLM: the collector is live, the policy gates correctly, metrics have stable
 names, and the loss and estimators compile to one static graph.
 
-The seeds' warning is that STP dies silently in the wiring (a collector under the wrong branch,
+The danger is that STP dies silently in the wiring (a collector under the wrong branch,
 detached states, policy leaking into the kernel, shapes that recompile), so these tests go through
 the model and :class:`~amer.objective.STPPolicy` rather than calling the kernel directly.
 """

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from amer.stp import depth_curvature_per_token, token_curvature
-from amer.tap import Tap
+from amer.tap import Tap, tap_label
 
 __all__ = ["depth_states", "training_metrics"]
 
@@ -40,7 +40,7 @@ def training_metrics(taps, per_tap_stp: Mapping[str, Tensor] | None = None, *,
     fam_stp: dict[str, list[float]] = defaultdict(list)
     for name, v in (per_tap_stp or {}).items():
         out[f"stp/{name}"] = float(v)
-        fam_stp[name if name in ("embed", "final") else name[0]].append(float(v))
+        fam_stp[tap_label(name)].append(float(v))
     for fam, vs in fam_stp.items():
         out[f"stp/{fam}"] = sum(vs) / len(vs)
 

@@ -14,11 +14,9 @@ import torch
 from torch import Tensor
 
 from amer.bench.harness import BenchOptions, SuiteResult, interleave, median, paired_ratio
-from amer.bench.workloads import build_model, family_config, make_batch
-from amer.config import ModelConfig, STPConfig, from_dict, to_dict
+from amer.bench.workloads import build_model, family_config, make_batch, no_stp, train_step
+from amer.config import ModelConfig, from_dict, to_dict
 from amer.families import families
-from amer.objective import STPPolicy
-from amer.training.step import TrainStep
 
 __all__ = ["PeerCase", "peer_cases", "suite_peers"]
 
@@ -49,7 +47,7 @@ def peer_cases(quick: bool) -> list[PeerCase]:
     """
     from transformers import JambaConfig, Mamba2Config, MixtralConfig
 
-    # each peer model is a fixed architecture: find the families that play its parts by their config
+    # each peer is a fixed architecture, so it names the amer families it is matched with (by config key)
     letter = {s.config_key: s.letter for s in families()}
     att_l, mam_l, moe_l = letter["attention"], letter["mamba"], letter["moe"]
     base = ModelConfig.from_preset("tiny" if quick else "small")
@@ -101,17 +99,6 @@ def _hf_step(model: Any, opt: torch.optim.Optimizer, batch: dict[str, Tensor]) -
     return run
 
 
-def _amer_step(model: Any, opt: torch.optim.Optimizer, batch: dict[str, Tensor]) -> Callable[[], None]:
-    # what the HF side computes: cross-entropy plus the MoE auxiliary losses, no STP and no clipping
-    step = TrainStep(model, opt, STPPolicy(STPConfig(enabled=False), model.pattern), grad_clip=None)
-    batches = [batch]
-
-    def run() -> None:
-        step(batches, 0)
-
-    return run
-
-
 def suite_peers(opts: BenchOptions) -> SuiteResult:
     res = SuiteResult("peers")
     try:
@@ -135,7 +122,9 @@ def suite_peers(opts: BenchOptions) -> SuiteResult:
         amer_model = build_model(case.amer_cfg, opts.seed)
         batch = make_batch(case.amer_cfg.vocab_size, B, T, opts.seed)
         # the same optimizer on both sides (the training loop's own adds clipping and param groups)
-        fns = {"amer": _amer_step(amer_model, torch.optim.AdamW(amer_model.parameters(), lr=1e-4), batch),
+        # what the HF side computes: cross-entropy plus the MoE auxiliary losses, no STP and no clipping
+        amer_opt = torch.optim.AdamW(amer_model.parameters(), lr=1e-4)
+        fns = {"amer": train_step(amer_model, batch, no_stp(amer_model), amer_opt, grad_clip=None),
                "hf": _hf_step(hf, torch.optim.AdamW(hf.parameters(), lr=1e-4), batch)}
         times = interleave(fns, opts.repeats, opts.warmup)
         res.rows.append({

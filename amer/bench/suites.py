@@ -19,12 +19,12 @@ from amer.bench.workloads import (
     make_batch,
     no_stp,
     single_family_stacks,
-    stp_selector,
     train_step,
     with_stp,
 )
 from amer.config import ModelConfig
 from amer.model import HybridLM
+from amer.tap import last_of_each_family
 from amer.training.optim import make_optimizer
 
 __all__ = ["suite_blocks", "suite_stp", "suite_taps", "suite_scaling", "suite_flops"]
@@ -50,12 +50,17 @@ def suite_blocks(opts: BenchOptions) -> SuiteResult:
     return res
 
 
-def suite_stp(opts: BenchOptions) -> SuiteResult:
-    res = SuiteResult("stp")
+def _preset_step(opts: BenchOptions) -> tuple[HybridLM, torch.optim.Optimizer, dict[str, Tensor]]:
+    """The preset's model, the training loop's optimizer for it, and one batch: what a full step needs."""
     cfg = ModelConfig.from_preset(opts.preset)
     model = build_model(cfg, opts.seed)
-    opt = make_optimizer(model, OPTIMIZER_SETTINGS)
-    batch = make_batch(cfg.vocab_size, opts.batch, opts.seq_len, opts.seed)
+    return model, make_optimizer(model, OPTIMIZER_SETTINGS), make_batch(cfg.vocab_size, opts.batch, opts.seq_len,
+                                                                        opts.seed)
+
+
+def suite_stp(opts: BenchOptions) -> SuiteResult:
+    res = SuiteResult("stp")
+    model, opt, batch = _preset_step(opts)
     fns = {"off": train_step(model, batch, no_stp(model), opt)}
     for n in STP_SPANS:
         fns[f"n_spans={n}"] = train_step(model, batch, with_stp(model, n), opt)
@@ -65,7 +70,7 @@ def suite_stp(opts: BenchOptions) -> SuiteResult:
     for n in STP_SPANS:
         key = f"n_spans={n}"
         res.rows.append({"name": key, "ms": median(times[key]) * 1e3, "ratio": paired_ratio(times[key], times["off"])})
-    res.notes.append(f"{opts.preset} preset, batch {opts.batch}x{opts.seq_len}, STP on {stp_selector(model.pattern)} "
+    res.notes.append(f"{opts.preset} preset, batch {opts.batch}x{opts.seq_len}, STP on {last_of_each_family(model.pattern)} "
                      "with the document-id mask; step = forward + backward + clip + AdamW; ratio = median of "
                      "per-round (STP step / plain step); target <= 1.02 at n_spans=4, flat in n_spans")
     return res
@@ -73,10 +78,7 @@ def suite_stp(opts: BenchOptions) -> SuiteResult:
 
 def suite_taps(opts: BenchOptions) -> SuiteResult:
     res = SuiteResult("taps")
-    cfg = ModelConfig.from_preset(opts.preset)
-    model = build_model(cfg, opts.seed)
-    opt = make_optimizer(model, OPTIMIZER_SETTINGS)
-    batch = make_batch(cfg.vocab_size, opts.batch, opts.seq_len, opts.seed)
+    model, opt, batch = _preset_step(opts)
     policy = no_stp(model)
     fns = {"taps=True": train_step(model, batch, policy, opt, taps=True),
            "taps=False": train_step(model, batch, policy, opt, taps=False),
@@ -88,7 +90,7 @@ def suite_taps(opts: BenchOptions) -> SuiteResult:
                          "time_ratio": paired_ratio(times[name], times["taps=False"]),
                          "peak_MB": peaks[name] / MB, "extra_MB": (peaks[name] - peaks["taps=False"]) / MB})
     n_taps = len(model.pattern.layers) + 2
-    one = opts.batch * opts.seq_len * cfg.d_model * 4
+    one = opts.batch * opts.seq_len * model.cfg.d_model * 4
     res.notes.append(f"training step without STP; peak = live tensor bytes during the step (profiler allocator "
                      f"events); for scale, one tap is {one / MB:.2f} MB and the model records {n_taps}. "
                      "the step drops the model output before backward, as the training loop does; 'held' keeps "

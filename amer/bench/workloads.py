@@ -15,11 +15,11 @@ from amer.config import ModelConfig, STPConfig, TrainConfig, from_dict, to_dict
 from amer.families import families
 from amer.model import HybridLM
 from amer.objective import STPPolicy
-from amer.pattern import Pattern
+from amer.tap import last_of_each_family
 from amer.training.step import TrainStep
 
 __all__ = ["STP_IN_FORCE", "STP_SPANS", "make_batch", "build_model", "family_config", "single_family_stacks",
-           "OPTIMIZER_SETTINGS", "no_stp", "with_stp", "stp_selector", "train_step"]
+           "OPTIMIZER_SETTINGS", "no_stp", "with_stp", "train_step"]
 
 # A step far past any gate and ramp, so the STP coefficient is at its full weight.
 STP_IN_FORCE = 10**9
@@ -61,24 +61,20 @@ def no_stp(model: HybridLM) -> STPPolicy:
     return STPPolicy(STPConfig(enabled=False), model.pattern)
 
 
-def stp_selector(pattern: Pattern) -> str:
-    """The last block of every family the pattern holds (``A-1,M-1,...``), in registry order."""
-    present = {layer.family for layer in pattern.layers}
-    return ",".join(f"{s.letter}-1" for s in families() if s.letter in present)
-
-
 def with_stp(model: HybridLM, n_spans: int) -> STPPolicy:
-    cfg = STPConfig(enabled=True, weight=0.02, n_spans=n_spans, layers=stp_selector(model.pattern))
+    cfg = STPConfig(enabled=True, weight=0.02, n_spans=n_spans, layers=last_of_each_family(model.pattern))
     return STPPolicy(cfg, model.pattern)
 
 
 def train_step(model: HybridLM, batch: dict[str, Tensor], policy: STPPolicy,
-               optimizer: torch.optim.Optimizer | None, *, taps: bool = True,
-               hold_output: bool = False) -> Callable[[], None]:
+               optimizer: torch.optim.Optimizer | None, *, taps: bool = True, hold_output: bool = False,
+               grad_clip: float | None | str = "auto") -> Callable[[], None]:
     """One call of the training step on ``batch`` with the STP coefficient in force. With an optimizer it
-    is the full step (gradient clipping at 1.0, the optimizer step); without, forward and backward only,
-    with no gradient norm either, so that the figure is the model's own work."""
-    step = TrainStep(model, optimizer, policy, grad_clip=1.0 if optimizer is not None else None,
+    is the full step (gradient clipping at 1.0 unless ``grad_clip`` says otherwise, the optimizer step);
+    without, forward and backward only, with no gradient norm either, so that the figure is the model's
+    own work."""
+    clip = (1.0 if optimizer is not None else None) if grad_clip == "auto" else grad_clip
+    step = TrainStep(model, optimizer, policy, grad_clip=clip,
                      stp_generator=torch.Generator().manual_seed(_STP_GENERATOR_SEED), taps=taps,
                      hold_output=hold_output)
     batches = [batch]

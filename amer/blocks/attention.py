@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from amer.blocks.common import Mixer, MixerOutput, RMSNorm
-from amer.config import Dims, check, opt
+from amer.config import Dims
+from amer.configio import check, opt
 from amer.families import FamilySpec, register_family
 from amer.pattern import LayerSpec
 

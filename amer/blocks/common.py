@@ -54,15 +54,17 @@ class RMSNorm(nn.Module):
 class SwiGLU(nn.Module):
     """SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x)), gate and up fused."""
 
-    def __init__(self, d_model: int, d_ff: int) -> None:
+    def __init__(self, d_model: int, d_ff: int, *, std: float = 0.02, out_std: float = 0.02) -> None:
         super().__init__()
+        self.std, self.out_std = std, out_std
         self.gate_up = nn.Linear(d_model, 2 * d_ff, bias=False)
         self.down = nn.Linear(d_ff, d_model, bias=False)
+        self.reset_parameters()
 
-    def reset_parameters(self, std: float, out_std: float) -> None:
-        """``down`` writes into the residual stream, so it gets the residual-scaled ``out_std``."""
-        nn.init.normal_(self.gate_up.weight, 0.0, std)
-        nn.init.normal_(self.down.weight, 0.0, out_std)
+    def reset_parameters(self) -> None:
+        """N(0, std); ``down`` writes into the residual stream, so it gets the residual-scaled ``out_std``."""
+        nn.init.normal_(self.gate_up.weight, 0.0, self.std)
+        nn.init.normal_(self.down.weight, 0.0, self.out_std)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)

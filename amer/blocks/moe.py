@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from amer.blocks.common import Mixer, MixerOutput, SwiGLU
-from amer.config import Dims, check, opt
+from amer.config import Dims
+from amer.configio import check, opt
 from amer.families import FamilySpec, register_family
 from amer.ops.moe import dispatch_capacity, dispatch_dropless, expert_capacity
 from amer.pattern import LayerSpec
@@ -92,7 +93,8 @@ class MoEMixer(Mixer):
         self.router = nn.Linear(D, cfg.n_experts, bias=False)
         self.w_gate_up = nn.Parameter(torch.empty(cfg.n_experts, D, 2 * self.d_ff))
         self.w_down = nn.Parameter(torch.empty(cfg.n_experts, self.d_ff, D))
-        self.shared = SwiGLU(D, cfg.d_ff_shared or self.d_ff) if cfg.shared_expert else None
+        self.shared = (SwiGLU(D, cfg.d_ff_shared or self.d_ff, std=dims.init_std, out_std=dims.out_std)
+                       if cfg.shared_expert else None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -104,7 +106,7 @@ class MoEMixer(Mixer):
         nn.init.normal_(self.w_gate_up, 0.0, std)
         nn.init.normal_(self.w_down, 0.0, out_std)
         if self.shared is not None:
-            self.shared.reset_parameters(std, out_std)
+            self.shared.reset_parameters()
 
     def flops(self, seq_len: int) -> dict[str, float]:
         """The router counts fully; each token visits ``top_k`` experts (3 D F multiply-adds each) and the

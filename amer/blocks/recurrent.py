@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from amer.blocks.common import Mixer, MixerOutput
-from amer.config import Dims, check, opt
+from amer.config import Dims
+from amer.configio import check, opt
 from amer.families import FamilySpec, register_family
 from amer.ops.conv import causal_conv1d, conv_state_init
 from amer.ops.scan import linear_scan_backward, linear_scan_forward

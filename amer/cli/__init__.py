@@ -5,11 +5,11 @@ Bad input prints one line and exits with code 2 (no traceback). Nothing below th
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import sys
 
 from amer.cli.base import fail, run
+from amer.configio import suggest
 
 __all__ = ["main", "COMMANDS"]
 
@@ -37,8 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS:
-        close = difflib.get_close_matches(cmd, list(COMMANDS), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        hint = suggest(cmd, COMMANDS, cutoff=0.6)
         return fail(f"unknown command '{cmd}'{hint} (commands: {', '.join(COMMANDS)})")
     module = importlib.import_module(f"amer.cli.{COMMANDS[cmd][0]}")
     return run(module.command, rest)

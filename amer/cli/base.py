@@ -40,6 +40,6 @@ def run(command: Callable[[list[str]], int], argv: list[str]) -> int:
         return int(e.code or 0) if not isinstance(e.code, str) else fail(e.code)
     except AmerError as e:
         return fail(str(e), e.exit_code)
-    except KeyboardInterrupt:
-        print("interrupted: the last written checkpoint is intact", file=sys.stderr)
+    except KeyboardInterrupt:  # a command with state worth naming (train, experiments) says more itself
+        print("interrupted", file=sys.stderr)
         return 130

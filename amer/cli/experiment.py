@@ -1,11 +1,11 @@
-"""``amer experiment NAME ...``: hands the rest of the command line to ``amer.cli.NAME``, the command line of
-the experiment package ``amer.experiments.NAME``."""
+"""``amer experiment NAME ...``: hands the rest of the command line to ``amer.cli.experiment_NAME``, the command
+line of the experiment package ``amer.experiments.NAME``."""
 
 from __future__ import annotations
 
-import difflib
 import importlib
 
+from amer.configio import suggest
 from amer.errors import ExperimentError
 from amer.experiments import EXPERIMENTS
 
@@ -29,7 +29,6 @@ def command(argv: list[str]) -> int:
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in EXPERIMENTS:
-        close = difflib.get_close_matches(name, EXPERIMENTS, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        hint = suggest(name, EXPERIMENTS, cutoff=0.6)
         raise ExperimentError(f"unknown experiment '{name}'{hint} (experiments: {', '.join(EXPERIMENTS)})")
-    return importlib.import_module(f"amer.cli.{name}").command(rest)
+    return importlib.import_module(f"amer.cli.experiment_{name}").command(rest)

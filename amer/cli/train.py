@@ -141,7 +141,11 @@ def command(argv: list[str]) -> int:
 
     cfg, extras = resolve_config(argv)
     tune_malloc()  # CLI runs own their process; library callers of train() keep their allocator
-    train(cfg, stop_at=extras["stop_at"])
+    try:
+        train(cfg, stop_at=extras["stop_at"])
+    except KeyboardInterrupt:
+        print("interrupted: the last written checkpoint is intact; continue with --resume", file=sys.stderr)
+        return 130
     return 0
 
 

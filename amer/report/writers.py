@@ -61,20 +61,20 @@ def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def new_figure(*args: Any, **kwargs: Any) -> Any:
-    """``matplotlib.pyplot.subplots`` on the non-interactive Agg backend (no display needed)."""
-    import matplotlib
+def new_figure(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float] | None = None,
+               layout: str | None = None, **subplots: Any) -> tuple[Any, Any]:
+    """``(figure, axes)`` like ``pyplot.subplots``, but a bare Agg ``Figure``: no pyplot, so a report drawn
+    from a notebook or GUI session neither switches its backend nor leaves figures open."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(*args, **kwargs)
+    fig = Figure(figsize=figsize, layout=layout)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, **subplots)
 
 
 def save_figure(fig: Any, path: str | Path, *, dpi: int = 120) -> Path:
-    """Save ``fig`` as PNG at ``path`` (atomically) and close it."""
-    import matplotlib.pyplot as plt
-
+    """Save ``fig`` as PNG at ``path`` (atomically)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
@@ -82,6 +82,5 @@ def save_figure(fig: Any, path: str | Path, *, dpi: int = 120) -> Path:
         fig.savefig(tmp, dpi=dpi)
         os.replace(tmp, path)
     finally:
-        plt.close(fig)
         tmp.unlink(missing_ok=True)
     return path

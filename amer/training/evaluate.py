@@ -19,14 +19,20 @@ SPAN_SEED = 1234  # STP spans in evaluation: the same for every run, so held-out
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: Iterable[Mapping[str, Tensor]], *,
              stp: Mapping[str, STPPolicy] | None = None, dtype: str = "float32", ignore_index: int = -100,
-             visit: Callable[[Any, Mapping[str, Tensor]], None] | None = None) -> dict[str, float]:
+             visit: Callable[[Any, Mapping[str, Tensor]], None] | None = None,
+             taps: bool | str | None = None) -> dict[str, float]:
     """``{"loss": CE per target token, "tokens": n, "stp/<name>": mean STP per row, ...}`` over ``batches``.
 
     ``stp`` maps a name to an enabled policy (its selection, spans and family weights are used, not its
-    gate); ``visit(output, batch)`` sees every forward, e.g. to collect final hidden states.
+    gate); ``visit(output, batch)`` sees every forward, e.g. to collect final hidden states. ``taps`` is
+    what the forward records: by default only what the STP selections need (holding every block's state
+    would cost memory for nothing); a ``visit`` that reads other taps asks for them.
     """
     device = next(model.parameters()).device
     stp = {k: p for k, p in (stp or {}).items() if p.enabled}
+    if taps is None:
+        needed = list(dict.fromkeys(name for p in stp.values() for name in p.names))
+        taps = ",".join(needed) if needed else False
     gens = {k: torch.Generator(device).manual_seed(SPAN_SEED) for k in stp}
     was_training = model.training
     model.eval()
@@ -35,7 +41,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Mapping[str, Tensor]], *,
     for raw in batches:
         batch = {k: v.to(device) for k, v in raw.items()}
         with autocast(dtype, device):
-            out = model(batch["tokens"], taps=bool(stp) or visit is not None)
+            out = model(batch["tokens"], taps=taps)
         k = int((batch["targets"] != ignore_index).sum())
         ce_sum += float(cross_entropy(out.logits, batch["targets"], ignore_index)) * k
         n_tok += k

@@ -1,6 +1,6 @@
 """One optimizer step, the only one in amer: ``amer train``, ``amer bench`` and the experiments all run it.
 
-Per micro-batch: forward (every tap recorded, on the graph), ``ce + moe_aux + coeff * stp`` from the
+Per micro-batch: forward (recording the taps it is asked for, every block by default, on the graph), ``ce + moe_aux + coeff * stp`` from the
 :class:`~amer.objective.STPPolicy`, a non-finite guard, the log figures read from the taps when asked,
 then the model output is dropped and ``loss / grad_accum`` is backpropagated. After the last micro-batch:
 gradient clipping, a second non-finite guard on the gradient norm, the optimizer step, zeroed gradients.

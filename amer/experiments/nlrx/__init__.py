@@ -32,7 +32,7 @@ Modules: :mod:`.data` (examples, batches, exact match), :mod:`.grid` (settings, 
 :mod:`.arm` (train and evaluate one arm through :class:`amer.training.TrainStep`,
 :func:`amer.training.evaluate` and :func:`amer.generate.decode`), :mod:`.runner` (the grid, in parallel,
 resumable, the duration estimate), :mod:`.report` (summary, verdicts, results files); the command line is
-:mod:`amer.cli.nlrx`.
+:mod:`amer.cli.experiment_nlrx`.
 
 Resumable: each finished arm is written to ``OUT/arms/<arm-id>.json`` and skipped when present;
 the report (``results.json``, ``results.md``, ``results.png``) is rebuilt from those files.

@@ -132,7 +132,7 @@ def evaluate_arm(model: HybridLM, test: ExampleSet, s: Settings, *, decode: bool
 
     n = len(test)
     batches = (test.batch(range(i, min(n, i + s.eval_batch))) for i in range(0, n, s.eval_batch))
-    ev = evaluate(model, batches, stp=pols, visit=keep_final_states)
+    ev = evaluate(model, batches, stp=pols, visit=keep_final_states, taps=True)
     res: dict[str, Any] = {
         "heldout_ce": ev["loss"],
         "heldout_stp_final": ev["stp/final"],

@@ -11,6 +11,7 @@ import torch
 
 from amer import AttentionConfig, MambaConfig, ModelConfig, MoEConfig, RecurrentConfig
 from amer.errors import ExperimentError
+from amer.tap import last_of_each_family
 
 __all__ = ["TAPS", "NTP", "PROTOCOL", "Settings", "Arm", "build_grid", "model_config", "family_selector",
            "subset_rows"]
@@ -38,12 +39,8 @@ def model_config(pattern: str, d_model: int, max_seq_len: int = 384) -> ModelCon
 
 
 def family_selector(cfg: ModelConfig) -> str:
-    """The last block of each family present, in depth order of first appearance: ``"A-1,M-1,E-1,R-1"``."""
-    fams: list[str] = []
-    for layer in cfg.parsed.layers:
-        if layer.family.value not in fams:
-            fams.append(layer.family.value)
-    return ",".join(f"{f}-1" for f in fams)
+    """The last block of each family present, in registry order: ``"A-1,M-1,E-1,R-1"``."""
+    return last_of_each_family(cfg.parsed)
 
 
 @dataclass
