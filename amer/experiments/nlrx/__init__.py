@@ -44,7 +44,8 @@ set, 8 of 1/4, 32 of 1/16), lr 3e-3 with 5% warm-up and cosine decay; three seed
 and lambda 0.02 (the paper's best on SYNTH) with both taps: 102 arms. ``--lambdas-small all`` runs the
 full 198-arm cross instead. Measured on 2 cores (AMD EPYC, 2026-12-01), one thread per worker, two
 workers: ~44 s (dense) / ~48 s (hybrid) of training and ~7-8 s of evaluation per arm; the default grid
-~47 min, the full cross 90 min. NTP reaches ~31% (dense) and ~41% (hybrid) exact match at fraction 1.
+~47 min, the full cross 90 min (119 min on a 2-core Intel Xeon). NTP reaches ~23-31% (dense) and ~41-45% (hybrid)
+exact match at fraction 1, depending on the initial draws.
 """
 
 from __future__ import annotations
