@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from amer.blocks import Block, RMSNorm
+from amer.blocks import Block, Documents, RMSNorm
 from amer.config import ModelConfig
 from amer.tap import Tap, TapSet, resolve_selector
 
@@ -33,6 +33,9 @@ class HybridLM(nn.Module):
 
     ``model(tokens)`` -> :class:`ModelOutput`. ``taps=True`` (default) records all taps,
     ``taps=False`` none, a selector string only those it names (inference memory stays flat).
+    ``model(tokens, doc_ids=ids)`` runs packed rows: ``ids`` (B, T) names each token's document and no
+    block sees across a change of id (see :mod:`amer.blocks.documents`), so each document gets the
+    outputs it has alone.
     Decoding: ``cache = model.init_cache(B, max_len)``, then ``model(tokens, cache=cache)`` repeatedly;
     attention keeps a KV cache, Mamba and recurrent blocks an O(1) state.
     """
@@ -78,8 +81,16 @@ class HybridLM(nn.Module):
         dtype = dtype if dtype is not None else self.embed.weight.dtype
         return [blk.init_cache(batch_size, max_len, device=device, dtype=dtype) for blk in self.blocks]
 
-    def forward(self, tokens: Tensor, *, taps: bool | str = True, cache: list[Any] | None = None) -> ModelOutput:
+    def forward(self, tokens: Tensor, *, taps: bool | str = True, cache: list[Any] | None = None,
+                doc_ids: Tensor | None = None) -> ModelOutput:
         B, T = tokens.shape
+        documents = None
+        if doc_ids is not None:
+            if cache is not None:
+                raise ValueError("doc_ids describe packed training rows; decoding with a cache runs one document")
+            if doc_ids.shape != tokens.shape:
+                raise ValueError(f"doc_ids {tuple(doc_ids.shape)} must match tokens {tuple(tokens.shape)}")
+            documents = Documents(doc_ids)
         L = len(self.blocks)
         if taps is True:
             keep = None  # every position
@@ -101,7 +112,7 @@ class HybridLM(nn.Module):
         stats: dict[str, list[tuple[str, Tensor]]] = {}
         new_cache: list[Any] | None = [] if cache is not None else None
         for i, blk in enumerate(self.blocks):
-            x, out = blk(x, None if cache is None else cache[i])  # (B, T, D)
+            x, out = blk(x, None if cache is None else cache[i], documents)  # (B, T, D)
             spec = blk.layer
             record(i + 1, Tap(spec.index, spec.family, spec.family_index, x))
             for k, v in out.aux.items():

@@ -117,8 +117,12 @@ def rglru_inputs(B: int, T: int, H: int, bw: int, seed: int = 0):
 @pytest.mark.parametrize("T", [3, CHUNK + 5])
 def test_fused_rglru_gradcheck(T: int) -> None:
     gates, u, Lambda, h0 = (t.requires_grad_() for t in rglru_inputs(2, T, 2, 2))
-    assert torch.autograd.gradcheck(lambda *xs: _RGLRUScan.apply(*xs, 8.0), (gates, u, Lambda, h0))
-    assert torch.autograd.gradcheck(lambda g, u, lam: _RGLRUScan.apply(g, u, lam, None, 8.0), (gates, u, Lambda))
+    assert torch.autograd.gradcheck(lambda *xs: _RGLRUScan.apply(*xs, 8.0, None), (gates, u, Lambda, h0))
+    assert torch.autograd.gradcheck(lambda g, u, lam: _RGLRUScan.apply(g, u, lam, None, 8.0, None), (gates, u, Lambda))
+    starts = torch.zeros(gates.shape[:2], dtype=torch.bool)
+    starts[:, 0] = True
+    starts[:, gates.shape[1] // 2] = True  # a packed document starts mid-row: its state resets
+    assert torch.autograd.gradcheck(lambda g, u, lam: _RGLRUScan.apply(g, u, lam, None, 8.0, starts), (gates, u, Lambda))
 
 
 @pytest.mark.parametrize("with_h0", [False, True])
@@ -131,7 +135,7 @@ def test_fused_rglru_matches_autograd_reference(with_h0: bool) -> None:
         gates, u, Lambda, h0 = (t.clone().requires_grad_() for t in inputs)
         h0 = h0 if with_h0 else None
         if fused:
-            h = _RGLRUScan.apply(gates, u, Lambda, h0, 8.0)
+            h = _RGLRUScan.apply(gates, u, Lambda, h0, 8.0, None)
         else:
             a, b, _ = rglru_coeffs(gates, u, Lambda, 8.0)
             h = linear_scan_sequential(a, b, h0)

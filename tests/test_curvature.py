@@ -62,7 +62,7 @@ class GeometryModel(nn.Module):
         self.weight = nn.Parameter(torch.zeros(1))  # evaluate() reads the device from the parameters
         self.calls = 0
 
-    def forward(self, tokens: torch.Tensor, *, taps: bool | str = True) -> ModelOutput:
+    def forward(self, tokens: torch.Tensor, *, taps: bool | str = True, doc_ids: torch.Tensor | None = None) -> ModelOutput:
         B, T = tokens.shape
         scale = (1.0 + torch.arange(T, dtype=torch.float32)).view(1, T, 1)
         rows = torch.stack([self.paths[(self.calls * B + b) % len(self.paths)] for b in range(B)])  # (B, n, D)
@@ -202,7 +202,7 @@ def test_stp_per_tap_is_the_training_estimator_with_a_fixed_generator() -> None:
     batch["doc_ids"][:, 20:] = 1
     res = evaluate(model, [batch], n_bootstrap=10, seed=7, stp_n_spans=5, progress=False)
     with torch.no_grad():
-        taps = model(batch["tokens"]).taps
+        taps = model(batch["tokens"], doc_ids=batch["doc_ids"]).taps
         ref = stp_per_layer([t.hidden for t in taps], 5, mask=batch["doc_ids"],
                             generator=torch.Generator().manual_seed(7))
     got = torch.tensor([layer["stp"]["mean"] for layer in res["layers"]])

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
+import test_documents as documents
 import test_mixer_contract as contract
 import torch
 from torch import Tensor, nn
@@ -76,7 +77,7 @@ class DWConvMixer(Mixer):
         dtype = self.conv_weight.dtype if dtype is None else dtype
         return DWConvCache(torch.zeros(batch_size, self.kernel - 1, self.dims.d_model, device=device, dtype=dtype))
 
-    def forward(self, x: Tensor, cache: DWConvCache | None = None) -> MixerOutput:
+    def forward(self, x: Tensor, cache: DWConvCache | None = None, documents: Any = None) -> MixerOutput:
         B, T, D = x.shape
         if self.gated:
             u, g = self.in_proj(x).chunk(2, dim=-1)
@@ -84,7 +85,11 @@ class DWConvMixer(Mixer):
             u, g = self.in_proj(x), None
         past = u.new_zeros(B, self.kernel - 1, D) if cache is None else cache.window.to(u.dtype)
         seq = torch.cat([past, u], dim=1)  # (B, kernel - 1 + T, D)
-        h = (seq.unfold(1, self.kernel, 1) * self.conv_weight).sum(-1)  # (B, T, D): taps t - kernel + 1 .. t
+        windows = seq.unfold(1, self.kernel, 1)  # (B, T, D, kernel): taps t - kernel + 1 .. t
+        if documents is not None:  # a tap reaching back past the document's first token reads zero
+            back = torch.arange(self.kernel - 1, -1, -1, device=x.device)  # steps back of each tap
+            windows = windows * (documents.position[:, :, None, None] >= back).to(windows.dtype)
+        h = (windows * self.conv_weight).sum(-1)  # (B, T, D)
         if g is not None:
             h = h * torch.sigmoid(g)
         new = None if cache is None else DWConvCache(seq[:, seq.shape[1] - (self.kernel - 1):])
@@ -174,7 +179,10 @@ def test_unregistered_letter_is_rejected_everywhere() -> None:
 # the mixer contract
 
 
-@pytest.mark.parametrize("clause", contract.CONTRACT, ids=[c.__name__ for c in contract.CONTRACT])
+CLAUSES = (*contract.CONTRACT, *documents.DOCUMENT_CONTRACT)
+
+
+@pytest.mark.parametrize("clause", CLAUSES, ids=[c.__name__ for c in CLAUSES])
 def test_toy_meets_the_mixer_contract(toy: FamilySpec, clause: Any) -> None:
     clause("D")
 

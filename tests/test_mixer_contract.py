@@ -433,7 +433,8 @@ class FaultyConfig:
     fault: str = opt("", "which contract clause the mixer breaks ('' breaks none)")
 
     def __post_init__(self) -> None:
-        check(self.fault in FAULTS or self.fault == "", f"faulty.fault must be one of {sorted(FAULTS)}")
+        known = {*FAULTS, *DOCUMENT_FAULTS}
+        check(self.fault in known or self.fault == "", f"faulty.fault must be one of {sorted(known)}")
 
 
 class FaultyCache(NamedTuple):
@@ -469,12 +470,17 @@ class FaultyMixer(Mixer):
     def init_cache(self, batch_size: int, max_len: int, *, device: Any = None, dtype: Any = None) -> FaultyCache:
         return FaultyCache(torch.zeros(batch_size, self.dims.d_model, device=device, dtype=dtype), 0)
 
-    def forward(self, x: Tensor, cache: FaultyCache | None = None) -> MixerOutput:
+    def forward(self, x: Tensor, cache: FaultyCache | None = None, documents: Any = None) -> MixerOutput:
         v = self.proj(x)
         keep = cache is not None and self.fault != "forget_cache"
         total = v.cumsum(1) + (cache.total[:, None] if keep else 0)
         n = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=x.dtype) + (cache.count if keep else 0)
-        h = total / n[:, None]
+        if documents is not None and self.fault != "ignore_documents":
+            # the running sum restarts at each document: a (T, T) same-document causal matrix of 0/1
+            idx = documents.index
+            same = (idx[:, :, None] == idx[:, None, :]).tril().to(v.dtype)  # (B, T, T)
+            total, n = same @ v, (documents.position + 1).to(x.dtype)
+        h = total / n[..., None]
         if self.fault == "leak_future":
             h = h + 0.1 * v.mean(1, keepdim=True)
         if self.fault == "graph_break":
@@ -494,6 +500,10 @@ FAULTS: dict[str, tuple[list[Callable[..., None]], type[Exception], str]] = {
     "partial_reset": ([check_reset_parameters], AssertionError, "left out.weight"),
     "constant_flops": ([check_flops], AssertionError, "does not grow with T"),
 }
+
+
+# faults whose checks live in test_documents.py (the packed-document clauses of the contract)
+DOCUMENT_FAULTS = ("ignore_documents",)
 
 
 @pytest.fixture

@@ -198,11 +198,13 @@ def evaluate(
     seed: int = 0,
     stp_n_spans: int = 4,
     progress: bool = True,
+    documents: bool = True,
 ) -> dict[str, Any]:
     """Token curvature, depth curvature and STP loss of every tap, with 95% bootstrap CIs over sequences.
 
     Args:
-        model: called as ``model(tokens, taps=True)``; must return a :class:`~amer.model.ModelOutput`
+        model: called as ``model(tokens, taps=True)`` (with ``doc_ids=`` when the batches carry them and
+            ``documents`` is on); must return a :class:`~amer.model.ModelOutput`
             whose taps are the full recording ``[embed, every block, final]``. Run in eval mode
             under ``no_grad`` (its training flag is restored afterwards).
         batches: dicts with ``tokens`` (B, T) and optionally ``doc_ids`` (B, T) (documents keep
@@ -215,6 +217,8 @@ def evaluate(
         stp_n_spans: STP triples sampled per sequence (the training loss's estimator, with a
             fixed generator so two models evaluated with one seed see the same spans).
         progress: a tqdm bar over batches (shown only on a terminal).
+        documents: pass the batches' ``doc_ids`` to the model too, so no block sees across a packed
+            document boundary and every trajectory starts at its own document's first token.
 
     Returns:
         A JSON-serialisable dict: ``layers`` (per tap: ``token`` per stride, ``stp``),
@@ -261,7 +265,8 @@ def evaluate(
             digest.update(np.ascontiguousarray(tokens.cpu().long().numpy()).tobytes())
             digest.update(np.ascontiguousarray(doc_ids.cpu().long().numpy()).tobytes())
             tokens, doc_ids = tokens.to(device), doc_ids.to(device).long()
-            taps = _full_taps(model(tokens, taps=True).taps)
+            kw = {"doc_ids": doc_ids} if documents and batch.get("doc_ids") is not None else {}
+            taps = _full_taps(model(tokens, taps=True, **kw).taps)
             if lay is None:
                 lay = _Layout.from_taps(taps, strides)
                 gen = torch.Generator(device=device).manual_seed(int(seed))

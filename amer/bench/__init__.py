@@ -15,6 +15,9 @@ Suites (``all`` runs every one):
 ``flops``    achieved FLOP/s of the ``small`` preset's training step (matmul FLOPs counted from the model's
              structure, see :func:`training_flops`) divided by a large fp32 matmul's FLOP/s measured in the
              same run.
+``packing``  training-step time of the ``small`` preset with packed documents kept apart (``--packing
+             documents``: attention mask, state and convolution resets) divided by the same step run across
+             document boundaries (``--packing none``), at sequence length 256 and 2048.
 ``peers``    amer vs Hugging Face transformers (``JambaForCausalLM`` with ``use_mambapy=True``,
              ``Mamba2ForCausalLM``, ``MixtralForCausalLM``) at matched configurations, parameter counts side
              by side; skipped with a message when transformers is not installed (``pip install amer[bench]``).
@@ -39,7 +42,7 @@ from amer.bench.harness import (
     peak_tensor_bytes,
 )
 from amer.bench.peers import suite_peers
-from amer.bench.suites import suite_blocks, suite_flops, suite_scaling, suite_stp, suite_taps
+from amer.bench.suites import suite_blocks, suite_flops, suite_packing, suite_scaling, suite_stp, suite_taps
 from amer.config import suggest
 from amer.errors import ConfigError
 
@@ -54,6 +57,7 @@ _SUITE_FNS: dict[str, Callable[[BenchOptions], SuiteResult]] = {
     "taps": suite_taps,
     "scaling": suite_scaling,
     "flops": suite_flops,
+    "packing": suite_packing,
     "peers": suite_peers,
 }
 SUITES = tuple(_SUITE_FNS)

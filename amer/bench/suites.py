@@ -16,6 +16,7 @@ from amer.bench.workloads import (
     OPTIMIZER_SETTINGS,
     STP_SPANS,
     build_model,
+    family_config,
     make_batch,
     no_stp,
     single_family_stacks,
@@ -27,7 +28,7 @@ from amer.model import HybridLM
 from amer.tap import last_of_each_family
 from amer.training.optim import make_optimizer
 
-__all__ = ["suite_blocks", "suite_stp", "suite_taps", "suite_scaling", "suite_flops"]
+__all__ = ["suite_blocks", "suite_stp", "suite_taps", "suite_scaling", "suite_flops", "suite_packing"]
 
 
 def suite_blocks(opts: BenchOptions) -> SuiteResult:
@@ -73,6 +74,33 @@ def suite_stp(opts: BenchOptions) -> SuiteResult:
     res.notes.append(f"{opts.preset} preset, batch {opts.batch}x{opts.seq_len}, STP on {last_of_each_family(model.pattern)} "
                      "with the document-id mask; step = forward + backward + clip + AdamW; ratio = median of "
                      "per-round (STP step / plain step); target <= 1.02 at n_spans=4, flat in n_spans")
+    return res
+
+
+def suite_packing(opts: BenchOptions) -> SuiteResult:
+    """The full step with packed documents kept apart vs run straight through, at the preset's sequence
+    length and at 8x it (the same tokens per batch), with short documents and with documents as long as
+    the bundled corpus's (its chapters average 3,560 bytes)."""
+    res = SuiteResult("packing")
+    base = ModelConfig.from_preset(opts.preset)
+    tokens = opts.batch * opts.seq_len
+    for T in (opts.seq_len, 8 * opts.seq_len):
+        cfg = family_config(base, base.pattern, max_seq_len=max(base.max_seq_len, T))
+        model = build_model(cfg, opts.seed)
+        opt = make_optimizer(model, OPTIMIZER_SETTINGS)
+        B = max(1, tokens // T)
+        for mean_doc in (96, 3560):
+            batch = make_batch(cfg.vocab_size, B, T, opts.seed, mean_doc=mean_doc)
+            fns = {"none": train_step(model, batch, no_stp(model), opt, documents=False),
+                   "documents": train_step(model, batch, no_stp(model), opt, documents=True)}
+            times = interleave(fns, opts.repeats, opts.warmup)
+            res.rows.append({"seq_len": T, "batch": f"{B}x{T}", "mean_doc": mean_doc,
+                             "docs_per_row": round(float(batch["doc_ids"][:, -1].float().mean()) + 1, 1),
+                             "none_ms": median(times["none"]) * 1e3, "documents_ms": median(times["documents"]) * 1e3,
+                             "ratio": paired_ratio(times["documents"], times["none"])})
+    res.notes.append(f"{opts.preset} preset, full step (forward + backward + clip + AdamW, no STP); 'documents' "
+                     "keeps every block inside each packed document, 'none' runs across them; ratio = median of "
+                     "per-round (documents / none); target <= 1.05")
     return res
 
 

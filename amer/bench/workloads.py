@@ -68,15 +68,15 @@ def with_stp(model: HybridLM, n_spans: int) -> STPPolicy:
 
 def train_step(model: HybridLM, batch: dict[str, Tensor], policy: STPPolicy,
                optimizer: torch.optim.Optimizer | None, *, taps: bool = True, hold_output: bool = False,
-               grad_clip: float | None | str = "auto") -> Callable[[], None]:
+               grad_clip: float | None | str = "auto", documents: bool = True) -> Callable[[], None]:
     """One call of the training step on ``batch`` with the STP coefficient in force. With an optimizer it
     is the full step (gradient clipping at 1.0 unless ``grad_clip`` says otherwise, the optimizer step);
     without, forward and backward only, with no gradient norm either, so that the figure is the model's
-    own work."""
+    own work. ``documents``: the model keeps packed documents apart (``--packing documents``)."""
     clip = (1.0 if optimizer is not None else None) if grad_clip == "auto" else grad_clip
     step = TrainStep(model, optimizer, policy, grad_clip=clip,
                      stp_generator=torch.Generator().manual_seed(_STP_GENERATOR_SEED), taps=taps,
-                     hold_output=hold_output)
+                     hold_output=hold_output, documents=documents)
     batches = [batch]
 
     def run() -> None:

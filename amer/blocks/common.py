@@ -4,6 +4,7 @@ The mixer contract (uniform across families, as in flash-linear-attention)::
 
     mixer = MixerCls(cfg, dims: Dims, layer: LayerSpec)   # cfg: the family's own config
     out = mixer(x, cache=None)          # x: (B, T, D) -> MixerOutput(y (B, T, D), cache, aux, stats)
+    out = mixer(x, documents=docs)      # packed rows: no state, window or attention crosses a document
     cache = mixer.init_cache(batch_size, max_len, device=..., dtype=...)
     out = mixer(x, cache=cache)         # continue from the cache (prefill T > 1 or a step T == 1)
     mixer.reset_parameters()            # the family's own initialisation (called by __init__)
@@ -12,6 +13,10 @@ The mixer contract (uniform across families, as in flash-linear-attention)::
 ``cache=None`` is the training path: no state is kept and ``out.cache`` is None. With a cache, the
 mixer consumes T new tokens after those the cache has seen and returns the updated cache (caches
 are NamedTuples; they are returned, not mutated, except for preallocated KV buffers).
+
+``documents`` (:class:`~amer.blocks.documents.Documents`, training path only) describes packed rows:
+a mixer gives every document the outputs it would have alone in a row (token-wise mixers need only
+keep padding out of their statistics).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from amer.blocks.documents import Documents
 from amer.config import Dims
 from amer.ops.fused import rms_norm
 from amer.pattern import LayerSpec
@@ -113,8 +119,8 @@ class Block(nn.Module):
         self.norm.reset_parameters()
         self.mixer.reset_parameters()
 
-    def forward(self, x: Tensor, cache: Any = None) -> tuple[Tensor, MixerOutput]:
-        out = self.mixer(self.norm(x), cache=cache)
+    def forward(self, x: Tensor, cache: Any = None, documents: Documents | None = None) -> tuple[Tensor, MixerOutput]:
+        out = self.mixer(self.norm(x), cache=cache, documents=documents)
         return x + out.y, out
 
     def init_cache(self, batch_size: int, max_len: int, *, device: torch.device | str | None = None,

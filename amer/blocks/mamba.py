@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from amer.blocks.common import Mixer, MixerOutput
+from amer.blocks.documents import Documents
 from amer.config import Dims
 from amer.configio import check, opt
 from amer.families import FamilySpec, register_family
@@ -158,14 +159,16 @@ class MambaMixer(Mixer):
                        gate=z.unflatten(-1, (G, -1)))  # (..., G, d_inner / G)
         return out.flatten(-2)
 
-    def forward(self, x: Tensor, cache: MambaCache | None = None) -> MixerOutput:
-        """x (B, T, D) -> MixerOutput(y (B, T, D), new cache or None)."""
+    def forward(self, x: Tensor, cache: MambaCache | None = None, documents: Documents | None = None) -> MixerOutput:
+        """x (B, T, D) -> MixerOutput(y (B, T, D), new cache or None). With packed ``documents``, the conv
+        window and the SSD state restart at every document's first token."""
         T = x.shape[1]
         H, P, G, N = self.n_heads, self.head_dim, self.n_groups, self.d_state
         z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, H], dim=-1)
 
         xBC, conv_state = causal_conv1d(xBC, self.conv_weight, self.conv_bias,
-                                        None if cache is None else cache.conv_state)
+                                        None if cache is None else cache.conv_state,
+                                        position=None if documents is None else documents.position)
         xBC = F.silu(xBC)  # (B, T, conv_dim)
         xs, Bm, Cm = xBC.split([self.d_inner, G * N, G * N], dim=-1)
         xs = xs.unflatten(-1, (H, P))  # (B, T, H, P)
@@ -180,7 +183,8 @@ class MambaMixer(Mixer):
             y = y.unsqueeze(1)  # (B, 1, H, P)
         else:
             init = None if cache is None else cache.ssm_state
-            y, ssm_state = ssd_chunked(xs, dt, A, Bm, Cm, self.chunk_size, init)
+            y, ssm_state = ssd_chunked(xs, dt, A, Bm, Cm, self.chunk_size, init,
+                                       None if documents is None else documents.index)
 
         y = torch.addcmul(y, xs, self.D.to(y.dtype).unsqueeze(-1))  # skip connection D x per head
         y = self._gated_norm(y.flatten(-2), z)  # (B, T, d_inner)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from amer.blocks.common import Mixer, MixerOutput, SwiGLU
+from amer.blocks.documents import Documents
 from amer.config import Dims
 from amer.configio import check, opt
 from amer.families import FamilySpec, register_family
@@ -117,11 +118,17 @@ class MoEMixer(Mixer):
             out["shared"] = float(T * sum(p.numel() for p in self.shared.parameters()))
         return out
 
-    def forward(self, x: Tensor, cache: None = None) -> MixerOutput:
-        """x (B, T, D) -> MixerOutput(y (B, T, D), None, aux, stats). ``cache`` is ignored (stateless)."""
+    def forward(self, x: Tensor, cache: None = None, documents: Documents | None = None) -> MixerOutput:
+        """x (B, T, D) -> MixerOutput(y (B, T, D), None, aux, stats). ``cache`` is ignored (stateless).
+
+        Every token is routed alike; with ``documents``, the load-balancing and z losses and the load
+        statistics count real tokens only (padding, negative ids, is routed but not counted).
+        """
         B, T, D = x.shape
         E, k = self.n_experts, self.top_k
-        n_slots = B * T * k
+        valid = None if documents is None else documents.valid.reshape(-1, 1).float()  # (B T, 1)
+        n_tokens = B * T if valid is None else valid.sum().clamp(min=1.0)
+        n_slots = n_tokens * k
         rdt = torch.promote_types(x.dtype, torch.float32)  # at least fp32 (fp64 stays fp64 for tests)
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = F.linear(x.to(rdt), self.router.weight.to(rdt))  # (B, T, E)
@@ -138,20 +145,27 @@ class MoEMixer(Mixer):
 
         # slot counts per expert via scatter_add (not bincount): static shape, compiles fullgraph
         flat_idx = idx.reshape(-1)
+        ones = torch.ones(B * T, k, device=x.device) if valid is None else valid.expand(B * T, k)
         counts = torch.zeros(E, device=x.device, dtype=torch.float32).scatter_add_(
-            0, flat_idx, torch.ones_like(flat_idx, dtype=torch.float32))  # (E,)
+            0, flat_idx, ones.reshape(-1))  # (E,)
         frac = counts / n_slots  # f_e, no gradient (argmax-like)
-        mean_prob = probs.mean(dim=(0, 1))  # P_e, carries the gradient
+        z_tok = torch.logsumexp(logits, dim=-1).square()  # (B, T)
+        if valid is None:
+            mean_prob = probs.mean(dim=(0, 1))  # P_e, carries the gradient
+            z = z_tok.mean()
+        else:
+            mean_prob = (probs.reshape(-1, E) * valid).sum(0).to(probs.dtype) / n_tokens
+            z = (z_tok.reshape(-1, 1) * valid).sum() / n_tokens
         lb = E * (frac * mean_prob).sum()
-        z = torch.logsumexp(logits, dim=-1).square().mean()
         aux = {"moe_lb": self.aux_loss_coef * lb, "moe_z": self.z_loss_coef * z}
 
         with torch.no_grad():
             stats = {
                 "moe/load_max": counts.max() / (n_slots / E),
-                "moe/drop_frac": (n_dropped.float() / n_slots) if n_dropped is not None
+                "moe/drop_frac": (n_dropped.float() / (B * T * k)) if n_dropped is not None
                 else torch.zeros((), device=x.device),
-                "moe/router_entropy": torch.special.entr(probs).sum(-1).mean(),
+                "moe/router_entropy": (torch.special.entr(probs).sum(-1).mean() if valid is None else
+                                       (torch.special.entr(probs).sum(-1).reshape(-1, 1) * valid).sum() / n_tokens),
             }
         return MixerOutput(y.to(x.dtype), None, aux, stats)
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from amer.blocks.common import Mixer, MixerOutput
+from amer.blocks.documents import Documents
 from amer.config import Dims
 from amer.configio import check, opt
 from amer.families import FamilySpec, register_family
@@ -102,7 +103,7 @@ class _RGLRUScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gates: Tensor, u: Tensor, Lambda: Tensor, h0: Tensor | None,  # type: ignore[override]
-                c: float) -> Tensor:
+                c: float, starts: Tensor | None) -> Tensor:
         B, T, H, bw2 = gates.shape
         bw = bw2 // 2
         acc = torch.promote_types(u.dtype, torch.float32)
@@ -119,6 +120,10 @@ class _RGLRUScan(torch.autograd.Function):
         dnorm = (a * a).div_(norm).neg_().mul_(live)
         uf = u.to(acc).reshape(B, T, H, bw)  # a view for the conv's output layout
         b = (norm * i).mul_(uf)
+        if starts is not None:
+            # a document's first step forgets the state it would inherit; its input keeps the normaliser
+            # it has when the document runs alone (a_t is still the decay there, only h_{t-1} is absent)
+            a = a.masked_fill_(starts.view(B, T, 1, 1), 0.0)
         h = linear_scan_forward(a.reshape(B, T, -1), b.reshape(B, T, -1), h0)  # (B, T, W)
         ctx.save_for_backward(sig, a, norm, dnorm, u, Lambda, h, h0)
         ctx.c = c
@@ -153,7 +158,7 @@ class _RGLRUScan(torch.autograd.Function):
         grad_gates = torch.ops.aten.sigmoid_backward(grad_gates, sig)
         if grad_h0 is not None:
             grad_h0 = grad_h0.to(h0.dtype)
-        return grad_gates.to(ctx.gates_dtype), grad_u, grad_Lambda, grad_h0, None
+        return grad_gates.to(ctx.gates_dtype), grad_u, grad_Lambda, grad_h0, None, None
 
 
 class RecurrentCache(NamedTuple):
@@ -170,9 +175,10 @@ class RecurrentMixer(Mixer):
     inside one hand-differentiated autograd node; a decoding step (T == 1 with a cache) is one
     multiply-add on the fp32 state; a prefill with a cache scans from the cached state.
 
-    Not modelled: recurrentgemma resets the state (and skips the input normaliser) at document
-    starts given ``segment_pos``; the mixer contract carries no document ids, so the state runs
-    on across documents packed into one row.
+    Packed documents (``documents``): the state and the conv window restart at each document's first
+    token, so a document's outputs are those it has alone. (recurrentgemma also drops the input
+    normaliser at a reset; amer keeps it, which is what a document's first token gets in a fresh
+    sequence, so packed and unpacked training see the same block.)
     """
 
     def __init__(self, cfg: RecurrentConfig, dims: Dims, layer: LayerSpec) -> None:
@@ -238,16 +244,18 @@ class RecurrentMixer(Mixer):
                              self.gate_weight.to(u.dtype))
         return gates + self.gate_bias.to(u.dtype)
 
-    def forward(self, x: Tensor, cache: RecurrentCache | None = None) -> MixerOutput:
+    def forward(self, x: Tensor, cache: RecurrentCache | None = None, documents: Documents | None = None) -> MixerOutput:
         """x (B, T, D) -> MixerOutput(y (B, T, D), new cache or None)."""
         B, T, _ = x.shape
         gate, u = self.in_proj(x).chunk(2, dim=-1)  # (B, T, W) each
         gate = F.gelu(gate, approximate="tanh")  # Griffin's GeLU is the tanh approximation (JAX default)
         u, conv_state = causal_conv1d(u, self.conv_weight, self.conv_bias,
-                                      None if cache is None else cache.conv_state)
+                                      None if cache is None else cache.conv_state,
+                                      position=None if documents is None else documents.position)
         gates = self._gate_logits(u)  # (B, T, H, 2bw)
         if cache is None:
-            h = _RGLRUScan.apply(gates, u, self.Lambda, None, self.c)  # (B, T, W) fp32
+            starts = None if documents is None else documents.starts
+            h = _RGLRUScan.apply(gates, u, self.Lambda, None, self.c, starts)  # (B, T, W) fp32
             new_cache = None
         elif T == 1:
             a, b, _ = rglru_coeffs(gates, u, self.Lambda, self.c)
@@ -255,7 +263,7 @@ class RecurrentMixer(Mixer):
             new_cache = RecurrentCache(conv_state, h[:, -1])
         else:
             # prefill continues the scan from the cached state
-            h = _RGLRUScan.apply(gates, u, self.Lambda, cache.h, self.c)
+            h = _RGLRUScan.apply(gates, u, self.Lambda, cache.h, self.c, None)
             new_cache = RecurrentCache(conv_state, h[:, -1].clone())  # don't pin the (B, T, W) buffer
         y = self.out_proj(h.to(x.dtype) * gate)
         return MixerOutput(y, new_cache)

@@ -44,6 +44,9 @@ def build_parser() -> ArgParser:
     p.add_argument("--batches", type=int, default=8, help="validation batches (default 8)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default 8)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the checkpoint's or preset's, else 256)")
+    p.add_argument("--packing", choices=("documents", "none"),
+                   help="'documents' keeps every block inside each packed document, 'none' runs across them "
+                        "(default: the checkpoint's training setting, else documents)")
     p.add_argument("--strides", default="1", help="token strides, comma-separated, e.g. '1,4' (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seeds the fresh model, the STP spans and the bootstrap")
     p.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap replicates (default 1000)")
@@ -172,6 +175,7 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "n_bootstrap": args.n_bootstrap,
         "stp_n_spans": n_spans,
+        "packing": args.packing or str(train_cfg.get("packing") or "documents"),
         "device": str(args.device),
     }
     return {"config": config, "model": model, "label": label, "model_b": model_b, "label_b": label_b,
@@ -183,7 +187,7 @@ def _measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Path]]
     prep = _prepare(args)
     cfg = prep["config"]
     kw = dict(strides=cfg["strides"], n_bootstrap=cfg["n_bootstrap"], seed=cfg["seed"],
-              stp_n_spans=cfg["stp_n_spans"], progress=not args.no_progress)
+              stp_n_spans=cfg["stp_n_spans"], progress=not args.no_progress, documents=cfg["packing"] == "documents")
     result = evaluate(prep["model"], prep["batches"], **kw)
     result["label"] = prep["label"]
     report: dict[str, Any] = {"config": cfg, "result": result}

@@ -23,10 +23,15 @@ class _CausalConvShift(torch.autograd.Function):
     read the (possibly strided) input where it lies. Backward writes the chain rule out directly:
     ``dx[t] = sum_k w[k] g[t + s_k]``, ``dw[k] = sum g[t] x[t - s_k]``, ``db = sum g`` with
     ``s_k = K - 1 - k``.
+
+    With ``position`` (B, T), each token's offset into its packed document, tap ``k`` reads ``x[t - s_k]``
+    only where ``position[t] >= s_k``: the window never reaches into the previous document, exactly as if
+    each document were its own sequence with zero history.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None,  # type: ignore[override]
+                position: Tensor | None) -> Tensor:
         T, K = x.shape[1], weight.shape[-1]
         wt = weight.to(x.dtype).t().contiguous()  # (K, C): each tap a contiguous channel vector
         if bias is not None:
@@ -36,48 +41,60 @@ class _CausalConvShift(torch.autograd.Function):
         for k in range(K - 1):
             s = K - 1 - k
             if s < T:
-                y[:, s:].addcmul_(x[:, : T - s], wt[k])
-        ctx.save_for_backward(x, wt)
+                y[:, s:].addcmul_(_reach(x[:, : T - s], position, s), wt[k])
+        ctx.save_for_backward(x, wt, position)
         ctx.has_bias = bias is not None
         ctx.w_dtype = weight.dtype
         return y
 
     @staticmethod
     def backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # type: ignore[override]
-        x, wt = ctx.saved_tensors
+        x, wt, position = ctx.saved_tensors
         K, T = wt.shape[0], g.shape[1]
-        need_x, need_w, need_b = ctx.needs_input_grad
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
         gx = gw = gb = None
         if need_x:
             gx = g * wt[K - 1]
             for k in range(K - 1):
                 s = K - 1 - k
                 if s < T:
-                    gx[:, : T - s].addcmul_(g[:, s:], wt[k])
+                    gx[:, : T - s].addcmul_(_reach(g[:, s:], position, s), wt[k])
         if need_w:
             gw = torch.zeros_like(wt)  # (K, C)
             torch.sum(g * x, dim=(0, 1), out=gw[K - 1])
             for k in range(K - 1):
                 s = K - 1 - k
                 if s < T:
-                    torch.sum(g[:, s:] * x[:, : T - s], dim=(0, 1), out=gw[k])
+                    torch.sum(_reach(g[:, s:], position, s) * x[:, : T - s], dim=(0, 1), out=gw[k])
             gw = gw.t().to(ctx.w_dtype)
         if need_b and ctx.has_bias:
             gb = g.sum(dim=(0, 1)).to(ctx.w_dtype)
-        return gx, gw, gb
+        return gx, gw, gb, None
+
+
+def _reach(v: Tensor, position: Tensor | None, s: int) -> Tensor:
+    """``v`` (B, T - s, C), aligned with the outputs ``t >= s``, zeroed where the tap ``s`` steps back would
+    cross into the previous document (``position[t] < s``)."""
+    if position is None:
+        return v
+    return v * (position[:, s:] >= s).unsqueeze(-1).to(v.dtype)
 
 
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None,
-                  state: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                  state: Tensor | None = None, *, position: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """y[t, c] = bias[c] + sum_k weight[c, k] * x[t - (K-1) + k, c], causal in t.
 
     x: (B, T, C); weight: (C, K); state: (B, K-1, C) inputs preceding x (zeros at the start of a
-    sequence), or None on the training path. Returns y (B, T, C) and the new state (or None).
+    sequence), or None on the training path. ``position`` (B, T): offsets into packed documents, so the
+    window stops at each document's first token (training path only). Returns y (B, T, C) and the new
+    state (or None).
     """
     K = weight.shape[-1]
     B, T, C = x.shape
     if state is None:
-        return _CausalConvShift.apply(x, weight, bias), None
+        return _CausalConvShift.apply(x, weight, bias, position), None
+    if position is not None:
+        raise ValueError("causal_conv1d: document positions apply to the training path (state=None) only")
     xs = torch.cat([state.to(x.dtype), x], dim=1)  # (B, K - 1 + T, C)
     new_state = xs[:, xs.shape[1] - (K - 1):] if K > 1 else state
     xp = xs.transpose(1, 2)

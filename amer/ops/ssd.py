@@ -16,6 +16,12 @@ Shapes (``b`` batch, ``T`` time, ``H`` heads, ``P`` head dim, ``G`` B/C groups, 
     state (b, H, P, N), kept in fp32 (fp64 when the inputs are fp64)
 
 Head ``h`` reads group ``h // (H // G)``, as in mamba_ssm (grouped-value attention analogue).
+
+Packed documents (``seq_idx`` (b, T), a non-decreasing document number per token, as mamba_ssm's
+kernels take it): no state flows from one document into the next. The recurrence is cut by zeroing
+every decay term that would cross a boundary: the intra-chunk decay matrix, the weights of a chunk's
+end state, the chunk-to-chunk decays and the incoming-state decays are multiplied by 0/1 masks of
+"same document", so the scan keeps its shapes and stays a sequence of batched matmuls.
 """
 
 from __future__ import annotations
@@ -70,27 +76,31 @@ class _DecayScores(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, cb: Tensor, a_cs: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, cb: Tensor, a_cs: Tensor, mask: Tensor | None) -> Tensor:  # type: ignore[override]
+        """``mask`` (..., 1, 1, L, L) 0/1, or None: which (i, j) may interact (causal and same document)."""
         L = a_cs.shape[-1]
-        causal = torch.ones(L, L, dtype=a_cs.dtype, device=a_cs.device).tril()
-        E = (a_cs.unsqueeze(-1) - a_cs.unsqueeze(-2)).clamp_(_LOG_DECAY_FLOOR, 0.0).exp_().mul_(causal)
+        if mask is None:
+            mask = torch.ones(L, L, dtype=a_cs.dtype, device=a_cs.device).tril()
+        E = (a_cs.unsqueeze(-1) - a_cs.unsqueeze(-2)).clamp_(_LOG_DECAY_FLOOR, 0.0).exp_().mul_(mask)
         ctx.save_for_backward(cb, E)
         return cb.unsqueeze(-3) * E
 
     @staticmethod
-    def backward(ctx, g: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def backward(ctx, g: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
         cb, E = ctx.saved_tensors
         gE = g * E
         d_cb = gE.sum(-3)
         gm = gE * cb.unsqueeze(-3)
         d_a = gm.sum(-1) - gm.sum(-2)
-        return d_cb, d_a
+        return d_cb, d_a, None
 
 
 def ssd_scan_torch(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
-                   initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                   initial_state: Tensor | None = None, seq_idx: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The chunked matmul SSD in pure torch (paper listing 1, with B/C groups and padding).
 
+    ``seq_idx`` (b, T) non-decreasing document numbers cut the state at document starts (module
+    docstring); the initial state then belongs to the row's first document.
     Returns y (b, T, H, P) in x's dtype and the final state (b, H, P, N) in the accumulation dtype.
     """
     b, T, H, P = x.shape
@@ -103,12 +113,17 @@ def ssd_scan_torch(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk
     pad = (-T) % L
     # dt = 0 on padded steps: decay exp(0) = 1 and input dt * x B = 0, so the final state is untouched
     x, dt, B, C = x.to(acc), dt.to(acc), B.to(acc), C.to(acc)
+    if seq_idx is not None and T == 0:
+        seq_idx = None
     if pad:
         x = F.pad(x, (0, 0, 0, 0, 0, pad))
         dt = F.pad(dt, (0, 0, 0, pad))
         B = F.pad(B, (0, 0, 0, 0, 0, pad))
         C = F.pad(C, (0, 0, 0, 0, 0, pad))
+        if seq_idx is not None:  # padded steps continue the last document: no boundary, no input
+            seq_idx = torch.cat([seq_idx, seq_idx[:, -1:].expand(b, pad)], dim=1)
     c = (T + pad) // L
+    docs = None if seq_idx is None else _DocumentMasks(seq_idx, b, c, L, acc)
 
     # chunked views; heads split as (G, R) so B/C are shared by the R heads of a group without copying
     Bc = B.view(b, c, L, G, N).transpose(2, 3)  # (b, c, G, L, N) view
@@ -126,10 +141,12 @@ def ssd_scan_torch(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk
 
     # 1. intra-chunk (diagonal blocks): y = (C B^T o exp(segsum)) (dt x), a masked attention per chunk
     cb = torch.matmul(Cc, Bc.transpose(-1, -2))  # (b, c, G, L, L), per group
-    m = _DecayScores.apply(cb, a_cs)  # (b, c, G, R, L, L)
+    m = _DecayScores.apply(cb, a_cs, None if docs is None else docs.intra)  # (b, c, G, R, L, L)
 
     # 2. per-chunk end states from the chunk's own inputs: sum_s (dt_s x_s) (exp(a_end - a_s) B_s)^T
     w = _decay(a_cs[..., -1:] - a_cs)  # (b, c, G, R, L)
+    if docs is not None:
+        w = w * docs.to_end
     Bw = w.unsqueeze(-1) * Bc.unsqueeze(3)  # (b, c, G, R, L, N)
     states = torch.matmul(xdt.transpose(-1, -2), Bw)  # (b, c, G, R, P, N)
     states = states.reshape(b, c, H, P, N)
@@ -138,6 +155,8 @@ def ssd_scan_torch(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk
     # maps [initial state, chunk states] to the state entering each chunk (and the final state)
     a_end = F.pad(a_cs[..., -1].reshape(b, c, H).transpose(1, 2), (1, 0))  # (b, H, c+1)
     decay_chunk = _segsum_exp(torch.cumsum(a_end, dim=-1))  # (b, H, c+1, c+1)
+    if docs is not None:
+        decay_chunk = decay_chunk * docs.across
     states = torch.matmul(decay_chunk[..., 1:], states.permute(0, 2, 1, 3, 4).reshape(b, H, c, P * N))
     if initial_state is not None:  # column 0 of the decay matrix carries the initial state
         states = states + decay_chunk[..., :1] * initial_state.to(acc).reshape(b, H, 1, P * N)
@@ -147,6 +166,8 @@ def ssd_scan_torch(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk
 
     # 4. contribution of the incoming state, exp(a_l) C_l S_prev, accumulated onto the intra-chunk matmul
     Cd = _decay(a_cs).unsqueeze(-1) * Cc.unsqueeze(3)  # (b, c, G, R, L, N)
+    if docs is not None:
+        Cd = Cd * docs.from_start
     y_off = torch.matmul(Cd, prev.transpose(-1, -2))  # (b, c, G, R, L, P)
     y = torch.baddbmm(y_off.reshape(-1, L, P), m.reshape(-1, L, L), xdt.view(-1, L, P))
 
@@ -156,19 +177,40 @@ def ssd_scan_torch(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk
     return y, final_state
 
 
+class _DocumentMasks:
+    """0/1 "same document" masks of a chunked layout, each shaped to multiply one term of the scan.
+
+    seq_idx (b, c * L) non-decreasing, so two positions share a document iff their numbers are equal
+    (no boundary lies between them). ``ends`` is the document of each chunk's last position, with the
+    first position's document in front for the initial state: the state leaving chunk ``k - 1`` (column
+    ``k`` of the chunk recurrence) belongs to ``ends[k]``.
+    """
+
+    def __init__(self, seq_idx: Tensor, b: int, c: int, L: int, dtype: torch.dtype) -> None:
+        s = seq_idx.view(b, c, L)
+        ends = torch.cat([s[:, :1, 0], s[:, :, -1]], dim=1)  # (b, c + 1)
+        causal = torch.ones(L, L, dtype=torch.bool, device=s.device).tril()
+        self.intra = ((s[..., :, None] == s[..., None, :]) & causal).to(dtype)[:, :, None, None]  # (b, c, 1, 1, L, L)
+        self.to_end = (s == s[..., -1:]).to(dtype)[:, :, None, None]  # (b, c, 1, 1, L)
+        self.across = (ends[:, :, None] == ends[:, None, :]).to(dtype)[:, None]  # (b, 1, c + 1, c + 1)
+        self.from_start = (s == ends[:, :-1, None]).to(dtype)[:, :, None, None, :, None]  # (b, c, 1, 1, L, 1)
+
+
 def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
-                initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                initial_state: Tensor | None = None, seq_idx: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Chunked SSD scan: mamba_ssm's fused Triton kernel on CUDA when installed, else :func:`ssd_scan_torch`.
 
-    x (b, T, H, P), dt (b, T, H), A (H,), B/C (b, T, G, N), initial_state (b, H, P, N) or None.
+    x (b, T, H, P), dt (b, T, H), A (H,), B/C (b, T, G, N), initial_state (b, H, P, N) or None,
+    seq_idx (b, T) document numbers of packed rows or None.
     Returns y (b, T, H, P) in x's dtype and the final state (b, H, P, N) in fp32 (fp64 for fp64 inputs).
     """
     fn = ssd_kernel(x.device)
     if fn is not None:
         y, final_state = fn(x, dt, A, B, C, chunk_size, D=None, z=None, initial_states=initial_state,
+                            seq_idx=None if seq_idx is None else seq_idx.to(torch.int32),
                             return_final_states=True)
         return y, final_state.to(_acc_dtype(x.dtype))
-    y, final_state = ssd_scan_torch(x, dt, A, B, C, chunk_size, initial_state)
+    y, final_state = ssd_scan_torch(x, dt, A, B, C, chunk_size, initial_state, seq_idx)
     return y.to(x.dtype), final_state
 
 
@@ -192,8 +234,9 @@ def ssd_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, state: Tens
 
 
 def ssd_sequential(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int | None = None,
-                   initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Reference: the plain recurrence, one :func:`ssd_step` per time step (tests only; chunk_size unused)."""
+                   initial_state: Tensor | None = None, seq_idx: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Reference: the plain recurrence, one :func:`ssd_step` per time step (tests only; chunk_size unused).
+    With ``seq_idx``, the state is zeroed where the document number changes."""
     b, T, H, P = x.shape
     N = B.shape[-1]
     acc = _acc_dtype(x.dtype)
@@ -201,6 +244,8 @@ def ssd_sequential(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk
              else initial_state.to(acc))
     ys = []
     for t in range(T):
+        if seq_idx is not None and t > 0:
+            state = state * (seq_idx[:, t] == seq_idx[:, t - 1]).to(acc).view(b, 1, 1, 1)
         y_t, state = ssd_step(x[:, t], dt[:, t], A, B[:, t], C[:, t], state)
         ys.append(y_t)
     y = torch.stack(ys, dim=1) if ys else x.new_zeros(b, 0, H, P)

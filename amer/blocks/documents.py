@@ -1,0 +1,79 @@
+"""Document structure of packed rows: what every block reads to keep documents apart.
+
+A packed training row holds several documents back to back. ``doc_ids`` (B, T) names each token's
+document: a change between neighbouring tokens starts a new document, and negative ids mark padding
+(which forms documents of its own and is excluded from statistics). :class:`Documents` derives, once
+per forward and with static shapes only, what the families need:
+
+- ``starts`` (B, T) bool, a document begins here (always at t = 0): the RG-LRU and the SSD cut their
+  state at these positions;
+- ``index`` (B, T) int64, non-decreasing document number within the row (mamba-ssm's ``seq_idx``),
+  so "same document" is an equality test even when ids repeat;
+- ``position`` (B, T) int64, the offset into the token's own document: rotary positions restart at
+  each document, and a causal convolution of width K reaches back only ``min(K - 1, position)`` steps;
+- ``valid`` (B, T) bool, real tokens (MoE load statistics count only these);
+- :meth:`attention_mask`, the block-diagonal causal mask, built once per forward and shared by every
+  attention layer.
+
+A row that holds one document gives exactly the computation of an unpacked row, so decoding (which
+always runs one document) and single-document forwards are unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["Documents"]
+
+
+class Documents:
+    """Per-token document layout of a (B, T) batch; see the module docstring."""
+
+    def __init__(self, doc_ids: Tensor) -> None:
+        if doc_ids.dim() != 2 or doc_ids.is_floating_point() or doc_ids.dtype == torch.bool:
+            raise ValueError(f"doc_ids must be a (B, T) integer tensor, got {tuple(doc_ids.shape)} {doc_ids.dtype}")
+        B, T = doc_ids.shape
+        self.ids = doc_ids
+        first = torch.ones(B, min(T, 1), dtype=torch.bool, device=doc_ids.device)
+        self.starts = torch.cat([first, doc_ids[:, 1:] != doc_ids[:, :-1]], dim=1)  # (B, T)
+        self.index = self.starts.long().cumsum(1)  # (B, T), 1-based
+        t = torch.arange(T, device=doc_ids.device).expand(B, T)
+        self.position = t - torch.where(self.starts, t, 0).cummax(dim=1).values  # (B, T)
+        self.valid = doc_ids >= 0
+        self._masks: dict[tuple[int, int, torch.dtype], Tensor] = {}
+        self._lengths: list[list[int]] | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.ids.shape
+
+    def lengths(self) -> list[list[int]]:
+        """Each row's document lengths, read to the host once per forward (eager paths only: the count
+        is data-dependent)."""
+        if self._lengths is None:
+            B, T = self.ids.shape
+            starts = self.starts.nonzero().tolist()  # [(row, t)] in row-major order
+            bounds: list[list[int]] = [[] for _ in range(B)]
+            for row, t in starts:
+                bounds[row].append(t)
+            self._lengths = [[b - a for a, b in zip(s, [*s[1:], T])] for s in bounds]
+        return self._lengths
+
+    def attention_mask(self, q_start: int, q_end: int, dtype: torch.dtype) -> Tensor:
+        """Additive mask (B, 1, q_end - q_start, q_end): 0 where query i may see key j (same document,
+        j <= i), -inf elsewhere. Built once per query range and dtype, then shared by every layer.
+
+        Additive rather than bool: on CPU, ``scaled_dot_product_attention`` with a float mask measured
+        as fast as its causal kernel at T = 256, a bool mask slower.
+        """
+        key = (q_start, q_end, dtype)
+        if key not in self._masks:
+            qi = self.index[:, q_start:q_end, None]  # (B, Q, 1)
+            kj = self.index[:, None, :q_end]  # (B, 1, K)
+            rows = torch.arange(q_start, q_end, device=qi.device)[:, None]
+            cols = torch.arange(q_end, device=qi.device)[None, :]
+            allowed = (qi == kj) & (cols <= rows)  # (B, Q, K)
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=qi.device)
+            self._masks[key] = mask.masked_fill_(~allowed, float("-inf")).unsqueeze(1)
+        return self._masks[key]
