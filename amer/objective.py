@@ -82,17 +82,19 @@ class STPPolicy:
         """Hidden states of the selected taps (on the autograd graph), in depth order."""
         return [t.hidden for t in taps.select(self.selector)] if self.cfg.enabled else []
 
-    def stp_loss(self, taps: TapSet, *, mask: Tensor | None = None,
-                 generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """(weighted mean STP loss over the selected taps, per-tap losses). Same spans for every tap."""
+    def stp_loss(self, taps: TapSet, *, mask: Tensor | None = None, generator: torch.Generator | None = None,
+                 rows: slice | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """(weighted mean STP loss over the selected taps, per-tap losses). Same spans for every tap.
+        ``rows``: the taps hold these rows of the batch ``mask`` describes (see :func:`stp_per_layer`)."""
         hiddens = self.selected(taps)
-        per_layer = stp_per_layer(hiddens, self.cfg.n_spans, mask=mask, generator=generator)  # (n_taps,)
+        per_layer = stp_per_layer(hiddens, self.cfg.n_spans, mask=mask, generator=generator, rows=rows)  # (n_taps,)
         w = torch.tensor(self.tap_weights, dtype=per_layer.dtype, device=per_layer.device)
         loss = (per_layer * w).sum() / w.sum()
         return loss, dict(zip(self.names, per_layer.unbind(0)))
 
     def loss(self, out: ModelOutput, targets: Tensor, step: int, *, mask: Tensor | None = None,
-             generator: torch.Generator | None = None, ignore_index: int = -100) -> LossBreakdown:
+             generator: torch.Generator | None = None, ignore_index: int = -100,
+             rows: slice | None = None) -> LossBreakdown:
         """``ce + moe_aux + coeff * stp``. At coefficient 0 the STP term is not part of the graph at all,
         so loss and gradients equal plain cross-entropy plus the MoE losses exactly."""
         ce = cross_entropy(out.logits, targets, ignore_index)
@@ -100,7 +102,7 @@ class STPPolicy:
         total = ce + aux
         coeff = self.coefficient(step)
         if self.cfg.enabled and out.taps is not None:
-            stp, per_tap = self.stp_loss(out.taps, mask=mask, generator=generator)
+            stp, per_tap = self.stp_loss(out.taps, mask=mask, generator=generator, rows=rows)
             if coeff > 0:
                 total = total + coeff * stp
         else:

@@ -251,10 +251,16 @@ def stp_per_layer(
     *,
     mask: Tensor | None = None,
     generator: torch.Generator | None = None,
+    rows: slice | None = None,
 ) -> Tensor:
     """The STP loss of each layer in ``hidden`` as a ``(n_layers,)`` fp32 tensor, all layers read at the
     same sampled triples (so a caller can weight layers, e.g. by family, or log them one by one).
-    :func:`compute_stp_loss` of a list is the mean of this vector."""
+    :func:`compute_stp_loss` of a list is the mean of this vector.
+
+    ``rows``: ``hidden`` holds only these rows of a batch of ``mask.shape[0]`` rows (one data-parallel
+    rank's share). Spans are drawn for the whole batch, as one process would, and the loss is normalised
+    so that the mean over equal shares is the whole batch's loss.
+    """
     layers = list(hidden)
     if not layers:
         raise ValueError("stp_per_layer needs at least one hidden-state tensor")
@@ -262,10 +268,16 @@ def stp_per_layer(
     if length < 3:  # no ordered triple exists; keep the zeros on the graph
         return torch.stack([h.float().sum() * 0.0 for h in layers])
 
+    if rows is not None and mask is None:
+        raise ValueError("stp_per_layer: rows= needs the whole batch's mask (document ids or validity)")
+    full = batch if rows is None else mask.shape[0]
     idx, weight = sample_spans(
-        batch, length, n_spans, mask=mask, generator=generator, device=layers[0].device
+        full, length, n_spans, mask=mask, generator=generator, device=layers[0].device
     )  # (B, S, 3), (B, S)
     denom = weight.sum().clamp_min(1.0)
+    if full != batch:
+        idx, weight = idx[rows], weight[rows]
+        denom = denom * (batch / full)
     losses = []
     for h in layers:  # a handful of selected taps, never a loop over spans
         losses.append((span_bends(h, idx) * weight).sum() / denom)

@@ -25,7 +25,7 @@ The layer is stateless per token, so it keeps no decoding cache.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +96,10 @@ class MoEMixer(Mixer):
         self.w_down = nn.Parameter(torch.empty(cfg.n_experts, self.d_ff, D))
         self.shared = (SwiGLU(D, cfg.d_ff_shared or self.d_ff, std=dims.init_std, out_std=dims.out_std)
                        if cfg.shared_expert else None)
+        # Data parallel sets this to its process group (from outside the model): the expert load f_e and the
+        # token count are then summed over the ranks, so each rank's balancing loss is its share of the
+        # global batch's, exactly as one process computing the whole batch would have it.
+        self.stats_group: Any = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -128,7 +132,6 @@ class MoEMixer(Mixer):
         E, k = self.n_experts, self.top_k
         valid = None if documents is None else documents.valid.reshape(-1, 1).float()  # (B T, 1)
         n_tokens = B * T if valid is None else valid.sum().clamp(min=1.0)
-        n_slots = n_tokens * k
         rdt = torch.promote_types(x.dtype, torch.float32)  # at least fp32 (fp64 stays fp64 for tests)
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = F.linear(x.to(rdt), self.router.weight.to(rdt))  # (B, T, E)
@@ -148,14 +151,20 @@ class MoEMixer(Mixer):
         ones = torch.ones(B * T, k, device=x.device) if valid is None else valid.expand(B * T, k)
         counts = torch.zeros(E, device=x.device, dtype=torch.float32).scatter_add_(
             0, flat_idx, ones.reshape(-1))  # (E,)
+        n_mean = n_tokens  # denominator of this rank's token means
+        if self.stats_group is not None:
+            counts, n_tokens, share = _global_counts(counts, n_tokens, self.stats_group)
+            n_mean = n_tokens * share  # this rank's share of the global count: the mean over ranks is global
+        n_slots = n_tokens * k
         frac = counts / n_slots  # f_e, no gradient (argmax-like)
         z_tok = torch.logsumexp(logits, dim=-1).square()  # (B, T)
-        if valid is None:
+        if valid is None and self.stats_group is None:
             mean_prob = probs.mean(dim=(0, 1))  # P_e, carries the gradient
             z = z_tok.mean()
         else:
-            mean_prob = (probs.reshape(-1, E) * valid).sum(0).to(probs.dtype) / n_tokens
-            z = (z_tok.reshape(-1, 1) * valid).sum() / n_tokens
+            w = torch.ones(B * T, 1, device=x.device) if valid is None else valid
+            mean_prob = (probs.reshape(-1, E) * w).sum(0).to(probs.dtype) / n_mean
+            z = (z_tok.reshape(-1, 1) * w).sum() / n_mean
         lb = E * (frac * mean_prob).sum()
         aux = {"moe_lb": self.aux_loss_coef * lb, "moe_z": self.z_loss_coef * z}
 
@@ -165,9 +174,18 @@ class MoEMixer(Mixer):
                 "moe/drop_frac": (n_dropped.float() / (B * T * k)) if n_dropped is not None
                 else torch.zeros((), device=x.device),
                 "moe/router_entropy": (torch.special.entr(probs).sum(-1).mean() if valid is None else
-                                       (torch.special.entr(probs).sum(-1).reshape(-1, 1) * valid).sum() / n_tokens),
+                                       (torch.special.entr(probs).sum(-1).reshape(-1, 1) * valid).sum() / n_mean),
             }
         return MixerOutput(y.to(x.dtype), None, aux, stats)
+
+
+def _global_counts(counts: Tensor, n_tokens: Any, group: Any) -> tuple[Tensor, Tensor, float]:
+    """Expert slot counts and the token count summed over ``group``, and 1 / its size."""
+    import torch.distributed as dist
+
+    both = torch.cat([counts, torch.as_tensor(n_tokens, dtype=counts.dtype, device=counts.device).reshape(1)])
+    dist.all_reduce(both, group=group)
+    return both[:-1], both[-1], 1.0 / dist.get_world_size(group)
 
 
 register_family(FamilySpec(letter="E", name="expert", colour="#d62728", config_key="moe",

@@ -1,0 +1,203 @@
+"""Pipeline stages at the pattern's ``|`` marks, with the STP gradient seam.
+
+``--parallel.pp S`` runs stage ``s`` of an ``S``-stage pattern (``AEME|AEMR``) on the processes of pipeline
+rank ``s``, through ``torch.distributed.pipelining`` (``PipelineStage`` and its GPipe / 1F1B schedules).
+The embedding lives on the first stage, the final norm and LM head on the last; a stage keeps the full
+model's parameter names (``blocks.5.mixer...``), so checkpoints and tap names are global.
+
+The seam. An auxiliary loss computed on an intermediate stage (STP on its taps, its MoE balancing
+losses) has no path to the loss the schedule backpropagates from: the schedule only sends gradients
+with respect to the activation a stage handed on. Computed and added to a log, it would be monitoring,
+not training. :class:`AuxSeam` attaches the stage's weighted auxiliary loss to the activation it sends
+downstream: its forward returns the activation unchanged, its backward passes the incoming gradient
+through and gives the auxiliary loss the gradient ``scale``, so when the schedule runs this stage's
+backward the auxiliary gradient rejoins the main stream. ``scale`` is ``1 / grad_accum``: the schedule
+divides every gradient by the number of microbatches itself, as it does for the cross-entropy. The last
+stage applies the same seam to its logits. Summed over the stages, the result is the gradient of
+``ce + moe_aux + coeff * stp`` that one process computes for the same microbatches.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from amer.blocks import Documents
+from amer.model import HybridLM
+from amer.objective import STPPolicy
+from amer.stp import stp_per_layer, token_curvature
+from amer.tap import tap_names
+
+__all__ = ["AuxSeam", "StageModule", "stage_layers"]
+
+# Tests flip this to show the seam is what carries the auxiliary gradient (the negative control).
+_SEAM_ENABLED = True
+
+
+class AuxSeam(torch.autograd.Function):
+    """Forward-neutral: returns ``h``; backward returns the incoming gradient for ``h`` and ``scale`` for
+    the scalar ``aux``, which then backpropagates into the parameters and taps that produced it."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, aux: Tensor, scale: float) -> Tensor:  # type: ignore[override]
+        ctx.scale = scale
+        ctx.aux_meta = (aux.dtype, aux.device)
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor | None, None]:  # type: ignore[override]
+        g_aux = None
+        if ctx.needs_input_grad[1]:
+            dtype, device = ctx.aux_meta
+            g_aux = torch.full((), ctx.scale, dtype=dtype, device=device)
+        return grad, g_aux, None
+
+
+def stage_layers(model: HybridLM, n_stages: int) -> list[list[int]]:
+    """Block indices of each stage, from the pattern's ``|`` marks; they must give ``n_stages`` stages."""
+    from amer.errors import ConfigError
+
+    pattern = model.pattern
+    if pattern.n_stages != n_stages:
+        marks = pattern.n_stages - 1
+        raise ConfigError(
+            f"--parallel.pp {n_stages} needs a pattern with {n_stages - 1} stage mark(s) '|', but "
+            f"{pattern.letters!r} has {marks} ({pattern.n_stages} stage{'s' if pattern.n_stages > 1 else ''}); "
+            f"cut it with '|', e.g. {_even_split(pattern.letters, n_stages)!r}")
+    return [[layer.index for layer in pattern.stage_layers(s)] for s in range(n_stages)]
+
+
+def _even_split(letters: str, n: int) -> str:
+    flat = letters.replace("|", "")
+    k = max(1, len(flat) // n)
+    return "|".join(flat[i * k: (i + 1) * k if i < n - 1 else len(flat)] for i in range(n))
+
+
+class StageModule(nn.Module):
+    """One pipeline stage of a :class:`HybridLM`: its blocks (and the embedding / head at the ends), its
+    share of the STP loss and the MoE losses, attached through :class:`AuxSeam`.
+
+    Document ids, the STP span mask and the STP step do not travel between stages: every rank reads the
+    same global batch, so the caller hands each stage its microbatches' ids (:meth:`load`) before the
+    schedule runs, and the stage takes them in microbatch order (both schedules run a stage's forwards
+    in that order). Every stage draws STP spans from an identically seeded generator, so all stages use
+    the spans one process would.
+    """
+
+    def __init__(self, model: HybridLM, stage: int, n_stages: int, policy: STPPolicy, *, documents: bool = True,
+                 stp_generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.stage, self.n_stages = stage, n_stages
+        self.first, self.last = stage == 0, stage == n_stages - 1
+        self.layers = [model.pattern.layers[i] for i in stage_layers(model, n_stages)[stage]]
+        self.n_blocks = len(model.blocks)
+        self.policy, self.documents, self.generator = policy, documents, stp_generator
+        self.embed = model.embed if self.first else None
+        self.blocks = nn.ModuleDict({str(layer.index): model.blocks[layer.index] for layer in self.layers})
+        self.norm = model.norm if self.last else None
+        self.tied_copy = False
+        self.tied_embed = self.first and not self.last and model.cfg.tie_embeddings
+        if self.last and model.cfg.tie_embeddings and not self.first:
+            # The head's weight is the embedding's, which lives on the first stage: the last stage keeps a
+            # copy whose gradient is summed with the embedding's after each backward (Megatron's approach).
+            self.lm_head = nn.Linear(model.cfg.d_model, model.cfg.vocab_size, bias=False,
+                                     device=model.embed.weight.device, dtype=model.embed.weight.dtype)
+            with torch.no_grad():
+                self.lm_head.weight.copy_(model.embed.weight)
+            self.lm_head.weight._no_weight_decay = True  # type: ignore[attr-defined]
+            self.tied_copy = True
+        else:
+            self.lm_head = model.lm_head if self.last else None
+        own = {0} if self.first else set()
+        own |= {layer.index + 1 for layer in self.layers}
+        if self.last:
+            own.add(self.n_blocks + 1)
+        self.stp_taps = [(k, pos) for k, pos in enumerate(policy.positions) if pos in own]
+        self.tap_names = tap_names(model.pattern)
+        self.width, self.vocab = model.cfg.d_model, model.cfg.vocab_size
+        self.step = 0
+        self.seam_scale = 1.0
+        self.want_metrics = False
+        self._pending: list[Tensor | None] = []
+        self.records: list[dict[str, Tensor]] = []
+
+    def load(self, doc_ids: list[Tensor | None]) -> None:
+        """The document ids of the microbatches the next schedule step will run, in order."""
+        self._pending = list(doc_ids)
+        self.records = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        doc_ids = self._pending.pop(0) if self._pending else None
+        documents = Documents(doc_ids) if self.documents and doc_ids is not None else None
+        hiddens: dict[int, Tensor] = {}
+        if self.first:
+            x = self.embed(x)
+            hiddens[0] = x
+        aux = torch.zeros((), device=x.device)
+        record: dict[str, Tensor] = {}
+        for layer in self.layers:
+            x, out = self.blocks[str(layer.index)](x, None, documents)
+            hiddens[layer.index + 1] = x
+            for k, v in out.aux.items():
+                aux = aux + v
+                record[k] = record.get(k, torch.zeros(())) + v.detach().float()
+        if self.last:
+            h = self.norm(x)
+            hiddens[self.n_blocks + 1] = h
+            x = self.lm_head(h)
+        if self.want_metrics:  # token curvature of every tap this stage holds, under its global name
+            for pos, hid in hiddens.items():
+                record[f"curv/tok/{self.tap_names[pos]}"] = token_curvature(hid.detach(), mask=doc_ids).float()
+        aux = aux + self._stp(hiddens, doc_ids, record)
+        self.records.append(record)
+        if not _SEAM_ENABLED:
+            return x
+        return AuxSeam.apply(x, aux, self.seam_scale)
+
+    def _stp(self, hiddens: dict[int, Tensor], mask: Tensor | None, record: dict[str, Tensor]) -> Tensor:
+        """This stage's share of ``coeff * stp``: its selected taps' weighted losses over the weight of the
+        whole selection, so the shares of all stages add up to the single-process loss."""
+        policy = self.policy
+        zero = torch.zeros((), device=next(iter(hiddens.values())).device)
+        if not policy.enabled or not self.stp_taps:
+            return zero
+        states = [hiddens[pos] for _, pos in self.stp_taps]
+        per_layer = stp_per_layer(states, policy.cfg.n_spans, mask=mask, generator=self.generator)
+        w = torch.tensor([policy.tap_weights[k] for k, _ in self.stp_taps], dtype=per_layer.dtype,
+                         device=per_layer.device)
+        share = (per_layer * w).sum() / sum(policy.tap_weights)
+        record["stp"] = share.detach()
+        for (k, _), v in zip(self.stp_taps, per_layer.detach()):
+            record[f"stp/{policy.names[k]}"] = v
+        coeff = policy.coefficient(self.step)
+        if coeff == 0.0:  # gated off: not part of the graph at all, as in one process
+            return zero
+        if self.want_metrics:
+            grads = torch.autograd.grad(coeff * share, states, retain_graph=True, allow_unused=True)
+            record["stp/live_grad_sq"] = sum((g.float().square().sum() for g in grads if g is not None),
+                                             torch.zeros(()))
+        return coeff * share
+
+    def summary(self) -> dict[str, float]:
+        """Mean of each recorded figure over the microbatches of the last step (detached floats)."""
+        out: dict[str, float] = {}
+        for rec in self.records:
+            for k, v in rec.items():
+                out[k] = out.get(k, 0.0) + float(v) / len(self.records)
+        return out
+
+    def tied_parameters(self) -> list[nn.Parameter]:
+        """The embedding (first stage) or its copy in the head (last stage), when the two are tied."""
+        if self.tied_copy:
+            return [self.lm_head.weight]
+        return [self.embed.weight] if self.tied_embed else []
+
+    def extra_state_names(self) -> tuple[str, ...]:
+        """Parameter names that are copies, not the model's own (left out of checkpoints)."""
+        return ("lm_head.weight",) if self.tied_copy else ()
+
+    def describe(self) -> dict[str, Any]:
+        return {"stage": self.stage, "blocks": [layer.name for layer in self.layers],
+                "stp_taps": [self.policy.names[k] for k, _ in self.stp_taps]}

@@ -1,0 +1,200 @@
+"""The training step of one pipeline stage: the schedule over microbatches, then what :class:`TrainStep`
+does after backward, across stages (the non-finite guard, the tied embedding, the global gradient norm,
+the optimizer step, the figures for the log).
+
+It is called exactly like :class:`amer.training.step.TrainStep` (global batches in, a
+:class:`~amer.training.step.StepOutput` out, the same on every rank), so the training loop does not
+care which of the two it holds. One micro-batch of the loop is cut into ``--parallel.microbatches``
+pipeline microbatches; the cross-entropy and the seam both scale by ``1 / grad_accum`` and the schedule
+divides by the number of microbatches, so a step equals one process accumulating the same microbatches.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from amer.objective import LossBreakdown, cross_entropy
+from amer.runtime import autocast
+from amer.tap import tap_label
+from amer.training.distributed import Layout
+from amer.training.pipeline import StageModule
+from amer.training.step import StepOutput, _rows
+
+__all__ = ["PipelineStep"]
+
+
+def _local(t: Tensor) -> Tensor:
+    """The shard this rank holds (FSDP2 parameters and gradients are DTensors)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class PipelineStep:
+    """One optimizer step of a pipeline stage (every rank of the pipeline calls it with the same batches)."""
+
+    def __init__(self, stage: StageModule, module: nn.Module, optimizer: torch.optim.Optimizer | None,
+                 layout: Layout, *, microbatches: int = 1, schedule: str = "1f1b", grad_accum: int = 1,
+                 grad_clip: float | None = 1.0, dtype: str = "float32", sharded: bool = False,
+                 keep_gradients: bool = False, rows: int, seq_len: int) -> None:
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+        self.stage, self.module, self.optimizer, self.layout = stage, module, optimizer, layout
+        self.microbatches, self.grad_accum, self.grad_clip, self.dtype = microbatches, grad_accum, grad_clip, dtype
+        self.sharded = sharded  # FSDP2: gradients are shards, their squares are summed over the dp group too
+        self.keep_gradients = keep_gradients  # tests read .grad after the step
+        # Static stage metadata (the shapes every microbatch has): without it the schedule would infer them by
+        # running a real forward and backward first, drawing STP spans and consuming document ids.
+        if rows % microbatches:
+            raise ValueError(f"--parallel.microbatches {microbatches} does not divide the {rows} rows per rank")
+        mb, dev = rows // microbatches, layout.device
+        d_model, vocab = stage.width, stage.vocab
+        hidden = torch.empty(mb, seq_len, d_model, device=dev)
+        # a later stage's input needs a gradient: that is what it sends back upstream
+        inp = (torch.empty(mb, seq_len, dtype=torch.long, device=dev) if stage.first
+               else torch.empty(mb, seq_len, d_model, device=dev, requires_grad=True))
+        out = torch.empty(mb, seq_len, vocab, device=dev,
+                          dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32) if stage.last else hidden
+        self.pstage = PipelineStage(module, layout.pp_rank, layout.pp, dev, input_args=(inp,), output_args=(out,),
+                                    input_grads=(None,) if stage.first else (hidden,),
+                                    output_grads=(None,) if stage.last else (hidden,), group=layout.pp_group)
+        cls = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
+        # every stage gets the loss function: the schedule runs backward only when it has one
+        self.schedule = cls(self.pstage, n_microbatches=microbatches, loss_fn=self._loss)
+        self.tie_group = self._tie_group() if stage.policy is not None else None
+
+    def _tie_group(self) -> Any:
+        """The process group of this replica's first and last stage, when the embedding and head are tied
+        (every rank creates every such group, as ``new_group`` requires)."""
+        lay = self.layout
+        tied = self.stage.tied_embed or self.stage.tied_copy
+        flags = torch.tensor([int(tied)])
+        dist.all_reduce(flags)
+        if not int(flags):
+            return None
+        mine = None
+        for d in range(lay.dp):
+            g = dist.new_group([d, (lay.pp - 1) * lay.dp + d])
+            if lay.dp_rank == d and (self.stage.first or self.stage.last):
+                mine = g
+        return mine
+
+    def _loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        return cross_entropy(logits, targets) / self.grad_accum
+
+    def __call__(self, micro_batches: Iterable[Mapping[str, Tensor]], step: int, *, lr: float | None = None,
+                 metrics: bool = False) -> StepOutput:
+        lay, stage = self.layout, self.stage
+        if lr is not None and self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        stage.step, stage.seam_scale, stage.want_metrics = step, 1.0 / self.grad_accum, metrics
+        batches = iter(micro_batches)
+        losses: list[Tensor] = []
+        figures: list[dict[str, float]] = []
+        for _ in range(self.grad_accum):
+            batch = {k: v.to(lay.device) for k, v in next(batches).items()}
+            if lay.dp > 1:
+                rows = _rows(batch["tokens"].shape[0], lay.dp_rank, lay.dp)
+                batch = {k: v[rows] for k, v in batch.items()}
+            doc = batch.get("doc_ids")
+            stage.load(list(doc.tensor_split(self.microbatches)) if doc is not None else [None] * self.microbatches)
+            with autocast(self.dtype, lay.device):
+                if stage.first:
+                    self.schedule.step(batch["tokens"], target=batch["targets"] if stage.last else None)
+                elif stage.last:
+                    self.schedule.step(target=batch["targets"], losses=losses)
+                else:
+                    self.schedule.step()
+            figures.append(stage.summary())
+        local = {k: sum(f.get(k, 0.0) for f in figures) / len(figures) for k in {k for f in figures for k in f}}
+        ce = sum(float(x.detach()) for x in losses) if stage.last else 0.0  # already divided by grad_accum
+        coeff = stage.policy.coefficient(step) if stage.policy.enabled else 0.0
+        aux = sum(v for k, v in local.items() if k.startswith("moe_"))
+        totals = torch.tensor([ce, aux, local.get("stp", 0.0), local.get("stp/live_grad_sq", 0.0)], dtype=torch.float64)
+        dist.all_reduce(totals)
+        ce, aux, stp, live_sq = (float(v) / lay.dp for v in totals)
+        finite = torch.tensor([float(torch.isfinite(totals).all())])
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        parts = LossBreakdown(torch.tensor(ce + aux + coeff * stp), torch.tensor(ce), torch.tensor(aux),
+                              torch.tensor(stp), coeff, {})
+        if not float(finite):
+            self._zero()
+            return StepOutput(False, parts, skipped_reason="non-finite loss")
+        self._sum_tied_gradients()
+        gnorm = self._clip()
+        if gnorm is not None and not torch.isfinite(gnorm):
+            self._zero()
+            return StepOutput(False, parts, gnorm, "non-finite gradient")
+        if self.optimizer is not None:
+            self.optimizer.step()
+        self._zero()
+        logged: dict[str, float] = {}
+        if metrics:
+            logged = self._gather_figures(local, live_sq)
+            parts = parts._replace(per_tap={k[4:]: torch.tensor(v) for k, v in logged.items()
+                                            if k.startswith("stp/") and k.count("/") == 1 and k[4:] in
+                                            stage.policy.names})
+        return StepOutput(True, parts, gnorm, None, logged)
+
+    def _zero(self) -> None:
+        if self.keep_gradients:
+            return
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.module.zero_grad(set_to_none=True)
+
+    def _sum_tied_gradients(self) -> None:
+        """The tied embedding's gradient is the sum of the first stage's (input) and the last's (head)."""
+        if self.tie_group is None:
+            return
+        for p in self.stage.tied_parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(_local(p.grad), group=self.tie_group)
+
+    def _clip(self) -> Tensor | None:
+        """Global L2 norm over every stage (the head's tied copy counted once, as the embedding) and clip."""
+        if self.grad_clip is None:
+            return None
+        copies = {id(p) for p in self.stage.tied_parameters()} if self.stage.tied_copy else set()
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None and id(p) not in copies]
+        all_grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        sq = sum((_local(g).double().square().sum() for g in grads), torch.zeros((), dtype=torch.float64))
+        sq = sq.reshape(1)
+        if self.sharded and self.layout.dp > 1:
+            dist.all_reduce(sq, group=self.layout.dp_group)
+        if self.layout.pp > 1:
+            dist.all_reduce(sq, group=self.layout.pp_group)
+        norm = sq.sqrt()[0].float()
+        if self.grad_clip > 0 and torch.isfinite(norm):
+            scale = min(1.0, self.grad_clip / (float(norm) + 1e-6))
+            if scale < 1.0:
+                for g in all_grads:
+                    _local(g).mul_(scale)
+        return norm
+
+    def _gather_figures(self, local: dict[str, float], live_sq: float) -> dict[str, float]:
+        """Every stage's per-tap figures under their global names, on every rank (logged by rank 0)."""
+        mine = {k: v for k, v in local.items() if k.startswith(("stp/", "curv/")) and k != "stp/live_grad_sq"}
+        parts: list[Any] = [None] * self.layout.world
+        dist.all_gather_object(parts, mine)
+        out: dict[str, float] = {}
+        for i, p in enumerate(parts):
+            if i % self.layout.dp == self.layout.dp_rank:  # one replica's stages (the others agree up to data)
+                out.update(p)
+        per_tap = {k: v for k, v in out.items()}
+        for prefix in ("stp/", "curv/tok/"):
+            by_label: dict[str, list[float]] = {}
+            for k, v in per_tap.items():
+                if k.startswith(prefix) and "/" not in k[len(prefix):]:
+                    by_label.setdefault(tap_label(k[len(prefix):]), []).append(v)
+            for label, vals in by_label.items():
+                out[f"{prefix}{label}"] = sum(vals) / len(vals)
+        for k in [k for k in out if k.startswith("curv/tok/") and tap_label(k[9:]) != k[9:]]:
+            del out[k]  # one figure per family, as one process logs it
+        out["stp/live_grad_norm"] = live_sq ** 0.5
+        return out

@@ -1,0 +1,180 @@
+"""Multi-process checks, run under ``torchrun --nproc-per-node 2`` by ``tests/test_distributed.py``.
+
+``python -m torch.distributed.run --nproc-per-node 2 tests/distributed/scenarios.py NAME`` runs one
+scenario on two CPU processes (gloo). Each prints ``ok <what>`` lines on rank 0 and exits non-zero with
+the reason when a check fails, so the pytest side only has to read the exit code and the output.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import torch
+import torch.distributed as dist
+
+from amer import HybridLM, ModelConfig
+from amer.config import ParallelConfig, STPConfig, TrainConfig
+from amer.objective import STPPolicy
+from amer.training import distributed as D
+from amer.training import pipeline as P
+from amer.training.optim import make_optimizer
+from amer.training.pipeline_step import PipelineStep
+from amer.training.step import TrainStep
+
+SEED = 3
+
+
+def model_config(pattern: str) -> ModelConfig:
+    return ModelConfig(pattern=pattern, d_model=32, vocab_size=64, max_seq_len=64, init_std=0.1,
+                       attention={"n_heads": 4, "n_kv_heads": 2},
+                       mamba={"d_state": 8, "head_dim": 16, "chunk_size": 8},
+                       moe={"n_experts": 4, "top_k": 2, "d_ff": 48}, recurrent={"n_heads": 2})
+
+
+def batch(rows: int, T: int = 24, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(0, 64, (rows, T + 1), generator=g)
+    starts = torch.rand(rows, T, generator=g) < 0.1
+    starts[:, 0] = True
+    return {"tokens": seq[:, :-1], "targets": seq[:, 1:], "doc_ids": starts.long().cumsum(1)}
+
+
+def stp(layers: str, start: int = 0) -> STPConfig:
+    return STPConfig(enabled=True, layers=layers, weight=0.5, start_step=start, ramp_steps=0, n_spans=3)
+
+
+def fail(msg: str) -> None:
+    print(f"FAIL rank {dist.get_rank()}: {msg}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def say(layout: D.Layout, msg: str) -> None:
+    if layout.main:
+        print(f"ok {msg}", flush=True)
+
+
+def close(a: torch.Tensor, b: torch.Tensor, what: str, tol: float = 1e-5) -> None:
+    err = (a - b).abs().max().item() / max(1.0, b.abs().max().item())
+    if not err <= tol:
+        import os
+        if os.environ.get("AMER_DEBUG_ALL"):
+            print(f"DIFF rank {dist.get_rank()}: {what}: {err:.3g}", flush=True)
+            return
+        fail(f"{what}: max relative difference {err:.3g} > {tol}")
+
+
+def reference_grads(model: HybridLM, policy: STPPolicy, data: dict[str, torch.Tensor], m: int, step: int) -> dict:
+    """What one process computes: the batch as m accumulated micro-batches, the step's objective."""
+    gen = torch.Generator().manual_seed(SEED)
+    model.zero_grad(set_to_none=True)
+    for i in range(m):
+        mb = {k: v.tensor_split(m)[i] for k, v in data.items()}
+        out = model(mb["tokens"], doc_ids=mb["doc_ids"])
+        parts = policy.loss(out, mb["targets"], step, mask=mb["doc_ids"], generator=gen)
+        (parts.total / m).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def pp_grads(layout: D.Layout) -> None:
+    """pp=2: every parameter's gradient equals one process's, for both schedules and 1, 2, 4 microbatches;
+    with the seam disabled, stage 0's do not (the auxiliary gradient never arrives)."""
+    cfg = model_config("AEM|ER")
+    torch.manual_seed(0)
+    base = HybridLM(cfg)
+    policy = STPPolicy(stp("A-1,M-1,E-1,R-1,final"), base.pattern)
+    data = batch(4)
+    for schedule, m in (("gpipe", 1), ("gpipe", 2), ("gpipe", 4), ("1f1b", 2), ("1f1b", 4)):  # 1f1b needs m >= 2
+        ref = reference_grads(copy.deepcopy(base), policy, data, m, step=5)
+        model = copy.deepcopy(base)
+        stage = P.StageModule(model, layout.pp_rank, 2, policy, stp_generator=torch.Generator().manual_seed(SEED))
+        runner = PipelineStep(stage, stage, None, layout, microbatches=m, schedule=schedule, grad_clip=None,
+                              keep_gradients=True, rows=4, seq_len=24)
+        out = runner([data], 5)
+        if not out.applied:
+            fail(f"{schedule} m={m}: step skipped ({out.skipped_reason})")
+        for name, p in stage.named_parameters():
+            if p.grad is None:
+                fail(f"{schedule} m={m}: {name} got no gradient")
+            close(p.grad, ref["embed.weight" if name == "lm_head.weight" and stage.tied_copy else name],
+                  f"{schedule} m={m} stage {layout.pp_rank} {name}")
+        dist.barrier()
+        say(layout, f"pp=2 {schedule} microbatches={m}: gradients of both stages equal one process's")
+    P._SEAM_ENABLED = False
+    try:
+        model = copy.deepcopy(base)
+        stage = P.StageModule(model, layout.pp_rank, 2, policy, stp_generator=torch.Generator().manual_seed(SEED))
+        runner = PipelineStep(stage, stage, None, layout, microbatches=2, grad_clip=None, keep_gradients=True,
+                              rows=4, seq_len=24)
+        runner([data], 5)
+        ref = reference_grads(copy.deepcopy(base), policy, data, 2, step=5)
+        worst = max((((p.grad - ref[n]).abs().max() / ref[n].abs().max().clamp(min=1.0)).item()
+                     for n, p in stage.named_parameters() if n.startswith("blocks.0.")), default=1.0)
+        flag = torch.tensor([worst])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if not flag.item() > 1e-3:
+            fail(f"seam disabled: stage-0 gradients still match one process (worst difference {flag.item():.3g})")
+        say(layout, f"seam disabled: stage-0 gradients differ from one process's (by {flag.item():.3g})")
+    finally:
+        P._SEAM_ENABLED = True
+
+
+def dp_equal(layout: D.Layout) -> None:
+    """dp=2 with b rows per rank equals one process with 2b rows: parameters after 5 steps (STP on taps of
+    several families, MoE balancing on), for FSDP2 and DDP."""
+    cfg = model_config("AEMER")
+    tcfg = TrainConfig(lr=3e-3, weight_decay=0.1, seq_len=24, model=cfg)
+    torch.manual_seed(0)
+    base = HybridLM(cfg)
+    policy = STPPolicy(stp("A-1,M-1,E-1,R-1"), base.pattern)
+    steps = [batch(4, seed=s) for s in range(5)]
+    ref_model = copy.deepcopy(base)
+    ref = TrainStep(ref_model, make_optimizer(ref_model, tcfg), policy,
+                    stp_generator=torch.Generator().manual_seed(SEED))
+    for i, b in enumerate(steps):
+        ref([b], i)
+    want = dict(ref_model.named_parameters())
+    for kind in ("fsdp", "ddp"):
+        model = D.wrap_data_parallel(copy.deepcopy(base), layout, kind)
+        opt = make_optimizer(model, tcfg)
+        run = TrainStep(model, opt, policy, stp_generator=torch.Generator().manual_seed(SEED),
+                        shard=(layout.dp_rank, layout.dp), agree=lambda ok: ok)
+        for i, b in enumerate(steps):
+            out = run([b], i)
+            if not out.applied:
+                fail(f"{kind}: step {i} skipped ({out.skipped_reason})")
+        full = D.gather_state(model, opt, layout)
+        if layout.main:
+            weights, _ = full
+            for name, p in want.items():
+                close(weights[name], p.detach(), f"dp=2 {kind}: {name} after 5 steps", tol=2e-5)
+        dist.barrier()
+        say(layout, f"dp=2 {kind}: parameters after 5 steps equal one process with the whole batch")
+    # control: without the expert loads summed over the ranks, each rank balances its own half
+    model = D.wrap_data_parallel(copy.deepcopy(base), layout, "ddp")
+    for m in model.modules():
+        if hasattr(m, "stats_group"):
+            m.stats_group = None
+    opt = make_optimizer(model, tcfg)
+    run = TrainStep(model, opt, policy, stp_generator=torch.Generator().manual_seed(SEED),
+                    shard=(layout.dp_rank, layout.dp))
+    for i, b in enumerate(steps):
+        run([b], i)
+    got = dict(D.unwrap(model).named_parameters())
+    worst = max(((got[n] - p).abs().max() / p.abs().max().clamp(min=1.0)).item() for n, p in want.items())
+    if not worst > 2e-5:
+        fail(f"control: per-rank MoE statistics still match one process (worst difference {worst:.3g})")
+    say(layout, f"control: per-rank MoE statistics move the parameters off one process's (by {worst:.3g})")
+
+
+SCENARIOS = {"pp_grads": (ParallelConfig(pp=2), pp_grads), "dp_equal": (ParallelConfig(dp=2), dp_equal)}
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    parallel, fn = SCENARIOS[sys.argv[1]]
+    layout = D.setup(parallel, torch.device("cpu"))
+    try:
+        fn(layout)
+    finally:
+        D.teardown(layout)
