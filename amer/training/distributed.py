@@ -157,14 +157,25 @@ def named_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -
     Collective under FSDP2: every rank of the data-parallel group must call it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_optimizer_state_dict(unwrap(module), optimizer, options=opts)
+    # not cpu_offload: that keeps the tensors on global rank 0 only, and a pipeline stage's own first rank
+    # is not rank 0; every rank of the group gets the full tensors and moves them to the host itself
+    named = get_optimizer_state_dict(unwrap(module), optimizer, options=StateDictOptions(full_state_dict=True))
+    named["state"] = {k: {n: _host(v) for n, v in st.items()} for k, st in named.get("state", {}).items()}
+    return named
+
+
+def _host(v: Any) -> Any:
+    if not torch.is_tensor(v):
+        return v
+    v = v.full_tensor() if hasattr(v, "full_tensor") else v
+    return v.detach().cpu()
 
 
 def _model_state(module: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(unwrap(module), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(unwrap(module), options=StateDictOptions(full_state_dict=True))
+    return {k: _host(v) for k, v in state.items()}
 
 
 def gather_state(module: nn.Module, optimizer: torch.optim.Optimizer | None, layout: Layout,
@@ -177,7 +188,6 @@ def gather_state(module: nn.Module, optimizer: torch.optim.Optimizer | None, lay
     """
     weights = {k: v for k, v in _model_state(module).items() if k not in skip}
     optim = named_optimizer_state(module, optimizer) if optimizer is not None else {"state": {}, "param_groups": []}
-    # with cpu_offload, only the first rank of a data-parallel group receives the full tensors
     optim = {"state": {k: v for k, v in optim.get("state", {}).items() if k not in skip},
              "param_groups": optim.get("param_groups", [])}
     if layout.pp == 1:
@@ -214,15 +224,23 @@ def host_copy(model_factory: Any, weights: dict[str, torch.Tensor], optim: dict[
     return model, opt
 
 
-def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, named: dict[str, Any]) -> None:
+def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, named: dict[str, Any],
+                         aliases: dict[str, str] | None = None) -> None:
     """Load a named full optimizer state into ``optimizer`` of ``module`` (sharding it under FSDP2); entries
-    for parameters this module does not hold (other pipeline stages) are ignored."""
+    for parameters this module does not hold (other pipeline stages) are ignored. ``aliases`` maps a
+    parameter of ``module`` that is a copy (a pipeline stage's tied head) to the name whose state it takes."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+    aliases = aliases or {}
     own = {n for n, _ in unwrap(module).named_parameters()}
     state = {k: v for k, v in named["state"].items() if k in own}
+    for alias, src in aliases.items():
+        if alias in own and src in named["state"]:
+            state[alias] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in named["state"][src].items()}
     groups = []
     for g in named["param_groups"]:
-        groups.append({**g, "params": [p for p in g["params"] if p in own]})
+        params = [p for p in g["params"] if p in own]
+        params += [a for a, src in aliases.items() if a in own and src in g["params"]]
+        groups.append({**g, "params": params})
     set_optimizer_state_dict(unwrap(module), optimizer, {"state": state, "param_groups": groups},
                              options=StateDictOptions(full_state_dict=True))

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from amer.blocks import Documents
 from amer.model import HybridLM
 from amer.objective import STPPolicy
-from amer.stp import stp_per_layer, token_curvature
+from amer.stp import sample_spans, stp_per_layer, token_curvature
 from amer.tap import tap_names
 
 __all__ = ["AuxSeam", "StageModule", "stage_layers"]
@@ -160,8 +160,13 @@ class StageModule(nn.Module):
         """This stage's share of ``coeff * stp``: its selected taps' weighted losses over the weight of the
         whole selection, so the shares of all stages add up to the single-process loss."""
         policy = self.policy
-        zero = torch.zeros((), device=next(iter(hiddens.values())).device)
-        if not policy.enabled or not self.stp_taps:
+        some = next(iter(hiddens.values()))
+        zero = torch.zeros((), device=some.device)
+        if not policy.enabled:
+            return zero
+        if not self.stp_taps:  # draw the spans anyway: every stage's generator stays where one process's is
+            sample_spans(some.shape[0], some.shape[1], policy.cfg.n_spans, mask=mask, generator=self.generator,
+                         device=some.device)
             return zero
         states = [hiddens[pos] for _, pos in self.stp_taps]
         per_layer = stp_per_layer(states, policy.cfg.n_spans, mask=mask, generator=self.generator)

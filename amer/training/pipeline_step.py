@@ -110,7 +110,8 @@ class PipelineStep:
                     self.schedule.step()
             figures.append(stage.summary())
         local = {k: sum(f.get(k, 0.0) for f in figures) / len(figures) for k in {k for f in figures for k in f}}
-        ce = sum(float(x.detach()) for x in losses) if stage.last else 0.0  # already divided by grad_accum
+        # one loss per microbatch, each already divided by grad_accum: their mean over the microbatches
+        ce = sum(float(x.detach()) for x in losses) / self.microbatches if stage.last else 0.0
         coeff = stage.policy.coefficient(step) if stage.policy.enabled else 0.0
         aux = sum(v for k, v in local.items() if k.startswith("moe_"))
         totals = torch.tensor([ce, aux, local.get("stp", 0.0), local.get("stp/live_grad_sq", 0.0)], dtype=torch.float64)
