@@ -7,17 +7,16 @@ Layout of one checkpoint directory::
         optim.safetensors   AdamW moments and step counts, flattened to named tensors
         meta.json           resolved config, step, RNG states, data position, amer version, metrics
 
-A checkpoint is written into a temporary sibling directory, fsynced, then renamed into place, so
-an interrupted write never leaves a half checkpoint under a real name and never touches the
-previous one.
+A checkpoint is written into a temporary sibling directory, fsynced, then renamed into place (or swapped
+with the one it replaces, ``best/``), so an interrupted write never leaves a half checkpoint under a real
+name and never touches the previous one. Removing a checkpoint removes these three files only.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import time
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +26,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from amer.config import ModelConfig, from_dict
-from amer.errors import CheckpointError
+from amer.errors import CheckpointError, InputError
+from amer.fileio import fault_point, fsync_dir, json_text, remove_own_files, replace_dir, temp_sibling
+from amer.optimstate import checked_state_dict
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_checkpoint", "find_checkpoint",
-           "list_checkpoints"]
+__all__ = ["CheckpointError", "CHECKPOINT_FILES", "save_checkpoint", "load_checkpoint", "read_checkpoint",
+           "find_checkpoint", "list_checkpoints", "checkpoint_step", "restore_model", "restore_optimizer"]
+
+CHECKPOINT_FILES = ("model.safetensors", "optim.safetensors", "meta.json")  # all a checkpoint directory holds
 
 
 def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -56,19 +59,6 @@ def _optim_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor],
     return tensors, {"param_groups": sd["param_groups"]}
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                     meta: dict[str, Any]) -> Path:
     """Write ``path`` atomically (temporary directory, fsync, rename). Refuses non-finite weights."""
@@ -76,7 +66,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             raise CheckpointError(f"refusing to write {path}: parameter {name} has non-finite values")
-    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}-{time.monotonic_ns()}"
+    tmp = temp_sibling(path)
     tmp.mkdir(parents=True)
     try:
         save_file(_state_tensors(model), str(tmp / "model.safetensors"))
@@ -89,24 +79,19 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
 
         meta.setdefault("amer_version", amer.__version__)
         with open(tmp / "meta.json", "w") as f:
-            json.dump(meta, f, indent=2, default=_json_default)
+            f.write(json_text(meta, default=_json_default))
             f.flush()
             os.fsync(f.fileno())
         for fname in ("model.safetensors", "optim.safetensors"):
             if (tmp / fname).exists():
                 with open(tmp / fname, "rb") as f:
                     os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if path.exists():  # replace (e.g. best/): move the old one aside first, delete after
-            old = path.parent / f".old-{path.name}-{os.getpid()}-{time.monotonic_ns()}"
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(tmp)
+        fault_point(f"checkpoint:{path.name}")
+        replace_dir(tmp, path, CHECKPOINT_FILES)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists():
+            remove_own_files(tmp, CHECKPOINT_FILES)
         raise
     return path
 
@@ -119,10 +104,22 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+_STEP_DIR = re.compile(r"^step_([0-9]{1,18})$")
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step number in a checkpoint directory's name (``step_000250`` -> 250), or None."""
+    m = _STEP_DIR.match(path.name)
+    return int(m[1]) if m else None
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Step checkpoints of a run, oldest first."""
+    """Step checkpoints of a run, oldest first: by step number, not by name (``step_1000000`` sorts after
+    ``step_999999``)."""
     run_dir = Path(run_dir)
-    return sorted(p for p in run_dir.glob("step_*") if p.is_dir() and (p / "meta.json").exists())
+    found = [(step, p) for p in run_dir.glob("step_*")
+             if (step := checkpoint_step(p)) is not None and p.is_dir() and (p / "meta.json").exists()]
+    return [p for _, p in sorted(found)]
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -145,9 +142,14 @@ def read_checkpoint(path: str | Path, *, with_optimizer: bool = True) -> tuple[d
     if not meta_path.exists():
         raise CheckpointError(f"checkpoint {ckpt} is missing {meta_path.name}")
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{meta_path}: corrupt or truncated JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{meta_path}: cannot be read ({e.strerror})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path}: expected a JSON object with step, config and state, "
+                              f"got a JSON {type(meta).__name__}")
     weights = _load_tensors(ckpt / "model.safetensors")
     optim = None
     if with_optimizer and (ckpt / "optim.safetensors").exists():
@@ -182,16 +184,14 @@ def restore_model(model: nn.Module, weights: dict[str, torch.Tensor], source: st
     model.load_state_dict(weights, strict=False)
 
 
-def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Load optimizer moments saved by :func:`save_checkpoint` (tensors named ``<param id>.<state key>``)."""
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = t
-    # JSON turned tuples (AdamW betas) into lists; give them back so the restored state_dict equals the saved one
-    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
-              for g in meta["optimizer"]["param_groups"]]
-    opt.load_state_dict({"state": state, "param_groups": groups})
+def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                      model: nn.Module | None = None) -> None:
+    """Load optimizer moments saved by :func:`save_checkpoint` (tensors named ``<param id>.<state key>``),
+    after checking every tensor and group against the optimizer's parameters (see :mod:`amer.optimstate`):
+    a wrong shape, dtype or group is a :class:`CheckpointError` naming the tensor and the file, never a
+    crash inside the optimizer."""
+    source = f"{meta.get('_path', 'checkpoint')}"
+    opt.load_state_dict(checked_state_dict(opt, tensors, meta, source, model))
 
 
 def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelConfig]:
@@ -202,10 +202,13 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
     from amer.model import HybridLM
 
     weights, _, meta = read_checkpoint(path, with_optimizer=False)
+    config = meta.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"{meta['_path']}/meta.json has no config.model section (the model's settings)")
     try:
-        cfg = from_dict(ModelConfig, meta["config"]["model"], where="model.")
-    except KeyError:
-        raise CheckpointError(f"{meta['_path']}/meta.json has no config.model section") from None
+        cfg = from_dict(ModelConfig, config["model"], where="model.")
+    except InputError as e:
+        raise CheckpointError(f"{meta['_path']}/meta.json: {e}") from None
     model = HybridLM(cfg).to(device)  # builds non-persistent buffers (RoPE) too
     restore_model(model, {k: v.to(device) for k, v in weights.items()}, source=meta["_path"])
     model.eval()

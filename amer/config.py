@@ -12,17 +12,18 @@ settings live beside its mixer in ``amer/blocks/`` and are reached through the f
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal, NamedTuple
 
-from amer.configio import check, coerce, from_dict, load_toml, opt, suggest, to_dict
+from amer.configio import check, check_fields, coerce, from_dict, load_toml, opt, suggest, to_dict
 from amer.errors import ConfigError
 from amer.families import FamilySpec, families, get_family
 
 __all__ = [
-    "ConfigError", "Dims", "ModelConfig", "STPConfig", "TrainConfig", "stp_config_from_preset", "from_dict",
-    "to_dict", "load_toml", "suggest", "check", "opt", "options",
+    "ConfigError", "Dims", "ModelConfig", "STPConfig", "ParallelConfig", "TrainConfig", "stp_config_from_preset",
+    "from_dict", "to_dict", "load_toml", "suggest", "check", "opt", "options",
 ]
 
 
@@ -52,11 +53,11 @@ class ModelConfig:
     """
 
     pattern: str = opt("AEMR", "block pattern: one letter per block (see `amer patterns`); '(AE)*2M', 'AEMR@12'")
-    d_model: int = opt(128, "residual stream width")
-    vocab_size: int = opt(260, "embedding rows (>= 260 for the byte tokenizer)")
-    max_seq_len: int = opt(1024, "longest sequence the model accepts (--seq-len must not exceed it)")
+    d_model: int = opt(128, "residual stream width", ge=1)
+    vocab_size: int = opt(260, "embedding rows (>= 260 for the byte tokenizer)", ge=2)
+    max_seq_len: int = opt(1024, "longest sequence the model accepts (--seq-len must not exceed it)", ge=1)
     tie_embeddings: bool = opt(True, "share the input embedding and the LM head weights")
-    norm_eps: float = opt(1e-5, "RMSNorm epsilon")
+    norm_eps: float = opt(1e-5, "RMSNorm epsilon", gt=0)
     init_std: float = opt(0.02, "std of the normal weight init (residual output projections scaled by 1/sqrt(2 layers))")
     family_configs: dict[str, Any] = field(default_factory=dict)
 
@@ -82,7 +83,8 @@ class ModelConfig:
             elif isinstance(value, dict):
                 value = from_dict(spec.config, value, where=f"model.{key}.")
             elif not isinstance(value, spec.config):
-                raise ConfigError(f"model.{key} must be a {spec.config.__name__} or a table, got {type(value).__name__}")
+                raise ConfigError(f"model.{key} must be a {spec.config.__name__} or a table (in TOML a [model.{key}] "
+                                  f"section with keys), got {type(value).__name__} {value!r:.40}")
             self.family_configs[key] = value
         self.__post_init__()
 
@@ -95,10 +97,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         from amer.pattern import parse_pattern  # local: the parser reads presets that hold model configs
 
-        check(self.d_model >= 1, f"d_model must be >= 1, got {self.d_model}")
-        check(self.vocab_size >= 2, f"vocab_size must be >= 2, got {self.vocab_size}")
-        check(self.max_seq_len >= 1, f"max_seq_len must be >= 1, got {self.max_seq_len}")
-        check(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
+        check_fields(self, "model.")
+        for key, cfg in self.family_configs.items():  # a family's own checks cannot see NaN or infinity
+            check_fields(cfg, f"model.{key}.")
         self.parsed = parse_pattern(self.pattern)
         dims = self.dims
         for letter in dict.fromkeys(layer.family for layer in self.parsed.layers):
@@ -168,17 +169,14 @@ class STPConfig:
     weight: float = opt(0.02, "STP coefficient once the gate and ramp are passed (total = ce + moe_aux + weight * stp)")
     start_step: int = opt(0, "gate: the STP coefficient is 0 for optimizer steps before this one")
     ramp_steps: int = opt(0, "linear ramp of the STP coefficient from the gate to --stp.weight over this many steps")
-    n_spans: int = opt(4, "(s, r, t) triples sampled per sequence per step for the STP loss")
+    n_spans: int = opt(4, "(s, r, t) triples sampled per sequence per step for the STP loss", ge=1)
     layers: str | None = opt(None, "taps regularised by STP: comma-separated selectors, e.g. 'A-1,M-1,E-1,R-1', "
                              "'final', 'L7', 'M1:3'; a selector that selects nothing is an error")
     family_weights: dict[str, float] | None = opt(None, "relative STP weight per family, e.g. 'A=1.0,M=0.5' "
                                                   "(others 1.0; keys: family letters, final, embed)")
 
     def __post_init__(self) -> None:
-        check(self.weight >= 0, f"stp.weight must be >= 0, got {self.weight}")
-        check(self.start_step >= 0, f"stp.start_step must be >= 0, got {self.start_step}")
-        check(self.ramp_steps >= 0, f"stp.ramp_steps must be >= 0, got {self.ramp_steps}")
-        check(self.n_spans >= 1, f"stp.n_spans must be >= 1, got {self.n_spans}")
+        check_fields(self, "stp.")
         if self.enabled:
             check(
                 bool(self.layers and self.layers.strip()),
@@ -187,9 +185,8 @@ class STPConfig:
             )
         if self.family_weights:
             allowed = {*(f.letter for f in families()), "final", "embed"}
-            for k, v in self.family_weights.items():
+            for k in self.family_weights:
                 check(k in allowed, f"stp.family_weights key {k!r} is not one of {sorted(allowed)}{suggest(k, allowed)}")
-                check(v >= 0, f"stp.family_weights[{k!r}] must be >= 0, got {v}")
 
 
 def stp_config_from_preset(name: str) -> STPConfig:
@@ -200,6 +197,34 @@ def stp_config_from_preset(name: str) -> STPConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How a ``torchrun`` launch splits the work: data parallel ranks times pipeline stages (world size)."""
+
+    dp: int = opt(1, "data-parallel ranks: each reads a disjoint share of every global batch", ge=1)
+    pp: int = opt(1, "pipeline stages, cut at the pattern's '|' marks (must equal their number + 1)", ge=1)
+    data: Literal["fsdp", "ddp"] = opt("fsdp", "data-parallel engine: fsdp (FSDP2 fully_shard) or ddp")
+    microbatches: int | None = opt(None, "pipeline microbatches per micro-batch (divides the per-rank batch; "
+                                   "default: one per stage)", ge=1)
+    schedule: Literal["1f1b", "gpipe"] = opt("1f1b", "pipeline schedule: 1f1b or gpipe")
+
+    def __post_init__(self) -> None:
+        check_fields(self, "parallel.")
+        check(self.data in ("fsdp", "ddp"), f"parallel.data must be 'fsdp' or 'ddp', got {self.data!r}")
+        check(self.schedule in ("1f1b", "gpipe"), f"parallel.schedule must be '1f1b' or 'gpipe', got {self.schedule!r}")
+        check(self.schedule != "1f1b" or self.n_microbatches >= self.pp,
+              f"parallel.schedule 1f1b needs at least as many microbatches as stages ({self.pp}), got "
+              f"{self.n_microbatches}; raise --parallel.microbatches or use --parallel.schedule gpipe")
+
+    @property
+    def n_microbatches(self) -> int:
+        return self.pp if self.microbatches is None else self.microbatches
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.pp
+
+
+@dataclass
 class TrainConfig:
     """Everything a training run needs. Resolved from: preset ``[train]`` < ``--config`` TOML < CLI flags."""
 
@@ -207,47 +232,70 @@ class TrainConfig:
     pattern: str | None = opt(None, "override the preset's block pattern, e.g. 'AEMEAEMR' or '(AE)*2M'")
     data: str = opt("kjv", "corpus: 'kjv' (bundled King James Bible), 'stdlib' (Python stdlib source), "
                      "or a path to a text file, a directory, a JSONL file with 'text', or chat JSONL")
-    steps: int = opt(1000, "optimizer steps to train")
-    batch_size: int = opt(16, "sequences per micro-batch")
-    grad_accum: int = opt(1, "micro-batches accumulated per optimizer step")
-    seq_len: int = opt(256, "tokens per training sequence")
-    lr: float = opt(3e-3, "peak learning rate (AdamW)")
-    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of --lr (cosine decay)")
+    steps: int = opt(1000, "optimizer steps to train", ge=1)
+    batch_size: int = opt(16, "sequences per micro-batch", ge=1)
+    grad_accum: int = opt(1, "micro-batches accumulated per optimizer step", ge=1)
+    seq_len: int = opt(256, "tokens per training sequence (STP needs three positions)", ge=3)
+    packing: Literal["documents", "none"] = opt(
+        "documents", "packed rows: 'documents' keeps every block inside each document (attention mask, "
+        "state resets); 'none' lets blocks run across document boundaries")
+    lr: float = opt(3e-3, "peak learning rate (AdamW)", gt=0)
+    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of --lr (cosine decay)", le=1)
     warmup_steps: int = opt(50, "linear warm-up steps")
     weight_decay: float = opt(0.1, "AdamW weight decay (matrices only; norms, biases, embeddings exempt)")
-    beta1: float = opt(0.9, "AdamW beta1")
-    beta2: float = opt(0.95, "AdamW beta2")
+    beta1: float = opt(0.9, "AdamW beta1", lt=1)
+    beta2: float = opt(0.95, "AdamW beta2", lt=1)
     grad_clip: float = opt(1.0, "clip the global gradient norm to this value (0 disables)")
     dtype: Literal["float32", "bfloat16"] = opt("float32", "compute dtype: float32, or bfloat16 autocast")
     device: str = opt("cpu", "cpu, cuda, cuda:N or auto")
     seed: int = opt(0, "seed for initialisation, data order and STP span sampling")
-    val_fraction: float = opt(0.05, "fraction of documents held out for validation")
-    log_interval: int = opt(25, "steps between log lines (JSONL, TensorBoard, metrics)")
-    eval_interval: int = opt(250, "steps between validation-loss evaluations (and checkpoints)")
-    eval_batches: int = opt(8, "validation batches per evaluation")
-    keep_last: int = opt(2, "checkpoints kept besides the best one")
+    val_fraction: float = opt(0.05, "fraction of documents held out for validation", gt=0, lt=1)
+    log_interval: int = opt(25, "steps between log lines (JSONL, TensorBoard, metrics)", ge=1)
+    eval_interval: int = opt(250, "steps between validation-loss evaluations (and checkpoints)", ge=1)
+    eval_batches: int = opt(8, "validation batches per evaluation", ge=1)
+    keep_last: int = opt(2, "checkpoints kept besides the best one", ge=1)
     out_dir: str = opt("checkpoints", "where run directories are created")
-    run_name: str | None = opt(None, "run directory name (default: <preset>-<YYYYmmdd-HHMMSS>)")
-    resume: str | None = opt(None, "continue a run: a run directory or checkpoint directory")
-    max_bad_steps: int = opt(3, "consecutive non-finite losses tolerated before the run stops")
+    run_name: str | None = opt(None, "run directory name, a plain name inside --out-dir "
+                               "(default: <preset>-<YYYYmmdd-HHMMSS>)")
+    resume: str | None = opt(None, "continue a run amer train created: its directory (latest checkpoint, or step 0 "
+                             "if it has none) or one of its checkpoint directories")
+    overwrite: bool = opt(False, "start the run afresh in an existing run directory amer train created, deleting "
+                          "its checkpoints and logs (files amer did not write are kept)")
+    max_bad_steps: int = opt(3, "consecutive non-finite losses tolerated before the run stops", ge=1)
     progress: bool = opt(True, "show a progress bar")
     tensorboard: bool = opt(True, "write TensorBoard event files")
     stp: STPConfig = field(default_factory=STPConfig, metadata={"help": "STP policy"})
+    parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata={"help": "scale-out layout"})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model config"})
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "eval_batches", "log_interval", "eval_interval"):
-            check(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
-        check(self.seq_len >= 3, f"train.seq_len must be >= 3 (STP needs three positions), got {self.seq_len}")
-        check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
-        check(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
-        check(self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}")
-        check(0 < self.val_fraction < 1, f"train.val_fraction must be in (0, 1), got {self.val_fraction}")
-        check(self.keep_last >= 1, f"train.keep_last must be >= 1, got {self.keep_last}")
-        check(self.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {self.max_bad_steps}")
+        check_fields(self, "train.")
+        for name in ("data", "out_dir", "resume", "preset"):  # paths: the OS refuses a NUL with a traceback
+            check("\x00" not in (getattr(self, name) or ""), f"train.{name} must not contain a NUL character")
+        if self.run_name is not None:
+            check(_plain_name(self.run_name), f"train.run_name must be a plain directory name (letters, digits, "
+                  f"'_', '-', '+', '.'; no '/', not starting with '.' or '-'), got {self.run_name!r}")
         check(self.seq_len <= self.model.max_seq_len,
                f"train.seq_len ({self.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
+        self._check_parallel()
+
+    def _check_parallel(self) -> None:
+        """The layout fits the pattern and the batch (checked before any process waits for another)."""
+        par = self.parallel
+        check(self.batch_size % par.dp == 0, f"--batch-size {self.batch_size} (the global batch) must be divisible "
+              f"by --parallel.dp {par.dp}: each data-parallel rank reads an equal share")
+        if par.pp > 1:
+            stages = self.model.parsed.n_stages
+            check(stages == par.pp, f"--parallel.pp {par.pp} needs a pattern of {par.pp} stages, but "
+                  f"{self.model.parsed.letters!r} has {stages} (cut it into stages with '|', e.g. 'AEME|AEMR')")
+            rows = self.batch_size // par.dp
+            check(rows % par.n_microbatches == 0, f"--parallel.microbatches {par.n_microbatches} must divide the "
+                  f"{rows} rows each pipeline runs per micro-batch (--batch-size / --parallel.dp)")
+
+
+def _plain_name(name: str) -> bool:
+    """A name that stays inside --out-dir: one path component, no '..', nothing hidden, no control characters."""
+    return 0 < len(name) <= 200 and re.fullmatch(r"\w[\w.+-]*", name) is not None
 
 
 class Option(NamedTuple):

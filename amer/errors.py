@@ -35,7 +35,12 @@ class PatternError(InputError):
 
 
 class SelectorError(InputError):
-    """A tap selector is malformed or selects nothing."""
+    """A tap selector is malformed or selects nothing. ``position`` is the 0-based offset of the offending item
+    in the selector string (or None)."""
+
+    def __init__(self, message: str, position: int | None = None) -> None:
+        super().__init__(message)
+        self.position = position
 
 
 class DataError(InputError):

@@ -16,30 +16,24 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from amer.configio import suggest
+from amer.configio import parse_toml, suggest
 from amer.errors import PatternError
 from amer.families import Family, expected_text, letters
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
-
 __all__ = [
+    "MAX_LAYERS",
     "Family",
     "LayerSpec",
     "Pattern",
     "PatternError",
-    "parse_pattern",
     "load_preset",
-    "preset_names",
+    "parse_pattern",
     "patterns_dir",
-    "MAX_LAYERS",
+    "preset_names",
 ]
 
 MAX_LAYERS = 4096  # guards against '(A)*999999999' eating the machine
@@ -106,10 +100,21 @@ class Pattern:
 
 
 # ----------------------------------------------------------------------------------------------
-# parser: tokens are (kind, value, position); the item tree is built recursively, its length is
-# computed before expansion so a huge repeat count fails fast instead of allocating.
+# parser: tokens are (kind, value, position); the item tree is built with bounded recursion (groups nest
+# at most MAX_NESTING deep), and its size (letters and stage bars) is counted arithmetically before
+# anything is expanded, so '(A)*999999999' or '((|)*99999)*99999' fails at once instead of allocating.
 
+MAX_NESTING = 64
 _Node = tuple  # ("fam", Family, pos) | ("bar", None, pos) | ("group", [nodes], count, pos)
+
+
+def _shown(text: str, limit: int = 60) -> str:
+    """A pattern as quoted in a message: long ones are cut (the position still counts in the full string)."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def _is_digit(c: str) -> bool:
+    return "0" <= c <= "9"  # str.isdigit() also accepts '²' and other scripts' digits, which int() then refuses
 
 
 class _Parser:
@@ -123,7 +128,7 @@ class _Parser:
     def err(self, msg: str, pos: int | None, hint: str = "") -> PatternError:
         where = f" at position {pos}" if pos is not None else ""
         hint = f"; {hint}" if hint else ""
-        return PatternError(f"pattern {self.src!r}: {msg}{where}{hint}", pos)
+        return PatternError(f"pattern {_shown(self.src)}: {msg}{where}{hint}", pos)
 
     def peek(self) -> tuple[int, str] | None:
         return self.chars[self.k] if self.k < len(self.chars) else None
@@ -151,19 +156,22 @@ class _Parser:
     def number(self, missing: str, pos: int) -> int:
         start = self.k
         digits = ""
-        while (p := self.peek()) is not None and p[1].isdigit():
+        while (p := self.peek()) is not None and _is_digit(p[1]):
             digits += p[1]
             self.k += 1
         if not digits:
             got = self.peek()
             if got is None:
                 raise self.err(f"{missing}, found the end", pos)
+            if got[1].isdigit() or got[1].isnumeric():
+                raise self.err(f"{missing}, found {got[1]!r}", got[0], "counts are written with the digits 0-9")
             raise self.err(f"{missing}, found {got[1]!r}", got[0])
         if len(digits) > 9:
-            raise self.err(f"count {digits} is too large (at most {MAX_LAYERS} layers)", self.chars[start][0])
+            shown = digits if len(digits) <= 12 else f"{digits[:12]}... ({len(digits)} digits)"
+            raise self.err(f"count {shown} is too large (at most {MAX_LAYERS} layers)", self.chars[start][0])
         return int(digits)
 
-    def items(self, top: bool, open_pos: int | None = None) -> list[_Node]:
+    def items(self, top: bool, open_pos: int | None = None, depth: int = 0) -> list[_Node]:
         out: list[_Node] = []
         while (p := self.peek()) is not None:
             pos, c = p
@@ -174,8 +182,10 @@ class _Parser:
                 out.append(("bar", None, pos))
                 self.k += 1
             elif c == "(":
+                if depth >= MAX_NESTING:
+                    raise self.err(f"groups nested more than {MAX_NESTING} deep", pos)
                 self.k += 1
-                inner = self.items(top=False, open_pos=pos)
+                inner = self.items(top=False, open_pos=pos, depth=depth + 1)
                 close = self.peek()
                 if close is None or close[1] != ")":
                     raise self.err("unbalanced '(': no matching ')'", pos)
@@ -202,32 +212,38 @@ class _Parser:
             elif c == "*":
                 raise self.err("'*' without a group", pos, "repeat a group, e.g. '(AE)*2'")
             elif c.isalpha() and c.upper() in self.letters:
-                raise PatternError(
-                    f"pattern {self.src!r}: unknown block {c!r} at position {pos}; block letters are "
-                    f"upper case, did you mean {c.upper()!r}? {expected_text()}",
-                    pos,
-                )
+                raise self.err(f"unknown block {c!r}", pos,
+                               f"block letters are upper case, did you mean {c.upper()!r}? {expected_text()}")
             else:
-                raise PatternError(f"pattern {self.src!r}: unknown block {c!r} at position {pos}; {expected_text()}", pos)
+                raise self.err(f"unknown block {c!r}", pos, expected_text())
         if not top:
             raise self.err("unbalanced '(': no matching ')'", open_pos)
         return out
 
-
-def _length(nodes: list[_Node]) -> int:
-    n = 0
-    for node in nodes:
-        if node[0] == "fam":
-            n += 1
-        elif node[0] == "group":
-            n += _length(node[1]) * node[2]
-            if n > MAX_LAYERS:
-                return n
-    return n
+    def size(self, nodes: list[_Node]) -> tuple[int, int]:
+        """(layers, stage bars) the nodes expand to, counted without expanding; a group that would take
+        either past MAX_LAYERS is an error at its position (a valid pattern has fewer bars than layers)."""
+        n_layers = n_bars = 0
+        for node in nodes:
+            if node[0] == "fam":
+                n_layers += 1
+            elif node[0] == "bar":
+                n_bars += 1
+            else:
+                inner_layers, inner_bars = self.size(node[1])
+                n_layers += inner_layers * node[2]
+                n_bars += inner_bars * node[2]
+                if n_layers > MAX_LAYERS:
+                    raise self.err(f"expands to more than {MAX_LAYERS} layers", node[3])
+                if n_bars > MAX_LAYERS:
+                    raise self.err(f"expands to more than {MAX_LAYERS} stage boundaries '|'", node[3])
+        if n_layers > MAX_LAYERS:
+            raise self.err(f"expands to more than {MAX_LAYERS} layers", None)
+        return n_layers, n_bars
 
 
 def _expand(nodes: list[_Node]) -> list[tuple[Family | None, int]]:
-    """Flatten to a list of (family, pos) and (None, pos) for stage bars."""
+    """Flatten to a list of (family, pos) and (None, pos) for stage bars (sizes are already bounded)."""
     out: list[tuple[Family | None, int]] = []
     for node in nodes:
         if node[0] == "fam":
@@ -251,11 +267,11 @@ def preset_names() -> list[str]:
 
 
 def _preset_path(name: str) -> Path | None:
-    if name.endswith(".toml"):
-        p = Path(name)
+    p = Path(name) if name.endswith(".toml") else patterns_dir() / f"{name}.toml"
+    try:
         return p if p.is_file() else None
-    p = patterns_dir() / f"{name}.toml"
-    return p if p.is_file() else None
+    except (OSError, ValueError):  # a name too long for the file system, or with a NUL: not a preset
+        return None
 
 
 def load_preset(name: str) -> dict[str, Any]:
@@ -264,13 +280,19 @@ def load_preset(name: str) -> dict[str, Any]:
     if p is None:
         names = preset_names()
         hint = suggest(name, names, cutoff=0.6)
-        raise PatternError(f"no preset named {name!r} in {patterns_dir()}{hint} (available: {', '.join(names) or 'none'})")
+        raise PatternError(f"no preset named {_shown(name)} in {patterns_dir()}{hint} "
+                           f"(available: {', '.join(names) or 'none'})")
     try:
-        data = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise PatternError(f"preset {p}: invalid TOML: {e}") from None
-    if "model" not in data or "pattern" not in data.get("model", {}):
-        raise PatternError(f"preset {p}: missing [model] table with a 'pattern' key")
+        raw = p.read_bytes()
+    except OSError as e:
+        raise PatternError(f"preset {p}: cannot be read ({e.strerror})") from None
+    data = parse_toml(raw, f"preset {p}", PatternError)
+    model = data.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("pattern"), str):
+        raise PatternError(f"preset {p}: missing [model] table with a 'pattern' string")
+    for table in ("train", "stp"):
+        if not isinstance(data.get(table, {}), dict):
+            raise PatternError(f"preset {p}: '{table}' must be a [{table}] table")
     return data
 
 
@@ -287,7 +309,7 @@ def parse_pattern(text: str) -> Pattern:
         raise PatternError(f"pattern must be a string, got {type(text).__name__}")
     stripped = text.strip()
     if not stripped:
-        raise PatternError(f"pattern {text!r} is empty; {expected_text()}, e.g. 'AEMR' or '(AEME)*3R'", 0)
+        raise PatternError(f"pattern {_shown(text)} is empty; {expected_text()}, e.g. 'AEMR' or '(AEME)*3R'", 0)
     preset = None
     if _NAME_RE.match(stripped) and any(c.islower() for c in stripped) and _preset_path(stripped):
         preset = stripped
@@ -302,7 +324,7 @@ def parse_pattern(text: str) -> Pattern:
             names = preset_names()
             hint = suggest(stripped, names, cutoff=0.6)
             raise PatternError(
-                f"{e} (and there is no preset named {stripped!r}{hint}; presets: {', '.join(names) or 'none'})",
+                f"{e} (and there is no preset named {_shown(stripped)}{hint}; presets: {', '.join(names) or 'none'})",
                 e.position,
             ) from None
         if preset is not None:
@@ -313,19 +335,17 @@ def parse_pattern(text: str) -> Pattern:
 def _parse(text: str, preset: str | None) -> Pattern:
     parser = _Parser(text)
     if not parser.chars:
-        raise PatternError(f"pattern {text!r} is empty; {expected_text()}", 0)
+        raise PatternError(f"pattern {_shown(text)} is empty; {expected_text()}", 0)
     nodes, depth, depth_pos = parser.parse()
-    n = _length(nodes)
+    n, _ = parser.size(nodes)
     if n == 0:
         raise parser.err("no blocks", parser.chars[0][0], expected_text())
-    if n > MAX_LAYERS:
-        raise parser.err(f"expands to more than {MAX_LAYERS} layers", None)
     flat = _expand(nodes)
     bars = [pos for fam, pos in flat if fam is None]
     if depth is not None:
         if bars:
             raise PatternError(
-                f"pattern {text!r}: '@{depth}' at position {depth_pos} conflicts with the '|' stage boundary "
+                f"pattern {_shown(text)}: '@{depth}' at position {depth_pos} conflicts with the '|' stage boundary "
                 f"at position {bars[0]}; cyclic tiling would move the boundaries, so write the stages out, "
                 "e.g. '(AEME)*2|(AEME)*2'",
                 depth_pos,

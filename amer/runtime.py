@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import ctypes
 import sys
+import time
 from typing import ContextManager
 
 import torch
 
 from amer.errors import ConfigError
 
-__all__ = ["resolve_device", "autocast", "tune_malloc"]
+__all__ = ["resolve_device", "autocast", "tune_malloc", "bfloat16_native", "warn_slow_bfloat16"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -38,6 +39,66 @@ def autocast(dtype: str, device: torch.device | str) -> ContextManager:
     if dtype == "bfloat16":
         return torch.autocast(device_type=kind, dtype=torch.bfloat16)
     return torch.autocast(device_type=kind, enabled=False)
+
+# x86 (AVX512-BF16, AMX) and Arm (BF16) instructions that run bfloat16 matmuls natively
+_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+_BF16_CHECKED = False
+
+
+def _cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo ('flags' on x86, 'Features' on Arm); None where unreadable."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return set(value.split())
+    except OSError:
+        return None
+    return None
+
+
+def bfloat16_native() -> bool | None:
+    """Whether this CPU runs bfloat16 matmuls in hardware (None: its flags cannot be read)."""
+    flags = _cpu_flags()
+    return None if flags is None else any(f in flags for f in _BF16_FLAGS)
+
+
+def _bf16_slowdown(size: int = 256, repeats: int = 5) -> float:
+    """How many times slower a bfloat16-autocast linear layer runs than a float32 one here (best of a few)."""
+    x, w = torch.randn(size, size), torch.randn(size, size)
+
+    def best(dtype: torch.dtype | None) -> float:
+        times = []
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                torch.nn.functional.linear(x, w)
+            times.append(time.perf_counter() - t0)
+        return min(times[1:])
+
+    return best(torch.bfloat16) / max(best(None), 1e-9)
+
+
+def warn_slow_bfloat16(dtype: str, device: torch.device, *, quiet: bool = False) -> float | None:
+    """Once per process: warn (on stderr) when ``--dtype bfloat16`` on this CPU is slower than float32 because
+    it lacks bfloat16 instructions, naming the measured slowdown. Returns the slowdown when it warned."""
+    global _BF16_CHECKED
+    if dtype != "bfloat16" or device.type != "cpu" or _BF16_CHECKED:
+        return None
+    _BF16_CHECKED = True
+    if bfloat16_native():
+        return None
+    slowdown = _bf16_slowdown()
+    if slowdown < 1.5:  # flags unreadable (or a CPU this list misses) but fast enough: nothing to say
+        return None
+    if not quiet:
+        capability = torch.backends.cpu.get_cpu_capability()
+        print(f"warning: --dtype bfloat16 on this CPU ({capability}, no AVX512-BF16/AMX-BF16 instructions) is "
+              f"emulated: a bfloat16 matmul measured {slowdown:.1f}x slower than float32 here; "
+              "--dtype float32 trains faster on this machine", file=sys.stderr)
+    return slowdown
+
 
 _TUNED = False
 

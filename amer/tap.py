@@ -9,9 +9,12 @@ block outputs (layer ``l`` at position ``l + 1``) and L + 1 the final-norm outpu
 Selectors (comma-separated, order-insensitive; duplicates and empty selections are errors)::
 
     A        every attention block          A0     the first attention block
-    A-1      the last attention block       M1:3   mamba family indices 1 and 2
-    L7       absolute layer 7 (L-1: last)   L2:5   absolute layers 2, 3, 4
-    final    the post-final-norm state      embed  the embedding output
+    A-1      the last attention block       M1:3   mamba family indices 1 and 2 (M1: from M1 on, M:-1 all
+    L7       absolute layer 7 (L-1: last)   L2:5   absolute layers 2, 3, 4                but the last)
+    L        every block                    final  the post-final-norm state      embed  the embedding output
+
+Nothing else is accepted: names are lower case (``Final`` and ``emb`` are errors), a slice has at least one
+bound (``R:`` is an error; ``R`` is every recurrent block), indices are ASCII digits.
 """
 
 from __future__ import annotations
@@ -64,42 +67,85 @@ def last_of_each_family(pattern: Pattern) -> str:
     return ",".join(f"{s.letter}-1" for s in families() if s.letter in present)
 
 
-_ITEM = re.compile(r"^(?P<kind>[A-Z])(?:(?P<idx>-?\d+)|(?P<lo>-?\d*):(?P<hi>-?\d*))?$")
+_ITEM = re.compile(r"^(?P<kind>[A-Z])(?:(?P<idx>-?[0-9]+)|(?P<lo>-?[0-9]+)?(?P<colon>:)(?P<hi>-?[0-9]+)?)?$")
+_NAMED = ("final", "embed")
+_MAX_DIGITS = 9  # an index past any possible layer; longer numbers are refused before int() reads them
 
 
 def _help() -> str:
     first = letters()[0]
-    return (f"expected {'|'.join(letters())} optionally with an index ({first}0, {first}-1) or slice ({first}1:3), "
-            "L<layer> (L7, L-1, L2:5), 'final' or 'embed'")
+    return (f"expected {'|'.join(letters())} (every block of the family) optionally with an index "
+            f"({first}0, {first}-1) or a slice ({first}1:3, {first}1:, {first}:-1), L<layer> (L7, L-1, L2:5; "
+            "L alone: every block), 'final' or 'embed'")
+
+
+def _shown(text: str, limit: int = 60) -> str:
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 def _range_text(fam_name: str, letter: str, n: int) -> str:
     return f"{fam_name} blocks {letter}0..{letter}{n - 1}" if n > 1 else f"one {fam_name} block {letter}0"
 
 
-def resolve_selector(selector: str, pattern: Pattern) -> list[int]:
-    """Tap positions (depth order, see module doc) chosen by ``selector`` on ``pattern``."""
-    if not isinstance(selector, str) or not selector.strip():
-        raise SelectorError(f"empty tap selector; {_help()}")
-    L = len(pattern.layers)
-    chosen: dict[int, str] = {}
+def _items(selector: str) -> Iterator[tuple[str, int]]:
+    """Each comma-separated item, stripped, with the position of its first character in ``selector``."""
+    start = 0
     for raw in selector.split(","):
         item = raw.strip()
+        lead = len(raw) - len(raw.lstrip())
+        yield item, start + (lead if item else 0)
+        start += len(raw) + 1
+
+
+def _unknown(selector: str, item: str, pos: int) -> SelectorError:
+    low = item.lower()
+    up = _ITEM.match(item.upper())
+    if low in _NAMED or low in ("emb", "embedding", "embeddings", "last", "final_norm"):
+        hint = f"; did you mean {'embed' if low.startswith('emb') else 'final'!r}? (names are lower case)"
+    elif up and up["kind"] in letters() + "L":
+        hint = f"; did you mean {item.upper()!r}?"
+    else:
+        hint = ""
+    return SelectorError(f"selector {_shown(selector)}: unknown item {_shown(item)} at position {pos}{hint}; {_help()}",
+                         pos)
+
+
+def _pick(pool: list[int], m: re.Match, item: str, where: str, pos: int, selector: str) -> list[int]:
+    """The layers of ``pool`` chosen by an item's index or slice (``where`` says what the pool holds)."""
+    nothing = f"selector {_shown(item)} selects nothing: {where} (position {pos} in {_shown(selector)})"
+    if m["idx"] is not None:
+        if len(m["idx"].lstrip("-")) > _MAX_DIGITS or not -len(pool) <= int(m["idx"]) < len(pool):
+            raise SelectorError(nothing, pos)
+        return [pool[int(m["idx"])]]
+    if m["colon"] is None:
+        return pool
+    if m["lo"] is None and m["hi"] is None:
+        raise SelectorError(f"selector {_shown(selector)}: {item!r} at position {pos} is a slice without bounds; "
+                            f"write {item[0]!r} for every block, or bound it like {item[0]}1: or {item[0]}:-1", pos)
+    bounds = [None if b is None else max(-10**_MAX_DIGITS, min(10**_MAX_DIGITS, int(b[:_MAX_DIGITS + 2])))
+              for b in (m["lo"], m["hi"])]
+    layers = pool[bounds[0]:bounds[1]]
+    if not layers:
+        raise SelectorError(nothing, pos)
+    return layers
+
+
+def resolve_selector(selector: str, pattern: Pattern) -> list[int]:
+    """Tap positions (depth order, see module doc) chosen by ``selector`` on ``pattern``. Errors are
+    :class:`SelectorError` naming the item and its character position."""
+    if not isinstance(selector, str) or not selector.strip():
+        raise SelectorError(f"empty tap selector; {_help()}", 0)
+    L = len(pattern.layers)
+    chosen: dict[int, tuple[str, int]] = {}
+    for item, pos in _items(selector):
         if not item:
-            raise SelectorError(f"selector {selector!r} has an empty item (stray comma)")
-        low = item.lower()
-        if low == "final":
-            positions = [L + 1]
-        elif low in ("embed", "emb", "embedding"):
-            positions = [0]
+            raise SelectorError(f"selector {_shown(selector)} has an empty item at position {pos} (stray comma)", pos)
+        if item in _NAMED:
+            positions = [L + 1] if item == "final" else [0]
         else:
             m = _ITEM.match(item)
-            if m and m["kind"] != "L" and m["kind"] not in letters():
-                m = None
-            if not m:
-                up = _ITEM.match(item.upper())
-                hint = f"; did you mean {item.upper()!r}?" if up and up["kind"] in letters() + "L" else ""
-                raise SelectorError(f"selector {selector!r}: unknown item {item!r}{hint}; {_help()}")
+            if not m or (m["kind"] != "L" and m["kind"] not in letters()):
+                raise _unknown(selector, item, pos)
             kind = m["kind"]
             if kind == "L":
                 pool = list(range(L))
@@ -111,27 +157,16 @@ def resolve_selector(selector: str, pattern: Pattern) -> list[int]:
                 if not pool:
                     raise SelectorError(
                         f"selector {item!r} selects nothing: the pattern {pattern.letters!r} has no "
-                        f"{fam_name} ({kind}) blocks")
+                        f"{fam_name} ({kind}) blocks (position {pos} in {_shown(selector)})", pos)
                 what = f"the pattern has {_range_text(fam_name, kind, len(pool))}"
-            if m["idx"] is not None:
-                i = int(m["idx"])
-                if not -len(pool) <= i < len(pool):
-                    raise SelectorError(f"selector {item!r} selects nothing: {what}")
-                layers = [pool[i]]
-            elif m["lo"] is not None or m["hi"] is not None:
-                lo = int(m["lo"]) if m["lo"] else None
-                hi = int(m["hi"]) if m["hi"] else None
-                layers = pool[lo:hi]
-                if not layers:
-                    raise SelectorError(f"selector {item!r} selects nothing: {what}")
-            else:
-                layers = pool
-            positions = [li + 1 for li in layers]
+            positions = [li + 1 for li in _pick(pool, m, item, what, pos, selector)]
         for p in positions:
             if p in chosen:
                 name = tap_names(pattern)[p]
-                raise SelectorError(f"selector {selector!r} selects tap {name} twice (by {chosen[p]!r} and {item!r})")
-            chosen[p] = item
+                first, first_pos = chosen[p]
+                raise SelectorError(f"selector {_shown(selector)} selects tap {name} twice (by {first!r} at position "
+                                    f"{first_pos} and {item!r} at position {pos})", pos)
+            chosen[p] = (item, pos)
     return sorted(chosen)
 
 

@@ -113,8 +113,8 @@ def test_peers_suite_runs_or_says_why_not(tmp_path, capsys) -> None:
 
 @pytest.mark.parametrize("argv, needle", [
     (["blokcs"], "did you mean 'blocks'"),
-    (["blocks", "--repeats", "0"], "--repeats must be >= 1"),
-    (["blocks", "--threads", "0"], "--threads must be >= 1"),
+    (["blocks", "--repeats", "0"], "--repeats must be an integer >= 1, got 0"),
+    (["blocks", "--threads", "0"], "--threads must be an integer in [1, 4096], got 0"),
     (["blocks", "--out", "/nonexistent-dir/x.json"], "does not exist"),
 ])
 def test_bad_input_exits_2_with_one_line(argv, needle, capsys) -> None:

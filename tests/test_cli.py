@@ -58,7 +58,7 @@ def quick(out: Path, name: str = "r") -> list[str]:
     (["--preset", "tiny", "--stp.layers", "A1"], ["stp.layers", "'A1' selects nothing", "A0"]),
     (["--preset", "tiny", "--pattern", "AAM", "--stp.layers", "E-1"], ["stp.layers", "E-1"]),
     (["--preset", "tiny", "--seq-len", "2"], ["seq_len", ">= 3", "got 2"]),
-    (["--preset", "tiny", "--stp.weight", "-1"], ["stp.weight must be >= 0"]),
+    (["--preset", "tiny", "--stp.weight", "-1"], ["stp.weight must be a finite number >= 0", "got -1"]),
     (["--preset", "tiny", "--device", "tpu"], ["--device", "cpu"]),
     (["--preset", "tiny", "--stop-at", "99"], ["--stop-at", "between 1 and --steps (40)"]),
     (["--config", "/nonexistent/run.toml"], ["config file not found", "/nonexistent/run.toml"]),
@@ -98,7 +98,9 @@ def test_existing_run_directory_is_never_overwritten(capsys: pytest.CaptureFixtu
     run_dir = tmp_path / "r"
     run_dir.mkdir()
     (run_dir / "log.jsonl").write_text("precious\n")
-    expect_error(capsys, quick(tmp_path), "already exists", f"--resume {run_dir}")
+    expect_error(capsys, quick(tmp_path), "already exists", "not created by amer train", "--run-name")
+    expect_error(capsys, [*quick(tmp_path), "--overwrite"], "not created by amer train")
+    expect_error(capsys, ["--resume", str(run_dir)], "not a run directory amer train created")
     assert sorted(p.name for p in run_dir.iterdir()) == ["log.jsonl"]
     assert (run_dir / "log.jsonl").read_text() == "precious\n"
 
@@ -208,8 +210,8 @@ def test_sample_top_k_runs_and_is_seeded(checkpoint: Path, capsys: pytest.Captur
 
 @pytest.mark.parametrize("argv, needles", [
     (["--checkpoint", "/nonexistent/ckpt"], ["checkpoint not found", "/nonexistent/ckpt"]),
-    (["--checkpoint", "CKPT", "--top-k", "0"], ["--top-k must be >= 1"]),
-    (["--checkpoint", "CKPT", "--max-new-tokens", "0"], ["--max-new-tokens must be >= 1"]),
+    (["--checkpoint", "CKPT", "--top-k", "0"], ["--top-k must be an integer >= 1, got 0"]),
+    (["--checkpoint", "CKPT", "--max-new-tokens", "0"], ["--max-new-tokens must be an integer >= 1, got 0"]),
     (["--checkpoint", "CKPT", "--device", "tpu"], ["--device"]),
     (["--checkpoint", "CKPT", "--bogus"], ["unrecognized arguments: --bogus"]),
     (["--prompt", "x"], ["--checkpoint"]),

@@ -430,7 +430,7 @@ def test_cli_checkpoint_compare_default_out(tmp_path: Path, small_text: Path, ca
     ("neither", "give --checkpoint PATH"),
     ("missing-checkpoint", "checkpoint not found"),
     ("other-pattern", "has pattern 'AAMR' but the first model has 'AEMR'"),
-    ("seq-len", "--seq-len must be >= 3"),
+    ("seq-len", "--seq-len must be an integer >= 3"),
     ("too-small", "need at least 2 rows"),
     ("missing-data", "does not exist"),
     ("bad-strides", "--strides must be comma-separated integers"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -129,3 +131,24 @@ def test_property_only_pattern_or_pattern_error(text: str) -> None:
     assert [layer.index for layer in p] == list(range(len(p)))
     for fam in Family.all():
         assert [layer.family_index for layer in p.of_family(fam)] == list(range(p.count(fam)))
+
+
+@pytest.mark.parametrize("text, pos, fragment", [
+    ("A((|)*99999)*99999", 2, "stage boundaries"),  # counted before expanding: no 80 GB list
+    ("A(|)*100000000", 1, "stage boundaries"),
+    ("(" * 1200 + "A" + ")*1" * 1200, 64, "nested more than 64 deep"),  # no RecursionError
+    ("(A)*²", 4, "digits 0-9"),  # str.isdigit() accepts it, int() does not
+    ("AE@٣", 3, "digits 0-9"),
+    ("(A)*" + "9" * 5000, 4, "5000 digits"),
+])
+def test_bombs_and_foreign_digits_are_pattern_errors_with_a_position(text: str, pos: int, fragment: str) -> None:
+    t0 = time.process_time()
+    with pytest.raises(PatternError) as exc:
+        parse_pattern(text)
+    assert time.process_time() - t0 < 1.0
+    assert exc.value.position == pos and fragment in str(exc.value) and len(str(exc.value)) < 400
+
+
+def test_bars_inside_groups_count_towards_stages() -> None:
+    assert parse_pattern("(A|E)*3").letters == "A|EA|EA|E"
+    assert parse_pattern("(A|)*3E").n_stages == 4

@@ -67,3 +67,27 @@ def test_errors(sel: str, fragment: str) -> None:
 def test_family_absent_is_clear_error() -> None:
     with pytest.raises(SelectorError, match=r"selector 'M-1' selects nothing: the pattern 'AEAE' has no mamba \(M\) blocks"):
         resolve_selector("M-1", parse_pattern("AEAE"))
+
+
+@pytest.mark.parametrize("sel, pos, fragment", [
+    ("A0, Q1", 4, "unknown item 'Q1' at position 4"),
+    ("A-1,,M0", 4, "empty item at position 4"),
+    ("A:-", 0, "unknown item 'A:-'"),
+    ("L3:-", 0, "unknown item 'L3:-'"),
+    ("A" + "9" * 5000, 0, "selects nothing"),  # no int() of 5000 digits
+    ("M0,A٣", 3, "unknown item"),  # \d would have read it as 3
+    ("Final", 0, "did you mean 'final'"),  # names are lower case: rejected, not guessed
+    ("emb", 0, "did you mean 'embed'"),
+    ("embedding", 0, "did you mean 'embed'"),
+    ("R:", 0, "slice without bounds"),
+    ("A0,A-2", 3, "twice"),
+])
+def test_errors_name_the_position(sel: str, pos: int, fragment: str) -> None:
+    with pytest.raises(SelectorError) as exc:
+        resolve_selector(sel, P)
+    assert exc.value.position == pos and fragment in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_documented_forms() -> None:
+    assert names("L") == tap_names(P)[1:-1]  # L alone: every block, like A for every attention block
+    assert names("E1:") == ["E1", "E2"] and names("E:-1") == ["E0", "E1"]

@@ -244,7 +244,8 @@ class RecurrentMixer(Mixer):
                              self.gate_weight.to(u.dtype))
         return gates + self.gate_bias.to(u.dtype)
 
-    def forward(self, x: Tensor, cache: RecurrentCache | None = None, documents: Documents | None = None) -> MixerOutput:
+    def forward(self, x: Tensor, cache: RecurrentCache | None = None,
+                documents: Documents | None = None) -> MixerOutput:
         """x (B, T, D) -> MixerOutput(y (B, T, D), new cache or None)."""
         B, T, _ = x.shape
         gate, u = self.in_proj(x).chunk(2, dim=-1)  # (B, T, W) each

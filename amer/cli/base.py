@@ -7,6 +7,7 @@ as one line (no traceback) and returns its exit code (2 for bad input, 1 for a r
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import typing
 from typing import Callable
@@ -24,12 +25,23 @@ class ArgParser(argparse.ArgumentParser):
     """argparse whose errors are one line naming the problem (raised as :class:`UsageError`), not a usage dump."""
 
     def error(self, message: str) -> typing.NoReturn:  # type: ignore[override]
+        message = re.sub(r"^argument (\S+): must be", r"\1 must be", message)  # from amer.configio.number_arg
         raise UsageError(f"{self.prog}: {message} (see --help)")
 
 
 def fail(msg: str, code: int = 2) -> int:
     print(f"error: {msg}", file=sys.stderr)
     return code
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    text = str(e)
+    return isinstance(e, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower()
+
+
+def _oom_detail(e: BaseException) -> str:
+    m = re.search(r"allocate (\d+) bytes", str(e))
+    return f"an allocation of {int(m[1]) / 1e9:,.1f} GB failed" if m else "an allocation failed"
 
 
 def run(command: Callable[[list[str]], int], argv: list[str]) -> int:
@@ -40,6 +52,10 @@ def run(command: Callable[[list[str]], int], argv: list[str]) -> int:
         return int(e.code or 0) if not isinstance(e.code, str) else fail(e.code)
     except AmerError as e:
         return fail(str(e), e.exit_code)
+    except (MemoryError, RuntimeError) as e:  # sizes a user chose (batch, width, vocabulary) that do not fit
+        if not _out_of_memory(e):
+            raise
+        return fail(f"out of memory: {_oom_detail(e)}; lower --batch-size, --seq-len or the model's dimensions")
     except KeyboardInterrupt:  # a command with state worth naming (train, experiments) says more itself
         print("interrupted", file=sys.stderr)
         return 130

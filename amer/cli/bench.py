@@ -20,6 +20,7 @@ import torch
 from amer.bench import SUITES, BenchOptions, format_table, machine_info, run_suite, select_suites
 from amer.cli.base import ArgParser
 from amer.config import ConfigError
+from amer.configio import number_arg
 from amer.report import write_json
 from amer.runtime import tune_malloc
 
@@ -29,12 +30,15 @@ __all__ = ["command", "build_parser"]
 def build_parser() -> ArgParser:
     p = ArgParser(prog="amer bench", description="Benchmarks of amer (tables on stdout, JSON with --out).")
     p.add_argument("suite", nargs="+", help=f"one or more of: {', '.join(SUITES)}, all")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds per figure (median reported; default 10, "
+    p.add_argument("--repeats", type=number_arg(True, ge=1), default=None,
+                   help="timed rounds per figure (median reported; default 10, "
                    "3 with --quick)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 2, 1 with --quick)")
+    p.add_argument("--warmup", type=number_arg(True, ge=0), default=None,
+                   help="untimed rounds first (default 2, 1 with --quick)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test): checks that everything runs")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=number_arg(True, ge=1, le=4096), default=None,
+                   help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--seed", type=number_arg(True, ge=0), default=0)
     p.add_argument("--malloc", choices=("system", "tuned"), default="tuned",
                    help="'tuned' (default, as `amer train` and `amer experiment` run) keeps freed large blocks "
                    "mapped (glibc mallopt; see amer.runtime.tune_malloc); 'system' leaves glibc's defaults")
@@ -47,16 +51,12 @@ def command(argv: list[str]) -> int:
     names = select_suites(args.suite)
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else 10)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    if repeats < 1:
-        raise ConfigError(f"--repeats must be >= 1, got {repeats}")
-    if warmup < 0:
-        raise ConfigError(f"--warmup must be >= 0, got {warmup}")
-    if args.threads is not None and args.threads < 1:
-        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
-    if args.out is not None:
+    if args.out is not None:  # refuse before minutes of benchmarking, not after
         out_dir = os.path.dirname(os.path.abspath(args.out))
-        if not os.path.isdir(out_dir):  # refuse before minutes of benchmarking, not after
+        if not os.path.isdir(out_dir):
             raise ConfigError(f"--out {args.out}: directory {out_dir} does not exist")
+        if os.path.isdir(args.out):
+            raise ConfigError(f"--out {args.out} is a directory; give a file name such as bench.json")
     if args.malloc == "tuned" and not tune_malloc():
         print("note: --malloc tuned needs glibc (mallopt); running with the system allocator", file=sys.stderr)
         args.malloc = "system"

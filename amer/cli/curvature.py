@@ -17,6 +17,7 @@ from amer.analysis.curvature import check_strides, evaluate
 from amer.checkpoint import find_checkpoint, load_checkpoint
 from amer.cli.base import ArgParser, run
 from amer.config import ModelConfig, to_dict
+from amer.configio import number_arg
 from amer.data import ByteTokenizer, DataConfig, build_datasets
 from amer.errors import AnalysisError, ConfigError
 from amer.model import HybridLM
@@ -41,16 +42,20 @@ def build_parser() -> ArgParser:
                    "with the difference (first minus second) and its CI")
     p.add_argument("--data", help="'kjv', 'stdlib', a text/JSONL file or a directory (default: the checkpoint's "
                    "training data, else kjv); its validation split is measured")
-    p.add_argument("--batches", type=int, default=8, help="validation batches (default 8)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default 8)")
-    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the checkpoint's or preset's, else 256)")
+    p.add_argument("--batches", type=number_arg(True, ge=1), default=8, help="validation batches (default 8)")
+    p.add_argument("--batch-size", type=number_arg(True, ge=1), default=8, help="sequences per batch (default 8)")
+    p.add_argument("--seq-len", type=number_arg(True, ge=3),
+                   help="tokens per sequence, >= 3 (default: the checkpoint's or preset's, else 256)")
     p.add_argument("--packing", choices=("documents", "none"),
                    help="'documents' keeps every block inside each packed document, 'none' runs across them "
                         "(default: the checkpoint's training setting, else documents)")
     p.add_argument("--strides", default="1", help="token strides, comma-separated, e.g. '1,4' (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the fresh model, the STP spans and the bootstrap")
-    p.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap replicates (default 1000)")
-    p.add_argument("--stp-spans", type=int, help="STP triples per sequence (default: the checkpoint's, else 4)")
+    p.add_argument("--seed", type=number_arg(True, ge=0), default=0,
+                   help="seeds the fresh model, the STP spans and the bootstrap")
+    p.add_argument("--n-bootstrap", type=number_arg(True, ge=1), default=1000,
+                   help="bootstrap replicates (default 1000)")
+    p.add_argument("--stp-spans", type=number_arg(True, ge=1),
+                   help="STP triples per sequence (default: the checkpoint's, else 4)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     p.add_argument("--out", metavar="DIR", help="output directory (default <run>/curvature, or curvature_out/)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -65,16 +70,6 @@ def _parse_strides(text: str) -> list[int]:
     if not values:
         raise ConfigError(f"--strides must name at least one stride, e.g. '1' or '1,4', got {text!r}")
     return check_strides(values)
-
-
-def _check_counts(args: argparse.Namespace) -> None:
-    for name in ("batches", "batch_size", "n_bootstrap"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.stp_spans is not None and args.stp_spans < 1:
-        raise ConfigError(f"--stp-spans must be >= 1, got {args.stp_spans}")
-    if args.seq_len is not None and args.seq_len < 3:
-        raise ConfigError(f"--seq-len must be >= 3 (a curvature needs three consecutive tokens), got {args.seq_len}")
 
 
 def _load_checkpoint(path: str, device: torch.device) -> tuple[nn.Module, ModelConfig, dict[str, Any], Path]:
@@ -104,7 +99,6 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
     if args.preset and not args.pattern:
         raise ConfigError("--preset only applies with --pattern (a checkpoint brings its own dimensions)")
     strides = _parse_strides(args.strides)
-    _check_counts(args)
     device = resolve_device(args.device)
 
     train_cfg: dict[str, Any] = {}

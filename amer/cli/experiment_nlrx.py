@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from amer.cli.base import ArgParser, run
+from amer.configio import INT_MAX, number_arg
 from amer.errors import ExperimentError
 from amer.experiments.nlrx.data import ENV_DIR, TEST_FILE, TRAIN_FILE, default_data_dir
 from amer.experiments.nlrx.grid import TAPS, Settings, build_grid, model_config
@@ -25,6 +26,7 @@ from amer.runtime import tune_malloc
 __all__ = ["ENV_DIR", "FULL_DEFAULTS", "QUICK_DEFAULTS", "default_data_dir", "build_parser", "settings_from_args",
            "estimate", "command", "main"]
 
+MAX_SEEDS = 1000  # --seeds N: each seed is a whole grid of arms
 FULL_DEFAULTS: dict[str, Any] = {
     "models": "dense=(AE)*2,hybrid=AMER", "lambdas": "0,0.005,0.01,0.02,0.04,0.08", "lambdas_small": "0,0.02",
     "taps": "final,family", "fractions": "1,1/4,1/16", "seeds": "3", "out": "checkpoints/nlrx", "steps": 1000,
@@ -54,19 +56,25 @@ def build_parser() -> argparse.ArgumentParser:
     a("--taps", help="STP tap selections: final (post-final-norm state), family (last block of each family)")
     a("--fractions", help="training-data fractions, e.g. 1,1/4,1/16 (equal compute: same steps for each)")
     a("--seeds", help="a count N (seeds 0..N-1) or a list like 0,1,2")
-    a("--d-model", type=int, default=64, help="model width (default 64)")
-    a("--steps", type=int, help="optimizer steps per arm, the same at every fraction (default 1000; --quick 600)")
-    a("--batch-size", type=int, default=16)
-    a("--lr", type=float, default=3e-3)
-    a("--warmup-steps", type=int, default=None, help="default 5%% of --steps")
-    a("--n-spans", type=int, default=4, help="STP triples per example in training")
-    a("--train-rows", type=int, help="use only the first N training rows (default all 8000; --quick 2000)")
-    a("--test-rows", type=int, help="evaluate on the first N test rows (default all 2000; --quick 200)")
+    a("--d-model", type=number_arg(True, ge=16), default=64, help="model width (default 64)")
+    a("--steps", type=number_arg(True, ge=1),
+      help="optimizer steps per arm, the same at every fraction (default 1000; --quick 600)")
+    a("--batch-size", type=number_arg(True, ge=1), default=16)
+    a("--lr", type=number_arg(gt=0), default=3e-3)
+    a("--warmup-steps", type=number_arg(True, ge=0), default=None, help="default 5%% of --steps")
+    a("--n-spans", type=number_arg(True, ge=1), default=4, help="STP triples per example in training")
+    a("--train-rows", type=number_arg(True, ge=1),
+      help="use only the first N training rows (default all 8000; --quick 2000)")
+    a("--test-rows", type=number_arg(True, ge=1),
+      help="evaluate on the first N test rows (default all 2000; --quick 200)")
     a("--system-prompt", action="store_true", help="keep the constant system turn in every example")
-    a("--max-new-tokens", type=int, default=64, help="greedy decoding budget (the longest reference is 54 bytes)")
-    a("--decode-batch", type=int, default=256)
-    a("--workers", type=int, help="arms run in parallel, one process each (default: the CPU cores available)")
-    a("--threads", type=int, help="torch threads per worker (default 1 with several workers, else torch's choice)")
+    a("--max-new-tokens", type=number_arg(True, ge=1), default=64,
+      help="greedy decoding budget (the longest reference is 54 bytes)")
+    a("--decode-batch", type=number_arg(True, ge=1), default=256)
+    a("--workers", type=number_arg(True, ge=1, le=1024),
+      help="arms run in parallel, one process each (default: the CPU cores available)")
+    a("--threads", type=number_arg(True, ge=1, le=4096),
+      help="torch threads per worker (default 1 with several workers, else torch's choice)")
     a("--dry-run", action="store_true", help="list the arms and how many are done, run nothing")
     a("--estimate", action="store_true",
       help="time a few steps and one evaluation per model; print the grid's duration")
@@ -104,14 +112,15 @@ def _seeds(text: str) -> list[int]:
     try:
         if "," not in text:
             n = int(text)
-            if n < 1:
+            if not 1 <= n <= MAX_SEEDS:  # a count: every seed is a full set of arms
                 raise ValueError
             return list(range(n))
         seeds = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ExperimentError(f"--seeds {text!r}: expected a count like 3 or a list like 0,1,2") from None
-    if not seeds or any(s < 0 for s in seeds):
-        raise ExperimentError(f"--seeds {text!r}: expected non-negative seeds")
+        raise ExperimentError(f"--seeds {text!r}: expected a count from 1 to {MAX_SEEDS} like 3, or a list like "
+                              "0,1,2") from None
+    if not seeds or any(not 0 <= s <= INT_MAX for s in seeds):
+        raise ExperimentError(f"--seeds {text!r}: expected seeds from 0 to 2^63-1")
     return sorted(dict.fromkeys(seeds))
 
 

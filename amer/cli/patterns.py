@@ -20,10 +20,10 @@ def command(argv: list[str]) -> int:
     args = p.parse_args(argv)
     fams = families()
     letters = "/".join(f.letter for f in fams)
-    names = [args.pattern] if args.pattern else preset_names()
+    names = [args.pattern] if args.pattern is not None else preset_names()
     print(f"{'name':<10} {'layers':>6} {letters:>12} {'params':>10}  {'stp':<24} pattern")
     for name in names:
-        is_preset = not args.pattern or name in preset_names()
+        is_preset = args.pattern is None or name in preset_names()
         cfg = ModelConfig.from_preset(name) if is_preset else ModelConfig(pattern=name)
         stp = stp_config_from_preset(name).layers if is_preset else "-"
         with torch.device("meta"):  # never allocates: nam56r is billions of parameters

@@ -9,7 +9,7 @@ import torch
 
 from amer.checkpoint import load_checkpoint
 from amer.cli.base import ArgParser
-from amer.config import ConfigError
+from amer.configio import number_arg
 from amer.data import ByteTokenizer
 from amer.generate import generate
 from amer.runtime import resolve_device
@@ -21,16 +21,15 @@ def command(argv: list[str]) -> int:
     p = ArgParser(prog="amer sample", description="Generate text from a trained checkpoint.")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory (latest step)")
     p.add_argument("--prompt", default="", help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (stops early at EOS)")
-    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 for greedy decoding")
-    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    p.add_argument("--max-new-tokens", type=number_arg(True, ge=1), default=200,
+                   help="tokens to generate (stops early at EOS)")
+    p.add_argument("--temperature", type=number_arg(ge=0), default=0.8,
+                   help="softmax temperature, a finite number >= 0; 0 for greedy decoding")
+    p.add_argument("--top-k", type=number_arg(True, ge=1), default=None,
+                   help="sample only among the k most likely tokens")
+    p.add_argument("--seed", type=number_arg(True, ge=0), default=0, help="seed of the sampling generator")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     args = p.parse_args(argv)
-    if args.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.top_k is not None and args.top_k < 1:
-        raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
     device = resolve_device(args.device)
     model, _ = load_checkpoint(args.checkpoint, device=device)
     tok = ByteTokenizer()

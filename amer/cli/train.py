@@ -10,14 +10,17 @@ import argparse
 import sys
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal
 
-from amer.checkpoint import read_checkpoint
 from amer.cli.base import ArgParser, run
 from amer.config import ConfigError, TrainConfig, from_dict, load_toml, options, suggest
 from amer.pattern import load_preset
+from amer.training.run import locate, resume_config
 
 __all__ = ["main", "command", "build_parser", "resolve_config"]
+
+RESUME_CONFLICTS = ("pattern", "preset", "run_name", "out_dir", "overwrite")
 
 
 def _parse_value(tp: Any, name: str) -> Any:
@@ -33,7 +36,12 @@ def _parse_value(tp: Any, name: str) -> Any:
                 raise argparse.ArgumentTypeError(f"{name} takes KEY=VALUE pairs like 'A=1.0,M=0.5', got {s!r}")
         return parse_dict
     if origin is tuple:
-        return lambda s: tuple(float(x) for x in s.split(","))
+        def parse_tuple(s: str) -> tuple[float, ...]:
+            try:
+                return tuple(float(x) for x in s.split(","))
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{name} takes comma-separated numbers like '1,16', got {s!r}")
+        return parse_tuple
     if origin is Literal:
         return str
     return {int: int, float: float, str: str}.get(tp, str)
@@ -119,9 +127,18 @@ def resolve_config(argv: list[str] | None = None) -> tuple[TrainConfig, dict[str
     if extras["config"]:
         file_cfg = load_toml(extras["config"])
     if given.get("resume"):
-        _, _, meta = read_checkpoint(given["resume"], with_optimizer=False)
-        base = {**meta["config"], "resume": given["resume"]}
-        merged = _merge(_merge(base, file_cfg), cli)
+        run_dir = locate(given["resume"]).run_dir
+        # a resumed run keeps its model and its place: these would be recorded in config.json, not used
+        where = {"out_dir": str(run_dir.parent), "run_name": run_dir.name}
+        for key in RESUME_CONFLICTS:
+            value = cli.get(key, file_cfg.get(key))
+            if value is not None and (key not in where or Path(str(value)) != Path(where[key])):
+                raise ConfigError(f"--{key.replace('_', '-')} cannot be combined with --resume: the resumed run "
+                                  f"keeps its own {key.replace('_', ' ')} (start a new run to change it)")
+        # the process layout belongs to the launch, not to the run: a run resumes under any layout
+        base = {**{k: v for k, v in resume_config(given["resume"]).items() if k != "parallel"},
+                "resume": given["resume"]}
+        merged = {**_merge(_merge(base, file_cfg), cli), **where}
     else:
         preset_name = cli.get("preset", file_cfg.get("preset", "small"))
         preset = load_preset(preset_name)

@@ -53,19 +53,21 @@ class _CausalConvShift(torch.autograd.Function):
         K, T = wt.shape[0], g.shape[1]
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         gx = gw = gb = None
+        # the incoming gradient of the outputs each tap reaches, masked once and read by both sums below
+        reached = {s: _reach(g[:, s:], position, s) for s in range(1, min(K, T))}
         if need_x:
             gx = g * wt[K - 1]
             for k in range(K - 1):
                 s = K - 1 - k
                 if s < T:
-                    gx[:, : T - s].addcmul_(_reach(g[:, s:], position, s), wt[k])
+                    gx[:, : T - s].addcmul_(reached[s], wt[k])
         if need_w:
             gw = torch.zeros_like(wt)  # (K, C)
             torch.sum(g * x, dim=(0, 1), out=gw[K - 1])
             for k in range(K - 1):
                 s = K - 1 - k
                 if s < T:
-                    torch.sum(_reach(g[:, s:], position, s) * x[:, : T - s], dim=(0, 1), out=gw[k])
+                    torch.sum(reached[s] * x[:, : T - s], dim=(0, 1), out=gw[k])
             gw = gw.t().to(ctx.w_dtype)
         if need_b and ctx.has_bias:
             gb = g.sum(dim=(0, 1)).to(ctx.w_dtype)

@@ -165,9 +165,8 @@ def ssd_scan_torch(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk
     prev = states[:, :, :-1].permute(0, 2, 1, 3, 4).reshape(b, c, G, R, P, N)  # state entering each chunk
 
     # 4. contribution of the incoming state, exp(a_l) C_l S_prev, accumulated onto the intra-chunk matmul
-    Cd = _decay(a_cs).unsqueeze(-1) * Cc.unsqueeze(3)  # (b, c, G, R, L, N)
-    if docs is not None:
-        Cd = Cd * docs.from_start
+    decay_in = _decay(a_cs) if docs is None else _decay(a_cs) * docs.from_start  # (b, c, G, R, L)
+    Cd = decay_in.unsqueeze(-1) * Cc.unsqueeze(3)  # (b, c, G, R, L, N)
     y_off = torch.matmul(Cd, prev.transpose(-1, -2))  # (b, c, G, R, L, P)
     y = torch.baddbmm(y_off.reshape(-1, L, P), m.reshape(-1, L, L), xdt.view(-1, L, P))
 
@@ -193,7 +192,7 @@ class _DocumentMasks:
         self.intra = ((s[..., :, None] == s[..., None, :]) & causal).to(dtype)[:, :, None, None]  # (b, c, 1, 1, L, L)
         self.to_end = (s == s[..., -1:]).to(dtype)[:, :, None, None]  # (b, c, 1, 1, L)
         self.across = (ends[:, :, None] == ends[:, None, :]).to(dtype)[:, None]  # (b, 1, c + 1, c + 1)
-        self.from_start = (s == ends[:, :-1, None]).to(dtype)[:, :, None, None, :, None]  # (b, c, 1, 1, L, 1)
+        self.from_start = (s == ends[:, :-1, None]).to(dtype)[:, :, None, None]  # (b, c, 1, 1, L)
 
 
 def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,

@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from amer.fileio import atomic_write_bytes, atomic_write_text, json_text
+
 __all__ = ["atomic_write_text", "dumps_json", "write_json", "md_table", "text_table", "new_figure", "save_figure"]
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary sibling and ``os.replace``: complete or absent."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def dumps_json(obj: Any, level: int = 0) -> str:
@@ -39,8 +28,9 @@ def dumps_json(obj: Any, level: int = 0) -> str:
 
 
 def write_json(path: str | Path, obj: Any, *, compact_lists: bool = True) -> Path:
-    """``obj`` as JSON at ``path`` (atomically); ``compact_lists=False`` gives plain ``indent=2`` JSON."""
-    text = dumps_json(obj) if compact_lists else json.dumps(obj, indent=2)
+    """``obj`` as JSON at ``path`` (atomically); ``compact_lists=False`` gives plain ``indent=2`` JSON. Either
+    way a non-finite number is refused: NaN and Infinity are not JSON."""
+    text = dumps_json(obj) if compact_lists else json_text(obj)
     return atomic_write_text(path, text + "\n")
 
 
@@ -75,12 +65,6 @@ def new_figure(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float] |
 
 def save_figure(fig: Any, path: str | Path, *, dpi: int = 120) -> Path:
     """Save ``fig`` as PNG at ``path`` (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=dpi, format="png")
+    return atomic_write_bytes(path, buf.getvalue())

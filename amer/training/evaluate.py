@@ -20,13 +20,14 @@ SPAN_SEED = 1234  # STP spans in evaluation: the same for every run, so held-out
 def evaluate(model: torch.nn.Module, batches: Iterable[Mapping[str, Tensor]], *,
              stp: Mapping[str, STPPolicy] | None = None, dtype: str = "float32", ignore_index: int = -100,
              visit: Callable[[Any, Mapping[str, Tensor]], None] | None = None,
-             taps: bool | str | None = None) -> dict[str, float]:
+             taps: bool | str | None = None, documents: bool = True) -> dict[str, float]:
     """``{"loss": CE per target token, "tokens": n, "stp/<name>": mean STP per row, ...}`` over ``batches``.
 
     ``stp`` maps a name to an enabled policy (its selection, spans and family weights are used, not its
     gate); ``visit(output, batch)`` sees every forward, e.g. to collect final hidden states. ``taps`` is
     what the forward records: by default only what the STP selections need (holding every block's state
-    would cost memory for nothing); a ``visit`` that reads other taps asks for them.
+    would cost memory for nothing); a ``visit`` that reads other taps asks for them. ``documents``: the
+    model sees the batches' ``doc_ids`` (packed documents kept apart), as in training.
     """
     device = next(model.parameters()).device
     stp = {k: p for k, p in (stp or {}).items() if p.enabled}
@@ -41,7 +42,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Mapping[str, Tensor]], *,
     for raw in batches:
         batch = {k: v.to(device) for k, v in raw.items()}
         with autocast(dtype, device):
-            out = model(batch["tokens"], taps=taps)
+            out = model(batch["tokens"], taps=taps, doc_ids=batch.get("doc_ids") if documents else None)
         k = int((batch["targets"] != ignore_index).sum())
         ce_sum += float(cross_entropy(out.logits, batch["targets"], ignore_index)) * k
         n_tok += k

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Callable
+
+from amer.fileio import atomic_write_bytes
 
 __all__ = ["RunLogger", "Progress"]
 
@@ -18,11 +21,7 @@ class RunLogger:
         self.path = run_dir / "log.jsonl"
         self.tb = None
         if resume_step is not None and self.path.exists():
-            # A run that died after its last checkpoint logged steps that the resumed run will redo:
-            # drop them so every step appears once and the log reads as one uninterrupted run.
-            kept = [line for line in self.path.read_text().splitlines(keepends=True)
-                    if line.strip() and _log_step(line) <= resume_step]
-            self.path.write_text("".join(kept))
+            _truncate_log(self.path, resume_step)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -33,8 +32,13 @@ class RunLogger:
                 print("note: tensorboard is not installed; writing log.jsonl only (pip install tensorboard)")
 
     def log(self, step: int, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **record}) + "\n")
+        line = json.dumps({"step": step, **{k: _json_value(v) for k, v in record.items()}}, allow_nan=False) + "\n"
+        # one write on an O_APPEND descriptor: a kill leaves at most a torn last line, dropped on resume
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode("utf-8"))
+        finally:
+            os.close(fd)
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
@@ -45,11 +49,34 @@ class RunLogger:
             self.tb.close()
 
 
-def _log_step(line: str) -> float:
+def _json_value(v: Any) -> Any:
+    """NaN and infinity are not JSON: a figure that has no finite value is logged as null."""
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def _log_step(line: str) -> float | None:
+    """The step of a line amer wrote, or None for a line it cannot read (kept: it is not amer's to drop)."""
     try:
-        return float(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return float("inf")  # a torn last line from a killed run: drop it
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    step = rec.get("step") if isinstance(rec, dict) else None
+    return float(step) if isinstance(step, (int, float)) and not isinstance(step, bool) else None
+
+
+def _truncate_log(path: Path, resume_step: int) -> None:
+    """Drop the lines of steps after ``resume_step``, which the resumed run will redo (so every step appears once
+    and the log reads as one uninterrupted run), and a torn last line a kill left. Every other line stays. The
+    new log replaces the old in one rename: a kill during the rewrite leaves the old log whole."""
+    raw = path.read_bytes()
+    lines = raw.splitlines(keepends=True)
+    if lines and not lines[-1].endswith(b"\n"):  # a kill mid-append: never a complete record
+        lines.pop()
+    steps = [_log_step(line.decode("utf-8", "replace")) for line in lines]
+    kept = [line for line, step in zip(lines, steps) if step is None or step <= resume_step]
+    new = b"".join(kept)
+    if new != raw:
+        atomic_write_bytes(path, new)
 
 
 class Progress:

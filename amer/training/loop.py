@@ -7,6 +7,7 @@ the run directory and checkpoints are :mod:`amer.training.run`; this module only
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -15,12 +16,14 @@ import torch
 from amer.checkpoint import list_checkpoints
 from amer.config import TrainConfig
 from amer.data import BatchIterator, ByteTokenizer, DataConfig, build_datasets
-from amer.errors import ConfigError, TrainingError
+from amer.errors import ConfigError
 from amer.model import HybridLM
 from amer.objective import STPPolicy
-from amer.runtime import resolve_device
+from amer.runtime import resolve_device, warn_slow_bfloat16
+from amer.training import distributed, scaleout
 from amer.training import run as rundir
 from amer.training.evaluate import evaluate
+from amer.training.guard import BadSteps, cause_of
 from amer.training.log import Progress, RunLogger
 from amer.training.optim import lr_at, make_optimizer
 from amer.training.step import TrainStep
@@ -30,10 +33,20 @@ __all__ = ["train"]
 
 def train(cfg: TrainConfig, *, stop_at: int | None = None, quiet: bool = False) -> dict[str, Any]:
     """Run training; returns a summary (run dir, final/best validation loss, checkpoints)."""
+    layout = distributed.setup(cfg.parallel, resolve_device(cfg.device))  # single-process unless under torchrun
+    try:
+        return _train(cfg, layout, stop_at, quiet or not layout.main)
+    finally:
+        distributed.teardown(layout)
+
+
+def _train(cfg: TrainConfig, layout: distributed.Layout, stop_at: int | None, quiet: bool) -> dict[str, Any]:
     say = (lambda *a: None) if quiet else print
-    device = resolve_device(cfg.device)
+    device = layout.device
     torch.manual_seed(cfg.seed)
-    run_dir = None if cfg.resume else rundir.new_run_dir(cfg)  # before any slow work: a clash fails at once
+    # before any slow work: a clash or a foreign directory fails at once (rank 0 owns the run directory)
+    target = scaleout.on_main(layout, lambda: rundir.prepare(cfg))
+    warn_slow_bfloat16(cfg.dtype, device, quiet=quiet)
     tok = ByteTokenizer()
     if cfg.model.vocab_size < tok.vocab_size:
         raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the byte tokenizer's "
@@ -44,38 +57,42 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, quiet: bool = False) 
     opt = make_optimizer(model, cfg)
     batches = BatchIterator(data.train, cfg.batch_size, cfg.seed)
     stp_gen = torch.Generator(device).manual_seed(cfg.seed + 1)
-    state = rundir.RunState()
-    if cfg.resume:
-        run_dir, state = rundir.resume(cfg.resume, model, opt, batches, stp_gen, say)
-    resolved = rundir.write_config(run_dir, cfg)
-    logger = RunLogger(run_dir, cfg.tensorboard, resume_step=state.step if cfg.resume else None)
+    run_dir = target.run_dir
+    state, resolved = scaleout.on_main(layout, lambda: rundir.open_run(target, cfg, model, opt, batches, stp_gen,
+                                                                       say, stop_at))
+    logger = (RunLogger(run_dir, cfg.tensorboard, resume_step=state.step if cfg.resume else None) if layout.main
+              else scaleout.NullLogger())
     stp_note = f"on {cfg.stp.layers!r} from step {cfg.stp.start_step}" if cfg.stp.enabled else "off"
     say(f"amer: {cfg.model.pattern} ({model.pattern.letters}) {model.num_params() / 1e6:.2f}M params | data {cfg.data}: "
         f"{data.train.n_tokens / 1e6:.2f}M train / {data.val.n_tokens / 1e6:.2f}M val tokens | STP {stp_note}")
     say(f"run directory: {run_dir}")
 
-    step_fn = TrainStep(model, opt, policy, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip, dtype=cfg.dtype,
-                        stp_generator=stp_gen)
+    scaled = None
+    if layout.distributed:
+        scaled, state = scaleout.start(cfg, layout, model, opt, policy, stp_gen, batches, state)
+        say(scaleout.describe(cfg, layout))
+        step_fn: Any = scaled.step_fn
+    else:
+        step_fn = TrainStep(model, opt, policy, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip, dtype=cfg.dtype,
+                            stp_generator=stp_gen, documents=cfg.packing == "documents")
     last_step = min(cfg.steps, stop_at or cfg.steps)
     progress = Progress(last_step, state.step, enabled=cfg.progress, quiet=quiet)
-    bad_steps, val, t_last, tok_since = 0, {}, time.perf_counter(), 0
-    model.train()
+    bad, val, val_ok, t_last, tok_since = BadSteps(cfg.max_bad_steps, run_dir), {}, True, time.perf_counter(), 0
+    first_step = state.step
+    (scaled.module if scaled else model).train()
     try:
         for step in range(state.step, last_step):
             log_now = (step + 1) % cfg.log_interval == 0 or step + 1 == last_step
             lr = lr_at(step, cfg)
             res = step_fn((next(batches) for _ in range(cfg.grad_accum)), step, lr=lr, metrics=log_now)
             if not res.applied:
-                bad_steps += 1
-                progress.say(f"step {step + 1}: {res.skipped_reason}; step skipped ({bad_steps}/{cfg.max_bad_steps})")
+                progress.say(f"step {step + 1}: {res.skipped_reason}; step skipped "
+                             f"({bad.in_a_row + 1}/{cfg.max_bad_steps})")
                 logger.log(step + 1, {"skipped": 1, "skipped_reason": res.skipped_reason})
-                if bad_steps >= cfg.max_bad_steps:
-                    good = list_checkpoints(run_dir)
-                    raise TrainingError(f"{bad_steps} consecutive non-finite steps at step {step + 1}: stopping; "
-                                        f"lower --lr or use --dtype float32 (last good checkpoint: "
-                                        f"{good[-1] if good else 'none'})")
+                bad.bad(step + 1, cause_of(res))
                 continue
-            bad_steps, state.step = 0, step + 1
+            bad.good()
+            state.step = step + 1
             tok_since += cfg.batch_size * cfg.grad_accum * cfg.seq_len
             if log_now:
                 now = time.perf_counter()
@@ -88,14 +105,23 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, quiet: bool = False) 
                                       f"coeff {record['stp/coeff']:.3g} lr {lr:.2e} {record['tokens_per_s']:,.0f} tok/s")
             progress.update()
             if state.step % cfg.eval_interval == 0 or state.step == last_step:
-                val = validate(model, policy, data.val, cfg)
-                logger.log(state.step, val)
-                rundir.checkpoint(run_dir, model, opt, state, val, resolved, batches, stp_gen, cfg.keep_last)
+                host = (model, opt) if scaled is None else scaleout.host_copy(scaled, cfg)  # rank 0: whole model
+                val = scaleout.on_main(layout, lambda: validate(host[0], policy, data.val, cfg))
+                val_ok = all(math.isfinite(v) for v in val.values())
+                logger.log(state.step, val if val_ok else {**val, "val/skipped": "non-finite validation loss"})
+                if not val_ok:  # nothing to checkpoint: weights that evaluate to NaN are not a result
+                    progress.say(f"step {state.step}: non-finite validation loss; no checkpoint written")
+                    bad.bad(state.step, "the validation loss is non-finite; lower --lr or use --dtype float32",
+                            train_step=False)
+                    continue
+                scaleout.on_main(layout, lambda: rundir.checkpoint(run_dir, host[0], host[1], state, val, resolved,
+                                                                   batches, stp_gen, cfg.keep_last))
                 progress.say(f"step {state.step}: val loss {val['val/loss']:.4f}"
                              + (f" val stp {val['val/stp']:.4f}" if "val/stp" in val else ""))
     finally:
         progress.close()
         logger.close()
+    bad.finish(last_step - first_step, val_ok)
     latest = (list_checkpoints(run_dir) or [None])[-1]
     say(f"done: checkpoint {latest} | best {run_dir / 'best'} (val loss {state.best_val:.4f}) | logs "
         f"{run_dir / 'log.jsonl'} | tensorboard --logdir {cfg.out_dir}")
@@ -105,7 +131,8 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, quiet: bool = False) 
 
 def validate(model: HybridLM, policy: STPPolicy, val_data: Any, cfg: TrainConfig) -> dict[str, float]:
     """Held-out cross-entropy, and held-out STP on the run's own selection (fixed spans) when STP is on."""
-    res = evaluate(model, val_data.val_batches(cfg.batch_size, cfg.eval_batches), stp={"stp": policy}, dtype=cfg.dtype)
+    res = evaluate(model, val_data.val_batches(cfg.batch_size, cfg.eval_batches), stp={"stp": policy}, dtype=cfg.dtype,
+                   documents=cfg.packing == "documents")
     return {"val/loss": res["loss"], **({"val/stp": res["stp/stp"]} if "stp/stp" in res else {})}
 
 

@@ -19,7 +19,6 @@ stage applies the same seam to its logits. Summed over the stages, the result is
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -202,7 +201,3 @@ class StageModule(nn.Module):
     def extra_state_names(self) -> tuple[str, ...]:
         """Parameter names that are copies, not the model's own (left out of checkpoints)."""
         return ("lm_head.weight",) if self.tied_copy else ()
-
-    def describe(self) -> dict[str, Any]:
-        return {"stage": self.stage, "blocks": [layer.name for layer in self.layers],
-                "stp_taps": [self.policy.names[k] for k, _ in self.stp_taps]}

@@ -1,71 +1,214 @@
-"""A run directory: created fresh or resumed, its config, its checkpoints (with everything needed to
-continue bit-identically: optimizer, RNG states, data position) and their pruning."""
+"""A run directory: created fresh (or afresh with ``--overwrite``) or resumed, its config, its checkpoints (with
+everything needed to continue bit-identically: optimizer, RNG states, data position) and their pruning.
+
+amer only writes into a run directory it created: ``amer-run.json`` (the run id) marks one, and resume
+refuses any other directory. It only deletes what it wrote, by name (:mod:`amer.fileio`): whatever else is
+in a run directory survives resume, pruning and ``--overwrite``.
+"""
 
 from __future__ import annotations
 
 import json
-import shutil
+import math
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
-from amer.checkpoint import list_checkpoints, read_checkpoint, restore_model, restore_optimizer, save_checkpoint
+from amer.checkpoint import CHECKPOINT_FILES, checkpoint_step, list_checkpoints, read_checkpoint, save_checkpoint
 from amer.config import TrainConfig, to_dict
 from amer.data import BatchIterator
 from amer.errors import CheckpointError, ConfigError, TrainingError
+from amer.fileio import fault_point, json_text, own_temp_files, recover_dirs, remove_own_files, write_json
+from amer.training.restore import restore, rng_pack, rng_unpack
 
-__all__ = ["RunState", "new_run_dir", "resume", "checkpoint", "rng_pack", "rng_unpack"]
+__all__ = ["RunState", "Target", "MARKER", "prepare", "open_run", "new_run_dir", "locate", "resume_config",
+           "checkpoint", "prune", "rng_pack", "rng_unpack"]
+
+MARKER = "amer-run.json"  # {"run_id": ...}: this directory was created by amer train
+RUN_FILES = (MARKER, "config.json", "log.jsonl")
 
 
 @dataclass
 class RunState:
     step: int = 0  # optimizer steps done
     best_val: float = float("inf")
+    run_id: str | None = None
+
+
+class Target(NamedTuple):
+    """Where a run goes: its directory and, when resuming, the checkpoint to restore (None: from step 0)."""
+
+    run_dir: Path
+    checkpoint: Path | None
+    resume: bool
+
+
+def _run_id(run_dir: Path) -> str | None:
+    """The run id in ``run_dir``'s marker; None for a marker without one (added by hand to adopt a run)."""
+    try:
+        data = json.loads((run_dir / MARKER).read_bytes() or b"{}")
+    except (OSError, ValueError):
+        return None
+    rid = data.get("run_id") if isinstance(data, dict) else None
+    return rid if isinstance(rid, str) else None
+
+
+def _is_run_dir(path: Path) -> bool:
+    return (path / MARKER).is_file()
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return (path / "meta.json").exists() or (path / "model.safetensors").exists()
+
+
+def locate(path: str | Path) -> Target:
+    """The run directory and checkpoint ``--resume PATH`` means. PATH is a run directory amer created (its
+    latest checkpoint, or step 0 when it has none) or a checkpoint inside one; anything else is refused."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    if _is_run_dir(p):
+        steps = list_checkpoints(p)
+        if steps:
+            return Target(p, steps[-1], True)
+        if not (p / "config.json").is_file():
+            raise CheckpointError(f"no checkpoint and no config.json in {p}: nothing to resume; start a new run "
+                                  f"with --run-name, or --overwrite to start this one afresh")
+        return Target(p, None, True)
+    if _is_checkpoint(p) and _is_run_dir(p.parent):
+        return Target(p.parent, p, True)
+    where = p.parent if _is_checkpoint(p) else p
+    what = f"checkpoint {p} is not inside" if _is_checkpoint(p) else f"{p} is not"
+    raise CheckpointError(f"{what} a run directory amer train created (no {MARKER} in {where}), so resume will "
+                          f"not write there; pass a run directory amer train made, or one of its step_* checkpoints "
+                          f"(a run of an older amer: add an empty {MARKER} to its directory)")
+
+
+def resume_config(path: str | Path) -> dict[str, Any]:
+    """The resolved config a resumed run starts from: its checkpoint's, or its config.json without one."""
+    target = locate(path)
+    if target.checkpoint is not None:
+        meta = read_checkpoint(target.checkpoint, with_optimizer=False)[2]
+        source, config = f"{meta['_path']}/meta.json", meta.get("config")
+    else:
+        source = str(target.run_dir / "config.json")
+        try:
+            config = json.loads((target.run_dir / "config.json").read_bytes())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{source}: not a readable JSON config ({e})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"{source}: config must be an object with a model section, got {config!r:.40}")
+    return config
+
+
+def _check_out_dir(out: Path) -> None:
+    """Refuse an --out-dir that cannot hold run directories before any slow work (nothing is created yet)."""
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ConfigError(f"--out-dir {out}: {probe} is a file, not a directory")
 
 
 def new_run_dir(cfg: TrainConfig) -> Path:
-    """``out_dir/run_name`` (default ``<preset>-<time>``); an existing non-empty one is refused, never reused."""
+    """``out_dir/run_name`` (default ``<preset>-<time>``). An existing non-empty one is refused unless it is a run
+    directory amer created and ``--overwrite`` is given (its files are then replaced when the run starts)."""
     name = cfg.run_name or f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.out_dir) / name
+    _check_out_dir(Path(cfg.out_dir))
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} is a file; choose another --run-name")
     if run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(f"run directory {run_dir} already exists; pass --resume {run_dir} to continue it "
-                          "or --run-name NEW for a new run (nothing is overwritten)")
+        if not _is_run_dir(run_dir):
+            raise ConfigError(f"{run_dir} already exists and was not created by amer train (no {MARKER}); "
+                              "nothing in it is touched: choose another --run-name or --out-dir")
+        if not cfg.overwrite:
+            resumable = "its last checkpoint" if list_checkpoints(run_dir) else "step 0 (it has no checkpoint yet)"
+            raise ConfigError(f"run directory {run_dir} already exists; pass --resume {run_dir} to continue it from "
+                              f"{resumable}, --overwrite to start it afresh (its checkpoints and logs are deleted), "
+                              "or --run-name NEW for a new run")
     return run_dir
 
 
-def resume(path: str, model: torch.nn.Module, opt: torch.optim.Optimizer, batches: BatchIterator,
-           stp_gen: torch.Generator, say: Callable[[str], None]) -> tuple[Path, RunState]:
-    """Load weights, optimizer, data position and RNG states from a checkpoint; returns its run directory."""
-    device = next(model.parameters()).device
-    weights, optim, meta = read_checkpoint(path)
-    lacking = [k for k in ("step", "data_state", "rng") if k not in meta]
-    if lacking:
-        raise CheckpointError(f"{meta['_path']}/meta.json lacks {lacking}: not a training checkpoint, "
-                              "so the run cannot be resumed from it")
-    restore_model(model, {k: v.to(device) for k, v in weights.items()}, source=meta["_path"])
-    if optim is not None:
-        restore_optimizer(opt, optim, meta)
+def prepare(cfg: TrainConfig) -> Target:
+    """The run's directory, checked before any slow work: a clash or a foreign directory fails at once."""
+    return locate(cfg.resume) if cfg.resume else Target(new_run_dir(cfg), None, False)
+
+
+def _create(run_dir: Path, overwrite: bool) -> str:
+    """Make ``run_dir`` (clearing amer's own files from it with ``overwrite``) and mark it; returns the run id."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if overwrite and _is_run_dir(run_dir):
+            _clear(run_dir)
+        run_id = uuid.uuid4().hex
+        write_json(run_dir / MARKER, {"run_id": run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    except OSError as e:
+        raise ConfigError(f"cannot create run directory {run_dir}: {e.strerror or e}") from None
+    return run_id
+
+
+def _is_step_or_best(name: str) -> bool:
+    return name == "best" or checkpoint_step(Path(name)) is not None
+
+
+def _clear(run_dir: Path) -> None:
+    """What ``--overwrite`` deletes: the checkpoints, logs, config and TensorBoard events amer wrote."""
+    run_id = _run_id(run_dir)
+    recover_dirs(run_dir, _is_step_or_best, CHECKPOINT_FILES)
+    for ck in [*list_checkpoints(run_dir), run_dir / "best"]:
+        if ck.is_dir() and _written_by(ck, run_id):
+            remove_own_files(ck, CHECKPOINT_FILES)
+    for p in [*own_temp_files(run_dir, lambda n: n in RUN_FILES), *run_dir.glob("events.out.tfevents.*")]:
+        if p.is_file():
+            p.unlink()
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def open_run(target: Target, cfg: TrainConfig, model: torch.nn.Module, opt: torch.optim.Optimizer,
+             batches: BatchIterator, stp_gen: torch.Generator, say: Callable[[str], None],
+             stop_at: int | None = None) -> tuple[RunState, dict[str, Any]]:
+    """Restore (resume) or create the run directory, then write its config. Everything that can be refused
+    is checked before the first byte is written."""
+    run_dir, state = target.run_dir, RunState()
+    if target.resume:
+        state.run_id = _run_id(run_dir)
+        if target.checkpoint is not None:
+            meta = restore(str(target.checkpoint), model, opt, batches, stp_gen, say)
+            if state.run_id and meta.get("run_id") not in (None, state.run_id):
+                raise CheckpointError(f"{meta['_path']} belongs to another run (run id {meta['run_id']}, "
+                                      f"{run_dir / MARKER} has {state.run_id}); resume it from its own run directory")
+            best = meta.get("best_val")
+            state.step, state.best_val = meta["step"], float("inf") if best is None else float(best)
+        for limit, flag in ((cfg.steps, "--steps"), (stop_at, "--stop-at")):
+            if limit is not None and limit < state.step:
+                raise ConfigError(f"{flag} {limit} is below the step of the checkpoint being resumed "
+                                  f"({state.step}): nothing to train; pass {flag} {state.step + 1} or more")
+        # a run killed part-way may have left temporaries, or a best/ moved aside mid-swap: finish those first
+        recover_dirs(run_dir, _is_step_or_best, CHECKPOINT_FILES)
+        for p in own_temp_files(run_dir, lambda n: n in RUN_FILES):
+            if p.is_file():
+                p.unlink()
+        say(f"resuming {target.checkpoint} at step {state.step}" if target.checkpoint is not None else
+            f"no checkpoint in {run_dir}: starting it again from step 0 with its config.json")
+        if state.step == min(cfg.steps, stop_at or cfg.steps):
+            say(f"already at step {state.step}: nothing to train")
     else:
-        say(f"note: {meta['_path']} has no optimizer state (e.g. best/); AdamW restarts from zero moments, "
-            "so the run will not match an uninterrupted one")
-    batches.load_state_dict(meta["data_state"])
-    torch.set_rng_state(rng_unpack(meta["rng"]["torch"], "torch"))
-    stp_gen.set_state(rng_unpack(meta["rng"]["stp"], "stp"))
-    run_dir = Path(meta["_path"]).parent
-    for stale in run_dir.glob(".tmp-*"):  # a checkpoint write killed part-way (never under a real name)
-        shutil.rmtree(stale, ignore_errors=True)
-    say(f"resuming {meta['_path']} at step {meta['step']}")
-    return run_dir, RunState(meta["step"], meta.get("best_val", float("inf")))
+        state.run_id = _create(run_dir, cfg.overwrite)
+    return state, write_config(run_dir, cfg)
 
 
 def write_config(run_dir: Path, cfg: TrainConfig) -> dict[str, Any]:
-    """``config.json``: the resolved config (what ``--resume`` starts from)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = {**to_dict(cfg), "resume": None}
-    (run_dir / "config.json").write_text(json.dumps(resolved, indent=2))
+    """``config.json``: the resolved config (what ``--resume`` starts from), written atomically."""
+    resolved = {**to_dict(cfg), "resume": None, "overwrite": False}
+    write_json(run_dir / "config.json", resolved)
     return resolved
 
 
@@ -80,25 +223,31 @@ def checkpoint(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer
                             f"writing a checkpoint; lower --lr")
     is_best = val["val/loss"] < state.best_val
     state.best_val = min(state.best_val, val["val/loss"])
-    meta = {"config": resolved, "step": state.step, "best_val": state.best_val, "val": val,
+    meta = {"config": resolved, "run_id": state.run_id, "step": state.step,
+            "best_val": state.best_val if math.isfinite(state.best_val) else None, "val": val,
             "data_state": batches.state_dict(),
             "rng": {"torch": rng_pack(torch.get_rng_state()), "stp": rng_pack(stp_gen.get_state())}}
+    json_text(meta)  # a non-finite figure fails here, before any file is written
     save_checkpoint(run_dir / f"step_{state.step:06d}", model, opt, meta)
     if is_best:
         save_checkpoint(run_dir / "best", model, None, meta)
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune(run_dir, keep_last, state.run_id)
 
 
-def rng_pack(state: torch.Tensor) -> str:
-    """A generator state (uint8 tensor, ~5 kB for CPU Mersenne Twister) as hex: a list of ints made
-    meta.json 100 kB and a noticeable part of every checkpoint write."""
-    return state.cpu().numpy().tobytes().hex()
-
-
-def rng_unpack(packed: str | list[int], what: str) -> torch.Tensor:
+def _written_by(ck: Path, run_id: str | None) -> bool:
+    """Whether checkpoint ``ck`` was written by run ``run_id`` (one copied in from another run was not)."""
     try:
-        data = bytes.fromhex(packed) if isinstance(packed, str) else bytes(packed)
-    except (ValueError, TypeError):
-        raise CheckpointError(f"meta.json: rng.{what} is not a generator state") from None
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        meta = json.loads((ck / "meta.json").read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("run_id") in (None, run_id)
+
+
+def prune(run_dir: Path, keep_last: int, run_id: str | None = None) -> None:
+    """Delete all but the newest ``keep_last`` step checkpoints of run ``run_id`` (newest by step number), file
+    by file; a checkpoint another run wrote is left alone."""
+    for old in [ck for ck in list_checkpoints(run_dir) if _written_by(ck, run_id)][:-keep_last]:
+        fault_point("prune")
+        remove_own_files(old, CHECKPOINT_FILES)
+
+

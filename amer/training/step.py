@@ -10,7 +10,7 @@ A skipped step applies nothing and says why.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -25,7 +25,7 @@ __all__ = ["StepOutput", "TrainStep"]
 @dataclass
 class StepOutput:
     applied: bool  # False: the step was skipped and nothing was applied
-    loss: LossBreakdown  # of the last micro-batch run
+    loss: LossBreakdown  # means over the micro-batches of the step (per-tap STP: the last micro-batch's)
     grad_norm: Tensor | None = None  # before clipping; None when skipped early or not clipping
     skipped_reason: str | None = None  # "non-finite loss" | "non-finite gradient"
     metrics: dict[str, float] = field(default_factory=dict)  # log figures, when asked for
@@ -38,16 +38,24 @@ class TrainStep:
     ``grad_clip`` clips the global norm (0 computes the norm without clipping, None skips the norm and
     its guard). ``taps`` is what the forward records (``True`` every block, as training does).
     ``hold_output`` keeps the model output alive through backward (a benchmark of what releasing saves).
+    ``documents`` passes a batch's ``doc_ids`` to the model, so no block sees across a packed document
+    boundary (``--packing documents``); False runs blocks straight through (``--packing none``).
+    ``shard=(index, count)`` (data parallel): each micro-batch is a *global* batch and this rank runs rows
+    ``index * b : (index + 1) * b`` of it (``b = rows / count``); STP spans are drawn for the global batch
+    so every rank regularises exactly what one process would. ``agree(ok)`` turns a rank's "loss is
+    finite" into the verdict of all ranks, so they skip a step together.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, policy: STPPolicy, *,
                  grad_accum: int = 1, grad_clip: float | None = 1.0, dtype: str = "float32",
                  stp_generator: torch.Generator | None = None, taps: bool | str = True,
-                 hold_output: bool = False) -> None:
+                 hold_output: bool = False, documents: bool = True, shard: tuple[int, int] | None = None,
+                 agree: Callable[[bool], bool] | None = None) -> None:
         self.model, self.optimizer, self.policy = model, optimizer, policy
         self.grad_accum, self.grad_clip, self.dtype = grad_accum, grad_clip, dtype
         self.stp_generator = stp_generator
-        self.taps, self.hold_output = taps, hold_output
+        self.taps, self.hold_output, self.documents = taps, hold_output, documents
+        self.shard, self.agree = shard, agree or (lambda ok: ok)
         self.device = next(model.parameters()).device
 
     def __call__(self, micro_batches: Iterable[Mapping[str, Tensor]], step: int, *, lr: float | None = None,
@@ -60,18 +68,26 @@ class TrainStep:
         batches = iter(micro_batches)
         logged: dict[str, float] = {}
         parts: LossBreakdown | None = None
+        sums = torch.zeros(4, device=self.device)  # total, ce, aux, stp over the micro-batches, for the log
         held: list[Any] = []
         for micro in range(self.grad_accum):
             batch = {k: v.to(self.device) for k, v in next(batches).items()}
+            span_mask, rows = batch.get("doc_ids"), None
+            if self.shard is not None:
+                rows = _rows(batch["tokens"].shape[0], *self.shard)
+                batch = {k: v[rows] for k, v in batch.items()}
             mask = batch.get("doc_ids")
             with autocast(self.dtype, self.device):
-                out = self.model(batch["tokens"], taps=self.taps)
-            parts = self.policy.loss(out, batch["targets"], step, mask=mask, generator=self.stp_generator)
-            if not torch.isfinite(parts.total):
+                out = self.model(batch["tokens"], taps=self.taps, doc_ids=mask if self.documents else None)
+            parts = self.policy.loss(out, batch["targets"], step, mask=span_mask, generator=self.stp_generator,
+                                     rows=rows)
+            if not self.agree(bool(torch.isfinite(parts.total))):
                 self._drop_gradients()
                 return StepOutput(False, parts, skipped_reason="non-finite loss")
             if metrics and micro == self.grad_accum - 1:  # read the taps now: they are released before backward
                 logged = self._metrics(parts, out, mask)
+            sums += torch.stack([parts.total.detach(), parts.ce.detach(), parts.aux.detach(),
+                                 parts.stp.detach()]).float()
             loss = parts.total / self.grad_accum
             if self.hold_output:
                 held.append(out)
@@ -81,6 +97,9 @@ class TrainStep:
             loss.backward()
         held.clear()
         assert parts is not None
+        if self.grad_accum > 1:
+            total, ce, aux, stp = (sums / self.grad_accum).unbind(0)
+            parts = parts._replace(total=total, ce=ce, aux=aux, stp=stp)
         gnorm = None
         if self.grad_clip is not None:
             limit = self.grad_clip if self.grad_clip > 0 else float("inf")
@@ -102,7 +121,15 @@ class TrainStep:
     def _metrics(self, parts: LossBreakdown, out: Any, mask: Tensor | None) -> dict[str, float]:
         """What the log shows besides the losses: proof STP is live, per-family curvature, MoE figures."""
         logged = {"stp/live_grad_norm": self.policy.live_grad_norm(parts, out.taps) if out.taps is not None else 0.0}
-        if out.taps is not None and len(out.taps) == len(self.model.blocks) + 2:
+        if out.taps is not None and len(out.taps) == len(out.taps.pattern.layers) + 2:
             logged.update(training_metrics(out.taps, parts.per_tap, mask=mask))
         logged.update({k: float(v) for k, v in out.stats.items() if k.count("/") == 1})
         return logged
+
+
+def _rows(n: int, index: int, count: int) -> slice:
+    """Rows of a global batch of ``n`` that data-parallel rank ``index`` of ``count`` runs."""
+    if n % count:
+        raise ValueError(f"a global batch of {n} rows does not split evenly over {count} data-parallel ranks")
+    b = n // count
+    return slice(index * b, (index + 1) * b)

@@ -4,6 +4,7 @@ as soon as it finishes; arms already on disk are reused when their settings matc
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict
@@ -36,9 +37,13 @@ def finished_arms(s: Settings) -> set[str]:
     return {p.stem for p in (Path(s.out) / "arms").glob("*.json")}
 
 
+# figures an arm always has; a diverged arm's non-finite ones are stored as null (JSON has no NaN) and read back as NaN
+_FIGURES = ("train_ce", "heldout_ce", "heldout_stp_final", "heldout_stp_family", "erank")
+
+
 def check_stale(path: Path, s: Settings) -> dict[str, Any]:
     """The arm record at ``path``, refused when it was produced with settings that change results."""
-    rec = json.loads(path.read_text())
+    rec = from_stored(json.loads(path.read_text()))
     old = rec.get("settings", {})
     new = json.loads(json.dumps(s.fingerprint()))
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -51,10 +56,19 @@ def check_stale(path: Path, s: Settings) -> dict[str, Any]:
 
 def _run_and_write(arm: Arm, s: Settings, data: Data) -> dict[str, Any]:
     rec = run_arm(arm, s, data)
-    # Written by the worker, so a crash elsewhere keeps it. Plain JSON, the format arm files always had; the
-    # compact writer would refuse a non-finite figure and lose a whole trained arm over it.
-    write_json(arm_path(s, arm), rec, compact_lists=False)
+    write_json(arm_path(s, arm), storable(rec), compact_lists=False)  # by the worker: a crash elsewhere keeps it
     return rec
+
+
+def storable(rec: dict[str, Any]) -> dict[str, Any]:
+    """An arm record as strict JSON can hold it: a diverged arm's non-finite figure becomes null, so the
+    trained arm is kept (see :func:`from_stored`)."""
+    return {k: None if k in _FIGURES and isinstance(v, float) and not math.isfinite(v) else v for k, v in rec.items()}
+
+
+def from_stored(rec: dict[str, Any]) -> dict[str, Any]:
+    """The record :func:`storable` wrote, with its missing figures back as NaN."""
+    return {k: math.nan if k in _FIGURES and v is None else v for k, v in rec.items()}
 
 
 _WORKER_DATA: Data | None = None
