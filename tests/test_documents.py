@@ -20,7 +20,6 @@ import test_mixer_contract as contract
 import torch
 from test_mixer_contract import B, D, LETTERS, MODEL_T, T, VOCAB, build_model, faulty_family, inputs  # noqa: F401
 from torch import Tensor
-from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from amer import HybridLM, ModelConfig
 from amer.blocks import Documents
@@ -163,11 +162,8 @@ def test_packed_document_equals_decoding(letter: str) -> None:
     check_documents_decoding(letter)
 
 
-_DROPLESS_IS_EAGER = pytest.mark.xfail(raises=GuardOnDataDependentSymNode, strict=True,
-                                       reason="dropless MoE dispatch has data-dependent slice sizes")
-
-
-@pytest.mark.parametrize("letter", [pytest.param(x, marks=_DROPLESS_IS_EAGER) if x == "E" else x for x in LETTERS])
+@pytest.mark.parametrize("letter", [pytest.param(x, marks=contract._DROPLESS_IS_EAGER) if x == "E" else x
+                                    for x in LETTERS])
 def test_packed_model_compiles_fullgraph(letter: str) -> None:
     check_documents_compile(letter)
 

@@ -63,7 +63,7 @@ class PipelineStep:
         cls = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
         # every stage gets the loss function: the schedule runs backward only when it has one
         self.schedule = cls(self.pstage, n_microbatches=microbatches, loss_fn=self._loss)
-        self.tie_group = self._tie_group() if stage.policy is not None else None
+        self.tie_group = self._tie_group()
 
     def _tie_group(self) -> Any:
         """The process group of this replica's first and last stage, when the embedding and head are tied
