@@ -18,7 +18,7 @@ __all__ = [
     "AttentionConfig", "MambaConfig", "MoEConfig", "RecurrentConfig", "ConfigError", "Dims", "ModelConfig",
     "STPConfig", "AmerError", "Family", "FamilySpec", "get_family", "register_family", "HybridLM", "ModelOutput",
     "LayerSpec", "Pattern", "PatternError", "parse_pattern", "SelectorError", "Tap", "TapSet", "__version__",
-    "compute_stp_loss", "load_checkpoint",
+    "compute_stp_loss", "load_checkpoint", "from_transformers",
 ]
 
 
@@ -28,6 +28,10 @@ def __getattr__(name: str):
         from amer.stp import compute_stp_loss
 
         return compute_stp_loss
+    if name == "from_transformers":  # reads transformers checkpoints from disk (amer.interop)
+        from amer.interop import from_transformers
+
+        return from_transformers
     if name == "load_checkpoint":
         from amer.checkpoint import load_checkpoint
 

@@ -6,10 +6,11 @@ Layout of one checkpoint directory::
         model.safetensors   weights (tied weights stored once)
         optim.safetensors   AdamW moments and step counts, flattened to named tensors
         meta.json           resolved config, step, RNG states, data position, amer version, metrics
+        tokenizer.json      the run's tokenizer (Hugging Face format; absent in older checkpoints: bytes)
 
 A checkpoint is written into a temporary sibling directory, fsynced, then renamed into place (or swapped
 with the one it replaces, ``best/``), so an interrupted write never leaves a half checkpoint under a real
-name and never touches the previous one. Removing a checkpoint removes these three files only.
+name and never touches the previous one. Removing a checkpoint removes these four files only.
 """
 
 from __future__ import annotations
@@ -25,18 +26,19 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from amer import xla
 from amer.config import ModelConfig, from_dict
 from amer.errors import CheckpointError, InputError
 from amer.fileio import fault_point, fsync_dir, json_text, remove_own_files, replace_dir, temp_sibling
 from amer.optimstate import checked_state_dict
 
 __all__ = ["CheckpointError", "CHECKPOINT_FILES", "save_checkpoint", "load_checkpoint", "read_checkpoint",
-           "find_checkpoint", "list_checkpoints", "checkpoint_step", "restore_model", "restore_optimizer"]
+           "find_checkpoint", "list_checkpoints", "read_meta", "state_tensors", "checkpoint_step", "restore_model", "restore_optimizer"]
 
-CHECKPOINT_FILES = ("model.safetensors", "optim.safetensors", "meta.json")  # all a checkpoint directory holds
+CHECKPOINT_FILES = ("model.safetensors", "optim.safetensors", "meta.json", "tokenizer.json")  # all a checkpoint holds
 
 
-def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     # tied weights share storage: safetensors refuses duplicates, so keep the first name only
     seen: dict[int, str] = {}
     out = {}
@@ -60,8 +62,9 @@ def _optim_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor],
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                    meta: dict[str, Any]) -> Path:
-    """Write ``path`` atomically (temporary directory, fsync, rename). Refuses non-finite weights."""
+                    meta: dict[str, Any], *, tokenizer: Any = None) -> Path:
+    """Write ``path`` atomically (temporary directory, fsync, rename). Refuses non-finite weights.
+    ``tokenizer`` (anything with ``to_json()``, see :mod:`amer.data`) is written as ``tokenizer.json``."""
     path = Path(path)
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
@@ -69,7 +72,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     tmp = temp_sibling(path)
     tmp.mkdir(parents=True)
     try:
-        save_file(_state_tensors(model), str(tmp / "model.safetensors"))
+        save_file(state_tensors(model), str(tmp / "model.safetensors"))
         meta = dict(meta)
         if optimizer is not None:
             tensors, extra = _optim_tensors(optimizer)
@@ -82,7 +85,9 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
             f.write(json_text(meta, default=_json_default))
             f.flush()
             os.fsync(f.fileno())
-        for fname in ("model.safetensors", "optim.safetensors"):
+        if tokenizer is not None:
+            (tmp / "tokenizer.json").write_text(tokenizer.to_json(), encoding="utf-8")
+        for fname in ("model.safetensors", "optim.safetensors", "tokenizer.json"):
             if (tmp / fname).exists():
                 with open(tmp / fname, "rb") as f:
                     os.fsync(f.fileno())
@@ -135,10 +140,16 @@ def find_checkpoint(path: str | Path) -> Path:
     return steps[-1]
 
 
-def read_checkpoint(path: str | Path, *, with_optimizer: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict[str, Any]]:
-    """(model tensors, optimizer tensors or None, meta) of a checkpoint, validating every file."""
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The meta of a checkpoint, run directory (latest step) or pretrained folder, without reading any weights:
+    ``meta["config"]["model"]`` is the model's config, ``meta["_path"]`` the checkpoint directory."""
     ckpt = find_checkpoint(path)
     meta_path = ckpt / "meta.json"
+    if not meta_path.exists() and (ckpt / "config.json").is_file():  # a pretrained folder (amer.hub)
+        from amer.hub import read_pretrained_config
+
+        config = read_pretrained_config(ckpt)
+        return {"config": {"model": config["model"]}, "step": None, "pretrained": config, "_path": str(ckpt)}
     if not meta_path.exists():
         raise CheckpointError(f"checkpoint {ckpt} is missing {meta_path.name}")
     try:
@@ -150,11 +161,18 @@ def read_checkpoint(path: str | Path, *, with_optimizer: bool = True) -> tuple[d
     if not isinstance(meta, dict):
         raise CheckpointError(f"{meta_path}: expected a JSON object with step, config and state, "
                               f"got a JSON {type(meta).__name__}")
+    meta["_path"] = str(ckpt)
+    return meta
+
+
+def read_checkpoint(path: str | Path, *, with_optimizer: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict[str, Any]]:
+    """(model tensors, optimizer tensors or None, meta) of a checkpoint, validating every file."""
+    meta = read_meta(path)
+    ckpt = Path(meta["_path"])
     weights = _load_tensors(ckpt / "model.safetensors")
     optim = None
     if with_optimizer and (ckpt / "optim.safetensors").exists():
         optim = _load_tensors(ckpt / "optim.safetensors")
-    meta["_path"] = str(ckpt)
     return weights, optim, meta
 
 
@@ -195,7 +213,7 @@ def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tenso
 
 
 def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelConfig]:
-    """``(model, model_config)`` from a checkpoint or run directory, in eval mode.
+    """``(model, model_config)`` from a checkpoint, a run directory or a pretrained folder, in eval mode.
 
     >>> model, cfg = amer.load_checkpoint("checkpoints/my-run")   # latest step of the run
     """
@@ -209,7 +227,8 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
         cfg = from_dict(ModelConfig, config["model"], where="model.")
     except InputError as e:
         raise CheckpointError(f"{meta['_path']}/meta.json: {e}") from None
-    model = HybridLM(cfg).to(device)  # builds non-persistent buffers (RoPE) too
+    model = HybridLM(cfg)  # builds non-persistent buffers (RoPE) too
+    model = xla.move(model, device) if xla.is_xla(device) else model.to(device)  # XLA: tied weights stay tied
     restore_model(model, {k: v.to(device) for k, v in weights.items()}, source=meta["_path"])
     model.eval()
     return model, cfg

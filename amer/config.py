@@ -35,6 +35,8 @@ class Dims(NamedTuple):
     max_seq_len: int  # longest sequence the model accepts
     norm_eps: float  # RMSNorm epsilon
     init_std: float  # std of the normal weight init
+    residual_scale: float = 1.0  # multiplier of every block's update (Granite's residual_multiplier)
+    norm_offset: float = 0.0  # RMSNorm gain = offset + weight (Gemma: 1)
 
     @property
     def out_std(self) -> float:
@@ -54,11 +56,18 @@ class ModelConfig:
 
     pattern: str = opt("AEMR", "block pattern: one letter per block (see `amer patterns`); '(AE)*2M', 'AEMR@12'")
     d_model: int = opt(128, "residual stream width", ge=1)
-    vocab_size: int = opt(260, "embedding rows (>= 260 for the byte tokenizer)", ge=2)
+    vocab_size: int = opt(260, "embedding rows; amer train sets it from --tokenizer (byte: 260, others: their size "
+                          "rounded up to a multiple of 64), replacing a preset's or flag's value", ge=2)
     max_seq_len: int = opt(1024, "longest sequence the model accepts (--seq-len must not exceed it)", ge=1)
     tie_embeddings: bool = opt(True, "share the input embedding and the LM head weights")
     norm_eps: float = opt(1e-5, "RMSNorm epsilon", gt=0)
     init_std: float = opt(0.02, "std of the normal weight init (residual output projections scaled by 1/sqrt(2 layers))")
+    # what imported checkpoints use (1 / 0 / None leave the model as it is)
+    embed_scale: float = opt(1.0, "multiplier of the token embeddings (Gemma: sqrt(d-model))")
+    residual_scale: float = opt(1.0, "multiplier of every block's update before it joins the residual stream")
+    logit_scale: float = opt(1.0, "multiplier of the logits (Granite: 1 / logits_scaling)")
+    logit_softcap: float | None = opt(None, "cap the logits smoothly to (-c, c) as c * tanh(logits / c)", gt=0)
+    norm_offset: float = opt(0.0, "every RMSNorm's gain is norm-offset + weight (Gemma's 1 + w)")
     family_configs: dict[str, Any] = field(default_factory=dict)
 
     def __init__(self, pattern: str = "AEMR", *, family_configs: dict[str, Any] | None = None, **kwargs: Any) -> None:
@@ -113,7 +122,8 @@ class ModelConfig:
 
     @property
     def dims(self) -> Dims:
-        return Dims(self.d_model, self.n_layers, self.max_seq_len, self.norm_eps, self.init_std)
+        return Dims(self.d_model, self.n_layers, self.max_seq_len, self.norm_eps, self.init_std, self.residual_scale,
+                    self.norm_offset)
 
     def family_config(self, family: str | FamilySpec) -> Any:
         """The config of ``family`` (a letter, a :class:`~amer.families.Family` or a spec)."""
@@ -169,7 +179,9 @@ class STPConfig:
     weight: float = opt(0.02, "STP coefficient once the gate and ramp are passed (total = ce + moe_aux + weight * stp)")
     start_step: int = opt(0, "gate: the STP coefficient is 0 for optimizer steps before this one")
     ramp_steps: int = opt(0, "linear ramp of the STP coefficient from the gate to --stp.weight over this many steps")
-    n_spans: int = opt(4, "(s, r, t) triples sampled per sequence per step for the STP loss", ge=1)
+    form: Literal["triple", "span"] = opt("triple", "STP loss form: triple (bend of random (s, r, t) triples) or span "
+                                          "(one patch vs its complement, the STP paper's released random_span)")
+    n_spans: int = opt(4, "triples (or patches, --stp.form span) sampled per sequence per step for the STP loss", ge=1)
     layers: str | None = opt(None, "taps regularised by STP: comma-separated selectors, e.g. 'A-1,M-1,E-1,R-1', "
                              "'final', 'L7', 'M1:3'; a selector that selects nothing is an error")
     family_weights: dict[str, float] | None = opt(None, "relative STP weight per family, e.g. 'A=1.0,M=0.5' "
@@ -177,6 +189,7 @@ class STPConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "stp.")
+        check(self.form in ("triple", "span"), f"stp.form must be 'triple' or 'span', got {self.form!r}")
         if self.enabled:
             check(
                 bool(self.layers and self.layers.strip()),
@@ -232,6 +245,8 @@ class TrainConfig:
     pattern: str | None = opt(None, "override the preset's block pattern, e.g. 'AEMEAEMR' or '(AE)*2M'")
     data: str = opt("kjv", "corpus: 'kjv' (bundled King James Bible), 'stdlib' (Python stdlib source), "
                      "or a path to a text file, a directory, a JSONL file with 'text', or chat JSONL")
+    tokenizer: str = opt("byte", "'byte' (UTF-8 bytes), 'bpe:N' (byte-level BPE of N tokens trained on the training "
+                         "split at start-up) or a Hugging Face tokenizer.json; sets model.vocab_size")
     steps: int = opt(1000, "optimizer steps to train", ge=1)
     batch_size: int = opt(16, "sequences per micro-batch", ge=1)
     grad_accum: int = opt(1, "micro-batches accumulated per optimizer step", ge=1)
@@ -247,7 +262,7 @@ class TrainConfig:
     beta2: float = opt(0.95, "AdamW beta2", lt=1)
     grad_clip: float = opt(1.0, "clip the global gradient norm to this value (0 disables)")
     dtype: Literal["float32", "bfloat16"] = opt("float32", "compute dtype: float32, or bfloat16 autocast")
-    device: str = opt("cpu", "cpu, cuda, cuda:N or auto")
+    device: str = opt("cpu", "cpu, cuda, cuda:N, xla (torch_xla) or auto")
     seed: int = opt(0, "seed for initialisation, data order and STP span sampling")
     val_fraction: float = opt(0.05, "fraction of documents held out for validation", gt=0, lt=1)
     log_interval: int = opt(25, "steps between log lines (JSONL, TensorBoard, metrics)", ge=1)
@@ -259,24 +274,33 @@ class TrainConfig:
                                "(default: <preset>-<YYYYmmdd-HHMMSS>)")
     resume: str | None = opt(None, "continue a run amer train created: its directory (latest checkpoint, or step 0 "
                              "if it has none) or one of its checkpoint directories")
+    init: str | None = opt(None, "start from these weights and their model config (a checkpoint, run directory or "
+                           "pretrained folder) with a fresh optimizer and schedule: fine-tuning")
     overwrite: bool = opt(False, "start the run afresh in an existing run directory amer train created, deleting "
                           "its checkpoints and logs (files amer did not write are kept)")
     max_bad_steps: int = opt(3, "consecutive non-finite losses tolerated before the run stops", ge=1)
     progress: bool = opt(True, "show a progress bar")
     tensorboard: bool = opt(True, "write TensorBoard event files")
+    curves: bool = opt(True, "draw curves.png (losses, STP, curvature, speed) in the run directory at every evaluation")
+    activation_checkpointing: Literal["none", "blocks", "selective"] = opt(
+        "none", "recompute activations in backward to save memory: 'blocks' (each block keeps only its input), "
+        "'selective' (every other block)")
+    compile: bool = opt(False, "torch.compile each block (regional, fullgraph; dropless MoE blocks stay eager)")
     stp: STPConfig = field(default_factory=STPConfig, metadata={"help": "STP policy"})
     parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata={"help": "scale-out layout"})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model config"})
 
     def __post_init__(self) -> None:
         check_fields(self, "train.")
-        for name in ("data", "out_dir", "resume", "preset"):  # paths: the OS refuses a NUL with a traceback
+        for name in ("data", "out_dir", "resume", "preset", "init"):  # paths: the OS refuses a NUL with a traceback
             check("\x00" not in (getattr(self, name) or ""), f"train.{name} must not contain a NUL character")
         if self.run_name is not None:
             check(_plain_name(self.run_name), f"train.run_name must be a plain directory name (letters, digits, "
                   f"'_', '-', '+', '.'; no '/', not starting with '.' or '-'), got {self.run_name!r}")
         check(self.seq_len <= self.model.max_seq_len,
                f"train.seq_len ({self.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
+        check(not (self.compile and self.activation_checkpointing != "none"), "train.compile cannot be combined with "
+              "train.activation_checkpointing yet (the recomputation re-traces a different graph); use one of them")
         self._check_parallel()
 
     def _check_parallel(self) -> None:

@@ -29,6 +29,8 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = No
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = F.softmax(logits, dim=-1)
+    if generator is not None and generator.device != probs.device:  # a host generator (XLA): draw on the host
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(probs.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 

@@ -8,6 +8,7 @@ losses, STP) is assembled by :mod:`amer.objective` from a :class:`ModelOutput`.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -17,15 +18,43 @@ from amer.blocks import Block, Documents, RMSNorm
 from amer.config import ModelConfig
 from amer.tap import Tap, TapSet, resolve_selector
 
-__all__ = ["HybridLM", "ModelOutput"]
+__all__ = ["HybridLM", "ModelOutput", "HeadInput", "scale_embedding", "final_logits"]
+
+
+def scale_embedding(cfg: ModelConfig, x: Tensor) -> Tensor:
+    """The embedding as the first block sees it (``cfg.embed_scale``: Gemma multiplies by sqrt(d_model))."""
+    return x if cfg.embed_scale == 1 else x * cfg.embed_scale
+
+
+def final_logits(cfg: ModelConfig, logits: Tensor) -> Tensor:
+    """The LM head's output scaled (``cfg.logit_scale``) and soft-capped (``cfg.logit_softcap``,
+    c * tanh(z / c), Gemma 2 / RecurrentGemma), in the order the source models apply them."""
+    if cfg.logit_scale != 1:
+        logits = logits * cfg.logit_scale
+    if cfg.logit_softcap is not None:
+        logits = torch.tanh(logits / cfg.logit_softcap) * cfg.logit_softcap
+    return logits
+
+
+class HeadInput(NamedTuple):
+    """What the LM head would turn into logits, for a loss that never holds them all (``head=False``):
+    the final normed states, the head weight (the embedding when tied), the logit transform of
+    :func:`final_logits`, and the dtype the head's matmul runs in (the autocast dtype, if any)."""
+
+    hidden: Tensor  # (B, T, D)
+    weight: Tensor  # (V, D)
+    logit_scale: float
+    logit_softcap: float | None
+    dtype: torch.dtype
 
 
 class ModelOutput(NamedTuple):
-    logits: Tensor  # (B, T, V)
+    logits: Tensor | None  # (B, T, V); None when called with head=False
     taps: TapSet | None  # None when called with taps=False
     aux_losses: dict[str, Tensor]  # weighted auxiliary losses summed over blocks ("moe_lb", "moe_z")
     stats: dict[str, Tensor]  # detached figures: "moe/drop_frac" (mean over E blocks), "moe/drop_frac/E0"...
     cache: list[Any] | None = None  # per-block decoding caches when called with a cache
+    head: HeadInput | None = None  # with head=False: the head's input instead of the logits
 
 
 class HybridLM(nn.Module):
@@ -33,6 +62,8 @@ class HybridLM(nn.Module):
 
     ``model(tokens)`` -> :class:`ModelOutput`. ``taps=True`` (default) records all taps,
     ``taps=False`` none, a selector string only those it names (inference memory stays flat).
+    ``head=False`` skips the LM head and returns its input (:class:`HeadInput`) in ``out.head``, so a
+    training loss can fuse head and cross-entropy (:mod:`amer.ops.linear_ce`) without the logits.
     ``model(tokens, doc_ids=ids)`` runs packed rows: ``ids`` (B, T) names each token's document and no
     block sees across a change of id (see :mod:`amer.blocks.documents`), so each document gets the
     outputs it has alone.
@@ -47,7 +78,7 @@ class HybridLM(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         dims = cfg.dims
         self.blocks = nn.ModuleList(Block(cfg.family_config(layer.family), dims, layer) for layer in self.pattern.layers)
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -68,6 +99,31 @@ class HybridLM(nn.Module):
         if not self.cfg.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, 0.0, std)
 
+    def save_pretrained(self, directory: str | Path, *, tokenizer: Any = None, push_to_hub: bool = False,
+                        repo_id: str | None = None, **hub_kwargs: Any) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (+ ``tokenizer.json``) to ``directory`` (see
+        :mod:`amer.hub`); ``push_to_hub=True`` also uploads them to ``repo_id`` (default: the folder's name)."""
+        from amer import hub
+
+        out = hub.save_pretrained(self, directory, tokenizer=tokenizer)
+        if push_to_hub:
+            hub.push_to_hub(self, repo_id or Path(directory).name, tokenizer=tokenizer, **hub_kwargs)
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, device: str | torch.device = "cpu") -> HybridLM:
+        """The model saved by :meth:`save_pretrained` (a local folder, or a Hub ``owner/name`` when no such local
+        path exists), in eval mode. Its tokenizer: ``amer.data.load_tokenizer(path)``."""
+        from amer import hub
+
+        return hub.load_pretrained(path, device=device)[0]
+
+    def push_to_hub(self, repo_id: str, *, tokenizer: Any = None, **hub_kwargs: Any) -> str:
+        """Upload the pretrained folder to the Hub repository ``repo_id`` (needs a network and a token)."""
+        from amer import hub
+
+        return hub.push_to_hub(self, repo_id, tokenizer=tokenizer, **hub_kwargs)
+
     def num_params(self, *, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
@@ -82,7 +138,7 @@ class HybridLM(nn.Module):
         return [blk.init_cache(batch_size, max_len, device=device, dtype=dtype) for blk in self.blocks]
 
     def forward(self, tokens: Tensor, *, taps: bool | str = True, cache: list[Any] | None = None,
-                doc_ids: Tensor | None = None) -> ModelOutput:
+                doc_ids: Tensor | None = None, head: bool = True) -> ModelOutput:
         B, T = tokens.shape
         documents = None
         if doc_ids is not None:
@@ -106,7 +162,7 @@ class HybridLM(nn.Module):
                 recorded.append(tap)
                 positions.append(pos)
 
-        x = self.embed(tokens)  # (B, T, D)
+        x = scale_embedding(self.cfg, self.embed(tokens))  # (B, T, D)
         record(0, Tap(-1, None, 0, x, "embed"))
         aux: dict[str, Tensor] = {}
         stats: dict[str, list[tuple[str, Tensor]]] = {}
@@ -123,7 +179,13 @@ class HybridLM(nn.Module):
                 new_cache.append(out.cache)
         h = self.norm(x)  # (B, T, D)
         record(L + 1, Tap(L, None, 0, h, "final"))
-        logits = self.lm_head(h)  # (B, T, V)
+        logits, head_in = None, None
+        if head:
+            logits = final_logits(self.cfg, self.lm_head(h))  # (B, T, V)
+        else:
+            kind = h.device.type
+            dt = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else h.dtype
+            head_in = HeadInput(h, self.lm_head.weight, self.cfg.logit_scale, self.cfg.logit_softcap, dt)
         flat_stats: dict[str, Tensor] = {}
         for k, vs in stats.items():  # the mean over the blocks that report k, then each block's own
             flat_stats[k] = torch.stack([v.float() for _, v in vs]).mean()
@@ -131,7 +193,7 @@ class HybridLM(nn.Module):
             for name, v in vs:
                 flat_stats[f"{k}/{name}"] = v
         tapset = None if taps is False else TapSet(recorded, self.pattern, positions)
-        return ModelOutput(logits, tapset, aux, flat_stats, new_cache)
+        return ModelOutput(logits, tapset, aux, flat_stats, new_cache, head_in)
 
     def generate(self, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
                  generator: torch.Generator | None = None, eos_id: int | None = None) -> Tensor:

@@ -17,8 +17,10 @@ from torch import Tensor
 
 from amer.config import ConfigError, STPConfig
 from amer.model import ModelOutput
+from amer.ops.linear_ce import linear_cross_entropy
 from amer.pattern import Pattern
 from amer.stp import stp_per_layer
+from amer.stp_span import span_stp_per_layer
 from amer.tap import SelectorError, TapSet, resolve_selector, tap_label, tap_names
 
 __all__ = ["LossBreakdown", "STPPolicy", "cross_entropy"]
@@ -33,8 +35,20 @@ class LossBreakdown(NamedTuple):
     per_tap: dict[str, Tensor]  # unweighted STP loss of each selected tap, by tap name
 
 
-def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
-    """Mean next-token cross-entropy in fp32; ``ignore_index`` positions (e.g. prompts) are excluded."""
+def cross_entropy(logits: Tensor | ModelOutput, targets: Tensor, ignore_index: int = -100) -> Tensor:
+    """Mean next-token cross-entropy in fp32; ``ignore_index`` positions (e.g. prompts) are excluded.
+
+    Given a model output instead of logits: its logits, or, when the model ran with ``head=False``
+    (training), its head input, the LM head and the cross-entropy fused chunk by chunk
+    (:mod:`amer.ops.linear_ce`): the same loss and gradients without ever holding the (B, T, V) logits."""
+    if isinstance(logits, ModelOutput):
+        if logits.logits is None:
+            if logits.head is None:
+                raise ValueError("the model output has neither logits nor a head input")
+            hd = logits.head
+            return linear_cross_entropy(hd.hidden, hd.weight, targets, logit_scale=hd.logit_scale,
+                                        logit_softcap=hd.logit_softcap, ignore_index=ignore_index, dtype=hd.dtype)
+        logits = logits.logits
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
 
 
@@ -83,27 +97,38 @@ class STPPolicy:
         return [t.hidden for t in taps.select(self.selector)] if self.cfg.enabled else []
 
     def stp_loss(self, taps: TapSet, *, mask: Tensor | None = None, generator: torch.Generator | None = None,
-                 rows: slice | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                 rows: slice | None = None, content: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """(weighted mean STP loss over the selected taps, per-tap losses). Same spans for every tap.
-        ``rows``: the taps hold these rows of the batch ``mask`` describes (see :func:`stp_per_layer`)."""
+        ``rows``: the taps hold these rows of the batch ``mask`` describes (see :func:`stp_per_layer`).
+        ``content``: the positions the span form may use as endpoints (see :mod:`amer.stp_span`; the triple
+        form ignores it). ``stp.form`` picks the kernel."""
         hiddens = self.selected(taps)
-        per_layer = stp_per_layer(hiddens, self.cfg.n_spans, mask=mask, generator=generator, rows=rows)  # (n_taps,)
+        if self.cfg.form == "span":
+            per_layer = span_stp_per_layer(hiddens, self.cfg.n_spans, mask=mask, content=content,
+                                           generator=generator, rows=rows)
+        else:
+            per_layer = stp_per_layer(hiddens, self.cfg.n_spans, mask=mask, generator=generator, rows=rows)
         w = torch.tensor(self.tap_weights, dtype=per_layer.dtype, device=per_layer.device)
         loss = (per_layer * w).sum() / w.sum()
         return loss, dict(zip(self.names, per_layer.unbind(0)))
 
     def loss(self, out: ModelOutput, targets: Tensor, step: int, *, mask: Tensor | None = None,
              generator: torch.Generator | None = None, ignore_index: int = -100,
-             rows: slice | None = None) -> LossBreakdown:
+             rows: slice | None = None, content: Tensor | None = None, gate: Tensor | None = None) -> LossBreakdown:
         """``ce + moe_aux + coeff * stp``. At coefficient 0 the STP term is not part of the graph at all,
-        so loss and gradients equal plain cross-entropy plus the MoE losses exactly."""
-        ce = cross_entropy(out.logits, targets, ignore_index)
+        so loss and gradients equal plain cross-entropy plus the MoE losses exactly.
+
+        ``gate``: the coefficient as a 0-dim tensor (compiled graphs, XLA): the STP term is then always in
+        the graph, multiplied by it, so opening or ramping the gate changes an input, never the graph."""
+        ce = cross_entropy(out, targets, ignore_index)
         aux = sum(out.aux_losses.values(), torch.zeros((), device=ce.device))
         total = ce + aux
         coeff = self.coefficient(step)
         if self.cfg.enabled and out.taps is not None:
-            stp, per_tap = self.stp_loss(out.taps, mask=mask, generator=generator, rows=rows)
-            if coeff > 0:
+            stp, per_tap = self.stp_loss(out.taps, mask=mask, generator=generator, rows=rows, content=content)
+            if gate is not None:
+                total = total + gate.to(stp.dtype) * stp
+            elif coeff > 0:
                 total = total + coeff * stp
         else:
             stp, per_tap = torch.zeros((), device=ce.device), {}

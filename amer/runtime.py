@@ -12,23 +12,27 @@ from typing import ContextManager
 
 import torch
 
+from amer import xla
 from amer.errors import ConfigError
 
 __all__ = ["resolve_device", "autocast", "tune_malloc", "bfloat16_native", "warn_slow_bfloat16"]
 
 
 def resolve_device(name: str) -> torch.device:
-    """``name`` as a device this machine has; ``auto`` picks CUDA when present. Bad names: ConfigError."""
+    """``name`` as a device this machine has; ``auto`` picks CUDA when present; ``xla`` is torch_xla's device
+    (a TPU, or the host under PJRT_DEVICE=CPU). Bad names: ConfigError."""
+    if name == "xla":
+        return xla.xla_device()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"--device {name!r}: accepted values are cpu, cuda, cuda:N, auto") from None
+        raise ConfigError(f"--device {name!r}: accepted values are cpu, cuda, cuda:N, xla, auto") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: CUDA is not available on this machine (accepted here: cpu, auto)")
     if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {name}: accepted values are cpu, cuda, cuda:N, auto")
+        raise ConfigError(f"--device {name}: accepted values are cpu, cuda, cuda:N, xla, auto")
     return dev
 
 

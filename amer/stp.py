@@ -9,6 +9,8 @@ sequence and penalise the bend between the two consecutive chords::
 
 0 is a straight trajectory, 1 is a right angle (or a random walk: independent increments),
 1.5 is i.i.d. noise (consecutive chords share the middle point, so cos ~ -1/2), 2 is a reversal.
+This is ``--stp.form triple``; the STP paper's released code trains the patch-vs-complement ``span`` form,
+in :mod:`amer.stp_span` (same masks, same contract); :class:`amer.objective.STPPolicy` picks one.
 
 This module is pure math with no policy: it knows nothing about training steps, configs, gates,
 weights or which layers are selected. Those live in :class:`amer.config.STPConfig` and the
@@ -133,11 +135,30 @@ def sample_spans(
         return idx, torch.zeros(batch, n_spans, device=device)
 
     if mask is None:
-        draw = torch.randint(0, length - 2, (batch, n_spans, 3), generator=generator, device=device)
+        draw = torch.randint(0, length - 2, (batch, n_spans, 3), generator=generator,
+                             device=_draw_device(generator, device)).to(device)
         offsets = torch.arange(3, device=device)
         idx = draw.sort(dim=-1).values + offsets  # (B, S, 3) strictly increasing
         return idx, torch.ones(batch, n_spans, device=device)
     return _sample_spans_masked(mask, n_spans, generator)
+
+
+def _searchsorted(sorted_seq: Tensor, values: Tensor) -> Tensor:
+    """``torch.searchsorted(sorted_seq, values)`` (left) for (B, T) / (B, S) integer counts, as a count of the
+    entries below each value: the same integers, and an op XLA compiles (its searchsorted falls back to the
+    host, which would cut the training step's graph); (B, S, T) comparisons, small next to the model."""
+    return (sorted_seq.unsqueeze(1) < values.unsqueeze(-1)).sum(-1)
+
+
+def _suffix_min(x: Tensor) -> Tensor:
+    """Running minimum from the right along dim 1, through cummax (which XLA compiles; cummin falls back)."""
+    return -(-x).flip(1).cummax(dim=1).values.flip(1)
+
+
+def _draw_device(generator: torch.Generator | None, device: torch.device | str | None) -> torch.device | str | None:
+    """Where a draw happens: on the generator's device (a host generator driving an XLA run draws on the
+    host and the draw travels as an input, the same numbers a CPU run draws), else on ``device``."""
+    return device if generator is None else generator.device
 
 
 def _sample_spans_masked(mask: Tensor, n_spans: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
@@ -150,7 +171,7 @@ def _sample_spans_masked(mask: Tensor, n_spans: int, generator: torch.Generator 
     is_start = torch.cat([torch.ones_like(runs[:, :1], dtype=torch.bool), runs[:, 1:] != runs[:, :-1]], 1)
     is_end = torch.cat([runs[:, 1:] != runs[:, :-1], torch.ones_like(runs[:, :1], dtype=torch.bool)], 1)
     start = torch.where(is_start, pos, 0).cummax(dim=1).values  # (B, T)
-    end = torch.where(is_end, pos, length - 1).flip(1).cummin(dim=1).values.flip(1)  # (B, T)
+    end = _suffix_min(torch.where(is_end, pos, length - 1))  # (B, T)
     # Valid-token ranks: cnt[i] = number of valid positions in [0, i] of the row.
     cnt = valid_l.cumsum(1)  # (B, T)
     before_doc = cnt.gather(1, start) - valid_l.gather(1, start)  # valid positions before the doc
@@ -158,13 +179,13 @@ def _sample_spans_masked(mask: Tensor, n_spans: int, generator: torch.Generator 
     n_after = cnt.gather(1, end) - cnt  # valid positions of the doc strictly after i
     eligible = valid & (n_before > 0) & (n_after > 0)  # (B, T)
 
-    u = torch.rand(batch, n_spans, 3, generator=generator, device=device)
+    u = torch.rand(batch, n_spans, 3, generator=generator, device=_draw_device(generator, device)).to(device)
     # r: the k-th eligible position, k uniform in [0, n_eligible); searchsorted on the integer
     # cumulative count finds it without any float CDF rounding.
     elig_cnt = eligible.long().cumsum(1)  # (B, T)
     n_elig = elig_cnt[:, -1:]  # (B, 1)
     k = (u[..., 0] * n_elig).long().clamp(max=n_elig - 1).clamp_min(0)  # (B, S)
-    r = torch.searchsorted(elig_cnt, k + 1).clamp(max=length - 1)  # (B, S)
+    r = _searchsorted(elig_cnt, k + 1).clamp(max=length - 1)  # (B, S)
     ok = eligible.gather(1, r)
     nb = n_before.gather(1, r)
     na = n_after.gather(1, r)
@@ -173,8 +194,8 @@ def _sample_spans_masked(mask: Tensor, n_spans: int, generator: torch.Generator 
     # positions by searching the valid-rank cumulative count.
     rank_s = rank_r - nb + (u[..., 1] * nb).long().clamp(max=nb - 1)
     rank_t = rank_r + 1 + (u[..., 2] * na).long().clamp(max=na - 1)
-    s = torch.searchsorted(cnt, rank_s.clamp_min(0) + 1).clamp(max=length - 1)
-    t = torch.searchsorted(cnt, rank_t.clamp_min(0) + 1).clamp(max=length - 1)
+    s = _searchsorted(cnt, rank_s.clamp_min(0) + 1).clamp(max=length - 1)
+    t = _searchsorted(cnt, rank_t.clamp_min(0) + 1).clamp(max=length - 1)
     idx = torch.stack([s, r, t], dim=-1)  # (B, S, 3)
     return idx, ok.float()
 

@@ -41,7 +41,8 @@ class Case:
         return [a.format(tmp=tmp, run=tmp / "run", ckpt=ckpt, nlrx=tmp / "nlrx") for a in self.argv]
 
 
-TRAIN = ("train", "--preset", "tiny", "--out-dir", "{tmp}/out", "--no-progress", "--no-tensorboard", "--steps", "1",
+TRAIN = ("train", "--preset", "tiny", "--out-dir", "{tmp}/out", "--no-progress", "--no-tensorboard", "--no-curves",
+         "--steps", "1",
          "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1")
 
 
@@ -116,6 +117,14 @@ def _all(*preps: Callable[[Path], None]) -> Callable[[Path], None]:
     return prep
 
 
+def _wordlevel(words: list[str]) -> dict:
+    """A minimal Hugging Face tokenizer.json (word level) with ``words`` and an unknown token."""
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+            "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
+            "model": {"type": "WordLevel", "vocab": {w: i for i, w in enumerate([*words, "[UNK]"])},
+                      "unk_token": "[UNK]"}}
+
+
 def _nlrx(tmp: Path) -> None:
     (tmp / "nlrx").mkdir()
     for f in ("synth_train.jsonl", "synth_test.jsonl"):
@@ -164,7 +173,7 @@ WRITTEN: dict[str, Case] = {
     "flag --model.mamba.a-init-range 1,inf": T("--model.mamba.a-init-range", "1,inf", needles=("a_init_range[1]",)),
     "flag --model.attention.n-heads 3": T("--model.attention.n-heads", "3", needles=("n_heads",)),
     "flag --model.moe.top-k 99": T("--model.moe.top-k", "99", needles=("top_k",)),
-    "flag --model.vocab-size 100": T("--model.vocab-size", "100", needles=("vocab_size", "260")),
+    "flag --model.vocab-size 100": T("--model.vocab-size", "100", ok=True),  # the tokenizer sets it (260)
     "flag --stop-at 0": T("--stop-at", "0", needles=("--stop-at",)),
     "flag --stop-at 99": T("--stop-at", "99", needles=("--stop-at", "between 1 and --steps")),
     "flag --device tpu": T("--device", "tpu", needles=("--device", "cpu")),
@@ -183,6 +192,15 @@ WRITTEN: dict[str, Case] = {
     "flag --data empty file": T("--data", "{tmp}/empty.txt", needles=("empty.txt",), prep=_write("empty.txt", "")),
     "flag --data empty dir": T("--data", "{tmp}/d", needles=("d",), prep=_write("d/x.bin", b"\x00")),
     "flag --data bad jsonl": T("--data", "{tmp}/x.jsonl", needles=("x.jsonl",), prep=_write("x.jsonl", "{nope\n")),
+    "flag --tokenizer bpe:0": T("--tokenizer", "bpe:0", needles=("bpe:N", "262")),
+    "flag --tokenizer bpe:abc": T("--tokenizer", "bpe:abc", needles=("bpe:N",)),
+    "flag --tokenizer bpe:1e3": T("--tokenizer", "bpe:1e3", needles=("bpe:N",)),
+    "flag --tokenizer missing": T("--tokenizer", "{tmp}/nope.json", needles=("nope.json", "bpe:N")),
+    "flag --tokenizer NUL": T("--tokenizer", "a\x00b", needles=("--tokenizer",)),
+    "flag --tokenizer garbage": T("--tokenizer", "{tmp}/t.json", needles=("t.json",), prep=_write("t.json", "{no")),
+    "flag --tokenizer no specials": T("--tokenizer", "{tmp}/t.json", needles=("end-of-text", "</s>"),
+                                      prep=_write("t.json", json.dumps(_wordlevel(["a", "b"])))),
+    "flag --tokenizer bpe:512": T("--tokenizer", "bpe:512", ok=True),
     # ------------------------------------------------ run names and output places
     "run name ../escape": T("--run-name", "../escape", needles=("run_name", "plain directory name")),
     "run name /abs/path": T("--run-name", "/abs/path", needles=("run_name",)),
@@ -265,6 +283,7 @@ WRITTEN: dict[str, Case] = {
                                             prep=lambda t: shutil.copytree(t / "run" / "step_000004", t / "lone")),
     "resume meta is a list": Case(RESUME, ("expected a JSON object", "list"), prep=_meta(lambda m: [m], replace=True)),
     "resume meta lacks config": Case(RESUME, ("config must be an object",), prep=_meta(lambda m: m.pop("config"))),
+    "resume --tokenizer changed": Case((*RESUME, "--tokenizer", "bpe:300"), ("keeps its tokenizer",)),
     "resume meta corrupt": Case(RESUME, ("corrupt",), prep=_write("run/step_000004/meta.json", '{"step": 4,')),
     "resume step abc": Case(RESUME, ("step must be a whole number", "'abc'"),
                             prep=_meta(lambda m: m.update(step="abc"))),
@@ -328,6 +347,11 @@ WRITTEN: dict[str, Case] = {
     "sample no --checkpoint": Case(("sample", "--prompt", "x"), ("--checkpoint",)),
     "sample --bogus": Case(("sample", "--checkpoint", "{ckpt}", "--bogus"), ("--bogus",)),
     "sample greedy": Case(("sample", "--checkpoint", "{ckpt}", "--temperature", "0", "--max-new-tokens", "3"), ok=True),
+    "sample tokenizer garbage": Case(("sample", "--checkpoint", "{run}"), ("tokenizer.json",),
+                                     prep=_write("run/step_000004/tokenizer.json", "{no")),
+    "sample tokenizer too big": Case(("sample", "--checkpoint", "{run}"), ("not this model's",),
+                                     prep=_write("run/step_000004/tokenizer.json",
+                                                 json.dumps(_wordlevel([f"w{i}" for i in range(400)] + ["</s>"])))),
     # ------------------------------------------------ curvature
     "curvature --batches 0": Case((*CURV, "--batches", "0"), ("--batches",)),
     "curvature --batch-size -1": Case((*CURV, "--batch-size", "-1"), ("--batch-size",)),

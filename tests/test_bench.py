@@ -62,14 +62,14 @@ def test_stp_suite_reports_ratio_per_span_count(tmp_path, capsys) -> None:
 def test_taps_suite_measures_memory_of_both_variants(tmp_path, capsys) -> None:
     res, _ = run_quick(tmp_path, capsys, "taps")
     rows = {r["name"]: r for r in res["rows"]}
-    assert set(rows) == {"taps=True", "taps=False", "taps=True, held"}
+    assert set(rows) == {"taps=True", "taps=False", "taps=True, held", "taps=True, held, logits"}
     assert rows["taps=False"]["extra_MB"] == 0 and rows["taps=False"]["time_ratio"] == 1.0
     for r in rows.values():
         assert r["peak_MB"] > 0
     # taps only reference states autograd saves anyway: recording every block costs not one byte at the peak,
     # as long as the step releases the output before backward (as the training loop does)
     assert rows["taps=True"]["extra_MB"] == 0
-    assert rows["taps=True, held"]["extra_MB"] > 0
+    assert rows["taps=True, held, logits"]["extra_MB"] > 0  # the instrument sees a held output that costs memory
 
 
 def test_scaling_suite_covers_every_family_and_length(tmp_path, capsys) -> None:
@@ -105,6 +105,10 @@ def test_peers_suite_runs_or_says_why_not(tmp_path, capsys) -> None:
     for r in res["rows"]:
         if "skipped" not in r:
             assert r["amer_params"] > 0 and r["hf_params"] > 0 and r["speedup"] > 0
+    imported = {r["name"]: r for r in res["rows"] if r.get("same_weights")}
+    assert set(imported) == {"all-M", "A+E"}  # the exactly importable pairs run the same weights
+    for r in imported.values():
+        assert r["logits_max_diff"] <= 1e-4 and r["amer_params"] == r["hf_params"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -123,6 +123,32 @@ def test_fused_rglru_gradcheck(T: int) -> None:
     starts[:, 0] = True
     starts[:, gates.shape[1] // 2] = True  # a packed document starts mid-row: its state resets
     assert torch.autograd.gradcheck(lambda g, u, lam: _RGLRUScan.apply(g, u, lam, None, 8.0, starts), (gates, u, Lambda))
+    # recurrentgemma's variant: the inputs at the starts enter without the sqrt(1 - a^2) normaliser
+    assert torch.autograd.gradcheck(lambda g, u, lam: _RGLRUScan.apply(g, u, lam, None, 8.0, starts, True),
+                                    (gates, u, Lambda))
+
+
+def test_unnormalised_starts_match_the_reference() -> None:
+    """``plain_starts``: the fused node equals the coefficients (with the start inputs unscaled) + the sequential
+    scan, values and gradients; and it differs from the normalised default (negative control)."""
+    inputs = rglru_inputs(2, CHUNK + 3, 2, 3, seed=5)
+    starts = torch.zeros(2, CHUNK + 3, dtype=torch.bool)
+    starts[:, 0] = True
+    starts[1, 7] = True
+    results = []
+    for fused in (True, False):
+        gates, u, Lambda, _ = (t.clone().requires_grad_() for t in inputs)
+        if fused:
+            h = _RGLRUScan.apply(gates, u, Lambda, None, 8.0, starts, True)
+        else:
+            a, b, _ = rglru_coeffs(gates, u, Lambda, 8.0, starts)
+            h = linear_scan_sequential(a.masked_fill(starts.unsqueeze(-1), 0.0), b, None)
+        h.square().sum().backward()
+        results.append([h] + [t.grad for t in (gates, u, Lambda)])
+    for fast, ref in zip(*results):
+        torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-10)
+    normalised = _RGLRUScan.apply(*inputs[:3], None, 8.0, starts)
+    assert (normalised - results[0][0]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("with_h0", [False, True])

@@ -235,7 +235,7 @@ def test_load_checkpoint_reproduces_the_trained_model(tmp_path: Path, monkeypatc
 
     monkeypatch.setattr(loop_mod, "HybridLM", Recording)
     rc = train_cli.main(["--preset", "tiny", "--out-dir", str(tmp_path), "--run-name", "r", "--no-progress",
-                         "--no-tensorboard", "--steps", "5", "--batch-size", "2", "--seq-len", "32",
+                         "--no-tensorboard", "--no-curves", "--steps", "5", "--batch-size", "2", "--seq-len", "32",
                          "--eval-interval", "1", "--eval-batches", "1", "--keep-last", "2"])
     assert rc == 0
     run = tmp_path / "r"

@@ -38,7 +38,7 @@ def expect_error(capsys: pytest.CaptureFixture, argv: list[str], *needles: str, 
 
 def quick(out: Path, name: str = "r") -> list[str]:
     return ["--preset", "tiny", "--out-dir", str(out), "--run-name", name, "--no-progress", "--no-tensorboard",
-            "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1"]
+            "--no-curves", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1"]
 
 
 # ---------------------------------------------------------------- configuration errors
@@ -157,7 +157,8 @@ def test_config_precedence_preset_then_toml_then_flags(tmp_path: Path) -> None:
                     '[stp]\nstart_step = 3\nweight = 0.05\n[model]\nd_model = 48\n')
     cfg, extras = train_cli.resolve_config(["--config", str(toml), "--steps", "3", "--stp.start-step", "1",
                                             "--out-dir", str(tmp_path), "--run-name", "r", "--no-progress",
-                                            "--no-tensorboard", "--batch-size", "2", "--eval-batches", "1"])
+                                            "--no-tensorboard", "--no-curves", "--batch-size", "2",
+                                            "--eval-batches", "1"])
     assert extras["config"] == str(toml)
     assert cfg.preset == "tiny"
     assert cfg.steps == 3 and cfg.stp.start_step == 1  # flag beats TOML

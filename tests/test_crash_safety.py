@@ -22,7 +22,7 @@ import torch
 import amer.cli.train as train_cli
 from amer.checkpoint import list_checkpoints, read_checkpoint
 
-ARGS = ("--preset", "tiny", "--no-progress", "--no-tensorboard", "--batch-size", "2", "--seq-len", "32",
+ARGS = ("--preset", "tiny", "--no-progress", "--no-tensorboard", "--no-curves", "--batch-size", "2", "--seq-len", "32",
         "--eval-batches", "1", "--steps", "12", "--log-interval", "1", "--eval-interval", "5", "--keep-last", "2",
         "--stp.start-step", "3", "--stp.ramp-steps", "2", "--warmup-steps", "2")
 
@@ -69,7 +69,7 @@ def interrupted(tmp_path: Path) -> Path:
     """A run stopped at step 7 whose step-7 checkpoint was lost: resuming it redoes steps 6 and 7, so the log
     must be rewritten (their lines dropped) before the run goes on."""
     r = train(tmp_path, "r", "--stop-at", "7")
-    for f in ("model.safetensors", "optim.safetensors", "meta.json"):
+    for f in ("model.safetensors", "optim.safetensors", "meta.json", "tokenizer.json"):
         (r / "step_000007" / f).unlink()
     (r / "step_000007").rmdir()
     (r / "notes.txt").write_text("mine")

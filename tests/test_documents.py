@@ -356,3 +356,10 @@ def test_curvature_of_a_document_ignores_what_precedes_it_in_the_row() -> None:
     want = stats(alone, True)
     torch.testing.assert_close(stats(packed, True), want, rtol=1e-5, atol=1e-6)
     assert max(abs(a - b) for a, b in zip(stats(packed, False), want)) > 1e-4
+
+
+@pytest.mark.parametrize("variant", contract.OPTION_VARIANTS, ids=contract._variant_id)
+@pytest.mark.parametrize("check", DOCUMENT_CONTRACT, ids=lambda f: f.__name__)
+def test_option_variants_keep_documents_apart(check: Any, variant: Any) -> None:
+    letter, options = variant
+    check(letter, **options)

@@ -528,3 +528,30 @@ def test_each_check_rejects_its_fault(faulty_family: FamilySpec, fault: str) -> 
     for clause in clauses:
         with pytest.raises(error, match=message):
             clause("Z", fault=fault)
+
+
+# ------------------------------------------------------------------------------------------------
+# family options that change the computation (what imported checkpoints use), held to the whole contract
+
+OPTION_VARIANTS: list[tuple[str, dict[str, Any]]] = [
+    ("A", {"qkv_bias": True, "out_bias": True, "qk_norm": True, "window": 5, "rope_fraction": 0.5, "scale": 0.3}),
+    ("A", {"rope_fraction": 0.0}),
+    ("E", {"n_experts": 4, "top_k": 1, "renormalize_top1": True, "dispatch": "capacity", "capacity_factor": 4.0}),
+    ("E", {"n_experts": 1}),
+    ("E", {"n_experts": 1, "activation": "gelu_tanh", "shared_expert": True}),
+    ("E", {"n_experts": 1, "activation": "relu2"}),
+    ("E", {"n_experts": 1, "activation": "gelu_tanh", "bias": True}),
+    ("M", {"bias": True}),
+    ("R", {"bias": True, "normalise_first": False}),
+]
+
+
+def _variant_id(v: tuple[str, dict[str, Any]]) -> str:
+    return v[0] + ":" + ",".join(f"{k}={val}" for k, val in v[1].items())
+
+
+@pytest.mark.parametrize("variant", OPTION_VARIANTS, ids=_variant_id)
+@pytest.mark.parametrize("check", CONTRACT, ids=lambda f: f.__name__)
+def test_option_variants_meet_the_contract(check: Callable[..., None], variant: tuple[str, dict[str, Any]]) -> None:
+    letter, options = variant
+    check(letter, **options)

@@ -272,7 +272,8 @@ def test_aux_losses_and_stats(pattern: str) -> None:
 
 
 def test_capacity_dispatch_reports_drops() -> None:
-    moe = MoEConfig(n_experts=4, top_k=2, d_ff=48, dispatch="capacity", capacity_factor=0.25)
+    moe = MoEConfig(n_experts=4, top_k=2, d_ff=48, dispatch="capacity", capacity_factor=0.25,
+                    capacity_block=8)
     model = build("AE", moe=moe)
     out = model(tokens())
     assert 0.0 < float(out.stats["moe/drop_frac"]) < 1.0

@@ -29,7 +29,7 @@ from amer.training.run import MARKER, prune
 
 def run(out: Path, name: str, *extra: str, expect: int = 0) -> Path:
     argv = ["--preset", "tiny", "--out-dir", str(out), "--run-name", name, "--no-progress", "--no-tensorboard",
-            "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1", *extra]
+            "--no-curves", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1", *extra]
     assert train_cli.main(argv) == expect, argv
     return out / name
 

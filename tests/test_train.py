@@ -30,7 +30,7 @@ TINY_BOUNDARIES = ["embed->A", "A->E", "E->M", "M->R", "R->final"]  # the tiny p
 def run(out: Path, name: str, *extra: str, expect: int = 0) -> Path:
     """Train the tiny preset briefly (batch 2 x 32 tokens unless ``extra`` says otherwise)."""
     argv = ["--preset", "tiny", "--out-dir", str(out), "--run-name", name, "--no-progress", "--no-tensorboard",
-            "--batch-size", "2", "--seq-len", "32", "--eval-batches", "2", *extra]
+            "--no-curves", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "2", *extra]
     rc = train_cli.main(argv)
     assert rc == expect, f"amer train {' '.join(argv)} exited {rc}"
     return out / name

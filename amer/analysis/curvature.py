@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from amer import xla
 from amer.analysis.metrics import depth_states
 from amer.analysis.stats import CI_LEVEL, percentile_ci, ratio, resample_weights
 from amer.errors import AnalysisError
@@ -269,7 +270,7 @@ def evaluate(
             taps = _full_taps(model(tokens, taps=True, **kw).taps)
             if lay is None:
                 lay = _Layout.from_taps(taps, strides)
-                gen = torch.Generator(device=device).manual_seed(int(seed))
+                gen = torch.Generator(device=xla.host_generator_device(device)).manual_seed(int(seed))
             elif [t.name for t in taps] != lay.names:
                 raise AnalysisError("the model's taps changed between batches")
             s, q, c = _reduce_batch(taps, doc_ids, lay, int(stp_n_spans), gen)

@@ -18,9 +18,20 @@ Suites (``all`` runs every one):
 ``packing``  training-step time of the ``small`` preset with packed documents kept apart (``--packing
              documents``: attention mask, state and convolution resets) divided by the same step run across
              document boundaries (``--packing none``), at sequence length 256 and 2048.
+``lmhead``   peak memory and step time of the plain LM head + cross-entropy vs the fused, chunked one
+             (:mod:`amer.ops.linear_ce`) at vocabulary 32,768 and sequence 2,048.
+``checkpointing``  peak memory and step time per ``--activation-checkpointing`` setting (none, blocks,
+             selective) of the ``small`` preset at sequence 4,096.
+``compile``  training-step time of the ``small`` preset with its blocks regionally compiled
+             (``torch.compile``, fullgraph, one graph per block variant) vs eager, and the compile time; with
+             the dropless MoE (its blocks stay eager) and with the capacity dispatch (every block compiled).
+``decode``   greedy decoding tokens/s at batch 1 and 16, amer's caches vs transformers' ``generate()``
+             (Mixtral, Mamba2) on the same imported weights, continuations compared.
 ``peers``    amer vs Hugging Face transformers (``JambaForCausalLM`` with ``use_mambapy=True``,
              ``Mamba2ForCausalLM``, ``MixtralForCausalLM``) at matched configurations, parameter counts side
-             by side; skipped with a message when transformers is not installed (``pip install amer[bench]``).
+             by side, at the preset's shape and at vocabulary 8,192 / width 256 / sequence 512; skipped with a message when transformers is not installed (``pip install amer[bench]``).
+``xla``      the training step on the XLA device vs eager CPU: time to the first step, steady step time, graphs
+             compiled in warm-up and after it (torch_xla; skipped with a message when it is not installed).
 
 Every suite times :class:`amer.training.step.TrainStep`, the step ``amer train`` runs. How figures are
 taken on a noisy machine is in :mod:`amer.bench.harness`; the command line is :mod:`amer.cli.bench`.
@@ -41,8 +52,12 @@ from amer.bench.harness import (
     paired_ratio,
     peak_tensor_bytes,
 )
+from amer.bench.compiled import suite_compile
+from amer.bench.decode import suite_decode
+from amer.bench.memory import suite_checkpointing, suite_lmhead
 from amer.bench.peers import suite_peers
 from amer.bench.suites import suite_blocks, suite_flops, suite_packing, suite_scaling, suite_stp, suite_taps
+from amer.bench.xla_suite import suite_xla
 from amer.config import suggest
 from amer.errors import ConfigError
 
@@ -58,7 +73,12 @@ _SUITE_FNS: dict[str, Callable[[BenchOptions], SuiteResult]] = {
     "scaling": suite_scaling,
     "flops": suite_flops,
     "packing": suite_packing,
+    "lmhead": suite_lmhead,
+    "checkpointing": suite_checkpointing,
+    "compile": suite_compile,
+    "decode": suite_decode,
     "peers": suite_peers,
+    "xla": suite_xla,
 }
 SUITES = tuple(_SUITE_FNS)
 

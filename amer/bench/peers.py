@@ -21,6 +21,34 @@ from amer.families import families
 __all__ = ["PeerCase", "peer_cases", "suite_peers"]
 
 _HF_CLASSES = ("JambaForCausalLM", "Mamba2ForCausalLM", "MixtralForCausalLM")
+# pairs amer imports exactly (amer.interop): the amer side gets the transformers model's own weights, and the
+# logits must agree before anything is timed, so the speed ratio compares one computation done two ways
+_IMPORTED = ("Mamba2ForCausalLM", "MixtralForCausalLM")
+LOGIT_ATOL = 1e-4  # fp32
+
+
+def imported_twin(hf: Any, batch: dict[str, Tensor]) -> tuple[Any, float]:
+    """The amer model computing what ``hf`` computes (its weights, read back through ``save_pretrained`` and
+    :func:`amer.interop.from_transformers`), and the max logit difference on ``batch``; a difference above
+    ``LOGIT_ATOL`` is an error: the timings would compare different functions."""
+    import tempfile
+
+    from amer.errors import TrainingError
+    from amer.interop import from_transformers
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        model, _ = from_transformers(tmp)
+    was = hf.training
+    hf.eval()
+    with torch.no_grad():
+        ref = hf(input_ids=batch["tokens"], use_cache=False).logits.float()
+        diff = (model(batch["tokens"], taps=False).logits.float() - ref).abs().max().item()
+    hf.train(was)
+    if not diff <= LOGIT_ATOL:
+        raise TrainingError(f"peers: amer's import of {type(hf).__name__} differs from it by {diff:.3g} in the "
+                            f"logits (> {LOGIT_ATOL}); the timings would compare different computations")
+    return model.train(), diff
 
 
 @dataclass
@@ -34,9 +62,26 @@ class PeerCase:
     matched: str
 
 
-def peer_cases(quick: bool) -> list[PeerCase]:
+# The second shape: a common language-model size (vocabulary 8,192, width 256, sequence 512), where the LM
+# head and the logits weigh as they do in practice; quick: the tiny preset with a 512-token vocabulary.
+SHAPES = ("preset", "large")
+
+
+def _base(quick: bool, shape: str) -> ModelConfig:
+    base = ModelConfig.from_preset("tiny" if quick else "small")
+    if shape == "preset":
+        return base
+    if quick:
+        return family_config(base, base.pattern, vocab_size=512)
+    d = to_dict(base)
+    return family_config(base, base.pattern, vocab_size=8192, d_model=256, max_seq_len=1024,
+                         attention={**d["attention"], "n_heads": 8, "n_kv_heads": 2},
+                         mamba={**d["mamba"], "head_dim": 64}, moe={**d["moe"], "d_ff": 512})
+
+
+def peer_cases(quick: bool, shape: str = "preset") -> list[PeerCase]:
     """Three matched pairs (Jamba-like hybrid, all-Mamba-2, attention + MoE), at the ``small`` preset's
-    dimensions (tiny ones with ``quick``).
+    dimensions (tiny ones with ``quick``), or with ``shape="large"`` at vocabulary 8,192 and width 256.
 
     Matching rules: same width, vocabulary, heads / kv heads, state size, expert count, top-k and expert
     width; embeddings tied on both sides; no dropout. A transformers *layer* is a mixer plus its
@@ -50,7 +95,7 @@ def peer_cases(quick: bool) -> list[PeerCase]:
     # each peer is a fixed architecture, so it names the amer families it is matched with (by config key)
     letter = {s.config_key: s.letter for s in families()}
     att_l, mam_l, moe_l = letter["attention"], letter["mamba"], letter["moe"]
-    base = ModelConfig.from_preset("tiny" if quick else "small")
+    base = _base(quick, shape)
     D, V = base.d_model, base.vocab_size
     att, mam, moe = base.attention, base.mamba, base.moe
     f = moe.d_ff or 2 * D
@@ -114,28 +159,38 @@ def suite_peers(opts: BenchOptions) -> SuiteResult:
         res.notes.append("mambapy is not installed: JambaForCausalLM falls back to its sequential scan "
                          "(far slower than its fastest CPU path)")
     cls = {name: getattr(transformers, name) for name in _HF_CLASSES}
-    B, T = opts.batch, opts.seq_len
-    cases = peer_cases(opts.quick)
-    for case in cases:
-        torch.manual_seed(opts.seed)
-        hf = cls[case.hf_class](case.hf_config).train()
-        amer_model = build_model(case.amer_cfg, opts.seed)
-        batch = make_batch(case.amer_cfg.vocab_size, B, T, opts.seed)
-        # the same optimizer on both sides (the training loop's own adds clipping and param groups)
-        # what the HF side computes: cross-entropy plus the MoE auxiliary losses, no STP and no clipping
-        amer_opt = torch.optim.AdamW(amer_model.parameters(), lr=1e-4)
-        fns = {"amer": train_step(amer_model, batch, no_stp(amer_model), amer_opt, grad_clip=None),
-               "hf": _hf_step(hf, torch.optim.AdamW(hf.parameters(), lr=1e-4), batch)}
-        times = interleave(fns, opts.repeats, opts.warmup)
-        res.rows.append({
-            "name": case.name, "peer": case.hf_class, "pattern": case.amer_cfg.pattern,
-            "amer_params": amer_model.num_params(), "hf_params": sum(p.numel() for p in hf.parameters()),
-            "amer_tok_s": B * T / median(times["amer"]), "hf_tok_s": B * T / median(times["hf"]),
-            "speedup": paired_ratio(times["hf"], times["amer"]),
-        })
-        res.notes.append(f"{case.name}: {case.matched}")
-        del hf, amer_model
-    res.notes.append(f"training step (forward, backward, AdamW) at batch {B}x{T}; speedup = median of per-round "
-                     f"(transformers step / amer step); targets: {cases[0].name} >= 5, {cases[1].name} and "
-                     f"{cases[2].name} >= 1")
+    for shape in SHAPES:  # the same tokens per batch at both shapes
+        B, T = (opts.batch, opts.seq_len) if shape == "preset" else (max(1, opts.batch // 2), 2 * opts.seq_len)
+        cases = peer_cases(opts.quick, shape)
+        for case in cases:
+            torch.manual_seed(opts.seed)
+            hf = cls[case.hf_class](case.hf_config).train()
+            batch = make_batch(case.amer_cfg.vocab_size, B, T, opts.seed)
+            diff = None
+            if case.hf_class in _IMPORTED:
+                amer_model, diff = imported_twin(hf, batch)
+            else:
+                amer_model = build_model(case.amer_cfg, opts.seed)
+            # the same optimizer on both sides (the training loop's own adds clipping and param groups)
+            # what the HF side computes: cross-entropy plus the MoE auxiliary losses, no STP and no clipping
+            amer_opt = torch.optim.AdamW(amer_model.parameters(), lr=1e-4)
+            fns = {"amer": train_step(amer_model, batch, no_stp(amer_model), amer_opt, grad_clip=None),
+                   "hf": _hf_step(hf, torch.optim.AdamW(hf.parameters(), lr=1e-4), batch)}
+            times = interleave(fns, opts.repeats, opts.warmup)
+            res.rows.append({
+                "name": case.name, "peer": case.hf_class, "pattern": amer_model.cfg.pattern,
+                "shape": f"V{case.amer_cfg.vocab_size} D{case.amer_cfg.d_model} {B}x{T}",
+                "amer_params": amer_model.num_params(), "hf_params": sum(p.numel() for p in hf.parameters()),
+                "amer_tok_s": B * T / median(times["amer"]), "hf_tok_s": B * T / median(times["hf"]),
+                "speedup": paired_ratio(times["hf"], times["amer"]),
+                "same_weights": diff is not None, "logits_max_diff": diff,
+            })
+            res.notes.append(f"{case.name} at {shape} shape: {case.matched}" + (
+                f"; amer runs the transformers model's own weights (imported), logits equal to {diff:.1e}"
+                if diff is not None else "; matched dimensions, separate random weights"))
+            del hf, amer_model
+    res.notes.append(f"training step (forward, backward, AdamW) at the preset's shape and at vocabulary 8,192, width "
+                     f"256, twice the sequence (same tokens per batch); speedup = median of per-round (transformers "
+                     f"step / amer step); targets at both shapes: {cases[0].name} >= 6, {cases[1].name} >= 1.5, "
+                     f"{cases[2].name} >= 1.3")
     return res

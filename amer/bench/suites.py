@@ -38,8 +38,9 @@ def suite_blocks(opts: BenchOptions) -> SuiteResult:
     batch = make_batch(base.vocab_size, B, T, opts.seed)
     depth = 2 if opts.quick else 4
     variants: dict[str, tuple[str, HybridLM]] = {
-        letter: (cfg.pattern, build_model(cfg, opts.seed)) for letter, cfg in single_family_stacks(base, depth).items()}
-    variants[opts.preset] = (base.pattern, build_model(base, opts.seed))
+        letter: (cfg.pattern, build_model(cfg, opts.seed, opts.compile))
+        for letter, cfg in single_family_stacks(base, depth).items()}
+    variants[opts.preset] = (base.pattern, build_model(base, opts.seed, opts.compile))
     fns = {name: train_step(model, batch, no_stp(model), None) for name, (_, model) in variants.items()}
     times = interleave(fns, opts.repeats, opts.warmup)
     for name, (pat, model) in variants.items():
@@ -54,7 +55,7 @@ def suite_blocks(opts: BenchOptions) -> SuiteResult:
 def _preset_step(opts: BenchOptions) -> tuple[HybridLM, torch.optim.Optimizer, dict[str, Tensor]]:
     """The preset's model, the training loop's optimizer for it, and one batch: what a full step needs."""
     cfg = ModelConfig.from_preset(opts.preset)
-    model = build_model(cfg, opts.seed)
+    model = build_model(cfg, opts.seed, opts.compile)
     return model, make_optimizer(model, OPTIMIZER_SETTINGS), make_batch(cfg.vocab_size, opts.batch, opts.seq_len,
                                                                         opts.seed)
 
@@ -86,7 +87,7 @@ def suite_packing(opts: BenchOptions) -> SuiteResult:
     tokens = opts.batch * opts.seq_len
     for T in (opts.seq_len, 8 * opts.seq_len):
         cfg = family_config(base, base.pattern, max_seq_len=max(base.max_seq_len, T))
-        model = build_model(cfg, opts.seed)
+        model = build_model(cfg, opts.seed, opts.compile)
         opt = make_optimizer(model, OPTIMIZER_SETTINGS)
         B = max(1, tokens // T)
         for mean_doc in (96, 3560):
@@ -110,7 +111,9 @@ def suite_taps(opts: BenchOptions) -> SuiteResult:
     policy = no_stp(model)
     fns = {"taps=True": train_step(model, batch, policy, opt, taps=True),
            "taps=False": train_step(model, batch, policy, opt, taps=False),
-           "taps=True, held": train_step(model, batch, policy, opt, taps=True, hold_output=True)}
+           "taps=True, held": train_step(model, batch, policy, opt, taps=True, hold_output=True),
+           "taps=True, held, logits": train_step(model, batch, policy, opt, taps=True, hold_output=True,
+                                                 fused_ce=False)}
     times = interleave(fns, opts.repeats, opts.warmup)
     peaks = {name: peak_tensor_bytes(fn) for name, fn in fns.items()}
     for name in fns:
@@ -122,7 +125,8 @@ def suite_taps(opts: BenchOptions) -> SuiteResult:
     res.notes.append(f"training step without STP; peak = live tensor bytes during the step (profiler allocator "
                      f"events); for scale, one tap is {one / MB:.2f} MB and the model records {n_taps}. "
                      "the step drops the model output before backward, as the training loop does; 'held' keeps "
-                     "it through backward, which pins every tapped state until the step ends")
+                     "it through backward, which pins every tapped state until the step ends; 'logits': the plain LM "
+                     "head, whose held (B, T, V) logits do cost memory (the fused head + cross-entropy holds none)")
     return res
 
 
@@ -136,7 +140,7 @@ def suite_scaling(opts: BenchOptions) -> SuiteResult:
     n_decode = 4 if opts.quick else 32
     max_len = max(max(lengths), max(contexts) + 1)
     for fam, cfg in single_family_stacks(base, depth, max_seq_len=max_len).items():
-        model = build_model(cfg, opts.seed)
+        model = build_model(cfg, opts.seed, opts.compile)
         fns, shapes = {}, {}
         for T in lengths:
             B = max(1, tokens // T)
@@ -178,7 +182,7 @@ def suite_scaling(opts: BenchOptions) -> SuiteResult:
 def suite_flops(opts: BenchOptions) -> SuiteResult:
     res = SuiteResult("flops")
     cfg = ModelConfig.from_preset(opts.preset)
-    model = build_model(cfg, opts.seed)
+    model = build_model(cfg, opts.seed, opts.compile)
     opt = make_optimizer(model, OPTIMIZER_SETTINGS)
     B, T = opts.batch, opts.seq_len
     batch = make_batch(cfg.vocab_size, B, T, opts.seed)
@@ -199,7 +203,7 @@ def suite_flops(opts: BenchOptions) -> SuiteResult:
     # where the shortfall comes from: each family alone (forward+backward, single-family stacks at these dims)
     depth = 2 if opts.quick else 4
     for fam, fcfg in single_family_stacks(cfg, depth).items():
-        fmodel = build_model(fcfg, opts.seed)
+        fmodel = build_model(fcfg, opts.seed, opts.compile)
         fns[fam] = train_step(fmodel, batch, no_stp(fmodel), None)
         work[fam] = training_flops(fcfg, B, T)["total"]
         names[fam] = f"{fcfg.pattern} fwd+bwd"

@@ -16,6 +16,7 @@ from amer.families import families
 from amer.model import HybridLM
 from amer.objective import STPPolicy
 from amer.tap import last_of_each_family
+from amer.training.compile import compile_blocks
 from amer.training.step import TrainStep
 
 __all__ = ["STP_IN_FORCE", "STP_SPANS", "make_batch", "build_model", "family_config", "single_family_stacks",
@@ -40,9 +41,13 @@ def make_batch(vocab: int, batch: int, seq_len: int, seed: int = 0, mean_doc: in
             "doc_ids": starts.long().cumsum(1) - 1}
 
 
-def build_model(cfg: ModelConfig, seed: int = 0) -> HybridLM:
+def build_model(cfg: ModelConfig, seed: int = 0, compile: bool = False) -> HybridLM:
+    """The model in training mode; ``compile``: its blocks regionally compiled (``amer bench --compile``)."""
     torch.manual_seed(seed)
-    return HybridLM(cfg).train()
+    model = HybridLM(cfg).train()
+    if compile:
+        compile_blocks(model)
+    return model
 
 
 def family_config(base: ModelConfig, pattern: str, **overrides: Any) -> ModelConfig:
@@ -68,15 +73,17 @@ def with_stp(model: HybridLM, n_spans: int) -> STPPolicy:
 
 def train_step(model: HybridLM, batch: dict[str, Tensor], policy: STPPolicy,
                optimizer: torch.optim.Optimizer | None, *, taps: bool = True, hold_output: bool = False,
-               grad_clip: float | None | str = "auto", documents: bool = True) -> Callable[[], None]:
+               grad_clip: float | None | str = "auto", documents: bool = True,
+               fused_ce: bool = True) -> Callable[[], None]:
     """One call of the training step on ``batch`` with the STP coefficient in force. With an optimizer it
     is the full step (gradient clipping at 1.0 unless ``grad_clip`` says otherwise, the optimizer step);
     without, forward and backward only, with no gradient norm either, so that the figure is the model's
-    own work. ``documents``: the model keeps packed documents apart (``--packing documents``)."""
+    own work. ``documents``: the model keeps packed documents apart (``--packing documents``); ``fused_ce``:
+    the loss fuses LM head and cross-entropy (the training default) or takes the model's logits."""
     clip = (1.0 if optimizer is not None else None) if grad_clip == "auto" else grad_clip
     step = TrainStep(model, optimizer, policy, grad_clip=clip,
                      stp_generator=torch.Generator().manual_seed(_STP_GENERATOR_SEED), taps=taps,
-                     hold_output=hold_output, documents=documents)
+                     hold_output=hold_output, documents=documents, fused_ce=fused_ce)
     batches = [batch]
 
     def run() -> None:

@@ -34,6 +34,13 @@ class AttentionConfig:
     head_dim: int | None = opt(None, "attention head width (default d-model / n-heads; must be even for RoPE)")
     rope_theta: float = opt(10000.0, "RoPE base frequency")
     qk_norm: bool = opt(False, "RMS-normalise queries and keys before the dot product")
+    qkv_bias: bool = opt(False, "add a bias to the query/key/value projection (Qwen2, Llama attention-bias)")
+    out_bias: bool = opt(False, "add a bias to the attention output projection")
+    rope_fraction: float = opt(1.0, "share of each head's width rotated by RoPE (leading dims; 0: no position "
+                               "encoding at all)", ge=0, le=1)
+    window: int | None = opt(None, "sliding-window attention: each token sees itself and the window - 1 tokens "
+                             "before it (Mistral; default: the whole causal past)", ge=1)
+    scale: float | None = opt(None, "softmax scale of the query-key products (default 1 / sqrt(head-dim))", gt=0)
 
     def __post_init__(self) -> None:
         check(self.n_heads >= 1, f"attention.n_heads must be >= 1, got {self.n_heads}")
@@ -53,7 +60,14 @@ class AttentionConfig:
             check(dims.d_model % self.n_heads == 0,
                   f"d_model ({dims.d_model}) must be divisible by attention.n_heads ({self.n_heads}) "
                   "or set attention.head_dim")
-        check((self.head_dim or dims.d_model // self.n_heads) % 2 == 0, "attention head_dim must be even for RoPE")
+        hd = self.head_dim or dims.d_model // self.n_heads
+        check(rope_width(hd, self.rope_fraction) % 2 == 0,
+              f"attention: the rotated width (head_dim {hd} * rope_fraction {self.rope_fraction}) must be even for RoPE")
+
+
+def rope_width(head_dim: int, fraction: float) -> int:
+    """Leading dims of a head that RoPE rotates (transformers' ``partial_rotary_factor`` convention)."""
+    return int(head_dim * fraction)
 
 
 class KVCache(NamedTuple):
@@ -94,11 +108,14 @@ class AttentionMixer(Mixer):
         self.head_dim = cfg.head_dim or dims.d_model // cfg.n_heads
         self.max_seq_len = dims.max_seq_len
         hd = self.head_dim
-        self.qkv = nn.Linear(dims.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * hd, bias=False)
-        self.out_proj = nn.Linear(cfg.n_heads * hd, dims.d_model, bias=False)
-        self.q_norm = RMSNorm(hd, dims.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(hd, dims.norm_eps) if cfg.qk_norm else None
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+        self.qkv = nn.Linear(dims.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * hd, bias=cfg.qkv_bias)
+        self.out_proj = nn.Linear(cfg.n_heads * hd, dims.d_model, bias=cfg.out_bias)
+        self.rot = rope_width(hd, cfg.rope_fraction)  # leading dims rotated; the rest carry no position
+        self.window, self.scale = cfg.window, cfg.scale
+        self.q_norm = RMSNorm(hd, dims.norm_eps, dims.norm_offset) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, dims.norm_eps, dims.norm_offset) if cfg.qk_norm else None
+        rot = max(self.rot, 2)  # a rotated width of 0 keeps a (never used) buffer of one frequency
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.reset_parameters()
 
@@ -107,14 +124,20 @@ class AttentionMixer(Mixer):
         1/sqrt(2 n_layers) (GPT-2); q/k norm gains start at 1."""
         nn.init.normal_(self.qkv.weight, 0.0, self.dims.init_std)
         nn.init.normal_(self.out_proj.weight, 0.0, self.dims.out_std)
+        for lin in (self.qkv, self.out_proj):
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
         for norm in (self.q_norm, self.k_norm):
             if norm is not None:
                 norm.reset_parameters()
 
     def flops(self, seq_len: int) -> dict[str, float]:
-        """Projections, plus ``QK^T`` and ``AV`` over the causal half: 2 * H * hd * T (T + 1) / 2."""
+        """Projections, plus ``QK^T`` and ``AV`` over the causal half: 2 * H * hd * T (T + 1) / 2 (fewer pairs with
+        a sliding window)."""
         T = seq_len
-        return {"proj": self.linear_flops(T), "attention": 2 * self.n_heads * self.head_dim * T * (T + 1) / 2}
+        w = T if self.window is None else min(self.window, T)  # keys per query once the window is full
+        pairs = w * (w + 1) / 2 + (T - w) * w
+        return {"proj": self.linear_flops(T), "attention": 2 * self.n_heads * self.head_dim * pairs}
 
     def _rope(self, start: int, T: int, device: torch.device) -> tuple[Tensor, Tensor]:
         t = torch.arange(start, start + T, device=device, dtype=torch.float32)
@@ -126,13 +149,29 @@ class AttentionMixer(Mixer):
         freqs = position.to(torch.float32).unsqueeze(-1) * self.inv_freq.to(position.device)  # (B, T, hd/2)
         return freqs.cos().unsqueeze(1), freqs.sin().unsqueeze(1)
 
+    def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """RoPE on the leading ``rot`` dims of each head (all of them by default, none at rope_fraction 0)."""
+        if self.rot == self.head_dim:
+            return apply_rope(x, cos, sin)
+        if self.rot == 0:
+            return x
+        return torch.cat((apply_rope(x[..., :self.rot], cos, sin), x[..., self.rot:]), dim=-1)
+
+    def _band(self, q_start: int, q_end: int, device: torch.device) -> Tensor:
+        """Bool (Q, q_end): key j is visible to query i (absolute positions) when j <= i and, with a sliding
+        window, i - j < window."""
+        rows = torch.arange(q_start, q_end, device=device)[:, None]
+        cols = torch.arange(q_end, device=device)[None, :]
+        allowed = cols <= rows
+        return allowed if self.window is None else allowed & (rows - cols < self.window)
+
     def _attend_documents(self, q: Tensor, k: Tensor, v: Tensor, documents: Documents) -> Tensor:
         """Causal attention within each packed document: (B, H, T, hd); the strategy is chosen as measured
         (see DOC_QUERY_BLOCK)."""
         B, T = q.shape[0], q.shape[2]
         gqa = self.n_heads != self.n_kv_heads
         eager_cpu = q.device.type == "cpu" and not torch.compiler.is_compiling()
-        if T > DOC_QUERY_BLOCK and eager_cpu:
+        if T > DOC_QUERY_BLOCK and eager_cpu and self.window is None:
             lengths = documents.lengths()
             if sum(map(len, lengths)) * DOC_SPLIT_MIN_MEAN <= B * T:
                 return self._attend_split(q, k, v, lengths)
@@ -140,8 +179,10 @@ class AttentionMixer(Mixer):
         for start in range(0, T, DOC_QUERY_BLOCK):  # T / 512 calls: a fixed count per shape, not per token
             end = min(start + DOC_QUERY_BLOCK, T)
             mask = documents.attention_mask(start, end, q.dtype)  # (B, 1, Q, end)
+            if self.window is not None:  # positions within a document differ as they do in the row
+                mask = mask.masked_fill(~self._band(start, end, q.device), float("-inf"))
             outs.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end],
-                                                       attn_mask=mask, enable_gqa=gqa))
+                                                       attn_mask=mask, enable_gqa=gqa, scale=self.scale))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     def _attend_split(self, q: Tensor, k: Tensor, v: Tensor, lengths: list[list[int]]) -> Tensor:
@@ -150,7 +191,8 @@ class AttentionMixer(Mixer):
         gqa = self.n_heads != self.n_kv_heads
         rows = []
         for qr, kr, vr, lens in zip(q.unbind(0), k.unbind(0), v.unbind(0), lengths):
-            parts = [F.scaled_dot_product_attention(qd[None], kd[None], vd[None], is_causal=True, enable_gqa=gqa)[0]
+            parts = [F.scaled_dot_product_attention(qd[None], kd[None], vd[None], is_causal=True, enable_gqa=gqa,
+                                                    scale=self.scale)[0]
                      for qd, kd, vd in zip(qr.split(lens, 1), kr.split(lens, 1), vr.split(lens, 1))]
             rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
         return torch.stack(rows)
@@ -178,24 +220,27 @@ class AttentionMixer(Mixer):
         if documents is not None and cache is not None:
             raise ValueError("attention: packed documents apply to the training path, not to a decoding cache")
         cos, sin = self._rope(start, T, x.device) if documents is None else self._rope_at(documents.position)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
         if cache is None and documents is not None:
             y = self._attend_documents(q, k, v, documents)
             new_cache = None
+        elif cache is None and (self.window is None or self.window >= T):
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != Hkv, scale=self.scale)
+            new_cache = None
         elif cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != Hkv)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self._band(0, T, x.device), enable_gqa=H != Hkv,
+                                               scale=self.scale)
             new_cache = None
         else:
             end = start + T
             cache.k[:, :, start:end] = k.to(cache.k.dtype)
             cache.v[:, :, start:end] = v.to(cache.v.dtype)
             keys, values = cache.k[:, :, :end].to(q.dtype), cache.v[:, :, :end].to(q.dtype)
-            if T == 1:
+            if T == 1 and (self.window is None or end <= self.window):
                 mask = None  # a single new query may see every cached key
             else:  # query i sits at absolute position start + i
-                qpos = torch.arange(start, end, device=x.device)[:, None]
-                mask = torch.arange(end, device=x.device)[None, :] <= qpos  # (T, end)
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=H != Hkv)
+                mask = self._band(start, end, x.device)  # (T, end)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=H != Hkv, scale=self.scale)
             new_cache = KVCache(cache.k, cache.v, end)
         y = y.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, H*hd)
         return MixerOutput(self.out_proj(y), new_cache)

@@ -43,18 +43,21 @@ class MixerOutput(NamedTuple):
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm (Zhang & Sennrich 2019), computed in fp32 for low-precision safety."""
+    """Root-mean-square norm (Zhang & Sennrich 2019), computed in fp32 for low-precision safety.
 
-    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+    The gain is ``offset + weight``: ``offset`` 1 is Gemma's ``(1 + w)`` parametrisation (weights stored
+    around 0, so weight decay pulls the gain towards 1); the gain starts at 1 either way."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, offset: float = 0.0) -> None:
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))
 
     def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
+        nn.init.constant_(self.weight, 1.0 - self.offset)
 
     def forward(self, x: Tensor) -> Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight if self.offset == 0 else self.weight + self.offset, self.eps)
 
 
 class SwiGLU(nn.Module):
@@ -107,12 +110,14 @@ class Mixer(nn.Module):
 
 
 class Block(nn.Module):
-    """One letter of the pattern: ``x = x + mixer(norm(x))`` (Megatron-Core hybrid convention)."""
+    """One letter of the pattern: ``x = x + mixer(norm(x))`` (Megatron-Core hybrid convention), the update
+    multiplied by ``dims.residual_scale`` when that is not 1 (Granite)."""
 
     def __init__(self, cfg: Any, dims: Dims, layer: LayerSpec) -> None:
         super().__init__()
         self.layer = layer
-        self.norm = RMSNorm(dims.d_model, dims.norm_eps)
+        self.norm = RMSNorm(dims.d_model, dims.norm_eps, dims.norm_offset)
+        self.residual_scale = dims.residual_scale
         self.mixer = layer.family.spec.mixer(cfg, dims, layer)
 
     def reset_parameters(self) -> None:
@@ -121,7 +126,7 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, cache: Any = None, documents: Documents | None = None) -> tuple[Tensor, MixerOutput]:
         out = self.mixer(self.norm(x), cache=cache, documents=documents)
-        return x + out.y, out
+        return x + (out.y if self.residual_scale == 1 else out.y * self.residual_scale), out
 
     def init_cache(self, batch_size: int, max_len: int, *, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> Any:

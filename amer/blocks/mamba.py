@@ -49,6 +49,7 @@ class MambaConfig:
     dt_max: float = opt(0.1, "Mamba-2 largest initial time step")
     dt_init_floor: float = opt(1e-4, "Mamba-2 floor on the initial time step")
     a_init_range: tuple[float, float] = opt((1.0, 16.0), "Mamba-2 range of the initial decay rates A, as 'lo,hi'")
+    bias: bool = opt(False, "Mamba-2 biases on the input and output projections (transformers' use_bias)")
 
     def __post_init__(self) -> None:
         self.a_init_range = tuple(self.a_init_range)  # type: ignore[assignment]
@@ -100,7 +101,7 @@ class MambaMixer(Mixer):
         self.conv_dim = self.d_inner + 2 * cfg.n_groups * cfg.d_state
         H = self.n_heads
 
-        self.in_proj = nn.Linear(dims.d_model, self.d_inner + self.conv_dim + H, bias=False)
+        self.in_proj = nn.Linear(dims.d_model, self.d_inner + self.conv_dim + H, bias=cfg.bias)
         self.conv_weight = nn.Parameter(torch.empty(self.conv_dim, cfg.d_conv))
         self.conv_bias = nn.Parameter(torch.empty(self.conv_dim))
         self.dt_bias = nn.Parameter(torch.empty(H))
@@ -109,7 +110,7 @@ class MambaMixer(Mixer):
         self.norm_weight = nn.Parameter(torch.empty(self.d_inner))
         for p in (self.dt_bias, self.A_log, self.D, self.norm_weight):
             p._no_weight_decay = True  # type: ignore[attr-defined]
-        self.out_proj = nn.Linear(self.d_inner, dims.d_model, bias=False)
+        self.out_proj = nn.Linear(self.d_inner, dims.d_model, bias=cfg.bias)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -127,6 +128,9 @@ class MambaMixer(Mixer):
         self.D.fill_(1.0)
         self.norm_weight.fill_(1.0)
         nn.init.normal_(self.out_proj.weight, 0.0, self.dims.out_std)
+        for lin in (self.in_proj, self.out_proj):
+            if lin.bias is not None:
+                lin.bias.zero_()
 
     def flops(self, seq_len: int) -> dict[str, float]:
         """Projections, plus the chunked SSD as executed (chunk ``L``, ``c`` chunks, head dim ``P``, state

@@ -9,8 +9,9 @@ the task gradient, so k = 1 keeps the raw probability (Switch Transformer, Fedus
 arXiv 2101.03961).
 
 Experts: stacked SwiGLU weights ``w_gate_up`` (E, D, 2F) and ``w_down`` (E, F, D), dispatched
-``dropless`` (sorted grouped matmul, MegaBlocks) or ``capacity`` (static shapes, GShard/Switch;
-for torch.compile and XLA), see :mod:`amer.ops.moe`. An optional shared expert (DeepSeekMoE,
+``dropless`` (sorted grouped matmul, MegaBlocks) or ``capacity`` (static shapes, a causal per-row,
+per-block queue; for torch.compile and XLA, chosen automatically on an XLA device), see
+:mod:`amer.ops.moe` and :mod:`amer.ops.moe_capacity`. An optional shared expert (DeepSeekMoE,
 Dai et al. 2024, arXiv 2401.06066) sees every token.
 
 Auxiliary losses (already weighted, in ``MixerOutput.aux``):
@@ -19,7 +20,8 @@ Auxiliary losses (already weighted, in ``MixerOutput.aux``):
   1 for a uniform router, and its gradient (through P only) pushes probability off busy experts.
   ``moe_z``: z_loss_coef * mean(logsumexp(logits)^2) (ST-MoE router z-loss): keeps logits small.
 
-The layer is stateless per token, so it keeps no decoding cache.
+Dropless, the layer is stateless per token and keeps no decoding cache; capacity dispatch keeps the
+current block's per-expert slot counts, so decoding drops exactly what the full forward drops.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from amer.blocks.documents import Documents
 from amer.config import Dims
 from amer.configio import check, opt
 from amer.families import FamilySpec, register_family
-from amer.ops.moe import dispatch_capacity, dispatch_dropless, expert_capacity
+from amer.ops.moe import dispatch_dropless
+from amer.ops.moe_capacity import CapacityCache, block_capacity, dispatch_causal_capacity
 from amer.pattern import LayerSpec
 
 __all__ = ["MoEConfig", "MoEMixer", "route"]
@@ -46,7 +49,7 @@ __all__ = ["MoEConfig", "MoEMixer", "route"]
 class MoEConfig:
     """Mixture of SwiGLU experts (the E family): top-k fp32 router, dropless or capacity dispatch."""
 
-    n_experts: int = opt(8, "MoE experts per E block")
+    n_experts: int = opt(8, "MoE experts per E block (1: a dense feed-forward, no router, no aux loss, top-k ignored)")
     top_k: int = opt(2, "MoE experts each token is routed to")
     d_ff: int | None = opt(None, "MoE expert hidden width (default 2 * d-model)")
     shared_expert: bool = opt(False, "add an always-on shared expert to every E block")
@@ -54,29 +57,57 @@ class MoEConfig:
     dispatch: Literal["dropless", "capacity"] = opt(
         "dropless", "MoE dispatch: dropless (sort + grouped matmul) or capacity (static shapes, may drop)")
     capacity_factor: float = opt(1.25, "MoE capacity per expert as a multiple of the fair share (capacity dispatch)")
+    capacity_block: int = opt(128, "MoE capacity dispatch: tokens of a row that share one capacity budget")
     aux_loss_coef: float = opt(0.01, "MoE load-balancing loss weight (Switch Transformer)")
     z_loss_coef: float = opt(0.001, "MoE router z-loss weight (ST-MoE)")
+    activation: Literal["silu", "gelu_tanh", "relu2"] = opt(
+        "silu", "expert activation: silu (SwiGLU), gelu_tanh (GeGLU, Gemma) or relu2 (squared ReLU, ungated, "
+        "Nemotron-H); other than silu needs n-experts 1")
+    bias: bool = opt(False, "biases on the dense feed-forward's projections (RecurrentGemma); needs n-experts 1")
+    renormalize_top1: bool = opt(False, "top-1 routing weight renormalised to 1, as Mixtral's formula gives (default: "
+                                 "the raw probability, Switch; top-k > 1 always renormalises)")
 
     def __post_init__(self) -> None:
         check(self.n_experts >= 1, f"moe.n_experts must be >= 1, got {self.n_experts}")
-        check(1 <= self.top_k <= self.n_experts,
+        check(self.n_experts == 1 or 1 <= self.top_k <= self.n_experts,
               f"moe.top_k ({self.top_k}) must be between 1 and moe.n_experts ({self.n_experts})")
         check(self.d_ff is None or self.d_ff >= 1, "moe.d_ff must be >= 1")
         check(self.d_ff_shared is None or self.d_ff_shared >= 1, "moe.d_ff_shared must be >= 1")
         check(self.dispatch in ("dropless", "capacity"),
               f"moe.dispatch must be 'dropless' or 'capacity', got {self.dispatch!r}")
         check(self.capacity_factor > 0, f"moe.capacity_factor must be > 0, got {self.capacity_factor}")
+        check(self.capacity_block >= 1, f"moe.capacity_block must be >= 1, got {self.capacity_block}")
         check(self.aux_loss_coef >= 0 and self.z_loss_coef >= 0, "moe loss coefficients must be >= 0")
+        check(self.activation in ACTIVATIONS, f"moe.activation must be one of {list(ACTIVATIONS)}, got {self.activation!r}")
+        check(self.activation == "silu" or self.n_experts == 1,
+              f"moe.activation {self.activation!r} is implemented for the dense feed-forward (moe.n_experts 1); "
+              f"routed experts are SwiGLU (silu), got n_experts {self.n_experts}")
+        check(not self.bias or self.n_experts == 1,
+              f"moe.bias is implemented for the dense feed-forward (moe.n_experts 1), got n_experts {self.n_experts}")
 
 
-def route(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
+def _gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def _relu2(x: Tensor) -> Tensor:
+    return F.relu(x).square()
+
+
+# activation -> (function, gated): gated feed-forwards multiply act(gate) by a second projection (GLU, Shazeer 2020)
+ACTIVATIONS: dict[str, tuple[Any, bool]] = {"silu": (F.silu, True), "gelu_tanh": (_gelu_tanh, True),
+                                             "relu2": (_relu2, False)}
+
+
+def route(logits: Tensor, top_k: int, renormalize_top1: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """fp32 logits (..., E) -> (probs (..., E), weights (..., k), expert_idx (..., k)).
 
-    Renormalised top-k weights for k > 1 (Mixtral), the raw top-1 probability for k = 1 (Switch).
+    Renormalised top-k weights for k > 1 (Mixtral), the raw top-1 probability for k = 1 (Switch) unless
+    ``renormalize_top1`` (a weight of exactly 1, as Mixtral's formula gives for k = 1).
     """
     probs = logits.softmax(dim=-1)
     top_p, top_i = probs.topk(top_k, dim=-1)
-    weights = top_p / top_p.sum(dim=-1, keepdim=True) if top_k > 1 else top_p
+    weights = top_p / top_p.sum(dim=-1, keepdim=True) if top_k > 1 or renormalize_top1 else top_p
     return probs, weights, top_i
 
 
@@ -89,11 +120,16 @@ class MoEMixer(Mixer):
         self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
         self.d_ff = cfg.d_ff or 2 * D
         self.dispatch = cfg.dispatch
-        self.capacity_factor = cfg.capacity_factor
+        self.renormalize_top1 = cfg.renormalize_top1
+        self.capacity_factor, self.capacity_block = cfg.capacity_factor, cfg.capacity_block
         self.aux_loss_coef, self.z_loss_coef = cfg.aux_loss_coef, cfg.z_loss_coef
-        self.router = nn.Linear(D, cfg.n_experts, bias=False)
-        self.w_gate_up = nn.Parameter(torch.empty(cfg.n_experts, D, 2 * self.d_ff))
+        # one expert is a dense feed-forward: no router, no dispatch, no auxiliary loss
+        self.router = nn.Linear(D, cfg.n_experts, bias=False) if cfg.n_experts > 1 else None
+        self.act, gated = ACTIVATIONS[cfg.activation]
+        self.w_gate_up = nn.Parameter(torch.empty(cfg.n_experts, D, (2 if gated else 1) * self.d_ff))
         self.w_down = nn.Parameter(torch.empty(cfg.n_experts, self.d_ff, D))
+        self.b_gate_up = nn.Parameter(torch.empty(1, self.w_gate_up.shape[-1])) if cfg.bias else None
+        self.b_down = nn.Parameter(torch.empty(1, D)) if cfg.bias else None
         self.shared = (SwiGLU(D, cfg.d_ff_shared or self.d_ff, std=dims.init_std, out_std=dims.out_std)
                        if cfg.shared_expert else None)
         # Data parallel sets this to its process group (from outside the model): the expert load f_e and the
@@ -107,9 +143,13 @@ class MoEMixer(Mixer):
         expert's ``w_down`` and the shared expert's ``down``) additionally by 1/sqrt(2 * n_layers)
         (GPT-2 residual scaling)."""
         std, out_std = self.dims.init_std, self.dims.out_std
-        nn.init.normal_(self.router.weight, 0.0, std)
+        if self.router is not None:
+            nn.init.normal_(self.router.weight, 0.0, std)
         nn.init.normal_(self.w_gate_up, 0.0, std)
         nn.init.normal_(self.w_down, 0.0, out_std)
+        for b in (self.b_gate_up, self.b_down):
+            if b is not None:
+                nn.init.zeros_(b)
         if self.shared is not None:
             self.shared.reset_parameters()
 
@@ -117,17 +157,32 @@ class MoEMixer(Mixer):
         """The router counts fully; each token visits ``top_k`` experts (3 D F multiply-adds each) and the
         shared expert."""
         T, D = seq_len, self.dims.d_model
-        out = {"router": float(T * D * self.n_experts), "experts": float(T * self.top_k * 3 * D * self.d_ff)}
+        per_token = self.w_gate_up[0].numel() + self.w_down[0].numel()
+        if self.router is None:
+            out = {"experts": float(T * per_token)}
+        else:
+            out = {"router": float(T * D * self.n_experts), "experts": float(T * self.top_k * per_token)}
         if self.shared is not None:
             out["shared"] = float(T * sum(p.numel() for p in self.shared.parameters()))
         return out
 
-    def forward(self, x: Tensor, cache: None = None, documents: Documents | None = None) -> MixerOutput:
-        """x (B, T, D) -> MixerOutput(y (B, T, D), None, aux, stats). ``cache`` is ignored (stateless).
+    def init_cache(self, batch_size: int, max_len: int, *, device: torch.device | str | None = None,
+                   dtype: torch.dtype | None = None) -> CapacityCache | None:
+        """Capacity dispatch (or an XLA device): the block's per-expert slot counts; dropless: none."""
+        if self.router is None or (self.dispatch != "capacity" and torch.device(device or "cpu").type != "xla"):
+            return None
+        return CapacityCache(torch.zeros(batch_size, self.n_experts, dtype=torch.long, device=device), 0)
+
+    def forward(self, x: Tensor, cache: CapacityCache | None = None,
+                documents: Documents | None = None) -> MixerOutput:
+        """x (B, T, D) -> MixerOutput(y (B, T, D), cache, aux, stats). Capacity dispatch (configured, on an
+        XLA device, or with a :class:`CapacityCache`) keeps ``cache`` up to date; dropless ignores it.
 
         Every token is routed alike; with ``documents``, the load-balancing and z losses and the load
         statistics count real tokens only (padding, negative ids, is routed but not counted).
         """
+        if self.router is None:
+            return self._dense(x)
         B, T, D = x.shape
         E, k = self.n_experts, self.top_k
         valid = None if documents is None else documents.valid.reshape(-1, 1).float()  # (B T, 1)
@@ -135,11 +190,15 @@ class MoEMixer(Mixer):
         rdt = torch.promote_types(x.dtype, torch.float32)  # at least fp32 (fp64 stays fp64 for tests)
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = F.linear(x.to(rdt), self.router.weight.to(rdt))  # (B, T, E)
-        probs, weights, idx = route(logits, k)  # (B, T, E), (B, T, k), (B, T, k)
+        probs, weights, idx = route(logits, k, self.renormalize_top1)  # (B, T, E), (B, T, k), (B, T, k)
 
-        if self.dispatch == "capacity":
-            C = expert_capacity(B * T, k, E, self.capacity_factor)
-            y, n_dropped = dispatch_capacity(x, idx, weights, self.w_gate_up, self.w_down, C)
+        if self.dispatch == "capacity" or x.device.type == "xla" or cache is not None:
+            y, n_dropped, block_counts = dispatch_causal_capacity(
+                x, idx, weights, self.w_gate_up, self.w_down, block=self.capacity_block,
+                capacity=block_capacity(self.capacity_block, k, E, self.capacity_factor),
+                start=0 if cache is None else cache.pos, counts=None if cache is None else cache.counts)
+            if cache is not None:
+                cache = CapacityCache(block_counts, cache.pos + T)
         else:
             y = dispatch_dropless(x, idx, weights, self.w_gate_up, self.w_down)
             n_dropped = None
@@ -173,10 +232,29 @@ class MoEMixer(Mixer):
                 "moe/load_max": counts.max() / (n_slots / E),
                 "moe/drop_frac": (n_dropped.float() / (B * T * k)) if n_dropped is not None
                 else torch.zeros((), device=x.device),
-                "moe/router_entropy": (torch.special.entr(probs).sum(-1).mean() if valid is None else
-                                       (torch.special.entr(probs).sum(-1).reshape(-1, 1) * valid).sum() / n_mean),
+                # -xlogy(p, p) is entr(p); XLA compiles xlogy (entr falls back to the host)
+                "moe/router_entropy": (-torch.xlogy(probs, probs).sum(-1).mean() if valid is None else
+                                       (-torch.xlogy(probs, probs).sum(-1).reshape(-1, 1) * valid).sum() / n_mean),
             }
-        return MixerOutput(y.to(x.dtype), None, aux, stats)
+        return MixerOutput(y.to(x.dtype), cache, aux, stats)
+
+
+    def _dense(self, x: Tensor) -> MixerOutput:
+        """The one-expert case: a plain (gated) feed-forward, ``down(act(gate) * up)`` or ``down(act(up))``."""
+        h = torch.matmul(x, self.w_gate_up[0].to(x.dtype))  # (B, T, 2F) or (B, T, F)
+        if self.b_gate_up is not None:
+            h = h + self.b_gate_up[0].to(x.dtype)
+        if h.shape[-1] == 2 * self.d_ff:
+            gate, up = h.chunk(2, dim=-1)
+            h = self.act(gate) * up
+        else:
+            h = self.act(h)
+        y = torch.matmul(h, self.w_down[0].to(x.dtype))
+        if self.b_down is not None:
+            y = y + self.b_down[0].to(x.dtype)
+        if self.shared is not None:
+            y = y + self.shared(x)
+        return MixerOutput(y, None, {}, {})
 
 
 def _global_counts(counts: Tensor, n_tokens: Any, group: Any) -> tuple[Tensor, Tensor, float]:

@@ -50,6 +50,9 @@ class RecurrentConfig:
     n_heads: int = opt(4, "RG-LRU block-diagonal gate heads (as in recurrentgemma)")
     d_conv: int = opt(4, "RG-LRU causal convolution width")
     c: float = opt(8.0, "RG-LRU decay sharpness c in a = sigmoid(Lambda)^(c * r)")
+    bias: bool = opt(False, "biases on the RG-LRU block's input and output projections (recurrentgemma)")
+    normalise_first: bool = opt(True, "scale a sequence's (a document's) first input by sqrt(1 - a^2) like every "
+                                "other; false: it enters unscaled, as in recurrentgemma")
 
     def __post_init__(self) -> None:
         check(self.lru_width is None or self.lru_width >= 1, "recurrent.lru_width must be >= 1")
@@ -69,11 +72,13 @@ class RecurrentConfig:
 _MIN_ONE_MINUS_A2 = 1e-6
 
 
-def rglru_coeffs(gates: Tensor, u: Tensor, Lambda: Tensor, c: float) -> tuple[Tensor, Tensor, Tensor]:
+def rglru_coeffs(gates: Tensor, u: Tensor, Lambda: Tensor, c: float,
+                 plain: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """RG-LRU coefficients from the gate logits: ``(a, b, sig)``, all in fp32 (fp64 for fp64).
 
     gates: (B, T, H, 2 bw) logits ``[W_a u + b_a | W_x u + b_x]`` per block; u: (B, T, W);
-    Lambda: (W,). Returns the decay ``a`` (B, T, W), the normalised input
+    Lambda: (W,); ``plain`` (B, T) bool marks inputs that enter without the normaliser. Returns the decay
+    ``a`` (B, T, W), the normalised input
     ``b = sqrt(1 - a^2) * i * u`` (B, T, W), and ``sig = sigmoid(gates)`` (B, T, H, 2 bw) whose
     halves are the recurrence gate r and the input gate i. Plain differentiable torch ops: the
     decoding step uses it, and it is the reference :class:`_RGLRUScan` is tested against.
@@ -88,6 +93,8 @@ def rglru_coeffs(gates: Tensor, u: Tensor, Lambda: Tensor, c: float) -> tuple[Te
     a = torch.exp(log_a)
     # sqrt(1 - a^2) through expm1(2 log a): no cancellation when a is close to 1
     norm = torch.sqrt(torch.clamp(-torch.expm1(2.0 * log_a), min=_MIN_ONE_MINUS_A2))
+    if plain is not None:
+        norm = norm.masked_fill(plain.unsqueeze(-1), 1.0)
     return a, norm * i * u.to(acc), sig
 
 
@@ -103,7 +110,9 @@ class _RGLRUScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gates: Tensor, u: Tensor, Lambda: Tensor, h0: Tensor | None,  # type: ignore[override]
-                c: float, starts: Tensor | None) -> Tensor:
+                c: float, starts: Tensor | None, *plain_starts: bool) -> Tensor:
+        """``plain_starts`` (optional flag): the inputs at ``starts`` enter without the sqrt(1 - a^2) normaliser
+        (a flag, not a second mask: compiled graphs refuse one tensor passed as two inputs)."""
         B, T, H, bw2 = gates.shape
         bw = bw2 // 2
         acc = torch.promote_types(u.dtype, torch.float32)
@@ -118,6 +127,11 @@ class _RGLRUScan(torch.autograd.Function):
         norm = one_minus_a2.clamp_(min=_MIN_ONE_MINUS_A2).sqrt_()
         # d norm / d log a = -a^2 / norm, zero where the clamp is active
         dnorm = (a * a).div_(norm).neg_().mul_(live)
+        ctx.n_plain = len(plain_starts)
+        if plain_starts and plain_starts[0] and starts is not None:
+            keep = starts.view(B, T, 1, 1)
+            norm.masked_fill_(keep, 1.0)
+            dnorm.masked_fill_(keep, 0.0)
         uf = u.to(acc).reshape(B, T, H, bw)  # a view for the conv's output layout
         b = (norm * i).mul_(uf)
         if starts is not None:
@@ -158,7 +172,7 @@ class _RGLRUScan(torch.autograd.Function):
         grad_gates = torch.ops.aten.sigmoid_backward(grad_gates, sig)
         if grad_h0 is not None:
             grad_h0 = grad_h0.to(h0.dtype)
-        return grad_gates.to(ctx.gates_dtype), grad_u, grad_Lambda, grad_h0, None, None
+        return (grad_gates.to(ctx.gates_dtype), grad_u, grad_Lambda, grad_h0, None, None) + (None,) * ctx.n_plain
 
 
 class RecurrentCache(NamedTuple):
@@ -166,6 +180,7 @@ class RecurrentCache(NamedTuple):
 
     conv_state: Tensor  # (B, K-1, W) the last K-1 inputs of the causal conv
     h: Tensor  # (B, W) fp32 RG-LRU state after the last token seen
+    pos: int = 0  # tokens seen (the first one may enter unnormalised, see RecurrentConfig.normalise_first)
 
 
 class RecurrentMixer(Mixer):
@@ -189,15 +204,16 @@ class RecurrentMixer(Mixer):
         self.head_width = self.width // self.n_heads
         self.d_conv = cfg.d_conv
         self.c = float(cfg.c)
+        self.normalise_first = cfg.normalise_first
         W, H, bw, K = self.width, self.n_heads, self.head_width, self.d_conv
 
-        self.in_proj = nn.Linear(dims.d_model, 2 * W, bias=False)  # gate and recurrence branches in one GEMM
+        self.in_proj = nn.Linear(dims.d_model, 2 * W, bias=cfg.bias)  # gate and recurrence branches in one GEMM
         self.conv_weight = nn.Parameter(torch.empty(W, K))  # (W, K)
         self.conv_bias = nn.Parameter(torch.empty(W))
         self.gate_weight = nn.Parameter(torch.empty(H, bw, 2 * bw))  # (H, bw, 2bw) block-diagonal [r | i]
         self.gate_bias = nn.Parameter(torch.empty(H, 2 * bw))
         self.Lambda = nn.Parameter(torch.empty(W))
-        self.out_proj = nn.Linear(W, dims.d_model, bias=False)
+        self.out_proj = nn.Linear(W, dims.d_model, bias=cfg.bias)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -222,6 +238,9 @@ class RecurrentMixer(Mixer):
         log_a = torch.log(a_c) / self.c  # log sigmoid(Lambda)
         self.Lambda.copy_(log_a - torch.log(-torch.expm1(log_a)))  # logit(exp(log_a))
         nn.init.normal_(self.out_proj.weight, 0.0, self.dims.out_std)
+        for lin in (self.in_proj, self.out_proj):
+            if lin.bias is not None:
+                lin.bias.zero_()
 
     def flops(self, seq_len: int) -> dict[str, float]:
         """Projections, plus the block-diagonal gate projection (W x 2 bw per token); the scan is not a matmul."""
@@ -254,20 +273,33 @@ class RecurrentMixer(Mixer):
                                       None if cache is None else cache.conv_state,
                                       position=None if documents is None else documents.position)
         gates = self._gate_logits(u)  # (B, T, H, 2bw)
+        plain = self._plain(x, cache, documents)
         if cache is None:
-            starts = None if documents is None else documents.starts
-            h = _RGLRUScan.apply(gates, u, self.Lambda, None, self.c, starts)  # (B, T, W) fp32
+            # the first-token mask doubles as a reset there: no state precedes a sequence's first token anyway
+            starts = plain if plain is not None else None if documents is None else documents.starts
+            h = _RGLRUScan.apply(gates, u, self.Lambda, None, self.c, starts, plain is not None)  # (B, T, W) fp32
             new_cache = None
         elif T == 1:
-            a, b, _ = rglru_coeffs(gates, u, self.Lambda, self.c)
+            a, b, _ = rglru_coeffs(gates, u, self.Lambda, self.c, plain)
             h = torch.addcmul(b, a, cache.h.to(a.dtype).unsqueeze(1))  # (B, 1, W): one step, O(1)
-            new_cache = RecurrentCache(conv_state, h[:, -1])
+            new_cache = RecurrentCache(conv_state, h[:, -1], cache.pos + 1)
         else:
             # prefill continues the scan from the cached state
-            h = _RGLRUScan.apply(gates, u, self.Lambda, cache.h, self.c, None)
-            new_cache = RecurrentCache(conv_state, h[:, -1].clone())  # don't pin the (B, T, W) buffer
+            h = _RGLRUScan.apply(gates, u, self.Lambda, cache.h, self.c, plain, plain is not None)  # cache.h is 0 at pos 0
+            new_cache = RecurrentCache(conv_state, h[:, -1].clone(), cache.pos + T)  # don't pin the (B, T, W) buffer
         y = self.out_proj(h.to(x.dtype) * gate)
         return MixerOutput(y, new_cache)
+
+    def _plain(self, x: Tensor, cache: RecurrentCache | None, documents: Documents | None) -> Tensor | None:
+        """(B, T) bool: inputs entering without the normaliser (each sequence's or document's first token when
+        ``normalise_first`` is off), or None."""
+        if self.normalise_first or (cache is not None and cache.pos > 0):
+            return None
+        if documents is not None:
+            return documents.starts
+        first = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+        first[:, 0] = True
+        return first
 
 
 register_family(FamilySpec(letter="R", name="recurrent", colour="#9467bd", config_key="recurrent",

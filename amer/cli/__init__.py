@@ -18,8 +18,11 @@ COMMANDS = {
     "train": ("train", "train a hybrid model (python train.py is the same); amer train --help"),
     "sample": ("sample", "generate text from a checkpoint with the decoding caches"),
     "patterns": ("patterns", "list the presets (pattern, layers per family, parameters, STP selection) and families"),
+    "export": ("export", "write a checkpoint as a pretrained folder (config.json, model.safetensors, tokenizer.json)"),
     "curvature": ("curvature", "measure token and depth curvature per family and block boundary"),
+    "plot": ("plot", "training curves of one or several runs overlaid (loss, STP, curvature, tokens/s) as a PNG"),
     "bench": ("bench", "benchmarks: blocks, stp, taps, scaling, flops, peers, all (amer bench --help)"),
+    "import": ("import_", "import a transformers checkpoint folder (Llama, Mixtral, Mamba-2, hybrids) as an amer model"),
     "experiment": ("experiment", "reproductions built on amer: nlrx (STP on NL-RX-SYNTH); amer experiment nlrx --help"),
 }
 

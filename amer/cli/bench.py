@@ -1,4 +1,4 @@
-"""``amer bench SUITE... [--repeats N] [--quick] [--threads N] [--malloc tuned|system] [--out FILE]``.
+"""``amer bench SUITE... [--repeats N] [--quick] [--threads N] [--malloc tuned|system] [--compile] [--out FILE]``.
 
 One table per suite on stdout, and the same rows as JSON with ``--out FILE`` (suites: :mod:`amer.bench`).
 
@@ -42,6 +42,9 @@ def build_parser() -> ArgParser:
     p.add_argument("--malloc", choices=("system", "tuned"), default="tuned",
                    help="'tuned' (default, as `amer train` and `amer experiment` run) keeps freed large blocks "
                    "mapped (glibc mallopt; see amer.runtime.tune_malloc); 'system' leaves glibc's defaults")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the blocks of every amer model the suites build (regional torch.compile, fullgraph; "
+                   "dropless MoE blocks stay eager); the compile suite compares both itself")
     p.add_argument("--out", default=None, help="also write the results as JSON to this file")
     return p
 
@@ -60,7 +63,8 @@ def command(argv: list[str]) -> int:
     if args.malloc == "tuned" and not tune_malloc():
         print("note: --malloc tuned needs glibc (mallopt); running with the system allocator", file=sys.stderr)
         args.malloc = "system"
-    opts = BenchOptions(repeats=repeats, warmup=warmup, quick=args.quick, threads=args.threads, seed=args.seed)
+    opts = BenchOptions(repeats=repeats, warmup=warmup, quick=args.quick, threads=args.threads, seed=args.seed,
+                        compile=args.compile)
     threads_before = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -75,7 +79,7 @@ def _run(names: list[str], opts: BenchOptions, out: str | None, malloc: str) -> 
     info = machine_info()
     print(f"amer bench on {info['cpu']} ({info['cores']} cores, {info['torch_threads']} torch threads), "
           f"torch {info['torch']}, {info['date']}; median of {opts.repeats} after {opts.warmup} warm-up; "
-          f"malloc {malloc}; load average {info['load_avg']}"
+          f"malloc {malloc}; load average {info['load_avg']}" + ("; blocks compiled" if opts.compile else "")
           + (" [quick]" if opts.quick else ""), flush=True)
     load = info["load_avg"]
     if load is not None and info["cores"] and load > info["cores"] - 0.5 and torch.get_num_threads() > 1:
@@ -91,7 +95,8 @@ def _run(names: list[str], opts: BenchOptions, out: str | None, malloc: str) -> 
         results[name] = res.as_dict()
     if out is not None:
         payload = {"machine": info, "options": {"repeats": opts.repeats, "warmup": opts.warmup, "quick": opts.quick,
-                                                "threads": opts.threads, "seed": opts.seed, "malloc": malloc},
+                                                "threads": opts.threads, "seed": opts.seed, "malloc": malloc,
+                                                "compile": opts.compile},
                    "suites": results}
         try:
             write_json(out, payload, compact_lists=False)

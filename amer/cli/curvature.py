@@ -18,7 +18,7 @@ from amer.checkpoint import find_checkpoint, load_checkpoint
 from amer.cli.base import ArgParser, run
 from amer.config import ModelConfig, to_dict
 from amer.configio import number_arg
-from amer.data import ByteTokenizer, DataConfig, build_datasets
+from amer.data import ByteTokenizer, DataConfig, build_datasets, load_tokenizer
 from amer.errors import AnalysisError, ConfigError
 from amer.model import HybridLM
 from amer.pattern import Pattern, load_preset, preset_names
@@ -56,7 +56,7 @@ def build_parser() -> ArgParser:
                    help="bootstrap replicates (default 1000)")
     p.add_argument("--stp-spans", type=number_arg(True, ge=1),
                    help="STP triples per sequence (default: the checkpoint's, else 4)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, xla (torch_xla) or auto (default cpu)")
     p.add_argument("--out", metavar="DIR", help="output directory (default <run>/curvature, or curvature_out/)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -76,7 +76,8 @@ def _load_checkpoint(path: str, device: torch.device) -> tuple[nn.Module, ModelC
     """(model, model config, the run's training config, checkpoint directory)."""
     ckpt = find_checkpoint(path)
     model, cfg = load_checkpoint(ckpt, device=device)
-    meta = json.loads((ckpt / "meta.json").read_text())  # load_checkpoint has validated it
+    meta_file = ckpt / "meta.json"  # a pretrained folder (amer import, amer export) has no training config
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}  # load_checkpoint has validated it
     return model, cfg, meta.get("config", {}), ckpt
 
 
@@ -137,14 +138,20 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
     for m in (model, model_b):
         if m is not None and seq_len > m.cfg.max_seq_len:
             raise ConfigError(f"--seq-len {seq_len} exceeds the model's max_seq_len {m.cfg.max_seq_len}")
-        if m is not None and m.cfg.vocab_size < ByteTokenizer.vocab_size:
-            raise AnalysisError(f"the model's vocab_size {m.cfg.vocab_size} is below the byte tokenizer's "
-                                f"{ByteTokenizer.vocab_size}")
+    # a checkpoint is measured with its own tokenizer (tokenizer.json; bytes when it has none), a fresh model with bytes
+    tok = load_tokenizer(ckpt) if ckpt is not None else ByteTokenizer()
+    if model_b is not None and load_tokenizer(ckpt_b).to_json() != tok.to_json():
+        raise AnalysisError(f"--compare {ckpt_b} uses another tokenizer than {label}: their held-out sequences "
+                            f"differ, so their curvatures are not comparable")
+    for m in (model, model_b):
+        if m is not None and m.cfg.vocab_size < tok.vocab_size:
+            raise AnalysisError(f"the model's vocab_size {m.cfg.vocab_size} is below its tokenizer's "
+                                f"{tok.vocab_size}")
     source = args.data or train_cfg.get("data") or "kjv"
     val_fraction = float(train_cfg.get("val_fraction") or 0.05)  # a run without validation: hold out 5% now
     data_seed = int(train_cfg.get("seed", 0))  # the run's seed fixes which documents it held out
     splits = build_datasets(DataConfig(source=str(source), seq_len=seq_len, val_fraction=val_fraction,
-                                       seed=data_seed))
+                                       seed=data_seed), tok)
     batches = list(splits.val.val_batches(args.batch_size, args.batches))
     n_seq = sum(int(b["tokens"].shape[0]) for b in batches)
     if n_seq < 2:
@@ -158,6 +165,7 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
         "model": to_dict(cfg),
         "stp_selected": _stp_selected(stp, cfg.parsed),
         "data": str(source),
+        "tokenizer": tok.spec,
         "split": "validation",
         "val_fraction": val_fraction,
         "data_seed": data_seed,

@@ -13,13 +13,13 @@ __all__ = ["command", "usage"]
 
 
 def _summary(name: str) -> str:
-    doc = importlib.import_module(f"amer.experiments.{name}").__doc__ or ""
+    doc = importlib.import_module(f"amer.experiments.{name.replace('-', '_')}").__doc__ or ""
     return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
 def usage() -> str:
     lines = ["usage: amer experiment NAME [options]; amer experiment NAME --help", "", "experiments:"]
-    lines += [f"  {name:<10} {_summary(name)}" for name in EXPERIMENTS]
+    lines += [f"  {name:<14} {_summary(name)}" for name in EXPERIMENTS]
     return "\n".join(lines) + "\n"
 
 
@@ -31,4 +31,4 @@ def command(argv: list[str]) -> int:
     if name not in EXPERIMENTS:
         hint = suggest(name, EXPERIMENTS, cutoff=0.6)
         raise ExperimentError(f"unknown experiment '{name}'{hint} (experiments: {', '.join(EXPERIMENTS)})")
-    return importlib.import_module(f"amer.cli.experiment_{name}").command(rest)
+    return importlib.import_module(f"amer.cli.experiment_{name.replace('-', '_')}").command(rest)

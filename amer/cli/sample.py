@@ -7,11 +7,13 @@ import time
 
 import torch
 
-from amer.checkpoint import load_checkpoint
+from amer.checkpoint import find_checkpoint, load_checkpoint
 from amer.cli.base import ArgParser
 from amer.configio import number_arg
-from amer.data import ByteTokenizer
+from amer.data import load_tokenizer
+from amer.errors import CheckpointError
 from amer.generate import generate
+from amer import xla
 from amer.runtime import resolve_device
 
 __all__ = ["command"]
@@ -28,14 +30,18 @@ def command(argv: list[str]) -> int:
     p.add_argument("--top-k", type=number_arg(True, ge=1), default=None,
                    help="sample only among the k most likely tokens")
     p.add_argument("--seed", type=number_arg(True, ge=0), default=0, help="seed of the sampling generator")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, xla (torch_xla) or auto")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
-    model, _ = load_checkpoint(args.checkpoint, device=device)
-    tok = ByteTokenizer()
+    ckpt = find_checkpoint(args.checkpoint)
+    model, _ = load_checkpoint(ckpt, device=device)
+    tok = load_tokenizer(ckpt)  # the run's own tokenizer.json; bytes for checkpoints that predate it
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise CheckpointError(f"{ckpt}/tokenizer.json has {tok.vocab_size} tokens but the model only "
+                              f"{model.cfg.vocab_size} embedding rows: the tokenizer is not this model's")
     ids = [tok.bos_id] + tok.encode(args.prompt)
     prompt = torch.tensor([ids], device=device)
-    gen = torch.Generator(device).manual_seed(args.seed)
+    gen = torch.Generator(xla.host_generator_device(device)).manual_seed(args.seed)
     if device.type == "cpu":
         # batch-1 decoding is a chain of tiny matmuls: extra intra-op threads only add synchronisation
         # (measured 128 vs 4 tokens/s on a busy 2-core machine)

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from amer.cli.base import ArgParser, run
 from amer.config import ConfigError, TrainConfig, from_dict, load_toml, options, suggest
+from amer.checkpoint import read_meta
 from amer.pattern import load_preset
 from amer.training.run import locate, resume_config
 
@@ -144,12 +145,24 @@ def resolve_config(argv: list[str] | None = None) -> tuple[TrainConfig, dict[str
         preset = load_preset(preset_name)
         base = {**preset.get("train", {}), "preset": preset_name, "model": preset["model"], "stp": preset.get("stp", {})}
         merged = _merge(_merge(base, file_cfg), cli)
-        if merged.get("pattern"):
+        if merged.get("init"):
+            merged["model"] = _init_model(merged, file_cfg, cli)
+        elif merged.get("pattern"):
             merged["model"] = {**merged["model"], "pattern": merged["pattern"]}
     cfg = from_dict(TrainConfig, merged)
     if extras["stop_at"] is not None and not 1 <= extras["stop_at"] <= cfg.steps:
         raise ConfigError(f"--stop-at must be between 1 and --steps ({cfg.steps}), got {extras['stop_at']}")
     return cfg, extras
+
+
+def _init_model(merged: dict[str, Any], file_cfg: dict[str, Any], cli: dict[str, Any]) -> dict[str, Any]:
+    """``--init``: the model is the checkpoint's (its pattern and shapes), not the preset's; model settings given
+    in --config or as flags still apply on top (a shape change then fails when the weights load)."""
+    if merged.get("pattern"):
+        raise ConfigError("--pattern cannot be combined with --init: the model comes from the --init checkpoint "
+                          "(to change blocks of a model, use `amer import SRC OUT --pattern NEW`)")
+    model = read_meta(merged["init"])["config"]["model"]
+    return _merge(_merge(model, file_cfg.get("model", {})), cli.get("model", {}))
 
 
 def command(argv: list[str]) -> int:

@@ -44,7 +44,7 @@ class PackedDataset:
     def __init__(
         self,
         documents: Sequence[str],
-        tokenizer: ByteTokenizer,
+        tokenizer: Any,
         seq_len: int,
         *,
         doc_indices: Sequence[int] | np.ndarray | None = None,
@@ -64,6 +64,7 @@ class PackedDataset:
             raise DataError(f"{name}: doc_indices must be strictly increasing")
         stream, lengths = _encode_documents(tokenizer, documents)
         self.n_documents = len(documents)
+        self.n_bytes = sum(len(utf8_bytes(d)) for d in documents)  # UTF-8 text bytes, for bits per byte
         self.n_tokens = int(stream.shape[0])
         self.n_rows = max(0, (self.n_tokens - 1) // seq_len)
         if self.n_rows == 0:
@@ -95,8 +96,11 @@ class PackedDataset:
             "doc_ids": self.doc_ids[idx].long(),
         }
 
-    def val_batches(self, batch_size: int, max_batches: int | None = None) -> Iterator[dict[str, Tensor]]:
-        """Fixed-order batches for evaluation; the last one may be smaller.
+    def val_batches(self, batch_size: int, max_batches: int | None = None, *,
+                    pad: bool = False) -> Iterator[dict[str, Tensor]]:
+        """Fixed-order batches for evaluation; the last one may be smaller, or with ``pad`` is filled up to
+        ``batch_size`` with padding rows (token 0, target -100, document id -1: no loss, no STP span), so a
+        compiled evaluation (XLA) sees one batch shape.
 
         With ``max_batches`` smaller than the data, rows are taken evenly spaced over the whole
         split (not the first ones), so a short evaluation still sees every part of the held-out text.
@@ -109,7 +113,12 @@ class PackedDataset:
         else:
             rows = torch.from_numpy(np.linspace(0, self.n_rows - 1, n).round().astype(np.int64))
         for start in range(0, n, batch_size):
-            yield self.batch(rows[start : start + batch_size])
+            batch = self.batch(rows[start : start + batch_size])
+            short = batch_size - batch["tokens"].shape[0]
+            if pad and short > 0:
+                fill = {"tokens": 0, "targets": -100, "doc_ids": -1}
+                batch = {k: torch.cat([v, v.new_full((short, *v.shape[1:]), fill.get(k, 0))]) for k, v in batch.items()}
+            yield batch
 
     def __repr__(self) -> str:
         return (
@@ -191,13 +200,19 @@ def _split_single(text: str, val_fraction: float, need: int) -> tuple[str, str]:
     return b[:cut].decode("utf-8", errors="replace"), b[cut:].decode("utf-8", errors="replace")
 
 
-def build_datasets(cfg: DataConfig, tokenizer: ByteTokenizer | None = None) -> DataSplits:
-    """Load ``cfg.source``, hold out validation documents, and pack both splits."""
-    tok = tokenizer or ByteTokenizer()
+def build_datasets(cfg: DataConfig, tokenizer: Any = None) -> DataSplits:
+    """Load ``cfg.source``, hold out validation documents, and pack both splits.
+
+    ``tokenizer`` is a tokenizer (default: bytes) or a function of the training documents returning one
+    (how ``--tokenizer bpe:N`` is trained on the training split only). The split is decided on bytes,
+    before any tokenizer exists, so every tokenizer sees the same held-out documents;
+    ``splits.train.tokenizer`` is the tokenizer used.
+    """
     docs = load_documents(cfg.source)
     train_idx, val_idx, docs = split_documents(
         docs, seq_len=cfg.seq_len, val_fraction=cfg.val_fraction, seed=cfg.seed, name=cfg.source
     )
+    tok = tokenizer([docs[i] for i in train_idx]) if callable(tokenizer) else tokenizer or ByteTokenizer()
     train = PackedDataset([docs[i] for i in train_idx], tok, cfg.seq_len, doc_indices=train_idx, name=cfg.source)
     val = None
     if val_idx:

@@ -4,12 +4,14 @@ character spans of each message mapped to byte spans."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch import Tensor
 
 from amer.errors import DataError
+from amer.fileio import atomic_write_text
 
 __all__ = ["ByteTokenizer", "render_chat", "render_chat_with_spans", "char_spans_to_byte_spans"]
 
@@ -25,6 +27,7 @@ class ByteTokenizer:
     eos_id: int = 257
     pad_id: int = 258
     vocab_size: int = 260
+    spec: str = "byte"  # the --tokenizer value that names it
 
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
         """UTF-8 bytes of ``text`` as ids, optionally wrapped in BOS/EOS."""
@@ -60,6 +63,23 @@ class ByteTokenizer:
         stream[ends - 1] = self.eos_id
         stream[body] = np.frombuffer(b"".join(encoded), dtype=np.uint8)
         return stream, lengths
+
+    def encode_with_spans(self, text: str, spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int]]]:
+        """``(ids, token_spans)``: character spans of ``text`` as byte-token spans."""
+        return self.encode(text), char_spans_to_byte_spans(text, spans)
+
+    def to_json(self) -> str:
+        """This tokenizer as an equivalent Hugging Face ``tokenizer.json`` (see :mod:`amer.data.hftok`)."""
+        from amer.data.hftok import byte_tokenizer_json  # lazy: hftok builds on this module
+
+        return byte_tokenizer_json()
+
+    def save(self, path: str | Path) -> Path:
+        """Write :meth:`to_json` atomically (complete or absent)."""
+        return atomic_write_text(path, self.to_json())
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer()"
 
 
 def utf8_bytes(text: str) -> bytes:

@@ -12,15 +12,11 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from amer.families import families
 from amer.report import atomic_write_text, md_table, new_figure, save_figure, text_table, write_json
+from amer.report.style import ENDS, colour_of, palette, reference_lines
 
-__all__ = ["format_markdown", "format_summary", "plot_report", "write_report"]
+__all__ = ["curvature_figure", "format_markdown", "format_summary", "plot_report", "write_report"]
 
-# The two taps around the blocks, which belong to no family.
-_ENDS = {"embed": ("embedding", "#7f7f7f"), "final": ("final norm", "#111111")}
-# A family the registry no longer knows (the report was made while it was registered) is still drawn.
-_UNREGISTERED_COLOUR = "#bcbd22"
 
 
 def _f(x: float | None, digits: int = 4) -> str:
@@ -78,7 +74,7 @@ def _family_diff_items(comp: Mapping[str, Any]) -> list[tuple[str, str, Mapping[
 
 def _tap_family_name(res: Mapping[str, Any], layer: Mapping[str, Any]) -> str:
     if layer["family"] is None:
-        return _ENDS.get(layer["kind"], ("", ""))[0]
+        return ENDS.get(layer["kind"], ("", ""))[0]
     return res["families"].get(layer["family"], {}).get("name", "")
 
 
@@ -152,16 +148,20 @@ def format_summary(report: Mapping[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def _palette() -> dict[str, str]:
-    """Plot colour of every registered family letter and of the embedding and final taps."""
-    return {**{s.letter: s.colour for s in families()}, **{k: colour for k, (_, colour) in _ENDS.items()}}
-
-
 def plot_report(report: Mapping[str, Any], path: str | Path) -> Path:
-    """``curvature.png``: token curvature per tap (circles) and depth curvature at every boundary
-    (diamonds, between the two taps it joins), coloured by family, every boundary marked by a
-    vertical line and labelled with its type along the top. A comparison adds hollow markers for
-    B and a second panel with A − B and its CI (filled where the CI excludes zero)."""
+    """``curvature.png``: :func:`curvature_figure` written atomically."""
+    return save_figure(curvature_figure(report), path, dpi=120)
+
+
+def curvature_figure(report: Mapping[str, Any]) -> Any:
+    """The curvature figure (a bare Agg ``Figure``): token curvature per tap (circles, top panel) and depth
+    curvature at every boundary (diamonds, between the two taps it joins, second panel), coloured by family,
+    every boundary marked by a vertical line and labelled with its type along the top. Error bars are the
+    report's bootstrap confidence intervals (95%), and the caption says so. Both curvature panels carry the
+    reference level 1.0 (random walk); only the token panel carries 1.5 (i.i.d. noise), which is not the
+    i.i.d. level of depth curvature (:mod:`amer.report.style` derives both). A comparison adds hollow markers
+    for B and a last panel with A − B and its CI (filled where the CI excludes zero), where neither level
+    applies: a difference is read against 0."""
     from matplotlib.lines import Line2D
 
     res, comp = report["result"], report.get("comparison")
@@ -170,12 +170,16 @@ def plot_report(report: Mapping[str, Any], path: str | Path) -> Path:
     n = len(res["layers"])
     xt = np.arange(n, dtype=float)
     xb = np.array([b["position"] + 0.5 for b in res["boundaries"]])
-    palette = _palette()
-    tap_col = [palette.get(layer["family"] or layer["kind"], _UNREGISTERED_COLOUR) for layer in res["layers"]]
+    colours = palette()
+    tap_col = [colour_of(layer["family"] or layer["kind"], colours) for layer in res["layers"]]
     bnd_col = [tap_col[b["position"] + 1] for b in res["boundaries"]]
+    level = res.get("ci_level", 0.95)
+    n_boot = res.get("n_bootstrap")
+    ci_text = (f"Error bars: {level:.0%} bootstrap confidence intervals of the mean (percentile bootstrap, whole "
+               f"sequences resampled{f', {n_boot} replicates' if n_boot else ''}).")
 
-    fig, axes = new_figure(2 if comp else 1, 1, sharex=True, squeeze=False, layout="constrained",
-                           figsize=(max(8.0, 0.32 * n + 3.0), 8.0 if comp else 4.8))
+    fig, axes = new_figure(3 if comp else 2, 1, sharex=True, squeeze=False, layout="constrained",
+                           figsize=(max(8.0, 0.32 * n + 3.0), 10.5 if comp else 7.5))
     axes = axes[:, 0]
 
     def series(ax: Any, x: np.ndarray, stats: list[Mapping[str, Any]], colours: list[str], marker: str,
@@ -195,42 +199,51 @@ def plot_report(report: Mapping[str, Any], path: str | Path) -> Path:
             ax.axvline(x, color="0.88", lw=0.7, zorder=0)
         ax.grid(axis="y", color="0.92", lw=0.6)
 
-    ax = axes[0]
-    decorate(ax)
-    series(ax, xt, [lay["token"][k0] for lay in res["layers"]], tap_col, "o", dx=-0.08 if res_b else 0.0, ls=":")
-    series(ax, xb, [b["depth"] for b in res["boundaries"]], bnd_col, "D", dx=-0.08 if res_b else 0.0)
+    dx = -0.08 if res_b else 0.0
+    ax_tok, ax_depth = axes[0], axes[1]
+    for ax in (ax_tok, ax_depth):
+        decorate(ax)
+        ax.set_ylabel(f"1 - cos  ({level:.0%} CI)")
+    series(ax_tok, xt, [lay["token"][k0] for lay in res["layers"]], tap_col, "o", dx=dx, ls=":")
+    series(ax_depth, xb, [b["depth"] for b in res["boundaries"]], bnd_col, "D", dx=dx)
     if res_b is not None:
-        series(ax, xt, [lay["token"][k0] for lay in res_b["layers"]], tap_col, "o", hollow=True, dx=0.08, ls=":")
-        series(ax, xb, [b["depth"] for b in res_b["boundaries"]], bnd_col, "D", hollow=True, dx=0.08)
-    ax.set_ylabel("1 - cos  (0 straight, 1 right angle)")
-    title = f"{res['pattern']}: token curvature per tap (o, stride {k0}) and depth curvature per boundary (◆)"
-    ax.set_title(title + (f"\nfilled: A = {res['label']}   hollow: B = {res_b['label']}" if res_b else ""),
-                 fontsize=9)
-    top = ax.secondary_xaxis("top")
+        series(ax_tok, xt, [lay["token"][k0] for lay in res_b["layers"]], tap_col, "o", hollow=True, dx=0.08, ls=":")
+        series(ax_depth, xb, [b["depth"] for b in res_b["boundaries"]], bnd_col, "D", hollow=True, dx=0.08)
+    reference_lines(ax_tok)  # 1.0 random walk, 1.5 i.i.d. noise: the token trajectory's two null levels
+    reference_lines(ax_depth, iid=False)  # independent updates give 1.0; 1.5 is no null level along depth
+    title = f"{res['pattern']}: token curvature per tap (o, stride {k0})"
+    ax_tok.set_title(title + (f"\nfilled: A = {res['label']}   hollow: B = {res_b['label']}" if res_b else ""),
+                     fontsize=9)
+    fig.supxlabel(ci_text, fontsize=8)  # the caption, under the figure
+    ax_depth.set_title("depth curvature per boundary (◆, colour: the block after it)", fontsize=9)
+    top = ax_tok.secondary_xaxis("top")
     top.set_xticks(xb, labels=[b["type"] for b in res["boundaries"]])
     top.tick_params(axis="x", labelrotation=90, labelsize=7, length=0)
-    legend = [(_ENDS["embed"][0], "embed")] + [(v["name"], fam) for fam, v in res["families"].items()]
-    legend.append((_ENDS["final"][0], "final"))
-    handles = [Line2D([], [], ls="", marker="s", color=palette.get(key, _UNREGISTERED_COLOUR), label=label)
+    legend = [(ENDS["embed"][0], "embed")] + [(v["name"], fam) for fam, v in res["families"].items()]
+    legend.append((ENDS["final"][0], "final"))
+    handles = [Line2D([], [], ls="", marker="s", color=colour_of(key, colours), label=label)
                for label, key in legend]
     handles += [Line2D([], [], ls=":", marker="o", color="0.3", label="token curvature\n(at a tap)"),
                 Line2D([], [], ls="-", marker="D", color="0.3",
-                       label="depth curvature\n(at a boundary;\ncolour: block after it)")]
-    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+                       label="depth curvature\n(at a boundary;\ncolour: block after it)"),
+                Line2D([], [], ls=(0, (4, 3)), color="0.45", lw=0.8,
+                       label="reference levels:\n1.0 random walk,\n1.5 i.i.d. noise\n(token panel only)"),
+                Line2D([], [], ls="-", marker="|", ms=10, color="0.3", label=f"error bar:\n{level:.0%} bootstrap CI")]
+    ax_tok.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
 
     if comp is not None:
-        ax2 = axes[1]
+        ax2 = axes[2]
         decorate(ax2)
         ax2.axhline(0.0, color="0.4", lw=0.8)
         series(ax2, xt, [lay["token"][k0] for lay in comp["layers"]], tap_col, "o", diff=True, ls=":")
         series(ax2, xb, [b["depth"] for b in comp["boundaries"]], bnd_col, "D", diff=True)
-        ax2.set_ylabel("A − B  (95% CI)")
-        ax2.set_title(f"difference A − B ({'paired' if comp['paired'] else 'independent'} bootstrap); "
-                      "filled = CI excludes 0", fontsize=9)
+        ax2.set_ylabel(f"A − B  ({comp.get('ci_level', level):.0%} bootstrap CI)")
+        ax2.set_title(f"difference A − B ({'paired' if comp['paired'] else 'independent'} bootstrap, "
+                      f"{comp.get('ci_level', level):.0%} CI); filled = CI excludes 0", fontsize=9)
     axes[-1].set_xticks(xt, labels=[lay["tap"] for lay in res["layers"]])
     axes[-1].tick_params(axis="x", labelrotation=90, labelsize=7)
     axes[-1].set_xlim(-0.6, n - 0.4)
-    return save_figure(fig, path, dpi=120)
+    return fig
 
 
 def write_report(report: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:

@@ -63,8 +63,8 @@ def new_figure(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float] |
     return fig, fig.subplots(nrows, ncols, **subplots)
 
 
-def save_figure(fig: Any, path: str | Path, *, dpi: int = 120) -> Path:
-    """Save ``fig`` as PNG at ``path`` (atomically)."""
+def save_figure(fig: Any, path: str | Path, *, dpi: int = 120, **options: Any) -> Path:
+    """Save ``fig`` as PNG at ``path`` (atomically); ``options`` go to ``savefig`` (e.g. ``metadata``)."""
     buf = io.BytesIO()
-    fig.savefig(buf, dpi=dpi, format="png")
+    fig.savefig(buf, dpi=dpi, format="png", **options)
     return atomic_write_bytes(path, buf.getvalue())

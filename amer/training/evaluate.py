@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import Tensor
 
+from amer import xla
 from amer.objective import STPPolicy, cross_entropy
 from amer.runtime import autocast
 
@@ -34,7 +35,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Mapping[str, Tensor]], *,
     if taps is None:
         needed = list(dict.fromkeys(name for p in stp.values() for name in p.names))
         taps = ",".join(needed) if needed else False
-    gens = {k: torch.Generator(device).manual_seed(SPAN_SEED) for k in stp}
+    gens = {k: torch.Generator(xla.host_generator_device(device)).manual_seed(SPAN_SEED) for k in stp}
     was_training = model.training
     model.eval()
     ce_sum, n_tok, n_rows = 0.0, 0, 0
@@ -43,13 +44,20 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Mapping[str, Tensor]], *,
         batch = {k: v.to(device) for k, v in raw.items()}
         with autocast(dtype, device):
             out = model(batch["tokens"], taps=taps, doc_ids=batch.get("doc_ids") if documents else None)
-        k = int((batch["targets"] != ignore_index).sum())
-        ce_sum += float(cross_entropy(out.logits, batch["targets"], ignore_index)) * k
+        # one read-back per batch (one compiled graph on XLA): CE, target count, real rows, STP losses
+        figures = [cross_entropy(out.logits, batch["targets"], ignore_index), (batch["targets"] != ignore_index).sum(),
+                   (batch["doc_ids"] >= 0).any(1).sum() if "doc_ids" in batch else torch.tensor(batch["tokens"].shape[0])]
+        for name, policy in stp.items():  # padding rows (document id -1) hold no span: they add nothing
+            loss, _ = policy.stp_loss(out.taps, mask=batch.get("doc_ids"), generator=gens[name],
+                                      content=batch.get("stp_content"))
+            figures.append(loss)
+        ce, k, rows, *stps = torch.stack([f.float().to(device) for f in figures]).tolist()
+        k, rows = int(k), int(rows)
+        ce_sum += ce * k
         n_tok += k
-        rows = batch["tokens"].shape[0]
         n_rows += rows
-        for name, policy in stp.items():
-            stp_sum[name] += float(policy.stp_loss(out.taps, mask=batch.get("doc_ids"), generator=gens[name])[0]) * rows
+        for name, loss in zip(stp, stps):
+            stp_sum[name] += loss * rows
         if visit is not None:
             visit(out, batch)
     model.train(was_training)

@@ -9,23 +9,29 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
 
+from amer import xla
 from amer.checkpoint import list_checkpoints
 from amer.config import TrainConfig
-from amer.data import BatchIterator, ByteTokenizer, DataConfig, build_datasets
+from amer.data import BatchIterator, DataConfig, build_datasets, make_tokenizer, model_vocab_size
 from amer.errors import ConfigError
 from amer.model import HybridLM
 from amer.objective import STPPolicy
+from amer.report.curves import draw_run_curves
 from amer.runtime import resolve_device, warn_slow_bfloat16
 from amer.training import distributed, scaleout
 from amer.training import run as rundir
 from amer.training.evaluate import evaluate
 from amer.training.guard import BadSteps, cause_of
+from amer.training.restore import init_weights
 from amer.training.log import Progress, RunLogger
 from amer.training.optim import lr_at, make_optimizer
+from amer.training.checkpointing import apply_activation_checkpointing
+from amer.training.compile import compile_blocks
 from amer.training.step import TrainStep
 
 __all__ = ["train"]
@@ -47,24 +53,42 @@ def _train(cfg: TrainConfig, layout: distributed.Layout, stop_at: int | None, qu
     # before any slow work: a clash or a foreign directory fails at once (rank 0 owns the run directory)
     target = scaleout.on_main(layout, lambda: rundir.prepare(cfg))
     warn_slow_bfloat16(cfg.dtype, device, quiet=quiet)
-    tok = ByteTokenizer()
+    spec, saved = rundir.saved_tokenizer(cfg, target)  # resume / --init: the saved tokenizer, never retrained
+    data = build_datasets(DataConfig(cfg.data, cfg.seq_len, cfg.val_fraction, cfg.seed),
+                          saved or (lambda train_docs: make_tokenizer(spec, train_docs)))
+    tok = data.train.tokenizer
+    if saved is None:  # a new tokenizer sets the vocabulary (saved ones come with their model's)
+        cfg = replace(cfg, model=replace(cfg.model, vocab_size=model_vocab_size(tok)))
+    if spec != cfg.tokenizer:  # --init: the tokenizer saved with those weights
+        cfg = replace(cfg, tokenizer=spec)
     if cfg.model.vocab_size < tok.vocab_size:
-        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the byte tokenizer's "
+        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
                           f"{tok.vocab_size} tokens")
-    data = build_datasets(DataConfig(cfg.data, cfg.seq_len, cfg.val_fraction, cfg.seed), tok)
-    model = HybridLM(cfg.model).to(device)
+    model = HybridLM(cfg.model)
+    model = xla.move(model, device) if xla.is_xla(device) else model.to(device)
+    if xla.is_xla(device):
+        xla.announce(model)
+    if cfg.init and target.checkpoint is None:  # a resumed run's own checkpoint holds newer weights
+        init_weights(model, cfg.init)
+    apply_activation_checkpointing(model, cfg.activation_checkpointing)  # from outside the model (torchtitan)
+    if cfg.compile:
+        if xla.is_xla(device):
+            raise ConfigError("--compile applies to cpu and cuda; on XLA the whole step is compiled already")
+        say(compile_blocks(model).describe())
     policy = STPPolicy(cfg.stp, model.pattern)  # resolves the tap selection now: a bad one fails here
     opt = make_optimizer(model, cfg)
     batches = BatchIterator(data.train, cfg.batch_size, cfg.seed)
-    stp_gen = torch.Generator(device).manual_seed(cfg.seed + 1)
+    stp_gen = torch.Generator(xla.host_generator_device(device)).manual_seed(cfg.seed + 1)
     run_dir = target.run_dir
     state, resolved = scaleout.on_main(layout, lambda: rundir.open_run(target, cfg, model, opt, batches, stp_gen,
                                                                        say, stop_at))
+    scaleout.on_main(layout, lambda: tok.save(run_dir / "tokenizer.json"))
     logger = (RunLogger(run_dir, cfg.tensorboard, resume_step=state.step if cfg.resume else None) if layout.main
               else scaleout.NullLogger())
     stp_note = f"on {cfg.stp.layers!r} from step {cfg.stp.start_step}" if cfg.stp.enabled else "off"
     say(f"amer: {cfg.model.pattern} ({model.pattern.letters}) {model.num_params() / 1e6:.2f}M params | data {cfg.data}: "
-        f"{data.train.n_tokens / 1e6:.2f}M train / {data.val.n_tokens / 1e6:.2f}M val tokens | STP {stp_note}")
+        f"{data.train.n_tokens / 1e6:.2f}M train / {data.val.n_tokens / 1e6:.2f}M val tokens ({tok.spec}, "
+        f"{tok.vocab_size} ids) | STP {stp_note}")
     say(f"run directory: {run_dir}")
 
     scaled = None
@@ -84,7 +108,10 @@ def _train(cfg: TrainConfig, layout: distributed.Layout, stop_at: int | None, qu
         for step in range(state.step, last_step):
             log_now = (step + 1) % cfg.log_interval == 0 or step + 1 == last_step
             lr = lr_at(step, cfg)
+            t_step = time.perf_counter()
             res = step_fn((next(batches) for _ in range(cfg.grad_accum)), step, lr=lr, metrics=log_now)
+            if cfg.compile and step == first_step:
+                progress.say(f"compile: first step {time.perf_counter() - t_step:.1f} s, compilation included")
             if not res.applied:
                 progress.say(f"step {step + 1}: {res.skipped_reason}; step skipped "
                              f"({bad.in_a_row + 1}/{cfg.max_bad_steps})")
@@ -92,6 +119,8 @@ def _train(cfg: TrainConfig, layout: distributed.Layout, stop_at: int | None, qu
                 bad.bad(step + 1, cause_of(res))
                 continue
             bad.good()
+            if res.finite is False:  # XLA reads its guard with the log figures: the step was applied as a zero step
+                progress.say(f"step {step + 1}: non-finite loss or gradient; applied with a zero gradient (XLA)")
             state.step = step + 1
             tok_since += cfg.batch_size * cfg.grad_accum * cfg.seq_len
             if log_now:
@@ -107,20 +136,26 @@ def _train(cfg: TrainConfig, layout: distributed.Layout, stop_at: int | None, qu
             if state.step % cfg.eval_interval == 0 or state.step == last_step:
                 host = (model, opt) if scaled is None else scaleout.host_copy(scaled, cfg)  # rank 0: whole model
                 val = scaleout.on_main(layout, lambda: validate(host[0], policy, data.val, cfg))
+                if xla.is_xla(device):  # checkpoints are written from host copies (the CPU format)
+                    host = xla.host_copy(model, opt, lambda: HybridLM(cfg.model), lambda m: make_optimizer(m, cfg))
                 val_ok = all(math.isfinite(v) for v in val.values())
                 logger.log(state.step, val if val_ok else {**val, "val/skipped": "non-finite validation loss"})
+                if layout.main and cfg.curves:  # curves.png, redrawn at every evaluation; a failure only warns
+                    draw_run_curves(run_dir, progress.say)
                 if not val_ok:  # nothing to checkpoint: weights that evaluate to NaN are not a result
                     progress.say(f"step {state.step}: non-finite validation loss; no checkpoint written")
                     bad.bad(state.step, "the validation loss is non-finite; lower --lr or use --dtype float32",
                             train_step=False)
                     continue
                 scaleout.on_main(layout, lambda: rundir.checkpoint(run_dir, host[0], host[1], state, val, resolved,
-                                                                   batches, stp_gen, cfg.keep_last))
+                                                                   batches, stp_gen, cfg.keep_last, tok))
                 progress.say(f"step {state.step}: val loss {val['val/loss']:.4f}"
                              + (f" val stp {val['val/stp']:.4f}" if "val/stp" in val else ""))
     finally:
         progress.close()
         logger.close()
+        if layout.main and cfg.curves:
+            draw_run_curves(run_dir, say)  # the end of the run (a no-op when the log is unchanged)
     bad.finish(last_step - first_step, val_ok)
     latest = (list_checkpoints(run_dir) or [None])[-1]
     say(f"done: checkpoint {latest} | best {run_dir / 'best'} (val loss {state.best_val:.4f}) | logs "
@@ -131,7 +166,9 @@ def _train(cfg: TrainConfig, layout: distributed.Layout, stop_at: int | None, qu
 
 def validate(model: HybridLM, policy: STPPolicy, val_data: Any, cfg: TrainConfig) -> dict[str, float]:
     """Held-out cross-entropy, and held-out STP on the run's own selection (fixed spans) when STP is on."""
-    res = evaluate(model, val_data.val_batches(cfg.batch_size, cfg.eval_batches), stp={"stp": policy}, dtype=cfg.dtype,
+    pad = xla.is_xla(next(model.parameters()).device)  # XLA: one batch shape, the last batch padded
+    res = evaluate(model, val_data.val_batches(cfg.batch_size, cfg.eval_batches, pad=pad), stp={"stp": policy},
+                   dtype=cfg.dtype,
                    documents=cfg.packing == "documents")
     return {"val/loss": res["loss"], **({"val/stp": res["stp/stp"]} if "stp/stp" in res else {})}
 

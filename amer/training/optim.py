@@ -11,11 +11,18 @@ from amer.config import TrainConfig
 __all__ = ["make_optimizer", "lr_at"]
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at ``steps``."""
+def lr_at(step: int, cfg: TrainConfig, *, schedule: str = "cosine") -> float:
+    """Linear warm-up to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at ``steps``.
+
+    ``schedule="linear"``: the fine-tuning schedule of Hugging Face's Trainer (the STP paper's released
+    code): after the warm-up (usually none) a linear decay from ``lr`` to 0 at ``steps``."""
+    if schedule not in ("cosine", "linear"):
+        raise ValueError(f"schedule must be 'cosine' or 'linear', got {schedule!r}")
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    if schedule == "linear":
+        return cfg.lr * max(0.0, 1.0 - progress)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
 

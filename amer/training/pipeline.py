@@ -24,9 +24,10 @@ import torch
 from torch import Tensor, nn
 
 from amer.blocks import Documents
-from amer.model import HybridLM
+from amer.model import HybridLM, final_logits, scale_embedding
 from amer.objective import STPPolicy
 from amer.stp import sample_spans, stp_per_layer, token_curvature
+from amer.stp_span import sample_patches, span_stp_per_layer
 from amer.tap import tap_names
 
 __all__ = ["AuxSeam", "StageModule", "stage_layers"]
@@ -94,6 +95,7 @@ class StageModule(nn.Module):
         self.n_blocks = len(model.blocks)
         self.policy, self.documents, self.generator = policy, documents, stp_generator
         self.embed = model.embed if self.first else None
+        self.model_cfg = model.cfg  # embedding and logit scaling (amer.model.scale_embedding, final_logits)
         self.blocks = nn.ModuleDict({str(layer.index): model.blocks[layer.index] for layer in self.layers})
         self.norm = model.norm if self.last else None
         self.tied_copy = False
@@ -132,7 +134,7 @@ class StageModule(nn.Module):
         documents = Documents(doc_ids) if self.documents and doc_ids is not None else None
         hiddens: dict[int, Tensor] = {}
         if self.first:
-            x = self.embed(x)
+            x = scale_embedding(self.model_cfg, self.embed(x))
             hiddens[0] = x
         aux = torch.zeros((), device=x.device)
         record: dict[str, Tensor] = {}
@@ -145,7 +147,7 @@ class StageModule(nn.Module):
         if self.last:
             h = self.norm(x)
             hiddens[self.n_blocks + 1] = h
-            x = self.lm_head(h)
+            x = final_logits(self.model_cfg, self.lm_head(h))
         if self.want_metrics:  # token curvature of every tap this stage holds, under its global name
             for pos, hid in hiddens.items():
                 record[f"curv/tok/{self.tap_names[pos]}"] = token_curvature(hid.detach(), mask=doc_ids).float()
@@ -163,12 +165,14 @@ class StageModule(nn.Module):
         zero = torch.zeros((), device=some.device)
         if not policy.enabled:
             return zero
+        span = policy.cfg.form == "span"  # the span form (amer.stp_span), without a content mask here
         if not self.stp_taps:  # draw the spans anyway: every stage's generator stays where one process's is
-            sample_spans(some.shape[0], some.shape[1], policy.cfg.n_spans, mask=mask, generator=self.generator,
-                         device=some.device)
+            (sample_patches if span else sample_spans)(some.shape[0], some.shape[1], policy.cfg.n_spans, mask=mask,
+                                                       generator=self.generator, device=some.device)
             return zero
         states = [hiddens[pos] for _, pos in self.stp_taps]
-        per_layer = stp_per_layer(states, policy.cfg.n_spans, mask=mask, generator=self.generator)
+        per_layer = (span_stp_per_layer if span else stp_per_layer)(states, policy.cfg.n_spans, mask=mask,
+                                                                     generator=self.generator)
         w = torch.tensor([policy.tap_weights[k] for k, _ in self.stp_taps], dtype=per_layer.dtype,
                          device=per_layer.device)
         share = (per_layer * w).sum() / sum(policy.tap_weights)

@@ -14,7 +14,7 @@ from amer.checkpoint import read_checkpoint, restore_model, restore_optimizer
 from amer.data import BatchIterator
 from amer.errors import CheckpointError
 
-__all__ = ["restore", "rng_pack", "rng_unpack", "check_meta"]
+__all__ = ["restore", "init_weights", "rng_pack", "rng_unpack", "check_meta"]
 
 
 def rng_pack(state: torch.Tensor) -> str:
@@ -88,4 +88,13 @@ def restore(path: str, model: torch.nn.Module, opt: torch.optim.Optimizer, batch
     except RuntimeError as e:
         raise CheckpointError(f"{meta['_path']}/meta.json: rng is not a valid generator state "
                               f"({str(e).splitlines()[0]})") from None
+    return meta
+
+
+def init_weights(model: torch.nn.Module, path: str) -> dict[str, Any]:
+    """Load the weights of checkpoint, run directory or pretrained folder ``path`` into ``model`` (``--init``):
+    weights only; the optimizer, schedule, data order and generators start fresh. Returns the source's meta."""
+    weights, _, meta = read_checkpoint(path, with_optimizer=False)
+    device = next(model.parameters()).device
+    restore_model(model, {k: v.to(device) for k, v in weights.items()}, source=f"--init {meta['_path']}")
     return meta

@@ -18,18 +18,25 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from amer.checkpoint import CHECKPOINT_FILES, checkpoint_step, list_checkpoints, read_checkpoint, save_checkpoint
+from amer.checkpoint import (
+    CHECKPOINT_FILES,
+    checkpoint_step,
+    find_checkpoint,
+    list_checkpoints,
+    read_checkpoint,
+    save_checkpoint,
+)
 from amer.config import TrainConfig, to_dict
-from amer.data import BatchIterator
+from amer.data import BatchIterator, check_spec, load_tokenizer
 from amer.errors import CheckpointError, ConfigError, TrainingError
 from amer.fileio import fault_point, json_text, own_temp_files, recover_dirs, remove_own_files, write_json
 from amer.training.restore import restore, rng_pack, rng_unpack
 
 __all__ = ["RunState", "Target", "MARKER", "prepare", "open_run", "new_run_dir", "locate", "resume_config",
-           "checkpoint", "prune", "rng_pack", "rng_unpack"]
+           "checkpoint", "prune", "rng_pack", "rng_unpack", "saved_tokenizer"]
 
 MARKER = "amer-run.json"  # {"run_id": ...}: this directory was created by amer train
-RUN_FILES = (MARKER, "config.json", "log.jsonl")
+RUN_FILES = (MARKER, "config.json", "log.jsonl", "tokenizer.json", "curves.png")
 
 
 @dataclass
@@ -214,7 +221,7 @@ def write_config(run_dir: Path, cfg: TrainConfig) -> dict[str, Any]:
 
 def checkpoint(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state: RunState,
                val: dict[str, float], resolved: dict[str, Any], batches: BatchIterator, stp_gen: torch.Generator,
-               keep_last: int) -> None:
+               keep_last: int, tokenizer: Any = None) -> None:
     """``step_NNNNNN/`` (and ``best/`` when the validation loss improved), keeping the last ``keep_last``.
     A model with non-finite weights is never written."""
     bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
@@ -228,9 +235,9 @@ def checkpoint(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer
             "data_state": batches.state_dict(),
             "rng": {"torch": rng_pack(torch.get_rng_state()), "stp": rng_pack(stp_gen.get_state())}}
     json_text(meta)  # a non-finite figure fails here, before any file is written
-    save_checkpoint(run_dir / f"step_{state.step:06d}", model, opt, meta)
+    save_checkpoint(run_dir / f"step_{state.step:06d}", model, opt, meta, tokenizer=tokenizer)
     if is_best:
-        save_checkpoint(run_dir / "best", model, None, meta)
+        save_checkpoint(run_dir / "best", model, None, meta, tokenizer=tokenizer)
     prune(run_dir, keep_last, state.run_id)
 
 
@@ -251,3 +258,34 @@ def prune(run_dir: Path, keep_last: int, run_id: str | None = None) -> None:
         remove_own_files(old, CHECKPOINT_FILES)
 
 
+
+
+def saved_tokenizer(cfg: TrainConfig, target: Target) -> tuple[str, Any]:
+    """``(spec, tokenizer)``: the tokenizer a run must reuse, or None when it is made from ``--tokenizer`` now.
+
+    A resumed run reuses the one saved with its checkpoint (or in its directory when it has none yet), never
+    a retrained one; ``--init`` reuses the one saved with those weights (its spec becomes that file). A
+    resumed run's ``--tokenizer`` cannot change; a new one is checked here, before any slow work.
+    """
+    if target.resume:
+        try:
+            was = json.loads((target.run_dir / "config.json").read_bytes()).get("tokenizer", "byte")
+        except (OSError, ValueError, AttributeError):
+            was = cfg.tokenizer
+        if cfg.tokenizer != was:
+            raise ConfigError(f"--tokenizer {cfg.tokenizer} differs from the run's own ({was}); a resumed run keeps "
+                              f"its tokenizer: drop --tokenizer, or start a new run")
+        where = target.checkpoint if target.checkpoint is not None else target.run_dir
+        if (where / "tokenizer.json").is_file():
+            return cfg.tokenizer, load_tokenizer(where)
+        if target.checkpoint is not None:
+            if cfg.tokenizer != "byte":
+                raise CheckpointError(f"{target.checkpoint} has no tokenizer.json but the run used --tokenizer "
+                                      f"{cfg.tokenizer}; copy the run's tokenizer.json into it")
+            return cfg.tokenizer, load_tokenizer(where)  # a checkpoint from before tokenizers were saved: bytes
+    elif getattr(cfg, "init", None):
+        src = find_checkpoint(cfg.init)
+        tok = load_tokenizer(src)
+        return ("byte" if tok.spec == "byte" else str(src / "tokenizer.json")), tok
+    check_spec(cfg.tokenizer)
+    return cfg.tokenizer, None

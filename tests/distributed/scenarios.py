@@ -8,6 +8,7 @@ the reason when a check fails, so the pytest side only has to read the exit code
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 
 import torch
@@ -84,7 +85,9 @@ def pp_grads(layout: D.Layout) -> None:
     base = HybridLM(cfg)
     policy = STPPolicy(stp("A-1,M-1,E-1,R-1,final"), base.pattern)
     data = batch(4)
-    for schedule, m in (("gpipe", 1), ("gpipe", 2), ("gpipe", 4), ("1f1b", 2), ("1f1b", 4)):  # 1f1b needs m >= 2
+    span = STPPolicy(dataclasses.replace(policy.cfg, form="span"), base.pattern)  # the span form, same contract
+    for schedule, m, policy in (("gpipe", 1, policy), ("gpipe", 2, policy), ("gpipe", 4, policy), ("1f1b", 2, policy),
+                                ("1f1b", 4, policy), ("1f1b", 2, span)):  # 1f1b needs m >= 2
         ref = reference_grads(copy.deepcopy(base), policy, data, m, step=5)
         model = copy.deepcopy(base)
         stage = P.StageModule(model, layout.pp_rank, 2, policy, stp_generator=torch.Generator().manual_seed(SEED))
@@ -99,7 +102,9 @@ def pp_grads(layout: D.Layout) -> None:
             close(p.grad, ref["embed.weight" if name == "lm_head.weight" and stage.tied_copy else name],
                   f"{schedule} m={m} stage {layout.pp_rank} {name}")
         dist.barrier()
-        say(layout, f"pp=2 {schedule} microbatches={m}: gradients of both stages equal one process's")
+        say(layout, f"pp=2 {schedule} microbatches={m} stp {policy.cfg.form}: gradients of both stages equal one "
+                    "process's")
+    policy = STPPolicy(stp("A-1,M-1,E-1,R-1,final"), base.pattern)
     P._SEAM_ENABLED = False
     try:
         model = copy.deepcopy(base)

@@ -4,7 +4,7 @@ held-out evaluation (CE, STP on both selections, final states for the effective 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -14,7 +14,7 @@ from torch import Tensor
 import amer.generate
 from amer.analysis.stats import effective_rank
 from amer.config import STPConfig, TrainConfig
-from amer.data import ByteTokenizer
+from amer.data import ByteTokenizer, model_vocab_size
 from amer.errors import TrainingError
 from amer.experiments.nlrx.data import (
     TEST_FILE,
@@ -37,9 +37,10 @@ class Data(NamedTuple):
     test: ExampleSet
 
 
-def load_data(s: Settings) -> Data:
+def load_data(s: Settings, tokenizer: Any = None) -> Data:
+    """Train and test examples encoded with ``tokenizer`` (any of :mod:`amer.data`; default bytes)."""
     d = Path(s.data_dir)
-    tok = ByteTokenizer()
+    tok = tokenizer or ByteTokenizer()
     train = ExampleSet(load_examples(d / TRAIN_FILE, limit=s.train_rows), tok, system=s.system_prompt, name="train")
     test = ExampleSet(load_examples(d / TEST_FILE, limit=s.test_rows), tok, system=s.system_prompt, name="test")
     return Data(train, test)
@@ -60,6 +61,8 @@ def train_arm(arm: Arm, s: Settings, data: Data, *, log_every: int = 0) -> tuple
     """
     torch.manual_seed(arm.seed)
     mcfg = model_config(arm.pattern, s.d_model)
+    if not isinstance(data.train.tok, ByteTokenizer):  # the embedding follows the tokenizer
+        mcfg = replace(mcfg, vocab_size=model_vocab_size(data.train.tok))
     model = HybridLM(mcfg)
     policy = _policy(model, arm.lam, arm.taps, s.n_spans)
     tcfg = TrainConfig(steps=s.steps, batch_size=s.batch_size, lr=s.lr, warmup_steps=s.warmup_steps,

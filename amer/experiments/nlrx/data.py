@@ -10,7 +10,7 @@ from typing import Any, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from amer.data import ByteTokenizer, char_spans_to_byte_spans, iter_jsonl, render_chat_with_spans
+from amer.data import ByteTokenizer, iter_jsonl, render_chat_with_spans
 from amer.errors import DataError
 
 ENV_DIR = "AMER_NLRX_DIR"  # where the data lives, when not given with --data-dir
@@ -67,15 +67,17 @@ def encode_example(ex: Example, tok: ByteTokenizer, *, system: bool = False) -> 
     """``([BOS] prompt-render target [EOS], target_start)``; ``ids[:target_start]`` is the generation prompt.
 
     The render is :func:`render_chat_with_spans` of the (system,) user and assistant turns; its
-    assistant span, converted to byte offsets, locates the target, whose closing template newline
-    is replaced by EOS (what the model emits to stop).
+    assistant span without the turn's closing newline, mapped to token positions by the tokenizer
+    (byte offsets for bytes, the tokenizer's character offsets for a subword tokenizer: a token
+    overlapping the span belongs to it), locates the target; the newline's place goes to EOS (what
+    the model emits to stop). Any tokenizer of :mod:`amer.data` works.
     """
     msgs = ([{"role": "system", "content": ex.system}] if system and ex.system is not None else [])
     msgs += [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": ex.target}]
     text, spans = render_chat_with_spans(msgs)
-    (start, end), = char_spans_to_byte_spans(text, spans[-1:])
-    body = tok.encode(text)
-    ids = [tok.bos_id, *body[:start], *body[start : end - 1], tok.eos_id]  # end-1: drop the turn's "\n"
+    (s, e), = spans[-1:]
+    body, ((start, stop),) = tok.encode_with_spans(text, [(s, e - 1)])  # e-1: without the turn's "\n"
+    ids = [tok.bos_id, *body[:start], *body[start:stop], tok.eos_id]
     return ids, 1 + start
 
 

@@ -1,0 +1,49 @@
+"""``amer export CHECKPOINT DIR``: a checkpoint as a pretrained folder (config.json, model.safetensors,
+tokenizer.json) that ``HybridLM.from_pretrained`` loads, or, with ``--format transformers``, as a transformers
+model folder where a transformers class can express the pattern."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from amer.checkpoint import find_checkpoint, load_checkpoint, read_meta
+from amer.cli.base import ArgParser
+from amer.errors import InputError
+from amer.hub import PRETRAINED_FILES, save_pretrained
+
+__all__ = ["command"]
+
+
+def command(argv: list[str]) -> int:
+    p = ArgParser(prog="amer export", description="Write a checkpoint as a pretrained folder: config.json, "
+                  "model.safetensors and tokenizer.json (amer's format, loaded by HybridLM.from_pretrained), or a "
+                  "transformers model folder (--format transformers).")
+    p.add_argument("checkpoint", help="checkpoint directory, run directory (latest step) or pretrained folder")
+    p.add_argument("out", help="folder to write: new or empty (see --overwrite)")
+    p.add_argument("--format", choices=("amer", "transformers"), default="amer",
+                   help="amer: HybridLM.from_pretrained folder; transformers: a LlamaForCausalLM, "
+                        "MixtralForCausalLM or Mamba2ForCausalLM folder, when the pattern is one of theirs")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export in OUT (a folder holding anything else is still refused)")
+    args = p.parse_args(argv)
+    from amer.data import load_tokenizer
+
+    source = find_checkpoint(args.checkpoint)
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise InputError(f"{out} already exists and is not empty: choose a new folder, or --overwrite to replace "
+                         "an earlier export")
+    model, cfg = load_checkpoint(source)
+    tokenizer = load_tokenizer(source)
+    if args.format == "transformers":
+        from amer.interop import export_transformers
+
+        export_transformers(model, cfg, out, tokenizer=tokenizer)
+    else:
+        step = read_meta(source).get("step")
+        save_pretrained(model, out, tokenizer=tokenizer, source={"checkpoint": str(source), "step": step})
+        print(f"exported {source}" + (f" (step {step})" if step is not None else "") + f" to {out}: "
+              + ", ".join(f for f in PRETRAINED_FILES if (out / f).exists()))
+        return 0
+    print(f"exported {source} to {out} ({args.format} format)")
+    return 0

@@ -1,0 +1,291 @@
+"""Subword tokenizers through the Hugging Face ``tokenizers`` library (Rust: fast, offline): a byte-level
+BPE trained on a run's training split, or any ``tokenizer.json`` a user has on disk; plus the one
+function that turns a ``--tokenizer`` value into a tokenizer and the loaders for saved ones.
+
+Three forms of ``--tokenizer``:
+
+* ``byte``: :class:`~amer.data.tokenizer.ByteTokenizer` (UTF-8 bytes, ids 0..255, BOS/EOS/PAD 256..258).
+* ``bpe:N``: a byte-level BPE (GPT-2's scheme, Radford et al. 2019; BPE: Sennrich et al. 2016) of
+  vocabulary N, trained at start-up on the training documents only (validation text never shapes the
+  vocabulary). Ids 0..5 are ``<|bos|>``, ``<|eos|>``, ``<|pad|>``, ``<|system|>``, ``<|user|>``,
+  ``<|assistant|>`` (special tokens: the chat template's markers are one token each), then the 256 byte
+  symbols, then the merges. Training is deterministic for a given corpus (the same documents give the
+  same file, also in another process; tests/test_tokenizers.py checks it), so runs are reproducible; a
+  resumed run still reads the saved file instead of retraining.
+* a path: a Hugging Face ``tokenizer.json`` (or a folder holding one), e.g. a Llama or GPT-2 tokenizer.
+  BOS/EOS/PAD are found by name (:data:`BOS_NAMES`, :data:`EOS_NAMES`, :data:`PAD_NAMES`), special tokens
+  first. Without an end-of-text token the file is refused (nothing marks where a document ends); without
+  a BOS the EOS token doubles as BOS (GPT-2's ``<|endoftext|>`` convention); without a PAD, ``<|pad|>`` is
+  added as a new special token (so padding never aliases a real token). Chat markers are used as the
+  file has them: one token where it defines them, text otherwise.
+
+Whatever the form, the tokenizer a run uses is written as ``tokenizer.json`` next to every checkpoint;
+the byte tokenizer is written as an equivalent Hugging Face file (so an exported model carries a usable
+tokenizer) and recognised as the byte tokenizer when read back.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from amer.data.tokenizer import ByteTokenizer, utf8_bytes
+from amer.errors import ConfigError, DataError
+from amer.fileio import atomic_write_text
+
+__all__ = ["HFTokenizer", "train_bpe", "tokenizer_from_file", "load_tokenizer", "make_tokenizer", "check_spec",
+           "model_vocab_size", "byte_tokenizer_json", "BOS_NAMES", "EOS_NAMES", "PAD_NAMES", "AMER_SPECIALS",
+           "CHAT_MARKERS", "BPE_MIN", "BPE_MAX"]
+
+AMER_SPECIALS = ("<|bos|>", "<|eos|>", "<|pad|>")
+CHAT_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>")  # amer's chat template (render_chat)
+BOS_NAMES = ("<|bos|>", "<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
+EOS_NAMES = ("<|eos|>", "</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
+PAD_NAMES = ("<|pad|>", "<pad>", "[PAD]", "<|padding|>", "<|finetune_right_pad_id|>")
+BPE_MIN = 256 + len(AMER_SPECIALS) + len(CHAT_MARKERS)  # the byte alphabet and the special tokens
+BPE_MAX = 1 << 20
+VOCAB_MULTIPLE = 64  # embedding rows of a subword model: a multiple of 64 (tensor-core friendly matmuls)
+
+
+def _hf() -> Any:
+    """The ``tokenizers`` package: the one place it is imported."""
+    try:
+        import tokenizers
+    except ImportError:  # a core dependency; only a broken install lacks it
+        raise ConfigError("--tokenizer bpe:N and tokenizer.json files need the 'tokenizers' package: "
+                          "pip install 'tokenizers>=0.20'") from None
+    return tokenizers
+
+
+def _clean(text: str) -> str:
+    """Text the Rust side accepts: a lone surrogate (legal in JSON) becomes U+FFFD, as the byte tokenizer does."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return utf8_bytes(text).decode("utf-8")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+class HFTokenizer:
+    """A ``tokenizers.Tokenizer`` with amer's tokenizer interface (``encode``, ``decode``,
+    ``encode_documents``, ``encode_with_spans``, ``save``, ``bos_id``/``eos_id``/``pad_id``, ``vocab_size``).
+
+    ``hf`` is modified only to add a missing PAD token (see the module docstring).
+    """
+
+    def __init__(self, hf: Any, spec: str, *, where: str | None = None) -> None:
+        where = where or spec
+        self.hf, self.spec = hf, spec
+        eos = self._find(EOS_NAMES)
+        if eos is None:
+            raise DataError(f"{where}: the tokenizer has no end-of-text token (looked for {' '.join(EOS_NAMES)}); "
+                            "amer needs one to end each document: add one as a special token, or use "
+                            "--tokenizer bpe:N or byte")
+        bos = self._find(BOS_NAMES)
+        pad = self._find(PAD_NAMES)
+        if pad is None:
+            hf.add_special_tokens([_hf().AddedToken(AMER_SPECIALS[2], special=True)])
+            pad = hf.token_to_id(AMER_SPECIALS[2])
+        self.eos_id, self.bos_id, self.pad_id = eos, eos if bos is None else bos, pad
+        self.vocab_size = int(hf.get_vocab_size(with_added_tokens=True))
+        try:
+            probe = hf.encode("Probe: 1 line.\n", add_special_tokens=False).ids
+        except Exception as e:  # e.g. a word-level model without an unknown token
+            raise DataError(f"{where}: the tokenizer cannot encode plain text ({_first_line(e)})") from None
+        if not probe:
+            raise DataError(f"{where}: the tokenizer encodes plain text to no tokens at all")
+
+    def _find(self, names: Sequence[str]) -> int | None:
+        """The id of the first of ``names`` among the special tokens, else among all tokens."""
+        special = {t.content: i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
+        for pool in (special, None):
+            for n in names:
+                i = special.get(n) if pool is not None else self.hf.token_to_id(n)
+                if i is not None:
+                    return int(i)
+        return None
+
+    def token_id(self, token: str) -> int | None:
+        """The id of ``token`` when the tokenizer has it as one token (e.g. a chat marker), else None."""
+        i = self.hf.token_to_id(token)
+        return None if i is None else int(i)
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+        """Token ids of ``text`` (the file's own post-processing, e.g. an automatic BOS, is not applied:
+        amer places BOS/EOS itself), optionally wrapped in BOS/EOS."""
+        ids = list(self.hf.encode(_clean(text), add_special_tokens=False).ids)
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def encode_with_spans(self, text: str, spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int]]]:
+        """``(ids, token_spans)``: character spans ``[s, e)`` of ``text`` mapped through the tokenizer's
+        offsets to the token spans covering them (a token is inside when it overlaps the span)."""
+        enc = self.hf.encode(_clean(text), add_special_tokens=False)
+        ends = np.array([b for _, b in enc.offsets], dtype=np.int64)
+        starts = np.array([a for a, _ in enc.offsets], dtype=np.int64)
+        out = [(int(np.searchsorted(ends, s, side="right")), int(np.searchsorted(starts, e, side="left")))
+               for s, e in spans]
+        return list(enc.ids), out
+
+    def decode(self, ids: Iterable[int] | Tensor | np.ndarray) -> str:
+        """Text of ``ids``: BOS/EOS/PAD and ids outside the vocabulary (padding rows) are dropped, as the byte
+        tokenizer drops its own; other special tokens (the chat markers) are kept, so the text round-trips."""
+        if isinstance(ids, Tensor):
+            ids = ids.detach().cpu().reshape(-1).tolist()
+        elif isinstance(ids, np.ndarray):
+            ids = ids.reshape(-1).tolist()
+        drop = {self.bos_id, self.eos_id, self.pad_id}
+        return self.hf.decode([i for i in ids if 0 <= i < self.vocab_size and i not in drop],
+                              skip_special_tokens=False)
+
+    def encode_documents(self, documents: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Pack documents as ``[BOS] + tokens + [EOS]`` into one stream (batched on the Rust side's threads).
+
+        Returns ``(stream (N,) int16 or int32, lengths (n_docs,) int64)``; ``lengths`` counts BOS/EOS.
+        """
+        texts = [_clean(d) for d in documents]
+        batch = getattr(self.hf, "encode_batch_fast", self.hf.encode_batch)  # fast: no offsets
+        encoded = [e.ids for e in batch(texts, add_special_tokens=False)] if texts else []
+        dtype = np.int16 if self.vocab_size <= np.iinfo(np.int16).max else np.int32
+        lengths = np.fromiter((len(ids) + 2 for ids in encoded), dtype=np.int64, count=len(encoded))
+        stream = np.empty(int(lengths.sum()), dtype=dtype)
+        ends = np.cumsum(lengths)  # exclusive end of each document; as ByteTokenizer.encode_documents
+        body = np.ones(stream.shape[0], dtype=bool)
+        body[ends - lengths] = False
+        body[ends - 1] = False
+        stream[ends - lengths] = self.bos_id
+        stream[ends - 1] = self.eos_id
+        stream[body] = np.fromiter(chain.from_iterable(encoded), dtype=dtype, count=int(body.sum()))
+        return stream, lengths
+
+    def to_json(self) -> str:
+        return self.hf.to_str()
+
+    def save(self, path: str | Path) -> Path:
+        """Write the Hugging Face ``tokenizer.json`` atomically (complete or absent)."""
+        return atomic_write_text(path, self.to_json())
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({self.spec!r}, vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id})"
+
+
+def train_bpe(documents: Sequence[str], vocab_size: int, *, spec: str | None = None) -> HFTokenizer:
+    """A byte-level BPE of ``vocab_size`` tokens (fewer when the text runs out of pairs) trained on
+    ``documents``; deterministic for a given list of documents."""
+    tk = _hf()
+    hf = tk.Tokenizer(tk.models.BPE())
+    hf.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = tk.decoders.ByteLevel()
+    trainer = tk.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[*AMER_SPECIALS, *CHAT_MARKERS],
+                                     initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    hf.train_from_iterator((_clean(d) for d in documents), trainer, length=len(documents))
+    return HFTokenizer(hf, spec or f"bpe:{vocab_size}")
+
+
+@lru_cache(maxsize=1)
+def byte_tokenizer_json() -> str:
+    """The byte tokenizer as a Hugging Face ``tokenizer.json``: a merge-free byte-level BPE whose 256
+    symbols have the byte values as ids, then ``<|bos|>``, ``<|eos|>``, ``<|pad|>`` and a reserved token
+    at 256..259."""
+    tk = _hf()
+    table = tk.pre_tokenizers.ByteLevel.alphabet()  # the 256 printable stand-ins of GPT-2's byte table
+    # rebuild GPT-2's byte -> symbol map (bytes_to_unicode) to give each symbol its byte value as id
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    sym, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            sym[b] = chr(b)
+        else:
+            sym[b], extra = chr(256 + extra), extra + 1
+    assert sorted(sym.values()) == sorted(table)
+    hf = tk.Tokenizer(tk.models.BPE(vocab={s: b for b, s in sym.items()}, merges=[]))
+    hf.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    hf.decoder = tk.decoders.ByteLevel()
+    hf.add_special_tokens([tk.AddedToken(t, special=True) for t in (*AMER_SPECIALS, "<|reserved|>")])
+    return hf.to_str()
+
+
+_BYTE_KEYS = ("model", "added_tokens", "pre_tokenizer", "normalizer", "decoder", "post_processor")
+
+
+def _is_byte_json(obj: Any) -> bool:
+    ref = json.loads(byte_tokenizer_json())
+    return isinstance(obj, dict) and all(obj.get(k) == ref.get(k) for k in _BYTE_KEYS)
+
+
+def tokenizer_from_file(path: str | Path, *, spec: str | None = None) -> ByteTokenizer | HFTokenizer:
+    """Wrap an existing ``tokenizer.json`` (or the one inside folder ``path``); amer's own byte-tokenizer
+    file comes back as a :class:`ByteTokenizer`."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise DataError(f"tokenizer file not found: {p}; pass 'byte', 'bpe:N' (e.g. bpe:8192) or the path of "
+                        "a Hugging Face tokenizer.json")
+    try:
+        text = p.read_text(encoding="utf-8")
+        obj = json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{p}: not a readable Hugging Face tokenizer.json ({_first_line(e)})") from None
+    if _is_byte_json(obj):
+        return ByteTokenizer()
+    try:
+        hf = _hf().Tokenizer.from_str(text)
+    except Exception as e:  # the Rust side raises plain Exceptions for malformed files
+        raise DataError(f"{p}: not a Hugging Face tokenizer.json ({_first_line(e)})") from None
+    return HFTokenizer(hf, spec or str(path), where=str(p))
+
+
+def load_tokenizer(directory: str | Path) -> ByteTokenizer | HFTokenizer:
+    """The tokenizer saved in a checkpoint or exported folder (``directory/tokenizer.json``); the byte
+    tokenizer for a folder without one (checkpoints written before tokenizers were saved)."""
+    p = Path(directory) / "tokenizer.json"
+    return tokenizer_from_file(p) if p.exists() else ByteTokenizer()
+
+
+def check_spec(spec: str) -> int | Path | None:
+    """Validate a ``--tokenizer`` value before any slow work: None for ``byte``, N for ``bpe:N``, the file
+    for a path."""
+    if not isinstance(spec, str) or not spec:
+        raise ConfigError(f"--tokenizer must be 'byte', 'bpe:N' or a tokenizer.json path, got {spec!r}")
+    if spec == "byte":
+        return None
+    if spec.startswith("bpe:"):
+        n = spec[4:]
+        if not (n.isascii() and n.isdigit()) or not BPE_MIN <= int(n) <= BPE_MAX:
+            raise ConfigError(f"--tokenizer {spec}: N in bpe:N must be an integer from {BPE_MIN} (the 256 bytes "
+                              f"and {BPE_MIN - 256} special tokens) to {BPE_MAX}, e.g. bpe:8192")
+        return int(n)
+    p = Path(spec)
+    if not (p.is_file() or (p / "tokenizer.json").is_file()):
+        raise ConfigError(f"--tokenizer {spec}: no such tokenizer.json; pass 'byte', 'bpe:N' (e.g. bpe:8192) "
+                          "or the path of a Hugging Face tokenizer.json (or of a folder holding one)")
+    return p
+
+
+def make_tokenizer(spec: str, train_documents: Sequence[str]) -> ByteTokenizer | HFTokenizer:
+    """The tokenizer ``--tokenizer spec`` names; ``bpe:N`` is trained on ``train_documents``."""
+    arg = check_spec(spec)
+    if arg is None:
+        return ByteTokenizer()
+    if isinstance(arg, int):
+        return train_bpe(train_documents, arg, spec=spec)
+    return tokenizer_from_file(arg, spec=spec)
+
+
+def model_vocab_size(tok: Any) -> int:
+    """Embedding rows for ``tok``: the byte tokenizer's 260, else its size rounded up to a multiple of 64
+    (the extra rows are never produced by the data and never decoded)."""
+    if isinstance(tok, ByteTokenizer):
+        return tok.vocab_size
+    return -(-int(tok.vocab_size) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE

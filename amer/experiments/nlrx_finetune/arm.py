@@ -1,0 +1,140 @@
+"""One fine-tuning arm: start from the pretrained weights (or a seeded random initialisation for the
+from-scratch control), fine-tune through the shared training step with the released code's regime (AdamW,
+linear decay without warm-up, a fixed number of epochs, lambda constant from step 0, STP on the final
+post-norm state, nothing detached), then evaluate with the shared held-out evaluation and greedy decoding."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from amer.analysis.stats import effective_rank
+from amer.checkpoint import load_checkpoint
+from amer.config import STPConfig, TrainConfig
+from amer.data import ByteTokenizer
+from amer.errors import TrainingError
+from amer.experiments.nlrx.arm import predict
+from amer.experiments.nlrx.data import LengthBucketedBatches, exact_match, load_examples
+from amer.experiments.nlrx.grid import model_config, subset_rows
+from amer.experiments.nlrx_finetune.data import ChatSet
+from amer.experiments.nlrx_finetune.grid import NTP, Arm, Settings
+from amer.model import HybridLM
+from amer.objective import STPPolicy
+from amer.training import TrainStep, evaluate, lr_at, make_optimizer
+
+__all__ = ["Data", "load_data", "pretrained_path", "base_model", "policy_for", "train_arm", "evaluate_model",
+           "run_arm"]
+
+TAP = "final"  # the released code's default: the last hidden state, after the final norm
+
+
+class Data(NamedTuple):
+    train: ChatSet
+    test: ChatSet  # answer-only targets: held-out CE is the task's
+
+
+def load_data(s: Settings) -> Data:
+    tok = ByteTokenizer()
+    train = ChatSet(load_examples(s.train_file, limit=s.train_rows), tok, system=s.system_prompt,
+                    ntp=s.ntp_targets, name="train")
+    test = ChatSet(load_examples(s.test_file, limit=s.test_rows), tok, system=s.system_prompt, ntp="assistant",
+                   name="test")
+    return Data(train, test)
+
+
+def pretrained_path(s: Settings, model: str) -> Path:
+    """The weights the ``pretrained`` arms of ``model`` start from: ``--init``, else this run's pretraining."""
+    return Path(s.init) if s.init is not None else Path(s.out) / "pretrain" / model / "final"
+
+
+def base_model(arm: Arm, s: Settings) -> HybridLM:
+    """Pretrained weights, or (``scratch``) the same config initialised from the arm's seed."""
+    if arm.init == "scratch":
+        cfg = load_checkpoint(s.init)[1] if s.init is not None else model_config(arm.pattern, s.d_model)
+        torch.manual_seed(arm.seed)
+        return HybridLM(cfg).train()
+    model, _ = load_checkpoint(pretrained_path(s, arm.model))
+    return model.train()  # type: ignore[return-value]
+
+
+def policy_for(model: HybridLM, form: str, lam: float, s: Settings, *, n_spans: int | None = None) -> STPPolicy:
+    if form == NTP or lam == 0:
+        return STPPolicy(STPConfig(enabled=False), model.pattern)
+    spans = n_spans or (s.n_spans if form == "span" else s.triple_spans)
+    return STPPolicy(STPConfig(enabled=True, weight=lam, layers=TAP, form=form, n_spans=spans),  # type: ignore[arg-type]
+                     model.pattern)
+
+
+def train_arm(arm: Arm, s: Settings, data: Data) -> tuple[HybridLM, dict[str, Any]]:
+    """Fine-tune one arm for ``s.epochs`` epochs of its subset; returns the model and training figures."""
+    model = base_model(arm, s)
+    policy = policy_for(model, arm.form, arm.lam, s)
+    subset = data.train.subset(subset_rows(len(data.train), arm.fraction, arm.seed))
+    steps = max(1, math.ceil(s.epochs * len(subset) / s.batch_size))
+    tcfg = TrainConfig(steps=steps, batch_size=s.batch_size, lr=arm.lr, warmup_steps=0, weight_decay=s.weight_decay,
+                       seq_len=model.cfg.max_seq_len, seed=arm.seed, model=model.cfg, stp=policy.cfg, progress=False,
+                       tensorboard=False)
+    batches = LengthBucketedBatches(subset, s.batch_size, arm.seed)
+    step_fn = TrainStep(model, make_optimizer(model, tcfg), policy, grad_clip=1.0,
+                        stp_generator=torch.Generator().manual_seed(arm.seed + 1),
+                        taps=policy.selector if policy.enabled else False)
+    tail = max(1, steps // 10)
+    ce_tail, stp_tail, skipped = [], [], 0
+    t0, c0 = time.perf_counter(), time.process_time()
+    for step in range(steps):
+        res = step_fn((next(batches),), step, lr=lr_at(step, tcfg, schedule="linear"))
+        if not res.applied:
+            skipped += 1
+        elif step >= steps - tail:
+            ce_tail.append(float(res.loss.ce.detach()))
+            stp_tail.append(float(res.loss.stp.detach()))
+    if not ce_tail:
+        raise TrainingError(f"arm {arm.id}: every one of the last {tail} steps was non-finite and skipped; lower "
+                            "the learning rate")
+    return model, {
+        "train_ce": sum(ce_tail) / len(ce_tail),
+        "train_stp": sum(stp_tail) / len(stp_tail) if policy.enabled else None,
+        "train_rows": len(subset), "steps": steps, "epochs": steps * s.batch_size / len(subset),
+        "train_s": time.perf_counter() - t0, "train_cpu_s": time.process_time() - c0,
+        "params": model.num_params(), "skipped_steps": skipped,
+    }
+
+
+def evaluate_model(model: HybridLM, test: ChatSet, s: Settings, *, decode: bool = True) -> dict[str, Any]:
+    """Held-out CE on the answer, held-out STP of the final state in both forms (fixed spans), effective rank of
+    the final states, and (``decode``) greedy exact match."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    pols = {form: policy_for(model, form, 1.0, s, n_spans=s.eval_spans) for form in ("span", "triple")}
+    finals: list[Tensor] = []
+
+    def keep_final_states(out: Any, batch: dict[str, Tensor]) -> None:
+        have = sum(h.shape[0] for h in finals)
+        if have < s.erank_tokens:
+            finals.append(out.taps.final.hidden[batch["doc_ids"] >= 0][: s.erank_tokens - have])
+
+    n = len(test)
+    batches = (test.batch(range(i, min(n, i + s.eval_batch))) for i in range(0, n, s.eval_batch))
+    ev = evaluate(model, batches, stp=pols, visit=keep_final_states, taps=TAP)
+    res: dict[str, Any] = {"heldout_ce": ev["loss"], "heldout_stp_span": ev["stp/span"],
+                           "heldout_stp_triple": ev["stp/triple"], "erank": effective_rank(torch.cat(finals))}
+    if decode:
+        preds = predict(model, test, s)  # type: ignore[arg-type]
+        correct = [exact_match(preds[i], test.examples[i].target) for i in range(n)]
+        res.update({"accuracy": sum(correct) / n, "n_correct": sum(correct), "n_test": n,
+                    "samples": [{"prompt": test.examples[i].prompt, "reference": test.examples[i].target,
+                                 "prediction": preds[i], "correct": correct[i]} for i in range(min(n, 5))]})
+    res["eval_s"] = time.perf_counter() - t0
+    res["eval_cpu_s"] = time.process_time() - c0
+    return res
+
+
+def run_arm(arm: Arm, s: Settings, data: Data) -> dict[str, Any]:
+    model, tr = train_arm(arm, s, data)
+    ev = evaluate_model(model, data.test, s)
+    return {"arm": asdict(arm), "id": arm.id, "settings": s.fingerprint(), **tr, **ev}

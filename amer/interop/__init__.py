@@ -1,0 +1,115 @@
+"""Pretrained transformers checkpoints in, hybrids out (and back).
+
+``from_transformers(path)`` reads a transformers model folder from disk (``config.json`` and
+safetensors; the ``transformers`` package is not needed) and returns an amer :class:`~amer.model.HybridLM`
+computing the same function, with the pattern derived from the source's layer layout (Llama ->
+``(AE)*L``, Mamba-2 -> ``M*L``, hybrids from their layer-type lists). Whatever a source does that
+amer's defaults do not (biases, sliding windows, partial rotary, multipliers...) is an option of a
+family config or of :class:`~amer.config.ModelConfig`, so the imported model trains, decodes and packs
+documents like any other amer model. ``import_pretrained`` writes it as an amer pretrained folder, and
+``pattern=`` performs hybrid surgery (:mod:`amer.interop.surgery`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from amer.config import ModelConfig
+from amer.errors import AmerError, CheckpointError, InputError
+from amer.interop import gemma, hybrid, llama, ssm  # noqa: F401  (register their converters)
+from amer.interop.common import CONVERTERS
+from amer.interop.source import Source, unsupported
+from amer.model import HybridLM
+
+__all__ = ["from_transformers", "import_pretrained", "supported_classes", "export_transformers", "DTYPES"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def supported_classes() -> list[str]:
+    return sorted(CONVERTERS)
+
+
+def from_transformers(path: str | Path, *, dtype: str | torch.dtype = torch.float32) -> tuple[HybridLM, ModelConfig]:
+    """The amer model (eval mode) and config equivalent to the transformers checkpoint at ``path``."""
+    src = Source(path)
+    conv = CONVERTERS.get(src.arch)
+    if conv is None:
+        raise unsupported(src.arch, f"no converter for this class (supported: {', '.join(supported_classes())})")
+    try:
+        converted = conv(src)
+    except AmerError:
+        raise
+    except KeyError as err:
+        raise unsupported(src.arch, f"config.json lacks {err.args[0]!r}") from None
+    except (TypeError, ValueError) as err:  # a config value of the wrong kind (null where a size belongs...)
+        raise unsupported(src.arch, f"config.json holds a value amer cannot read ({err})") from None
+    src.check_all_used()
+    cfg = converted.config
+    model = HybridLM(cfg)
+    _load(model, converted.state, src.arch)
+    return model.to(_dtype(dtype)).eval(), cfg
+
+
+def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r} (accepted: {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+def _load(model: HybridLM, state: dict[str, torch.Tensor], arch: str) -> None:
+    """Copy ``state`` into ``model``; a missing, extra or misshapen tensor is the converter's or the source's
+    fault and is named."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    if missing or extra:
+        name = (missing or extra)[0]
+        raise unsupported(arch, f"{'no source weight for' if missing else 'no amer parameter for'} {name!r}")
+    with torch.no_grad():
+        for name, t in own.items():
+            if tuple(state[name].shape) != tuple(t.shape):
+                raise unsupported(arch, f"{name}: source shape {tuple(state[name].shape)} != amer's {tuple(t.shape)}")
+            t.copy_(state[name])
+
+
+def import_pretrained(path: str | Path, out: str | Path, *, pattern: str | None = None,
+                      dtype: str = "float32", seed: int = 0,
+                      family_configs: dict[str, Any] | None = None) -> tuple[HybridLM, ModelConfig, dict[str, Any]]:
+    """Import ``path`` and write it to ``out`` as an amer pretrained folder (with the source's tokenizer.json
+    when it has one). ``pattern`` re-shapes the stack first (see :mod:`amer.interop.surgery`; ``family_configs``
+    configure the families it brings in). Returns the
+    model, its config and a summary (kept / fresh blocks)."""
+    from amer.hub import save_pretrained
+    from amer.interop.surgery import replace_pattern
+
+    model, cfg = from_transformers(path, dtype=torch.float32)
+    src = Source(path)
+    src_root = src.root
+    summary: dict[str, Any] = {"source_class": src.arch, "pattern": cfg.pattern, "kept": [], "fresh": []}
+    if pattern is not None:
+        model, cfg, kept, fresh = replace_pattern(model, pattern, seed=seed, **(family_configs or {}))
+        summary.update(pattern=cfg.pattern, kept=kept, fresh=fresh)
+    model = model.to(_dtype(dtype))
+    tokenizer = None
+    if (src_root / "tokenizer.json").is_file():
+        try:
+            from amer.data import tokenizer_from_file
+        except ImportError:  # pragma: no cover - the tokenizer module is part of amer
+            raise CheckpointError("amer.data.tokenizer_from_file is unavailable: cannot carry tokenizer.json") from None
+        tokenizer = tokenizer_from_file(src_root / "tokenizer.json")
+    save_pretrained(model, out, tokenizer=tokenizer,
+                    source={"transformers_class": summary["source_class"], "path": str(src_root)})
+    return model, cfg, summary
+
+
+def export_transformers(model: HybridLM, cfg: ModelConfig, directory: str | Path, tokenizer: Any = None) -> Path:
+    """Write ``model`` as a transformers folder (see :mod:`amer.interop.export`)."""
+    from amer.interop.export import export_transformers as _export
+
+    return _export(model, cfg, directory, tokenizer)

@@ -1,0 +1,182 @@
+"""amer -> transformers: write a model whose pattern a transformers class can express as that class's folder.
+
+``(AE)*L`` with one-expert E blocks is ``LlamaForCausalLM`` (``MistralForCausalLM`` with a sliding window,
+``Qwen3ForCausalLM`` with q/k norms), with routed experts ``MixtralForCausalLM``; ``M*L`` is
+``Mamba2ForCausalLM``. The folder is config.json + model.safetensors (+ tokenizer.json), written whole
+into a temporary sibling and renamed into place; the ``transformers`` package is not needed to write it.
+Anything the target class cannot express (another pattern, a model or family option off its default) is
+an :class:`~amer.errors.InputError` naming it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from amer.config import ModelConfig
+from amer.errors import InputError
+from amer.fileio import atomic_write_text, json_text
+from amer.hub import write_folder
+
+__all__ = ["export_transformers", "EXPORT_FILES"]
+
+EXPORT_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+_MARK = "amer_exported"
+
+
+def _refuse(what: str) -> InputError:
+    return InputError(f"cannot export as a transformers model: {what}")
+
+
+def _check_shared(cfg: ModelConfig) -> None:
+    for name, default in (("embed_scale", 1.0), ("residual_scale", 1.0), ("logit_scale", 1.0),
+                          ("logit_softcap", None), ("norm_offset", 0.0)):
+        if getattr(cfg, name) != default:
+            raise _refuse(f"model.{name}={getattr(cfg, name)!r} has no counterpart in the Llama, Mixtral or Mamba2 "
+                          f"classes (needs {default!r})")
+
+
+def _target(cfg: ModelConfig) -> str:
+    letters = cfg.parsed.letters.replace("|", "")
+    L = len(letters)
+    if letters == "M" * L:
+        return "Mamba2ForCausalLM"
+    if L % 2 == 0 and letters == "AE" * (L // 2):
+        a, moe = cfg.attention, cfg.moe
+        if a.rope_fraction != 1.0 or a.scale is not None or a.qkv_bias != a.out_bias:
+            raise _refuse("attention.rope_fraction must be 1, attention.scale unset and qkv_bias equal to out_bias "
+                          "for Llama-style attention")
+        if moe.activation != "silu" or moe.bias or moe.shared_expert:
+            raise _refuse("the E blocks must be plain SwiGLU (moe.activation silu, no bias, no shared expert)")
+        if moe.n_experts > 1:
+            if (moe.top_k < 2 and not moe.renormalize_top1) or a.qk_norm or a.qkv_bias:
+                raise _refuse("MixtralForCausalLM renormalises top-1 weights to 1 (set moe.renormalize_top1) "
+                              "and has no q/k norm and no attention biases")
+            return "MixtralForCausalLM"
+        if a.qk_norm:
+            if a.window is not None:
+                raise _refuse("q/k norm and a sliding window together (Qwen3 windows only some layers)")
+            return "Qwen3ForCausalLM"
+        return "MistralForCausalLM" if a.window is not None else "LlamaForCausalLM"
+    raise _refuse(f"pattern {cfg.pattern!r}: transformers classes express '(AE)*L' (Llama, Mistral, Qwen3, Mixtral) "
+                  "or 'M' repeated (Mamba2)")
+
+
+def _llama(model: Any, cfg: ModelConfig, arch: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    a, moe = cfg.attention, cfg.moe
+    hd = a.head_dim or cfg.d_model // a.n_heads
+    L = cfg.n_layers // 2
+    model_type = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen3ForCausalLM": "qwen3",
+                  "MixtralForCausalLM": "mixtral"}[arch]
+    conf = {"architectures": [arch], "model_type": model_type, "hidden_size": cfg.d_model, "num_hidden_layers": L,
+            "intermediate_size": moe.d_ff or 2 * cfg.d_model, "num_attention_heads": a.n_heads,
+            "num_key_value_heads": a.n_kv_heads, "head_dim": hd, "rms_norm_eps": cfg.norm_eps,
+            "rope_parameters": {"rope_type": "default", "rope_theta": a.rope_theta}, "rope_theta": a.rope_theta,
+            "attention_bias": a.qkv_bias, "hidden_act": "silu", "sliding_window": a.window,
+            "max_position_embeddings": cfg.max_seq_len}
+    if arch == "LlamaForCausalLM":
+        conf["mlp_bias"] = False
+    if arch == "MixtralForCausalLM":
+        conf.update(num_local_experts=moe.n_experts, num_experts_per_tok=moe.top_k,
+                    router_aux_loss_coef=moe.aux_loss_coef)
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"]}
+    for i in range(L):
+        pre, A, E = f"model.layers.{i}.", f"blocks.{2 * i}.", f"blocks.{2 * i + 1}."
+        out[pre + "input_layernorm.weight"] = sd[A + "norm.weight"]
+        out[pre + "post_attention_layernorm.weight"] = sd[E + "norm.weight"]
+        sizes = [a.n_heads * hd, a.n_kv_heads * hd, a.n_kv_heads * hd]
+        for n, w in zip("qkv", sd[A + "mixer.qkv.weight"].split(sizes)):
+            out[f"{pre}self_attn.{n}_proj.weight"] = w
+        if a.qkv_bias:
+            for n, b in zip("qkv", sd[A + "mixer.qkv.bias"].split(sizes)):
+                out[f"{pre}self_attn.{n}_proj.bias"] = b
+            out[pre + "self_attn.o_proj.bias"] = sd[A + "mixer.out_proj.bias"]
+        out[pre + "self_attn.o_proj.weight"] = sd[A + "mixer.out_proj.weight"]
+        if a.qk_norm:
+            out[pre + "self_attn.q_norm.weight"] = sd[A + "mixer.q_norm.weight"]
+            out[pre + "self_attn.k_norm.weight"] = sd[A + "mixer.k_norm.weight"]
+        gu, dn = sd[E + "mixer.w_gate_up"], sd[E + "mixer.w_down"]  # (E, D, 2F), (E, F, D)
+        F_ = dn.shape[1]
+        if arch == "MixtralForCausalLM":
+            out[pre + "block_sparse_moe.gate.weight"] = sd[E + "mixer.router.weight"]
+            for e in range(moe.n_experts):
+                ex = f"{pre}block_sparse_moe.experts.{e}."
+                out[ex + "w1.weight"], out[ex + "w3.weight"] = gu[e, :, :F_].T, gu[e, :, F_:].T
+                out[ex + "w2.weight"] = dn[e].T
+        else:
+            out[pre + "mlp.gate_proj.weight"], out[pre + "mlp.up_proj.weight"] = gu[0, :, :F_].T, gu[0, :, F_:].T
+            out[pre + "mlp.down_proj.weight"] = dn[0].T
+    return conf, out
+
+
+def _mamba2(model: Any, cfg: ModelConfig) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    m = cfg.mamba
+    d_inner = m.expand * cfg.d_model
+    conf = {"architectures": ["Mamba2ForCausalLM"], "model_type": "mamba2", "hidden_size": cfg.d_model,
+            "num_hidden_layers": cfg.n_layers, "state_size": m.d_state, "expand": m.expand, "head_dim": m.head_dim,
+            "num_heads": d_inner // m.head_dim, "n_groups": m.n_groups, "conv_kernel": m.d_conv,
+            "chunk_size": m.chunk_size, "use_bias": m.bias, "use_conv_bias": True, "layer_norm_epsilon": cfg.norm_eps,
+            "rms_norm": True, "hidden_act": "silu", "residual_in_fp32": True}
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    out = {"backbone.embeddings.weight": sd["embed.weight"], "backbone.norm_f.weight": sd["norm.weight"]}
+    for i in range(cfg.n_layers):
+        pre, M = f"backbone.layers.{i}.", f"blocks.{i}."
+        out[pre + "norm.weight"] = sd[M + "norm.weight"]
+        for a, b in (("in_proj.weight", "in_proj.weight"), ("out_proj.weight", "out_proj.weight"),
+                     ("dt_bias", "dt_bias"), ("A_log", "A_log"), ("D", "D"), ("norm_weight", "norm.weight"),
+                     ("conv_bias", "conv1d.bias")):
+            out[pre + "mixer." + b] = sd[M + "mixer." + a]
+        out[pre + "mixer.conv1d.weight"] = sd[M + "mixer.conv_weight"].unsqueeze(1)
+        if m.bias:
+            out[pre + "mixer.in_proj.bias"] = sd[M + "mixer.in_proj.bias"]
+            out[pre + "mixer.out_proj.bias"] = sd[M + "mixer.out_proj.bias"]
+    return conf, out
+
+
+def _check_target(directory: Path) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise InputError(f"{directory} exists and is not a directory: choose a new or empty folder")
+    if directory.is_dir() and any(directory.iterdir()):
+        names = sorted(p.name for p in directory.iterdir())
+        ours = False
+        try:
+            ours = json.loads((directory / "config.json").read_text()).get(_MARK) is not None
+        except (OSError, ValueError, AttributeError):
+            pass
+        if not ours or any(n not in EXPORT_FILES for n in names):
+            raise InputError(f"{directory} holds files amer did not export ({', '.join(names[:3])}): choose a new "
+                             "or empty folder")
+
+
+def export_transformers(model: Any, cfg: ModelConfig, directory: str | Path, tokenizer: Any = None) -> Path:
+    """Write ``model`` (a :class:`~amer.model.HybridLM` of config ``cfg``) as a transformers model folder."""
+    _check_shared(cfg)
+    arch = _target(cfg)
+    conf, tensors = _mamba2(model, cfg) if arch == "Mamba2ForCausalLM" else _llama(model, cfg, arch)
+    conf.update(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, dtype="float32")
+    if tokenizer is not None:
+        conf.update(bos_token_id=getattr(tokenizer, "bos_id", None), eos_token_id=getattr(tokenizer, "eos_id", None),
+                    pad_token_id=getattr(tokenizer, "pad_id", None))
+    conf[_MARK] = {"pattern": cfg.pattern}
+    if not cfg.tie_embeddings:
+        tensors["lm_head.weight"] = model.lm_head.weight.detach()
+    for name, t in tensors.items():
+        if not torch.isfinite(t).all():
+            raise _refuse(f"{name} has non-finite values")
+    directory = Path(directory)
+    _check_target(directory)
+
+    def write(tmp: Path) -> None:
+        save_file({k: v.float().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(tmp / "tokenizer.json")
+        atomic_write_text(tmp / "config.json", json_text(conf))
+
+    write_folder(directory, EXPORT_FILES, write)
+    return directory

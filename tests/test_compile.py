@@ -1,0 +1,98 @@
+"""Regional compilation: one graph per distinct block variant, compiled once for a whole run (the STP gate
+opening and ramping included), the same losses as eager; dropless MoE blocks stay eager and say why."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from amer.bench.workloads import make_batch
+from amer.config import ModelConfig, STPConfig
+from amer.model import HybridLM
+from amer.objective import STPPolicy
+from amer.training.compile import compile_blocks, compiles_block
+from amer.training.step import TrainStep
+
+VOCAB = 50
+
+
+def _run(compiled: bool, steps: int, seq_lens: list[int]) -> tuple[list[float], CompileCounterWithBackend]:
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")  # dynamo + AOT autograd, without inductor's C++ build
+    torch.manual_seed(0)
+    model = HybridLM(ModelConfig(pattern="AA", d_model=32, vocab_size=VOCAB, max_seq_len=64))
+    if compiled:
+        report = compile_blocks(model, backend=counter)
+        assert report.compiled == ["A0", "A1"] and not report.eager
+    policy = STPPolicy(STPConfig(enabled=True, weight=0.1, start_step=2, ramp_steps=2, layers="A-1"),
+                       model.pattern)
+    step = TrainStep(model, torch.optim.AdamW(model.parameters(), lr=1e-3), policy,
+                     stp_generator=torch.Generator().manual_seed(0))
+    losses, frames = [], []
+    for s in range(steps):
+        out = step([make_batch(VOCAB, 2, seq_lens[s], seed=s)], s)
+        losses.append(float(out.loss.total.detach()))
+        frames.append(counter.frame_count)
+    counter.frames_per_step = frames  # type: ignore[attr-defined]
+    return losses, counter
+
+
+def test_no_recompiles_over_a_run_with_the_stp_gate_opening() -> None:
+    """Six steps: STP gated off (0, 1), ramping (2, 3), on (4, 5). Compiles happen in the first step only (two
+    graphs: the first A block builds the packed documents' mask, the second reuses it) and the losses equal eager's. Negative control, a seventh step at a new
+    sequence length: that does recompile, and the counter sees it."""
+    T = [32] * 6 + [48]
+    eager, _ = _run(False, 6, T)
+    losses, counter = _run(True, 7, T)
+    frames = counter.frames_per_step
+    assert frames[0] == 2 and frames[:6] == [frames[0]] * 6, frames
+    assert losses[:6] == pytest.approx(eager, rel=1e-4)
+    assert frames[6] > frames[5], frames
+
+
+def test_dropless_moe_stays_eager_and_says_why() -> None:
+    model = HybridLM(ModelConfig(pattern="AEM", d_model=32, vocab_size=VOCAB, max_seq_len=64,
+                                 moe={"n_experts": 4}))
+    assert compiles_block(model.blocks[1]) is not None and compiles_block(model.blocks[0]) is None
+    report = compile_blocks(model, backend="eager")
+    assert report.compiled == ["A0", "M0"] and report.eager == ["E0"]
+    assert "dropless" in report.describe() and "E0" in report.describe()
+    # parameter names (and so checkpoints) are unchanged by compilation
+    assert [n for n, _ in model.named_parameters()] == [
+        n for n, _ in HybridLM(model.cfg).named_parameters()]
+    with torch.no_grad():  # evaluation runs the eager forward
+        assert model(torch.zeros(1, 8, dtype=torch.long)).logits.shape == (1, 8, VOCAB)
+
+
+@pytest.mark.slow
+def test_amer_train_compile_compiles_once_per_block_over_a_whole_run(tmp_path, monkeypatch, capsys) -> None:
+    """``amer train --compile`` on the tiny preset (AEMR, dropless E): six steps with the STP gate opening
+    at step 2 and an evaluation at steps 3 and 6 compile exactly three graphs (A, M, R; E stays eager) and
+    never recompile; the compile lines are printed."""
+    import amer.cli.train as train_cli
+    import amer.training.loop as loop_mod
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    monkeypatch.setattr(loop_mod, "compile_blocks", lambda model: compile_blocks(model, backend=counter))
+    argv = ["--preset", "tiny", "--out-dir", str(tmp_path), "--run-name", "c", "--no-progress", "--no-tensorboard",
+            "--no-curves", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1", "--steps", "6",
+            "--eval-interval", "3", "--stp.start-step", "2", "--stp.ramp-steps", "0", "--compile"]
+    assert train_cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "compile: 3 blocks regionally compiled (fullgraph), eager E0: dropless" in out
+    assert "compile: first step" in out
+    assert counter.frame_count == 3
+
+
+def test_compile_with_activation_checkpointing_is_refused() -> None:
+    from amer.config import ConfigError, TrainConfig, from_dict
+    from amer.training.checkpointing import apply_activation_checkpointing
+
+    model = HybridLM(ModelConfig(pattern="AM", d_model=32, vocab_size=VOCAB, max_seq_len=64))
+    apply_activation_checkpointing(model, "blocks")
+    with pytest.raises(ConfigError, match="activation checkpointing"):
+        compile_blocks(model, backend="eager")
+    with pytest.raises(ConfigError, match="cannot be combined"):
+        from_dict(TrainConfig, {"compile": True, "activation_checkpointing": "blocks"})
