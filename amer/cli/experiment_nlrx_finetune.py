@@ -224,6 +224,9 @@ def _command(args: argparse.Namespace, argv: list[str]) -> int:
         return 0
     res = read_all(s) if args.report_only else run_all(s)
     summary = summarize(res, s)
+    if args.quick:  # a width-32 model on a slice of the data: the mechanics run, the verdict means nothing
+        summary["statement"] = ("--quick (a smoke run of every stage on a slice of the data; no evidence either "
+                                "way): " + summary["statement"])
     line = "amer experiment nlrx-finetune " + " ".join(a for a in argv if a != "--report-only")
     for p in write_report(summary, Path(s.out), command=line.strip()):
         print(f"wrote {p}")
