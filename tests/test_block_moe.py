@@ -423,3 +423,34 @@ def test_capacity_mixer_compiles_fullgraph() -> None:
     torch.testing.assert_close(out.stats["moe/drop_frac"], ref.stats["moe/drop_frac"])
     (out.y.sum() + sum(out.aux.values())).backward()
     assert mixer.router.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_few_token_inference_path_equals_dispatch(shared: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoding-sized inference (a few tokens, no gradient) skips dispatch and the training figures; its
+    output equals the dispatched layer's. Negative control: with the path switched off the dispatch runs."""
+    import amer.blocks.moe as moe_mod
+
+    mixer = make(dtype=torch.float64, n_experts=8, top_k=2, shared_expert=shared)
+    calls = {"few": 0}
+    real = moe_mod._few_tokens
+
+    def counted(*a, **k):
+        calls["few"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(moe_mod, "_few_tokens", counted)
+    for shape in [(1, 1), (2, 3), (1, 8)]:  # 2, 12 and 16 slots
+        x = torch.randn(*shape, 32, dtype=torch.float64)
+        with torch.no_grad():
+            fast = mixer(x)
+        assert calls["few"] == 1 and fast.aux == {} and fast.stats == {}
+        reference = mixer(x)  # with gradients enabled: the dispatched path, losses and figures
+        assert set(reference.aux) == {"moe_lb", "moe_z"} and "moe/load_max" in reference.stats
+        torch.testing.assert_close(fast.y, reference.y.detach(), rtol=1e-12, atol=1e-12)
+        calls["few"] = 0
+    with torch.no_grad():  # more slots than the threshold: dispatch as before
+        assert mixer(torch.randn(1, 9, 32, dtype=torch.float64)).stats and calls["few"] == 0
+    monkeypatch.setattr(moe_mod, "FEW_SLOTS", 0)
+    with torch.no_grad():
+        assert mixer(torch.randn(1, 1, 32, dtype=torch.float64)).stats and calls["few"] == 0

@@ -29,14 +29,9 @@ class _RMSNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, gate: Tensor | None, eps: float) -> Tensor:  # type: ignore[override]
-        acc = torch.promote_types(x.dtype, torch.float32)
-        xf = x.to(acc)
-        h = xf * F.silu(gate.to(acc)) if gate is not None else xf
-        n = h.shape[-1]
-        rstd = torch.linalg.vector_norm(h, dim=-1, keepdim=True).square_().div_(n).add_(eps).rsqrt_()
-        y = (h * rstd).mul_(weight.to(acc))
+        y, rstd = _forward(x, weight, gate, eps)
         ctx.save_for_backward(x, weight, gate, rstd)
-        return y.to(x.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:  # type: ignore[override]
@@ -66,6 +61,20 @@ class _RMSNormFn(torch.autograd.Function):
         return grad_x, grad_w, grad_gate, None
 
 
+def _forward(x: Tensor, weight: Tensor, gate: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(acc)
+    h = xf * F.silu(gate.to(acc)) if gate is not None else xf
+    n = h.shape[-1]
+    rstd = torch.linalg.vector_norm(h, dim=-1, keepdim=True).square_().div_(n).add_(eps).rsqrt_()
+    y = (h * rstd).mul_(weight.to(acc))
+    return y.to(x.dtype), rstd
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float, gate: Tensor | None = None) -> Tensor:
-    """RMSNorm over the last axis, optionally of ``x * silu(gate)`` (Mamba-2's gated norm); fp32 inside."""
+    """RMSNorm over the last axis, optionally of ``x * silu(gate)`` (Mamba-2's gated norm); fp32 inside.
+    Without gradients (decoding, evaluation) the same arithmetic runs without the autograd node, whose
+    bookkeeping costs more than the norm itself on one token."""
+    if not torch.is_grad_enabled():
+        return _forward(x, weight, gate, eps)[0]
     return _RMSNormFn.apply(x, weight, gate, eps)
