@@ -102,8 +102,13 @@ def setup(parallel: ParallelConfig, device: torch.device) -> Layout:
     return Layout(rank, world, parallel.dp, parallel.pp, device, mesh)
 
 
-def teardown(layout: Layout) -> None:
+def teardown(layout: Layout, *, clean: bool = True) -> None:
+    """End the process group. After a clean finish every rank first waits for the others: a rank that
+    destroys the group while another still has a collective in flight aborts that rank (gloo: "terminate
+    called without an active exception"). After an error there is no waiting: the other ranks may never come."""
     if layout.distributed and dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 

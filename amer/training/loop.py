@@ -41,9 +41,12 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, quiet: bool = False) 
     """Run training; returns a summary (run dir, final/best validation loss, checkpoints)."""
     layout = distributed.setup(cfg.parallel, resolve_device(cfg.device))  # single-process unless under torchrun
     try:
-        return _train(cfg, layout, stop_at, quiet or not layout.main)
-    finally:
-        distributed.teardown(layout)
+        summary = _train(cfg, layout, stop_at, quiet or not layout.main)
+    except BaseException:
+        distributed.teardown(layout, clean=False)
+        raise
+    distributed.teardown(layout)
+    return summary
 
 
 def _train(cfg: TrainConfig, layout: distributed.Layout, stop_at: int | None, quiet: bool) -> dict[str, Any]:

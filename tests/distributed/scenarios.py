@@ -181,5 +181,7 @@ if __name__ == "__main__":
     layout = D.setup(parallel, torch.device("cpu"))
     try:
         fn(layout)
-    finally:
-        D.teardown(layout)
+    except BaseException:
+        D.teardown(layout, clean=False)
+        raise
+    D.teardown(layout)
