@@ -61,9 +61,19 @@ def decode(model: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
     done = torch.zeros(B, dtype=torch.bool, device=device)
     n_new = torch.zeros(B, dtype=torch.long, device=device)
     rows = torch.arange(B, device=device)
+    # every row the same length and no stop token: every row produces at every step, with no masks to keep
+    uniform = L0 == Lmax and eos_id is None
     for k in range(steps):
         pos = L0 + k  # the position being filled
         nxt = sample_next(logits, temperature, top_k, generator)  # (B,)
+        if uniform:
+            buf[:, pos] = nxt
+            n_new += 1
+            if k == steps - 1:
+                break
+            out = model(nxt[:, None], taps=False, cache=cache)
+            cache, logits = out.cache, out.logits[:, -1]
+            continue
         generating = pos >= lens
         produced = generating & ~done
         buf[rows[produced], pos] = nxt[produced]

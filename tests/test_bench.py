@@ -85,12 +85,34 @@ def test_scaling_suite_covers_every_family_and_length(tmp_path, capsys) -> None:
 def test_flops_suite_relates_step_to_matmul(tmp_path, capsys) -> None:
     res, _ = run_quick(tmp_path, capsys, "flops")
     rows = res["rows"]
-    step, mm = rows[0], rows[-1]
-    assert [r["name"] for r in rows[1:-1]] == ["AA fwd+bwd", "MM fwd+bwd", "EE fwd+bwd", "RR fwd+bwd"]
+    step, mm, gemm = rows[0], rows[-2], rows[-1]
+    assert [r["name"] for r in rows[1:-2]] == ["AA fwd+bwd", "MM fwd+bwd", "EE fwd+bwd", "RR fwd+bwd"]
     assert mm["fraction_of_matmul"] == 1.0
     expected = bench.training_flops(ModelConfig.from_preset("tiny"), 2, 32)["total"]
     assert step["GFLOP"] == pytest.approx(expected / 1e9)
     assert 0 < step["fraction_of_matmul"] and step["GFLOP_per_s"] > 0
+    # the profiled GEMMs do the step's matmul work: the structural count, give or take what it leaves out
+    # (the embedding's one-hot-free lookup, flash attention's recomputation, routers and gates)
+    assert gemm["name"] == "tiny step, its GEMM ops alone"
+    assert 0.5 < gemm["GFLOP"] / step["GFLOP"] < 2.0 and gemm["GFLOP_per_s"] > 0
+
+
+def test_op_profile_splits_gemm_time_from_the_rest() -> None:
+    from amer.bench.opprofile import op_profile
+
+    a, b = torch.randn(64, 32), torch.randn(32, 16)
+    x = torch.randn(1 << 16)
+
+    def fn() -> None:
+        torch.mm(a, b)
+        torch.bmm(a[None], b[None])
+        x.exp()
+
+    prof = op_profile(fn, calls=2)
+    assert prof.gemm_flops == 2 * (2 * 64 * 32 * 16)  # per call: the mm and the bmm, nothing from exp
+    assert 0 < prof.gemm_s < prof.total_s and 0 < prof.gemm_share < 1
+    assert "aten::exp" in [name for name, _ in prof.top]
+    assert "GEMMs" in prof.describe()
 
 
 def test_peers_suite_runs_or_says_why_not(tmp_path, capsys) -> None:

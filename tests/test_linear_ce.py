@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from amer.config import ModelConfig, STPConfig
 from amer.model import HybridLM, final_logits
 from amer.objective import STPPolicy, cross_entropy
-from amer.ops.linear_ce import chunk_rows, linear_cross_entropy
+from amer.ops.linear_ce import CHUNK_ELEMENTS, MIN_CHUNK_ROWS, chunk_rows, linear_cross_entropy
 from amer.training.step import TrainStep
 
 
@@ -60,9 +60,11 @@ def test_all_ignored_is_nan_like_cross_entropy():
 
 
 def test_chunk_rows_bounds_the_logits():
-    assert chunk_rows(16384, 32768) * 32768 <= 1 << 22
+    assert chunk_rows(16384, 8192) * 8192 <= CHUNK_ELEMENTS  # 128 rows: 4 MiB of logits
+    assert chunk_rows(16384, 32768) == MIN_CHUNK_ROWS  # never fewer rows than the weight-gradient floor
     assert chunk_rows(100, 260) == 100  # a byte vocabulary fits in one chunk
-    assert chunk_rows(10, 10**9) == 1
+    assert chunk_rows(10, 10**9) == 10  # never more rows than tokens
+    assert chunk_rows(0, 8192) == 1
 
 
 def test_shape_errors_name_the_problem():

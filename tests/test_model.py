@@ -150,6 +150,40 @@ def test_greedy_generate_matches_full_forward_rerun(pattern: str) -> None:
     assert torch.equal(got, seq)
 
 
+def _greedy_rerun(model, prompt: torch.Tensor, n_new: int) -> torch.Tensor:
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(n_new):
+            seq = torch.cat([seq, model(seq, taps=False).logits[:, -1].argmax(-1)[:, None]], dim=1)
+    return seq
+
+
+def test_decoding_rope_table_follows_cache_size_and_dtype() -> None:
+    """Decoding reads RoPE angles from a table built per cache size, device and dtype: a second cache size
+    and a model converted to fp64 must each get their own table, not a stale one."""
+    model = build("AEMR", init_std=0.2)
+    prompt = tokens(t=6)
+    for n_new in (3, 7):  # caches of 9 and 13 positions
+        assert torch.equal(model.generate(prompt, n_new, temperature=0.0), _greedy_rerun(model, prompt, n_new))
+    model.double()
+    got = model.generate(prompt, 4, temperature=0.0)
+    assert torch.equal(got, _greedy_rerun(model, prompt, 4))
+    attn = next(b.mixer for b in model.blocks if b.layer.family == "A")
+    assert attn._rope_table[0][2] == torch.float64 and attn._rope_table[1][0].dtype == torch.float64
+
+
+def test_equal_length_prompts_take_the_same_path_as_ragged_ones() -> None:
+    """``generate`` skips the per-row masks when every prompt has the same length and there is no stop token;
+    with a stop token that never comes, the masked loop must give the same tokens."""
+    from amer.generate import decode
+
+    model = build("AEMR", init_std=0.2)
+    prompts = tokens(t=6).tolist()
+    fast = decode(model, prompts, 5)
+    masked = decode(model, prompts, 5, eos_id=model.cfg.vocab_size + 7)  # an id no row can produce
+    assert fast == masked and all(len(c) == 5 for c in fast)
+
+
 # ------------------------------------------------------------------------------------------------
 # taps
 

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from amer.bench.flops import training_flops
 from amer.bench.harness import MB, BenchOptions, SuiteResult, interleave, median, paired_ratio, peak_tensor_bytes
+from amer.bench.opprofile import op_profile
 from amer.bench.workloads import (
     OPTIMIZER_SETTINGS,
     STP_SPANS,
@@ -217,6 +218,13 @@ def suite_flops(opts: BenchOptions) -> SuiteResult:
                          "fraction_of_matmul": median([r / m for r, m in zip(rate, mm_rate)])})
     res.rows.append({"name": f"fp32 matmul {n}^3", "GFLOP": mm_flops / 1e9, "ms": median(times["matmul"]) * 1e3,
                      "GFLOP_per_s": median(mm_rate) / 1e9, "fraction_of_matmul": 1.0})
+    # the ceiling: the step's own GEMMs at their own shapes, with every other op taken as free
+    prof = op_profile(fns["step"], calls=1 if opts.quick else 3)
+    res.rows.append({"name": f"{opts.preset} step, its GEMM ops alone", "GFLOP": prof.gemm_flops / 1e9,
+                     "ms": prof.gemm_s * 1e3, "GFLOP_per_s": prof.gemm_rate / 1e9,
+                     "fraction_of_matmul": prof.gemm_rate / median(mm_rate)})
+    res.notes.append(f"{opts.preset} step by operator (profiled): {prof.describe()}; the GEMM row is the fraction "
+                     "the step would reach if every other op took no time")
     terms = ", ".join(f"{k} {v / flops['total']:.1%}" for k, v in flops.items() if k != "total")
     res.notes.append(f"batch {B}x{T}; step = forward + backward + clip + AdamW, no STP; FLOPs by term: {terms}")
     res.notes.append(f"target: fraction_of_matmul >= 0.60 for the {opts.preset} train step; the single-family rows "

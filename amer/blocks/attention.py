@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from amer.blocks.common import Mixer, MixerOutput, RMSNorm
 from amer.blocks.documents import Documents
+from amer.ops.fused import cast
 from amer.config import Dims
 from amer.configio import check, opt
 from amer.families import FamilySpec, register_family
@@ -94,9 +95,9 @@ DOC_SPLIT_MIN_MEAN = 16
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate pairs (x[..., :h], x[..., h:]) by the position angles. x: (B, H, T, hd); cos/sin: (T, hd/2),
     or (B, 1, T, hd/2) for per-row positions."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    x1, x2 = cast(x, torch.float32).chunk(2, dim=-1)
     y = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return y.to(x.dtype)
+    return cast(y, x.dtype)
 
 
 class AttentionMixer(Mixer):
@@ -143,6 +144,17 @@ class AttentionMixer(Mixer):
         t = torch.arange(start, start + T, device=device, dtype=torch.float32)
         freqs = torch.outer(t, self.inv_freq.to(device))  # (T, hd/2)
         return freqs.cos(), freqs.sin()
+
+    def _rope_decoding(self, start: int, T: int, cache_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The angles of positions ``start .. start + T`` read from a table of the cache's whole length, built
+        once per cache size and device: a decoding step would otherwise spend four ops per block on them."""
+        table = getattr(self, "_rope_table", None)
+        key = (cache_len, device, self.inv_freq.dtype)
+        if table is None or table[0] != key:
+            table = (key, self._rope(0, cache_len, device))
+            self._rope_table = table
+        cos, sin = table[1]
+        return cos[start:start + T], sin[start:start + T]
 
     def _rope_at(self, position: Tensor) -> tuple[Tensor, Tensor]:
         """Angles for per-token positions (B, T): (B, 1, T, hd/2), broadcast over heads."""
@@ -207,20 +219,27 @@ class AttentionMixer(Mixer):
         only to its own document's earlier tokens and its rotary position counts from the document's start."""
         B, T, _ = x.shape
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.qkv(x).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
-        q = q.view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
-        k = k.view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = v.view(B, T, Hkv, hd).transpose(1, 2)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
         start = 0 if cache is None else cache.pos
         if start + T > (self.max_seq_len if cache is None else cache.k.shape[2]):
             limit = self.max_seq_len if cache is None else cache.k.shape[2]
             raise ValueError(f"sequence of {start + T} tokens exceeds the attention limit of {limit} (max_seq_len / cache size)")
         if documents is not None and cache is not None:
             raise ValueError("attention: packed documents apply to the training path, not to a decoding cache")
-        cos, sin = self._rope(start, T, x.device) if documents is None else self._rope_at(documents.position)
-        q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        if documents is not None:
+            cos, sin = self._rope_at(documents.position)
+        elif cache is not None:
+            cos, sin = self._rope_decoding(start, T, cache.k.shape[2], x.device)
+        else:
+            cos, sin = self._rope(start, T, x.device)
+        qkv = self.qkv(x)
+        v = qkv[..., (H + Hkv) * hd:].view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        if self.q_norm is None:  # queries and keys rotated together: one set of RoPE ops instead of two
+            qk = qkv[..., :(H + Hkv) * hd].view(B, T, H + Hkv, hd).transpose(1, 2)  # (B, H + Hkv, T, hd)
+            q, k = self._rotate(qk, cos, sin).split([H, Hkv], dim=1)
+        else:
+            q = qkv[..., :H * hd].view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+            k = qkv[..., H * hd:(H + Hkv) * hd].view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+            q, k = self._rotate(self.q_norm(q), cos, sin), self._rotate(self.k_norm(k), cos, sin)
         if cache is None and documents is not None:
             y = self._attend_documents(q, k, v, documents)
             new_cache = None
@@ -233,9 +252,9 @@ class AttentionMixer(Mixer):
             new_cache = None
         else:
             end = start + T
-            cache.k[:, :, start:end] = k.to(cache.k.dtype)
-            cache.v[:, :, start:end] = v.to(cache.v.dtype)
-            keys, values = cache.k[:, :, :end].to(q.dtype), cache.v[:, :, :end].to(q.dtype)
+            cache.k[:, :, start:end] = cast(k, cache.k.dtype)
+            cache.v[:, :, start:end] = cast(v, cache.v.dtype)
+            keys, values = cast(cache.k[:, :, :end], q.dtype), cast(cache.v[:, :, :end], q.dtype)
             if T == 1 and (self.window is None or end <= self.window):
                 mask = None  # a single new query may see every cached key
             else:  # query i sits at absolute position start + i

@@ -38,6 +38,7 @@ from amer.blocks.documents import Documents
 from amer.config import Dims
 from amer.configio import check, opt
 from amer.families import FamilySpec, register_family
+from amer.ops.fused import cast
 from amer.ops.moe import dispatch_dropless
 from amer.ops.moe_capacity import CapacityCache, block_capacity, dispatch_causal_capacity
 from amer.pattern import LayerSpec
@@ -189,14 +190,14 @@ class MoEMixer(Mixer):
         n_tokens = B * T if valid is None else valid.sum().clamp(min=1.0)
         rdt = torch.promote_types(x.dtype, torch.float32)  # at least fp32 (fp64 stays fp64 for tests)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(x.to(rdt), self.router.weight.to(rdt))  # (B, T, E)
+            logits = F.linear(cast(x, rdt), cast(self.router.weight, rdt))  # (B, T, E)
         probs, weights, idx = route(logits, k, self.renormalize_top1)  # (B, T, E), (B, T, k), (B, T, k)
 
         if not torch.is_grad_enabled() and cache is None and self.dispatch != "capacity" \
                 and x.device.type == "cpu" and B * T * k <= FEW_SLOTS:
             # decoding-sized inference: no dispatch, and no losses or training figures (nothing reads them)
             y = _few_tokens(x, idx, weights, self.w_gate_up, self.w_down, self.act)
-            return MixerOutput((y if self.shared is None else y + self.shared(x)).to(x.dtype), None, {}, {})
+            return MixerOutput(cast(y if self.shared is None else y + self.shared(x), x.dtype), None, {}, {})
         if self.dispatch == "capacity" or x.device.type == "xla" or cache is not None:
             y, n_dropped, block_counts = dispatch_causal_capacity(
                 x, idx, weights, self.w_gate_up, self.w_down, block=self.capacity_block,
@@ -266,17 +267,25 @@ FEW_SLOTS = 16  # up to this many (token, expert) slots, e.g. decoding one row, 
 
 
 def _few_tokens(x: Tensor, idx: Tensor, weights: Tensor, w_gate_up: Tensor, w_down: Tensor, act: Any) -> Tensor:
-    """Dropless routing for a handful of tokens without dispatch: each (token, expert) slot is one gate/up and
-    one down matmul on that expert's weights. Decoding one token runs ``top_k`` slots per E block, where sorting
-    and grouping tokens by expert costs more than the matmuls (measured 170 vs 320 us for top-2 of 8 experts at
-    width 192). The host reads ``idx``: a decoding loop is host-driven anyway."""
-    xs = x.reshape(-1, x.shape[-1])
-    out = torch.zeros_like(xs, dtype=torch.promote_types(x.dtype, w_down.dtype))
-    for n, (row, w_row) in enumerate(zip(idx.reshape(xs.shape[0], -1).tolist(), weights.reshape(xs.shape[0], -1))):
-        for j, e in enumerate(row):
-            gate, up = (xs[n] @ w_gate_up[e].to(x.dtype)).chunk(2, dim=-1)
-            out[n] += w_row[j].to(out.dtype) * (act(gate) * up) @ w_down[e].to(out.dtype)
-    return out.reshape(x.shape)
+    """Dropless routing for a handful of tokens without dispatch: per token, its ``top_k`` gate/up products
+    stacked into one (k, 2F) activation, weighted, and the down products summed by ``addmm``. Decoding one
+    token runs ``top_k`` slots per E block, where sorting and grouping tokens by expert costs more than the
+    matmuls (measured 170 vs 320 us for top-2 of 8 experts at width 192; this layout 180 vs 230 us for the
+    one-matmul-pair-per-slot loop it replaced). The host reads ``idx``: a decoding loop is host-driven anyway."""
+    dt = torch.promote_types(x.dtype, w_down.dtype)
+    xs = cast(x.reshape(-1, x.shape[-1]), dt)
+    w_slots = cast(weights.reshape(xs.shape[0], -1), dt)
+    rows = []
+    for n, experts in enumerate(idx.reshape(xs.shape[0], -1).tolist()):
+        xn = xs[n:n + 1]
+        h = torch.cat([torch.mm(xn, cast(w_gate_up[e], dt)) for e in experts])  # (k, 2F)
+        gate, up = h.chunk(2, dim=-1)
+        a = act(gate).mul_(up).mul_(w_slots[n].unsqueeze(1))  # (k, F), each slot's routing weight applied
+        y = torch.mm(a[:1], cast(w_down[experts[0]], dt))
+        for j in range(1, len(experts)):
+            y = torch.addmm(y, a[j:j + 1], cast(w_down[experts[j]], dt))
+        rows.append(y)
+    return torch.cat(rows).reshape(x.shape)
 
 
 def _global_counts(counts: Tensor, n_tokens: Any, group: Any) -> tuple[Tensor, Tensor, float]:
