@@ -29,7 +29,6 @@ def module_name(path: Path) -> str:
 def top_level_imports(path: Path) -> set[str]:
     """amer modules imported at module level (imports inside functions are deliberate lazy edges)."""
     tree = ast.parse(path.read_text())
-    me = module_name(path)
     is_pkg = path.name == "__init__.py"
     out: set[str] = set()
     for node in tree.body:
@@ -37,6 +36,7 @@ def top_level_imports(path: Path) -> set[str]:
             out |= {a.name for a in node.names if a.name.startswith("amer")}
         elif isinstance(node, ast.ImportFrom):
             if node.level:  # relative import
+                me = module_name(path)
                 base = me.split(".") if is_pkg else me.split(".")[:-1]
                 base = base[: len(base) - node.level + 1]
                 mod = ".".join(base + ([node.module] if node.module else []))
@@ -49,8 +49,18 @@ def top_level_imports(path: Path) -> set[str]:
 
 
 def graph(files: dict[str, Path]) -> dict[str, set[str]]:
+    """Module-level import edges. Importing ``a.b.c`` first runs the ``__init__`` of ``a.b``: an edge to that
+    package too, unless it is the importer's own package (already initialising when the importer runs)."""
     names = set(files)
-    return {m: {i for i in top_level_imports(p) if i in names and i != m} for m, p in files.items()}
+    out = {}
+    for m, p in files.items():
+        mine = {".".join(m.split(".")[:k]) for k in range(1, m.count(".") + 2)}
+        targets = set()
+        for i in top_level_imports(p):
+            parts = i.split(".")
+            targets |= {".".join(parts[:k]) for k in range(1, len(parts) + 1)} - mine
+        out[m] = {t for t in targets if t in names and t != m}
+    return out
 
 
 def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
@@ -83,6 +93,22 @@ def test_no_import_cycles() -> None:
     assert find_cycle(graph(package_files())) is None
     # negative control: a two-module cycle is found
     assert find_cycle({"amer.a": {"amer.b"}, "amer.b": {"amer.a"}}) == ["amer.a", "amer.b", "amer.a"]
+
+
+def test_a_cycle_through_a_package_init_is_found(tmp_path: Path) -> None:
+    # amer.x imports amer.p.leaf, so amer/p/__init__.py runs first; it imports amer.p.mid, which imports amer.x
+    # (still half-initialised): an ImportError at run time although no two modules import each other
+    files = {"amer.x": "from amer.p.leaf import f\n", "amer.p": "from amer.p.mid import g\n",
+             "amer.p.mid": "from amer.x import h\n", "amer.p.leaf": "f = 1\n"}
+    paths = {}
+    for name, text in files.items():
+        paths[name] = tmp_path / f"{name}.py"
+        paths[name].write_text(text)
+    cycle = find_cycle(graph(paths))
+    assert cycle is not None and "amer.p" in cycle and "amer.x" in cycle
+    # the package's own modules do not count its __init__ as an edge: amer.p.mid -> amer.x alone is no cycle
+    del paths["amer.x"]
+    assert find_cycle(graph(paths)) is None
 
 
 def imports_of(path: Path) -> set[str]:

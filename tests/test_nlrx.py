@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from chat_data import SHARED, SYSTEM, write_chat_data
+from chat_data import chat_row as _row
 
 import amer.cli.experiment_nlrx as nlrx_cli
 from amer.analysis.stats import betainc, effective_rank, paired_ttest, t_two_sided_p
@@ -19,32 +21,12 @@ from amer.model import HybridLM
 from amer.stp import compute_stp_loss, sample_spans
 
 TOK = ByteTokenizer()
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nl-rx-synth"
-SYSTEM = "Convert natural language to regular expression."
-
-
-def _row(user: str, regex: str, system: bool = True) -> str:
-    msgs = ([{"role": "system", "content": SYSTEM}] if system else [])
-    msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": regex}]
-    return json.dumps({"messages": msgs})
-
-
 EXAMPLES = [
     Example("lines with a vowel", "([AEIOUaeiou])", SYSTEM),
     Example("lines containing the string 'dog' or a number, 3 or more times", "((dog)|([0-9])){3,}", SYSTEM),
     Example("lines with café", "(.*café.*)", None),  # non-ASCII: bytes, not characters, must line up
     Example("x", "a", SYSTEM),
 ]
-
-
-def _write_data(d: Path, n_train: int = 48, n_test: int = 12) -> Path:
-    d.mkdir(parents=True, exist_ok=True)
-    words = ["dog", "truck", "ring", "lake"]
-    rows = [_row(f"lines with the string '{words[i % 4]}' {i % 5 + 1} or more times", f"({words[i % 4]}){{{i % 5 + 1},}}")
-            for i in range(n_train + n_test)]
-    (d / nlrx.TRAIN_FILE).write_text("\n".join(rows[:n_train]) + "\n")
-    (d / nlrx.TEST_FILE).write_text("\n".join(rows[n_train:]) + "\n")
-    return d
 
 
 # ---------------------------------------------------------------- loader
@@ -324,7 +306,7 @@ def test_length_bucketed_batches_cover_each_epoch_with_little_padding() -> None:
 
 @pytest.mark.slow
 def test_quick_end_to_end_and_resume(tmp_path: Path, capsys) -> None:
-    data = _write_data(tmp_path / "data")
+    data = write_chat_data(tmp_path / "data")
     out = tmp_path / "out"
     argv = ["--quick", "--data-dir", str(data), "--out", str(out), "--steps", "4", "--d-model", "32",
             "--test-rows", "8", "--max-new-tokens", "8", "--workers", "2"]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from chat_data import SHARED, SYSTEM, write_chat_data
 
 import amer.cli.experiment_nlrx_finetune as ft_cli
 from amer.data import ByteTokenizer
@@ -19,23 +20,10 @@ from amer.experiments.nlrx_finetune import ChatSet, Settings, summarize
 from amer.experiments.nlrx_finetune.report import DECISION_RULE
 
 TOK = ByteTokenizer()
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nl-rx-synth"
-SYSTEM = "Convert natural language to regular expression."
 
 
-def _row(user: str, regex: str) -> str:
-    return json.dumps({"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user},
-                                    {"role": "assistant", "content": regex}]})
-
-
-def _write_data(d: Path, n_train: int = 48, n_test: int = 12) -> Path:
-    d.mkdir(parents=True, exist_ok=True)
-    words = ["dog", "truck", "ring", "lake"]
-    rows = [_row(f"lines with '{words[i % 4]}' {i % 5 + 1} times", f"({words[i % 4]}){{{i % 5 + 1},}}")
-            for i in range(n_train + n_test)]
-    (d / nlrx.TRAIN_FILE).write_text("\n".join(rows[:n_train]) + "\n")
-    (d / nlrx.TEST_FILE).write_text("\n".join(rows[n_train:]) + "\n")
-    return d
+def _write_data(d: Path) -> Path:
+    return write_chat_data(d, phrase="lines with '{w}' {n} times")
 
 
 # ---------------------------------------------------------------- batches

@@ -3,13 +3,38 @@ line of the experiment package ``amer.experiments.NAME``."""
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import sys
+from typing import Any, Callable
 
 from amer.configio import suggest
 from amer.errors import ExperimentError
 from amer.experiments import EXPERIMENTS
 
-__all__ = ["command", "usage"]
+__all__ = ["command", "usage", "run_resumable"]
+
+
+def run_resumable(argv: list[str], parser: argparse.ArgumentParser, settings: Callable[[argparse.Namespace], Any],
+                  body: Callable[[argparse.Namespace, Any, list[str]], int]) -> int:
+    """Parse ``argv``, validate it into settings, set the process up for many small models (allocator, torch
+    threads) and run ``body(args, settings, argv)``. Ctrl-C exits 130 with a line saying what is kept: every
+    experiment writes finished work as it goes, so the same command continues it. Bad input propagates as
+    :class:`~amer.errors.AmerError` (one line, exit 2)."""
+    import torch
+
+    from amer.runtime import tune_malloc
+
+    try:
+        args = parser.parse_args(argv)
+        s = settings(args)
+        tune_malloc()
+        if s.threads:
+            torch.set_num_threads(s.threads)
+        return body(args, s, argv)
+    except KeyboardInterrupt:
+        print("interrupted: finished work is kept; run the same command again to continue", file=sys.stderr)
+        return 130
 
 
 def _summary(name: str) -> str:

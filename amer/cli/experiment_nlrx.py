@@ -4,29 +4,24 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
-import math
-import re
 import sys
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from amer.cli.base import ArgParser, run
-from amer.configio import INT_MAX, number_arg
+from amer.cli.experiment import run_resumable
+from amer.configio import number_arg
 from amer.errors import ExperimentError
+from amer.experiments import options
 from amer.experiments.nlrx.data import ENV_DIR, TEST_FILE, TRAIN_FILE, default_data_dir
 from amer.experiments.nlrx.grid import TAPS, Settings, build_grid, model_config
 from amer.experiments.nlrx.report import summarize, write_report
-from amer.experiments.nlrx.runner import arm_path, check_stale, cores, estimate, finished_arms, run_grid
-from amer.runtime import tune_malloc
+from amer.experiments.nlrx.runner import arm_path, check_stale, estimate, finished_arms, run_grid
 
 __all__ = ["ENV_DIR", "FULL_DEFAULTS", "QUICK_DEFAULTS", "default_data_dir", "build_parser", "settings_from_args",
            "estimate", "command", "main"]
 
-MAX_SEEDS = 1000  # --seeds N: each seed is a whole grid of arms
 FULL_DEFAULTS: dict[str, Any] = {
     "models": "dense=(AE)*2,hybrid=AMER", "lambdas": "0,0.005,0.01,0.02,0.04,0.08", "lambdas_small": "0,0.02",
     "taps": "final,family", "fractions": "1,1/4,1/16", "seeds": "3", "out": "checkpoints/nlrx", "steps": 1000,
@@ -82,67 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _floats(text: str, flag: str) -> list[float]:
-    try:
-        vals = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ExperimentError(f"{flag} {text!r}: expected comma-separated numbers like 0,0.02") from None
-    if not vals or any(v < 0 or not math.isfinite(v) for v in vals):
-        raise ExperimentError(f"{flag} {text!r}: expected one or more finite numbers >= 0")
-    return sorted(dict.fromkeys(vals))
-
-
-def _fractions(text: str) -> list[str]:
-    out = []
-    for x in text.split(","):
-        x = x.strip()
-        try:
-            f = Fraction(x)
-        except (ValueError, ZeroDivisionError):
-            raise ExperimentError(f"--fractions: {x!r} is not a fraction; expected e.g. 1,1/4,1/16") from None
-        if not 0 < f <= 1:
-            raise ExperimentError(f"--fractions: {x!r} must be in (0, 1]")
-        out.append(str(f))
-    if not out:
-        raise ExperimentError("--fractions: expected e.g. 1,1/4,1/16")
-    return sorted(dict.fromkeys(out), key=lambda f: -Fraction(f))
-
-
-def _seeds(text: str) -> list[int]:
-    try:
-        if "," not in text:
-            n = int(text)
-            if not 1 <= n <= MAX_SEEDS:  # a count: every seed is a full set of arms
-                raise ValueError
-            return list(range(n))
-        seeds = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ExperimentError(f"--seeds {text!r}: expected a count from 1 to {MAX_SEEDS} like 3, or a list like "
-                              "0,1,2") from None
-    if not seeds or any(not 0 <= s <= INT_MAX for s in seeds):
-        raise ExperimentError(f"--seeds {text!r}: expected seeds from 0 to 2^63-1")
-    return sorted(dict.fromkeys(seeds))
-
-
-def _models(text: str, d_model: int) -> list[tuple[str, str]]:
-    out = []
-    for item in text.split(","):
-        name, sep, pattern = item.partition("=")
-        name, pattern = name.strip(), pattern.strip()
-        if not sep or not re.fullmatch(r"[A-Za-z0-9-]+", name) or not pattern:
-            raise ExperimentError(f"--models item {item!r}: expected NAME=PATTERN with NAME of letters, digits, '-' "
-                                  "(e.g. hybrid=AMER)")
-        model_config(pattern, d_model)  # a bad pattern or width fails here, before any training
-        out.append((name, pattern))
-    if len({n for n, _ in out}) != len(out):
-        raise ExperimentError(f"--models {text!r}: model names must be distinct")
-    return out
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-
-
 def settings_from_args(args: argparse.Namespace) -> Settings:
     d = QUICK_DEFAULTS if args.quick else FULL_DEFAULTS
     pick = lambda name: getattr(args, name) if getattr(args, name) is not None else d[name]  # noqa: E731
@@ -155,8 +89,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise ExperimentError(f"data directory {data_dir} lacks {', '.join(missing)}; pass --data-dir DIR with "
                               f"{TRAIN_FILE} and {TEST_FILE} (llm-jepa's datasets/ folder)")
     small = pick("lambdas_small")
-    lambdas_small = None if small.strip() == "all" else _floats(small, "--lambdas-small")
-    workers = args.workers if args.workers is not None else cores()
+    lambdas_small = None if small.strip() == "all" else options.floats(small, "--lambdas-small")
+    workers = args.workers if args.workers is not None else options.cores()
     if workers < 1:
         raise ExperimentError(f"--workers must be >= 1, got {workers}")
     taps = [t.strip() for t in pick("taps").split(",") if t.strip()]
@@ -176,30 +110,23 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if warm < 0:
         raise ExperimentError(f"--warmup-steps must be >= 0, got {warm}")
     return Settings(
-        data_dir=str(data_dir), out=pick("out"), models=_models(pick("models"), args.d_model),
-        lambdas=_floats(pick("lambdas"), "--lambdas"), lambdas_small=lambdas_small, taps=taps,
-        fractions=_fractions(pick("fractions")),
-        seeds=_seeds(pick("seeds")), d_model=args.d_model, steps=steps, batch_size=args.batch_size, lr=args.lr,
+        data_dir=str(data_dir), out=pick("out"),
+        models=options.models(pick("models"), lambda p: model_config(p, args.d_model)),
+        lambdas=options.floats(pick("lambdas"), "--lambdas"), lambdas_small=lambdas_small, taps=taps,
+        fractions=options.fractions(pick("fractions")),
+        seeds=options.seeds(pick("seeds")), d_model=args.d_model, steps=steps, batch_size=args.batch_size, lr=args.lr,
         warmup_steps=warm, n_spans=args.n_spans, train_rows=pick("train_rows"), test_rows=pick("test_rows"),
         system_prompt=args.system_prompt, max_new_tokens=args.max_new_tokens, decode_batch=args.decode_batch,
-        threads=args.threads, workers=workers, data_sha={f: _sha(data_dir / f) for f in (TRAIN_FILE, TEST_FILE)},
+        threads=args.threads, workers=workers, data_sha={f: options.sha(data_dir / f) for f in (TRAIN_FILE, TEST_FILE)},
     )
 
 
 def command(argv: list[str]) -> int:
     """``amer experiment nlrx``; errors propagate as :class:`~amer.errors.AmerError` (one line, exit 2)."""
-    try:
-        return _command(build_parser().parse_args(argv), argv)
-    except KeyboardInterrupt:
-        print("interrupted: finished arms are kept; run the same command again to continue", file=sys.stderr)
-        return 130
+    return run_resumable(argv, build_parser(), settings_from_args, _command)
 
 
-def _command(args: argparse.Namespace, argv: list[str]) -> int:
-    s = settings_from_args(args)
-    tune_malloc()
-    if s.threads:
-        torch.set_num_threads(s.threads)
+def _command(args: argparse.Namespace, s: Settings, argv: list[str]) -> int:
     if args.dry_run:
         grid = build_grid(s)
         done = finished_arms(s)

@@ -4,21 +4,18 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
-import math
-import re
 import sys
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from amer.checkpoint import load_checkpoint, read_meta
 from amer.cli.base import ArgParser, run
+from amer.cli.experiment import run_resumable
 from amer.configio import number_arg
 from amer.data import load_tokenizer
 from amer.errors import ExperimentError
+from amer.experiments import options
 from amer.experiments.nlrx.data import ENV_DIR, TEST_FILE, TRAIN_FILE, default_data_dir
 from amer.experiments.nlrx.grid import model_config
 from amer.experiments.nlrx_finetune.data import NTP_TARGETS
@@ -26,7 +23,6 @@ from amer.experiments.nlrx_finetune.estimate import estimate
 from amer.experiments.nlrx_finetune.grid import INITS, Settings, build_grid, pick_arms
 from amer.experiments.nlrx_finetune.report import summarize, write_report
 from amer.experiments.nlrx_finetune.runner import arm_path, read_all, run_all
-from amer.runtime import tune_malloc
 
 __all__ = ["FULL", "QUICK", "build_parser", "settings_from_args", "command", "main"]
 
@@ -89,56 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _floats(text: str, flag: str, *, positive: bool = False) -> list[float]:
-    try:
-        vals = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ExperimentError(f"{flag} {text!r}: expected comma-separated numbers like 0,0.02") from None
-    if not vals or any(not math.isfinite(v) or v < 0 or (positive and v == 0) for v in vals):
-        raise ExperimentError(f"{flag} {text!r}: expected finite numbers {'> 0' if positive else '>= 0'}")
-    return sorted(dict.fromkeys(vals))
-
-
-def _fractions(text: str) -> list[str]:
-    out = []
-    for x in (x.strip() for x in text.split(",")):
-        try:
-            f = Fraction(x)
-        except (ValueError, ZeroDivisionError):
-            raise ExperimentError(f"--fractions: {x!r} is not a fraction; expected e.g. 1,1/4,1/16") from None
-        if not 0 < f <= 1:
-            raise ExperimentError(f"--fractions: {x!r} must be in (0, 1]")
-        out.append(str(f))
-    return sorted(dict.fromkeys(out), key=lambda f: -Fraction(f))
-
-
-def _seeds(text: str) -> list[int]:
-    try:
-        seeds = list(range(int(text))) if "," not in text else [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        seeds = []
-    if not seeds or len(seeds) > 1000 or any(sd < 0 for sd in seeds):
-        raise ExperimentError(f"--seeds {text!r}: expected a count from 1 to 1000 like 3, or a list like 0,1,2")
-    return sorted(dict.fromkeys(seeds))
-
-
-def _models(text: str, d_model: int) -> list[tuple[str, str]]:
-    out = []
-    for item in text.split(","):
-        name, sep, pattern = (x.strip() for x in item.partition("="))
-        if not sep or not re.fullmatch(r"[A-Za-z0-9-]+", name) or not pattern:
-            raise ExperimentError(f"--models item {item!r}: expected NAME=PATTERN (e.g. hybrid=AMER)")
-        model_config(pattern, d_model)  # a bad pattern or width fails here, before any training
-        out.append((name, pattern))
-    if len({n for n, _ in out}) != len(out):
-        raise ExperimentError(f"--models {text!r}: model names must be distinct")
-    return out
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-
-
 def _data_files(args: argparse.Namespace) -> tuple[Path, Path, str]:
     d = Path(args.data_dir) if args.data_dir else default_data_dir()
     if (args.train_file is None or args.test_file is None) and d is None:
@@ -173,46 +119,33 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             raise ExperimentError(f"--init {args.init}: this experiment fine-tunes byte-level models, and that "
                                   f"checkpoint's tokenizer is {spec!r}")
         models = [("init", cfg.pattern)]
-        init_sha = _sha(Path(meta["_path"]) / "model.safetensors")
+        init_sha = options.sha(Path(meta["_path"]) / "model.safetensors")
         d_model = cfg.d_model
     else:
-        models = _models(pick("models"), d_model)
+        models = options.models(pick("models"), lambda p: model_config(p, d_model))
     return Settings(
         train_file=str(train), test_file=str(test), data_name=name, out=pick("out"), models=models,
-        lambdas=_floats(pick("lambdas"), "--lambdas"), fractions=_fractions(pick("fractions")),
-        seeds=_seeds(pick("seeds")), triple_lambda=args.triple_lambda or None, inits=[i for i in INITS if i in inits],
+        lambdas=options.floats(pick("lambdas"), "--lambdas"), fractions=options.fractions(pick("fractions")),
+        seeds=options.seeds(pick("seeds")), triple_lambda=args.triple_lambda or None,
+        inits=[i for i in INITS if i in inits],
         init=args.init, d_model=d_model, pretrain_epochs=float(pick("pretrain_epochs")),
         pretrain_seq_len=d["pretrain_seq_len"], pretrain_batch=d["pretrain_batch"], pretrain_lr=args.pretrain_lr,
         pretrain_warmup=d["pretrain_warmup"], pretrain_max_bytes=pick("pretrain_max_bytes"),
-        pretrain_every=d["pretrain_every"], lrs=_floats(pick("lrs"), "--lrs", positive=True), lr=args.lr,
+        pretrain_every=d["pretrain_every"], lrs=options.floats(pick("lrs"), "--lrs", positive=True), lr=args.lr,
         epochs=float(pick("epochs")), batch_size=args.batch_size, weight_decay=args.weight_decay,
         ntp_targets=args.ntp_targets, n_spans=args.n_spans, gate_margin=args.gate_margin,
         train_rows=pick("train_rows"), test_rows=pick("test_rows"), system_prompt=args.system_prompt,
-        threads=args.threads, workers=args.workers or _cores(), init_sha=init_sha,
-        data_sha={"train": _sha(train), "test": _sha(test)},
+        threads=args.threads, workers=args.workers or options.cores(), init_sha=init_sha,
+        data_sha={"train": options.sha(train), "test": options.sha(test)},
     )
-
-
-def _cores() -> int:
-    from amer.experiments.nlrx.runner import cores
-
-    return cores()
 
 
 def command(argv: list[str]) -> int:
     """``amer experiment nlrx-finetune``; errors propagate as :class:`~amer.errors.AmerError` (one line, exit 2)."""
-    try:
-        return _command(build_parser().parse_args(argv), argv)
-    except KeyboardInterrupt:
-        print("interrupted: finished work is kept; run the same command again to continue", file=sys.stderr)
-        return 130
+    return run_resumable(argv, build_parser(), settings_from_args, _command)
 
 
-def _command(args: argparse.Namespace, argv: list[str]) -> int:
-    s = settings_from_args(args)
-    tune_malloc()
-    if s.threads:
-        torch.set_num_threads(s.threads)
+def _command(args: argparse.Namespace, s: Settings, argv: list[str]) -> int:
     if args.dry_run:
         arms = pick_arms(s) + build_grid(s, {(i, m): s.lr or s.lrs[0] for i in s.inits for m, _ in s.models})
         for a in dict.fromkeys(arms):

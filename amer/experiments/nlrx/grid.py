@@ -3,7 +3,7 @@ the nested per-seed training subsets."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
@@ -11,6 +11,7 @@ import torch
 
 from amer import AttentionConfig, MambaConfig, ModelConfig, MoEConfig, RecurrentConfig
 from amer.errors import ExperimentError
+from amer.experiments.runs import GridSettings
 from amer.tap import last_of_each_family
 
 __all__ = ["TAPS", "NTP", "PROTOCOL", "Settings", "Arm", "build_grid", "model_config", "family_selector",
@@ -44,11 +45,10 @@ def family_selector(cfg: ModelConfig) -> str:
 
 
 @dataclass
-class Settings:
+class Settings(GridSettings):
     """Everything one invocation needs. Fields in :meth:`fingerprint` change results; the rest only pick arms."""
 
     data_dir: str
-    out: str
     models: list[tuple[str, str]]  # (name, pattern)
     lambdas: list[float]  # the sweep, run at the largest fraction
     taps: list[str]
@@ -62,17 +62,6 @@ class Settings:
     warmup_steps: int = 30
     weight_decay: float = 0.1
     n_spans: int = 4
-    eval_spans: int = 16
-    train_rows: int | None = None
-    test_rows: int | None = None
-    system_prompt: bool = False
-    max_new_tokens: int = 64
-    decode_batch: int = 256
-    eval_batch: int = 128
-    erank_tokens: int = 8192
-    threads: int | None = None
-    workers: int = 1
-    data_sha: dict[str, str] = field(default_factory=dict)
 
     def fingerprint(self) -> dict[str, Any]:
         keys = ("d_model", "steps", "batch_size", "lr", "warmup_steps", "weight_decay", "n_spans", "eval_spans",

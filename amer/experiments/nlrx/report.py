@@ -4,48 +4,29 @@ verdict on each of the paper's two claims (decided from the numbers only), and `
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import asdict
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Sequence
 
-from amer.analysis.stats import mean_std, paired_ttest, spearman
+from amer.analysis.stats import paired_ttest, spearman
 from amer.experiments.nlrx.grid import NTP, TAPS, Settings
+from amer.experiments.reporting import frac as _frac_value
+from amer.experiments.reporting import fraction_axis, group_rows, paired
 from amer.report import atomic_write_text, md_table, new_figure, save_figure, write_json
 
 __all__ = ["summarize", "write_report"]
 
-
-def _frac_value(f: str) -> float:
-    return float(Fraction(f))
+_FIGURES = ("accuracy", "heldout_ce", "heldout_stp_final", "heldout_stp_family", "erank", "train_ce")
 
 
 def summarize(records: Sequence[dict[str, Any]], s: Settings) -> dict[str, Any]:
     """Mean +- std per arm group, paired tests of each STP arm vs NTP, and the plain-language verdicts."""
-    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for r in records:
-        a = r["arm"]
-        groups[(a["model"], a["lam"], a["taps"], a["fraction"])].append(r)
+    groups = group_rows(records, ("model", "lam", "taps", "fraction"), _FIGURES, extra=("pattern",))
     rows = []
-    for (model, lam, taps, frac), rs in groups.items():
-        rs = sorted(rs, key=lambda r: r["arm"]["seed"])
-        row: dict[str, Any] = {"model": model, "pattern": rs[0]["arm"]["pattern"], "lam": lam, "taps": taps,
-                               "fraction": frac, "seeds": [r["arm"]["seed"] for r in rs], "n": len(rs)}
-        for key in ("accuracy", "heldout_ce", "heldout_stp_final", "heldout_stp_family", "erank", "train_ce"):
-            m, sd = mean_std([r[key] for r in rs])
-            row[key] = {"mean": m, "std": sd, "values": [r[key] for r in rs]}
-        own = "heldout_stp_family" if taps == "family" else "heldout_stp_final"
-        row["heldout_stp_own"] = row[own]
-        ntp = groups.get((model, 0.0, NTP, frac))
-        row["p_vs_ntp"] = row["diff_vs_ntp"] = None
-        if ntp is not None and lam != 0:
-            by_seed = {r["arm"]["seed"]: r["accuracy"] for r in ntp}
-            pairs = [(r["accuracy"], by_seed[r["arm"]["seed"]]) for r in rs if r["arm"]["seed"] in by_seed]
-            if pairs:
-                row["diff_vs_ntp"] = sum(a - b for a, b in pairs) / len(pairs)
-                row["t_vs_ntp"], row["p_vs_ntp"] = paired_ttest([a for a, _ in pairs], [b for _, b in pairs])
-                row["n_pairs"] = len(pairs)
+    for (model, lam, taps, frac), row in groups.items():
+        row["heldout_stp_own"] = row["heldout_stp_family" if taps == "family" else "heldout_stp_final"]
+        row.update({"p_vs_ntp": None, "diff_vs_ntp": None} if lam == 0 else
+                   paired(row, groups.get((model, 0.0, NTP, frac))))
         rows.append(row)
     rows.sort(key=lambda r: (r["model"], -_frac_value(r["fraction"]), r["lam"], r["taps"]))
     verdicts = {m: _verdicts(m, [r for r in rows if r["model"] == m]) for m in dict.fromkeys(r["model"] for r in rows)}
@@ -227,15 +208,7 @@ def _plot(summary: dict[str, Any], path: Path) -> Path | None:
             color = "black" if lam == 0 else cmap(lams.index(lam) / max(1, len(lams) - 1))
             ax.errorbar(x, y, yerr=e, marker="o", capsize=3, color=color, ls="-" if taps in (NTP, "final") else "--",
                         label="NTP" if lam == 0 else f"STP {lam:g} {taps}", lw=2 if lam == 0 else 1)
-        ax.set_xscale("log", base=2)
-        fr = sorted({r["fraction"] for r in mr}, key=_frac_value)
-        ax.set_xticks([_frac_value(f) for f in fr], fr)
-        ax.minorticks_off()
-        ax.set_ylim(bottom=0)
-        ax.set_xlabel("training data fraction")
-        ax.set_ylabel("exact match (%)")
-        ax.set_title(f"{m} `{mr[0]['pattern']}`: accuracy vs data (equal compute)")
-        ax.legend(fontsize=7, ncol=2)
+        fraction_axis(ax, [r["fraction"] for r in mr], f"{m} `{mr[0]['pattern']}`: accuracy vs data (equal compute)")
         ax = axes[i][1]
         hi = max((r["fraction"] for r in mr), key=_frac_value)
         ce_ax = ax.twinx()

@@ -6,27 +6,24 @@ post-norm state, nothing detached), then evaluate with the shared held-out evalu
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from torch import Tensor
 
-from amer.analysis.stats import effective_rank
 from amer.checkpoint import load_checkpoint
 from amer.config import STPConfig, TrainConfig
 from amer.data import ByteTokenizer
-from amer.errors import TrainingError
-from amer.experiments.nlrx.arm import predict
-from amer.experiments.nlrx.data import LengthBucketedBatches, exact_match, load_examples
+from amer.experiments.nlrx.data import LengthBucketedBatches, load_examples
 from amer.experiments.nlrx.grid import model_config, subset_rows
+from amer.experiments.nlrx.heldout import evaluate_heldout
 from amer.experiments.nlrx_finetune.data import ChatSet
 from amer.experiments.nlrx_finetune.grid import NTP, Arm, Settings
+from amer.experiments.runs import fit
 from amer.model import HybridLM
 from amer.objective import STPPolicy
-from amer.training import TrainStep, evaluate, lr_at, make_optimizer
+from amer.training import TrainStep, lr_at, make_optimizer
 
 __all__ = ["Data", "load_data", "pretrained_path", "base_model", "policy_for", "train_arm", "evaluate_model",
            "run_arm"]
@@ -84,54 +81,23 @@ def train_arm(arm: Arm, s: Settings, data: Data) -> tuple[HybridLM, dict[str, An
     step_fn = TrainStep(model, make_optimizer(model, tcfg), policy, grad_clip=1.0,
                         stp_generator=torch.Generator().manual_seed(arm.seed + 1),
                         taps=policy.selector if policy.enabled else False)
-    tail = max(1, steps // 10)
-    ce_tail, stp_tail, skipped = [], [], 0
-    t0, c0 = time.perf_counter(), time.process_time()
-    for step in range(steps):
-        res = step_fn((next(batches),), step, lr=lr_at(step, tcfg, schedule="linear"))
-        if not res.applied:
-            skipped += 1
-        elif step >= steps - tail:
-            ce_tail.append(float(res.loss.ce.detach()))
-            stp_tail.append(float(res.loss.stp.detach()))
-    if not ce_tail:
-        raise TrainingError(f"arm {arm.id}: every one of the last {tail} steps was non-finite and skipped; lower "
-                            "the learning rate")
+    run = fit(step_fn, batches, steps, lambda step: lr_at(step, tcfg, schedule="linear"), name=arm.id)
     return model, {
-        "train_ce": sum(ce_tail) / len(ce_tail),
-        "train_stp": sum(stp_tail) / len(stp_tail) if policy.enabled else None,
+        "train_ce": run["ce"], "train_stp": run["stp"] if policy.enabled else None,
         "train_rows": len(subset), "steps": steps, "epochs": steps * s.batch_size / len(subset),
-        "train_s": time.perf_counter() - t0, "train_cpu_s": time.process_time() - c0,
-        "params": model.num_params(), "skipped_steps": skipped,
+        "train_s": run["wall_s"], "train_cpu_s": run["cpu_s"], "params": model.num_params(),
+        "skipped_steps": run["skipped"],
     }
 
 
 def evaluate_model(model: HybridLM, test: ChatSet, s: Settings, *, decode: bool = True) -> dict[str, Any]:
     """Held-out CE on the answer, held-out STP of the final state in both forms (fixed spans), effective rank of
     the final states, and (``decode``) greedy exact match."""
-    t0, c0 = time.perf_counter(), time.process_time()
     pols = {form: policy_for(model, form, 1.0, s, n_spans=s.eval_spans) for form in ("span", "triple")}
-    finals: list[Tensor] = []
-
-    def keep_final_states(out: Any, batch: dict[str, Tensor]) -> None:
-        have = sum(h.shape[0] for h in finals)
-        if have < s.erank_tokens:
-            finals.append(out.taps.final.hidden[batch["doc_ids"] >= 0][: s.erank_tokens - have])
-
-    n = len(test)
-    batches = (test.batch(range(i, min(n, i + s.eval_batch))) for i in range(0, n, s.eval_batch))
-    ev = evaluate(model, batches, stp=pols, visit=keep_final_states, taps=TAP)
-    res: dict[str, Any] = {"heldout_ce": ev["loss"], "heldout_stp_span": ev["stp/span"],
-                           "heldout_stp_triple": ev["stp/triple"], "erank": effective_rank(torch.cat(finals))}
-    if decode:
-        preds = predict(model, test, s)  # type: ignore[arg-type]
-        correct = [exact_match(preds[i], test.examples[i].target) for i in range(n)]
-        res.update({"accuracy": sum(correct) / n, "n_correct": sum(correct), "n_test": n,
-                    "samples": [{"prompt": test.examples[i].prompt, "reference": test.examples[i].target,
-                                 "prediction": preds[i], "correct": correct[i]} for i in range(min(n, 5))]})
-    res["eval_s"] = time.perf_counter() - t0
-    res["eval_cpu_s"] = time.process_time() - c0
-    return res
+    ev = evaluate_heldout(model, test, s, pols, taps=TAP, decode=decode)
+    stp = ev.pop("stp")
+    return {"heldout_ce": ev.pop("heldout_ce"), "heldout_stp_span": stp["span"], "heldout_stp_triple": stp["triple"],
+            **ev}
 
 
 def run_arm(arm: Arm, s: Settings, data: Data) -> dict[str, Any]:

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
+from amer.experiments.runs import GridSettings
+
 __all__ = ["PROTOCOL", "INITS", "NTP", "SPAN", "TRIPLE", "Settings", "Arm", "pick_arms", "build_grid"]
 
 # Bump when a code change alters what an arm measures: stale arm files are then refused.
@@ -15,13 +17,12 @@ NTP, SPAN, TRIPLE = "ntp", "span", "triple"  # an arm's STP form (ntp: lambda 0,
 
 
 @dataclass
-class Settings:
+class Settings(GridSettings):
     """Everything one invocation needs; :meth:`fingerprint` holds what changes an arm's result."""
 
     train_file: str
     test_file: str
     data_name: str  # what the reports call the data
-    out: str
     models: list[tuple[str, str]]  # (name, pattern); with --init: one entry, the checkpoint's pattern
     lambdas: list[float]  # span-form STP weights (0 = NTP)
     fractions: list[str]
@@ -45,18 +46,7 @@ class Settings:
     ntp_targets: str = "all"
     n_spans: int = 1  # span form: patches per example per step (the released code's random_span_times)
     triple_spans: int = 4  # triple form: triples per example per step (as in `amer experiment nlrx`)
-    eval_spans: int = 16
     gate_margin: float = 0.1
-    train_rows: int | None = None
-    test_rows: int | None = None
-    system_prompt: bool = False
-    max_new_tokens: int = 64
-    decode_batch: int = 256
-    eval_batch: int = 128
-    erank_tokens: int = 8192
-    threads: int | None = None
-    workers: int = 1
-    data_sha: dict[str, str] = field(default_factory=dict)
     init_sha: str | None = None
 
     def fingerprint(self) -> dict[str, Any]:

@@ -4,14 +4,14 @@ decision rule (fixed before any result, written above the results) and a plain v
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import asdict
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Sequence
 
-from amer.analysis.stats import mean_std, paired_ttest
+from amer.analysis.stats import mean_std
 from amer.experiments.nlrx_finetune.grid import NTP, SPAN, Settings
+from amer.experiments.reporting import frac as _fv
+from amer.experiments.reporting import fraction_axis, group_rows, paired
 from amer.report import atomic_write_text, md_table, new_figure, save_figure, write_json
 
 __all__ = ["DECISION_RULE", "summarize", "write_report"]
@@ -31,52 +31,23 @@ DECISION_RULE = (
 _KEYS = ("accuracy", "heldout_ce", "heldout_stp_span", "heldout_stp_triple", "erank", "train_ce")
 
 
-def _fv(f: str) -> float:
-    return float(Fraction(f))
-
-
 def _rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for r in records:
-        a = r["arm"]
-        groups[(a["init"], a["model"], a["form"], a["lam"], a["fraction"])].append(r)
+    groups = group_rows(records, ("init", "model", "form", "lam", "fraction"), _KEYS, extra=("pattern", "lr"))
     rows = []
-    for (init, model, form, lam, frac), rs in groups.items():
-        rs = sorted(rs, key=lambda r: r["arm"]["seed"])
-        row: dict[str, Any] = {"init": init, "model": model, "pattern": rs[0]["arm"]["pattern"], "form": form,
-                               "lam": lam, "fraction": frac, "lr": rs[0]["arm"]["lr"], "n": len(rs),
-                               "seeds": [r["arm"]["seed"] for r in rs]}
-        for key in _KEYS:
-            vals = [r[key] for r in rs]
-            m, sd = mean_std(vals)
-            row[key] = {"mean": m, "std": sd, "values": vals}
-        ntp = groups.get((init, model, NTP, 0.0, frac))
-        row["p_vs_ntp"] = row["diff_vs_ntp"] = None
-        if ntp is not None and form != NTP:
-            row.update(_paired(row, ntp))
+    for (init, model, form, lam, frac), row in groups.items():
+        row.update({"p_vs_ntp": None, "diff_vs_ntp": None} if form == NTP else
+                   paired(row, groups.get((init, model, NTP, 0.0, frac))))
         rows.append(row)
     rows.sort(key=lambda r: (r["init"] != "pretrained", r["model"], -_fv(r["fraction"]), r["form"] != NTP,
                              r["form"], r["lam"]))
     return rows
 
 
-def _paired(row: dict[str, Any], other: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Accuracy of ``row`` minus that of the arms ``other`` with the same seeds: mean difference and paired test."""
-    by_seed = {r["arm"]["seed"]: r["accuracy"] for r in other}
-    pairs = [(v, by_seed[sd]) for sd, v in zip(row["seeds"], row["accuracy"]["values"]) if sd in by_seed]
-    if not pairs:
-        return {"diff_vs_ntp": None, "p_vs_ntp": None, "n_pairs": 0}
-    t, p = paired_ttest([a for a, _ in pairs], [b for _, b in pairs])
-    return {"diff_vs_ntp": sum(a - b for a, b in pairs) / len(pairs), "t_vs_ntp": t, "p_vs_ntp": p,
-            "n_pairs": len(pairs)}
-
-
-def _decide(init: str, model: str, rows: list[dict[str, Any]], records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def _decide(init: str, model: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     mine = [r for r in rows if r["init"] == init and r["model"] == model]
     fracs = sorted({r["fraction"] for r in mine}, key=_fv)
     lo, hi = fracs[0], fracs[-1]
-    full_ntp = [r for r in records if (r["arm"]["init"], r["arm"]["model"], r["arm"]["form"], r["arm"]["fraction"])
-                == (init, model, NTP, hi)]
+    full_ntp = next((r for r in mine if r["form"] == NTP and r["fraction"] == hi), None)
     ntp_mean = {r["fraction"]: r["accuracy"]["mean"] for r in mine if r["form"] == NTP}
     # with no data-size effect (NTP on all the data no better than on the smallest fraction: e.g. both at 0)
     # "reaching NTP on all the data" is no evidence of data efficiency
@@ -86,7 +57,7 @@ def _decide(init: str, model: str, rows: list[dict[str, Any]], records: Sequence
         if r["form"] != SPAN or r["lam"] == 0:
             continue
         if r["fraction"] == lo and lo != hi and full_ntp:
-            d = _paired(r, full_ntp)
+            d = paired(r, full_ntp)
             a_tests.append({"lam": r["lam"], "diff": d["diff_vs_ntp"], "p": d["p_vs_ntp"], "n": d["n_pairs"],
                             "ok": informative and d["diff_vs_ntp"] is not None and d["diff_vs_ntp"] >= 0})
         if r["fraction"] == hi and r["diff_vs_ntp"] is not None:
@@ -121,7 +92,7 @@ def summarize(res: dict[str, Any], s: Settings) -> dict[str, Any]:
     records = res["records"]
     rows = _rows(records)
     gate = _gate(s, res["gate"], list(records) + list(res["picks"]))
-    decisions = {f"{i}/{m}": _decide(i, m, rows, records) for i in s.inits for m, _ in s.models}
+    decisions = {f"{i}/{m}": _decide(i, m, rows) for i in s.inits for m, _ in s.models}
     lines = []
     for name, _ in s.models:
         g = gate[name]
@@ -230,14 +201,7 @@ def _plot(summary: dict[str, Any], path: Path) -> Path | None:
                         yerr=[100 * r["accuracy"]["std"] for r in pts], marker="o" if form != "triple" else "^",
                         capsize=3, color=color, ls="-" if init == "pretrained" else ":",
                         label=f"{init} {'NTP' if form == NTP else f'{form} {lam:g}'}")
-        ax.set_xscale("log", base=2)
-        fr = sorted({r["fraction"] for r in mr}, key=_fv)
-        ax.set_xticks([_fv(f) for f in fr], fr)
-        ax.minorticks_off()
-        ax.set_ylim(bottom=0)
-        ax.set_xlabel("training data fraction")
-        ax.set_ylabel("exact match (%)")
-        ax.set_title(f"{m} `{mr[0]['pattern']}`: fine-tuned (solid) vs from scratch (dotted)")
-        ax.legend(fontsize=7, ncol=2)
+        fraction_axis(ax, [r["fraction"] for r in mr], f"{m} `{mr[0]['pattern']}`: fine-tuned (solid) vs from "
+                      "scratch (dotted)")
     fig.tight_layout()
     return save_figure(fig, path, dpi=110)

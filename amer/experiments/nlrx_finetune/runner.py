@@ -6,108 +6,45 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from amer.errors import ExperimentError
+from amer.experiments import runs
 from amer.experiments.nlrx_finetune.arm import Data, evaluate_model, load_data, pretrained_path, run_arm
 from amer.experiments.nlrx_finetune.grid import INITS, Arm, Settings, build_grid, pick_arms
 from amer.experiments.nlrx_finetune.pretrain import final_path, pretrain
+from amer.experiments.runs import Say, arm_path, refuse_stale, say
 from amer.model import HybridLM
 from amer.report import write_json
-from amer.runtime import tune_malloc
 
-__all__ = ["Say", "arm_path", "load_arm", "run_arms", "pick_lrs", "measure_gate", "run_all", "read_all"]
+__all__ = ["FIGURES", "arm_path", "load_arm", "run_arms", "pick_lrs", "measure_gate", "run_all", "read_all"]
 
-Say = Callable[..., None]
-_FIGURES = ("train_ce", "heldout_ce", "heldout_stp_span", "heldout_stp_triple", "erank")
-
-
-def _say(*args: Any) -> None:
-    print(*args, flush=True)
-
-
-def arm_path(s: Settings, arm: Arm) -> Path:
-    return Path(s.out) / "arms" / f"{arm.id}.json"
-
-
-def _refuse_stale(path: Path, old: Any, s: Settings) -> None:
-    new = json.loads(json.dumps(s.fingerprint()))
-    if old != new:
-        keys = sorted(k for k in set(old or {}) | set(new) if (old or {}).get(k) != new.get(k))
-        raise ExperimentError(f"{path} was produced with different settings ({', '.join(keys)}); use another --out, "
-                              "or delete that directory to start over")
+# figures an arm always has; a diverged arm's non-finite ones are stored as null (JSON has no NaN)
+FIGURES = ("train_ce", "heldout_ce", "heldout_stp_span", "heldout_stp_triple", "erank")
 
 
 def load_arm(path: Path, s: Settings) -> dict[str, Any]:
-    rec = json.loads(path.read_text())
-    _refuse_stale(path, rec.get("settings"), s)
-    return {k: math.nan if k in _FIGURES and v is None else v for k, v in rec.items()}
+    return runs.read_record(path, s, FIGURES)
 
 
-def _write_arm(arm: Arm, s: Settings, data: Data) -> dict[str, Any]:
-    rec = run_arm(arm, s, data)
-    stored = {k: None if k in _FIGURES and isinstance(v, float) and not math.isfinite(v) else v for k, v in rec.items()}
-    write_json(arm_path(s, arm), stored, compact_lists=False)  # by the worker: a crash elsewhere keeps it
-    return rec
+def _describe(rec: dict[str, Any]) -> str:
+    return (f"acc {rec['accuracy']:.3f} ce {rec['heldout_ce']:.4f} stp span/triple {rec['heldout_stp_span']:.4f}/"
+            f"{rec['heldout_stp_triple']:.4f} erank {rec['erank']:.1f} ({rec['train_s']:.0f}+{rec['eval_s']:.0f} s)")
 
 
-_WORKER_DATA: Data | None = None
-
-
-def _worker_init(s: Settings) -> None:
-    global _WORKER_DATA
-    tune_malloc()
-    torch.set_num_threads(s.threads or 1)
-    _WORKER_DATA = load_data(s)
-
-
-def _worker_arm(job: tuple[Arm, Settings]) -> dict[str, Any]:
-    assert _WORKER_DATA is not None
-    return _write_arm(job[0], job[1], _WORKER_DATA)
+def run_arms(arms: Sequence[Arm], s: Settings, data: Data | None, *, label: str,
+             say: Say = say) -> list[dict[str, Any]]:
+    """Run (or read back) every arm; each is written to ``OUT/arms`` by the process that ran it."""
+    return runs.run_arms(arms, s, run=run_arm, load_data=load_data, figures=FIGURES, describe=_describe, label=label,
+                         data=data, say=say)
 
 
 def _worker_pretrain(job: tuple[str, str, Settings]) -> dict[str, Any]:
     torch.set_num_threads(job[2].threads or 1)
-    return pretrain(*job, say=_say)
-
-
-def _pool(s: Settings, n: int, with_data: bool) -> Any:
-    import multiprocessing
-
-    # spawn, not fork: a forked child of a process that has run OpenMP regions can deadlock
-    ctx = multiprocessing.get_context("spawn")
-    return ctx.Pool(n, initializer=_worker_init if with_data else None, initargs=(s,) if with_data else ())
-
-
-def run_arms(arms: Sequence[Arm], s: Settings, data: Data | None, *, label: str, say: Say = _say) -> list[dict[str, Any]]:
-    """Run (or read back) every arm; each is written to ``OUT/arms`` by the process that ran it."""
-    (Path(s.out) / "arms").mkdir(parents=True, exist_ok=True)
-    have = {a.id: load_arm(arm_path(s, a), s) for a in arms if arm_path(s, a).is_file()}
-    todo = [a for a in arms if a.id not in have]
-    say(f"{label}: {len(arms)} arms ({len(have)} already done, {len(todo)} to run)")
-    workers = min(s.workers, len(todo))
-    pool = _pool(s, workers, True) if workers > 1 else None
-    if pool is not None:
-        results: Iterable[dict[str, Any]] = pool.imap_unordered(_worker_arm, [(a, s) for a in todo])
-    else:
-        data = data or load_data(s)
-        results = (_write_arm(a, s, data) for a in todo)
-    t0 = time.perf_counter()
-    try:
-        for k, rec in enumerate(results, 1):
-            have[rec["id"]] = rec
-            say(f"[{k}/{len(todo)}] {rec['id']}: acc {rec['accuracy']:.3f} ce {rec['heldout_ce']:.4f} "
-                f"stp span/triple {rec['heldout_stp_span']:.4f}/{rec['heldout_stp_triple']:.4f} erank "
-                f"{rec['erank']:.1f} ({rec['train_s']:.0f}+{rec['eval_s']:.0f} s; eta "
-                f"{(time.perf_counter() - t0) / k * (len(todo) - k) / 60:.1f} min)")
-    finally:
-        if pool is not None:
-            pool.terminate()
-    return [have[a.id] for a in arms]
+    return pretrain(*job, say=say)
 
 
 def pick_lrs(records: Sequence[dict[str, Any]]) -> dict[tuple[str, str], float]:
@@ -122,13 +59,13 @@ def pick_lrs(records: Sequence[dict[str, Any]]) -> dict[tuple[str, str], float]:
     return {k: v[2] for k, v in best.items()}
 
 
-def measure_gate(s: Settings, data: Data, say: Say = _say) -> dict[str, Any]:
+def measure_gate(s: Settings, data: Data, say: Say = say) -> dict[str, Any]:
     """Held-out span-form STP of each pretrained model and of a random initialisation of it (seed 0), cached
     in ``OUT/gate.json``; the from-scratch NTP level is read from the arms later (see the report)."""
     path = Path(s.out) / "gate.json"
     if path.is_file():
         rec = json.loads(path.read_text())
-        _refuse_stale(path, rec.get("settings"), s)
+        refuse_stale(path, rec.get("settings"), s)
         return rec
     from amer.checkpoint import load_checkpoint
 
@@ -147,7 +84,7 @@ def measure_gate(s: Settings, data: Data, say: Say = _say) -> dict[str, Any]:
     return rec
 
 
-def run_all(s: Settings, *, say: Say = _say) -> dict[str, Any]:
+def run_all(s: Settings, *, say: Say = say) -> dict[str, Any]:
     """Every phase, skipping what is on disk; returns what the report needs."""
     Path(s.out).mkdir(parents=True, exist_ok=True)
     # these models are too small for intra-op threads to pay; on a busy machine extra threads thrash
@@ -157,7 +94,10 @@ def run_all(s: Settings, *, say: Say = _say) -> dict[str, Any]:
         jobs = [(name, pattern, s) for name, pattern in s.models]
         n = min(s.workers, len(jobs))
         if n > 1:
-            pool = _pool(s, n, False)
+            import multiprocessing
+
+            # spawn, not fork: a forked child of a process that has run OpenMP regions can deadlock
+            pool = multiprocessing.get_context("spawn").Pool(n)
             try:
                 for summary in pool.imap_unordered(_worker_pretrain, jobs):
                     pre[summary["model"]] = summary
