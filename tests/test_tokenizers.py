@@ -286,3 +286,49 @@ def test_added_pad_is_a_special_token() -> None:
     assert wrapped.hf.id_to_token(wrapped.pad_id) == "<|pad|>" and wrapped.pad_id != wrapped.eos_id
     assert wrapped.decode([wrapped.pad_id, *wrapped.encode("x y")]) == "x y"  # dropped when decoding
     assert wrapped.encode("x <|pad|>")[-1] == wrapped.pad_id  # and matched as one token in text
+
+
+# ---------------------------------------------------------------- bits per byte
+
+
+def test_token_bytes_add_up_to_the_texts_utf8_bytes(bpe: HFTokenizer) -> None:
+    # amer's byte map is the tokenizers library's ByteLevel alphabet: one character per byte
+    assert set(hftok._bytes_to_unicode().values()) == set(pre_tokenizers.ByteLevel.alphabet())
+    for tok in (ByteTokenizer(), bpe):
+        table = tok.token_bytes()
+        assert len(table) == tok.vocab_size
+        assert all(table[i] == 0 for i in (tok.bos_id, tok.eos_id, tok.pad_id))
+        for text in TEXTS[:4]:  # multi-byte characters split across BPE tokens included: exact, not per character
+            ids = tok.encode(text, bos=True, eos=True)
+            assert sum(table[i] for i in ids) == len(text.encode("utf-8")), (tok, text)
+    markers = [bpe.token_id(m) for m in hftok.CHAT_MARKERS]
+    assert all(m is not None and bpe.token_bytes()[m] == 0 for m in markers)  # template, not text
+
+
+def test_val_bpb_is_the_text_targets_ce_in_bits_per_byte(bpe: HFTokenizer) -> None:
+    from amer import HybridLM, ModelConfig
+    from amer.training import evaluate
+
+    torch.manual_seed(0)
+    docs = ["And God said, Let there be light: and there was light.", "naïve café ✓ 日本語 and more text"]
+    for tok in (ByteTokenizer(), bpe):
+        model = HybridLM(ModelConfig(pattern="AM", d_model=32, vocab_size=model_vocab_size(tok), max_seq_len=128))
+        rows = [tok.encode(d, bos=True, eos=True) for d in docs]
+        n = max(len(r) for r in rows)
+        tokens = torch.tensor([r + [tok.pad_id] * (n - len(r)) for r in rows])[:, :-1]
+        targets = torch.tensor([r[1:] + [-100] * (n - len(r)) for r in rows])
+        batch = {"tokens": tokens, "targets": targets}
+        table = torch.tensor(tok.token_bytes())
+        res = evaluate(model, [batch], token_bytes=table)
+        with torch.no_grad():
+            logits = model(tokens).logits.float()
+        per = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+        real = targets.flatten() >= 0
+        text = real & (table[targets.flatten().clamp(min=0)] > 0)
+        nbytes = sum(len(tok.decode(r[1:]).encode()) for r in rows)  # the text the targets spell
+        assert int(table[targets.flatten()[text]].sum()) == nbytes
+        assert res["bpb"] == pytest.approx(float(per[text].sum()) / np.log(2) / nbytes, rel=1e-5)
+        assert res["loss"] == pytest.approx(float(per[real].mean()), rel=1e-5)
+        # negative control: counting the EOS targets too gives another number
+        assert abs(res["bpb"] - float(per[real].sum()) / np.log(2) / nbytes) > 1e-3
+        assert "bpb" not in evaluate(model, [batch])  # asked for only with a table

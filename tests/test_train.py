@@ -65,6 +65,8 @@ def test_training_and_validation_loss_fall(tiny_run: Path) -> None:
     assert [r["step"] for r in val] == [20, 40]
     assert val[-1]["val/loss"] < val[0]["val/loss"] - 0.1, val
     assert "val/stp" in val[0]
+    # bytes: bits per byte is the CE of the byte targets in bits (BOS/EOS targets, ~1 in 200 here, left out)
+    assert all(abs(r["val/bpb"] - r["val/loss"] / math.log(2)) < 0.05 * r["val/bpb"] for r in val), val
 
 
 def test_log_lines_carry_every_figure(tiny_run: Path) -> None:

@@ -137,6 +137,26 @@ class HFTokenizer:
                for s, e in spans]
         return list(enc.ids), out
 
+    def token_bytes(self) -> list[int]:
+        """Bytes of text each id stands for, 0 for special tokens (BOS/EOS/PAD, chat markers): the denominator
+        of bits per byte. Exact for a byte-level BPE (amer's own ``bpe:N``, GPT-2 style files): a token's
+        characters map back to bytes one to one. Otherwise the UTF-8 length of the token decoded alone, which
+        over-counts a token holding part of a multi-byte character (decoded alone it is U+FFFD, 3 bytes)."""
+        special = {i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
+        special |= {self.bos_id, self.eos_id, self.pad_id}
+        byte_level = type(self.hf.decoder).__name__ == "ByteLevel"
+        inverse = {c: b for b, c in _bytes_to_unicode().items()}
+        out = []
+        for i in range(self.vocab_size):
+            piece = None if i in special else self.hf.id_to_token(i)
+            if piece is None:
+                out.append(0)
+            elif byte_level and all(c in inverse for c in piece):
+                out.append(len(piece))
+            else:
+                out.append(len(self.hf.decode([i], skip_special_tokens=False).encode("utf-8")))
+        return out
+
     def decode(self, ids: Iterable[int] | Tensor | np.ndarray) -> str:
         """Text of ``ids``: BOS/EOS/PAD and ids outside the vocabulary (padding rows) are dropped, as the byte
         tokenizer drops its own; other special tokens (the chat markers) are kept, so the text round-trips."""
@@ -177,6 +197,15 @@ class HFTokenizer:
 
     def __repr__(self) -> str:
         return f"HFTokenizer({self.spec!r}, vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id})"
+
+
+@lru_cache(maxsize=1)
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet (Radford et al. 2019): printable bytes stand for themselves, the other 68
+    are shifted above U+00FF, so every byte is one visible character."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), 256)]
+    shifted = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + k) for k, b in enumerate(shifted)}}
 
 
 def train_bpe(documents: Sequence[str], vocab_size: int, *, spec: str | None = None) -> HFTokenizer:

@@ -38,6 +38,10 @@ class ByteTokenizer:
             ids.append(self.eos_id)
         return ids
 
+    def token_bytes(self) -> list[int]:
+        """Bytes of text each id stands for (1 for a byte, 0 for BOS/EOS/PAD): the denominator of bits per byte."""
+        return [1] * 256 + [0] * (self.vocab_size - 256)
+
     def decode(self, ids: Iterable[int] | Tensor | np.ndarray) -> str:
         """Text of the byte ids; special/reserved ids are dropped, invalid UTF-8 becomes U+FFFD."""
         if isinstance(ids, Tensor):

@@ -1,7 +1,7 @@
 """A training run's ``log.jsonl`` read back as series, for the curves figure and ``amer plot``.
 
 The loop appends one JSON object per line: a training record (``ce``, ``stp``, ``stp/<tap>``,
-``curv/...``, ``tokens_per_s`` ...) every log interval, a validation record (``val/loss``, ``val/stp``)
+``curv/...``, ``tokens_per_s`` ...) every log interval, a validation record (``val/loss``, ``val/bpb``, ``val/stp``)
 at every evaluation, and ``{"skipped": 1, "skipped_reason": ...}`` for a step the guard refused. Reading
 rules, so that a log reads as one uninterrupted run:
 

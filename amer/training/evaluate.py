@@ -1,11 +1,14 @@
-"""Held-out evaluation, the only one in amer: cross-entropy over target tokens and the STP loss of any
-number of tap selections, with spans fixed by a seed so every model and every evaluation see the same ones."""
+"""Held-out evaluation, the only one in amer: cross-entropy over target tokens (and, given the tokenizer's bytes
+per token, bits per byte) and the STP loss of any number of tap selections, with spans fixed by a seed so every
+model and every evaluation see the same ones."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from amer import xla
@@ -21,8 +24,14 @@ SPAN_SEED = 1234  # STP spans in evaluation: the same for every run, so held-out
 def evaluate(model: torch.nn.Module, batches: Iterable[Mapping[str, Tensor]], *,
              stp: Mapping[str, STPPolicy] | None = None, dtype: str = "float32", ignore_index: int = -100,
              visit: Callable[[Any, Mapping[str, Tensor]], None] | None = None,
-             taps: bool | str | None = None, documents: bool = True) -> dict[str, float]:
+             taps: bool | str | None = None, documents: bool = True,
+             token_bytes: Tensor | None = None) -> dict[str, float]:
     """``{"loss": CE per target token, "tokens": n, "stp/<name>": mean STP per row, ...}`` over ``batches``.
+
+    Given ``token_bytes`` (the bytes of text each id stands for, 0 for special tokens: the tokenizer's
+    ``token_bytes()``), also ``"bpb"`` (when some target is text): the CE of the targets that are text, in bits, per byte of that text
+    (special targets such as EOS are left out of both sums). Unlike the CE it compares models with different
+    tokenizers.
 
     ``stp`` maps a name to an enabled policy (its selection, spans and family weights are used, not its
     gate); ``visit(output, batch)`` sees every forward, e.g. to collect final hidden states. ``taps`` is
@@ -38,21 +47,37 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Mapping[str, Tensor]], *,
     gens = {k: torch.Generator(xla.host_generator_device(device)).manual_seed(SPAN_SEED) for k in stp}
     was_training = model.training
     model.eval()
-    ce_sum, n_tok, n_rows = 0.0, 0, 0
+    ce_sum, n_tok, n_rows, text_nats, n_bytes = 0.0, 0, 0, 0.0, 0
+    table = None if token_bytes is None else token_bytes.to(device=device, dtype=torch.float32)
     stp_sum = dict.fromkeys(stp, 0.0)
     for raw in batches:
         batch = {k: v.to(device) for k, v in raw.items()}
         with autocast(dtype, device):
             out = model(batch["tokens"], taps=taps, doc_ids=batch.get("doc_ids") if documents else None)
         # one read-back per batch (one compiled graph on XLA): CE, target count, real rows, STP losses
-        figures = [cross_entropy(out.logits, batch["targets"], ignore_index), (batch["targets"] != ignore_index).sum(),
-                   (batch["doc_ids"] >= 0).any(1).sum() if "doc_ids" in batch else torch.tensor(batch["tokens"].shape[0])]
+        targets = batch["targets"]
+        k = (targets != ignore_index).sum()
+        rows = (batch["doc_ids"] >= 0).any(1).sum() if "doc_ids" in batch else torch.tensor(targets.shape[0])
+        text: list[Tensor] = []
+        if table is None:
+            figures = [cross_entropy(out.logits, targets, ignore_index), k, rows]
+        else:  # per-token CE: the mean, and the nats of the targets that are text with their byte count
+            flat = targets.flatten()
+            per_token = F.cross_entropy(out.logits.float().flatten(0, 1), flat, reduction="none",
+                                        ignore_index=ignore_index)
+            nbytes = table[flat.clamp(0, table.shape[0] - 1)] * (flat != ignore_index)
+            figures = [per_token.sum() / k.clamp(min=1), k, rows]
+            text = [(per_token * (nbytes > 0)).sum(), nbytes.sum()]
         for name, policy in stp.items():  # padding rows (document id -1) hold no span: they add nothing
             loss, _ = policy.stp_loss(out.taps, mask=batch.get("doc_ids"), generator=gens[name],
                                       content=batch.get("stp_content"))
             figures.append(loss)
-        ce, k, rows, *stps = torch.stack([f.float().to(device) for f in figures]).tolist()
+        ce, k, rows, *stps = torch.stack([f.float().to(device) for f in figures + text]).tolist()
         k, rows = int(k), int(rows)
+        if text:
+            *stps, nats, nb = stps
+            text_nats += nats
+            n_bytes += int(nb)
         ce_sum += ce * k
         n_tok += k
         n_rows += rows
@@ -63,4 +88,6 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Mapping[str, Tensor]], *,
     model.train(was_training)
     res = {"loss": ce_sum / max(n_tok, 1), "tokens": float(n_tok)}
     res.update({f"stp/{name}": v / max(n_rows, 1) for name, v in stp_sum.items()})
+    if n_bytes:  # absent, not NaN, when no target is text: a NaN would read as a diverged model
+        res["bpb"] = text_nats / math.log(2) / n_bytes
     return res

@@ -86,6 +86,7 @@ def _train(cfg: TrainConfig, layout: distributed.Layout, stop_at: int | None, qu
     state, resolved = scaleout.on_main(layout, lambda: rundir.open_run(target, cfg, model, opt, batches, stp_gen,
                                                                        say, stop_at))
     scaleout.on_main(layout, lambda: tok.save(run_dir / "tokenizer.json"))
+    text_bytes = torch.tensor(tok.token_bytes())  # val/bpb: comparable across tokenizers
     logger = (RunLogger(run_dir, cfg.tensorboard, resume_step=state.step if cfg.resume else None) if layout.main
               else scaleout.NullLogger())
     stp_note = f"on {cfg.stp.layers!r} from step {cfg.stp.start_step}" if cfg.stp.enabled else "off"
@@ -138,7 +139,7 @@ def _train(cfg: TrainConfig, layout: distributed.Layout, stop_at: int | None, qu
             progress.update()
             if state.step % cfg.eval_interval == 0 or state.step == last_step:
                 host = (model, opt) if scaled is None else scaleout.host_copy(scaled, cfg)  # rank 0: whole model
-                val = scaleout.on_main(layout, lambda: validate(host[0], policy, data.val, cfg))
+                val = scaleout.on_main(layout, lambda: validate(host[0], policy, data.val, cfg, text_bytes))
                 if xla.is_xla(device):  # checkpoints are written from host copies (the CPU format)
                     host = xla.host_copy(model, opt, lambda: HybridLM(cfg.model), lambda m: make_optimizer(m, cfg))
                 val_ok = all(math.isfinite(v) for v in val.values())
@@ -153,6 +154,7 @@ def _train(cfg: TrainConfig, layout: distributed.Layout, stop_at: int | None, qu
                 scaleout.on_main(layout, lambda: rundir.checkpoint(run_dir, host[0], host[1], state, val, resolved,
                                                                    batches, stp_gen, cfg.keep_last, tok))
                 progress.say(f"step {state.step}: val loss {val['val/loss']:.4f}"
+                             + (f" bpb {val['val/bpb']:.4f}" if "val/bpb" in val else "")
                              + (f" val stp {val['val/stp']:.4f}" if "val/stp" in val else ""))
     finally:
         progress.close()
@@ -167,13 +169,15 @@ def _train(cfg: TrainConfig, layout: distributed.Layout, stop_at: int | None, qu
             "val": val, "steps": last_step}
 
 
-def validate(model: HybridLM, policy: STPPolicy, val_data: Any, cfg: TrainConfig) -> dict[str, float]:
-    """Held-out cross-entropy, and held-out STP on the run's own selection (fixed spans) when STP is on."""
+def validate(model: HybridLM, policy: STPPolicy, val_data: Any, cfg: TrainConfig,
+             token_bytes: torch.Tensor | None = None) -> dict[str, float]:
+    """Held-out cross-entropy (and bits per byte, given the tokenizer's ``token_bytes``), and held-out STP on
+    the run's own selection (fixed spans) when STP is on."""
     pad = xla.is_xla(next(model.parameters()).device)  # XLA: one batch shape, the last batch padded
     res = evaluate(model, val_data.val_batches(cfg.batch_size, cfg.eval_batches, pad=pad), stp={"stp": policy},
-                   dtype=cfg.dtype,
-                   documents=cfg.packing == "documents")
-    return {"val/loss": res["loss"], **({"val/stp": res["stp/stp"]} if "stp/stp" in res else {})}
+                   dtype=cfg.dtype, documents=cfg.packing == "documents", token_bytes=token_bytes)
+    return {"val/loss": res["loss"], **({"val/bpb": res["bpb"]} if "bpb" in res else {}),
+            **({"val/stp": res["stp/stp"]} if "stp/stp" in res else {})}
 
 
 def _record(res: Any, lr: float, tokens_per_s: float, epoch: float) -> dict[str, Any]:
