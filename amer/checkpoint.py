@@ -33,7 +33,7 @@ from amer.fileio import fault_point, fsync_dir, json_text, remove_own_files, rep
 from amer.optimstate import checked_state_dict
 
 __all__ = ["CheckpointError", "CHECKPOINT_FILES", "save_checkpoint", "load_checkpoint", "read_checkpoint",
-           "find_checkpoint", "list_checkpoints", "read_meta", "state_tensors", "checkpoint_step", "restore_model", "restore_optimizer"]
+           "find_checkpoint", "list_checkpoints", "read_meta", "state_tensors", "checkpoint_step", "restore_model", "restore_optimizer", "check_weights", "model_from_weights"]
 
 CHECKPOINT_FILES = ("model.safetensors", "optim.safetensors", "meta.json", "tokenizer.json")  # all a checkpoint holds
 
@@ -188,6 +188,13 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def restore_model(model: nn.Module, weights: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Load ``weights`` into ``model`` strictly (tied weights may be stored once)."""
+    check_weights(model, weights, source)
+    model.load_state_dict(weights, strict=False)
+
+
+def check_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Raise a :class:`CheckpointError` naming what differs when ``weights`` are not exactly ``model``'s (names
+    and shapes; a tied head may be stored once). ``model`` may live on the meta device."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in weights]
     tied = {k for k in missing if k == "lm_head.weight" and getattr(model, "cfg", None) is not None
@@ -199,7 +206,22 @@ def restore_model(model: nn.Module, weights: dict[str, torch.Tensor], source: st
     for k, v in weights.items():
         if expected[k].shape != v.shape:
             raise CheckpointError(f"{source}: {k} has shape {tuple(v.shape)}, model expects {tuple(expected[k].shape)}")
-    model.load_state_dict(weights, strict=False)
+
+
+def model_from_weights(cfg: ModelConfig, weights: dict[str, torch.Tensor], source: str,
+                       device: str | torch.device = "cpu") -> nn.Module:
+    """A :class:`~amer.model.HybridLM` of ``cfg`` holding ``weights`` (in fp32 on ``device``): built on the meta
+    device and given the tensors themselves, so loading peaks at one copy of the weights, not two, and skips
+    the random initialisation. On XLA it is built there and loaded by copy (moving keeps a tied head tied)."""
+    from amer.model import HybridLM
+
+    if xla.is_xla(device):
+        model = xla.move(HybridLM(cfg), device)
+        restore_model(model, {k: v.to(device) for k, v in weights.items()}, source=source)
+        return model
+    model = HybridLM.empty(cfg)
+    check_weights(model, weights, source)
+    return model.assign({k: weights[k].to(device=device, dtype=torch.float32) for k in list(weights)})
 
 
 def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
@@ -217,7 +239,6 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
 
     >>> model, cfg = amer.load_checkpoint("checkpoints/my-run")   # latest step of the run
     """
-    from amer.model import HybridLM
 
     weights, _, meta = read_checkpoint(path, with_optimizer=False)
     config = meta.get("config")
@@ -227,8 +248,6 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
         cfg = from_dict(ModelConfig, config["model"], where="model.")
     except InputError as e:
         raise CheckpointError(f"{meta['_path']}/meta.json: {e}") from None
-    model = HybridLM(cfg)  # builds non-persistent buffers (RoPE) too
-    model = xla.move(model, device) if xla.is_xla(device) else model.to(device)  # XLA: tied weights stay tied
-    restore_model(model, {k: v.to(device) for k, v in weights.items()}, source=meta["_path"])
+    model = model_from_weights(cfg, weights, meta["_path"], device)
     model.eval()
     return model, cfg

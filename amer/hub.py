@@ -26,7 +26,6 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import save_file
 
-from amer import xla
 from amer.config import ModelConfig, from_dict, to_dict
 from amer.errors import CheckpointError, InputError
 from amer.fileio import atomic_write_text, fsync_dir, json_text, remove_own_files, replace_dir, temp_sibling
@@ -133,8 +132,7 @@ def read_pretrained_config(directory: str | Path) -> dict[str, Any]:
 def load_pretrained(directory: str | Path, *, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelConfig]:
     """``(model, config)`` from a pretrained folder (a local path, or an ``owner/name`` Hub repository id when no
     such local path exists), in eval mode."""
-    from amer.checkpoint import read_checkpoint, restore_model
-    from amer.model import HybridLM
+    from amer.checkpoint import model_from_weights, read_checkpoint
 
     directory = _local(directory)
     config = read_pretrained_config(directory)
@@ -143,8 +141,7 @@ def load_pretrained(directory: str | Path, *, device: str | torch.device = "cpu"
     except InputError as e:
         raise CheckpointError(f"{directory}/config.json: {e}") from None
     weights, _, _ = read_checkpoint(directory, with_optimizer=False)
-    model = xla.move(HybridLM(cfg), device)  # not .to(): moving to XLA would untie a tied head
-    restore_model(model, {k: v.to(device) for k, v in weights.items()}, source=str(directory))
+    model = model_from_weights(cfg, weights, str(directory), device)
     model.eval()
     return model, cfg
 

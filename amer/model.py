@@ -90,6 +90,29 @@ class HybridLM(nn.Module):
             blk.reset_parameters()
         self._init_embedding_and_head()
 
+    @classmethod
+    def empty(cls, cfg: ModelConfig) -> HybridLM:
+        """The model's structure on the meta device: no memory and no initialisation; :meth:`assign` gives it
+        weights."""
+        with torch.device("meta"):
+            return cls(cfg)
+
+    def assign(self, state: dict[str, Tensor]) -> HybridLM:
+        """Take ``state``'s tensors as the weights themselves (no copy; they keep their dtype and device),
+        compute the buffers weights do not carry (RoPE frequencies) and re-tie a tied head. After
+        :meth:`empty` this loads a model at the memory of one copy of its weights, not two. ``state`` must hold
+        every weight at its shape (strict; a tied head may be left out)."""
+        if self.cfg.tie_embeddings and "embed.weight" in state:
+            state = {**state, "lm_head.weight": state["embed.weight"]}
+        self.load_state_dict(state, strict=True, assign=True)
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        device = self.embed.weight.device
+        for m in self.modules():
+            if m is not self and hasattr(m, "init_buffers"):
+                m.init_buffers(device)
+        return self
+
     def _init_embedding_and_head(self) -> None:
         """GPT-2 style: embedding (and an untied LM head) N(0, init_std), final norm gain 1. The blocks
         initialised themselves when they were built."""

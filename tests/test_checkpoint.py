@@ -243,7 +243,12 @@ def test_load_checkpoint_reproduces_the_trained_model(tmp_path: Path, monkeypatc
     assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["best", "step_000004", "step_000005"]
 
     (trained,) = built
+    rng = torch.get_rng_state()
     model, cfg = amer.load_checkpoint(run)
+    assert torch.equal(torch.get_rng_state(), rng)  # built on the meta device: no initialisation drawn, no copy
+    assert model.lm_head.weight is model.embed.weight and not any(p.is_meta for p in model.parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert torch.equal(model.blocks[0].mixer.inv_freq, trained.blocks[0].mixer.inv_freq)  # computed, not saved
     assert not model.training
     assert cfg == trained.cfg and cfg.pattern == "AEMR"
     for k, v in trained.state_dict().items():

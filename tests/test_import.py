@@ -199,6 +199,48 @@ def word_tokenizer(path: Path) -> None:
     tok.save(str(path / "tokenizer.json"))
 
 
+def test_import_holds_one_copy_of_the_weights_at_its_peak(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The converted tensors become the model's parameters (assigned, not copied into a second model built
+    beside them), so the conversion's peak of live tensor memory is about one copy of the weights.
+    Negative control: copying into a freshly built model peaks at two."""
+    from safetensors.torch import load_file
+
+    import amer.interop as interop
+    from amer.bench.harness import peak_tensor_bytes
+    from amer.interop.source import Source
+    from amer.model import HybridLM
+
+    build_source(tmp_path, "LlamaForCausalLM", "LlamaConfig", vocab_size=4096, hidden_size=256, intermediate_size=512,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    # the source's tensors from memory, each read a fresh allocation: safetensors maps the file, which the
+    # allocator profile would count as an allocation of the whole file per read
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    read = Source.get
+
+    def from_memory(self: Source, key: str, *, optional: bool = False) -> torch.Tensor | None:
+        if key not in weights:
+            return read(self, key, optional=optional)
+        self._used.add(key)
+        return weights[key].clone()
+
+    monkeypatch.setattr(Source, "get", from_memory)
+    held: list[Any] = []
+    peak = peak_tensor_bytes(lambda: held.append(from_transformers(tmp_path)))
+    model = held.pop()[0]
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert size > 10e6 and peak < 1.2 * size, (peak, size)
+    ptrs = [p.untyped_storage().data_ptr() for p in model.parameters()]
+    assert len(set(ptrs)) == len(ptrs)  # each parameter owns its memory (safetensors refuses shared storage)
+
+    def copy_into_a_built_model(cfg: Any, state: dict[str, torch.Tensor], arch: str) -> HybridLM:
+        fresh = HybridLM(cfg)
+        fresh.load_state_dict(state)
+        return fresh
+
+    monkeypatch.setattr(interop, "_load", copy_into_a_built_model)
+    assert peak_tensor_bytes(lambda: held.append(from_transformers(tmp_path))) > 1.8 * size
+
+
 def test_cli_import_writes_a_loadable_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from amer.cli import main
     from amer.hub import load_pretrained

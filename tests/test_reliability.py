@@ -247,7 +247,7 @@ def test_non_finite_validation_is_a_bad_step_and_never_checkpointed(tmp_path: Pa
     def nan_after_two(model, batches, **kw):
         res = real(model, batches, **kw)
         if nan_after_two.calls >= 1:
-            res["loss"] = float("nan")
+            res["loss"] = res["bpb"] = float("nan")
         nan_after_two.calls += 1
         return res
 
@@ -257,7 +257,7 @@ def test_non_finite_validation_is_a_bad_step_and_never_checkpointed(tmp_path: Pa
     assert "final validation loss is non-finite" in one_error(capsys)
     assert [p.name for p in list_checkpoints(r)] == ["step_000002"]
     lines = [strict_json(x) for x in (r / "log.jsonl").read_text().splitlines()]
-    assert {"step": 4, "val/loss": None, "val/stp": lines[-1]["val/stp"],
+    assert {"step": 4, "val/loss": None, "val/bpb": None, "val/stp": lines[-1]["val/stp"],
             "val/skipped": "non-finite validation loss"} == lines[-1]
 
 
@@ -383,11 +383,17 @@ def test_the_slowdown_is_measured_here() -> None:
 
 
 def test_an_experiment_arm_with_a_non_finite_figure_is_kept_as_strict_json(tmp_path: Path) -> None:
-    from amer.experiments.nlrx.runner import from_stored, storable
+    from amer.experiments.nlrx.runner import FIGURES
+    from amer.experiments.runs import GridSettings, read_record, write_record
+
+    class Settings(GridSettings):
+        def fingerprint(self) -> dict:
+            return {}
 
     rec = {"id": "a", "accuracy": 0.5, "heldout_ce": float("nan"), "erank": float("inf"), "train_stp": None}
-    write_json(tmp_path / "arm.json", storable(rec))
-    back = from_stored(strict_json((tmp_path / "arm.json").read_text()))
+    write_record(tmp_path / "arm.json", rec, FIGURES)
+    strict_json((tmp_path / "arm.json").read_text())
+    back = read_record(tmp_path / "arm.json", Settings(out=str(tmp_path)), FIGURES)
     assert back["accuracy"] == 0.5 and back["train_stp"] is None
     assert back["heldout_ce"] != back["heldout_ce"] and back["erank"] != back["erank"]  # NaN again
 

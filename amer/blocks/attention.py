@@ -115,10 +115,18 @@ class AttentionMixer(Mixer):
         self.window, self.scale = cfg.window, cfg.scale
         self.q_norm = RMSNorm(hd, dims.norm_eps, dims.norm_offset) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, dims.norm_eps, dims.norm_offset) if cfg.qk_norm else None
-        rot = max(self.rot, 2)  # a rotated width of 0 keeps a (never used) buffer of one frequency
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.rope_theta = cfg.rope_theta
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
         self.reset_parameters()
+
+    def _inv_freq(self) -> Tensor:
+        rot = max(self.rot, 2)  # a rotated width of 0 keeps a (never used) buffer of one frequency
+        return 1.0 / (self.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))
+
+    def init_buffers(self, device: torch.device | str = "cpu") -> None:
+        """Recompute the RoPE frequencies (not saved with the weights) on ``device``: a model built on the meta
+        device and given its weights by assignment has none."""
+        self.inv_freq = self._inv_freq().to(device)
 
     def reset_parameters(self) -> None:
         """N(0, init_std) projections; ``out_proj`` writes into the residual stream, so it is scaled by

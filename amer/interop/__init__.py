@@ -49,8 +49,7 @@ def from_transformers(path: str | Path, *, dtype: str | torch.dtype = torch.floa
         raise unsupported(src.arch, f"config.json holds a value amer cannot read ({err})") from None
     src.check_all_used()
     cfg = converted.config
-    model = HybridLM(cfg)
-    _load(model, converted.state, src.arch)
+    model = _load(cfg, converted.state, src.arch)
     return model.to(_dtype(dtype)).eval(), cfg
 
 
@@ -62,20 +61,38 @@ def _dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _load(model: HybridLM, state: dict[str, torch.Tensor], arch: str) -> None:
-    """Copy ``state`` into ``model``; a missing, extra or misshapen tensor is the converter's or the source's
-    fault and is named."""
+def _load(cfg: ModelConfig, state: dict[str, torch.Tensor], arch: str) -> HybridLM:
+    """The model made of the converted tensors themselves (assigned, not copied into a second model: the
+    import peaks at one copy of the weights); a missing, extra or misshapen tensor is the converter's or the
+    source's fault and is named."""
+    model = HybridLM.empty(cfg)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     extra = sorted(set(state) - set(own))
     if missing or extra:
         name = (missing or extra)[0]
         raise unsupported(arch, f"{'no source weight for' if missing else 'no amer parameter for'} {name!r}")
-    with torch.no_grad():
-        for name, t in own.items():
-            if tuple(state[name].shape) != tuple(t.shape):
-                raise unsupported(arch, f"{name}: source shape {tuple(state[name].shape)} != amer's {tuple(t.shape)}")
-            t.copy_(state[name])
+    for name, t in own.items():
+        if tuple(state[name].shape) != tuple(t.shape):
+            raise unsupported(arch, f"{name}: source shape {tuple(state[name].shape)} != amer's {tuple(t.shape)}")
+    if cfg.tie_embeddings:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}  # assign() ties it
+    return model.assign(_own_storage(state))
+
+
+def _own_storage(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each tensor contiguous in a storage of its own: a converter may hand out slices of one source tensor,
+    and weights that share memory cannot be saved as safetensors (nor should one parameter's update move
+    another)."""
+    out, seen = {}, set()
+    for k, v in state.items():
+        v = v.contiguous()
+        storage = v.untyped_storage()
+        if storage.data_ptr() in seen or storage.nbytes() != v.numel() * v.element_size():
+            v = v.clone()
+        seen.add(v.untyped_storage().data_ptr())
+        out[k] = v
+    return out
 
 
 def import_pretrained(path: str | Path, out: str | Path, *, pattern: str | None = None,
