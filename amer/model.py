@@ -102,7 +102,7 @@ class HybridLM(nn.Module):
         compute the buffers weights do not carry (RoPE frequencies) and re-tie a tied head. After
         :meth:`empty` this loads a model at the memory of one copy of its weights, not two. ``state`` must hold
         every weight at its shape (strict; a tied head may be left out)."""
-        if self.cfg.tie_embeddings and "embed.weight" in state:
+        if self.cfg.tie_embeddings and "embed.weight" in state:  # a stored copy of a tied head is not read
             state = {**state, "lm_head.weight": state["embed.weight"]}
         self.load_state_dict(state, strict=True, assign=True)
         if self.cfg.tie_embeddings:
@@ -111,6 +111,9 @@ class HybridLM(nn.Module):
         for m in self.modules():
             if m is not self and hasattr(m, "init_buffers"):
                 m.init_buffers(device)
+        left = [n for n, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]
+        if left:  # a module with an unsaved buffer must compute it in init_buffers(device)
+            raise RuntimeError(f"assign() left {left[0]!r} without data: its module has no init_buffers()")
         return self
 
     def _init_embedding_and_head(self) -> None:

@@ -26,8 +26,9 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def top_level_imports(path: Path) -> set[str]:
-    """amer modules imported at module level (imports inside functions are deliberate lazy edges)."""
+def top_level_imports(path: Path, modules: set[str] | None = None) -> set[str]:
+    """amer modules imported at module level (imports inside functions are deliberate lazy edges): the module
+    each statement names, or for ``from pkg import name`` the submodule ``pkg.name`` when ``modules`` has it."""
     tree = ast.parse(path.read_text())
     is_pkg = path.name == "__init__.py"
     out: set[str] = set()
@@ -43,22 +44,26 @@ def top_level_imports(path: Path) -> set[str]:
             else:
                 mod = node.module or ""
             if mod.startswith("amer"):
-                out.add(mod)
-                out |= {f"{mod}.{a.name}" for a in node.names}
+                subs = {f"{mod}.{a.name}" for a in node.names}
+                known = subs & modules if modules is not None else subs
+                out |= known
+                if len(known) < len(node.names):  # a name that is not a submodule is read from mod itself
+                    out.add(mod)
     return out
 
 
 def graph(files: dict[str, Path]) -> dict[str, set[str]]:
-    """Module-level import edges. Importing ``a.b.c`` first runs the ``__init__`` of ``a.b``: an edge to that
-    package too, unless it is the importer's own package (already initialising when the importer runs)."""
+    """Module-level import edges: to each module an import names, and to the packages above it, whose
+    ``__init__`` runs first, except the importer's own packages (already initialising when it runs; an
+    explicit import of one of them is still an edge, as the name must be there already)."""
     names = set(files)
     out = {}
     for m, p in files.items():
-        mine = {".".join(m.split(".")[:k]) for k in range(1, m.count(".") + 2)}
+        mine = {".".join(m.split(".")[:k]) for k in range(1, m.count(".") + 1)}
         targets = set()
-        for i in top_level_imports(p):
+        for i in top_level_imports(p, names):
             parts = i.split(".")
-            targets |= {".".join(parts[:k]) for k in range(1, len(parts) + 1)} - mine
+            targets |= {i} | ({".".join(parts[:k]) for k in range(1, len(parts))} - mine)
         out[m] = {t for t in targets if t in names and t != m}
     return out
 
@@ -106,8 +111,14 @@ def test_a_cycle_through_a_package_init_is_found(tmp_path: Path) -> None:
         paths[name].write_text(text)
     cycle = find_cycle(graph(paths))
     assert cycle is not None and "amer.p" in cycle and "amer.x" in cycle
-    # the package's own modules do not count its __init__ as an edge: amer.p.mid -> amer.x alone is no cycle
+    # the package's own modules do not count its __init__ as an implicit edge: amer.p.mid -> amer.x alone
     del paths["amer.x"]
+    assert find_cycle(graph(paths)) is None
+    # but a module that reads a name from its own package needs that package's __init__ to have got there
+    paths["amer.p.mid"].write_text("from amer.p import g\n")
+    assert find_cycle(graph(paths)) == ["amer.p", "amer.p.mid", "amer.p"]
+    # and a submodule imported from its package is an edge to the submodule, not to the package
+    paths["amer.p.mid"].write_text("from amer.p import leaf\n")
     assert find_cycle(graph(paths)) is None
 
 

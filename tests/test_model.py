@@ -372,3 +372,25 @@ def test_config_value_errors_name_the_field() -> None:
         from_dict(ModelConfig, {"moe": {"dispatch": "sparse"}})
     # a family's constraints only apply when the pattern uses that family
     assert small_config("AE", mamba=MambaConfig(head_dim=24)).n_layers == 2
+
+
+def test_empty_then_assign_is_the_model_holding_those_tensors() -> None:
+    cfg = ModelConfig(pattern="AEMR", d_model=32, max_seq_len=64)
+    torch.manual_seed(0)
+    built = HybridLM(cfg).eval()
+    state = {k: v.clone() for k, v in built.state_dict().items() if k != "lm_head.weight"}  # tied: stored once
+    model = HybridLM.empty(cfg)
+    assert all(p.is_meta for p in model.parameters())
+    model.assign(state).eval()
+    assert model.embed.weight.data_ptr() == state["embed.weight"].data_ptr()  # the tensor itself, no copy
+    assert model.lm_head.weight is model.embed.weight
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, built(ids).logits)  # RoPE frequencies computed, not left on meta
+    # a buffer that weights do not carry and no init_buffers() computes is named, not left as meta
+    odd = HybridLM.empty(cfg)
+    odd.blocks[1].register_buffer("table", torch.empty(3, device="meta"), persistent=False)
+    with pytest.raises(RuntimeError, match="blocks.1.table"):
+        odd.assign(state)
+    with pytest.raises(RuntimeError, match="Missing key"):  # strict: every weight must be given
+        HybridLM.empty(cfg).assign({k: v for k, v in state.items() if k != "norm.weight"})

@@ -305,6 +305,33 @@ def test_token_bytes_add_up_to_the_texts_utf8_bytes(bpe: HFTokenizer) -> None:
     assert all(m is not None and bpe.token_bytes()[m] == 0 for m in markers)  # template, not text
 
 
+def test_token_bytes_of_a_sentencepiece_style_file_count_spaces_and_fallback_bytes() -> None:
+    """Llama-2 / Mistral style: word-start ``\u2581`` pieces, raw-byte ``<0xNN>`` tokens, a decoder that strips
+    the text's first space. Decoded alone, ``\u2581the`` would lose its space and ``\u2581`` would be empty."""
+    words = ["the", "cat", "sat", "on", "mat"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for c in sorted(set("".join(words)) | {"\u2581"}):
+        vocab.setdefault(c, len(vocab))
+    merges = []
+    for w in words:
+        cur = "\u2581"
+        for c in w:
+            merges.append((cur, c))
+            cur += c
+            vocab.setdefault(cur, len(vocab))
+    hf = Tokenizer(models.BPE(vocab, list(dict.fromkeys(merges)), byte_fallback=True, unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    tok = HFTokenizer(hf, "sp")
+    table = tok.token_bytes()
+    assert table[vocab["\u2581the"]] == 4 and table[vocab["\u2581"]] == 1 and table[vocab["<0xC3>"]] == 1
+    text = "the cat sat on the mat \u00e9"  # the accent is not in the vocabulary: two fallback bytes
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text and "<0xA9>" in [hf.id_to_token(i) for i in ids]
+    assert sum(table[i] for i in ids) == len(text.encode("utf-8")) + 1  # + the first word's stripped space
+
+
 def test_val_bpb_is_the_text_targets_ce_in_bits_per_byte(bpe: HFTokenizer) -> None:
     from amer import HybridLM, ModelConfig
     from amer.training import evaluate

@@ -27,6 +27,7 @@ tokenizer) and recognised as the byte tokenizer when read back.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from itertools import chain
@@ -139,13 +140,24 @@ class HFTokenizer:
 
     def token_bytes(self) -> list[int]:
         """Bytes of text each id stands for, 0 for special tokens (BOS/EOS/PAD, chat markers): the denominator
-        of bits per byte. Exact for a byte-level BPE (amer's own ``bpe:N``, GPT-2 style files): a token's
-        characters map back to bytes one to one. Otherwise the UTF-8 length of the token decoded alone, which
-        over-counts a token holding part of a multi-byte character (decoded alone it is U+FFFD, 3 bytes)."""
+        of bits per byte. A byte-level BPE (amer's own ``bpe:N``, GPT-2 style files) maps a token's characters
+        back to bytes one to one; a byte-fallback token ``<0xNN>`` is one byte; any other token counts what it
+        adds to the text after an anchor token, so a SentencePiece word-start ``\u2581`` counts its space (the
+        one a decoder strips at the start of a text)."""
         special = {i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
         special |= {self.bos_id, self.eos_id, self.pad_id}
         byte_level = type(self.hf.decoder).__name__ == "ByteLevel"
         inverse = {c: b for b, c in _bytes_to_unicode().items()}
+        anchor: int | None = None
+
+        def added(i: int) -> int:
+            nonlocal anchor
+            if anchor is None:  # a plain token to decode after: decoders treat a text's first token apart
+                anchor = next(j for j in [self.token_id("a"), *range(self.vocab_size)]
+                              if j is not None and j not in special and self.hf.decode([j]))
+            before = len(self.hf.decode([anchor], skip_special_tokens=False).encode("utf-8"))
+            return max(0, len(self.hf.decode([anchor, i], skip_special_tokens=False).encode("utf-8")) - before)
+
         out = []
         for i in range(self.vocab_size):
             piece = None if i in special else self.hf.id_to_token(i)
@@ -153,8 +165,10 @@ class HFTokenizer:
                 out.append(0)
             elif byte_level and all(c in inverse for c in piece):
                 out.append(len(piece))
+            elif _BYTE_FALLBACK.fullmatch(piece):
+                out.append(1)
             else:
-                out.append(len(self.hf.decode([i], skip_special_tokens=False).encode("utf-8")))
+                out.append(added(i))
         return out
 
     def decode(self, ids: Iterable[int] | Tensor | np.ndarray) -> str:
@@ -197,6 +211,9 @@ class HFTokenizer:
 
     def __repr__(self) -> str:
         return f"HFTokenizer({self.spec!r}, vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id})"
+
+
+_BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's token for one raw byte
 
 
 @lru_cache(maxsize=1)

@@ -182,7 +182,7 @@ def fit(step_fn: Callable[..., Any], batches: Iterator[Any], steps: int, lr_of: 
             say(f"    step {step + 1}/{steps} ce {float(res.loss.ce):.4f} stp {float(res.loss.stp):.4f}")
     if not ce_tail:
         raise TrainingError(f"arm {name}: every one of the last {tail} steps was non-finite and skipped "
-                            f"({skipped} of {steps} in all); lower the learning rate")
+                            f"({skipped} of {steps} in all); lower the learning rate (--lr)")
     return {"ce": sum(ce_tail) / len(ce_tail), "stp": sum(stp_tail) / len(stp_tail), "skipped": skipped,
             "wall_s": time.perf_counter() - t0,
             "cpu_s": time.process_time() - c0}  # = dedicated-core seconds with 1 thread, even on a busy machine

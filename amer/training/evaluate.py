@@ -58,15 +58,14 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Mapping[str, Tensor]], *,
         targets = batch["targets"]
         k = (targets != ignore_index).sum()
         rows = (batch["doc_ids"] >= 0).any(1).sum() if "doc_ids" in batch else torch.tensor(targets.shape[0])
+        figures = [cross_entropy(out.logits, targets, ignore_index), k, rows]
         text: list[Tensor] = []
-        if table is None:
-            figures = [cross_entropy(out.logits, targets, ignore_index), k, rows]
-        else:  # per-token CE: the mean, and the nats of the targets that are text with their byte count
+        if table is not None:  # the nats of the targets that are text, and the bytes of that text
             flat = targets.flatten()
             per_token = F.cross_entropy(out.logits.float().flatten(0, 1), flat, reduction="none",
                                         ignore_index=ignore_index)
-            nbytes = table[flat.clamp(0, table.shape[0] - 1)] * (flat != ignore_index)
-            figures = [per_token.sum() / k.clamp(min=1), k, rows]
+            known = (flat >= 0) & (flat < table.shape[0])
+            nbytes = torch.where(known, table[flat.clamp(0, table.shape[0] - 1)], 0.0)
             text = [(per_token * (nbytes > 0)).sum(), nbytes.sum()]
         for name, policy in stp.items():  # padding rows (document id -1) hold no span: they add nothing
             loss, _ = policy.stp_loss(out.taps, mask=batch.get("doc_ids"), generator=gens[name],
