@@ -20,6 +20,7 @@ checkpoint, keeps its stage's parameters, and shards them with :func:`load_optim
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -103,13 +104,22 @@ def setup(parallel: ParallelConfig, device: torch.device) -> Layout:
 
 
 def teardown(layout: Layout, *, clean: bool = True) -> None:
-    """End the process group. After a clean finish every rank first waits for the others: a rank that
-    destroys the group while another still has a collective in flight aborts that rank (gloo: "terminate
-    called without an active exception"). After an error there is no waiting: the other ranks may never come."""
-    if layout.distributed and dist.is_initialized():
-        if clean:
-            dist.barrier()
-        dist.destroy_process_group()
+    """End the process groups. After a clean finish the ranks do it in step: all wait, each destroys the
+    sub-groups (mesh dimensions, the tied-weight groups), all wait again, then the default group goes. A rank
+    that tears down a group while another still uses it aborts that rank (gloo: "terminate called without an
+    active exception"). After an error there is no waiting: the other ranks may never come."""
+    if not (layout.distributed and dist.is_initialized()):
+        return
+    if clean:
+        dist.barrier()
+        default = dist.distributed_c10d._get_default_group()
+        subgroups = [g for g in list(dist.distributed_c10d._world.pg_map) if g is not default]
+        for g in subgroups:  # the same order on every rank: creation order
+            dist.destroy_process_group(g)
+        dist.barrier()
+    dist.destroy_process_group()
+    layout.mesh = None  # drop the last references to the groups now, not at interpreter exit
+    gc.collect()
 
 
 def wrap_data_parallel(module: nn.Module, layout: Layout, kind: str) -> nn.Module:
