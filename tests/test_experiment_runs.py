@@ -16,6 +16,7 @@ import pytest
 from amer.analysis.stats import paired_ttest
 from amer.errors import ExperimentError
 from amer.experiments import options, reporting, runs
+from amer.report import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,3 +96,17 @@ def test_paired_difference_and_test_use_shared_seeds_only() -> None:
     assert got["n_pairs"] == 2 and got["diff_vs_ntp"] == pytest.approx(0.15)
     assert got["p_vs_ntp"] == pytest.approx(paired_ttest([0.5, 0.7], [0.4, 0.5])[1])
     assert reporting.paired(stp, None) == {"diff_vs_ntp": None, "p_vs_ntp": None, "n_pairs": 0}
+
+
+def test_paired_constant_difference_is_writable_json(tmp_path) -> None:
+    # every seed 0.5 points better: t is infinite, which results.json cannot hold
+    recs = [{"arm": {"g": g, "seed": sd}, "accuracy": acc + (0.005 if g == "stp" else 0.0)}
+            for g in ("stp", "ntp") for sd, acc in [(0, 0.0), (1, 0.25), (2, 0.5)]]
+    rows = reporting.group_rows(recs, ("g",), ("accuracy",))
+    assert paired_ttest(rows[("stp",)]["accuracy"]["values"], rows[("ntp",)]["accuracy"]["values"])[0] == math.inf
+    got = reporting.paired(rows[("stp",)], rows[("ntp",)])
+    assert got["t_vs_ntp"] is None and got["p_vs_ntp"] == 0.0 and got["diff_vs_ntp"] == pytest.approx(0.005)
+    assert reporting.p_cell(got).startswith("0 (same diff") and reporting.p_cell({"p_vs_ntp": None}) == "-"
+    write_json(tmp_path / "r.json", got, compact_lists=False)
+    with pytest.raises(ValueError, match="non-finite"):  # what the report met before
+        write_json(tmp_path / "bad.json", {**got, "t_vs_ntp": math.inf}, compact_lists=False)

@@ -3,13 +3,14 @@ figure), pair an arm group with its baseline seed by seed, and draw accuracy aga
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from fractions import Fraction
 from typing import Any, Sequence
 
 from amer.analysis.stats import mean_std, paired_ttest
 
-__all__ = ["frac", "group_rows", "paired", "fraction_axis"]
+__all__ = ["frac", "group_rows", "paired", "p_cell", "fraction_axis"]
 
 
 def frac(f: str) -> float:
@@ -40,14 +41,26 @@ def group_rows(records: Sequence[dict[str, Any]], fields: Sequence[str], figures
 def paired(row: dict[str, Any], base: dict[str, Any] | None, figure: str = "accuracy") -> dict[str, Any]:
     """``row`` minus ``base`` (two rows of :func:`group_rows`), paired by seed (seeds only one has are left out):
     ``diff_vs_ntp`` (mean difference), ``t_vs_ntp`` and ``p_vs_ntp`` (paired t-test, two-sided), ``n_pairs``;
-    None when no seed pairs."""
+    None when no seed pairs. The same non-zero difference on every seed has t = +-inf and p = 0; ``t_vs_ntp`` is
+    then None (JSON has no Infinity) and the sign is the sign of ``diff_vs_ntp``."""
     by_seed = dict(zip(base["seeds"], base[figure]["values"])) if base is not None else {}
     pairs = [(v, by_seed[sd]) for sd, v in zip(row["seeds"], row[figure]["values"]) if sd in by_seed]
     if not pairs:
         return {"diff_vs_ntp": None, "p_vs_ntp": None, "n_pairs": 0}
     t, p = paired_ttest([a for a, _ in pairs], [b for _, b in pairs])
+    if t is not None and not math.isfinite(t):
+        t = None
     return {"diff_vs_ntp": sum(a - b for a, b in pairs) / len(pairs), "t_vs_ntp": t, "p_vs_ntp": p,
             "n_pairs": len(pairs)}
+
+
+def p_cell(row: dict[str, Any]) -> str:
+    """A results table's p column for a :func:`paired` result: ``-`` without a test, and a p of 0 from the same
+    difference on every seed marked as such (it is the t-test's limit, not a measured tail)."""
+    p = row.get("p_vs_ntp")
+    if p is None:
+        return "-"
+    return "0 (same diff. every seed)" if p == 0 and row.get("t_vs_ntp") is None else f"{p:.3g}"
 
 
 def fraction_axis(ax: Any, fractions: Sequence[str], title: str) -> None:

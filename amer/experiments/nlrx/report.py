@@ -11,7 +11,7 @@ from typing import Any, Sequence
 from amer.analysis.stats import paired_ttest, spearman
 from amer.experiments.nlrx.grid import NTP, TAPS, Settings
 from amer.experiments.reporting import frac as _frac_value
-from amer.experiments.reporting import fraction_axis, group_rows, paired
+from amer.experiments.reporting import fraction_axis, group_rows, p_cell, paired
 from amer.report import atomic_write_text, md_table, new_figure, save_figure, write_json
 
 __all__ = ["summarize", "write_report"]
@@ -149,7 +149,6 @@ def _pm(x: dict[str, Any], pct: bool = False, digits: int = 4) -> str:
 def write_report(summary: dict[str, Any], out: Path, *, command: str = "") -> list[Path]:
     """``results.json``, ``results.md`` and (matplotlib permitting) ``results.png`` under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    # plain JSON: a constant paired difference gives t = inf, which the compact writer refuses
     write_json(out / "results.json", summary, compact_lists=False)
     st = summary["settings"]
     lines = ["# NL-RX-SYNTH: STP vs next-token prediction, from scratch", ""]
@@ -171,8 +170,7 @@ def write_report(summary: dict[str, Any], out: Path, *, command: str = "") -> li
     for r in summary["rows"]:
         stp = (f"{_pm(r['heldout_stp_final'])} / {_pm(r['heldout_stp_family'])}" if r["taps"] == NTP
                else _pm(r["heldout_stp_own"]))
-        p = "-" if r["p_vs_ntp"] is None else f"{r['p_vs_ntp']:.3g}"
-        table.append([r["model"], r["fraction"], f"{r['lam']:g}", r["taps"], _pm(r["accuracy"], True), p,
+        table.append([r["model"], r["fraction"], f"{r['lam']:g}", r["taps"], _pm(r["accuracy"], True), p_cell(r),
                       _pm(r["heldout_ce"]), stp, f"{r['erank']['mean']:.1f}", str(r["n"])])
     lines.append(md_table(["model", "fraction", "lambda", "taps", "accuracy %", "p vs NTP", "held-out CE",
                            "held-out STP", "eff. rank", "n"], table))

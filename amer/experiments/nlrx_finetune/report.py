@@ -11,7 +11,7 @@ from typing import Any, Sequence
 from amer.analysis.stats import mean_std
 from amer.experiments.nlrx_finetune.grid import NTP, SPAN, Settings
 from amer.experiments.reporting import frac as _fv
-from amer.experiments.reporting import fraction_axis, group_rows, paired
+from amer.experiments.reporting import fraction_axis, group_rows, p_cell, paired
 from amer.report import atomic_write_text, md_table, new_figure, save_figure, write_json
 
 __all__ = ["DECISION_RULE", "summarize", "write_report"]
@@ -164,12 +164,14 @@ def write_report(summary: dict[str, Any], out: Path, *, command: str = "") -> li
     lines += ["", "Held-out span-form STP loss of the final state on the test rows (lower = straighter).", "",
               "Learning rates picked (NTP, all the data, first seed, best exact match): "
               + ", ".join(f"{k} {v:g}" for k, v in summary["lrs"].items()), "", "## Results", "",
-              "Accuracy: greedy exact match (%). p: paired t-test vs NTP of the same init, model and fraction.", ""]
+              "Accuracy: greedy exact match (%). diff and p: mean per-seed difference in points and paired t-test "
+              "(two-sided) vs NTP of the same init, model and fraction, over the seeds both have.", ""]
     table = [[r["init"], r["model"], r["fraction"], r["form"], f"{r['lam']:g}", _pm(r["accuracy"], True),
-              "-" if r["p_vs_ntp"] is None else f"{r['p_vs_ntp']:.3g}", _pm(r["heldout_ce"]),
+              "-" if r["diff_vs_ntp"] is None else f"{100 * r['diff_vs_ntp']:+.1f}", p_cell(r), _pm(r["heldout_ce"]),
               _pm(r["heldout_stp_span"]), _pm(r["heldout_stp_triple"]), f"{r['erank']['mean']:.1f}", str(r["n"])]
              for r in summary["rows"]]
-    lines.append(md_table(["init", "model", "fraction", "form", "lambda", "accuracy %", "p vs NTP", "held-out CE",
+    lines.append(md_table(["init", "model", "fraction", "form", "lambda", "accuracy %", "diff vs NTP", "p vs NTP",
+                           "held-out CE",
                            "held-out STP span", "held-out STP triple", "eff. rank", "n"], table))
     lines += ["", "## Verdict", "", *[f"- {x}" for x in summary["statement"].splitlines()], ""]
     atomic_write_text(out / "results.md", "\n".join(lines))
