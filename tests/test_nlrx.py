@@ -264,6 +264,17 @@ def test_missing_data_dir_is_one_line_exit_2(tmp_path: Path, monkeypatch, capsys
     assert nlrx_cli.main(["--data-dir", str(tmp_path), "--bogus"]) == 2
 
 
+def test_bad_data_with_workers_is_one_line_exit_2(tmp_path: Path, capsys) -> None:
+    data = write_chat_data(tmp_path / "data")
+    with open(data / nlrx.TRAIN_FILE, "a") as f:
+        f.write("{not json\n")
+    out = tmp_path / "out"
+    assert nlrx_cli.main(["--quick", "--data-dir", str(data), "--out", str(out), "--workers", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and nlrx.TRAIN_FILE in err and "\n" not in err
+    assert not (out / "arms").exists() or not list((out / "arms").glob("*.json"))
+
+
 def test_default_data_dir_prefers_env(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv(nlrx.ENV_DIR, str(tmp_path))
     assert nlrx.default_data_dir() == tmp_path
@@ -321,7 +332,7 @@ def test_quick_end_to_end_and_resume(tmp_path: Path, capsys) -> None:
     assert rec["train_stp"] is not None and rec["heldout_stp_family"] > 0
     assert (out / "results.png").stat().st_size > 0
     assert "hybrid: data-efficiency effect: UNTESTED" in (out / "results.md").read_text()
-    assert "2 to run" in text
+    assert "2 to run" in text and "data: 48 train / 8 test examples" in text
     # resumable: a second run trains nothing and leaves the arm files alone
     mtime = (out / "arms" / arms[0]).stat().st_mtime_ns
     assert nlrx_cli.main(argv) == 0

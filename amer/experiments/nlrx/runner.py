@@ -42,11 +42,14 @@ def run_grid(s: Settings, *, say: Say = say) -> list[dict[str, Any]]:
     """Run (or skip, when already written) every arm of the grid; returns all arm records (see
     :func:`amer.experiments.runs.run_arms` for the worker processes)."""
     grid = build_grid(s)
-    done = sum(arm_path(s, a).is_file() for a in grid)
-    if done < len(grid):
-        say(f"data: {s.data_dir}; {s.steps} steps x batch {s.batch_size} per arm")
+    data = None
+    if not all(arm_path(s, a).is_file() for a in grid):
+        # loaded here as well as in each worker: bad data is one error from this process, before any worker starts
+        data = load_data(s)
+        say(f"data: {len(data.train)} train / {len(data.test)} test examples from {s.data_dir}; "
+            f"{s.steps} steps x batch {s.batch_size} per arm")
     return run_arms(grid, s, run=run_arm, load_data=load_data, figures=FIGURES, describe=_describe,
-                    label=f"nlrx -> {s.out}", say=say)
+                    label=f"nlrx -> {s.out}", data=data, say=say)
 
 
 def estimate(s: Settings, *, timed_steps: int = 20, say: Say = say) -> float:
