@@ -114,6 +114,24 @@ def test_decision_rule_reproduced_not_reproduced_and_gate() -> None:
     assert gated["decision_rule"] == DECISION_RULE
 
 
+def test_gate_level_is_the_from_scratch_ntp_model_at_the_picked_lr_once_per_seed() -> None:
+    s = _settings()
+    res = _res([0.5, 0.6, 0.55], [0.5, 0.55, 0.55], [0.2, 0.2, 0.25], gate_pre=1.0)
+    key = ("scratch", "ntp", "1")
+    grid = [r for r in res["records"] if (r["arm"]["init"], r["arm"]["form"], r["arm"]["fraction"]) == key]
+    for r, stp in zip(grid, (1.5, 1.6, 1.7)):
+        r["heldout_stp_span"] = stp
+    # the pick: a barely trained arm at another rate, and the seed-0 arm the grid reuses
+    slow = {**_rec("scratch", "ntp", 0.0, "1", 0, 0.0, stp=1.0), "arm": {**grid[0]["arm"], "lr": 1e-4}}
+    res = {**res, "picks": [slow, grid[0]], "lrs": {**res["lrs"], ("scratch", "m"): 1e-3}}
+    g = summarize(res, s)["gate"]["m"]
+    assert g["n_scratch"] == 3 and g["scratch_ntp"] == pytest.approx(1.6)
+    # negative control: every matching record averaged, as the gate once did, lands elsewhere
+    naive = [r["heldout_stp_span"] for r in res["picks"] + res["records"]
+             if (r["arm"]["init"], r["arm"]["form"], r["arm"]["fraction"]) == key]
+    assert len(naive) == 5 and sum(naive) / 5 < 1.5
+
+
 # ---------------------------------------------------------------- command line, end to end
 
 TINY = ["--quick", "--models", "h=AM", "--d-model", "16", "--pretrain-max-bytes", "3000", "--lambdas", "0,0.02",

@@ -69,13 +69,24 @@ def _decide(init: str, model: str, rows: list[dict[str, Any]]) -> dict[str, Any]
             else "untested"}
 
 
-def _gate(s: Settings, gate: dict[str, Any], records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def _scratch_level(name: str, top: str, lr: float | None, records: Sequence[dict[str, Any]]) -> list[float]:
+    """Held-out span STP of the from-scratch NTP model on all the data, one value per seed, at the picked
+    learning rate only: the pick's other rates barely train, and its seed-0 arm is also a grid arm."""
+    by_seed = {}
+    for r in records:
+        a = r["arm"]
+        if (a["init"], a["model"], a["form"], a["fraction"]) == ("scratch", name, NTP, top) and \
+                (lr is None or a["lr"] == lr):
+            by_seed[a["seed"]] = r["heldout_stp_span"]
+    return [by_seed[k] for k in sorted(by_seed)]
+
+
+def _gate(s: Settings, gate: dict[str, Any], records: Sequence[dict[str, Any]],
+          lrs: dict[tuple[str, str], float]) -> dict[str, Any]:
     out = {}
-    top = s.top_fraction
     for name, _ in s.models:
         g = gate.get("models", {}).get(name)
-        scratch = [r["heldout_stp_span"] for r in records if (r["arm"]["init"], r["arm"]["model"], r["arm"]["form"],
-                                                               r["arm"]["fraction"]) == ("scratch", name, NTP, top)]
+        scratch = _scratch_level(name, s.top_fraction, lrs.get(("scratch", name)), records)
         entry: dict[str, Any] = {"pretrained": g["pretrained"]["heldout_stp_span"] if g else None,
                                  "random_init": g["random_init"]["heldout_stp_span"] if g else None,
                                  "scratch_ntp": mean_std(scratch)[0] if scratch else None, "n_scratch": len(scratch),
@@ -91,7 +102,7 @@ def _gate(s: Settings, gate: dict[str, Any], records: Sequence[dict[str, Any]]) 
 def summarize(res: dict[str, Any], s: Settings) -> dict[str, Any]:
     records = res["records"]
     rows = _rows(records)
-    gate = _gate(s, res["gate"], list(records) + list(res["picks"]))
+    gate = _gate(s, res["gate"], list(res["picks"]) + list(records), res["lrs"])
     decisions = {f"{i}/{m}": _decide(i, m, rows) for i in s.inits for m, _ in s.models}
     lines = []
     for name, _ in s.models:
