@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 import torch
 
 from amer.errors import ExperimentError, TrainingError
+from amer.experiments.workers import imap_unordered
 from amer.report import write_json
 from amer.runtime import tune_malloc
 
@@ -92,17 +93,13 @@ def write_record(path: Path, rec: dict[str, Any], figures: Sequence[str]) -> Non
 # One job kind per pool: (run, figures) travel with each job; the data is loaded once per worker process.
 RunFn = Callable[[Any, Any, Any], dict[str, Any]]
 _WORKER_DATA: Any = None
-_WORKER_ERROR: BaseException | None = None
 
 
 def _worker_init(load_data: Callable[[Any], Any], s: GridSettings) -> None:
-    global _WORKER_DATA, _WORKER_ERROR
+    global _WORKER_DATA
     tune_malloc()
     torch.set_num_threads(s.threads or 1)
-    try:
-        _WORKER_DATA = load_data(s)
-    except Exception as e:  # raised from the first job instead: a pool replaces a worker whose init fails, forever
-        _WORKER_ERROR = e
+    _WORKER_DATA = load_data(s)
 
 
 def _run_and_write(run: RunFn, figures: Sequence[str], arm: ArmLike, s: GridSettings, data: Any) -> dict[str, Any]:
@@ -112,8 +109,6 @@ def _run_and_write(run: RunFn, figures: Sequence[str], arm: ArmLike, s: GridSett
 
 
 def _worker_run(job: tuple[RunFn, Sequence[str], ArmLike, GridSettings]) -> dict[str, Any]:
-    if _WORKER_ERROR is not None:
-        raise _WORKER_ERROR
     return _run_and_write(*job, _WORKER_DATA)
 
 
@@ -132,29 +127,20 @@ def run_arms(arms: Sequence[ArmLike], s: GridSettings, *, run: RunFn, load_data:
     have = {a.id: read_record(arm_path(s, a), s, figures) for a in arms if arm_path(s, a).is_file()}
     todo = [a for a in arms if a.id not in have]
     say(f"{label}: {len(arms)} arms ({len(have)} already done, {len(todo)} to run)")
-    workers = min(s.workers, len(todo))
-    pool = None
-    if workers > 1:
-        import multiprocessing
-
-        # spawn, not fork: a forked child of a process that has run OpenMP regions can deadlock
-        ctx = multiprocessing.get_context("spawn")
-        pool = ctx.Pool(workers, initializer=_worker_init, initargs=(load_data, s))
-        results: Iterable[dict[str, Any]] = pool.imap_unordered(_worker_run, [(run, figures, a, s) for a in todo])
+    results: Iterable[dict[str, Any]]
+    if min(s.workers, len(todo)) > 1:
+        results = imap_unordered(_worker_run, [(run, figures, a, s) for a in todo], s.workers,
+                                 init=_worker_init, initargs=(load_data, s))
     elif todo:
         loaded = data if data is not None else load_data(s)
         results = (_run_and_write(run, figures, a, s, loaded) for a in todo)
     else:
         results = ()
     t0 = time.perf_counter()
-    try:
-        for k, rec in enumerate(results, 1):
-            have[rec["id"]] = rec
-            eta = (time.perf_counter() - t0) / k * (len(todo) - k) / 60
-            say(f"[{k}/{len(todo)}] {rec['id']}: {describe(rec)}; eta {eta:.1f} min")
-    finally:
-        if pool is not None:
-            pool.terminate()
+    for k, rec in enumerate(results, 1):
+        have[rec["id"]] = rec
+        eta = (time.perf_counter() - t0) / k * (len(todo) - k) / 60
+        say(f"[{k}/{len(todo)}] {rec['id']}: {describe(rec)}; eta {eta:.1f} min")
     return [have[a.id] for a in arms]
 
 

@@ -17,6 +17,7 @@ from amer.experiments.nlrx_finetune.arm import Data, evaluate_model, load_data, 
 from amer.experiments.nlrx_finetune.grid import INITS, Arm, Settings, build_grid, pick_arms
 from amer.experiments.nlrx_finetune.pretrain import final_path, pretrain
 from amer.experiments.runs import Say, arm_path, refuse_stale, say
+from amer.experiments.workers import imap_unordered
 from amer.model import HybridLM
 from amer.report import write_json
 
@@ -94,15 +95,8 @@ def run_all(s: Settings, *, say: Say = say) -> dict[str, Any]:
         jobs = [(name, pattern, s) for name, pattern in s.models]
         n = min(s.workers, len(jobs))
         if n > 1:
-            import multiprocessing
-
-            # spawn, not fork: a forked child of a process that has run OpenMP regions can deadlock
-            pool = multiprocessing.get_context("spawn").Pool(n)
-            try:
-                for summary in pool.imap_unordered(_worker_pretrain, jobs):
-                    pre[summary["model"]] = summary
-            finally:
-                pool.terminate()
+            for summary in imap_unordered(_worker_pretrain, jobs, n):
+                pre[summary["model"]] = summary
         else:
             pre = {name: pretrain(name, pattern, s, say=say) for name, pattern, _ in jobs}
     data = load_data(s)
