@@ -141,7 +141,7 @@ def _explain(d: dict[str, Any]) -> str:
                      + ("" if d["informative"] else " (uninformative: NTP does not gain from more data here)"))
     if best_b is not None:
         p = "n/a" if best_b["p"] is None else f"{best_b['p']:.3g}"
-        parts.append(f"best STP vs NTP at {hi}: lambda {best_b['lam']:g}, {100 * best_b['diff']:+.1f} points, p = {p}")
+        parts.append(f"lowest-p STP vs NTP at {hi}: lambda {best_b['lam']:g}, {100 * best_b['diff']:+.1f} points, p = {p}")
     return "; ".join(parts) or "no STP arms"
 
 
@@ -176,7 +176,7 @@ def write_report(summary: dict[str, Any], out: Path, *, command: str = "") -> li
               "Learning rates picked (NTP, all the data, first seed, best exact match): "
               + ", ".join(f"{k} {v:g}" for k, v in summary["lrs"].items()), "", "## Results", "",
               "Accuracy: greedy exact match (%). diff and p: mean per-seed difference in points and paired t-test "
-              "(two-sided) vs NTP of the same init, model and fraction, over the seeds both have.", ""]
+              "(two-sided) vs NTP of the same init, model and fraction, paired over shared seeds.", ""]
     table = [[r["init"], r["model"], r["fraction"], r["form"], f"{r['lam']:g}", _pm(r["accuracy"], True),
               "-" if r["diff_vs_ntp"] is None else f"{100 * r['diff_vs_ntp']:+.1f}", p_cell(r), _pm(r["heldout_ce"]),
               _pm(r["heldout_stp_span"]), _pm(r["heldout_stp_triple"]), f"{r['erank']['mean']:.1f}", str(r["n"])]
