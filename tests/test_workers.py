@@ -27,6 +27,9 @@ def test_every_job_once_with_the_initializer_run_in_each_worker() -> None:
     got = sorted(imap_unordered(jobs.square, range(7), 3, init=jobs.set_base, initargs=(100,)))
     assert got == [(x, 100 + x * x) for x in range(7)]
     assert list(imap_unordered(jobs.square, [], 2)) == []
+    assert sorted(imap_unordered(jobs.square, [3, 1], 1)) == [(1, 1), (3, 9)]
+    with pytest.raises(ValueError, match="workers"):
+        list(imap_unordered(jobs.square, [1], 0))
 
 
 def test_a_failing_job_raises_its_own_error_and_kills_the_rest() -> None:

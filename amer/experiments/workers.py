@@ -64,6 +64,8 @@ def imap_unordered(fn: Callable[[Any], Any], jobs: Sequence[Any], workers: int, 
 
     Spawn, not fork: a forked child of a process that has run OpenMP regions can deadlock.
     """
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     ctx = multiprocessing.get_context("spawn")
     todo = list(jobs)[::-1]
     procs: dict[Connection, Any] = {}
@@ -84,18 +86,19 @@ def imap_unordered(fn: Callable[[Any], Any], jobs: Sequence[Any], workers: int, 
                 if conn in seen or conn not in busy:
                     continue  # its answer and its exit both woke this wait
                 seen.add(conn)
+                job = None
                 try:
                     ok, value = conn.recv()
+                    if ok:
+                        job = todo.pop() if todo else None
+                        conn.send(job)  # None: no more work, the worker exits
                 except (EOFError, OSError):
                     procs[conn].join(timeout=10)  # its pipe closes a moment before it can be reaped
                     raise ExperimentError(f"a worker process died (exit code {procs[conn].exitcode}) before "
                                           "finishing its job; finished jobs are kept") from None
                 if not ok:
                     raise value
-                if todo:
-                    conn.send(todo.pop())
-                else:
-                    conn.send(None)
+                if job is None:
                     busy.discard(conn)
                 yield value
     finally:
