@@ -141,7 +141,8 @@ def _explain(d: dict[str, Any]) -> str:
                      + ("" if d["informative"] else " (uninformative: NTP does not gain from more data here)"))
     if best_b is not None:
         p = "n/a" if best_b["p"] is None else f"{best_b['p']:.3g}"
-        parts.append(f"lowest-p STP vs NTP at {hi}: lambda {best_b['lam']:g}, {100 * best_b['diff']:+.1f} points, p = {p}")
+        parts.append(f"lowest-p STP vs NTP at {hi}: lambda {best_b['lam']:g}, {100 * best_b['diff']:+.1f} points, "
+                     f"p = {p}")
     return "; ".join(parts) or "no STP arms"
 
 
@@ -164,8 +165,8 @@ def write_report(summary: dict[str, Any], out: Path, *, command: str = "") -> li
         f"pretrained here on kjv + stdlib, {st['pretrain_epochs']:g} epoch(s) of {st['pretrain_seq_len']}-token rows")
     lines += [f"Models: {', '.join(f'{n} `{p}`' for n, p in st['models'])}, d_model {st['d_model']}, {source}. "
               f"Fine-tuning: {st['epochs']:g} epochs of each data fraction, batch {st['batch_size']}, AdamW "
-              f"(weight decay {st['weight_decay']:g}), linear decay without warm-up, NTP targets `{st['ntp_targets']}`, "
-              f"STP on the final state, span form with {st['n_spans']} patch(es) per example (triple bridge arm: "
+              f"(weight decay {st['weight_decay']:g}), linear decay without warm-up, "
+              f"NTP targets `{st['ntp_targets']}`, STP on the final state, span form with {st['n_spans']} patch(es) per example (triple bridge arm: "
               f"{st['triple_spans']} triples); lambdas {st['lambdas']}; seeds {st['seeds']}; train rows "
               f"{st['train_rows'] or 'all'}, test rows {st['test_rows'] or 'all'}.", "",
               "## Decision rule", "", summary["decision_rule"], "", "## Gate", ""]
@@ -182,8 +183,7 @@ def write_report(summary: dict[str, Any], out: Path, *, command: str = "") -> li
               _pm(r["heldout_stp_span"]), _pm(r["heldout_stp_triple"]), f"{r['erank']['mean']:.1f}", str(r["n"])]
              for r in summary["rows"]]
     lines.append(md_table(["init", "model", "fraction", "form", "lambda", "accuracy %", "diff vs NTP", "p vs NTP",
-                           "held-out CE",
-                           "held-out STP span", "held-out STP triple", "eff. rank", "n"], table))
+                           "held-out CE", "held-out STP span", "held-out STP triple", "eff. rank", "n"], table))
     lines += ["", "## Verdict", "", *[f"- {x}" for x in summary["statement"].splitlines()], ""]
     atomic_write_text(out / "results.md", "\n".join(lines))
     written = [out / "results.json", out / "results.md"]
