@@ -1,6 +1,10 @@
 """amer: hybrid attention / Mamba / MoE / recurrent language models with typed hidden-state taps
 and Semantic Tube Prediction (STP)."""
 
+# The block families register themselves in amer.families when amer.blocks is imported; importing it first
+# means the registry is complete whenever any part of amer runs (the registry never imports its members).
+import amer.blocks  # noqa: F401  (registers the built-in families)
+import amer.hub  # noqa: F401  (gives HybridLM.from_pretrained / save_pretrained their implementation)
 from amer.blocks.attention import AttentionConfig
 from amer.blocks.mamba import MambaConfig
 from amer.blocks.moe import MoEConfig
@@ -10,9 +14,9 @@ from amer.errors import AmerError
 from amer.families import Family, FamilySpec, get_family, register_family
 from amer.model import HybridLM, ModelOutput
 from amer.pattern import LayerSpec, Pattern, PatternError, parse_pattern
+from amer.stp import compute_stp_loss
 from amer.tap import SelectorError, Tap, TapSet
-
-__version__ = "0.1.0"
+from amer.version import __version__
 
 __all__ = [
     "AttentionConfig", "MambaConfig", "MoEConfig", "RecurrentConfig", "ConfigError", "Dims", "ModelConfig",
@@ -23,12 +27,8 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # lazy: the loss kernel and checkpoint reader are not needed to build a model
-    if name == "compute_stp_loss":
-        from amer.stp import compute_stp_loss
-
-        return compute_stp_loss
-    if name == "from_transformers":  # reads transformers checkpoints from disk (amer.interop)
+    # lazy: reading training checkpoints and transformers folders is not needed to build a model
+    if name == "from_transformers":
         from amer.interop import from_transformers
 
         return from_transformers

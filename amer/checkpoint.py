@@ -10,7 +10,8 @@ Layout of one checkpoint directory::
 
 A checkpoint is written into a temporary sibling directory, fsynced, then renamed into place (or swapped
 with the one it replaces, ``best/``), so an interrupted write never leaves a half checkpoint under a real
-name and never touches the previous one. Removing a checkpoint removes these four files only.
+name and never touches the previous one. Removing a checkpoint removes these four files only. A pretrained folder (:mod:`amer.hub`) reads like a
+checkpoint without optimizer state.
 """
 
 from __future__ import annotations
@@ -22,33 +23,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from amer import xla
 from amer.config import ModelConfig, from_dict
 from amer.errors import CheckpointError, InputError
 from amer.fileio import fault_point, fsync_dir, json_text, remove_own_files, replace_dir, temp_sibling
+from amer.hub import read_pretrained_config
 from amer.optimstate import checked_state_dict
+from amer.version import __version__
+from amer.weights import check_weights, load_tensors, model_from_weights, restore_model, state_tensors
 
 __all__ = ["CheckpointError", "CHECKPOINT_FILES", "save_checkpoint", "load_checkpoint", "read_checkpoint",
            "find_checkpoint", "list_checkpoints", "read_meta", "state_tensors", "checkpoint_step", "restore_model", "restore_optimizer", "check_weights", "model_from_weights"]
 
 CHECKPOINT_FILES = ("model.safetensors", "optim.safetensors", "meta.json", "tokenizer.json")  # all a checkpoint holds
-
-
-def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    # tied weights share storage: safetensors refuses duplicates, so keep the first name only
-    seen: dict[int, str] = {}
-    out = {}
-    for name, t in model.state_dict().items():
-        key = t.data_ptr()
-        if key in seen and t.numel() > 0:
-            continue
-        seen[key] = name
-        out[name] = t.detach().contiguous().cpu()
-    return out
 
 
 def _optim_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -78,9 +67,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
             tensors, extra = _optim_tensors(optimizer)
             save_file(tensors, str(tmp / "optim.safetensors"))
             meta["optimizer"] = extra
-        import amer
-
-        meta.setdefault("amer_version", amer.__version__)
+        meta.setdefault("amer_version", __version__)
         with open(tmp / "meta.json", "w") as f:
             f.write(json_text(meta, default=_json_default))
             f.flush()
@@ -146,8 +133,6 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     ckpt = find_checkpoint(path)
     meta_path = ckpt / "meta.json"
     if not meta_path.exists() and (ckpt / "config.json").is_file():  # a pretrained folder (amer.hub)
-        from amer.hub import read_pretrained_config
-
         config = read_pretrained_config(ckpt)
         return {"config": {"model": config["model"]}, "step": None, "pretrained": config, "_path": str(ckpt)}
     if not meta_path.exists():
@@ -169,59 +154,11 @@ def read_checkpoint(path: str | Path, *, with_optimizer: bool = True) -> tuple[d
     """(model tensors, optimizer tensors or None, meta) of a checkpoint, validating every file."""
     meta = read_meta(path)
     ckpt = Path(meta["_path"])
-    weights = _load_tensors(ckpt / "model.safetensors")
+    weights = load_tensors(ckpt / "model.safetensors")
     optim = None
     if with_optimizer and (ckpt / "optim.safetensors").exists():
-        optim = _load_tensors(ckpt / "optim.safetensors")
+        optim = load_tensors(ckpt / "optim.safetensors")
     return weights, optim, meta
-
-
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.exists():
-        raise CheckpointError(f"checkpoint file missing: {path}")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({msg})") from None
-
-
-def restore_model(model: nn.Module, weights: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Load ``weights`` into ``model`` strictly (tied weights may be stored once)."""
-    check_weights(model, weights, source)
-    model.load_state_dict(weights, strict=False)
-
-
-def check_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Raise a :class:`CheckpointError` naming what differs when ``weights`` are not exactly ``model``'s (names
-    and shapes; a tied head may be stored once). ``model`` may live on the meta device."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in weights]
-    tied = {k for k in missing if k == "lm_head.weight" and getattr(model, "cfg", None) is not None
-            and model.cfg.tie_embeddings}
-    missing = [k for k in missing if k not in tied]
-    unexpected = [k for k in weights if k not in expected]
-    if missing or unexpected:
-        raise CheckpointError(f"{source}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    for k, v in weights.items():
-        if expected[k].shape != v.shape:
-            raise CheckpointError(f"{source}: {k} has shape {tuple(v.shape)}, model expects {tuple(expected[k].shape)}")
-
-
-def model_from_weights(cfg: ModelConfig, weights: dict[str, torch.Tensor], source: str,
-                       device: str | torch.device = "cpu") -> nn.Module:
-    """A :class:`~amer.model.HybridLM` of ``cfg`` holding ``weights`` (in fp32 on ``device``): built on the meta
-    device and given the tensors themselves, so loading peaks at one copy of the weights, not two, and skips
-    the random initialisation. On XLA it is built there and loaded by copy (moving keeps a tied head tied)."""
-    from amer.model import HybridLM
-
-    if xla.is_xla(device):
-        model = xla.move(HybridLM(cfg), device)
-        restore_model(model, {k: v.to(device) for k, v in weights.items()}, source=source)
-        return model
-    model = HybridLM.empty(cfg)
-    check_weights(model, weights, source)
-    return model.assign({k: weights[k].to(device=device, dtype=torch.float32) for k in list(weights)})
 
 
 def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any],

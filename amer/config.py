@@ -20,6 +20,7 @@ from typing import Any, Iterator, Literal, NamedTuple
 from amer.configio import check, check_fields, coerce, from_dict, load_toml, opt, suggest, to_dict
 from amer.errors import ConfigError
 from amer.families import FamilySpec, families, get_family
+from amer.pattern import load_preset, parse_pattern
 
 __all__ = [
     "ConfigError", "Dims", "ModelConfig", "STPConfig", "ParallelConfig", "TrainConfig", "stp_config_from_preset",
@@ -44,7 +45,7 @@ class Dims(NamedTuple):
         return self.init_std / (2 * max(1, self.n_layers)) ** 0.5
 
 
-@dataclass(init=False)
+@dataclass(init=False, frozen=True)
 class ModelConfig:
     """A hybrid language model: a pattern string, the shared dimensions, and one config per registered
     block family (``cfg.attention``, ``cfg.mamba``, ... by each family's ``config_key``; TOML tables
@@ -73,10 +74,11 @@ class ModelConfig:
     def __init__(self, pattern: str = "AEMR", *, family_configs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         """Shared settings by name, each family's config by its ``config_key`` (a config or a table);
         ``family_configs`` (what ``dataclasses.replace`` passes) gives several at once, named keys win."""
-        self.pattern = pattern
+        # frozen: the fields are set once, here, through object.__setattr__
+        object.__setattr__(self, "pattern", pattern)
         for f in _shared_fields():
             if f.name != "pattern":
-                setattr(self, f.name, kwargs.pop(f.name, f.default))
+                object.__setattr__(self, f.name, kwargs.pop(f.name, f.default))
         specs = {s.config_key: s for s in families()}
         given = {**(family_configs or {}), **kwargs}
         unknown = sorted(set(given) - set(specs))
@@ -84,7 +86,7 @@ class ModelConfig:
             accepted = [f.name for f in _shared_fields()] + list(specs)
             raise ConfigError(f"unknown model setting '{unknown[0]}'{suggest(unknown[0], accepted)} "
                               f"(accepted: {', '.join(accepted)})")
-        self.family_configs = {}
+        configs: dict[str, Any] = {}
         for key, spec in specs.items():
             value = given.get(key)
             if value is None:
@@ -94,7 +96,8 @@ class ModelConfig:
             elif not isinstance(value, spec.config):
                 raise ConfigError(f"model.{key} must be a {spec.config.__name__} or a table (in TOML a [model.{key}] "
                                   f"section with keys), got {type(value).__name__} {value!r:.40}")
-            self.family_configs[key] = value
+            configs[key] = value
+        object.__setattr__(self, "family_configs", configs)
         self.__post_init__()
 
     def __getattr__(self, name: str) -> Any:
@@ -104,12 +107,10 @@ class ModelConfig:
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __post_init__(self) -> None:
-        from amer.pattern import parse_pattern  # local: the parser reads presets that hold model configs
-
         check_fields(self, "model.")
         for key, cfg in self.family_configs.items():  # a family's own checks cannot see NaN or infinity
             check_fields(cfg, f"model.{key}.")
-        self.parsed = parse_pattern(self.pattern)
+        object.__setattr__(self, "parsed", parse_pattern(self.pattern))
         dims = self.dims
         for letter in dict.fromkeys(layer.family for layer in self.parsed.layers):
             cfg = self.family_config(letter)
@@ -133,8 +134,6 @@ class ModelConfig:
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
         """The ``[model]`` table of preset ``name`` (``patterns/<name>.toml``), with top-level overrides."""
-        from amer.pattern import load_preset
-
         data = dict(load_preset(name)["model"])
         data.update(overrides)
         return from_dict(cls, data, where="model.")
@@ -168,7 +167,7 @@ def _shared_fields() -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(ModelConfig) if f.name != "family_configs"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class STPConfig:
     """Semantic Tube Prediction policy: which taps, how strongly, from when.
 
@@ -176,7 +175,7 @@ class STPConfig:
     """
 
     enabled: bool = opt(False, "turn the STP auxiliary loss on (the taps are chosen by --stp.layers)")
-    weight: float = opt(0.02, "STP coefficient once the gate and ramp are passed (total = ce + moe_aux + weight * stp)")
+    weight: float = opt(0.02, "STP coefficient once the gate and ramp are passed (total = ce + aux + weight * stp)")
     start_step: int = opt(0, "gate: the STP coefficient is 0 for optimizer steps before this one")
     ramp_steps: int = opt(0, "linear ramp of the STP coefficient from the gate to --stp.weight over this many steps")
     form: Literal["triple", "span"] = opt("triple", "STP loss form: triple (bend of random (s, r, t) triples) or span "
@@ -204,12 +203,10 @@ class STPConfig:
 
 def stp_config_from_preset(name: str) -> STPConfig:
     """The ``[stp]`` table of preset ``name``; a preset without one has STP disabled."""
-    from amer.pattern import load_preset
-
     return from_dict(STPConfig, load_preset(name).get("stp", {}), where="stp.")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParallelConfig:
     """How a ``torchrun`` launch splits the work: data parallel ranks times pipeline stages (world size)."""
 
@@ -237,12 +234,11 @@ class ParallelConfig:
         return self.dp * self.pp
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run needs. Resolved from: preset ``[train]`` < ``--config`` TOML < CLI flags."""
 
     preset: str = opt("small", "named preset in patterns/ giving model dims, STP selection and train defaults")
-    pattern: str | None = opt(None, "override the preset's block pattern, e.g. 'AEMEAEMR' or '(AE)*2M'")
     data: str = opt("kjv", "corpus: 'kjv' (bundled King James Bible), 'stdlib' (Python stdlib source), "
                      "or a path to a text file, a directory, a JSONL file with 'text', or chat JSONL")
     tokenizer: str = opt("byte", "'byte' (UTF-8 bytes), 'bpe:N' (byte-level BPE of N tokens trained on the training "

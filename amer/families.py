@@ -5,8 +5,9 @@ and every other part of amer (the pattern parser, tap selectors, STP family weig
 flags, FLOP counts, the curvature report and its colours, ``amer patterns``) reads this registry instead
 of naming families. Adding a family is one new block file plus its import in ``amer/blocks/__init__.py``.
 
-The block modules import this one to register themselves; the registry's readers call
-:func:`families`, which makes sure the built-in block modules have been imported first.
+The registry imports no block module: the block modules import it to register themselves, and the
+package ``amer`` imports ``amer.blocks`` before anything else, so the built-in families are registered
+whenever any part of amer runs.
 """
 
 from __future__ import annotations
@@ -49,14 +50,13 @@ class FamilySpec:
             raise InputError(f"family letter {self.letter!r} is reserved (L selects absolute layers)")
         if not self.config_key.isidentifier():
             raise InputError(f"family config_key must be an identifier, got {self.config_key!r}")
+        params = getattr(self.config, "__dataclass_params__", None)
+        if params is None or not params.frozen:  # a run's config is resolved once and never rewritten
+            raise InputError(f"family config {getattr(self.config, '__name__', self.config)!r} must be a frozen "
+                             "dataclass (@dataclass(frozen=True))")
 
 
 _REGISTRY: dict[str, FamilySpec] = {}
-
-
-def _ensure_builtins() -> None:
-    # a lazy import: the block modules import this module to register, so it cannot import them at the top
-    import amer.blocks  # noqa: F401
 
 
 def register_family(spec: FamilySpec) -> FamilySpec:
@@ -82,7 +82,6 @@ def unregister_family(letter: str) -> None:
 
 def families() -> tuple[FamilySpec, ...]:
     """Every registered family, in registration order (built-ins first: A, M, E, R)."""
-    _ensure_builtins()
     return tuple(_REGISTRY.values())
 
 
@@ -98,7 +97,6 @@ def expected_text() -> str:
 
 def get_family(letter: str) -> FamilySpec:
     """The spec of ``letter``; an unknown letter is an :class:`InputError` listing the known ones."""
-    _ensure_builtins()
     spec = _REGISTRY.get(letter)
     if spec is None:
         raise InputError(f"unknown block family {letter!r}; {expected_text()}")

@@ -29,6 +29,9 @@ from safetensors.torch import save_file
 from amer.config import ModelConfig, from_dict, to_dict
 from amer.errors import CheckpointError, InputError
 from amer.fileio import atomic_write_text, fsync_dir, json_text, remove_own_files, replace_dir, temp_sibling
+from amer.model import HybridLM, set_pretrained_io
+from amer.version import __version__
+from amer.weights import load_tensors, model_from_weights, state_tensors
 
 __all__ = ["PRETRAINED_FILES", "MODEL_TYPE", "save_pretrained", "write_folder", "load_pretrained", "read_pretrained_config",
            "is_pretrained_folder", "push_to_hub"]
@@ -57,16 +60,12 @@ def save_pretrained(model: torch.nn.Module, directory: str | Path, *, tokenizer:
     ``source`` (optional) is recorded in config.json, e.g. the checkpoint and step it was exported from.
     Refuses non-finite weights and a target folder that holds files amer did not write.
     """
-    from amer.checkpoint import state_tensors
-
     directory = Path(directory)
     _check_target(directory)
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             raise CheckpointError(f"refusing to write {directory}: parameter {name} has non-finite values")
-    import amer
-
-    config = {"model_type": MODEL_TYPE, "architectures": ["HybridLM"], "amer_version": amer.__version__,
+    config = {"model_type": MODEL_TYPE, "architectures": ["HybridLM"], "amer_version": __version__,
               "model": to_dict(model.cfg), "tokenizer": getattr(tokenizer, "spec", "byte"),
               **({"source": source} if source else {})}
 
@@ -129,18 +128,16 @@ def read_pretrained_config(directory: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_pretrained(directory: str | Path, *, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelConfig]:
+def load_pretrained(directory: str | Path, *, device: str | torch.device = "cpu") -> tuple[HybridLM, ModelConfig]:
     """``(model, config)`` from a pretrained folder (a local path, or an ``owner/name`` Hub repository id when no
     such local path exists), in eval mode."""
-    from amer.checkpoint import model_from_weights, read_checkpoint
-
     directory = _local(directory)
     config = read_pretrained_config(directory)
     try:
         cfg = from_dict(ModelConfig, config["model"], where="model.")
     except InputError as e:
         raise CheckpointError(f"{directory}/config.json: {e}") from None
-    weights, _, _ = read_checkpoint(directory, with_optimizer=False)
+    weights = load_tensors(directory / "model.safetensors")
     model = model_from_weights(cfg, weights, str(directory), device)
     model.eval()
     return model, cfg
@@ -174,3 +171,20 @@ def push_to_hub(model: torch.nn.Module, repo_id: str, *, tokenizer: Any = None, 
         api.create_repo(repo_id, private=private, exist_ok=True)
         info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
     return str(info)
+
+
+class _PretrainedFolders:
+    """What :meth:`HybridLM.from_pretrained`, :meth:`~HybridLM.save_pretrained` and :meth:`~HybridLM.push_to_hub`
+    do: this module's functions, handed to the model (which knows no file formats) when amer is imported."""
+
+    def load(self, path: str | Path, *, device: str | torch.device) -> HybridLM:
+        return load_pretrained(path, device=device)[0]
+
+    def save(self, model: HybridLM, directory: str | Path, *, tokenizer: Any) -> Path:
+        return save_pretrained(model, directory, tokenizer=tokenizer)
+
+    def push(self, model: HybridLM, repo_id: str, *, tokenizer: Any, **hub_kwargs: Any) -> str:
+        return push_to_hub(model, repo_id, tokenizer=tokenizer, **hub_kwargs)
+
+
+set_pretrained_io(_PretrainedFolders())

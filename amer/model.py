@@ -2,23 +2,50 @@
 
 The layer loop records every block's output as a typed :class:`~amer.tap.Tap` unconditionally;
 taps are references to tensors autograd keeps anyway, so recording costs no memory on the
-training path. Model code holds no training code: the objective (cross-entropy, MoE auxiliary
+training path. Model code holds no training code: the objective (cross-entropy, the blocks' auxiliary
 losses, STP) is assembled by :mod:`amer.objective` from a :class:`ModelOutput`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from amer.blocks import Block, Documents, RMSNorm
+from amer.blocks import Block, DocIds, RMSNorm
 from amer.config import ModelConfig
+from amer.generate import generate
 from amer.tap import Tap, TapSet, resolve_selector
 
-__all__ = ["HybridLM", "ModelOutput", "HeadInput", "scale_embedding", "final_logits"]
+__all__ = ["HybridLM", "ModelOutput", "HeadInput", "PretrainedIO", "set_pretrained_io", "scale_embedding",
+           "final_logits"]
+
+
+class PretrainedIO(Protocol):
+    """Reads and writes pretrained folders for :class:`HybridLM` (implemented by :mod:`amer.hub`)."""
+
+    def load(self, path: str | Path, *, device: str | torch.device) -> HybridLM: ...
+
+    def save(self, model: HybridLM, directory: str | Path, *, tokenizer: Any) -> Path: ...
+
+    def push(self, model: HybridLM, repo_id: str, *, tokenizer: Any, **hub_kwargs: Any) -> str: ...
+
+
+_PRETRAINED_IO: list[PretrainedIO] = []
+
+
+def set_pretrained_io(io: PretrainedIO) -> None:
+    """Give :meth:`HybridLM.from_pretrained` / :meth:`~HybridLM.save_pretrained` / :meth:`~HybridLM.push_to_hub`
+    their implementation (the last one set wins)."""
+    _PRETRAINED_IO[:] = [io]
+
+
+def _pretrained_io() -> PretrainedIO:
+    if not _PRETRAINED_IO:  # only when amer.model was loaded outside the amer package
+        raise RuntimeError("pretrained folders need amer.hub: import amer (it registers the reader and writer)")
+    return _PRETRAINED_IO[0]
 
 
 def scale_embedding(cfg: ModelConfig, x: Tensor) -> Tensor:
@@ -51,8 +78,9 @@ class HeadInput(NamedTuple):
 class ModelOutput(NamedTuple):
     logits: Tensor | None  # (B, T, V); None when called with head=False
     taps: TapSet | None  # None when called with taps=False
-    aux_losses: dict[str, Tensor]  # weighted auxiliary losses summed over blocks ("moe_lb", "moe_z")
-    stats: dict[str, Tensor]  # detached figures: "moe/drop_frac" (mean over E blocks), "moe/drop_frac/E0"...
+    aux_losses: dict[str, Tensor]  # weighted auxiliary losses summed over blocks, by the names families give them
+    stats: dict[str, Tensor]  # detached figures "<key>/<figure>" (mean over the blocks reporting it), then per block
+    # "<key>/<figure>/<block>", e.g. "moe/drop_frac" and "moe/drop_frac/E0"
     cache: list[Any] | None = None  # per-block decoding caches when called with a cache
     head: HeadInput | None = None  # with head=False: the head's input instead of the logits
 
@@ -61,11 +89,12 @@ class HybridLM(nn.Module):
     """A language model whose block stack is given by ``cfg.pattern``.
 
     ``model(tokens)`` -> :class:`ModelOutput`. ``taps=True`` (default) records all taps,
-    ``taps=False`` none, a selector string only those it names (inference memory stays flat).
+    ``taps=False`` none, a selector string (or the tap positions it resolves to) only those it names
+    (inference memory stays flat).
     ``head=False`` skips the LM head and returns its input (:class:`HeadInput`) in ``out.head``, so a
     training loss can fuse head and cross-entropy (:mod:`amer.ops.linear_ce`) without the logits.
     ``model(tokens, doc_ids=ids)`` runs packed rows: ``ids`` (B, T) names each token's document and no
-    block sees across a change of id (see :mod:`amer.blocks.documents`), so each document gets the
+    block sees across a change of id (see :mod:`amer.blocks.doc_ids`), so each document gets the
     outputs it has alone.
     Decoding: ``cache = model.init_cache(B, max_len)``, then ``model(tokens, cache=cache)`` repeatedly;
     attention keeps a KV cache, Mamba and recurrent blocks an O(1) state.
@@ -125,30 +154,27 @@ class HybridLM(nn.Module):
         if not self.cfg.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, 0.0, std)
 
+    # Pretrained folders are a file format and the model knows none: amer.hub hands these three methods
+    # their implementation (set_pretrained_io) when the package is imported.
+
     def save_pretrained(self, directory: str | Path, *, tokenizer: Any = None, push_to_hub: bool = False,
                         repo_id: str | None = None, **hub_kwargs: Any) -> Path:
         """Write ``config.json`` + ``model.safetensors`` (+ ``tokenizer.json``) to ``directory`` (see
         :mod:`amer.hub`); ``push_to_hub=True`` also uploads them to ``repo_id`` (default: the folder's name)."""
-        from amer import hub
-
-        out = hub.save_pretrained(self, directory, tokenizer=tokenizer)
+        out = _pretrained_io().save(self, directory, tokenizer=tokenizer)
         if push_to_hub:
-            hub.push_to_hub(self, repo_id or Path(directory).name, tokenizer=tokenizer, **hub_kwargs)
+            _pretrained_io().push(self, repo_id or Path(directory).name, tokenizer=tokenizer, **hub_kwargs)
         return out
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: str | torch.device = "cpu") -> HybridLM:
         """The model saved by :meth:`save_pretrained` (a local folder, or a Hub ``owner/name`` when no such local
         path exists), in eval mode. Its tokenizer: ``amer.data.load_tokenizer(path)``."""
-        from amer import hub
-
-        return hub.load_pretrained(path, device=device)[0]
+        return _pretrained_io().load(path, device=device)
 
     def push_to_hub(self, repo_id: str, *, tokenizer: Any = None, **hub_kwargs: Any) -> str:
         """Upload the pretrained folder to the Hub repository ``repo_id`` (needs a network and a token)."""
-        from amer import hub
-
-        return hub.push_to_hub(self, repo_id, tokenizer=tokenizer, **hub_kwargs)
+        return _pretrained_io().push(self, repo_id, tokenizer=tokenizer, **hub_kwargs)
 
     def num_params(self, *, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -158,28 +184,30 @@ class HybridLM(nn.Module):
 
     def init_cache(self, batch_size: int, max_len: int, *, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> list[Any]:
-        """Fresh decoding caches for every block (None for stateless MoE blocks)."""
+        """Fresh decoding caches for every block (None for blocks that keep no state)."""
         device = device if device is not None else self.embed.weight.device
         dtype = dtype if dtype is not None else self.embed.weight.dtype
         return [blk.init_cache(batch_size, max_len, device=device, dtype=dtype) for blk in self.blocks]
 
-    def forward(self, tokens: Tensor, *, taps: bool | str = True, cache: list[Any] | None = None,
+    def forward(self, tokens: Tensor, *, taps: bool | str | Sequence[int] = True, cache: list[Any] | None = None,
                 doc_ids: Tensor | None = None, head: bool = True) -> ModelOutput:
         B, T = tokens.shape
-        documents = None
+        docs = None
         if doc_ids is not None:
             if cache is not None:
                 raise ValueError("doc_ids describe packed training rows; decoding with a cache runs one document")
             if doc_ids.shape != tokens.shape:
                 raise ValueError(f"doc_ids {tuple(doc_ids.shape)} must match tokens {tuple(tokens.shape)}")
-            documents = Documents(doc_ids)
+            docs = DocIds(doc_ids)
         L = len(self.blocks)
         if taps is True:
             keep = None  # every position
         elif taps is False:
             keep = set()
-        else:
+        elif isinstance(taps, str):
             keep = set(resolve_selector(taps, self.pattern))
+        else:  # tap positions, as resolve_selector returns them (a caller that resolved its selector once)
+            keep = set(taps)
         recorded: list[Tap] = []
         positions: list[int] = []
 
@@ -194,7 +222,7 @@ class HybridLM(nn.Module):
         stats: dict[str, list[tuple[str, Tensor]]] = {}
         new_cache: list[Any] | None = [] if cache is not None else None
         for i, blk in enumerate(self.blocks):
-            x, out = blk(x, None if cache is None else cache[i], documents)  # (B, T, D)
+            x, out = blk(x, None if cache is None else cache[i], docs)  # (B, T, D)
             spec = blk.layer
             record(i + 1, Tap(spec.index, spec.family, spec.family_index, x))
             for k, v in out.aux.items():
@@ -225,7 +253,5 @@ class HybridLM(nn.Module):
                  generator: torch.Generator | None = None, eos_id: int | None = None) -> Tensor:
         """Sample ``max_new_tokens`` after ``prompt`` (B, T0) with the decoding caches (O(1)/token for M, R);
         see :func:`amer.generate.generate`."""
-        from amer.generate import generate
-
         return generate(self, prompt, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator,
                         eos_id=eos_id)

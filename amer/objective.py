@@ -1,10 +1,8 @@
-"""The training objective and the STP runtime policy, in one place.
+"""The training objective: ``total = ce + sum(aux) + coeff(step) * stp``, assembled from a model output.
 
-``total = ce + moe_aux + coeff(step) * stp``. The STP kernel (:mod:`amer.stp`) is pure math; what
-is regularised (the tap selection), how strongly (weight, per-family weights) and from when
-(start step, linear ramp) is decided here, from :class:`~amer.config.STPConfig`. The selection is
-resolved against the pattern when the policy is built, so a selector that selects nothing fails
-before the first step rather than silently training without STP.
+Cross-entropy is here (fused with the LM head when the model ran without it); the auxiliary losses are
+whatever the blocks returned, each named by its family (the E block's ``moe_lb`` and ``moe_z``...), summed;
+the STP term, its coefficient and its taps come from :class:`~amer.stp.policy.STPPolicy`.
 """
 
 from __future__ import annotations
@@ -15,24 +13,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from amer.config import ConfigError, STPConfig
 from amer.model import ModelOutput
 from amer.ops.linear_ce import linear_cross_entropy
-from amer.pattern import Pattern
-from amer.stp import stp_per_layer
-from amer.stp_span import span_stp_per_layer
-from amer.tap import SelectorError, TapSet, resolve_selector, tap_label, tap_names
+from amer.stp.policy import STPPolicy
 
-__all__ = ["LossBreakdown", "STPPolicy", "cross_entropy"]
+__all__ = ["LossBreakdown", "cross_entropy", "total_loss"]
 
 
 class LossBreakdown(NamedTuple):
     total: Tensor  # what backward() is called on
     ce: Tensor  # next-token cross-entropy
-    aux: Tensor  # sum of the (already weighted) MoE auxiliary losses
+    aux: Tensor  # sum of the (already weighted) auxiliary losses of the blocks
     stp: Tensor  # the unweighted STP loss over the selected taps (0 when STP is off)
     coeff: float  # the STP coefficient in force at this step
     per_tap: dict[str, Tensor]  # unweighted STP loss of each selected tap, by tap name
+    aux_parts: dict[str, Tensor] = {}  # each auxiliary loss by the name its family gave it
 
 
 def cross_entropy(logits: Tensor | ModelOutput, targets: Tensor, ignore_index: int = -100) -> Tensor:
@@ -52,97 +47,25 @@ def cross_entropy(logits: Tensor | ModelOutput, targets: Tensor, ignore_index: i
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
 
 
-class STPPolicy:
-    """When and how strongly STP applies, and on which taps.
+def total_loss(policy: STPPolicy, out: ModelOutput, targets: Tensor, step: int, *, doc_ids: Tensor | None = None,
+               generator: torch.Generator | None = None, ignore_index: int = -100, rows: slice | None = None,
+               content: Tensor | None = None, gate: Tensor | None = None) -> LossBreakdown:
+    """``ce + sum(aux) + coeff * stp``. At coefficient 0 the STP term is not part of the graph at all, so loss
+    and gradients equal plain cross-entropy plus the auxiliary losses exactly.
 
-    >>> policy = STPPolicy(STPConfig(enabled=True, weight=0.1, start_step=100, ramp_steps=50, layers="final"), pattern)
-    >>> policy.coefficient(99), policy.coefficient(125), policy.coefficient(1000)
-    (0.0, 0.05, 0.1)
-    """
-
-    def __init__(self, cfg: STPConfig, pattern: Pattern) -> None:
-        self.cfg = cfg
-        self.pattern = pattern
-        if cfg.enabled:
-            try:
-                self.positions = resolve_selector(cfg.layers or "", pattern)
-            except SelectorError as e:
-                raise ConfigError(f"stp.layers: {e}") from None
-        else:
-            self.positions = []
-        names = tap_names(pattern)
-        self.names = [names[p] for p in self.positions]
-        self.selector = cfg.layers
-        fw = cfg.family_weights or {}
-        labels = [tap_label(n) for n in self.names]
-        self.tap_weights = [float(fw.get(lab, 1.0)) for lab in labels]
-        if cfg.enabled and sum(self.tap_weights) <= 0:
-            raise ConfigError("stp.family_weights give every selected tap weight 0; at least one must be > 0")
-
-    @property
-    def enabled(self) -> bool:
-        return self.cfg.enabled
-
-    def coefficient(self, step: int) -> float:
-        """0 before ``start_step``, a linear ramp over ``ramp_steps``, then ``weight``."""
-        c = self.cfg
-        if not c.enabled or step < c.start_step:
-            return 0.0
-        if c.ramp_steps > 0 and step < c.start_step + c.ramp_steps:
-            return c.weight * (step - c.start_step + 1) / c.ramp_steps
-        return c.weight
-
-    def selected(self, taps: TapSet) -> list[Tensor]:
-        """Hidden states of the selected taps (on the autograd graph), in depth order."""
-        return [t.hidden for t in taps.select(self.selector)] if self.cfg.enabled else []
-
-    def stp_loss(self, taps: TapSet, *, mask: Tensor | None = None, generator: torch.Generator | None = None,
-                 rows: slice | None = None, content: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """(weighted mean STP loss over the selected taps, per-tap losses). Same spans for every tap.
-        ``rows``: the taps hold these rows of the batch ``mask`` describes (see :func:`stp_per_layer`).
-        ``content``: the positions the span form may use as endpoints (see :mod:`amer.stp_span`; the triple
-        form ignores it). ``stp.form`` picks the kernel."""
-        hiddens = self.selected(taps)
-        if self.cfg.form == "span":
-            per_layer = span_stp_per_layer(hiddens, self.cfg.n_spans, mask=mask, content=content,
-                                           generator=generator, rows=rows)
-        else:
-            per_layer = stp_per_layer(hiddens, self.cfg.n_spans, mask=mask, generator=generator, rows=rows)
-        w = torch.tensor(self.tap_weights, dtype=per_layer.dtype, device=per_layer.device)
-        loss = (per_layer * w).sum() / w.sum()
-        return loss, dict(zip(self.names, per_layer.unbind(0)))
-
-    def loss(self, out: ModelOutput, targets: Tensor, step: int, *, mask: Tensor | None = None,
-             generator: torch.Generator | None = None, ignore_index: int = -100,
-             rows: slice | None = None, content: Tensor | None = None, gate: Tensor | None = None) -> LossBreakdown:
-        """``ce + moe_aux + coeff * stp``. At coefficient 0 the STP term is not part of the graph at all,
-        so loss and gradients equal plain cross-entropy plus the MoE losses exactly.
-
-        ``gate``: the coefficient as a 0-dim tensor (compiled graphs, XLA): the STP term is then always in
-        the graph, multiplied by it, so opening or ramping the gate changes an input, never the graph."""
-        ce = cross_entropy(out, targets, ignore_index)
-        aux = sum(out.aux_losses.values(), torch.zeros((), device=ce.device))
-        total = ce + aux
-        coeff = self.coefficient(step)
-        if self.cfg.enabled and out.taps is not None:
-            stp, per_tap = self.stp_loss(out.taps, mask=mask, generator=generator, rows=rows, content=content)
-            if gate is not None:
-                total = total + gate.to(stp.dtype) * stp
-            elif coeff > 0:
-                total = total + coeff * stp
-        else:
-            stp, per_tap = torch.zeros((), device=ce.device), {}
-        return LossBreakdown(total, ce, aux, stp, coeff, per_tap)
-
-    def live_grad_norm(self, breakdown: LossBreakdown, taps: TapSet) -> float:
-        """L2 norm of the gradient the weighted STP term puts on the selected taps' hidden states.
-
-        Zero while STP is gated off; non-zero proves the collector is live (the states are on the graph
-        and the term reaches them). Differentiates only the small STP sub-graph, not the model.
-        """
-        hiddens = self.selected(taps)
-        if not hiddens or breakdown.coeff == 0.0 or not breakdown.stp.requires_grad:
-            return 0.0
-        grads = torch.autograd.grad(breakdown.coeff * breakdown.stp, hiddens, retain_graph=True, allow_unused=True)
-        sq = sum((g.float().square().sum() for g in grads if g is not None), torch.zeros(()))
-        return float(sq.sqrt())
+    ``doc_ids``, ``generator``, ``rows``, ``content``: as :meth:`STPPolicy.stp_loss` takes them. ``gate``: the
+    coefficient as a 0-dim tensor (compiled graphs, XLA): the STP term is then always in the graph, multiplied
+    by it, so opening or ramping the gate changes an input, never the graph."""
+    ce = cross_entropy(out, targets, ignore_index)
+    aux = sum(out.aux_losses.values(), torch.zeros((), device=ce.device))
+    total = ce + aux
+    coeff = policy.coefficient(step)
+    if policy.enabled and out.taps is not None:
+        stp, per_tap = policy.stp_loss(out.taps, doc_ids=doc_ids, generator=generator, rows=rows, content=content)
+        if gate is not None:
+            total = total + gate.to(stp.dtype) * stp
+        elif coeff > 0:
+            total = total + coeff * stp
+    else:
+        stp, per_tap = torch.zeros((), device=ce.device), {}
+    return LossBreakdown(total, ce, aux, stp, coeff, per_tap, dict(out.aux_losses))

@@ -6,6 +6,7 @@ Kept apart from model code: these decide where and how fast a process runs, neve
 from __future__ import annotations
 
 import ctypes
+import logging
 import sys
 import time
 from typing import ContextManager
@@ -16,6 +17,8 @@ from amer import xla
 from amer.errors import ConfigError
 
 __all__ = ["resolve_device", "autocast", "tune_malloc", "bfloat16_native", "warn_slow_bfloat16"]
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -98,9 +101,9 @@ def warn_slow_bfloat16(dtype: str, device: torch.device, *, quiet: bool = False)
         return None
     if not quiet:
         capability = torch.backends.cpu.get_cpu_capability()
-        print(f"warning: --dtype bfloat16 on this CPU ({capability}, no AVX512-BF16/AMX-BF16 instructions) is "
+        log.warning(f"warning: --dtype bfloat16 on this CPU ({capability}, no AVX512-BF16/AMX-BF16 instructions) is "
               f"emulated: a bfloat16 matmul measured {slowdown:.1f}x slower than float32 here; "
-              "--dtype float32 trains faster on this machine", file=sys.stderr)
+              "--dtype float32 trains faster on this machine")
     return slowdown
 
 

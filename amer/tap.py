@@ -216,5 +216,10 @@ class TapSet(Sequence[Tap]):
 
     def select(self, selector: str) -> list[Tap]:
         """Taps chosen by ``selector`` (e.g. ``"A-1,M-1,E-1,R-1"``), in depth order."""
+        return self.at(resolve_selector(selector, self.pattern))
+
+    def at(self, positions: Sequence[int]) -> list[Tap]:
+        """The taps at full-set ``positions`` (what :func:`resolve_selector` returns: resolve a selector
+        once, then read every forward pass's taps with this)."""
         names = tap_names(self.pattern)
-        return [self._at(p, names[p]) for p in resolve_selector(selector, self.pattern)]
+        return [self._at(p, names[p]) for p in positions]

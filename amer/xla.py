@@ -13,12 +13,13 @@ torch 2.9.1). Nothing else in amer imports it.
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from typing import Any, Callable
 
 import torch
 
+from amer.blocks.common import Mixer
 from amer.errors import ConfigError
 
 __all__ = ["available", "xla_device", "is_xla", "sync", "wait", "compile_count", "host_generator_device", "announce",
@@ -31,6 +32,7 @@ os.environ.setdefault("XLA_NO_SPECIAL_SCALARS", "1")
 
 MISSING = "--device xla needs torch_xla (pip install -e \".[xla]\" in an environment with torch==2.9.1): see README"
 _ANNOUNCED = False
+log = logging.getLogger(__name__)
 
 
 def _torch_xla() -> Any:
@@ -89,19 +91,15 @@ def host_generator_device(device: torch.device) -> torch.device:
     return torch.device("cpu") if is_xla(device) else device
 
 
-def announce(model: torch.nn.Module, say: Callable[[str], None] = print) -> None:
-    """Say once per process that dropless MoE layers run the static causal capacity dispatch on XLA."""
+def announce(model: torch.nn.Module) -> None:
+    """Say once per process what the model's blocks do differently on XLA (each mixer says it, see
+    ``Mixer.device_note``)."""
     global _ANNOUNCED
-    from amer.blocks.moe import MoEMixer
-
-    moes = [m for m in model.modules() if isinstance(m, MoEMixer) and m.router is not None]
-    dropless = [m for m in moes if m.dispatch != "capacity"]
-    if dropless and not _ANNOUNCED:
+    notes = dict.fromkeys(n for m in model.modules() if isinstance(m, Mixer) and (n := m.device_note("xla")))
+    if notes and not _ANNOUNCED:
         _ANNOUNCED = True
-        m = dropless[0]
-        print(f"note: on XLA the MoE layers use the static causal capacity dispatch instead of dropless "
-              f"(capacity factor {m.capacity_factor}, blocks of {m.capacity_block} tokens; drops are logged as "
-              "moe/drop_frac)", file=sys.stderr)
+        for note in notes:
+            log.info("note: %s", note)
 
 
 def move(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -9,7 +9,8 @@ import torch
 from amer.bench.harness import peak_tensor_bytes
 from amer.config import ConfigError, ModelConfig, STPConfig, TrainConfig, from_dict
 from amer.model import HybridLM
-from amer.objective import STPPolicy
+from amer.objective import total_loss
+from amer.stp import STPPolicy
 from amer.training.checkpointing import MODES, apply_activation_checkpointing
 
 VOCAB, T = 61, 40
@@ -34,9 +35,9 @@ def _grads(model: HybridLM, *, ce: bool):
     policy = STPPolicy(STPConfig(enabled=True, weight=1.0, layers="A-1,E-1,M-1,R-1"), model.pattern)
     out = model(tokens, doc_ids=doc_ids, head=False)
     assert all(t.hidden.grad_fn is not None for t in out.taps.select("A-1,E-1,M-1,R-1"))  # taps on the graph
-    stp, _ = policy.stp_loss(out.taps, mask=doc_ids, generator=torch.Generator().manual_seed(2))
+    stp, _ = policy.stp_loss(out.taps, doc_ids=doc_ids, generator=torch.Generator().manual_seed(2))
     if ce:
-        stp = policy.loss(out, targets, 10**6, mask=doc_ids, generator=torch.Generator().manual_seed(2)).total
+        stp = total_loss(policy, out, targets, 10**6, doc_ids=doc_ids, generator=torch.Generator().manual_seed(2)).total
     loss = stp
     names = [n for n, _ in model.named_parameters()]
     grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)

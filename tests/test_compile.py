@@ -10,7 +10,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from amer.bench.workloads import make_batch
 from amer.config import ModelConfig, STPConfig
 from amer.model import HybridLM
-from amer.objective import STPPolicy
+from amer.stp import STPPolicy
 from amer.training.compile import compile_blocks, compiles_block
 from amer.training.step import TrainStep
 

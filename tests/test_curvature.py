@@ -326,7 +326,7 @@ def toy_family():
 
     from amer.families import FamilySpec, register_family, unregister_family
 
-    @dataclass
+    @dataclass(frozen=True)
     class ToyConfig:
         pass
 

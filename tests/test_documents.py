@@ -22,7 +22,7 @@ from test_mixer_contract import B, D, LETTERS, MODEL_T, T, VOCAB, build_model, f
 from torch import Tensor
 
 from amer import HybridLM, ModelConfig
-from amer.blocks import Documents
+from amer.blocks import DocIds
 from amer.blocks import attention as attention_module
 from amer.ops.conv import causal_conv1d
 from amer.ops.scan import linear_scan_sequential
@@ -56,7 +56,7 @@ def check_documents_packed_equals_alone(letter: str, **family_cfg: Any) -> None:
     x = inputs().requires_grad_()
     probe = torch.randn(B, T, D, generator=torch.Generator().manual_seed(2))
     params = list(mixer.parameters())
-    packed = mixer(x, documents=Documents(doc_ids(CUTS, T))).y
+    packed = mixer(x, doc_ids=DocIds(doc_ids(CUTS, T))).y
     g_packed = torch.autograd.grad((packed * probe).sum(), [x, *params], allow_unused=True)
     g_alone = [torch.zeros_like(p) for p in params]
     for r, s, e in spans(CUTS, T):
@@ -77,13 +77,13 @@ def check_documents_independent(letter: str, **family_cfg: Any) -> None:
     """Replacing the documents before a boundary leaves everything from the boundary on unchanged
     (bit for bit: a cut contributes exact zeros), and does change the replaced part."""
     mixer = contract.make_mixer(letter, **family_cfg)
-    ids = Documents(doc_ids(CUTS, T))
+    ids = DocIds(doc_ids(CUTS, T))
     x = inputs()
     other = x.clone()
     other[0, :8] = torch.randn(8, D, generator=torch.Generator().manual_seed(9))
     other[1, :16] = torch.randn(16, D, generator=torch.Generator().manual_seed(10))
     with torch.no_grad():
-        ref, got = mixer(x, documents=ids).y, mixer(other, documents=ids).y
+        ref, got = mixer(x, doc_ids=ids).y, mixer(other, doc_ids=ids).y
     for row, cut in ((0, 8), (1, 16)):
         assert torch.equal(got[row, cut:], ref[row, cut:]), f"{letter}: the document before {cut} changed later outputs"
         assert (got[row, :cut] - ref[row, :cut]).abs().max() > 1e-4, f"{letter}: the replaced part did not change"
@@ -212,7 +212,7 @@ def test_mixed_patterns_packed_equals_alone(pattern: str) -> None:
 
 def test_layout_from_ids() -> None:
     ids = torch.tensor([[3, 3, 4, 4, 4, 3, -1, -1], [0, 0, 0, 0, 0, 0, 0, 0]])
-    docs = Documents(ids)
+    docs = DocIds(ids)
     assert docs.starts.tolist() == [[1, 0, 1, 0, 0, 1, 1, 0], [1, 0, 0, 0, 0, 0, 0, 0]]
     assert docs.index.tolist() == [[1, 1, 2, 2, 2, 3, 4, 4], [1] * 8]  # a repeated id after another is new
     assert docs.position.tolist() == [[0, 1, 0, 1, 2, 0, 0, 1], list(range(8))]
@@ -221,7 +221,7 @@ def test_layout_from_ids() -> None:
     assert mask.shape == (8, 8) and mask[4, 2] == 0 and mask[4, 1] == float("-inf") and mask[2, 3] == float("-inf")
     assert docs.attention_mask(0, 8, torch.float32) is docs.attention_mask(0, 8, torch.float32)  # built once
     with pytest.raises(ValueError, match="integer"):
-        Documents(ids.float())
+        DocIds(ids.float())
 
 
 def test_ssd_cut_at_documents_matches_sequential_per_document() -> None:
@@ -251,7 +251,7 @@ def test_conv_stops_at_document_start() -> None:
     w = torch.randn(5, 4, dtype=torch.float64, generator=g, requires_grad=True)
     bias = torch.randn(5, dtype=torch.float64, generator=g)
     cuts = ((0, 2, 3, 9), (0, 6))
-    y, _ = causal_conv1d(x, w, bias, position=Documents(doc_ids(cuts, 12)).position)
+    y, _ = causal_conv1d(x, w, bias, position=DocIds(doc_ids(cuts, 12)).position)
     probe = torch.randn(y.shape, dtype=torch.float64, generator=g)
     gx, gw = torch.autograd.grad((y * probe).sum(), [x, w])
     gw_ref = torch.zeros_like(w)
@@ -269,9 +269,9 @@ def test_rglru_state_resets_at_document_start() -> None:
     """The recurrent mixer in float64 against the plain recurrence restarted per document."""
     mixer = contract.make_mixer("R").double()
     x = inputs().double()
-    docs = Documents(doc_ids(CUTS, T))
+    docs = DocIds(doc_ids(CUTS, T))
     with torch.no_grad():
-        packed = mixer(x, documents=docs).y
+        packed = mixer(x, doc_ids=docs).y
         for r, s, e in spans(CUTS, T):
             torch.testing.assert_close(packed[r:r + 1, s:e], mixer(x[r:r + 1, s:e]).y, rtol=0, atol=1e-12)
     a = torch.rand(1, 6, 3, dtype=torch.float64)
@@ -291,7 +291,7 @@ def test_moe_statistics_count_real_tokens_only() -> None:
     x = inputs()
     other = x.clone()
     other[:, 18:] = 5 * torch.randn(B, T - 18, D, generator=torch.Generator().manual_seed(3))
-    a, b = mixer(x, documents=Documents(ids)), mixer(other, documents=Documents(ids))
+    a, b = mixer(x, doc_ids=DocIds(ids)), mixer(other, doc_ids=DocIds(ids))
     for k in a.aux:
         torch.testing.assert_close(a.aux[k], b.aux[k], msg=lambda m: f"{k}: {m}")
     for k in ("moe/load_max", "moe/router_entropy"):

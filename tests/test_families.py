@@ -29,13 +29,14 @@ from amer.config import ConfigError, Dims, check, from_dict, opt, to_dict
 from amer.errors import InputError, PatternError
 from amer.families import Family, FamilySpec, families, get_family, letters, register_family, unregister_family
 from amer.generate import generate
-from amer.objective import STPPolicy
+from amer.objective import total_loss
+from amer.stp import STPPolicy
 from amer.pattern import LayerSpec
 
 VOCAB = 64
 
 
-@dataclass
+@dataclass(frozen=True)
 class DWConvConfig:
     """Gated causal depthwise convolution (the toy D family)."""
 
@@ -77,7 +78,7 @@ class DWConvMixer(Mixer):
         dtype = self.conv_weight.dtype if dtype is None else dtype
         return DWConvCache(torch.zeros(batch_size, self.kernel - 1, self.dims.d_model, device=device, dtype=dtype))
 
-    def forward(self, x: Tensor, cache: DWConvCache | None = None, documents: Any = None) -> MixerOutput:
+    def forward(self, x: Tensor, cache: DWConvCache | None = None, doc_ids: Any = None) -> MixerOutput:
         B, T, D = x.shape
         if self.gated:
             u, g = self.in_proj(x).chunk(2, dim=-1)
@@ -86,9 +87,9 @@ class DWConvMixer(Mixer):
         past = u.new_zeros(B, self.kernel - 1, D) if cache is None else cache.window.to(u.dtype)
         seq = torch.cat([past, u], dim=1)  # (B, kernel - 1 + T, D)
         windows = seq.unfold(1, self.kernel, 1)  # (B, T, D, kernel): taps t - kernel + 1 .. t
-        if documents is not None:  # a tap reaching back past the document's first token reads zero
+        if doc_ids is not None:  # a tap reaching back past the document's first token reads zero
             back = torch.arange(self.kernel - 1, -1, -1, device=x.device)  # steps back of each tap
-            windows = windows * (documents.position[:, :, None, None] >= back).to(windows.dtype)
+            windows = windows * (doc_ids.position[:, :, None, None] >= back).to(windows.dtype)
         h = (windows * self.conv_weight).sum(-1)  # (B, T, D)
         if g is not None:
             h = h * torch.sigmoid(g)
@@ -245,7 +246,7 @@ def test_stp_selects_the_toy_tap(toy: FamilySpec) -> None:
     assert policy.names == ["D1"]
     x = tokens()
     out = model(x)
-    parts = policy.loss(out, x.roll(-1, 1), step=0)
+    parts = total_loss(policy, out, x.roll(-1, 1), step=0)
     assert set(parts.per_tap) == {"D1"}
     d1, final = out.taps.select("D-1")[0], out.taps.final
     assert d1.layer == 3 and d1.family == "D"

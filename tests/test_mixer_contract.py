@@ -428,7 +428,7 @@ def test_flops_positive_and_growing(letter: str) -> None:
 # negative controls: a broken family, one fault at a time
 
 
-@dataclass
+@dataclass(frozen=True)
 class FaultyConfig:
     fault: str = opt("", "which contract clause the mixer breaks ('' breaks none)")
 
@@ -470,16 +470,16 @@ class FaultyMixer(Mixer):
     def init_cache(self, batch_size: int, max_len: int, *, device: Any = None, dtype: Any = None) -> FaultyCache:
         return FaultyCache(torch.zeros(batch_size, self.dims.d_model, device=device, dtype=dtype), 0)
 
-    def forward(self, x: Tensor, cache: FaultyCache | None = None, documents: Any = None) -> MixerOutput:
+    def forward(self, x: Tensor, cache: FaultyCache | None = None, doc_ids: Any = None) -> MixerOutput:
         v = self.proj(x)
         keep = cache is not None and self.fault != "forget_cache"
         total = v.cumsum(1) + (cache.total[:, None] if keep else 0)
         n = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=x.dtype) + (cache.count if keep else 0)
-        if documents is not None and self.fault != "ignore_documents":
+        if doc_ids is not None and self.fault != "ignore_documents":
             # the running sum restarts at each document: a (T, T) same-document causal matrix of 0/1
-            idx = documents.index
+            idx = doc_ids.index
             same = (idx[:, :, None] == idx[:, None, :]).tril().to(v.dtype)  # (B, T, T)
-            total, n = same @ v, (documents.position + 1).to(x.dtype)
+            total, n = same @ v, (doc_ids.position + 1).to(x.dtype)
         h = total / n[..., None]
         if self.fault == "leak_future":
             h = h + 0.1 * v.mean(1, keepdim=True)

@@ -58,8 +58,8 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]
     out = tmp_path_factory.mktemp("plot")
     calls: list[dict] = []
 
-    def spy(rd, say):
-        path = draw_run_curves(rd, say)
+    def spy(rd):
+        path = draw_run_curves(rd)
         png = Path(rd) / "curves.png"
         last = max(json.loads(line)["step"] for line in (Path(rd) / "log.jsonl").read_text().splitlines())
         calls.append({"returned": path, "last_step": last,
@@ -127,23 +127,23 @@ def test_redraw_only_when_the_log_changed(tmp_path: Path, run_dir) -> None:
 
 
 def test_drawing_failure_warns_and_never_stops_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                         capsys: pytest.CaptureFixture) -> None:
+                                                         capsys: pytest.CaptureFixture,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
     def broken(run_dir):
         raise OSError("No space left on device")
 
     monkeypatch.setattr(curves, "write_run_curves", broken)
     (tmp_path / "log.jsonl").write_text(json.dumps({"step": 1, "ce": 1.0}) + "\n")
     with pytest.raises(OSError):  # under pytest the error is raised: a test never passes over it
-        draw_run_curves(tmp_path, print)
+        draw_run_curves(tmp_path)
     monkeypatch.delenv("PYTEST_CURRENT_TEST")
-    said: list[str] = []
-    assert draw_run_curves(tmp_path, said.append) is None
-    assert said == ["warning: curves.png not drawn (OSError: No space left on device); training goes on"]
+    assert draw_run_curves(tmp_path) is None  # a warning on amer's logger
+    assert caplog.messages == ["warning: curves.png not drawn (OSError: No space left on device); training goes on"]
     # a whole run with a broken drawer finishes and says why it has no picture
     assert train_cli.main([*TINY, "--steps", "2", "--eval-interval", "2", "--out-dir", str(tmp_path),
                            "--run-name", "r"]) == 0
     assert not (tmp_path / "r" / "curves.png").exists()
-    assert "warning: curves.png not drawn (OSError: No space left on device)" in capsys.readouterr().out
+    assert "warning: curves.png not drawn (OSError: No space left on device)" in capsys.readouterr().err
 
 
 def test_drawing_a_long_log_is_cheap(tmp_path: Path, run_dir) -> None:
@@ -287,7 +287,8 @@ def test_amer_plot_force_replaces_a_foreign_file(tmp_path: Path, two_runs) -> No
 def test_reference_levels_are_the_estimators_null_values() -> None:
     """1.0 and 1.5 are what amer's own estimators give on a random walk and on i.i.d. noise; along depth the
     random walk (independent updates) gives 1.0, but i.i.d. states do not give 1.5 at the first boundary."""
-    from amer.stp import compute_stp_loss, depth_curvature, token_curvature
+    from amer.analysis.trajectory import depth_curvature, token_curvature
+    from amer.stp import compute_stp_loss
 
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(4, 256, 512, generator=g)

@@ -75,11 +75,13 @@ def test_export_then_load_in_a_fresh_process(run_dir: Path, tmp_path: Path) -> N
     assert json.loads((out / "config.json").read_text())["source"]["step"] == 6
     model, _ = load_checkpoint(run_dir)  # the latest step
     torch.save(TOKENS, tmp_path / "tokens.pt")
-    script = ("import sys, torch; from amer.model import HybridLM; "
+    # What is promised: the same weights give the same logits at the same thread count (a reduction split over
+    # another number of threads rounds differently, on some CPUs and not others).
+    script = ("import sys, torch; torch.set_num_threads(int(sys.argv[4])); from amer.model import HybridLM; "
               "m = HybridLM.from_pretrained(sys.argv[1]); t = torch.load(sys.argv[2]); "
               "torch.save(m(t).logits, sys.argv[3])")
-    subprocess.run([sys.executable, "-c", script, str(out), str(tmp_path / "tokens.pt"), str(tmp_path / "l.pt")],
-                   check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    subprocess.run([sys.executable, "-c", script, str(out), str(tmp_path / "tokens.pt"), str(tmp_path / "l.pt"),
+                    str(torch.get_num_threads())], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     with torch.no_grad():
         assert torch.equal(torch.load(tmp_path / "l.pt"), model(TOKENS).logits)
 

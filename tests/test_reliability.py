@@ -355,26 +355,26 @@ def test_nothing_writes_files_except_through_the_atomic_writers() -> None:
 
 
 def test_bfloat16_without_native_support_warns_once_with_the_measured_slowdown(
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(runtime, "_BF16_CHECKED", False)
     monkeypatch.setattr(runtime, "_cpu_flags", lambda: {"avx2", "fma"})
     monkeypatch.setattr(runtime, "_bf16_slowdown", lambda: 13.0)
     cpu = torch.device("cpu")
     assert runtime.warn_slow_bfloat16("bfloat16", cpu) == 13.0
     assert runtime.warn_slow_bfloat16("bfloat16", cpu) is None  # once per process
-    err = capsys.readouterr().err.strip().splitlines()
+    err = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(err) == 1 and "13.0x slower than float32" in err[0] and "AVX512-BF16" in err[0]
 
 
 @pytest.mark.parametrize("flags, dtype", [({"avx512_bf16"}, "bfloat16"), ({"amx_bf16"}, "bfloat16"),
                                           ({"bf16"}, "bfloat16"), (set(), "float32")])
 def test_no_bfloat16_warning_where_it_is_native_or_unused(monkeypatch: pytest.MonkeyPatch,
-                                                          capsys: pytest.CaptureFixture, flags, dtype) -> None:
+                                                          caplog: pytest.LogCaptureFixture, flags, dtype) -> None:
     monkeypatch.setattr(runtime, "_BF16_CHECKED", False)
     monkeypatch.setattr(runtime, "_cpu_flags", lambda: flags)
     monkeypatch.setattr(runtime, "_bf16_slowdown", lambda: 13.0)
     assert runtime.warn_slow_bfloat16(dtype, torch.device("cpu")) is None
-    assert capsys.readouterr().err == ""
+    assert caplog.records == []
 
 
 def test_the_slowdown_is_measured_here() -> None:

@@ -10,7 +10,7 @@ from amer import HybridLM, ModelConfig
 from amer.config import STPConfig
 from amer.data import ByteTokenizer, PackedDataset
 from amer.errors import ConfigError
-from amer.objective import STPPolicy
+from amer.stp import STPPolicy
 from amer.runtime import resolve_device
 from amer.training.evaluate import evaluate
 from amer import xla

@@ -30,8 +30,9 @@ from amer import (
     parse_pattern,
 )
 from amer.analysis.metrics import depth_states, training_metrics
-from amer.objective import STPPolicy
-from amer.stp import depth_curvature_per_token, token_curvature
+from amer.objective import total_loss
+from amer.analysis.trajectory import depth_curvature_per_token, token_curvature
+from amer.stp import STPPolicy
 
 VOCAB = 64
 B, T = 2, 32
@@ -182,15 +183,15 @@ def test_gated_off_total_equals_ce_plus_aux_exactly_and_on_adds_the_stp_term() -
     out = model(x)
     ref = F.cross_entropy(out.logits.flatten(0, 1), y.flatten()) + sum(out.aux_losses.values())
 
-    before = policy.loss(out, y, step=9, generator=gen())
+    before = total_loss(policy, out, y, step=9, generator=gen())
     assert before.coeff == 0.0
     assert torch.equal(before.total, ref)
     for g_total, g_ref in zip(_grads(before.total, model), _grads(ref, model)):
         assert torch.equal(g_total, g_ref)
     assert float(before.stp.detach()) > 0 and set(before.per_tap) == {"A0", "M0", "final"}  # still measured for logging
-    assert policy.live_grad_norm(before, out.taps) == 0.0
+    assert policy.live_grad_norm(before.coeff, before.stp, out.taps) == 0.0
 
-    after = policy.loss(out, y, step=11, generator=gen())
+    after = total_loss(policy, out, y, step=11, generator=gen())
     assert after.coeff == pytest.approx(0.1)
     assert torch.equal(after.ce, before.ce) and torch.equal(after.aux, before.aux)
     assert torch.equal(after.total, after.ce + after.aux + after.coeff * after.stp)
@@ -198,7 +199,7 @@ def test_gated_off_total_equals_ce_plus_aux_exactly_and_on_adds_the_stp_term() -
     stp_alone, _ = policy.stp_loss(out.taps, generator=gen())
     assert torch.equal(after.stp, stp_alone)  # the total carries the same term the policy reports
 
-    live = policy.live_grad_norm(after, out.taps)
+    live = policy.live_grad_norm(after.coeff, after.stp, out.taps)
     hiddens = [t.hidden for t in out.taps.select("A0,M-1,final")]
     manual = torch.autograd.grad(after.coeff * after.stp, hiddens, retain_graph=True)
     expected = math.sqrt(sum(float(g.square().sum()) for g in manual))
@@ -213,10 +214,10 @@ def test_disabled_policy_is_plain_objective() -> None:
     x, y = batch()
     policy = STPPolicy(STPConfig(enabled=False), model.pattern)
     out = model(x)
-    bd = policy.loss(out, y, step=10**6)
+    bd = total_loss(policy, out, y, step=10**6)
     assert bd.coeff == 0.0 and bd.per_tap == {} and float(bd.stp) == 0.0
     assert torch.equal(bd.total, bd.ce + bd.aux)
-    assert policy.live_grad_norm(bd, out.taps) == 0.0
+    assert policy.live_grad_norm(bd.coeff, bd.stp, out.taps) == 0.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -228,7 +229,7 @@ def test_training_metrics_names_and_values() -> None:
     x, y = batch()
     policy = STPPolicy(STPConfig(enabled=True, layers="A-1,M-1,E-1,R-1,final"), model.pattern)
     out = model(x)
-    bd = policy.loss(out, y, step=0, generator=gen())
+    bd = total_loss(policy, out, y, step=0, generator=gen())
     m = training_metrics(out.taps, bd.per_tap)
     expected = {f"stp/{n}" for n in ("A0", "E0", "M0", "R0", "final", "A", "E", "M", "R")}
     expected |= {f"curv/tok/{f}" for f in ("embed", "A", "E", "M", "R", "final")}
@@ -250,7 +251,7 @@ def test_training_metrics_average_per_family_and_boundary_type() -> None:
     x, y = batch()
     policy = STPPolicy(STPConfig(enabled=True, layers="A,E-1"), model.pattern)
     out = model(x)
-    bd = policy.loss(out, y, step=0, generator=gen())
+    bd = total_loss(policy, out, y, step=0, generator=gen())
     m = training_metrics(out.taps, bd.per_tap)
     assert m["stp/A"] == pytest.approx((m["stp/A0"] + m["stp/A1"]) / 2)
     assert m["stp/E"] == m["stp/E3"]
@@ -260,7 +261,7 @@ def test_training_metrics_average_per_family_and_boundary_type() -> None:
     assert m["curv/tok/A"] == pytest.approx(sum(tok_a) / 2, rel=1e-6)
     # document ids (with padding) are accepted and keep every figure finite
     docs = torch.tensor([[0] * 10 + [1] * 20 + [-1] * 2, [3] * 32])
-    masked = training_metrics(out.taps, bd.per_tap, mask=docs)
+    masked = training_metrics(out.taps, bd.per_tap, doc_ids=docs)
     assert set(masked) == set(m) and all(math.isfinite(v) for v in masked.values())
 
 
@@ -338,7 +339,7 @@ def _compiled_stp(n_spans: int):
 
     def loss_fn(hs: tuple[torch.Tensor, ...], mask: torch.Tensor | None) -> torch.Tensor:
         # generator=None: dynamo cannot trace a torch.Generator; the spans are drawn inside the graph
-        return policy.stp_loss(_tapset(hs), mask=mask)[0]
+        return policy.stp_loss(_tapset(hs), doc_ids=mask)[0]
 
     return torch.compile(loss_fn, fullgraph=True, dynamic=False, backend=counter), counter
 
@@ -397,7 +398,7 @@ def test_metric_estimators_compile_once_without_graph_breaks() -> None:
 
     # the compiled estimators agree with the figures training_metrics logs
     hs = tuple(h.detach() for h in _hiddens(0))
-    m = training_metrics(_tapset(hs), mask=docs)
+    m = training_metrics(_tapset(hs), doc_ids=docs)
     tok, depth = compiled(hs, docs)
     assert m["curv/tok/M"] == pytest.approx(float(tok[3]), rel=1e-5)
     assert m["curv/depth/E->M"] == pytest.approx(float(depth[2]), rel=1e-5)

@@ -9,13 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from amer.stp import (
-    compute_stp_loss,
-    depth_curvature,
-    depth_curvature_per_token,
-    sample_spans,
-    token_curvature,
-)
+from amer.analysis.trajectory import depth_curvature, depth_curvature_per_token, token_curvature
+from amer.stp import compute_stp_loss, sample_spans
 
 
 def _gen(seed: int = 0) -> torch.Generator:

@@ -12,9 +12,10 @@ import torch
 from amer import AttentionConfig, MambaConfig, ModelConfig
 from amer.config import STPConfig, TrainConfig, options
 from amer.model import HybridLM
-from amer.objective import STPPolicy
+from amer.objective import total_loss
+from amer.stp import STPPolicy
 from amer.stp import compute_stp_loss
-from amer.stp_span import patch_losses, sample_patches, span_stp_per_layer
+from amer.stp.span import patch_losses, sample_patches, span_stp_per_layer
 from amer.training import evaluate
 from amer.training.optim import lr_at
 
@@ -207,8 +208,8 @@ def test_policy_flag_and_evaluation_use_the_span_form() -> None:
         out = model(tokens, taps="final")
     span = STPPolicy(STPConfig(enabled=True, layers="final", form="span"), model.pattern)
     tri = STPPolicy(STPConfig(enabled=True, layers="final", form="triple"), model.pattern)
-    a = span.loss(out, targets, 0, generator=_gen()).stp
-    b = tri.loss(out, targets, 0, generator=_gen()).stp
+    a = total_loss(span, out, targets, 0, generator=_gen()).stp
+    b = total_loss(tri, out, targets, 0, generator=_gen()).stp
     hid = out.taps.final.hidden
     assert float(a) == pytest.approx(float(span_stp_per_layer([hid], 4, generator=_gen())[0]), abs=1e-6)
     assert float(b) == pytest.approx(float(compute_stp_loss(hid, 4, generator=_gen())), abs=1e-6)

@@ -21,6 +21,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 import amer.cli as cli
 import amer.cli.train as train_cli
 import amer.data.hftok as hftok
+import amer.data.tokenizer_io as tokenizer_io
 from amer.checkpoint import list_checkpoints, read_checkpoint
 from amer.data import (
     ByteTokenizer,
@@ -228,7 +229,7 @@ def test_bpe_run_resumes_bit_identically_without_retraining_and_samples(tmp_path
     def no_training(*a, **k):
         raise AssertionError("a resumed run retrained its tokenizer")
 
-    monkeypatch.setattr(hftok, "train_bpe", no_training)
+    monkeypatch.setattr(tokenizer_io, "train_bpe", no_training)
     assert train_cli.main(["--resume", str(part), "--no-progress"]) == 0
     monkeypatch.undo()
     lines = [[json.loads(x) for x in (r / "log.jsonl").read_text().splitlines() if '"ce"' in x] for r in (full, part)]

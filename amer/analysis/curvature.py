@@ -39,12 +39,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from amer import xla
 from amer.analysis.metrics import depth_states
 from amer.analysis.stats import CI_LEVEL, percentile_ci, ratio, resample_weights
 from amer.errors import AnalysisError
 from amer.families import get_family, letters
-from amer.stp import depth_curvature_per_token, sample_spans, span_bends, token_curvature
+from amer.analysis.trajectory import depth_curvature_per_token, token_curvature
+from amer.stp.triple import sample_spans, span_bends
 from amer.tap import Tap
 
 __all__ = ["FORMAT", "evaluate", "check_strides", "json_float"]
@@ -270,7 +270,9 @@ def evaluate(
             taps = _full_taps(model(tokens, taps=True, **kw).taps)
             if lay is None:
                 lay = _Layout.from_taps(taps, strides)
-                gen = torch.Generator(device=xla.host_generator_device(device)).manual_seed(int(seed))
+                # spans drawn on the host whatever the device: the same spans on every device (and no host
+                # read inside an XLA graph); the draw travels as a small input
+                gen = torch.Generator().manual_seed(int(seed))
             elif [t.name for t in taps] != lay.names:
                 raise AnalysisError("the model's taps changed between batches")
             s, q, c = _reduce_batch(taps, doc_ids, lay, int(stp_n_spans), gen)

@@ -14,7 +14,7 @@ from torch import Tensor
 from amer.config import ModelConfig, STPConfig, TrainConfig, from_dict, to_dict
 from amer.families import families
 from amer.model import HybridLM
-from amer.objective import STPPolicy
+from amer.stp import STPPolicy
 from amer.tap import last_of_each_family
 from amer.training.compile import compile_blocks
 from amer.training.step import TrainStep

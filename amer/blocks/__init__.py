@@ -6,6 +6,6 @@ family is a new module here plus its import below.
 
 from amer.blocks import attention, mamba, moe, recurrent  # noqa: F401,E402  (registers A, M, E, R)
 from amer.blocks.common import Block, Mixer, MixerOutput, RMSNorm, SwiGLU
-from amer.blocks.documents import Documents
+from amer.blocks.doc_ids import DocIds
 
-__all__ = ["Block", "Documents", "Mixer", "MixerOutput", "RMSNorm", "SwiGLU"]
+__all__ = ["Block", "DocIds", "Mixer", "MixerOutput", "RMSNorm", "SwiGLU"]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from amer.blocks.common import Mixer, MixerOutput, RMSNorm
-from amer.blocks.documents import Documents
+from amer.blocks.doc_ids import DocIds
 from amer.ops.fused import cast
 from amer.config import Dims
 from amer.configio import check, opt
@@ -26,7 +26,7 @@ from amer.pattern import LayerSpec
 __all__ = ["AttentionConfig", "KVCache", "AttentionMixer", "apply_rope"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class AttentionConfig:
     """Causal grouped-query attention with RoPE (the A family)."""
 
@@ -185,20 +185,20 @@ class AttentionMixer(Mixer):
         allowed = cols <= rows
         return allowed if self.window is None else allowed & (rows - cols < self.window)
 
-    def _attend_documents(self, q: Tensor, k: Tensor, v: Tensor, documents: Documents) -> Tensor:
+    def _attend_documents(self, q: Tensor, k: Tensor, v: Tensor, doc_ids: DocIds) -> Tensor:
         """Causal attention within each packed document: (B, H, T, hd); the strategy is chosen as measured
         (see DOC_QUERY_BLOCK)."""
         B, T = q.shape[0], q.shape[2]
         gqa = self.n_heads != self.n_kv_heads
         eager_cpu = q.device.type == "cpu" and not torch.compiler.is_compiling()
         if T > DOC_QUERY_BLOCK and eager_cpu and self.window is None:
-            lengths = documents.lengths()
+            lengths = doc_ids.lengths()
             if sum(map(len, lengths)) * DOC_SPLIT_MIN_MEAN <= B * T:
                 return self._attend_split(q, k, v, lengths)
         outs = []
         for start in range(0, T, DOC_QUERY_BLOCK):  # T / 512 calls: a fixed count per shape, not per token
             end = min(start + DOC_QUERY_BLOCK, T)
-            mask = documents.attention_mask(start, end, q.dtype)  # (B, 1, Q, end)
+            mask = doc_ids.attention_mask(start, end, q.dtype)  # (B, 1, Q, end)
             if self.window is not None:  # positions within a document differ as they do in the row
                 mask = mask.masked_fill(~self._band(start, end, q.device), float("-inf"))
             outs.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end],
@@ -222,8 +222,8 @@ class AttentionMixer(Mixer):
         shape = (batch_size, self.n_kv_heads, max_len, self.head_dim)
         return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype), 0)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, documents: Documents | None = None) -> MixerOutput:
-        """x (B, T, D) -> MixerOutput(y, cache). With packed ``documents`` (training path), each token attends
+    def forward(self, x: Tensor, cache: KVCache | None = None, doc_ids: DocIds | None = None) -> MixerOutput:
+        """x (B, T, D) -> MixerOutput(y, cache). With packed documents (``doc_ids``, training path), each token attends
         only to its own document's earlier tokens and its rotary position counts from the document's start."""
         B, T, _ = x.shape
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
@@ -231,10 +231,10 @@ class AttentionMixer(Mixer):
         if start + T > (self.max_seq_len if cache is None else cache.k.shape[2]):
             limit = self.max_seq_len if cache is None else cache.k.shape[2]
             raise ValueError(f"sequence of {start + T} tokens exceeds the attention limit of {limit} (max_seq_len / cache size)")
-        if documents is not None and cache is not None:
+        if doc_ids is not None and cache is not None:
             raise ValueError("attention: packed documents apply to the training path, not to a decoding cache")
-        if documents is not None:
-            cos, sin = self._rope_at(documents.position)
+        if doc_ids is not None:
+            cos, sin = self._rope_at(doc_ids.position)
         elif cache is not None:
             cos, sin = self._rope_decoding(start, T, cache.k.shape[2], x.device)
         else:
@@ -248,8 +248,8 @@ class AttentionMixer(Mixer):
             q = qkv[..., :H * hd].view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
             k = qkv[..., H * hd:(H + Hkv) * hd].view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
             q, k = self._rotate(self.q_norm(q), cos, sin), self._rotate(self.k_norm(k), cos, sin)
-        if cache is None and documents is not None:
-            y = self._attend_documents(q, k, v, documents)
+        if cache is None and doc_ids is not None:
+            y = self._attend_documents(q, k, v, doc_ids)
             new_cache = None
         elif cache is None and (self.window is None or self.window >= T):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != Hkv, scale=self.scale)

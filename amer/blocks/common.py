@@ -4,30 +4,33 @@ The mixer contract (uniform across families, as in flash-linear-attention)::
 
     mixer = MixerCls(cfg, dims: Dims, layer: LayerSpec)   # cfg: the family's own config
     out = mixer(x, cache=None)          # x: (B, T, D) -> MixerOutput(y (B, T, D), cache, aux, stats)
-    out = mixer(x, documents=docs)      # packed rows: no state, window or attention crosses a document
+    out = mixer(x, doc_ids=DocIds(ids)) # packed rows: no state, window or attention crosses a document
     cache = mixer.init_cache(batch_size, max_len, device=..., dtype=...)
     out = mixer(x, cache=cache)         # continue from the cache (prefill T > 1 or a step T == 1)
     mixer.reset_parameters()            # the family's own initialisation (called by __init__)
     mixer.flops(seq_len)                # forward matmul multiply-adds per sequence, by term
+    mixer.aux_losses                    # {aux loss name: the setting that weights it}, for the guard
+    mixer.fullgraph_blocker()           # None, or why its training forward cannot compile fullgraph
+    mixer.device_note("xla")            # None, or what it does differently on that device (said once)
 
 ``cache=None`` is the training path: no state is kept and ``out.cache`` is None. With a cache, the
 mixer consumes T new tokens after those the cache has seen and returns the updated cache (caches
 are NamedTuples; they are returned, not mutated, except for preallocated KV buffers).
 
-``documents`` (:class:`~amer.blocks.documents.Documents`, training path only) describes packed rows:
+``doc_ids`` (:class:`~amer.blocks.doc_ids.DocIds`, training path only) describes packed rows:
 a mixer gives every document the outputs it would have alone in a row (token-wise mixers need only
 keep padding out of their statistics).
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from amer.blocks.documents import Documents
+from amer.blocks.doc_ids import DocIds
 from amer.config import Dims
 from amer.ops.fused import rms_norm
 from amer.pattern import LayerSpec
@@ -38,8 +41,8 @@ __all__ = ["RMSNorm", "SwiGLU", "MixerOutput", "Mixer", "Block"]
 class MixerOutput(NamedTuple):
     y: Tensor  # (B, T, D) the mixer's contribution to the residual stream
     cache: Any = None  # updated decoding cache, None on the training path
-    aux: dict[str, Tensor] = {}  # auxiliary losses to add to the objective (already weighted)
-    stats: dict[str, Tensor] = {}  # detached figures for logging (MoE load, drops)
+    aux: dict[str, Tensor] = {}  # auxiliary losses to add to the objective (already weighted), named by the family
+    stats: dict[str, Tensor] = {}  # detached figures for logging, "<family key>/<figure>"
 
 
 class RMSNorm(nn.Module):
@@ -85,7 +88,14 @@ class Mixer(nn.Module):
 
     A subclass builds its parameters in ``__init__`` and then calls ``self.reset_parameters()``, so a
     mixer is initialised the same way standalone and inside :class:`~amer.model.HybridLM`.
+
+    What the rest of amer needs to know about a family it learns from here, never by naming the family:
+    ``aux_losses`` (the training guard names the setting to lower when one is non-finite),
+    :meth:`fullgraph_blocker` (regional compilation) and :meth:`device_note` (device runners).
     """
+
+    #: Every auxiliary loss the mixer puts in ``MixerOutput.aux``, with the setting that weights it.
+    aux_losses: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, dims: Dims, layer: LayerSpec) -> None:
         super().__init__()
@@ -102,6 +112,15 @@ class Mixer(nn.Module):
     def init_cache(self, batch_size: int, max_len: int, *, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> Any:
         """Decoding state; stateless mixers keep none."""
+        return None
+
+    def fullgraph_blocker(self) -> str | None:
+        """None when the training forward compiles with ``fullgraph=True``; otherwise why not (the block then
+        stays eager under regional compilation)."""
+        return None
+
+    def device_note(self, device_type: str) -> str | None:
+        """What this mixer does differently on ``device_type`` ("xla", "cuda"...), said once per run; None."""
         return None
 
     def linear_flops(self, seq_len: int) -> float:
@@ -124,8 +143,8 @@ class Block(nn.Module):
         self.norm.reset_parameters()
         self.mixer.reset_parameters()
 
-    def forward(self, x: Tensor, cache: Any = None, documents: Documents | None = None) -> tuple[Tensor, MixerOutput]:
-        out = self.mixer(self.norm(x), cache=cache, documents=documents)
+    def forward(self, x: Tensor, cache: Any = None, doc_ids: DocIds | None = None) -> tuple[Tensor, MixerOutput]:
+        out = self.mixer(self.norm(x), cache=cache, doc_ids=doc_ids)
         return x + (out.y if self.residual_scale == 1 else out.y * self.residual_scale), out
 
     def init_cache(self, batch_size: int, max_len: int, *, device: torch.device | str | None = None,

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from amer.blocks.common import Mixer, MixerOutput
-from amer.blocks.documents import Documents
+from amer.blocks.doc_ids import DocIds
 from amer.config import Dims
 from amer.configio import check, opt
 from amer.families import FamilySpec, register_family
@@ -35,7 +35,7 @@ from amer.pattern import LayerSpec
 __all__ = ["MambaConfig", "MambaCache", "MambaMixer"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class MambaConfig:
     """Mamba-2 / SSD mixer (the M family), Dao & Gu 2024 (arXiv 2405.21060)."""
 
@@ -52,7 +52,7 @@ class MambaConfig:
     bias: bool = opt(False, "Mamba-2 biases on the input and output projections (transformers' use_bias)")
 
     def __post_init__(self) -> None:
-        self.a_init_range = tuple(self.a_init_range)  # type: ignore[assignment]
+        object.__setattr__(self, "a_init_range", tuple(self.a_init_range))  # a TOML list becomes the tuple
         for name in ("d_state", "d_conv", "expand", "head_dim", "n_groups", "chunk_size"):
             check(getattr(self, name) >= 1, f"mamba.{name} must be >= 1, got {getattr(self, name)}")
         check(0 < self.dt_min <= self.dt_max, "mamba.dt_min must be in (0, dt_max]")
@@ -163,8 +163,8 @@ class MambaMixer(Mixer):
                        gate=z.unflatten(-1, (G, -1)))  # (..., G, d_inner / G)
         return out.flatten(-2)
 
-    def forward(self, x: Tensor, cache: MambaCache | None = None, documents: Documents | None = None) -> MixerOutput:
-        """x (B, T, D) -> MixerOutput(y (B, T, D), new cache or None). With packed ``documents``, the conv
+    def forward(self, x: Tensor, cache: MambaCache | None = None, doc_ids: DocIds | None = None) -> MixerOutput:
+        """x (B, T, D) -> MixerOutput(y (B, T, D), new cache or None). With packed documents (``doc_ids``), the conv
         window and the SSD state restart at every document's first token."""
         T = x.shape[1]
         H, P, G, N = self.n_heads, self.head_dim, self.n_groups, self.d_state
@@ -172,7 +172,7 @@ class MambaMixer(Mixer):
 
         xBC, conv_state = causal_conv1d(xBC, self.conv_weight, self.conv_bias,
                                         None if cache is None else cache.conv_state,
-                                        position=None if documents is None else documents.position)
+                                        position=None if doc_ids is None else doc_ids.position)
         xBC = F.silu(xBC)  # (B, T, conv_dim)
         xs, Bm, Cm = xBC.split([self.d_inner, G * N, G * N], dim=-1)
         xs = xs.unflatten(-1, (H, P))  # (B, T, H, P)
@@ -188,7 +188,7 @@ class MambaMixer(Mixer):
         else:
             init = None if cache is None else cache.ssm_state
             y, ssm_state = ssd_chunked(xs, dt, A, Bm, Cm, self.chunk_size, init,
-                                       None if documents is None else documents.index)
+                                       None if doc_ids is None else doc_ids.index)
 
         y = torch.addcmul(y, xs, self.D.to(y.dtype).unsqueeze(-1))  # skip connection D x per head
         y = self._gated_norm(y.flatten(-2), z)  # (B, T, d_inner)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from amer.blocks.common import Mixer, MixerOutput, SwiGLU
-from amer.blocks.documents import Documents
+from amer.blocks.doc_ids import DocIds
 from amer.config import Dims
 from amer.configio import check, opt
 from amer.families import FamilySpec, register_family
@@ -46,7 +46,7 @@ from amer.pattern import LayerSpec
 __all__ = ["MoEConfig", "MoEMixer", "route"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class MoEConfig:
     """Mixture of SwiGLU experts (the E family): top-k fp32 router, dropless or capacity dispatch."""
 
@@ -115,6 +115,8 @@ def route(logits: Tensor, top_k: int, renormalize_top1: bool = False) -> tuple[T
 class MoEMixer(Mixer):
     """Top-k routed mixture of SwiGLU experts with optional shared expert and router aux losses."""
 
+    aux_losses = {"moe_lb": "--model.moe.aux-loss-coef", "moe_z": "--model.moe.z-loss-coef"}
+
     def __init__(self, cfg: MoEConfig, dims: Dims, layer: LayerSpec) -> None:
         super().__init__(dims, layer)
         D = dims.d_model
@@ -167,6 +169,18 @@ class MoEMixer(Mixer):
             out["shared"] = float(T * sum(p.numel() for p in self.shared.parameters()))
         return out
 
+    def fullgraph_blocker(self) -> str | None:
+        if self.router is not None and self.dispatch == "dropless":
+            return "dropless MoE dispatch has data-dependent shapes (use --model.moe.dispatch capacity to compile it)"
+        return None
+
+    def device_note(self, device_type: str) -> str | None:
+        if device_type == "xla" and self.router is not None and self.dispatch != "capacity":
+            return (f"on XLA the MoE layers use the static causal capacity dispatch instead of dropless (capacity "
+                    f"factor {self.capacity_factor}, blocks of {self.capacity_block} tokens; drops are logged as "
+                    "moe/drop_frac)")
+        return None
+
     def init_cache(self, batch_size: int, max_len: int, *, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> CapacityCache | None:
         """Capacity dispatch (or an XLA device): the block's per-expert slot counts; dropless: none."""
@@ -175,18 +189,18 @@ class MoEMixer(Mixer):
         return CapacityCache(torch.zeros(batch_size, self.n_experts, dtype=torch.long, device=device), 0)
 
     def forward(self, x: Tensor, cache: CapacityCache | None = None,
-                documents: Documents | None = None) -> MixerOutput:
+                doc_ids: DocIds | None = None) -> MixerOutput:
         """x (B, T, D) -> MixerOutput(y (B, T, D), cache, aux, stats). Capacity dispatch (configured, on an
         XLA device, or with a :class:`CapacityCache`) keeps ``cache`` up to date; dropless ignores it.
 
-        Every token is routed alike; with ``documents``, the load-balancing and z losses and the load
+        Every token is routed alike; with ``doc_ids``, the load-balancing and z losses and the load
         statistics count real tokens only (padding, negative ids, is routed but not counted).
         """
         if self.router is None:
             return self._dense(x)
         B, T, D = x.shape
         E, k = self.n_experts, self.top_k
-        valid = None if documents is None else documents.valid.reshape(-1, 1).float()  # (B T, 1)
+        valid = None if doc_ids is None else doc_ids.valid.reshape(-1, 1).float()  # (B T, 1)
         n_tokens = B * T if valid is None else valid.sum().clamp(min=1.0)
         rdt = torch.promote_types(x.dtype, torch.float32)  # at least fp32 (fp64 stays fp64 for tests)
         with torch.autocast(device_type=x.device.type, enabled=False):

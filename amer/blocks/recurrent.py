@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from amer.blocks.common import Mixer, MixerOutput
-from amer.blocks.documents import Documents
+from amer.blocks.doc_ids import DocIds
 from amer.config import Dims
 from amer.configio import check, opt
 from amer.families import FamilySpec, register_family
@@ -42,7 +42,7 @@ from amer.pattern import LayerSpec
 __all__ = ["RecurrentConfig", "RecurrentCache", "RecurrentMixer", "rglru_coeffs"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class RecurrentConfig:
     """Griffin RG-LRU recurrent block (the R family), De et al. 2024 (arXiv 2402.19427)."""
 
@@ -264,19 +264,19 @@ class RecurrentMixer(Mixer):
         return gates + self.gate_bias.to(u.dtype)
 
     def forward(self, x: Tensor, cache: RecurrentCache | None = None,
-                documents: Documents | None = None) -> MixerOutput:
+                doc_ids: DocIds | None = None) -> MixerOutput:
         """x (B, T, D) -> MixerOutput(y (B, T, D), new cache or None)."""
         B, T, _ = x.shape
         gate, u = self.in_proj(x).chunk(2, dim=-1)  # (B, T, W) each
         gate = F.gelu(gate, approximate="tanh")  # Griffin's GeLU is the tanh approximation (JAX default)
         u, conv_state = causal_conv1d(u, self.conv_weight, self.conv_bias,
                                       None if cache is None else cache.conv_state,
-                                      position=None if documents is None else documents.position)
+                                      position=None if doc_ids is None else doc_ids.position)
         gates = self._gate_logits(u)  # (B, T, H, 2bw)
-        plain = self._plain(x, cache, documents)
+        plain = self._plain(x, cache, doc_ids)
         if cache is None:
             # the first-token mask doubles as a reset there: no state precedes a sequence's first token anyway
-            starts = plain if plain is not None else None if documents is None else documents.starts
+            starts = plain if plain is not None else None if doc_ids is None else doc_ids.starts
             h = _RGLRUScan.apply(gates, u, self.Lambda, None, self.c, starts, plain is not None)  # (B, T, W) fp32
             new_cache = None
         elif T == 1:
@@ -290,13 +290,13 @@ class RecurrentMixer(Mixer):
         y = self.out_proj(h.to(x.dtype) * gate)
         return MixerOutput(y, new_cache)
 
-    def _plain(self, x: Tensor, cache: RecurrentCache | None, documents: Documents | None) -> Tensor | None:
+    def _plain(self, x: Tensor, cache: RecurrentCache | None, doc_ids: DocIds | None) -> Tensor | None:
         """(B, T) bool: inputs entering without the normaliser (each sequence's or document's first token when
         ``normalise_first`` is off), or None."""
         if self.normalise_first or (cache is not None and cache.pos > 0):
             return None
-        if documents is not None:
-            return documents.starts
+        if doc_ids is not None:
+            return doc_ids.starts
         first = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
         first[:, 0] = True
         return first

@@ -13,8 +13,9 @@ import typing
 from typing import Callable
 
 from amer.errors import AmerError, InputError
+from amer.logs import configure as configure_logging
 
-__all__ = ["ArgParser", "UsageError", "fail", "run"]
+__all__ = ["ArgParser", "UsageError", "fail", "run", "verbosity"]
 
 
 class UsageError(InputError):
@@ -44,8 +45,29 @@ def _oom_detail(e: BaseException) -> str:
     return f"an allocation of {int(m[1]) / 1e9:,.1f} GB failed" if m else "an allocation failed"
 
 
+VERBOSITY_FLAGS = {"--quiet": "quiet", "-q": "quiet", "--verbose": "verbose", "-v": "verbose"}
+
+
+def verbosity(argv: list[str]) -> tuple[str, list[str]]:
+    """``(verbosity, the other arguments)``: ``--quiet``/``-q`` (warnings and errors only) and ``--verbose``/``-v``
+    (debugging detail) are accepted anywhere on every command line, the last one winning."""
+    level, rest = "normal", []
+    for i, a in enumerate(argv):
+        if a == "--":  # what follows is not ours to read
+            rest += argv[i:]
+            break
+        if a in VERBOSITY_FLAGS:
+            level = VERBOSITY_FLAGS[a]
+        else:
+            rest.append(a)
+    return level, rest
+
+
 def run(command: Callable[[list[str]], int], argv: list[str]) -> int:
-    """Run one command: an AmerError becomes one line on stderr and its exit code; ``--help`` returns 0."""
+    """Run one command: messages configured by ``--quiet`` / ``--verbose`` (:mod:`amer.logs`); an AmerError
+    becomes one line on stderr and its exit code; ``--help`` returns 0."""
+    level, argv = verbosity(argv)
+    configure_logging(level)
     try:
         return command(argv)
     except SystemExit as e:  # --help: argparse printed it; return rather than exit

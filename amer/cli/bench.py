@@ -10,6 +10,7 @@ header prints the load average and warns when it exceeds the core count.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -25,6 +26,8 @@ from amer.report import write_json
 from amer.runtime import tune_malloc
 
 __all__ = ["command", "build_parser"]
+
+log = logging.getLogger(__name__)
 
 
 def build_parser() -> ArgParser:
@@ -61,7 +64,7 @@ def command(argv: list[str]) -> int:
         if os.path.isdir(args.out):
             raise ConfigError(f"--out {args.out} is a directory; give a file name such as bench.json")
     if args.malloc == "tuned" and not tune_malloc():
-        print("note: --malloc tuned needs glibc (mallopt); running with the system allocator", file=sys.stderr)
+        log.warning("note: --malloc tuned needs glibc (mallopt); running with the system allocator")
         args.malloc = "system"
     opts = BenchOptions(repeats=repeats, warmup=warmup, quick=args.quick, threads=args.threads, seed=args.seed,
                         compile=args.compile)

@@ -3,6 +3,7 @@ line of the experiment package ``amer.experiments.NAME``."""
 
 from __future__ import annotations
 
+import logging
 import argparse
 import importlib
 import sys
@@ -13,6 +14,8 @@ from amer.errors import ExperimentError
 from amer.experiments import EXPERIMENTS
 
 __all__ = ["command", "usage", "run_resumable"]
+
+log = logging.getLogger(__name__)
 
 
 def run_resumable(argv: list[str], parser: argparse.ArgumentParser, settings: Callable[[argparse.Namespace], Any],
@@ -33,7 +36,7 @@ def run_resumable(argv: list[str], parser: argparse.ArgumentParser, settings: Ca
             torch.set_num_threads(s.threads)
         return body(args, s, argv)
     except KeyboardInterrupt:
-        print("interrupted: finished work is kept; run the same command again to continue", file=sys.stderr)
+        log.warning("interrupted: finished work is kept; run the same command again to continue")
         return 130
 
 

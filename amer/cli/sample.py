@@ -52,5 +52,6 @@ def command(argv: list[str]) -> int:
     dt = time.perf_counter() - t0
     new = out[0, len(ids):].tolist()
     print(args.prompt + tok.decode(new))
+    # the speed beside, not inside, the result: stdout stays the text alone (pipeable)
     print(f"[{len(new)} tokens in {dt:.2f}s, {len(new) / dt:.1f} tokens/s]", file=sys.stderr)
     return 0

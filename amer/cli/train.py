@@ -1,27 +1,24 @@
 """``amer train`` / ``python train.py``: flags generated from the config classes, then the training loop.
 
-Config resolution: the preset's ``[train]``, ``[model]`` and ``[stp]`` tables, then ``--config run.toml``,
-then command-line flags (or, with ``--resume``, the run's own config instead of the preset).
+The flags the user gave become a nested dict; :mod:`amer.training.resolve` layers it over the preset (or the
+resumed run's own config) and ``--config run.toml``.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import types
 import typing
-from pathlib import Path
 from typing import Any, Literal
 
 from amer.cli.base import ArgParser, run
-from amer.config import ConfigError, TrainConfig, from_dict, load_toml, options, suggest
-from amer.checkpoint import read_meta
-from amer.pattern import load_preset
-from amer.training.run import locate, resume_config
+from amer.config import ConfigError, TrainConfig, options, suggest
 
 __all__ = ["main", "command", "build_parser", "resolve_config"]
 
-RESUME_CONFLICTS = ("pattern", "preset", "run_name", "out_dir", "overwrite")
+log = logging.getLogger(__name__)
 
 
 def _parse_value(tp: Any, name: str) -> Any:
@@ -68,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML file with train keys at top level and [model] / [stp] tables")
     p.add_argument("--stop-at", type=int, help="stop after this step and checkpoint (the LR schedule still "
                    "targets --steps); continue later with --resume")
+    p.add_argument("--pattern", help="the block pattern, e.g. 'AEMEAEMR' or '(AE)*2M': the same as --model.pattern")
     for o in options(TrainConfig):
         flag = "--" + o.key.replace("_", "-")
         help_text = o.help or o.key.replace("_", " ")
@@ -101,15 +99,9 @@ def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
     d[keys[-1]] = value
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "family_weights" else v
-    return out
-
-
 def resolve_config(argv: list[str] | None = None) -> tuple[TrainConfig, dict[str, Any]]:
-    """(TrainConfig, extras) from the command line. Raises ConfigError/PatternError on bad input."""
+    """(TrainConfig, extras) from the command line, through :func:`amer.training.resolve.resolve_config`.
+    Raises ConfigError/PatternError on bad input."""
     parser = build_parser()
     args, unknown = parser.parse_known_args(_normalise_argv(list(sys.argv[1:] if argv is None else argv)))
     if unknown:
@@ -120,49 +112,15 @@ def resolve_config(argv: list[str] | None = None) -> tuple[TrainConfig, dict[str
         raise ConfigError(f"unknown option {bad}{suggest(bad, flags)} (see --help)")
     given = vars(args)
     extras = {"stop_at": given.pop("stop_at", None), "config": given.pop("config", None)}
-    cli: dict[str, Any] = {}
+    flags: dict[str, Any] = {}
     for key, value in given.items():
-        _set(cli, key, value)
+        _set(flags, key, value)
+    from amer.training.resolve import resolve_config as layered  # lazy: `amer train --help` stays instant
 
-    file_cfg: dict[str, Any] = {}
-    if extras["config"]:
-        file_cfg = load_toml(extras["config"])
-    if given.get("resume"):
-        run_dir = locate(given["resume"]).run_dir
-        # a resumed run keeps its model and its place: these would be recorded in config.json, not used
-        where = {"out_dir": str(run_dir.parent), "run_name": run_dir.name}
-        for key in RESUME_CONFLICTS:
-            value = cli.get(key, file_cfg.get(key))
-            if value is not None and (key not in where or Path(str(value)) != Path(where[key])):
-                raise ConfigError(f"--{key.replace('_', '-')} cannot be combined with --resume: the resumed run "
-                                  f"keeps its own {key.replace('_', ' ')} (start a new run to change it)")
-        # the process layout belongs to the launch, not to the run: a run resumes under any layout
-        base = {**{k: v for k, v in resume_config(given["resume"]).items() if k != "parallel"},
-                "resume": given["resume"]}
-        merged = {**_merge(_merge(base, file_cfg), cli), **where}
-    else:
-        preset_name = cli.get("preset", file_cfg.get("preset", "small"))
-        preset = load_preset(preset_name)
-        base = {**preset.get("train", {}), "preset": preset_name, "model": preset["model"], "stp": preset.get("stp", {})}
-        merged = _merge(_merge(base, file_cfg), cli)
-        if merged.get("init"):
-            merged["model"] = _init_model(merged, file_cfg, cli)
-        elif merged.get("pattern"):
-            merged["model"] = {**merged["model"], "pattern": merged["pattern"]}
-    cfg = from_dict(TrainConfig, merged)
+    cfg = layered(flags, extras["config"])
     if extras["stop_at"] is not None and not 1 <= extras["stop_at"] <= cfg.steps:
         raise ConfigError(f"--stop-at must be between 1 and --steps ({cfg.steps}), got {extras['stop_at']}")
     return cfg, extras
-
-
-def _init_model(merged: dict[str, Any], file_cfg: dict[str, Any], cli: dict[str, Any]) -> dict[str, Any]:
-    """``--init``: the model is the checkpoint's (its pattern and shapes), not the preset's; model settings given
-    in --config or as flags still apply on top (a shape change then fails when the weights load)."""
-    if merged.get("pattern"):
-        raise ConfigError("--pattern cannot be combined with --init: the model comes from the --init checkpoint "
-                          "(to change blocks of a model, use `amer import SRC OUT --pattern NEW`)")
-    model = read_meta(merged["init"])["config"]["model"]
-    return _merge(_merge(model, file_cfg.get("model", {})), cli.get("model", {}))
 
 
 def command(argv: list[str]) -> int:
@@ -174,7 +132,7 @@ def command(argv: list[str]) -> int:
     try:
         train(cfg, stop_at=extras["stop_at"])
     except KeyboardInterrupt:
-        print("interrupted: the last written checkpoint is intact; continue with --resume", file=sys.stderr)
+        log.warning("interrupted: the last written checkpoint is intact; continue with --resume")
         return 130
     return 0
 

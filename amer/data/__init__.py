@@ -12,7 +12,7 @@ Pipeline (nanoGPT / torchtitan style, everything in memory, nothing cached on di
 
 Tokenizers. ``make_tokenizer(spec, train_docs)`` turns ``--tokenizer`` (``byte``, ``bpe:N``, a path) into a
 tokenizer; ``load_tokenizer(dir)`` reads the ``tokenizer.json`` saved with a checkpoint (bytes when there is
-none); see :mod:`amer.data.hftok`.
+none); see :mod:`amer.data.tokenizer_io`.
 
 Packing. Every document becomes ``[BOS] + tokens + [EOS]`` (tokens: utf8 bytes for the byte tokenizer); documents are concatenated into one
 token stream with a parallel document-id stream. Row ``r`` is ``stream[r*T : r*T + T + 1]``
@@ -30,16 +30,9 @@ a line boundary: its tail becomes the validation document.
 
 from amer.data.corpora import NAMED_CORPORA, iter_jsonl, load_documents, load_kjv, load_path, load_stdlib
 from amer.data.packing import BatchIterator, DataConfig, DataSplits, PackedDataset, build_datasets, split_documents
-from amer.data.hftok import (
-    HFTokenizer,
-    check_spec,
-    load_tokenizer,
-    make_tokenizer,
-    model_vocab_size,
-    tokenizer_from_file,
-    train_bpe,
-)
+from amer.data.hftok import HFTokenizer, train_bpe
 from amer.data.tokenizer import ByteTokenizer, char_spans_to_byte_spans, render_chat, render_chat_with_spans
+from amer.data.tokenizer_io import check_spec, load_tokenizer, make_tokenizer, model_vocab_size, tokenizer_from_file
 from amer.errors import DataError
 
 __all__ = [

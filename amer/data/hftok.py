@@ -1,6 +1,6 @@
 """Subword tokenizers through the Hugging Face ``tokenizers`` library (Rust: fast, offline): a byte-level
-BPE trained on a run's training split, or any ``tokenizer.json`` a user has on disk; plus the one
-function that turns a ``--tokenizer`` value into a tokenizer and the loaders for saved ones.
+BPE trained on a run's training split, or any ``tokenizer.json`` a user has on disk. The one module that
+imports ``tokenizers``; :mod:`amer.data.tokenizer_io` turns a ``--tokenizer`` value into a tokenizer.
 
 Three forms of ``--tokenizer``:
 
@@ -37,12 +37,11 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from amer.data.tokenizer import ByteTokenizer, utf8_bytes
+from amer.data.text import utf8_bytes
 from amer.errors import ConfigError, DataError
 from amer.fileio import atomic_write_text
 
-__all__ = ["HFTokenizer", "train_bpe", "tokenizer_from_file", "load_tokenizer", "make_tokenizer", "check_spec",
-           "model_vocab_size", "byte_tokenizer_json", "BOS_NAMES", "EOS_NAMES", "PAD_NAMES", "AMER_SPECIALS",
+__all__ = ["HFTokenizer", "train_bpe", "byte_tokenizer_json", "is_byte_tokenizer_json", "first_line", "hf_from_str", "BOS_NAMES", "EOS_NAMES", "PAD_NAMES", "AMER_SPECIALS",
            "CHAT_MARKERS", "BPE_MIN", "BPE_MAX"]
 
 AMER_SPECIALS = ("<|bos|>", "<|eos|>", "<|pad|>")
@@ -74,7 +73,7 @@ def _clean(text: str) -> str:
         return utf8_bytes(text).decode("utf-8")
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
@@ -103,7 +102,7 @@ class HFTokenizer:
         try:
             probe = hf.encode("Probe: 1 line.\n", add_special_tokens=False).ids
         except Exception as e:  # e.g. a word-level model without an unknown token
-            raise DataError(f"{where}: the tokenizer cannot encode plain text ({_first_line(e)})") from None
+            raise DataError(f"{where}: the tokenizer cannot encode plain text ({first_line(e)})") from None
         if not probe:
             raise DataError(f"{where}: the tokenizer encodes plain text to no tokens at all")
 
@@ -264,74 +263,12 @@ def byte_tokenizer_json() -> str:
 _BYTE_KEYS = ("model", "added_tokens", "pre_tokenizer", "normalizer", "decoder", "post_processor")
 
 
-def _is_byte_json(obj: Any) -> bool:
+def is_byte_tokenizer_json(obj: Any) -> bool:
+    """Whether ``obj`` (a parsed tokenizer.json) is amer's byte tokenizer as :func:`byte_tokenizer_json` writes it."""
     ref = json.loads(byte_tokenizer_json())
     return isinstance(obj, dict) and all(obj.get(k) == ref.get(k) for k in _BYTE_KEYS)
 
 
-def tokenizer_from_file(path: str | Path, *, spec: str | None = None) -> ByteTokenizer | HFTokenizer:
-    """Wrap an existing ``tokenizer.json`` (or the one inside folder ``path``); amer's own byte-tokenizer
-    file comes back as a :class:`ByteTokenizer`."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "tokenizer.json"
-    if not p.is_file():
-        raise DataError(f"tokenizer file not found: {p}; pass 'byte', 'bpe:N' (e.g. bpe:8192) or the path of "
-                        "a Hugging Face tokenizer.json")
-    try:
-        text = p.read_text(encoding="utf-8")
-        obj = json.loads(text)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise DataError(f"{p}: not a readable Hugging Face tokenizer.json ({_first_line(e)})") from None
-    if _is_byte_json(obj):
-        return ByteTokenizer()
-    try:
-        hf = _hf().Tokenizer.from_str(text)
-    except Exception as e:  # the Rust side raises plain Exceptions for malformed files
-        raise DataError(f"{p}: not a Hugging Face tokenizer.json ({_first_line(e)})") from None
-    return HFTokenizer(hf, spec or str(path), where=str(p))
-
-
-def load_tokenizer(directory: str | Path) -> ByteTokenizer | HFTokenizer:
-    """The tokenizer saved in a checkpoint or exported folder (``directory/tokenizer.json``); the byte
-    tokenizer for a folder without one (checkpoints written before tokenizers were saved)."""
-    p = Path(directory) / "tokenizer.json"
-    return tokenizer_from_file(p) if p.exists() else ByteTokenizer()
-
-
-def check_spec(spec: str) -> int | Path | None:
-    """Validate a ``--tokenizer`` value before any slow work: None for ``byte``, N for ``bpe:N``, the file
-    for a path."""
-    if not isinstance(spec, str) or not spec:
-        raise ConfigError(f"--tokenizer must be 'byte', 'bpe:N' or a tokenizer.json path, got {spec!r}")
-    if spec == "byte":
-        return None
-    if spec.startswith("bpe:"):
-        n = spec[4:]
-        if not (n.isascii() and n.isdigit()) or not BPE_MIN <= int(n) <= BPE_MAX:
-            raise ConfigError(f"--tokenizer {spec}: N in bpe:N must be an integer from {BPE_MIN} (the 256 bytes "
-                              f"and {BPE_MIN - 256} special tokens) to {BPE_MAX}, e.g. bpe:8192")
-        return int(n)
-    p = Path(spec)
-    if not (p.is_file() or (p / "tokenizer.json").is_file()):
-        raise ConfigError(f"--tokenizer {spec}: no such tokenizer.json; pass 'byte', 'bpe:N' (e.g. bpe:8192) "
-                          "or the path of a Hugging Face tokenizer.json (or of a folder holding one)")
-    return p
-
-
-def make_tokenizer(spec: str, train_documents: Sequence[str]) -> ByteTokenizer | HFTokenizer:
-    """The tokenizer ``--tokenizer spec`` names; ``bpe:N`` is trained on ``train_documents``."""
-    arg = check_spec(spec)
-    if arg is None:
-        return ByteTokenizer()
-    if isinstance(arg, int):
-        return train_bpe(train_documents, arg, spec=spec)
-    return tokenizer_from_file(arg, spec=spec)
-
-
-def model_vocab_size(tok: Any) -> int:
-    """Embedding rows for ``tok``: the byte tokenizer's 260, else its size rounded up to a multiple of 64
-    (the extra rows are never produced by the data and never decoded)."""
-    if isinstance(tok, ByteTokenizer):
-        return tok.vocab_size
-    return -(-int(tok.vocab_size) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+def hf_from_str(text: str) -> Any:
+    """A ``tokenizers.Tokenizer`` parsed from the text of a tokenizer.json (raises the library's own errors)."""
+    return _hf().Tokenizer.from_str(text)

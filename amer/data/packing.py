@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from amer.data.corpora import load_documents
-from amer.data.tokenizer import ByteTokenizer, utf8_bytes
+from amer.data.text import utf8_bytes
+from amer.data.tokenizer import ByteTokenizer
 from amer.errors import ConfigError, DataError
 
 __all__ = ["DataConfig", "PackedDataset", "DataSplits", "split_documents", "build_datasets", "BatchIterator"]

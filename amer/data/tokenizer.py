@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from amer.data.hftok import byte_tokenizer_json
+from amer.data.text import utf8_bytes
 from amer.errors import DataError
 from amer.fileio import atomic_write_text
 
@@ -74,8 +76,6 @@ class ByteTokenizer:
 
     def to_json(self) -> str:
         """This tokenizer as an equivalent Hugging Face ``tokenizer.json`` (see :mod:`amer.data.hftok`)."""
-        from amer.data.hftok import byte_tokenizer_json  # lazy: hftok builds on this module
-
         return byte_tokenizer_json()
 
     def save(self, path: str | Path) -> Path:
@@ -84,11 +84,6 @@ class ByteTokenizer:
 
     def __repr__(self) -> str:
         return "ByteTokenizer()"
-
-
-def utf8_bytes(text: str) -> bytes:
-    # "replace" so a lone surrogate (legal in JSON "\ud800") cannot crash a whole run.
-    return text.encode("utf-8", errors="replace")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ stored as null and read back as NaN: the trained arm is kept and reported as div
 
 from __future__ import annotations
 
+import logging
+
 import json
 import math
 import time
@@ -27,11 +29,14 @@ from amer.runtime import tune_malloc
 __all__ = ["Say", "say", "ArmLike", "GridSettings", "arm_path", "refuse_stale", "read_record", "write_record",
            "run_arms", "fit"]
 
+log = logging.getLogger(__name__)
+
 Say = Callable[..., None]
 
 
 def say(*args: Any) -> None:
-    print(*args, flush=True)
+    """An experiment's progress line, to the ``amer`` loggers (see :mod:`amer.logs`)."""
+    log.info(" ".join(str(a) for a in args))
 
 
 class ArmLike(Protocol):

@@ -18,6 +18,8 @@ from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Iterator, Sequence
 
 from amer.errors import ExperimentError
+from amer.logs import configure as configure_logging
+from amer.logs import configured
 
 __all__ = ["imap_unordered"]
 
@@ -32,9 +34,11 @@ def _portable(e: BaseException) -> BaseException:
 
 
 def _serve(conn: Connection, fn: Callable[[Any], Any], init: Callable[..., None] | None,
-           initargs: Sequence[Any]) -> None:
+           initargs: Sequence[Any], verbosity: str | None = None) -> None:
     # Ctrl-C reaches the whole process group: the parent handles it and kills the workers
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if verbosity is not None:  # a spawned process starts with logging unconfigured: show messages as the parent
+        configure_logging(verbosity)
     failed: BaseException | None = None
     if init is not None:
         try:
@@ -72,7 +76,7 @@ def imap_unordered(fn: Callable[[Any], Any], jobs: Sequence[Any], workers: int, 
     try:
         for _ in range(min(workers, len(todo))):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_serve, args=(child, fn, init, tuple(initargs)), daemon=True)
+            proc = ctx.Process(target=_serve, args=(child, fn, init, tuple(initargs), configured()), daemon=True)
             proc.start()
             child.close()
             procs[parent] = proc

@@ -19,6 +19,7 @@ loop redraws it at every evaluation (:func:`draw_run_curves`, which never stops 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -31,6 +32,8 @@ from amer.report.style import ENDS, UNREGISTERED_COLOUR, palette, reference_line
 from amer.report.writers import new_figure, save_figure
 
 __all__ = ["CURVES_NAME", "curves_figure", "save_curves", "is_amer_curves", "write_run_curves", "draw_run_curves"]
+
+log = logging.getLogger(__name__)
 
 CURVES_NAME = "curves.png"
 # Written into the PNG's tEXt "Software" field: ``amer plot`` overwrites a file only when it carries this.
@@ -260,7 +263,7 @@ def write_run_curves(run_dir: str | Path) -> Path | None:
 _DRAWN: dict[str, tuple[int, int]] = {}
 
 
-def draw_run_curves(run_dir: str | Path, say: Callable[[str], None] = print) -> Path | None:
+def draw_run_curves(run_dir: str | Path) -> Path | None:
     """:func:`write_run_curves` for the training loop, called at every evaluation and at the end of a run.
 
     Nothing to draw (no log yet) and a log unchanged since this process last drew it are no-ops. A picture
@@ -281,7 +284,7 @@ def draw_run_curves(run_dir: str | Path, say: Callable[[str], None] = print) -> 
     except Exception as e:  # noqa: BLE001  (a figure is never worth a training run)
         if os.environ.get("PYTEST_CURRENT_TEST"):
             raise
-        say(f"warning: {CURVES_NAME} not drawn ({type(e).__name__}: {e}); training goes on")
+        log.warning(f"warning: {CURVES_NAME} not drawn ({type(e).__name__}: {e}); training goes on")
         return None
     _DRAWN[str(run_dir)] = sig
     return path

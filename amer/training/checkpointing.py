@@ -35,10 +35,10 @@ MODES = ("none", "blocks", "selective")
 
 def _checkpointed(forward: Callable[..., Any], mode: str) -> Callable[..., Any]:
     @functools.wraps(forward)
-    def run(x: torch.Tensor, cache: Any = None, documents: Any = None) -> Any:
+    def run(x: torch.Tensor, cache: Any = None, doc_ids: Any = None) -> Any:
         if cache is not None or not torch.is_grad_enabled():
-            return forward(x, cache, documents)
-        return checkpoint(forward, x, None, documents, use_reentrant=False)
+            return forward(x, cache, doc_ids)
+        return checkpoint(forward, x, None, doc_ids, use_reentrant=False)
 
     run.amer_checkpointing = mode  # type: ignore[attr-defined]
     return run

@@ -1,7 +1,7 @@
 """Regional compilation: ``torch.compile`` of each block, not of the whole model.
 
-Compiling the whole model traces every block into one graph (minutes of warm-up at depth) and the
-dropless MoE's data-dependent expert slices break it into many guarded pieces that recompile. Compiling
+Compiling the whole model traces every block into one graph (minutes of warm-up at depth), and a block
+with data-dependent shapes breaks it into many guarded pieces that recompile. Compiling
 the block instead (the "regional compilation" recipe of the PyTorch tutorials, as torchtitan does per
 transformer block) traces ``Block.forward`` once per distinct block variant; blocks of one family with
 the same settings share that code and its compiled graph (parameters are graph inputs), so an
@@ -10,10 +10,8 @@ is an error, not a silent slowdown).
 
 What stays eager, and why:
 
-* E blocks with the dropless dispatch (``moe.dispatch = "dropless"`` with more than one expert): each
-  expert's slice size is read on the host, a data-dependent shape that cannot compile without graph breaks
-  or a recompile per routing pattern. The capacity dispatch (``--model.moe.dispatch capacity``) has static
-  shapes and is compiled like every other block.
+* Blocks whose mixer says it cannot compile fullgraph (``Mixer.fullgraph_blocker()`` gives the reason and
+  the setting that avoids it), e.g. a data-dependent shape read on the host.
 * Everything outside the blocks (embedding, final norm, the fused LM head + cross-entropy, STP): the STP
   gate opening or ramping changes nothing inside a compiled graph, so it cannot cause a recompile.
 * Calls without gradients (evaluation) and decoding with a cache run the eager forward, so evaluation
@@ -51,11 +49,8 @@ class CompiledBlocks(NamedTuple):
 
 
 def compiles_block(block: nn.Module) -> str | None:
-    """None when ``block`` compiles fullgraph; otherwise why it stays eager."""
-    mixer = block.mixer
-    if getattr(mixer, "dispatch", None) == "dropless" and getattr(mixer, "n_experts", 1) > 1:
-        return "dropless MoE dispatch has data-dependent shapes (use --model.moe.dispatch capacity to compile it)"
-    return None
+    """None when ``block`` compiles fullgraph; otherwise why it stays eager (its mixer says)."""
+    return block.mixer.fullgraph_blocker()
 
 
 def compile_blocks(model: nn.Module, *, backend: Any = "inductor", mode: str | None = None) -> CompiledBlocks:
@@ -85,9 +80,9 @@ def _compiled(forward: Callable[..., Any], backend: Any, mode: str | None) -> Ca
     fast = torch.compile(forward, fullgraph=True, backend=backend, mode=mode)
 
     @functools.wraps(forward)
-    def run(x: torch.Tensor, cache: Any = None, documents: Any = None) -> Any:
+    def run(x: torch.Tensor, cache: Any = None, doc_ids: Any = None) -> Any:
         if cache is not None or not torch.is_grad_enabled():
-            return forward(x, cache, documents)
-        return fast(x, None, documents)
+            return forward(x, cache, doc_ids)
+        return fast(x, None, doc_ids)
 
     return run

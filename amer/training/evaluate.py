@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from amer import xla
-from amer.objective import STPPolicy, cross_entropy
+from amer.objective import cross_entropy
 from amer.runtime import autocast
+from amer.stp import STPPolicy
 
 __all__ = ["evaluate"]
 
@@ -24,7 +25,7 @@ SPAN_SEED = 1234  # STP spans in evaluation: the same for every run, so held-out
 def evaluate(model: torch.nn.Module, batches: Iterable[Mapping[str, Tensor]], *,
              stp: Mapping[str, STPPolicy] | None = None, dtype: str = "float32", ignore_index: int = -100,
              visit: Callable[[Any, Mapping[str, Tensor]], None] | None = None,
-             taps: bool | str | None = None, documents: bool = True,
+             taps: bool | str | list[int] | None = None, documents: bool = True,
              token_bytes: Tensor | None = None) -> dict[str, float]:
     """``{"loss": CE per target token, "tokens": n, "stp/<name>": mean STP per row, ...}`` over ``batches``.
 
@@ -41,9 +42,9 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Mapping[str, Tensor]], *,
     """
     device = next(model.parameters()).device
     stp = {k: p for k, p in (stp or {}).items() if p.enabled}
-    if taps is None:
-        needed = list(dict.fromkeys(name for p in stp.values() for name in p.names))
-        taps = ",".join(needed) if needed else False
+    if taps is None:  # the selections' tap positions, resolved once by the policies
+        needed = sorted({pos for p in stp.values() for pos in p.positions})
+        taps = needed if needed else False
     gens = {k: torch.Generator(xla.host_generator_device(device)).manual_seed(SPAN_SEED) for k in stp}
     was_training = model.training
     model.eval()
@@ -68,7 +69,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Mapping[str, Tensor]], *,
             nbytes = torch.where(known, table[flat.clamp(0, table.shape[0] - 1)], 0.0)
             text = [(per_token * (nbytes > 0)).sum(), nbytes.sum()]
         for name, policy in stp.items():  # padding rows (document id -1) hold no span: they add nothing
-            loss, _ = policy.stp_loss(out.taps, mask=batch.get("doc_ids"), generator=gens[name],
+            loss, _ = policy.stp_loss(out.taps, doc_ids=batch.get("doc_ids"), generator=gens[name],
                                       content=batch.get("stp_content"))
             figures.append(loss)
         ce, k, rows, *stps = torch.stack([f.float().to(device) for f in figures + text]).tolist()

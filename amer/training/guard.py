@@ -9,34 +9,45 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
 from amer.checkpoint import list_checkpoints
 from amer.errors import TrainingError
 
-__all__ = ["BadSteps", "cause_of"]
+__all__ = ["BadSteps", "aux_loss_settings", "cause_of"]
 
 
 def _finite(x: Any) -> bool:
     return bool(torch.isfinite(x).all()) if torch.is_tensor(x) else math.isfinite(float(x))
 
 
-def cause_of(res: Any) -> str:
+def aux_loss_settings(model: torch.nn.Module) -> dict[str, str]:
+    """Each auxiliary loss the model's blocks can return, with the setting that weights it (the mixers say)."""
+    return {name: flag for m in model.modules() for name, flag in getattr(m, "aux_losses", {}).items()}
+
+
+def cause_of(res: Any, aux_settings: Mapping[str, str] | None = None) -> str:
     """What made a skipped step non-finite, and the setting that addresses it (no '--lr' advice for an
-    STP or MoE term, whose weight is the thing to change)."""
+    STP or auxiliary term, whose weight is the thing to change). ``aux_settings``: each auxiliary loss's
+    weighting setting, from :func:`aux_loss_settings`."""
     if res.skipped_reason == "non-finite gradient":
         return "the gradient overflowed; lower --lr or --grad-clip, or use --dtype float32"
     parts = res.loss
+    settings = aux_settings or {}
     if not _finite(parts.ce):
         return "the cross-entropy is non-finite; lower --lr or use --dtype float32"
     if not _finite(parts.aux):
-        return "the MoE auxiliary loss is non-finite; lower --model.moe.aux-loss-coef / --model.moe.z-loss-coef"
+        bad = [k for k, v in parts.aux_parts.items() if not _finite(v)] or sorted(parts.aux_parts)
+        flags = [settings[k] for k in bad if k in settings]
+        named = ", ".join(bad) or "an auxiliary loss"
+        return f"the auxiliary loss {named} is non-finite" + (f"; lower {' / '.join(flags)}" if flags else "")
     if not _finite(parts.stp):
         return "the STP loss is non-finite; lower --lr or use --dtype float32"
+    weights = " or ".join(dict.fromkeys(settings.values()))
     return ("the weighted sum of finite losses overflowed; lower --stp.weight "
-            f"(STP coefficient {parts.coeff:g}) or the MoE loss coefficients")
+            f"(STP coefficient {parts.coeff:g})" + (f" or {weights}" if weights else ""))
 
 
 class BadSteps:

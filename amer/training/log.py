@@ -4,6 +4,7 @@ bar (or plain lines when there is no terminal)."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -12,6 +13,8 @@ from typing import Any, Callable
 from amer.fileio import atomic_write_bytes
 
 __all__ = ["RunLogger", "Progress"]
+
+log = logging.getLogger(__name__)
 
 
 class RunLogger:
@@ -29,7 +32,7 @@ class RunLogger:
                 purge = None if resume_step is None else resume_step + 1
                 self.tb = SummaryWriter(str(run_dir), purge_step=purge)
             except ImportError:  # tensorboard not installed: JSONL only, said once
-                print("note: tensorboard is not installed; writing log.jsonl only (pip install tensorboard)")
+                log.warning("note: tensorboard is not installed; writing log.jsonl only (pip install tensorboard)")
 
     def log(self, step: int, record: dict[str, Any]) -> None:
         line = json.dumps({"step": step, **{k: _json_value(v) for k, v in record.items()}}, allow_nan=False) + "\n"
@@ -80,7 +83,8 @@ def _truncate_log(path: Path, resume_step: int) -> None:
 
 
 class Progress:
-    """A tqdm bar on a terminal; plain log lines when piped (nohup, CI); nothing when quiet."""
+    """A tqdm bar on a terminal; plain log lines when piped (nohup, CI); nothing when quiet. Messages go to
+    the ``amer`` loggers, whose handler (:mod:`amer.logs`) writes them above the bar."""
 
     def __init__(self, total: int, initial: int, *, enabled: bool, quiet: bool) -> None:
         self.quiet = quiet
@@ -92,18 +96,16 @@ class Progress:
             if self.bar.disable:
                 self.bar = None
 
-    def say(self, msg: str) -> None:
-        if self.bar is not None:
-            self.bar.write(msg)
-        elif not self.quiet:
-            print(msg)
+    def say(self, msg: str, level: int = logging.INFO) -> None:
+        if not self.quiet:
+            log.log(level, msg)
 
     def show(self, postfix: dict[str, str], line: Callable[[], str]) -> None:
         """Figures of a log step: on the bar, or as one plain line."""
         if self.bar is not None:
             self.bar.set_postfix(**postfix)
         elif not self.quiet:
-            print(line())
+            log.info(line())
 
     def update(self) -> None:
         if self.bar is not None:

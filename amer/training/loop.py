@@ -7,9 +7,9 @@ the run directory and checkpoints are :mod:`amer.training.run`; this module only
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -17,31 +17,36 @@ import torch
 from amer import xla
 from amer.checkpoint import list_checkpoints
 from amer.config import TrainConfig
-from amer.data import BatchIterator, DataConfig, build_datasets, make_tokenizer, model_vocab_size
+from amer.data import BatchIterator
 from amer.errors import ConfigError
 from amer.model import HybridLM
-from amer.objective import STPPolicy
+from amer.stp import STPPolicy
 from amer.report.curves import draw_run_curves
 from amer.runtime import resolve_device, warn_slow_bfloat16
 from amer.training import distributed, scaleout
 from amer.training import run as rundir
 from amer.training.evaluate import evaluate
-from amer.training.guard import BadSteps, cause_of
+from amer.training.guard import BadSteps, aux_loss_settings, cause_of
 from amer.training.restore import init_weights
 from amer.training.log import Progress, RunLogger
 from amer.training.optim import lr_at, make_optimizer
+from amer.training.resolve import Run, resolve_run
 from amer.training.checkpointing import apply_activation_checkpointing
 from amer.training.compile import compile_blocks
 from amer.training.step import TrainStep
 
 __all__ = ["train"]
 
+log = logging.getLogger(__name__)
+
 
 def train(cfg: TrainConfig, *, stop_at: int | None = None, quiet: bool = False) -> dict[str, Any]:
-    """Run training; returns a summary (run dir, final/best validation loss, checkpoints)."""
+    """Run training; returns a summary (run dir, final/best validation loss, checkpoints). ``cfg`` as
+    :func:`amer.training.resolve.resolve_config` builds it (``amer train`` does); messages go to the
+    ``amer`` loggers (see :mod:`amer.logs`), none with ``quiet`` and none from ranks other than 0."""
     layout = distributed.setup(cfg.parallel, resolve_device(cfg.device))  # single-process unless under torchrun
     try:
-        summary = _train(cfg, layout, stop_at, quiet or not layout.main)
+        summary = _train(resolve_run(cfg, layout), layout, stop_at, quiet or not layout.main)
     except BaseException:
         distributed.teardown(layout, clean=False)
         raise
@@ -49,27 +54,15 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, quiet: bool = False) 
     return summary
 
 
-def _train(cfg: TrainConfig, layout: distributed.Layout, stop_at: int | None, quiet: bool) -> dict[str, Any]:
-    say = (lambda *a: None) if quiet else print
+def _train(run: Run, layout: distributed.Layout, stop_at: int | None, quiet: bool) -> dict[str, Any]:
+    cfg, tok, data, target = run.config, run.tokenizer, run.data, run.target  # resolved once, never rewritten
+    say = (lambda *a: None) if quiet else log.info
     device = layout.device
     torch.manual_seed(cfg.seed)
-    # before any slow work: a clash or a foreign directory fails at once (rank 0 owns the run directory)
-    target = scaleout.on_main(layout, lambda: rundir.prepare(cfg))
     warn_slow_bfloat16(cfg.dtype, device, quiet=quiet)
-    spec, saved = rundir.saved_tokenizer(cfg, target)  # resume / --init: the saved tokenizer, never retrained
-    data = build_datasets(DataConfig(cfg.data, cfg.seq_len, cfg.val_fraction, cfg.seed),
-                          saved or (lambda train_docs: make_tokenizer(spec, train_docs)))
-    tok = data.train.tokenizer
-    if saved is None:  # a new tokenizer sets the vocabulary (saved ones come with their model's)
-        cfg = replace(cfg, model=replace(cfg.model, vocab_size=model_vocab_size(tok)))
-    if spec != cfg.tokenizer:  # --init: the tokenizer saved with those weights
-        cfg = replace(cfg, tokenizer=spec)
-    if cfg.model.vocab_size < tok.vocab_size:
-        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
-                          f"{tok.vocab_size} tokens")
     model = HybridLM(cfg.model)
     model = xla.move(model, device) if xla.is_xla(device) else model.to(device)
-    if xla.is_xla(device):
+    if xla.is_xla(device) and not quiet:
         xla.announce(model)
     if cfg.init and target.checkpoint is None:  # a resumed run's own checkpoint holds newer weights
         init_weights(model, cfg.init)
@@ -83,8 +76,7 @@ def _train(cfg: TrainConfig, layout: distributed.Layout, stop_at: int | None, qu
     batches = BatchIterator(data.train, cfg.batch_size, cfg.seed)
     stp_gen = torch.Generator(xla.host_generator_device(device)).manual_seed(cfg.seed + 1)
     run_dir = target.run_dir
-    state, resolved = scaleout.on_main(layout, lambda: rundir.open_run(target, cfg, model, opt, batches, stp_gen,
-                                                                       say, stop_at))
+    state = scaleout.on_main(layout, lambda: rundir.open_run(target, cfg, model, opt, batches, stp_gen, say, stop_at))
     scaleout.on_main(layout, lambda: tok.save(run_dir / "tokenizer.json"))
     text_bytes = torch.tensor(tok.token_bytes())  # val/bpb: comparable across tokenizers
     logger = (RunLogger(run_dir, cfg.tensorboard, resume_step=state.step if cfg.resume else None) if layout.main
@@ -94,6 +86,7 @@ def _train(cfg: TrainConfig, layout: distributed.Layout, stop_at: int | None, qu
         f"{data.train.n_tokens / 1e6:.2f}M train / {data.val.n_tokens / 1e6:.2f}M val tokens ({tok.spec}, "
         f"{tok.vocab_size} ids) | STP {stp_note}")
     say(f"run directory: {run_dir}")
+    aux_settings = aux_loss_settings(model)  # what the guard names when an auxiliary loss goes non-finite
 
     scaled = None
     if layout.distributed:
@@ -120,7 +113,7 @@ def _train(cfg: TrainConfig, layout: distributed.Layout, stop_at: int | None, qu
                 progress.say(f"step {step + 1}: {res.skipped_reason}; step skipped "
                              f"({bad.in_a_row + 1}/{cfg.max_bad_steps})")
                 logger.log(step + 1, {"skipped": 1, "skipped_reason": res.skipped_reason})
-                bad.bad(step + 1, cause_of(res))
+                bad.bad(step + 1, cause_of(res, aux_settings))
                 continue
             bad.good()
             if res.finite is False:  # XLA reads its guard with the log figures: the step was applied as a zero step
@@ -145,13 +138,13 @@ def _train(cfg: TrainConfig, layout: distributed.Layout, stop_at: int | None, qu
                 val_ok = all(math.isfinite(v) for v in val.values())
                 logger.log(state.step, val if val_ok else {**val, "val/skipped": "non-finite validation loss"})
                 if layout.main and cfg.curves:  # curves.png, redrawn at every evaluation; a failure only warns
-                    draw_run_curves(run_dir, progress.say)
+                    draw_run_curves(run_dir)
                 if not val_ok:  # nothing to checkpoint: weights that evaluate to NaN are not a result
                     progress.say(f"step {state.step}: non-finite validation loss; no checkpoint written")
                     bad.bad(state.step, "the validation loss is non-finite; lower --lr or use --dtype float32",
                             train_step=False)
                     continue
-                scaleout.on_main(layout, lambda: rundir.checkpoint(run_dir, host[0], host[1], state, val, resolved,
+                scaleout.on_main(layout, lambda: rundir.checkpoint(run_dir, host[0], host[1], state, val, run.record,
                                                                    batches, stp_gen, cfg.keep_last, tok))
                 progress.say(f"step {state.step}: val loss {val['val/loss']:.4f}"
                              + (f" bpb {val['val/bpb']:.4f}" if "val/bpb" in val else "")
@@ -160,7 +153,7 @@ def _train(cfg: TrainConfig, layout: distributed.Layout, stop_at: int | None, qu
         progress.close()
         logger.close()
         if layout.main and cfg.curves:
-            draw_run_curves(run_dir, say)  # the end of the run (a no-op when the log is unchanged)
+            draw_run_curves(run_dir)  # the end of the run (a no-op when the log is unchanged)
     bad.finish(last_step - first_step, val_ok)
     latest = (list_checkpoints(run_dir) or [None])[-1]
     say(f"done: checkpoint {latest} | best {run_dir / 'best'} (val loss {state.best_val:.4f}) | logs "
@@ -183,7 +176,8 @@ def validate(model: HybridLM, policy: STPPolicy, val_data: Any, cfg: TrainConfig
 def _record(res: Any, lr: float, tokens_per_s: float, epoch: float) -> dict[str, Any]:
     parts = res.loss
     return {"lr": lr, "loss": float(parts.total.detach()), "ce": float(parts.ce.detach()),
-            "moe_aux": float(parts.aux.detach()), "stp": float(parts.stp.detach()), "stp/coeff": parts.coeff,
+            "aux": float(parts.aux.detach()), **{f"aux/{k}": float(v.detach()) for k, v in parts.aux_parts.items()},
+            "stp": float(parts.stp.detach()), "stp/coeff": parts.coeff,
             "stp/live_grad_norm": res.metrics.get("stp/live_grad_norm", 0.0), "grad_norm": float(res.grad_norm),
             "tokens_per_s": tokens_per_s, "epoch": epoch,
             **{k: v for k, v in res.metrics.items() if k != "stp/live_grad_norm"}}

@@ -5,8 +5,8 @@ rank ``s``, through ``torch.distributed.pipelining`` (``PipelineStage`` and its 
 The embedding lives on the first stage, the final norm and LM head on the last; a stage keeps the full
 model's parameter names (``blocks.5.mixer...``), so checkpoints and tap names are global.
 
-The seam. An auxiliary loss computed on an intermediate stage (STP on its taps, its MoE balancing
-losses) has no path to the loss the schedule backpropagates from: the schedule only sends gradients
+The seam. An auxiliary loss computed on an intermediate stage (STP on its taps, its blocks' auxiliary
+losses such as MoE balancing) has no path to the loss the schedule backpropagates from: the schedule only sends gradients
 with respect to the activation a stage handed on. Computed and added to a log, it would be monitoring,
 not training. :class:`AuxSeam` attaches the stage's weighted auxiliary loss to the activation it sends
 downstream: its forward returns the activation unchanged, its backward passes the incoming gradient
@@ -14,7 +14,7 @@ through and gives the auxiliary loss the gradient ``scale``, so when the schedul
 backward the auxiliary gradient rejoins the main stream. ``scale`` is ``1 / grad_accum``: the schedule
 divides every gradient by the number of microbatches itself, as it does for the cross-entropy. The last
 stage applies the same seam to its logits. Summed over the stages, the result is the gradient of
-``ce + moe_aux + coeff * stp`` that one process computes for the same microbatches.
+``ce + aux + coeff * stp`` that one process computes for the same microbatches.
 """
 
 from __future__ import annotations
@@ -23,11 +23,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from amer.blocks import Documents
+from amer.blocks import DocIds
 from amer.model import HybridLM, final_logits, scale_embedding
-from amer.objective import STPPolicy
-from amer.stp import sample_spans, stp_per_layer, token_curvature
-from amer.stp_span import sample_patches, span_stp_per_layer
+from amer.analysis.trajectory import token_curvature
+from amer.stp import STPPolicy, sample_patches, sample_spans, span_stp_per_layer, stp_per_layer
 from amer.tap import tap_names
 
 __all__ = ["AuxSeam", "StageModule", "stage_layers"]
@@ -77,7 +76,7 @@ def _even_split(letters: str, n: int) -> str:
 
 class StageModule(nn.Module):
     """One pipeline stage of a :class:`HybridLM`: its blocks (and the embedding / head at the ends), its
-    share of the STP loss and the MoE losses, attached through :class:`AuxSeam`.
+    share of the STP loss and the blocks' auxiliary losses, attached through :class:`AuxSeam`.
 
     Document ids, the STP span mask and the STP step do not travel between stages: every rank reads the
     same global batch, so the caller hands each stage its microbatches' ids (:meth:`load`) before the
@@ -131,7 +130,7 @@ class StageModule(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         doc_ids = self._pending.pop(0) if self._pending else None
-        documents = Documents(doc_ids) if self.documents and doc_ids is not None else None
+        docs = DocIds(doc_ids) if self.documents and doc_ids is not None else None
         hiddens: dict[int, Tensor] = {}
         if self.first:
             x = scale_embedding(self.model_cfg, self.embed(x))
@@ -139,11 +138,11 @@ class StageModule(nn.Module):
         aux = torch.zeros((), device=x.device)
         record: dict[str, Tensor] = {}
         for layer in self.layers:
-            x, out = self.blocks[str(layer.index)](x, None, documents)
+            x, out = self.blocks[str(layer.index)](x, None, docs)
             hiddens[layer.index + 1] = x
             for k, v in out.aux.items():
                 aux = aux + v
-                record[k] = record.get(k, torch.zeros(())) + v.detach().float()
+                record[f"aux/{k}"] = record.get(f"aux/{k}", torch.zeros(())) + v.detach().float()
         if self.last:
             h = self.norm(x)
             hiddens[self.n_blocks + 1] = h
@@ -157,7 +156,7 @@ class StageModule(nn.Module):
             return x
         return AuxSeam.apply(x, aux, self.seam_scale)
 
-    def _stp(self, hiddens: dict[int, Tensor], mask: Tensor | None, record: dict[str, Tensor]) -> Tensor:
+    def _stp(self, hiddens: dict[int, Tensor], doc_ids: Tensor | None, record: dict[str, Tensor]) -> Tensor:
         """This stage's share of ``coeff * stp``: its selected taps' weighted losses over the weight of the
         whole selection, so the shares of all stages add up to the single-process loss."""
         policy = self.policy
@@ -165,13 +164,13 @@ class StageModule(nn.Module):
         zero = torch.zeros((), device=some.device)
         if not policy.enabled:
             return zero
-        span = policy.cfg.form == "span"  # the span form (amer.stp_span), without a content mask here
+        span = policy.cfg.form == "span"  # the span form (amer.stp.span), without a content mask here
         if not self.stp_taps:  # draw the spans anyway: every stage's generator stays where one process's is
-            (sample_patches if span else sample_spans)(some.shape[0], some.shape[1], policy.cfg.n_spans, mask=mask,
-                                                       generator=self.generator, device=some.device)
+            (sample_patches if span else sample_spans)(some.shape[0], some.shape[1], policy.cfg.n_spans,
+                                                       mask=doc_ids, generator=self.generator, device=some.device)
             return zero
         states = [hiddens[pos] for _, pos in self.stp_taps]
-        per_layer = (span_stp_per_layer if span else stp_per_layer)(states, policy.cfg.n_spans, mask=mask,
+        per_layer = (span_stp_per_layer if span else stp_per_layer)(states, policy.cfg.n_spans, mask=doc_ids,
                                                                      generator=self.generator)
         w = torch.tensor([policy.tap_weights[k] for k, _ in self.stp_taps], dtype=per_layer.dtype,
                          device=per_layer.device)

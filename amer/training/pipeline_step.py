@@ -113,7 +113,7 @@ class PipelineStep:
         # one loss per microbatch, each already divided by grad_accum: their mean over the microbatches
         ce = sum(float(x.detach()) for x in losses) / self.microbatches if stage.last else 0.0
         coeff = stage.policy.coefficient(step) if stage.policy.enabled else 0.0
-        aux = sum(v for k, v in local.items() if k.startswith("moe_"))
+        aux = sum(v for k, v in local.items() if k.startswith("aux/"))
         totals = torch.tensor([ce, aux, local.get("stp", 0.0), local.get("stp/live_grad_sq", 0.0)], dtype=torch.float64)
         dist.all_reduce(totals)
         ce, aux, stp, live_sq = (float(v) / lay.dp for v in totals)

@@ -27,13 +27,13 @@ from amer.checkpoint import (
     save_checkpoint,
 )
 from amer.config import TrainConfig, to_dict
-from amer.data import BatchIterator, check_spec, load_tokenizer
+from amer.data import BatchIterator
 from amer.errors import CheckpointError, ConfigError, TrainingError
 from amer.fileio import fault_point, json_text, own_temp_files, recover_dirs, remove_own_files, write_json
 from amer.training.restore import restore, rng_pack, rng_unpack
 
 __all__ = ["RunState", "Target", "MARKER", "prepare", "open_run", "new_run_dir", "locate", "resume_config",
-           "checkpoint", "prune", "rng_pack", "rng_unpack", "saved_tokenizer"]
+           "checkpoint", "prune", "rng_pack", "rng_unpack", "config_record"]
 
 MARKER = "amer-run.json"  # {"run_id": ...}: this directory was created by amer train
 RUN_FILES = (MARKER, "config.json", "log.jsonl", "tokenizer.json", "curves.png")
@@ -181,9 +181,9 @@ def _clear(run_dir: Path) -> None:
 
 def open_run(target: Target, cfg: TrainConfig, model: torch.nn.Module, opt: torch.optim.Optimizer,
              batches: BatchIterator, stp_gen: torch.Generator, say: Callable[[str], None],
-             stop_at: int | None = None) -> tuple[RunState, dict[str, Any]]:
-    """Restore (resume) or create the run directory, then write its config. Everything that can be refused
-    is checked before the first byte is written."""
+             stop_at: int | None = None) -> RunState:
+    """Restore (resume) or create the run directory, then write its config (``cfg`` as resolved: see
+    :mod:`amer.training.resolve`). Everything that can be refused is checked before the first byte is written."""
     run_dir, state = target.run_dir, RunState()
     if target.resume:
         state.run_id = _run_id(run_dir)
@@ -209,14 +209,14 @@ def open_run(target: Target, cfg: TrainConfig, model: torch.nn.Module, opt: torc
             say(f"already at step {state.step}: nothing to train")
     else:
         state.run_id = _create(run_dir, cfg.overwrite)
-    return state, write_config(run_dir, cfg)
+    write_json(run_dir / "config.json", config_record(cfg))
+    return state
 
 
-def write_config(run_dir: Path, cfg: TrainConfig) -> dict[str, Any]:
-    """``config.json``: the resolved config (what ``--resume`` starts from), written atomically."""
-    resolved = {**to_dict(cfg), "resume": None, "overwrite": False}
-    write_json(run_dir / "config.json", resolved)
-    return resolved
+def config_record(cfg: TrainConfig) -> dict[str, Any]:
+    """The resolved config as ``config.json`` and every checkpoint's meta record it (what ``--resume`` starts
+    from: a continued run does not resume again or overwrite)."""
+    return {**to_dict(cfg), "resume": None, "overwrite": False}
 
 
 def checkpoint(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state: RunState,
@@ -256,36 +256,3 @@ def prune(run_dir: Path, keep_last: int, run_id: str | None = None) -> None:
     for old in [ck for ck in list_checkpoints(run_dir) if _written_by(ck, run_id)][:-keep_last]:
         fault_point("prune")
         remove_own_files(old, CHECKPOINT_FILES)
-
-
-
-
-def saved_tokenizer(cfg: TrainConfig, target: Target) -> tuple[str, Any]:
-    """``(spec, tokenizer)``: the tokenizer a run must reuse, or None when it is made from ``--tokenizer`` now.
-
-    A resumed run reuses the one saved with its checkpoint (or in its directory when it has none yet), never
-    a retrained one; ``--init`` reuses the one saved with those weights (its spec becomes that file). A
-    resumed run's ``--tokenizer`` cannot change; a new one is checked here, before any slow work.
-    """
-    if target.resume:
-        try:
-            was = json.loads((target.run_dir / "config.json").read_bytes()).get("tokenizer", "byte")
-        except (OSError, ValueError, AttributeError):
-            was = cfg.tokenizer
-        if cfg.tokenizer != was:
-            raise ConfigError(f"--tokenizer {cfg.tokenizer} differs from the run's own ({was}); a resumed run keeps "
-                              f"its tokenizer: drop --tokenizer, or start a new run")
-        where = target.checkpoint if target.checkpoint is not None else target.run_dir
-        if (where / "tokenizer.json").is_file():
-            return cfg.tokenizer, load_tokenizer(where)
-        if target.checkpoint is not None:
-            if cfg.tokenizer != "byte":
-                raise CheckpointError(f"{target.checkpoint} has no tokenizer.json but the run used --tokenizer "
-                                      f"{cfg.tokenizer}; copy the run's tokenizer.json into it")
-            return cfg.tokenizer, load_tokenizer(where)  # a checkpoint from before tokenizers were saved: bytes
-    elif getattr(cfg, "init", None):
-        src = find_checkpoint(cfg.init)
-        tok = load_tokenizer(src)
-        return ("byte" if tok.spec == "byte" else str(src / "tokenizer.json")), tok
-    check_spec(cfg.tokenizer)
-    return cfg.tokenizer, None

@@ -20,7 +20,7 @@ from torch import nn
 
 from amer.config import TrainConfig
 from amer.model import HybridLM
-from amer.objective import STPPolicy
+from amer.stp import STPPolicy
 from amer.training import distributed as D
 from amer.training.optim import make_optimizer
 from amer.training.pipeline import StageModule
@@ -134,11 +134,13 @@ class _Averaged:
         figures = {"total": float(parts.total.detach()), "ce": float(parts.ce.detach()),
                    "aux": float(parts.aux.detach()), "stp": float(parts.stp.detach()),
                    **{f"m:{k}": v for k, v in res.metrics.items()},
-                   **{f"t:{k}": float(v) for k, v in parts.per_tap.items()}}
+                   **{f"t:{k}": float(v) for k, v in parts.per_tap.items()},
+                   **{f"a:{k}": float(v.detach()) for k, v in parts.aux_parts.items()}}
         mean = D.mean_over(figures, self.layout, self.layout.dp_group)
         parts = parts._replace(total=torch.tensor(mean["total"]), ce=torch.tensor(mean["ce"]),
                                aux=torch.tensor(mean["aux"]), stp=torch.tensor(mean["stp"]),
-                               per_tap={k[2:]: torch.tensor(v) for k, v in mean.items() if k.startswith("t:")})
+                               per_tap={k[2:]: torch.tensor(v) for k, v in mean.items() if k.startswith("t:")},
+                               aux_parts={k[2:]: torch.tensor(v) for k, v in mean.items() if k.startswith("a:")})
         res.loss, res.metrics = parts, {k[2:]: v for k, v in mean.items() if k.startswith("m:")}
         return res
 

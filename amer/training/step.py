@@ -1,14 +1,15 @@
 """One optimizer step, the only one in amer: ``amer train``, ``amer bench`` and the experiments all run it.
 
-Per micro-batch: forward (recording the taps it is asked for, every block by default, on the graph), ``ce + moe_aux + coeff * stp`` from the
-:class:`~amer.objective.STPPolicy`, a non-finite guard, the log figures read from the taps when asked,
+Per micro-batch: forward (recording the taps it is asked for, every block by default, on the graph),
+``ce + aux + coeff * stp`` (:func:`~amer.objective.total_loss` with the run's :class:`~amer.stp.STPPolicy`),
+a non-finite guard, the log figures read from the taps when asked,
 then the model output is dropped and ``loss / grad_accum`` is backpropagated. After the last micro-batch:
 gradient clipping, a second non-finite guard on the gradient norm, the optimizer step, zeroed gradients.
 A skipped step applies nothing and says why.
 
 On XLA (``--device xla``) the same step cuts one compiled graph per micro-step (forward + backward) and one
 for clipping and the optimizer, and reads nothing back inside the step: the STP gate goes in as a tensor,
-the log figures (losses, gradient norm, MoE statistics) stay on the device and are read only when asked
+the log figures (losses, gradient norm, the blocks' statistics) stay on the device and are read only when asked
 for, and the non-finite guard is a tensor too: a non-finite step applies a zero gradient (weight decay and
 the moment decay of AdamW still act) and comes back with ``finite`` False when its figures are read.
 """
@@ -23,7 +24,8 @@ from torch import Tensor
 
 from amer import xla
 from amer.analysis.metrics import training_metrics
-from amer.objective import LossBreakdown, STPPolicy
+from amer.objective import LossBreakdown, total_loss
+from amer.stp import STPPolicy
 from amer.runtime import autocast
 
 __all__ = ["StepOutput", "TrainStep"]
@@ -90,23 +92,24 @@ class TrainStep:
         stats: dict[str, Tensor] = {}
         for micro in range(self.grad_accum):
             batch = {k: v.to(self.device) for k, v in next(batches).items()}
-            span_mask, content, rows = batch.get("doc_ids"), batch.get("stp_content"), None
+            # STP spans are drawn for the whole (global) batch; the model sees this rank's rows
+            batch_doc_ids, content, rows = batch.get("doc_ids"), batch.get("stp_content"), None
             if self.shard is not None:
                 rows = _rows(batch["tokens"].shape[0], *self.shard)
                 batch = {k: v[rows] for k, v in batch.items()}
-            mask = batch.get("doc_ids")
+            doc_ids = batch.get("doc_ids")
             with autocast(self.dtype, self.device):
-                out = self.model(batch["tokens"], taps=self.taps, doc_ids=mask if self.documents else None,
+                out = self.model(batch["tokens"], taps=self.taps, doc_ids=doc_ids if self.documents else None,
                                  head=not self.fused_ce)
-            parts = self.policy.loss(out, batch["targets"], step, mask=span_mask, generator=self.stp_generator,
-                                     rows=rows, content=content, gate=gate)
+            parts = total_loss(self.policy, out, batch["targets"], step, doc_ids=batch_doc_ids,
+                               generator=self.stp_generator, rows=rows, content=content, gate=gate)
             if self.xla:  # kept every step (same graph outputs every step), read only on log steps
                 stats = {k: v for k, v in out.stats.items() if k.count("/") == 1}
             elif not self.agree(bool(torch.isfinite(parts.total))):
                 self._drop_gradients()
                 return StepOutput(False, parts, skipped_reason="non-finite loss")
             if metrics and micro == self.grad_accum - 1 and not self.xla:  # read the taps now: released before backward
-                logged = self._metrics(parts, out, mask)
+                logged = self._metrics(parts, out, doc_ids)
             sums += torch.stack([parts.total.detach(), parts.ce.detach(), parts.aux.detach(),
                                  parts.stp.detach()]).float()
             loss = parts.total / self.grad_accum
@@ -161,11 +164,13 @@ class TrainStep:
         else:
             self.model.zero_grad(set_to_none=True)
 
-    def _metrics(self, parts: LossBreakdown, out: Any, mask: Tensor | None) -> dict[str, float]:
-        """What the log shows besides the losses: proof STP is live, per-family curvature, MoE figures."""
-        logged = {"stp/live_grad_norm": self.policy.live_grad_norm(parts, out.taps) if out.taps is not None else 0.0}
+    def _metrics(self, parts: LossBreakdown, out: Any, doc_ids: Tensor | None) -> dict[str, float]:
+        """What the log shows besides the losses: proof STP is live, per-family curvature, the blocks' own
+        figures (e.g. MoE load)."""
+        live = self.policy.live_grad_norm(parts.coeff, parts.stp, out.taps) if out.taps is not None else 0.0
+        logged = {"stp/live_grad_norm": live}
         if out.taps is not None and len(out.taps) == len(out.taps.pattern.layers) + 2:
-            logged.update(training_metrics(out.taps, parts.per_tap, mask=mask))
+            logged.update(training_metrics(out.taps, parts.per_tap, doc_ids=doc_ids))
         logged.update({k: float(v) for k, v in out.stats.items() if k.count("/") == 1})
         return logged
 

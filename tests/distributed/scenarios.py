@@ -16,7 +16,8 @@ import torch.distributed as dist
 
 from amer import HybridLM, ModelConfig
 from amer.config import ParallelConfig, STPConfig, TrainConfig
-from amer.objective import STPPolicy
+from amer.objective import total_loss
+from amer.stp import STPPolicy
 from amer.training import distributed as D
 from amer.training import pipeline as P
 from amer.training.optim import make_optimizer
@@ -72,7 +73,7 @@ def reference_grads(model: HybridLM, policy: STPPolicy, data: dict[str, torch.Te
     for i in range(m):
         mb = {k: v.tensor_split(m)[i] for k, v in data.items()}
         out = model(mb["tokens"], doc_ids=mb["doc_ids"])
-        parts = policy.loss(out, mb["targets"], step, mask=mb["doc_ids"], generator=gen)
+        parts = total_loss(policy, out, mb["targets"], step, doc_ids=mb["doc_ids"], generator=gen)
         (parts.total / m).backward()
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 

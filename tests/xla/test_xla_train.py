@@ -12,7 +12,8 @@ import amer
 from amer import xla
 from amer.checkpoint import load_checkpoint
 from amer.config import ModelConfig, STPConfig, TrainConfig
-from amer.objective import STPPolicy
+from amer.objective import total_loss
+from amer.stp import STPPolicy
 from amer.pattern import load_preset
 from amer.training.optim import lr_at, make_optimizer
 from amer.training.step import TrainStep
@@ -148,7 +149,7 @@ def test_counter_catches_a_python_float_gate() -> None:
         for step, b in enumerate(batches(6)):
             b = {k: v.to(DEV) for k, v in b.items()}
             out = model(b["tokens"], doc_ids=b["doc_ids"])
-            policy.loss(out, b["targets"], step, mask=b["doc_ids"], generator=gen).total.backward()
+            total_loss(policy, out, b["targets"], step, doc_ids=b["doc_ids"], generator=gen).total.backward()
             xla.sync(DEV)
 
     assert graphs_for(steps) > 2

@@ -16,7 +16,7 @@ from amer.experiments.nlrx.grid import NTP, Arm, Settings, family_selector, mode
 from amer.experiments.nlrx.heldout import evaluate_heldout, predict
 from amer.experiments.runs import fit
 from amer.model import HybridLM
-from amer.objective import STPPolicy
+from amer.stp import STPPolicy
 from amer.training import TrainStep, lr_at, make_optimizer
 
 __all__ = ["Data", "load_data", "train_arm", "evaluate_arm", "predict", "run_arm"]

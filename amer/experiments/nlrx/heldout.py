@@ -14,7 +14,7 @@ from amer.analysis.stats import effective_rank
 from amer.experiments.nlrx.data import ExampleSet, exact_match
 from amer.experiments.runs import GridSettings
 from amer.model import HybridLM
-from amer.objective import STPPolicy
+from amer.stp import STPPolicy
 from amer.training import evaluate
 
 __all__ = ["predict", "evaluate_heldout"]

@@ -3,7 +3,7 @@
 Claim under test (Huang, LeCun, Balestriero, arXiv 2602.22617): fine-tuning a *pretrained* language model with
 Semantic Tube Prediction on NL-RX-SYNTH matches the next-token baseline's exact match with 16x less data. The
 released code (``--linear=random_span``) regularises one patch of each example's content against its
-complement (:mod:`amer.stp_span`), trains next-token CE on every token, and fine-tunes at a small lr with
+complement (:mod:`amer.stp.span`), trains next-token CE on every token, and fine-tunes at a small lr with
 linear decay and no warm-up for 4 epochs. ``amer experiment nlrx`` tested small models *from scratch* and found
 no benefit; this experiment gives STP the premise it relies on, pretrained trajectories, at CPU scale.
 

@@ -22,7 +22,7 @@ from amer.experiments.nlrx_finetune.data import ChatSet
 from amer.experiments.nlrx_finetune.grid import NTP, Arm, Settings
 from amer.experiments.runs import fit
 from amer.model import HybridLM
-from amer.objective import STPPolicy
+from amer.stp import STPPolicy
 from amer.training import TrainStep, lr_at, make_optimizer
 
 __all__ = ["Data", "load_data", "pretrained_path", "base_model", "policy_for", "train_arm", "evaluate_model",

@@ -4,7 +4,7 @@ next-token targets; and the pretraining corpus (the bundled King James Bible and
 Content mask (``stp_content``): the positions the span form of STP may use as endpoints, as the STP
 paper's released code chooses them: the user message's content and the assistant message's content,
 each with the state just before its first token (the released code reads ``hidden_states[start - 1]``),
-so the chat template between the two turns is cut out of the trajectory (see :mod:`amer.stp_span`).
+so the chat template between the two turns is cut out of the trajectory (see :mod:`amer.stp.span`).
 The EOS and the template tokens are never endpoints.
 
 Targets: ``assistant`` puts next-token CE on the answer and its EOS only (what ``amer experiment nlrx``

@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from amer.experiments.runs import say
 from amer.config import STPConfig, TrainConfig
 from amer.data import BatchIterator, ByteTokenizer
 from amer.experiments.nlrx.grid import model_config
@@ -18,7 +19,7 @@ from amer.experiments.nlrx_finetune.data import pretraining_corpus
 from amer.experiments.nlrx_finetune.grid import SPAN, Arm, Settings, build_grid, pick_arms
 from amer.experiments.nlrx_finetune.pretrain import final_path, pretrain_steps
 from amer.model import HybridLM
-from amer.objective import STPPolicy
+from amer.stp import STPPolicy
 from amer.training import TrainStep, make_optimizer
 
 __all__ = ["estimate"]
@@ -40,7 +41,7 @@ def _pretrain_step_s(pattern: str, s: Settings, timed: int) -> float:
     return (time.process_time() - t0) / timed
 
 
-def estimate(s: Settings, *, timed: int = 10, say: Callable[..., None] = print) -> float:
+def estimate(s: Settings, *, timed: int = 10, say: Callable[..., None] = say) -> float:
     """CPU seconds per core the unfinished work should take with ``workers`` processes of one thread each
     (process time, so a busy machine does not inflate it); printed with its parts, returned."""
     torch.set_num_threads(1)

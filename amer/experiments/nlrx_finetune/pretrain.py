@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 
+from amer.experiments.runs import say
 from amer.checkpoint import read_checkpoint, restore_model, restore_optimizer, save_checkpoint
 from amer.config import STPConfig, TrainConfig
 from amer.configio import to_dict
@@ -25,7 +26,7 @@ from amer.experiments.nlrx.grid import model_config
 from amer.experiments.nlrx_finetune.data import pretraining_corpus
 from amer.experiments.nlrx_finetune.grid import Settings
 from amer.model import HybridLM
-from amer.objective import STPPolicy
+from amer.stp import STPPolicy
 from amer.training import TrainStep, lr_at, make_optimizer
 
 __all__ = ["pretrain", "pretrain_steps", "final_path"]
@@ -48,7 +49,7 @@ def _check(meta: dict[str, Any], s: Settings, path: Path) -> None:
                               "delete that directory to start over")
 
 
-def pretrain(name: str, pattern: str, s: Settings, *, say: Callable[..., None] = print) -> dict[str, Any]:
+def pretrain(name: str, pattern: str, s: Settings, *, say: Callable[..., None] = say) -> dict[str, Any]:
     """Pretrain (or finish pretraining) model ``name``; returns its summary (also in the final checkpoint)."""
     final = final_path(s, name)
     if (final / "meta.json").is_file():

@@ -2,7 +2,7 @@
 
 A packed training row holds several documents back to back. ``doc_ids`` (B, T) names each token's
 document: a change between neighbouring tokens starts a new document, and negative ids mark padding
-(which forms documents of its own and is excluded from statistics). :class:`Documents` derives, once
+(which forms documents of its own and is excluded from statistics). :class:`DocIds` derives, once
 per forward and with static shapes only, what the families need:
 
 - ``starts`` (B, T) bool, a document begins here (always at t = 0): the RG-LRU and the SSD cut their
@@ -24,11 +24,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["Documents"]
+__all__ = ["DocIds"]
 
 
-class Documents:
-    """Per-token document layout of a (B, T) batch; see the module docstring."""
+class DocIds:
+    """The document ids of a (B, T) batch (``.ids``) and the per-token layout derived from them once per
+    forward; see the module docstring. What every mixer receives as ``doc_ids``."""
 
     def __init__(self, doc_ids: Tensor) -> None:
         if doc_ids.dim() != 2 or doc_ids.is_floating_point() or doc_ids.dtype == torch.bool:

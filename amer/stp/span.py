@@ -2,7 +2,7 @@
 
 Huang, LeCun, Balestriero (arXiv 2602.22617) state the geodesic hypothesis as "the hidden-state
 trajectory of a sequence is locally straight". Their released training code (``--linear=random_span``)
-does not penalise the bend of random triples (that is :mod:`amer.stp`'s ``triple`` form); per example it
+does not penalise the bend of random triples (that is the ``triple`` form, :mod:`amer.stp.triple`); per example it
 carves one patch ``[a, b)`` out of the *content* and asks the patch's chord to point the way the rest of
 the trajectory does::
 
@@ -11,7 +11,7 @@ the trajectory does::
 0 when the trajectory is a straight line (any patch of a line is parallel to its complement), ~1 for a
 random walk (the patch is independent of the rest), ~1.7 for i.i.d. states.
 
-Definitions (everything per document; "document" as in :mod:`amer.stp`: a maximal run of equal
+Definitions (everything per document; "document" as in :mod:`amer.stp.geometry`: a maximal run of equal
 non-negative ids, or the whole valid row for a bool mask):
 
 - **Endpoints.** ``content`` (``(B, T)`` bool) marks the positions whose hidden state may be an endpoint;
@@ -37,7 +37,7 @@ non-negative ids, or the whole valid row for a bool mask):
 Documents with ``N < 2`` (no proper patch exists) and ``T < 3`` contribute nothing. With several
 documents in a row, each of the ``n_spans`` patches of the row first picks a document with probability
 proportional to its ``N`` (a uniform step of the row, as the triple form picks its middle position).
-Static shapes and no host sync, as in :mod:`amer.stp`: the trajectory is one masked ``cumsum`` over time,
+Static shapes and no host sync, as in :mod:`amer.stp.triple`: the trajectory is one masked ``cumsum`` over time,
 the draws are ``searchsorted`` on integer counts, the loss is one gather of four points per patch.
 """
 
@@ -48,7 +48,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from amer.stp import _check_mask, _draw_device, _one_minus_cos, _searchsorted, _suffix_min, _valid_and_runs
+from amer.stp.geometry import check_mask, count_below, draw_device, one_minus_cos, suffix_min, valid_and_runs
 
 __all__ = ["sample_patches", "patch_losses", "span_stp_per_layer"]
 
@@ -60,7 +60,7 @@ def _steps_and_documents(mask: Tensor | None, content: Tensor | None, batch: int
         valid = torch.ones(batch, length, dtype=torch.bool, device=device)
         runs = torch.zeros(batch, length, dtype=torch.long, device=device)
     else:
-        valid, runs = _valid_and_runs(mask)
+        valid, runs = valid_and_runs(mask)
     allowed = valid if content is None else valid & content.to(torch.bool)
     step = torch.zeros_like(allowed)
     step[:, 1:] = allowed[:, 1:] & allowed[:, :-1] & (runs[:, 1:] == runs[:, :-1])
@@ -80,7 +80,7 @@ def sample_patches(batch: int, length: int, n_spans: int, *, mask: Tensor | None
         raise ValueError(f"n_spans must be >= 1, got {n_spans}")
     for name, m in (("mask", mask), ("content", content)):
         if m is not None:
-            _check_mask(m, batch, length)
+            check_mask(m, batch, length)
             device = m.device
     if content is not None and content.dtype != torch.bool:
         raise TypeError(f"content must be a bool mask of allowed endpoint positions, got {content.dtype}")
@@ -94,18 +94,18 @@ def sample_patches(batch: int, length: int, n_spans: int, *, mask: Tensor | None
     is_end = torch.ones_like(step)
     is_end[:, :-1] = runs[:, 1:] != runs[:, :-1]
     start = torch.where(is_start, pos, 0).cummax(dim=1).values  # first position of each position's document
-    end = _suffix_min(torch.where(is_end, pos, length - 1))  # its last position
+    end = suffix_min(torch.where(is_end, pos, length - 1))  # its last position
     step_l = step.long()
     cnt = step_l.cumsum(1)  # steps in [0, t]
     before_doc = cnt.gather(1, start) - step_l.gather(1, start)  # steps of the row before the document
     n_doc = cnt.gather(1, end) - before_doc  # N of the position's document
     anchor = step & (n_doc >= 2)  # a step of a document that has a proper patch
 
-    u = torch.rand(batch, n_spans, 3, generator=generator, device=_draw_device(generator, step.device)).to(step.device)
+    u = torch.rand(batch, n_spans, 3, generator=generator, device=draw_device(generator, step.device)).to(step.device)
     anc_cnt = anchor.long().cumsum(1)
     n_anc = anc_cnt[:, -1:]
     k = (u[..., 0] * n_anc).long().clamp(max=n_anc - 1).clamp_min(0)
-    r = _searchsorted(anc_cnt, k + 1).clamp(max=length - 1)  # (B, S) a step of the chosen document
+    r = count_below(anc_cnt, k + 1).clamp(max=length - 1)  # (B, S) a step of the chosen document
     ok = anchor.gather(1, r)
     n = n_doc.gather(1, r).clamp_min(2)  # (B, S) N, >= 2 where ok
     base = before_doc.gather(1, r)  # rank of the document's first step among the row's steps
@@ -115,7 +115,7 @@ def sample_patches(batch: int, length: int, n_spans: int, *, mask: Tensor | None
 
     def after(j: Tensor) -> Tensor:
         """Position of the row's ``j``-th step (0-based): P_k is the trajectory at the document's (k-1)-th step."""
-        return _searchsorted(cnt, (j + 1).clamp(min=1)).clamp(max=length - 1)
+        return count_below(cnt, (j + 1).clamp(min=1)).clamp(max=length - 1)
 
     first = after(base)  # the document's first step; P_0 is the state one position before it
     p0 = (first - 1).clamp_min(0)
@@ -141,7 +141,7 @@ def patch_losses(hidden: Tensor, idx: Tensor, step: Tensor) -> Tensor:
     flat = idx.reshape(batch, n_spans * 4)
     pts = traj.gather(1, flat.unsqueeze(-1).expand(batch, flat.shape[1], dim)).view(batch, n_spans, 4, dim)
     p0, pa, pb, pn = pts.unbind(2)
-    return _one_minus_cos(pb - pa, (pa - p0) + (pn - pb))
+    return one_minus_cos(pb - pa, (pa - p0) + (pn - pb))
 
 
 def span_stp_per_layer(hidden: Sequence[Tensor], n_spans: int = 1, *, mask: Tensor | None = None,
@@ -149,7 +149,7 @@ def span_stp_per_layer(hidden: Sequence[Tensor], n_spans: int = 1, *, mask: Tens
                        rows: slice | None = None) -> Tensor:
     """The span-form STP loss of each layer, ``(n_layers,)`` fp32, every layer read at the same patches.
 
-    The counterpart of :func:`amer.stp.stp_per_layer` (same ``rows`` contract: patches are drawn for the
+    The counterpart of :func:`amer.stp.triple.stp_per_layer` (same ``rows`` contract: patches are drawn for the
     whole batch that ``mask`` / ``content`` describe, the loss normalised so equal shares average to it).
     A batch without any proper patch (or ``T < 3``) gives zeros still attached to the graph.
     """
