@@ -30,7 +30,7 @@ __all__ = ["available", "xla_device", "is_xla", "sync", "wait", "compile_count",
 # stays the same. Set when amer is imported, before torch_xla starts (it reads the setting once).
 os.environ.setdefault("XLA_NO_SPECIAL_SCALARS", "1")
 
-MISSING = "--device xla needs torch_xla (pip install -e \".[xla]\" in an environment with torch==2.9.1): see README"
+MISSING = "--device xla needs torch_xla (pip install -e \".[xla]\" in an environment with torch==2.9.1): see docs/scaling.md"
 _ANNOUNCED = False
 log = logging.getLogger(__name__)
 

@@ -330,9 +330,10 @@ def foreign_references(paths: list[Path]) -> list[str]:
 
 def test_the_repository_speaks_of_itself_alone(tmp_path: Path) -> None:
     paths = [*PKG.rglob("*.py"), *PKG.rglob("*.toml"), *(REPO / "tests").glob("*.py"), REPO / "README.md",
-             REPO / "train.py"]
+             REPO / "train.py", REPO / "checkpoints" / "README.md", *(REPO / "docs").rglob("*.md")]
     if (REPO / "ARCHITECTURE.md").exists():
         paths.append(REPO / "ARCHITECTURE.md")
+    assert REPO / "docs" / "README.md" in paths and (REPO / "checkpoints" / "README.md").is_file()
     # the rule's own pattern and its negative control below are the only places allowed to spell it out
     assert [h for h in foreign_references(paths) if not h.startswith("tests/test_architecture.py")] == []
     bad = tmp_path / "notes.txt"

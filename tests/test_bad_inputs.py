@@ -1,7 +1,7 @@
 """Every bad input a user can give, as a table: each must end with exit code 2 and exactly one line on stderr
-(``error: ...`` naming the problem), never a traceback; or it is accepted because the README documents it
-as valid. Cases run in-process through ``amer.cli.main`` (a handful as real subprocesses at the end, for
-the exit code and the absence of a traceback end to end).
+(``error: ...`` naming the problem), never a traceback; or it is accepted because the documentation (README.md,
+docs/) describes it as valid. Cases run in-process through ``amer.cli.main`` (a handful as real subprocesses at
+the end, for the exit code and the absence of a traceback end to end).
 
 The numeric flags are generated from the config classes, so a new option is in the table the day it is
 added; the rest are written out by kind: flags, TOML, data, resume, sample, curvature, bench, patterns,

@@ -45,7 +45,7 @@ def test_evaluation_on_padded_batches_equals_unpadded() -> None:
 
 @pytest.mark.skipif(xla.available(), reason="checks the message shown where torch_xla is not installed")
 def test_device_xla_without_torch_xla_is_a_clear_error() -> None:
-    with pytest.raises(ConfigError, match="--device xla needs torch_xla.*see README"):
+    with pytest.raises(ConfigError, match="--device xla needs torch_xla.*see docs/scaling.md"):
         resolve_device("xla")
 
 

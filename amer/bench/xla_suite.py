@@ -22,7 +22,7 @@ def suite_xla(opts: BenchOptions) -> SuiteResult:
     res = SuiteResult("xla")
     if not xla.available():
         res.notes.append("skipped: torch_xla is not installed (it needs its own environment with torch 2.9.1: "
-                         "pip install -e '.[xla]'; see README)")
+                         "pip install -e '.[xla]'; see docs/scaling.md)")
         return res
     cfg = ModelConfig.from_preset(opts.preset)
     batch = make_batch(cfg.vocab_size, opts.batch, opts.seq_len, opts.seed)
