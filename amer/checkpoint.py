@@ -10,8 +10,8 @@ Layout of one checkpoint directory::
 
 A checkpoint is written into a temporary sibling directory, fsynced, then renamed into place (or swapped
 with the one it replaces, ``best/``), so an interrupted write never leaves a half checkpoint under a real
-name and never touches the previous one. Removing a checkpoint removes these four files only. A pretrained folder (:mod:`amer.hub`) reads like a
-checkpoint without optimizer state.
+name and never touches the previous one. Removing a checkpoint removes these four files only. A pretrained
+folder (:mod:`amer.hub`) reads like a checkpoint without optimizer state.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ from amer.version import __version__
 from amer.weights import check_weights, load_tensors, model_from_weights, restore_model, state_tensors
 
 __all__ = ["CheckpointError", "CHECKPOINT_FILES", "save_checkpoint", "load_checkpoint", "read_checkpoint",
-           "find_checkpoint", "list_checkpoints", "read_meta", "state_tensors", "checkpoint_step", "restore_model", "restore_optimizer", "check_weights", "model_from_weights"]
+           "find_checkpoint", "list_checkpoints", "read_meta", "state_tensors", "checkpoint_step", "restore_model",
+           "restore_optimizer", "check_weights", "model_from_weights"]
 
 CHECKPOINT_FILES = ("model.safetensors", "optim.safetensors", "meta.json", "tokenizer.json")  # all a checkpoint holds
 
@@ -123,7 +124,8 @@ def find_checkpoint(path: str | Path) -> Path:
         return p
     steps = list_checkpoints(p)
     if not steps:
-        raise CheckpointError(f"no checkpoint in {p}: expected step_*/ directories with meta.json and model.safetensors")
+        raise CheckpointError(f"no checkpoint in {p}: expected step_*/ directories with meta.json and "
+                              "model.safetensors")
     return steps[-1]
 
 
@@ -150,7 +152,10 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def read_checkpoint(path: str | Path, *, with_optimizer: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict[str, Any]]:
+Tensors = dict[str, torch.Tensor]
+
+
+def read_checkpoint(path: str | Path, *, with_optimizer: bool = True) -> tuple[Tensors, Tensors | None, dict[str, Any]]:
     """(model tensors, optimizer tensors or None, meta) of a checkpoint, validating every file."""
     meta = read_meta(path)
     ckpt = Path(meta["_path"])

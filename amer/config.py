@@ -14,8 +14,9 @@ from __future__ import annotations
 import dataclasses
 import re
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from amer.configio import check, check_fields, coerce, from_dict, load_toml, opt, suggest, to_dict
 from amer.errors import ConfigError
@@ -62,7 +63,8 @@ class ModelConfig:
     max_seq_len: int = opt(1024, "longest sequence the model accepts (--seq-len must not exceed it)", ge=1)
     tie_embeddings: bool = opt(True, "share the input embedding and the LM head weights")
     norm_eps: float = opt(1e-5, "RMSNorm epsilon", gt=0)
-    init_std: float = opt(0.02, "std of the normal weight init (residual output projections scaled by 1/sqrt(2 layers))")
+    init_std: float = opt(0.02,
+                          "std of the normal weight init (residual output projections scaled by 1/sqrt(2 layers))")
     # what imported checkpoints use (1 / 0 / None leave the model as it is)
     embed_scale: float = opt(1.0, "multiplier of the token embeddings (Gemma: sqrt(d-model))")
     residual_scale: float = opt(1.0, "multiplier of every block's update before it joins the residual stream")
@@ -132,14 +134,14 @@ class ModelConfig:
         return self.family_configs[spec.config_key]
 
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
         """The ``[model]`` table of preset ``name`` (``patterns/<name>.toml``), with top-level overrides."""
         data = dict(load_preset(name)["model"])
         data.update(overrides)
         return from_dict(cls, data, where="model.")
 
     @classmethod
-    def _from_dict(cls, data: dict[str, Any], where: str) -> "ModelConfig":
+    def _from_dict(cls, data: dict[str, Any], where: str) -> ModelConfig:
         shared = {f.name: f for f in _shared_fields()}
         hints = typing.get_type_hints(cls)
         specs = {s.config_key: s for s in families()}
@@ -198,7 +200,8 @@ class STPConfig:
         if self.family_weights:
             allowed = {*(f.letter for f in families()), "final", "embed"}
             for k in self.family_weights:
-                check(k in allowed, f"stp.family_weights key {k!r} is not one of {sorted(allowed)}{suggest(k, allowed)}")
+                check(k in allowed,
+                      f"stp.family_weights key {k!r} is not one of {sorted(allowed)}{suggest(k, allowed)}")
 
 
 def stp_config_from_preset(name: str) -> STPConfig:

@@ -14,9 +14,10 @@ import math
 import sys
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import field
 from pathlib import Path
-from typing import Any, Callable, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from amer.errors import ConfigError
 

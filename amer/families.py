@@ -12,8 +12,9 @@ whenever any part of amer runs.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from amer.errors import InputError
 
@@ -112,7 +113,7 @@ class Family(str):
 
     __slots__ = ()
 
-    def __new__(cls, letter: Any) -> "Family":
+    def __new__(cls, letter: Any) -> Family:
         if isinstance(letter, Family):
             return letter
         return super().__new__(cls, get_family(str(letter)).letter)
@@ -134,5 +135,5 @@ class Family(str):
         return f"Family({self.value!r})"
 
     @classmethod
-    def all(cls) -> Iterator["Family"]:
+    def all(cls) -> Iterator[Family]:
         return iter([cls(s.letter) for s in families()])

@@ -10,7 +10,8 @@ every block), without bucketing prompts by exact length into many tiny batches.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

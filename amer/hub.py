@@ -20,8 +20,9 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -33,7 +34,8 @@ from amer.model import HybridLM, set_pretrained_io
 from amer.version import __version__
 from amer.weights import load_tensors, model_from_weights, state_tensors
 
-__all__ = ["PRETRAINED_FILES", "MODEL_TYPE", "save_pretrained", "write_folder", "load_pretrained", "read_pretrained_config",
+__all__ = ["PRETRAINED_FILES", "MODEL_TYPE", "save_pretrained", "write_folder", "load_pretrained",
+           "read_pretrained_config",
            "is_pretrained_folder", "push_to_hub"]
 
 MODEL_TYPE = "amer"
@@ -101,7 +103,8 @@ def write_folder(directory: Path, own_files: tuple[str, ...], write: Callable[[P
 
 def _check_target(directory: Path) -> None:
     if directory.exists() and not directory.is_dir():
-        raise InputError(f"{directory} exists and is not a directory: choose a new or empty folder to write the model to")
+        raise InputError(f"{directory} exists and is not a directory: choose a new or empty folder to write the "
+                         "model to")
     if directory.is_dir():
         foreign = sorted(p.name for p in directory.iterdir() if p.name not in PRETRAINED_FILES)
         if foreign:
@@ -156,7 +159,8 @@ def _local(path: str | Path) -> Path:
         return Path(snapshot_download(str(path), allow_patterns=list(PRETRAINED_FILES)))
     except Exception as e:  # offline, unknown repository, authentication: one line, not a traceback
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a local folder, and downloading it from the Hub failed: {first}") from None
+        raise CheckpointError(f"{path} is not a local folder, and downloading it from the Hub failed: "
+                              f"{first}") from None
 
 
 def push_to_hub(model: torch.nn.Module, repo_id: str, *, tokenizer: Any = None, private: bool | None = None,

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from amer.configio import parse_toml, suggest
 from amer.errors import PatternError
@@ -320,7 +321,8 @@ def parse_pattern(text: str) -> Pattern:
     try:
         return _parse(text, preset)
     except PatternError as e:
-        if preset is None and _NAME_RE.match(stripped) and any(c.islower() and c not in letters().lower() for c in stripped):
+        lower = letters().lower()
+        if preset is None and _NAME_RE.match(stripped) and any(c.islower() and c not in lower for c in stripped):
             names = preset_names()
             hint = suggest(stripped, names, cutoff=0.6)
             raise PatternError(

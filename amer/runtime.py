@@ -9,7 +9,7 @@ import ctypes
 import logging
 import sys
 import time
-from typing import ContextManager
+from contextlib import AbstractContextManager
 
 import torch
 
@@ -39,7 +39,7 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def autocast(dtype: str, device: torch.device | str) -> ContextManager:
+def autocast(dtype: str, device: torch.device | str) -> AbstractContextManager:
     """bfloat16 autocast for ``dtype == "bfloat16"``; for float32, autocast explicitly off (so a caller's
     outer autocast does not leak into an fp32 run)."""
     kind = torch.device(device).type

@@ -20,7 +20,8 @@ bound (``R:`` is an error; ``R`` is every recurrent block), indices are ASCII di
 from __future__ import annotations
 
 import re
-from typing import Iterator, NamedTuple, Sequence
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 from torch import Tensor
 

@@ -59,7 +59,8 @@ def check_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: st
     missing = [k for k in missing if k not in tied]
     unexpected = [k for k in weights if k not in expected]
     if missing or unexpected:
-        raise CheckpointError(f"{source}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise CheckpointError(f"{source}: weights do not match the model (missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]})")
     for k, v in weights.items():
         if expected[k].shape != v.shape:
             raise CheckpointError(f"{source}: {k} has shape {tuple(v.shape)}, model expects {tuple(expected[k].shape)}")

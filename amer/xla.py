@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -30,7 +31,8 @@ __all__ = ["available", "xla_device", "is_xla", "sync", "wait", "compile_count",
 # stays the same. Set when amer is imported, before torch_xla starts (it reads the setting once).
 os.environ.setdefault("XLA_NO_SPECIAL_SCALARS", "1")
 
-MISSING = "--device xla needs torch_xla (pip install -e \".[xla]\" in an environment with torch==2.9.1): see docs/scaling.md"
+MISSING = ("--device xla needs torch_xla (pip install -e \".[xla]\" in an environment with torch==2.9.1): "
+           "see docs/scaling.md")
 _ANNOUNCED = False
 log = logging.getLogger(__name__)
 

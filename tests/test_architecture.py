@@ -380,7 +380,8 @@ def test_declared_dependencies_match_the_imports(tmp_path: Path) -> None:
     for name, where in declared.items():
         if name in dev_only:
             continue
-        assert IMPORT_NAMES.get(name, name.replace("-", "_")) in imported, f"{name} ({where}) is declared but never used"
+        assert IMPORT_NAMES.get(name, name.replace("-",
+                                                   "_")) in imported, f"{name} ({where}) is declared but never used"
     assert undeclared_imports(code, declared) == []
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    import left_pad\n    import json\n")

@@ -122,7 +122,8 @@ def test_fused_rglru_gradcheck(T: int) -> None:
     starts = torch.zeros(gates.shape[:2], dtype=torch.bool)
     starts[:, 0] = True
     starts[:, gates.shape[1] // 2] = True  # a packed document starts mid-row: its state resets
-    assert torch.autograd.gradcheck(lambda g, u, lam: _RGLRUScan.apply(g, u, lam, None, 8.0, starts), (gates, u, Lambda))
+    assert torch.autograd.gradcheck(lambda g, u, lam: _RGLRUScan.apply(g, u, lam, None, 8.0, starts), (gates, u,
+                                                                                                       Lambda))
     # recurrentgemma's variant: the inputs at the starts enter without the sqrt(1 - a^2) normaliser
     assert torch.autograd.gradcheck(lambda g, u, lam: _RGLRUScan.apply(g, u, lam, None, 8.0, starts, True),
                                     (gates, u, Lambda))

@@ -40,7 +40,8 @@ def _run(compiled: bool, steps: int, seq_lens: list[int]) -> tuple[list[float], 
 
 def test_no_recompiles_over_a_run_with_the_stp_gate_opening() -> None:
     """Six steps: STP gated off (0, 1), ramping (2, 3), on (4, 5). Compiles happen in the first step only (two
-    graphs: the first A block builds the packed documents' mask, the second reuses it) and the losses equal eager's. Negative control, a seventh step at a new
+    graphs: the first A block builds the packed documents' mask, the second reuses it) and the losses equal eager's.
+    Negative control, a seventh step at a new
     sequence length: that does recompile, and the counter sees it."""
     T = [32] * 6 + [48]
     eager, _ = _run(False, 6, T)

@@ -62,7 +62,8 @@ class GeometryModel(nn.Module):
         self.weight = nn.Parameter(torch.zeros(1))  # evaluate() reads the device from the parameters
         self.calls = 0
 
-    def forward(self, tokens: torch.Tensor, *, taps: bool | str = True, doc_ids: torch.Tensor | None = None) -> ModelOutput:
+    def forward(self, tokens: torch.Tensor, *, taps: bool | str = True,
+                doc_ids: torch.Tensor | None = None) -> ModelOutput:
         B, T = tokens.shape
         scale = (1.0 + torch.arange(T, dtype=torch.float32)).view(1, T, 1)
         rows = torch.stack([self.paths[(self.calls * B + b) % len(self.paths)] for b in range(B)])  # (B, n, D)

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import test_mixer_contract as contract
 import torch
-from test_mixer_contract import B, D, LETTERS, MODEL_T, T, VOCAB, build_model, faulty_family, inputs  # noqa: F401
+from test_mixer_contract import LETTERS, MODEL_T, VOCAB, B, D, T, build_model, faulty_family, inputs  # noqa: F401
 from torch import Tensor
 
 from amer import HybridLM, ModelConfig

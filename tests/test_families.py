@@ -30,8 +30,8 @@ from amer.errors import InputError, PatternError
 from amer.families import Family, FamilySpec, families, get_family, letters, register_family, unregister_family
 from amer.generate import generate
 from amer.objective import total_loss
-from amer.stp import STPPolicy
 from amer.pattern import LayerSpec
+from amer.stp import STPPolicy
 
 VOCAB = 64
 

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from amer.config import ModelConfig, STPConfig
 from amer.model import HybridLM, final_logits
 from amer.objective import cross_entropy
-from amer.stp import STPPolicy
 from amer.ops.linear_ce import CHUNK_ELEMENTS, MIN_CHUNK_ROWS, chunk_rows, linear_cross_entropy
+from amer.stp import STPPolicy
 from amer.training.step import TrainStep
 
 

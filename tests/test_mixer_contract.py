@@ -16,8 +16,9 @@ Mamba has two B/C groups, attention shares each KV head between two query heads.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
 import torch

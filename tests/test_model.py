@@ -275,7 +275,7 @@ def test_taps_false_and_partial_recording() -> None:
     with pytest.raises(SelectorError, match=r"tap M0 was not recorded"):
         part.taps.select("M0")
     with pytest.raises(SelectorError, match=r"tap final was not recorded"):
-        part.taps.final
+        _ = part.taps.final
 
     two = model(x, taps="final,E0")
     assert [t.name for t in two.taps] == ["E0", "final"]

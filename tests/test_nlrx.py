@@ -209,7 +209,8 @@ def _records(acc: dict, stp_final: dict, ce: dict, seeds=(0, 1, 2), spread: floa
         for k, seed in enumerate(seeds):
             recs.append({"arm": {"model": "m", "pattern": "AMER", "lam": lam, "taps": taps, "fraction": frac,
                                  "seed": seed},
-                         "accuracy": a + spread * k, "heldout_ce": ce.get(lam, 0.5), "heldout_stp_final": stp_final.get(lam, 1.0),
+                         "accuracy": a + spread * k, "heldout_ce": ce.get(lam, 0.5),
+                         "heldout_stp_final": stp_final.get(lam, 1.0),
                          "heldout_stp_family": 1.0, "erank": 10.0, "train_ce": 0.1})
     return recs
 

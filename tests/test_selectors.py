@@ -65,7 +65,8 @@ def test_errors(sel: str, fragment: str) -> None:
 
 
 def test_family_absent_is_clear_error() -> None:
-    with pytest.raises(SelectorError, match=r"selector 'M-1' selects nothing: the pattern 'AEAE' has no mamba \(M\) blocks"):
+    with pytest.raises(SelectorError,
+                       match=r"selector 'M-1' selects nothing: the pattern 'AEAE' has no mamba \(M\) blocks"):
         resolve_selector("M-1", parse_pattern("AEAE"))
 
 

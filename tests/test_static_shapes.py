@@ -6,14 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from amer import HybridLM, ModelConfig
+from amer import HybridLM, ModelConfig, xla
 from amer.config import STPConfig
 from amer.data import ByteTokenizer, PackedDataset
 from amer.errors import ConfigError
-from amer.stp import STPPolicy
 from amer.runtime import resolve_device
+from amer.stp import STPPolicy
 from amer.training.evaluate import evaluate
-from amer import xla
 
 
 def _dataset() -> PackedDataset:

@@ -30,8 +30,8 @@ from amer import (
     parse_pattern,
 )
 from amer.analysis.metrics import depth_states, training_metrics
-from amer.objective import total_loss
 from amer.analysis.trajectory import depth_curvature_per_token, token_curvature
+from amer.objective import total_loss
 from amer.stp import STPPolicy
 
 VOCAB = 64

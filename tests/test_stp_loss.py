@@ -169,7 +169,8 @@ def test_low_precision_is_finite_and_close(dtype: torch.dtype) -> None:
     assert abs(loss.item() - ref.item()) < 0.02
     loss.backward()
     assert h.grad.dtype == dtype and torch.isfinite(h.grad.float()).all()
-    assert torch.isfinite(token_curvature(h.detach())) and torch.isfinite(depth_curvature([h.detach()] * 2 + [h.detach() * 2])).all()
+    assert torch.isfinite(token_curvature(h.detach()))
+    assert torch.isfinite(depth_curvature([h.detach()] * 2 + [h.detach() * 2])).all()
 
 
 @pytest.mark.parametrize("kind", ["zeros", "constant"])
@@ -382,14 +383,15 @@ def test_token_curvature_stride_and_mask() -> None:
     assert token_curvature(h, mask=valid, reduce=False)[1][0].tolist() == [1, 1, 1, 0, 0, 0, 1, 1, 1, 1]
 
 
-def _bent_depth_states(n_states: int, turn_at: int, batch: int = 2, length: int = 5, dim: int = 6) -> list[torch.Tensor]:
+def _bent_depth_states(n_states: int, turn_at: int, batch: int = 2, length: int = 5,
+                       dim: int = 6) -> list[torch.Tensor]:
     """States moving along e1 up to state ``turn_at``, then along e2 (a right angle there)."""
     base = torch.randn(batch, length, dim)
     e1, e2 = torch.zeros(dim), torch.zeros(dim)
     e1[0], e2[1] = 1.0, 1.0
     states = []
-    for l in range(n_states):
-        step = e1 * min(l, turn_at) + e2 * max(l - turn_at, 0)
+    for i in range(n_states):
+        step = e1 * min(i, turn_at) + e2 * max(i - turn_at, 0)
         states.append(base + step)
     return states
 

@@ -13,12 +13,10 @@ from amer import AttentionConfig, MambaConfig, ModelConfig
 from amer.config import STPConfig, TrainConfig, options
 from amer.model import HybridLM
 from amer.objective import total_loss
-from amer.stp import STPPolicy
-from amer.stp import compute_stp_loss
+from amer.stp import STPPolicy, compute_stp_loss
 from amer.stp.span import patch_losses, sample_patches, span_stp_per_layer
 from amer.training import evaluate
 from amer.training.optim import lr_at
-
 
 
 def tiny_config() -> ModelConfig:

@@ -143,7 +143,8 @@ def test_resume_is_bit_identical(tmp_path: Path, uninterrupted: Path, crash: boo
 
     full_lines, part_lines = train_lines(uninterrupted), train_lines(part)
     assert [r["step"] for r in part_lines] == list(range(1, 13)), "each step logged exactly once"
-    keys = ["loss", "ce", "aux", "aux/moe_lb", "aux/moe_z", "stp", "stp/coeff", "grad_norm", "stp/live_grad_norm", "curv/depth/A->E"]
+    keys = ["loss", "ce", "aux", "aux/moe_lb", "aux/moe_z", "stp", "stp/coeff", "grad_norm", "stp/live_grad_norm",
+            "curv/depth/A->E"]
     for a, b in zip(full_lines, part_lines):
         assert {k: a[k] for k in keys} == {k: b[k] for k in keys}, f"step {a['step']} differs"
     assert part_lines[3]["stp/coeff"] > 0  # STP was on across the cut: its sampler state was restored

@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,9 +42,9 @@ from torch import Tensor, nn
 
 from amer.analysis.metrics import depth_states
 from amer.analysis.stats import CI_LEVEL, percentile_ci, ratio, resample_weights
+from amer.analysis.trajectory import depth_curvature_per_token, token_curvature
 from amer.errors import AnalysisError
 from amer.families import get_family, letters
-from amer.analysis.trajectory import depth_curvature_per_token, token_curvature
 from amer.stp.triple import sample_spans, span_bends
 from amer.tap import Tap
 
@@ -71,7 +72,7 @@ class _Layout:
     groups: list[tuple[str, list[int]]] = field(default_factory=list)
 
     @classmethod
-    def from_taps(cls, taps: Sequence[Tap], strides: list[int]) -> "_Layout":
+    def from_taps(cls, taps: Sequence[Tap], strides: list[int]) -> _Layout:
         lay = cls([t.name for t in taps], [t.kind for t in taps], [t.label for t in taps],
                   [int(t.layer) for t in taps], [int(t.index) for t in taps], strides)
         lay.keys = ([f"tok/{n}/s{k}" for n in lay.names for k in strides] + [f"stp/{n}" for n in lay.names]

@@ -4,7 +4,7 @@ curvature per boundary type. Cheap enough to run every log interval on the step'
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor

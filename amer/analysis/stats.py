@@ -5,7 +5,7 @@ Spearman's rank correlation, and the effective rank of a set of hidden states (e
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -7,7 +7,7 @@ figure and the STP loss measure the same thing. Pure tensor math: no model, no d
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -79,8 +79,8 @@ def depth_curvature_per_token(states: Sequence[Tensor]) -> Tensor:
         raise ValueError(f"all states must share one (B, T, D) shape, got {[tuple(x.shape) for x in states]}")
     prev = states[1].float() - states[0].float()  # (B, T, D)
     out = []
-    for l in range(1, len(states) - 1):
-        cur = states[l + 1].float() - states[l].float()
+    for i in range(1, len(states) - 1):
+        cur = states[i + 1].float() - states[i].float()
         out.append(one_minus_cos(prev, cur))  # (B, T)
         prev = cur
     return torch.stack(out)

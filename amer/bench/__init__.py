@@ -29,7 +29,8 @@ Suites (``all`` runs every one):
              (Mixtral, Mamba2) on the same imported weights, continuations compared.
 ``peers``    amer vs Hugging Face transformers (``JambaForCausalLM`` with ``use_mambapy=True``,
              ``Mamba2ForCausalLM``, ``MixtralForCausalLM``) at matched configurations, parameter counts side
-             by side, at the preset's shape and at vocabulary 8,192 / width 256 / sequence 512; skipped with a message when transformers is not installed (``pip install amer[bench]``).
+             by side, at the preset's shape and at vocabulary 8,192 / width 256 / sequence 512; skipped with a message
+             when transformers is not installed (``pip install amer[bench]``).
 ``xla``      the training step on the XLA device vs eager CPU: time to the first step, steady step time, graphs
              compiled in warm-up and after it (torch_xla; skipped with a message when it is not installed).
 
@@ -39,8 +40,10 @@ taken on a noisy machine is in :mod:`amer.bench.harness`; the command line is :m
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
+from amer.bench.compiled import suite_compile
+from amer.bench.decode import suite_decode
 from amer.bench.flops import forward_macs, training_flops
 from amer.bench.harness import (
     BenchOptions,
@@ -52,8 +55,6 @@ from amer.bench.harness import (
     paired_ratio,
     peak_tensor_bytes,
 )
-from amer.bench.compiled import suite_compile
-from amer.bench.decode import suite_decode
 from amer.bench.memory import suite_checkpointing, suite_lmhead
 from amer.bench.peers import suite_peers
 from amer.bench.suites import suite_blocks, suite_flops, suite_packing, suite_scaling, suite_stp, suite_taps

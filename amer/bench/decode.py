@@ -10,7 +10,8 @@ prefills a prompt and then produces a fixed number of tokens (no early stop), at
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor

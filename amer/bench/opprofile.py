@@ -9,8 +9,8 @@ self time) and everything else, so a benchmark can print that ceiling next to th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 __all__ = ["GEMM_OPS", "OpProfile", "op_profile"]
 

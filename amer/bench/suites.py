@@ -73,7 +73,8 @@ def suite_stp(opts: BenchOptions) -> SuiteResult:
     for n in STP_SPANS:
         key = f"n_spans={n}"
         res.rows.append({"name": key, "ms": median(times[key]) * 1e3, "ratio": paired_ratio(times[key], times["off"])})
-    res.notes.append(f"{opts.preset} preset, batch {opts.batch}x{opts.seq_len}, STP on {last_of_each_family(model.pattern)} "
+    res.notes.append(f"{opts.preset} preset, batch {opts.batch}x{opts.seq_len}, "
+                     f"STP on {last_of_each_family(model.pattern)} "
                      "with the document-id mask; step = forward + backward + clip + AdamW; ratio = median of "
                      "per-round (STP step / plain step); target <= 1.02 at n_spans=4, flat in n_spans")
     return res

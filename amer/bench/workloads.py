@@ -6,7 +6,8 @@ the real thing and not a copy that could drift from it.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor

@@ -17,10 +17,10 @@ from torch import Tensor, nn
 
 from amer.blocks.common import Mixer, MixerOutput, RMSNorm
 from amer.blocks.doc_ids import DocIds
-from amer.ops.fused import cast
 from amer.config import Dims
 from amer.configio import check, opt
 from amer.families import FamilySpec, register_family
+from amer.ops.fused import cast
 from amer.pattern import LayerSpec
 
 __all__ = ["AttentionConfig", "KVCache", "AttentionMixer", "apply_rope"]
@@ -63,7 +63,8 @@ class AttentionConfig:
                   "or set attention.head_dim")
         hd = self.head_dim or dims.d_model // self.n_heads
         check(rope_width(hd, self.rope_fraction) % 2 == 0,
-              f"attention: the rotated width (head_dim {hd} * rope_fraction {self.rope_fraction}) must be even for RoPE")
+              f"attention: the rotated width (head_dim {hd} * rope_fraction {self.rope_fraction}) must be even "
+              "for RoPE")
 
 
 def rope_width(head_dim: int, fraction: float) -> int:
@@ -220,7 +221,8 @@ class AttentionMixer(Mixer):
     def init_cache(self, batch_size: int, max_len: int, *, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> KVCache:
         shape = (batch_size, self.n_kv_heads, max_len, self.head_dim)
-        return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype), 0)
+        return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
+                       0)
 
     def forward(self, x: Tensor, cache: KVCache | None = None, doc_ids: DocIds | None = None) -> MixerOutput:
         """x (B, T, D) -> MixerOutput(y, cache). With packed documents (``doc_ids``, training path), each token attends
@@ -230,7 +232,8 @@ class AttentionMixer(Mixer):
         start = 0 if cache is None else cache.pos
         if start + T > (self.max_seq_len if cache is None else cache.k.shape[2]):
             limit = self.max_seq_len if cache is None else cache.k.shape[2]
-            raise ValueError(f"sequence of {start + T} tokens exceeds the attention limit of {limit} (max_seq_len / cache size)")
+            raise ValueError(f"sequence of {start + T} tokens exceeds the attention limit of {limit} "
+                             "(max_seq_len / cache size)")
         if doc_ids is not None and cache is not None:
             raise ValueError("attention: packed documents apply to the training path, not to a decoding cache")
         if doc_ids is not None:

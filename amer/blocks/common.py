@@ -24,7 +24,8 @@ keep padding out of their statistics).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F

@@ -79,7 +79,8 @@ class MoEConfig:
         check(self.capacity_factor > 0, f"moe.capacity_factor must be > 0, got {self.capacity_factor}")
         check(self.capacity_block >= 1, f"moe.capacity_block must be >= 1, got {self.capacity_block}")
         check(self.aux_loss_coef >= 0 and self.z_loss_coef >= 0, "moe loss coefficients must be >= 0")
-        check(self.activation in ACTIVATIONS, f"moe.activation must be one of {list(ACTIVATIONS)}, got {self.activation!r}")
+        check(self.activation in ACTIVATIONS,
+              f"moe.activation must be one of {list(ACTIVATIONS)}, got {self.activation!r}")
         check(self.activation == "silu" or self.n_experts == 1,
               f"moe.activation {self.activation!r} is implemented for the dense feed-forward (moe.n_experts 1); "
               f"routed experts are SwiGLU (silu), got n_experts {self.n_experts}")

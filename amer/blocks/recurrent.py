@@ -285,7 +285,8 @@ class RecurrentMixer(Mixer):
             new_cache = RecurrentCache(conv_state, h[:, -1], cache.pos + 1)
         else:
             # prefill continues the scan from the cached state
-            h = _RGLRUScan.apply(gates, u, self.Lambda, cache.h, self.c, plain, plain is not None)  # cache.h is 0 at pos 0
+            h = _RGLRUScan.apply(gates, u, self.Lambda, cache.h, self.c, plain,
+                                 plain is not None)  # cache.h is 0 at pos 0
             new_cache = RecurrentCache(conv_state, h[:, -1].clone(), cache.pos + T)  # don't pin the (B, T, W) buffer
         y = self.out_proj(h.to(x.dtype) * gate)
         return MixerOutput(y, new_cache)

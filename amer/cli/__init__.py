@@ -22,7 +22,8 @@ COMMANDS = {
     "curvature": ("curvature", "measure token and depth curvature per family and block boundary"),
     "plot": ("plot", "training curves of one or several runs overlaid (loss, STP, curvature, tokens/s) as a PNG"),
     "bench": ("bench", "benchmarks: blocks, stp, taps, scaling, flops, peers, all (amer bench --help)"),
-    "import": ("import_", "import a transformers checkpoint folder (Llama, Mixtral, Mamba-2, hybrids) as an amer model"),
+    "import": ("import_",
+               "import a transformers checkpoint folder (Llama, Mixtral, Mamba-2, hybrids) as an amer model"),
     "experiment": ("experiment", "reproductions built on amer: nlrx (STP on NL-RX-SYNTH); amer experiment nlrx --help"),
 }
 

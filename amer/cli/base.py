@@ -10,7 +10,7 @@ import argparse
 import re
 import sys
 import typing
-from typing import Callable
+from collections.abc import Callable
 
 from amer.errors import AmerError, InputError
 from amer.logs import configure as configure_logging

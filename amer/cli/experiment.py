@@ -3,11 +3,11 @@ line of the experiment package ``amer.experiments.NAME``."""
 
 from __future__ import annotations
 
-import logging
 import argparse
 import importlib
-import sys
-from typing import Any, Callable
+import logging
+from collections.abc import Callable
+from typing import Any
 
 from amer.configio import suggest
 from amer.errors import ExperimentError

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-
 from amer.cli.base import ArgParser, run
 from amer.cli.experiment import run_resumable
 from amer.configio import number_arg

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-
 from amer.checkpoint import load_checkpoint, read_meta
 from amer.cli.base import ArgParser, run
 from amer.cli.experiment import run_resumable

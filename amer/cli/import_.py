@@ -53,6 +53,7 @@ def command(argv: list[str]) -> int:
                                         family_configs=_settings(args.set))
     line = f"imported {summary['source_class']} -> {args.out}: pattern {cfg.pattern}, {len(cfg.parsed.layers)} blocks"
     if args.pattern is not None:
-        line += f", {len(summary['kept'])} kept, {len(summary['fresh'])} fresh ({', '.join(summary['fresh']) or 'none'})"
+        fresh = ", ".join(summary["fresh"]) or "none"
+        line += f", {len(summary['kept'])} kept, {len(summary['fresh'])} fresh ({fresh})"
     print(line)
     return 0

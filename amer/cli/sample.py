@@ -7,13 +7,13 @@ import time
 
 import torch
 
+from amer import xla
 from amer.checkpoint import find_checkpoint, load_checkpoint
 from amer.cli.base import ArgParser
 from amer.configio import number_arg
 from amer.data import load_tokenizer
 from amer.errors import CheckpointError
 from amer.generate import generate
-from amer import xla
 from amer.runtime import resolve_device
 
 __all__ = ["command"]

@@ -31,14 +31,16 @@ def _parse_value(tp: Any, name: str) -> Any:
             try:
                 return {k.strip(): float(v) for k, v in (kv.split("=") for kv in s.split(",") if kv.strip())}
             except ValueError:
-                raise argparse.ArgumentTypeError(f"{name} takes KEY=VALUE pairs like 'A=1.0,M=0.5', got {s!r}")
+                raise argparse.ArgumentTypeError(
+                    f"{name} takes KEY=VALUE pairs like 'A=1.0,M=0.5', got {s!r}") from None
         return parse_dict
     if origin is tuple:
         def parse_tuple(s: str) -> tuple[float, ...]:
             try:
                 return tuple(float(x) for x in s.split(","))
             except ValueError:
-                raise argparse.ArgumentTypeError(f"{name} takes comma-separated numbers like '1,16', got {s!r}")
+                raise argparse.ArgumentTypeError(
+                    f"{name} takes comma-separated numbers like '1,16', got {s!r}") from None
         return parse_tuple
     if origin is Literal:
         return str

@@ -14,7 +14,8 @@ Tokenizers. ``make_tokenizer(spec, train_docs)`` turns ``--tokenizer`` (``byte``
 tokenizer; ``load_tokenizer(dir)`` reads the ``tokenizer.json`` saved with a checkpoint (bytes when there is
 none); see :mod:`amer.data.tokenizer_io`.
 
-Packing. Every document becomes ``[BOS] + tokens + [EOS]`` (tokens: utf8 bytes for the byte tokenizer); documents are concatenated into one
+Packing. Every document becomes ``[BOS] + tokens + [EOS]`` (tokens: utf8 bytes for the byte tokenizer); documents are
+concatenated into one
 token stream with a parallel document-id stream. Row ``r`` is ``stream[r*T : r*T + T + 1]``
 (consecutive rows share one boundary token, as in nanoGPT), so every token after the first is a
 target exactly once. ``inputs = row[:-1]``, ``targets = row[1:]`` and ``doc_ids`` is the document id
@@ -29,15 +30,16 @@ a line boundary: its tail becomes the validation document.
 """
 
 from amer.data.corpora import NAMED_CORPORA, iter_jsonl, load_documents, load_kjv, load_path, load_stdlib
-from amer.data.packing import BatchIterator, DataConfig, DataSplits, PackedDataset, build_datasets, split_documents
 from amer.data.hftok import HFTokenizer, train_bpe
+from amer.data.packing import BatchIterator, DataConfig, DataSplits, PackedDataset, build_datasets, split_documents
 from amer.data.tokenizer import ByteTokenizer, char_spans_to_byte_spans, render_chat, render_chat_with_spans
 from amer.data.tokenizer_io import check_spec, load_tokenizer, make_tokenizer, model_vocab_size, tokenizer_from_file
 from amer.errors import DataError
 
 __all__ = [
     "DataError", "ByteTokenizer", "HFTokenizer", "train_bpe", "tokenizer_from_file", "load_tokenizer",
-    "make_tokenizer", "check_spec", "model_vocab_size", "render_chat", "render_chat_with_spans", "char_spans_to_byte_spans", "NAMED_CORPORA",
+    "make_tokenizer", "check_spec", "model_vocab_size", "render_chat", "render_chat_with_spans",
+           "char_spans_to_byte_spans", "NAMED_CORPORA",
     "load_documents", "load_kjv", "load_stdlib", "load_path", "iter_jsonl", "DataConfig", "PackedDataset",
     "DataSplits", "split_documents", "build_datasets", "BatchIterator",
 ]

@@ -41,7 +41,8 @@ from amer.data.text import utf8_bytes
 from amer.errors import ConfigError, DataError
 from amer.fileio import atomic_write_text
 
-__all__ = ["HFTokenizer", "train_bpe", "byte_tokenizer_json", "is_byte_tokenizer_json", "first_line", "hf_from_str", "BOS_NAMES", "EOS_NAMES", "PAD_NAMES", "AMER_SPECIALS",
+__all__ = ["HFTokenizer", "train_bpe", "byte_tokenizer_json", "is_byte_tokenizer_json", "first_line", "hf_from_str",
+           "BOS_NAMES", "EOS_NAMES", "PAD_NAMES", "AMER_SPECIALS",
            "CHAT_MARKERS", "BPE_MIN", "BPE_MAX"]
 
 AMER_SPECIALS = ("<|bos|>", "<|eos|>", "<|pad|>")

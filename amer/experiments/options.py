@@ -8,9 +8,9 @@ import hashlib
 import math
 import os
 import re
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable
 
 from amer.configio import INT_MAX
 from amer.errors import ExperimentError

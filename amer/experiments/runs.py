@@ -10,14 +10,14 @@ stored as null and read back as NaN: the trained arm is kept and reported as div
 
 from __future__ import annotations
 
-import logging
-
 import json
+import logging
 import math
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 import multiprocessing
 import pickle
 import signal
+from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection, wait
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from amer.errors import ExperimentError
 from amer.logs import configure as configure_logging

@@ -8,7 +8,8 @@ model option, never a special case here) and a state dict in amer's parameter na
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -17,7 +18,8 @@ from amer.config import ModelConfig
 from amer.interop.source import Source, unsupported
 
 __all__ = ["Converted", "CONVERTERS", "converter", "attention_weights", "attention_options", "dense_mlp_weights",
-           "experts_weights", "mamba_weights", "tied_embeddings", "mamba_options", "shared_options", "MAMBA2_KEYS", "BAMBA_KEYS",
+           "experts_weights", "mamba_weights", "tied_embeddings", "mamba_options", "shared_options", "MAMBA2_KEYS",
+           "BAMBA_KEYS",
            "NEMOTRON_H_KEYS"]
 
 
@@ -116,10 +118,12 @@ def experts_weights(src: Source, pre: str, blk: int, n_experts: int, state: dict
 MAMBA2_KEYS = {"d_state": "state_size", "d_conv": "conv_kernel", "expand": "expand", "head_dim": "head_dim",
                "n_heads": "num_heads", "n_groups": "n_groups", "chunk_size": "chunk_size", "bias": "use_bias",
                "conv_bias": "use_conv_bias", "act": "hidden_act"}
-BAMBA_KEYS = {"d_state": "mamba_d_state", "d_conv": "mamba_d_conv", "expand": "mamba_expand", "head_dim": "mamba_d_head",
+BAMBA_KEYS = {"d_state": "mamba_d_state", "d_conv": "mamba_d_conv", "expand": "mamba_expand",
+              "head_dim": "mamba_d_head",
               "n_heads": "mamba_n_heads", "n_groups": "mamba_n_groups", "chunk_size": "mamba_chunk_size",
               "bias": "mamba_proj_bias", "conv_bias": "mamba_conv_bias", "act": "mamba_hidden_act"}
-NEMOTRON_H_KEYS = {**MAMBA2_KEYS, "head_dim": "mamba_head_dim", "n_heads": "mamba_num_heads", "d_state": "ssm_state_size",
+NEMOTRON_H_KEYS = {**MAMBA2_KEYS, "head_dim": "mamba_head_dim", "n_heads": "mamba_num_heads",
+                   "d_state": "ssm_state_size",
                    "bias": "mamba_proj_bias", "act": "mamba_hidden_act"}
 
 

@@ -16,8 +16,14 @@ import math
 import torch
 
 from amer.config import ModelConfig
-from amer.interop.common import (Converted, attention_options, attention_weights, converter, dense_mlp_weights,
-                                 tied_embeddings)
+from amer.interop.common import (
+    Converted,
+    attention_options,
+    attention_weights,
+    converter,
+    dense_mlp_weights,
+    tied_embeddings,
+)
 from amer.interop.source import Source, unsupported
 
 __all__ = ["convert_recurrent_gemma"]
@@ -89,5 +95,6 @@ def _recurrent_weights(src: Source, pre: str, blk: int, state: dict[str, torch.T
     lru = pre + "rg_lru."
     state[out + "gate_weight"] = torch.cat([src.get(lru + "recurrent_gate_weight"), src.get(lru + "input_gate_weight")],
                                            dim=-1)
-    state[out + "gate_bias"] = torch.cat([src.get(lru + "recurrent_gate_bias"), src.get(lru + "input_gate_bias")], dim=-1)
+    state[out + "gate_bias"] = torch.cat([src.get(lru + "recurrent_gate_bias"), src.get(lru + "input_gate_bias")],
+                                         dim=-1)
     state[out + "Lambda"] = -src.get(lru + "recurrent_param")

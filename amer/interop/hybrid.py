@@ -12,8 +12,18 @@ from typing import Any
 from torch import Tensor
 
 from amer.config import ModelConfig
-from amer.interop.common import (BAMBA_KEYS, NEMOTRON_H_KEYS, Converted, attention_options, attention_weights,
-                                 converter, dense_mlp_weights, mamba_options, mamba_weights, shared_options)
+from amer.interop.common import (
+    BAMBA_KEYS,
+    NEMOTRON_H_KEYS,
+    Converted,
+    attention_options,
+    attention_weights,
+    converter,
+    dense_mlp_weights,
+    mamba_options,
+    mamba_weights,
+    shared_options,
+)
 from amer.interop.llama import _embeddings, layer_window
 from amer.interop.source import Source, unsupported
 
@@ -24,7 +34,8 @@ def _layer_letters(src: Source, kinds: dict[str, str], key: str = "layer_types")
     types = src.cfg(key) or src.cfg("layers_block_type")
     if not types and src.cfg("attn_layer_indices") is not None:  # Bamba's older form
         attn = set(src.cfg("attn_layer_indices"))
-        types = ["full_attention" if i in attn else "linear_attention" for i in range(int(src.cfg("num_hidden_layers")))]
+        n_layers = int(src.cfg("num_hidden_layers"))
+        types = ["full_attention" if i in attn else "linear_attention" for i in range(n_layers)]
     if not types and isinstance(src.cfg("hybrid_override_pattern"), str):  # Nemotron-H's older form
         chars = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
         types = [chars.get(ch, ch) for ch in src.cfg("hybrid_override_pattern")]
@@ -73,7 +84,8 @@ def convert_granite_hybrid(src: Source) -> Converted:
     E, k = int(c.get("num_local_experts") or 0), int(c.get("num_experts_per_tok") or 0)
     shared = int(c.get("shared_intermediate_size") or 0)
     if E > 0:
-        moe: dict[str, Any] = {"n_experts": E, "top_k": k, "d_ff": int(c["intermediate_size"]), "renormalize_top1": True,
+        moe: dict[str, Any] = {"n_experts": E, "top_k": k, "d_ff": int(c["intermediate_size"]),
+                               "renormalize_top1": True,
                                "shared_expert": shared > 0, "d_ff_shared": shared or None,
                                "aux_loss_coef": float(c.get("router_aux_loss_coef", 0.01))}
     elif shared > 0:  # dense Granite-4.0-H: the shared MLP is the whole feed-forward

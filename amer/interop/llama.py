@@ -12,8 +12,15 @@ from typing import Any
 from torch import Tensor
 
 from amer.config import ModelConfig
-from amer.interop.common import (Converted, attention_options, attention_weights, converter, dense_mlp_weights,
-                                 experts_weights, shared_options)
+from amer.interop.common import (
+    Converted,
+    attention_options,
+    attention_weights,
+    converter,
+    dense_mlp_weights,
+    experts_weights,
+    shared_options,
+)
 from amer.interop.source import Source, unsupported
 
 __all__ = ["convert_llama", "convert_mixtral", "layer_window"]

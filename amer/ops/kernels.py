@@ -10,7 +10,8 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -20,7 +21,7 @@ log = logging.getLogger("amer.kernels")
 _logged: set[str] = set()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _try_import(module: str) -> Any | None:
     try:
         return importlib.import_module(module)
@@ -44,7 +45,7 @@ def log_choice(op: str, backend: str) -> None:
     key = f"{op}:{backend}"
     if key not in _logged:
         _logged.add(key)
-        log.info("amer kernels: %s uses %s", op, backend)
+        log.debug("amer kernels: %s uses %s", op, backend)
 
 
 def _on_cuda(device: torch.device) -> bool:

@@ -7,8 +7,9 @@ registry, so a newly registered family appears without any change here.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -189,9 +190,9 @@ def curvature_figure(report: Mapping[str, Any]) -> Any:
         lo = np.array([np.nan if s["ci"][0] is None else s["ci"][0] for s in stats])
         hi = np.array([np.nan if s["ci"][1] is None else s["ci"][1] for s in stats])
         ax.plot(x + dx, val, ls, color="0.7", lw=0.8, zorder=1)
-        for xi, v, l, h, c, s in zip(x + dx, val, lo, hi, colours, stats):
+        for xi, v, lo_i, h, c, s in zip(x + dx, val, lo, hi, colours, stats):
             fill = "none" if hollow or (diff and not s["excludes_zero"]) else c
-            ax.errorbar([xi], [v], yerr=[[max(v - l, 0)], [max(h - v, 0)]], fmt=marker, color=c, mfc=fill,
+            ax.errorbar([xi], [v], yerr=[[max(v - lo_i, 0)], [max(h - v, 0)]], fmt=marker, color=c, mfc=fill,
                         ms=6, capsize=2, lw=1, zorder=3)
 
     def decorate(ax: Any) -> None:

@@ -23,8 +23,9 @@ import logging
 import math
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from amer.families import families
 from amer.report.runlog import LOG_NAME, RunLog, read_run

@@ -43,7 +43,7 @@ the draws are ``searchsorted`` on integer counts, the loss is one gather of four
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -78,7 +78,7 @@ def sample_patches(batch: int, length: int, n_spans: int, *, mask: Tensor | None
     """
     if n_spans < 1:
         raise ValueError(f"n_spans must be >= 1, got {n_spans}")
-    for name, m in (("mask", mask), ("content", content)):
+    for m in (mask, content):
         if m is not None:
             check_mask(m, batch, length)
             device = m.device

@@ -33,7 +33,7 @@ Masks (``mask`` argument): ``None``, a bool validity mask or the document ids (`
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

@@ -20,7 +20,8 @@ as they reach an uncheckpointed one. Without gradients (evaluation, decoding) th
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

@@ -25,7 +25,8 @@ shared), so it traces a different graph that saves different tensors, which chec
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn

@@ -5,7 +5,8 @@ model and every evaluation see the same ones."""
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,8 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Mapping[str, Tensor]], *,
     """``{"loss": CE per target token, "tokens": n, "stp/<name>": mean STP per row, ...}`` over ``batches``.
 
     Given ``token_bytes`` (the bytes of text each id stands for, 0 for special tokens: the tokenizer's
-    ``token_bytes()``), also ``"bpb"`` (when some target is text): the CE of the targets that are text, in bits, per byte of that text
+    ``token_bytes()``), also ``"bpb"`` (when some target is text): the CE of the targets that are text, in bits, per
+    byte of that text
     (special targets such as EOS are left out of both sums). Unlike the CE it compares models with different
     tokenizers.
 

@@ -8,8 +8,9 @@ with an error rather than exit code 0, because what it saved is not the run that
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 

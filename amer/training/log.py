@@ -7,8 +7,9 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from amer.fileio import atomic_write_bytes
 

@@ -20,19 +20,19 @@ from amer.config import TrainConfig
 from amer.data import BatchIterator
 from amer.errors import ConfigError
 from amer.model import HybridLM
-from amer.stp import STPPolicy
 from amer.report.curves import draw_run_curves
 from amer.runtime import resolve_device, warn_slow_bfloat16
+from amer.stp import STPPolicy
 from amer.training import distributed, scaleout
 from amer.training import run as rundir
+from amer.training.checkpointing import apply_activation_checkpointing
+from amer.training.compile import compile_blocks
 from amer.training.evaluate import evaluate
 from amer.training.guard import BadSteps, aux_loss_settings, cause_of
-from amer.training.restore import init_weights
 from amer.training.log import Progress, RunLogger
 from amer.training.optim import lr_at, make_optimizer
 from amer.training.resolve import Run, resolve_run
-from amer.training.checkpointing import apply_activation_checkpointing
-from amer.training.compile import compile_blocks
+from amer.training.restore import init_weights
 from amer.training.step import TrainStep
 
 __all__ = ["train"]
@@ -82,7 +82,8 @@ def _train(run: Run, layout: distributed.Layout, stop_at: int | None, quiet: boo
     logger = (RunLogger(run_dir, cfg.tensorboard, resume_step=state.step if cfg.resume else None) if layout.main
               else scaleout.NullLogger())
     stp_note = f"on {cfg.stp.layers!r} from step {cfg.stp.start_step}" if cfg.stp.enabled else "off"
-    say(f"amer: {cfg.model.pattern} ({model.pattern.letters}) {model.num_params() / 1e6:.2f}M params | data {cfg.data}: "
+    say(f"amer: {cfg.model.pattern} ({model.pattern.letters}) {model.num_params() / 1e6:.2f}M params | "
+        f"data {cfg.data}: "
         f"{data.train.n_tokens / 1e6:.2f}M train / {data.val.n_tokens / 1e6:.2f}M val tokens ({tok.spec}, "
         f"{tok.vocab_size} ids) | STP {stp_note}")
     say(f"run directory: {run_dir}")
@@ -128,7 +129,8 @@ def _train(run: Run, layout: distributed.Layout, stop_at: int | None, quiet: boo
                 progress.show({"loss": f"{record['ce']:.3f}", "tok_s": f"{record['tokens_per_s']:,.0f}",
                                "stp": f"{record['stp/coeff']:.3g}"},
                               lambda: f"step {state.step}/{cfg.steps} loss {record['ce']:.4f} stp {record['stp']:.4f} "
-                                      f"coeff {record['stp/coeff']:.3g} lr {lr:.2e} {record['tokens_per_s']:,.0f} tok/s")
+                                      f"coeff {record['stp/coeff']:.3g} lr {lr:.2e} "
+                                      f"{record['tokens_per_s']:,.0f} tok/s")
             progress.update()
             if state.step % cfg.eval_interval == 0 or state.step == last_step:
                 host = (model, opt) if scaled is None else scaleout.host_copy(scaled, cfg)  # rank 0: whole model

@@ -6,7 +6,8 @@ The embedding lives on the first stage, the final norm and LM head on the last; 
 model's parameter names (``blocks.5.mixer...``), so checkpoints and tap names are global.
 
 The seam. An auxiliary loss computed on an intermediate stage (STP on its taps, its blocks' auxiliary
-losses such as MoE balancing) has no path to the loss the schedule backpropagates from: the schedule only sends gradients
+losses such as MoE balancing) has no path to the loss the schedule backpropagates from: the schedule only sends
+gradients
 with respect to the activation a stage handed on. Computed and added to a log, it would be monitoring,
 not training. :class:`AuxSeam` attaches the stage's weighted auxiliary loss to the activation it sends
 downstream: its forward returns the activation unchanged, its backward passes the incoming gradient
@@ -19,13 +20,12 @@ stage applies the same seam to its logits. Summed over the stages, the result is
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor, nn
 
+from amer.analysis.trajectory import token_curvature
 from amer.blocks import DocIds
 from amer.model import HybridLM, final_logits, scale_embedding
-from amer.analysis.trajectory import token_curvature
 from amer.stp import STPPolicy, sample_patches, sample_spans, span_stp_per_layer, stp_per_layer
 from amer.tap import tap_names
 

@@ -11,7 +11,8 @@ divides by the number of microbatches, so a step equals one process accumulating
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist

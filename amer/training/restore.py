@@ -6,7 +6,8 @@ a crash or a run that quietly continues from the wrong state."""
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -12,16 +12,16 @@ import json
 import math
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 from amer.checkpoint import (
     CHECKPOINT_FILES,
     checkpoint_step,
-    find_checkpoint,
     list_checkpoints,
     read_checkpoint,
     save_checkpoint,

@@ -11,8 +11,9 @@ evaluates it and writes the checkpoint in the single-process format, so any layo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist

@@ -16,8 +16,9 @@ the moment decay of AdamW still act) and comes back with ``finite`` False when i
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,8 +26,8 @@ from torch import Tensor
 from amer import xla
 from amer.analysis.metrics import training_metrics
 from amer.objective import LossBreakdown, total_loss
-from amer.stp import STPPolicy
 from amer.runtime import autocast
+from amer.stp import STPPolicy
 
 __all__ = ["StepOutput", "TrainStep"]
 

@@ -87,8 +87,9 @@ def pp_grads(layout: D.Layout) -> None:
     policy = STPPolicy(stp("A-1,M-1,E-1,R-1,final"), base.pattern)
     data = batch(4)
     span = STPPolicy(dataclasses.replace(policy.cfg, form="span"), base.pattern)  # the span form, same contract
-    for schedule, m, policy in (("gpipe", 1, policy), ("gpipe", 2, policy), ("gpipe", 4, policy), ("1f1b", 2, policy),
-                                ("1f1b", 4, policy), ("1f1b", 2, span)):  # 1f1b needs m >= 2
+    triple = policy
+    for schedule, m, policy in (("gpipe", 1, triple), ("gpipe", 2, triple), ("gpipe", 4, triple), ("1f1b", 2, triple),
+                                ("1f1b", 4, triple), ("1f1b", 2, span)):  # 1f1b needs m >= 2
         ref = reference_grads(copy.deepcopy(base), policy, data, m, step=5)
         model = copy.deepcopy(base)
         stage = P.StageModule(model, layout.pp_rank, 2, policy, stp_generator=torch.Generator().manual_seed(SEED))

@@ -13,8 +13,8 @@ from amer import xla
 from amer.checkpoint import load_checkpoint
 from amer.config import ModelConfig, STPConfig, TrainConfig
 from amer.objective import total_loss
-from amer.stp import STPPolicy
 from amer.pattern import load_preset
+from amer.stp import STPPolicy
 from amer.training.optim import lr_at, make_optimizer
 from amer.training.step import TrainStep
 

@@ -4,7 +4,8 @@ any number of named policies, the effective rank of the final hidden states, and
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor

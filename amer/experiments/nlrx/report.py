@@ -4,9 +4,10 @@ verdict on each of the paper's two claims (decided from the numbers only), and `
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from amer.analysis.stats import paired_ttest, spearman
 from amer.experiments.nlrx.grid import NTP, TAPS, Settings

@@ -15,7 +15,7 @@ assistant-only labels with the inputs).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from fractions import Fraction
-from typing import Callable
 
 import torch
 
-from amer.experiments.runs import say
 from amer.config import STPConfig, TrainConfig
 from amer.data import BatchIterator, ByteTokenizer
 from amer.experiments.nlrx.grid import model_config
@@ -18,6 +17,7 @@ from amer.experiments.nlrx_finetune.arm import evaluate_model, load_data, train_
 from amer.experiments.nlrx_finetune.data import pretraining_corpus
 from amer.experiments.nlrx_finetune.grid import SPAN, Arm, Settings, build_grid, pick_arms
 from amer.experiments.nlrx_finetune.pretrain import final_path, pretrain_steps
+from amer.experiments.runs import say
 from amer.model import HybridLM
 from amer.stp import STPPolicy
 from amer.training import TrainStep, make_optimizer

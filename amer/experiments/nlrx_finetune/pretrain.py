@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from amer.experiments.runs import say
 from amer.checkpoint import read_checkpoint, restore_model, restore_optimizer, save_checkpoint
 from amer.config import STPConfig, TrainConfig
 from amer.configio import to_dict
@@ -25,6 +25,7 @@ from amer.errors import ExperimentError, TrainingError
 from amer.experiments.nlrx.grid import model_config
 from amer.experiments.nlrx_finetune.data import pretraining_corpus
 from amer.experiments.nlrx_finetune.grid import Settings
+from amer.experiments.runs import say
 from amer.model import HybridLM
 from amer.stp import STPPolicy
 from amer.training import TrainStep, lr_at, make_optimizer

@@ -4,9 +4,10 @@ decision rule (fixed before any result, written above the results) and a plain v
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from amer.analysis.stats import mean_std
 from amer.experiments.nlrx_finetune.grid import NTP, SPAN, Settings
@@ -34,7 +35,7 @@ _KEYS = ("accuracy", "heldout_ce", "heldout_stp_span", "heldout_stp_triple", "er
 def _rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     groups = group_rows(records, ("init", "model", "form", "lam", "fraction"), _KEYS, extra=("pattern", "lr"))
     rows = []
-    for (init, model, form, lam, frac), row in groups.items():
+    for (init, model, form, _lam, frac), row in groups.items():
         row.update({"p_vs_ntp": None, "diff_vs_ntp": None} if form == NTP else
                    paired(row, groups.get((init, model, NTP, 0.0, frac))))
         rows.append(row)
@@ -166,7 +167,8 @@ def write_report(summary: dict[str, Any], out: Path, *, command: str = "") -> li
     lines += [f"Models: {', '.join(f'{n} `{p}`' for n, p in st['models'])}, d_model {st['d_model']}, {source}. "
               f"Fine-tuning: {st['epochs']:g} epochs of each data fraction, batch {st['batch_size']}, AdamW "
               f"(weight decay {st['weight_decay']:g}), linear decay without warm-up, "
-              f"NTP targets `{st['ntp_targets']}`, STP on the final state, span form with {st['n_spans']} patch(es) per example (triple bridge arm: "
+              f"NTP targets `{st['ntp_targets']}`, STP on the final state, span form with {st['n_spans']} patch(es) "
+              "per example (triple bridge arm: "
               f"{st['triple_spans']} triples); lambdas {st['lambdas']}; seeds {st['seeds']}; train rows "
               f"{st['train_rows'] or 'all'}, test rows {st['test_rows'] or 'all'}.", "",
               "## Decision rule", "", summary["decision_rule"], "", "## Gate", ""]
