@@ -100,8 +100,8 @@ def announce(model: torch.nn.Module, say: Callable[[str], None] = print) -> None
         _ANNOUNCED = True
         m = dropless[0]
         print(f"note: on XLA the MoE layers use the static causal capacity dispatch instead of dropless "
-              f"(capacity factor {m.capacity_factor}, blocks of {m.capacity_block} tokens; drops are logged as "
-              "moe/drop_frac)", file=sys.stderr)
+              f"(capacity factor {m.capacity_factor}, earned per {m.capacity_block} tokens of each document; drops are "
+              "logged as moe/drop_frac)", file=sys.stderr)
 
 
 def move(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
