@@ -9,8 +9,8 @@ the task gradient, so k = 1 keeps the raw probability (Switch Transformer, Fedus
 arXiv 2101.03961).
 
 Experts: stacked SwiGLU weights ``w_gate_up`` (E, D, 2F) and ``w_down`` (E, F, D), dispatched
-``dropless`` (sorted grouped matmul, MegaBlocks) or ``capacity`` (static shapes, a causal per-row,
-per-block queue; for torch.compile and XLA, chosen automatically on an XLA device), see
+``dropless`` (sorted grouped matmul, MegaBlocks) or ``capacity`` (static shapes, a causal budget per
+document and row; for torch.compile and XLA, chosen automatically on an XLA device), see
 :mod:`amer.ops.moe` and :mod:`amer.ops.moe_capacity`. An optional shared expert (DeepSeekMoE,
 Dai et al. 2024, arXiv 2401.06066) sees every token.
 
@@ -21,7 +21,8 @@ Auxiliary losses (already weighted, in ``MixerOutput.aux``):
   ``moe_z``: z_loss_coef * mean(logsumexp(logits)^2) (ST-MoE router z-loss): keeps logits small.
 
 Dropless, the layer is stateless per token and keeps no decoding cache; capacity dispatch keeps the
-current block's per-expert slot counts, so decoding drops exactly what the full forward drops.
+document's per-expert kept-slot counts, so decoding drops exactly what the full forward drops, and budgets
+each packed document from its own first token, so a packed document drops what it drops alone.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ class MoEConfig:
     dispatch: Literal["dropless", "capacity"] = opt(
         "dropless", "MoE dispatch: dropless (sort + grouped matmul) or capacity (static shapes, may drop)")
     capacity_factor: float = opt(1.25, "MoE capacity per expert as a multiple of the fair share (capacity dispatch)")
-    capacity_block: int = opt(128, "MoE capacity dispatch: tokens of a row that share one capacity budget")
+    capacity_block: int = opt(128, "MoE capacity dispatch: an expert earns its capacity per this many tokens "
+                              "of a document")
     aux_loss_coef: float = opt(0.01, "MoE load-balancing loss weight (Switch Transformer)")
     z_loss_coef: float = opt(0.001, "MoE router z-loss weight (ST-MoE)")
     activation: Literal["silu", "gelu_tanh", "relu2"] = opt(
@@ -178,8 +180,8 @@ class MoEMixer(Mixer):
     def device_note(self, device_type: str) -> str | None:
         if device_type == "xla" and self.router is not None and self.dispatch != "capacity":
             return (f"on XLA the MoE layers use the static causal capacity dispatch instead of dropless (capacity "
-                    f"factor {self.capacity_factor}, blocks of {self.capacity_block} tokens; drops are logged as "
-                    "moe/drop_frac)")
+                    f"factor {self.capacity_factor}, earned per {self.capacity_block} tokens of each document; "
+                    "drops are logged as moe/drop_frac)")
         return None
 
     def init_cache(self, batch_size: int, max_len: int, *, device: torch.device | str | None = None,
@@ -217,7 +219,8 @@ class MoEMixer(Mixer):
             y, n_dropped, block_counts = dispatch_causal_capacity(
                 x, idx, weights, self.w_gate_up, self.w_down, block=self.capacity_block,
                 capacity=block_capacity(self.capacity_block, k, E, self.capacity_factor),
-                start=0 if cache is None else cache.pos, counts=None if cache is None else cache.counts)
+                start=0 if cache is None else cache.pos, counts=None if cache is None else cache.counts,
+                position=None if doc_ids is None else doc_ids.position)
             if cache is not None:
                 cache = CapacityCache(block_counts, cache.pos + T)
         else:
