@@ -4,7 +4,9 @@ Importing this package registers the built-in families (A, M, E, R, G) in :mod:`
 family is a new module here plus its import below.
 """
 
-from amer.blocks import attention, gated_deltanet, mamba, moe, recurrent  # noqa: F401,E402  (registers A, M, E, R, G)
+from amer.blocks import attention, mamba, moe, recurrent  # noqa: F401,E402  (registers A, M, E, R)
+
+from amer.blocks import gated_deltanet  # noqa: F401  # isort: skip  (G after them: the registry keeps this order)
 from amer.blocks.common import Block, Mixer, MixerOutput, RMSNorm, SwiGLU
 from amer.blocks.documents import Documents
 
