@@ -59,36 +59,98 @@ def _exp(log_decay: Tensor) -> Tensor:
     return torch.exp(log_decay.clamp(_LOG_DECAY_FLOOR, 0.0))
 
 
-def _pairwise_head(x: Tensor, y: Tensor, G: Tensor, mask: Tensor) -> Tensor:
-    """``(x_i . y_j) exp(G_i - G_j)`` masked: x, y (..., L, dk) (key-head operands, broadcast over the R
-    value heads of a group), G (..., L) per value head, mask (L, L) or broadcastable 0/1."""
-    return torch.matmul(x, y.transpose(-1, -2)) * _exp(G.unsqueeze(-1) - G.unsqueeze(-2)) * mask
+def _reduce_to(t: Tensor, like: Tensor) -> Tensor:
+    """Sum ``t`` over the axes where ``like`` was broadcast (size 1), keeping them."""
+    dims = tuple(i for i, (a, b) in enumerate(zip(t.shape, like.shape)) if b == 1 and a != 1)
+    return t.sum(dims, keepdim=True) if dims else t
 
 
-def _pairwise_channel(x: Tensor, y: Tensor, G: Tensor, mask: Tensor, s: int) -> Tensor:
-    """``sum_c x_i[c] y_j[c] exp(G_i[c] - G_j[c])`` masked, without overflow (module docstring).
+class _HeadScores(torch.autograd.Function):
+    """The two (L, L) score matrices of a chunk under a per-head decay, one autograd node:
 
-    x, y, G (..., L, dk) with L a multiple of ``s``. Pairs in one sub-chunk: an explicit (s, s, dk)
-    product. Pairs (i, j) in sub-chunks I > J: factored at ``r = I s - 1`` (j <= r < i) as
-    ``(x_i exp(G_i - G_r)) . (y_j exp(G_r - G_j))``, one (s, dk) x (dk, L) matmul per sub-chunk I."""
-    *lead, L, _ = x.shape
+        E = exp(G_i - G_j) * mask,   A = beta_i (k_i . k_j) E,   P = (q_i . k_j) E
+
+    kk = K K^T and qk = Q K^T (..., 1, L, L) are shared by the R value heads of a key head; G (..., R, L),
+    beta (..., R, L, 1), mask 0/1 (causal, same document). Autograd through the composite would store and
+    revisit the (L, L)-per-head decay several times (sub, clamp, exp, mask, two products); here it is built
+    in place once, saved, and the backward is a few elementwise passes and reductions:
+    ``d(E)/dG_i = sum_j M_ij - sum_j M_ji`` with ``M = (dA beta kk + dP qk) E``.
+    """
+
+    @staticmethod
+    def forward(ctx, kk: Tensor, qk: Tensor, G: Tensor, beta: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        E = (G.unsqueeze(-1) - G.unsqueeze(-2)).clamp_(_LOG_DECAY_FLOOR, 0.0).exp_().mul_(mask)
+        ctx.save_for_backward(kk, qk, E, beta)
+        return kk * E * beta, qk * E
+
+    @staticmethod
+    def backward(ctx, gA: Tensor, gP: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, None]:  # type: ignore[override]
+        kk, qk, E, beta = ctx.saved_tensors
+        gAE = gA * E
+        d_kk = _reduce_to(gAE * beta, kk)
+        gakk = gAE.mul_(kk)  # gA kk E
+        d_beta = gakk.sum(-1, keepdim=True)
+        gPE = gP * E
+        d_qk = _reduce_to(gPE, qk)
+        M = gakk.mul_(beta).addcmul_(gPE, qk)  # d loss / d log E (gPE may be d_qk itself: not written)
+        d_G = M.sum(-1) - M.sum(-2)
+        return d_kk, d_qk, d_G, d_beta, None
+
+
+class _SubChunkScores(torch.autograd.Function):
+    """Scores of the pairs inside each sub-chunk under per-channel decays, one autograd node:
+
+        Ek_ij = exp(G_i - G_j) * k_j   (..., n, s, s, dk),   Sk_ij = k_i . Ek_ij,   Sq_ij = q_i . Ek_ij
+
+    The (s, s, dk) decays per sub-chunk are the largest tensors of the per-channel scan; autograd through
+    the composite stores and revisits them about twenty-five times. Here Ek and the decays are built in
+    place, both scores come from one batched product, and the backward reads them a handful of times.
+    Pairs j > i get exp(0) (finite; the caller masks them).
+    """
+
+    @staticmethod
+    def forward(ctx, k: Tensor, q: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        E = (G.unsqueeze(-2) - G.unsqueeze(-3)).clamp_(_LOG_DECAY_FLOOR, 0.0).exp_()  # (..., n, s, s, dk)
+        Ek = E * k.unsqueeze(-3)
+        x = torch.stack([k, q], dim=-1)  # (..., n, s, dk, 2)
+        scores = torch.matmul(Ek, x)  # (..., n, s, s, 2): row i of Ek against x_i
+        ctx.save_for_backward(x, E, Ek)
+        return scores[..., 0], scores[..., 1]
+
+    @staticmethod
+    def backward(ctx, gk: Tensor, gq: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+        x, E, Ek = ctx.saved_tensors
+        g = torch.stack([gk, gq], dim=-1)  # (..., n, s, s, 2)
+        dx = torch.matmul(g.transpose(-1, -2), Ek)  # (..., n, s, 2, dk): sum_j g_ij Ek_ij, the left operands
+        dEk = torch.matmul(g, x.transpose(-1, -2))  # (..., n, s, s, dk): g_ij x_i
+        dk = dx[..., 0, :] + (dEk * E).sum(-3)  # left operand, plus k_j inside Ek
+        dlogE = dEk.mul_(Ek)  # d loss / d log E
+        dG = dlogE.sum(-2) - dlogE.sum(-3)
+        return dk, dx[..., 1, :], dG
+
+
+def _channel_scores(k: Tensor, q: Tensor, G: Tensor, mask: Tensor, s: int) -> tuple[Tensor, Tensor]:
+    """``sum_c x_i[c] k_j[c] exp(G_i[c] - G_j[c])`` masked, for x = k and x = q, without overflow.
+
+    k, q, G (..., L, dk) with L a multiple of ``s``. Pairs in one sub-chunk: explicit (s, s, dk) decays
+    (:class:`_SubChunkScores`). Pairs (i, j) in sub-chunks I > J: factored at ``r = I s - 1`` (j <= r < i)
+    as ``(x_i exp(G_i - G_r)) . (k_j exp(G_r - G_j))``, one (s, dk) x (dk, L) matmul per sub-chunk I,
+    both factors decays <= 1. The decays and the right factor serve both scores."""
+    *lead, L, _ = k.shape
     n = L // s
-    xs, ys, Gs = (t.unflatten(-2, (n, s)) for t in (x, y, G))  # (..., n, s, dk)
-    E = _exp(Gs.unsqueeze(-2) - Gs.unsqueeze(-3))  # (..., n, s, s, dk)
-    diag = (xs.unsqueeze(-2) * ys.unsqueeze(-3)).mul_(E).sum(-1)  # (..., n, s, s); an einsum makes 1x1 bmms
-    eye = torch.eye(n, dtype=x.dtype, device=x.device)
-    out = (diag.unsqueeze(-2) * eye.view(n, 1, n, 1)).reshape(*lead, L, L)
+    ks, qs, Gs = (t.unflatten(-2, (n, s)) for t in (k, q, G))  # (..., n, s, dk)
+    eye = torch.eye(n, dtype=k.dtype, device=k.device).view(n, 1, n, 1)
+    scores = [(d.unsqueeze(-2) * eye).reshape(*lead, L, L) for d in _SubChunkScores.apply(ks, qs, Gs)]
     if n > 1:
-        # reference r_I = last position of sub-chunk I - 1, for I = 1..n-1
-        Gr = Gs[..., :-1, -1:, :]  # (..., n-1, 1, dk)
-        left = xs[..., 1:, :, :] * _exp(Gs[..., 1:, :, :] - Gr)  # (..., n-1, s, dk)
-        right = y.unsqueeze(-3) * _exp(Gr - G.unsqueeze(-3))  # (..., n-1, L, dk); j > r clamped, masked below
-        off = torch.matmul(left, right.transpose(-1, -2))  # (..., n-1, s, L)
-        rows = torch.arange(L, device=x.device) // s
-        before = (torch.arange(L, device=x.device)[None, :] // s < rows[s:, None]).to(x.dtype)  # j's block < i's
-        off = off.reshape(*lead, L - s, L) * before
-        out = out + F.pad(off, (0, 0, s, 0))
-    return out * mask
+        Gr = Gs[..., :-1, -1:, :]  # (..., n-1, 1, dk): reference r_I for sub-chunks I = 1..n-1
+        to_r = _exp(Gs[..., 1:, :, :] - Gr)  # (..., n-1, s, dk)
+        right = k.unsqueeze(-3) * _exp(Gr - G.unsqueeze(-3))  # (..., n-1, L, dk); j > r clamped, masked below
+        blocks = torch.arange(L, device=k.device) // s
+        before = (blocks[None, :] < blocks[s:, None]).to(k.dtype)  # (L - s, L): j's sub-chunk before i's
+        for i, x in enumerate((ks, qs)):
+            off = torch.matmul(x[..., 1:, :, :] * to_r, right.transpose(-1, -2))  # (..., n-1, s, L)
+            scores[i] = scores[i] + F.pad(off.reshape(*lead, L - s, L) * before, (0, 0, s, 0))
+    return scores[0] * mask, scores[1] * mask
 
 
 class _Docs:
@@ -151,21 +213,20 @@ def delta_rule_chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
         G = G.squeeze(-1)  # (b, c, Hk, R, L)
     G_end = G[..., -1:, :] if channel else G[..., -1:]
 
-    causal = torch.ones(L, L, dtype=torch.bool, device=v.device).tril()
-    strict = causal.tril(-1).to(acc)
-    causal = causal.to(acc)
+    # causal (diagonal included) and same-document pairs; A's diagonal is never read (unit triangular solve)
+    mask = torch.ones(L, L, dtype=acc, device=v.device).tril()
     if docs is not None:
-        strict, causal = strict * docs.pair, causal * docs.pair
+        mask = mask * docs.pair
     if channel:
-        kr = kc.expand(b, c, Hk, R, L, dk)
-        A = _pairwise_channel(kr, kr, G, strict, s) * bc  # (b, c, Hk, R, L, L)
-        attn = _pairwise_channel(qc.expand(b, c, Hk, R, L, dk), kr, G, causal, s)
+        kA, attn = _channel_scores(kc.expand(b, c, Hk, R, L, dk), qc.expand(b, c, Hk, R, L, dk), G, mask, s)
+        A = kA * bc  # (b, c, Hk, R, L, L)
         decay_in = _exp(G)  # (b, c, Hk, R, L, dk): decay from the chunk start, per channel
         decay_out = _exp(G_end - G)  # (b, c, Hk, R, L, dk): decay to the chunk end
         carry = _exp(G_end).transpose(-1, -2)  # (b, c, Hk, R, dk, 1): scales rows of S
     else:
-        A = _pairwise_head(kc, kc, G, strict) * bc
-        attn = _pairwise_head(qc, kc, G, causal)
+        kk = torch.matmul(kc, kc.transpose(-1, -2))  # (b, c, Hk, 1, L, L), shared by the R value heads
+        qk = torch.matmul(qc, kc.transpose(-1, -2))
+        A, attn = _HeadScores.apply(kk, qk, G, bc, mask)
         decay_in = _exp(G).unsqueeze(-1)  # (b, c, Hk, R, L, 1)
         decay_out = _exp(G_end - G).unsqueeze(-1)
         carry = _exp(G_end).unsqueeze(-1)  # (b, c, Hk, R, 1, 1)
@@ -177,20 +238,20 @@ def delta_rule_chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
     # UT transform: one unit-lower-triangular solve gives U = T V_beta and W = T (K_beta Gamma)
     kb = kc * bc  # (b, c, Hk, R, L, dk)
     rhs = torch.cat([vc * bc, kb * decay_in], dim=-1)  # (b, c, Hk, R, L, dv + dk)
-    UW = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
+    UW = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)  # reads A below the diagonal
     U, W = UW.split([dv, dk], dim=-1)
     k_out = kc * decay_out  # (b, c, Hk, R, L, dk): keys decayed to the chunk end
 
-    # the only sequential part: the state handed from chunk to chunk
+    # the only sequential part: the state handed from chunk to chunk (unbind, not indexing: the backward of
+    # one index per chunk would write a zero-filled full-size gradient per chunk)
     S = (torch.zeros(b, Hk, R, dk, dv, dtype=acc, device=v.device) if initial_state is None
          else initial_state.to(acc).view(b, Hk, R, dk, dv))
     states, deltas = [], []
-    for n in range(c):
-        delta = torch.baddbmm(U[:, n].reshape(-1, L, dv), W[:, n].reshape(-1, L, dk),
-                              S.reshape(-1, dk, dv), alpha=-1.0).view(b, Hk, R, L, dv)
+    for U_n, W_n, k_n, carry_n in zip(U.unbind(1), W.unbind(1), k_out.unbind(1), carry.unbind(1)):
+        delta = U_n - torch.matmul(W_n, S)  # (b, Hk, R, L, dv)
         states.append(S)
         deltas.append(delta)
-        S = torch.matmul(k_out[:, n].transpose(-1, -2), delta) + carry[:, n] * S
+        S = torch.matmul(k_n.transpose(-1, -2), delta) + carry_n * S
     prev = torch.stack(states, dim=1)  # (b, c, Hk, R, dk, dv): state entering each chunk
     delta = torch.stack(deltas, dim=1)  # (b, c, Hk, R, L, dv)
 
