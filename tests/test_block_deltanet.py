@@ -129,6 +129,21 @@ def test_strong_channel_decay_stays_finite_in_fp32() -> None:
     assert not torch.isfinite(naive).all()
 
 
+@pytest.mark.parametrize("channel", [False, True])
+def test_bf16_inputs_accumulate_in_fp32(channel: bool) -> None:
+    """bf16 inputs: the output keeps their dtype, the state is fp32, and both are the fp32 result rounded
+    (the decays and the solve never run in bf16)."""
+    inputs = kernel_inputs(2, 40, 2, 2, 8, 6, channel, False, dtype=torch.float32)
+    low = [t.bfloat16() for t in inputs]
+    o, S = delta_rule_chunked(*low[:5], 16, low[5])
+    o32, S32 = delta_rule_chunked(*[t.float() for t in low[:5]], 16, low[5].float())
+    assert o.dtype == torch.bfloat16 and S.dtype == torch.float32
+    torch.testing.assert_close(o, o32.bfloat16(), rtol=0, atol=0)
+    torch.testing.assert_close(S, S32, rtol=0, atol=0)
+    o1, S1 = delta_rule_step(*[t[:, 0] for t in low[:5]], low[5])
+    assert o1.dtype == torch.bfloat16 and S1.dtype == torch.float32
+
+
 # ------------------------------------------------------------------------------------------------
 # the mixer against its maths written out
 

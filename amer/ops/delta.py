@@ -182,8 +182,11 @@ def delta_rule_chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
         raise ValueError(f"delta rule: value heads ({H}) must be a multiple of key heads ({Hk})")
     R = H // Hk
     channel = g.dim() == 4
-    acc = _acc_dtype(v.dtype)
-    L = min(chunk_size, T) if T > 0 else chunk_size
+    out_dtype, acc = v.dtype, _acc_dtype(v.dtype)
+    if T == 0:  # nothing to scan: the state passes through
+        S = torch.zeros(b, H, dk, dv, dtype=acc, device=v.device) if initial_state is None else initial_state.to(acc)
+        return v.new_zeros(b, 0, H, dv), S
+    L = min(chunk_size, T)
     if channel and L > SUB_CHUNK and L % SUB_CHUNK:
         L = L - L % SUB_CHUNK  # sub-chunks tile the chunk
     s = SUB_CHUNK if channel and L % SUB_CHUNK == 0 else L
@@ -197,7 +200,7 @@ def delta_rule_chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
         if seq_idx is not None:
             seq_idx = torch.cat([seq_idx, seq_idx[:, -1:].expand(b, pad)], dim=1)
     c = (T + pad) // L
-    docs = None if seq_idx is None or T == 0 else _Docs(seq_idx, b, c, L, acc)
+    docs = None if seq_idx is None else _Docs(seq_idx, b, c, L, acc)
 
     # chunked layouts: (b, c, Hk, R, L, .) per value head, (b, c, Hk, 1, L, dk) for the shared q and k
     qc = q.view(b, c, L, Hk, 1, dk).permute(0, 1, 3, 4, 2, 5)
@@ -260,7 +263,7 @@ def delta_rule_chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
     o = o.permute(0, 1, 4, 2, 3, 5).reshape(b, c * L, H, dv)
     if pad:
         o = o[:, :T]
-    return o.to(v.dtype), S.reshape(b, H, dk, dv)
+    return o.to(out_dtype), S.reshape(b, H, dk, dv)
 
 
 def delta_rule_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
