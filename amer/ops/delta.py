@@ -16,6 +16,11 @@ The output is then a masked attention over the chunk plus a read of the entering
 passes to the next chunk as ``S = Gamma_L S_0 + (K * Gamma_L / Gamma)^T delta``. Everything except the
 chunk-to-chunk hand-over of ``S`` (two small matmuls per chunk) is batched over all chunks.
 
+The solve is ``torch.linalg.solve_triangular`` on ``[V_beta | K_beta Gamma]`` at once. On CPU, for 64-token
+chunks, it measured about 7x faster forward + backward than inverting ``I + A`` row by row with matmuls
+(the papers' forward substitution), 3x faster than the doubling product ``prod (I + (-A)^(2^m))`` and a
+little faster than a blocked solve over 16-row blocks.
+
 Shapes (``b`` batch, ``T`` time, ``Hk`` key heads, ``H = Hk R`` value heads, ``dk``/``dv`` head dims)::
 
     q, k (b, T, Hk, dk)   v (b, T, H, dv)   g (b, T, H) or (b, T, H, dk)   beta (b, T, H)
