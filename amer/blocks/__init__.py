@@ -1,10 +1,14 @@
 """Block families, one file per family: its config, mixer, initialisation, FLOP count and registry entry.
 
-Importing this package registers the built-in families (A, M, E, R) in :mod:`amer.families`; a new
-family is a new module here plus its import below.
+Importing this package registers the built-in families in :mod:`amer.families`; a new family is a new module
+here plus its import below. Registration order is the order every listing shows (the original four first),
+so the family imports are not sorted.
 """
 
-from amer.blocks import attention, mamba, moe, recurrent  # noqa: F401,E402  (registers A, M, E, R)
+# isort: off
+from amer.blocks import attention, mamba, moe, recurrent  # noqa: F401  (A, M, E, R)
+from amer.blocks import gated_deltanet  # noqa: F401  (G)
+# isort: on
 from amer.blocks.common import Block, Mixer, MixerOutput, RMSNorm, SwiGLU
 from amer.blocks.doc_ids import DocIds
 
