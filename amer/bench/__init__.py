@@ -24,7 +24,7 @@ Suites (``all`` runs every one):
              selective) of the ``small`` preset at sequence 4,096.
 ``compile``  training-step time of the ``small`` preset with its blocks regionally compiled
              (``torch.compile``, fullgraph, one graph per block variant) vs eager, and the compile time; with
-             the dropless MoE (its blocks stay eager) and with the capacity dispatch (every block compiled).
+             the dropless MoE (on grouped GEMM) and with the capacity dispatch.
 ``decode``   greedy decoding tokens/s at batch 1 and 16, amer's caches vs transformers' ``generate()``
              (Mixtral, Mamba2) on the same imported weights, continuations compared.
 ``peers``    amer vs Hugging Face transformers (``JambaForCausalLM`` with ``use_mambapy=True``,

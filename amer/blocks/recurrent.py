@@ -271,7 +271,8 @@ class RecurrentMixer(Mixer):
         gate = F.gelu(gate, approximate="tanh")  # Griffin's GeLU is the tanh approximation (JAX default)
         u, conv_state = causal_conv1d(u, self.conv_weight, self.conv_bias,
                                       None if cache is None else cache.conv_state,
-                                      position=None if documents is None else documents.position)
+                                      position=None if documents is None else documents.position,
+                                      seq_idx=None if documents is None else documents.index)
         gates = self._gate_logits(u)  # (B, T, H, 2bw)
         plain = self._plain(x, cache, documents)
         if cache is None:

@@ -1,7 +1,6 @@
 """Regional compilation: ``torch.compile`` of each block, not of the whole model.
 
-Compiling the whole model traces every block into one graph (minutes of warm-up at depth) and the
-dropless MoE's data-dependent expert slices break it into many guarded pieces that recompile. Compiling
+Compiling the whole model traces every block into one graph (minutes of warm-up at depth). Compiling
 the block instead (the "regional compilation" recipe of the PyTorch tutorials, as torchtitan does per
 transformer block) traces ``Block.forward`` once per distinct block variant; blocks of one family with
 the same settings share that code and its compiled graph (parameters are graph inputs), so an
@@ -10,10 +9,12 @@ is an error, not a silent slowdown).
 
 What stays eager, and why:
 
-* E blocks with the dropless dispatch (``moe.dispatch = "dropless"`` with more than one expert): each
-  expert's slice size is read on the host, a data-dependent shape that cannot compile without graph breaks
-  or a recompile per routing pattern. The capacity dispatch (``--model.moe.dispatch capacity``) has static
-  shapes and is compiled like every other block.
+* E blocks with the dropless dispatch (``moe.dispatch = "dropless"`` with more than one expert) where it
+  cannot run on grouped GEMM (``torch._grouped_mm``, see :mod:`amer.ops.kernels`: forced reference, fp64,
+  widths that are not 16-byte aligned, torch < 2.8): the reference reads each expert's slice size on the
+  host, a data-dependent shape that cannot compile without graph breaks or a recompile per routing pattern.
+  On grouped GEMM the dispatch has static shapes and compiles like every other block, as does the capacity
+  dispatch (``--model.moe.dispatch capacity``).
 * Everything outside the blocks (embedding, final norm, the fused LM head + cross-entropy, STP): the STP
   gate opening or ramping changes nothing inside a compiled graph, so it cannot cause a recompile.
 * Calls without gradients (evaluation) and decoding with a cache run the eager forward, so evaluation
@@ -34,6 +35,7 @@ from torch import nn
 from torch._functorch import config as functorch_config
 
 from amer.errors import ConfigError
+from amer.ops import kernels
 
 __all__ = ["CompiledBlocks", "compile_blocks", "compiles_block"]
 
@@ -54,7 +56,14 @@ def compiles_block(block: nn.Module) -> str | None:
     """None when ``block`` compiles fullgraph; otherwise why it stays eager."""
     mixer = block.mixer
     if getattr(mixer, "dispatch", None) == "dropless" and getattr(mixer, "n_experts", 1) > 1:
-        return "dropless MoE dispatch has data-dependent shapes (use --model.moe.dispatch capacity to compile it)"
+        w = mixer.w_gate_up
+        widths = (w.shape[1], w.shape[2], mixer.w_down.shape[1])
+        # widths also checked for 16-bit elements: a bf16 autocast run needs that alignment with fp32 weights
+        why = (kernels.grouped_mm_unavailable(w.device, w.dtype, widths)
+               or kernels.grouped_mm_unavailable(w.device, torch.bfloat16, widths))
+        if why is not None:
+            return (f"dropless MoE dispatch without grouped GEMM ({why}) has data-dependent shapes "
+                    "(use --model.moe.dispatch capacity to compile it)")
     return None
 
 
@@ -65,6 +74,7 @@ def compile_blocks(model: nn.Module, *, backend: Any = "inductor", mode: str | N
     # The training step's STP probe (stp/live_grad_norm on log steps) differentiates through later blocks with
     # retain_graph=True, which AOT autograd's donated buffers forbid; they only reuse saved tensors' memory.
     functorch_config.donated_buffer = False
+    kernels.available()  # import the kernel packages now: a compiled graph cannot import them
     compiled, eager, reasons = [], [], {}
     for blk in model.blocks:
         name = blk.layer.name
