@@ -212,3 +212,27 @@ def test_every_declared_dependency_is_imported() -> None:
     for name in names:
         mod = re.escape(import_name.get(name, name).replace("-", "_"))
         assert re.search(rf"\b(import|from) {mod}\b|['\"]{mod}['\"]", source), f"{name} is declared but never used"
+
+
+KERNEL_PACKAGES = {"mamba_ssm", "causal_conv1d", "megablocks", "triton"}
+GATEWAY = "amer.ops.kernels"
+
+
+def kernel_importers(files: dict[str, Path]) -> list[str]:
+    """Modules other than the gateway that import an optional kernel package (anywhere in the file)."""
+    bad = []
+    for m, p in files.items():
+        for node in ast.walk(ast.parse(p.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            if m != GATEWAY and any(n.split(".")[0] in KERNEL_PACKAGES for n in names):
+                bad.append(m)
+                break
+    return sorted(bad)
+
+
+def test_only_the_gateway_imports_kernel_packages(tmp_path: Path) -> None:
+    assert kernel_importers(package_files()) == []
+    bad = tmp_path / "fast.py"
+    bad.write_text("def f():\n    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined\n")
+    assert kernel_importers({"amer.ops.fast": bad}) == ["amer.ops.fast"]

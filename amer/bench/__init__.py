@@ -30,6 +30,9 @@ Suites (``all`` runs every one):
 ``peers``    amer vs Hugging Face transformers (``JambaForCausalLM`` with ``use_mambapy=True``,
              ``Mamba2ForCausalLM``, ``MixtralForCausalLM``) at matched configurations, parameter counts side
              by side, at the preset's shape and at vocabulary 8,192 / width 256 / sequence 512; skipped with a message when transformers is not installed (``pip install amer[bench]``).
+``gpu``      the training step of ``small`` and the ~350M ``m350`` preset on one CUDA device, kernels
+             (mamba-ssm, causal-conv1d, grouped GEMM, flash / flex attention) vs the pure-torch references:
+             tokens/s, MFU, peak memory, the backend of each op (skipped with a message without CUDA).
 ``xla``      the training step on the XLA device vs eager CPU: time to the first step, steady step time, graphs
              compiled in warm-up and after it (torch_xla; skipped with a message when it is not installed).
 
@@ -54,6 +57,7 @@ from amer.bench.harness import (
 )
 from amer.bench.compiled import suite_compile
 from amer.bench.decode import suite_decode
+from amer.bench.gpu import suite_gpu
 from amer.bench.memory import suite_checkpointing, suite_lmhead
 from amer.bench.peers import suite_peers
 from amer.bench.suites import suite_blocks, suite_flops, suite_packing, suite_scaling, suite_stp, suite_taps
@@ -79,6 +83,7 @@ _SUITE_FNS: dict[str, Callable[[BenchOptions], SuiteResult]] = {
     "decode": suite_decode,
     "peers": suite_peers,
     "xla": suite_xla,
+    "gpu": suite_gpu,
 }
 SUITES = tuple(_SUITE_FNS)
 

@@ -78,7 +78,8 @@ def command(argv: list[str]) -> int:
 def _run(names: list[str], opts: BenchOptions, out: str | None, malloc: str) -> None:
     info = machine_info()
     print(f"amer bench on {info['cpu']} ({info['cores']} cores, {info['torch_threads']} torch threads), "
-          f"torch {info['torch']}, {info['date']}; median of {opts.repeats} after {opts.warmup} warm-up; "
+          + (f"{info['gpu']}, " if info.get("gpu") else "")
+          + f"torch {info['torch']}, {info['date']}; median of {opts.repeats} after {opts.warmup} warm-up; "
           f"malloc {malloc}; load average {info['load_avg']}" + ("; blocks compiled" if opts.compile else "")
           + (" [quick]" if opts.quick else ""), flush=True)
     load = info["load_avg"]
