@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fill a wheelhouse (default .gpu-wheelhouse, about 1 MB) with what scripts/gpu_check.sh installs, on a machine that
+# Fill a wheelhouse (default .gpu-wheelhouse, about 3 MB) with what scripts/gpu_check.sh installs, on a machine that
 # reaches the package index, for a GPU machine that does not: the sdists of mamba-ssm and causal-conv1d (built
 # there: Triton modules only / this GPU's architecture only), the wheels of einops and pytest, and what building
 # them needs (setuptools, wheel, packaging, ninja) in case the GPU machine's Python lacks it.

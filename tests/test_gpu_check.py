@@ -41,7 +41,8 @@ def test_without_cuda_every_gpu_step_is_skipped_and_the_report_says_so(tmp_path)
     out = run_script("--out", str(tmp_path / "r"))
     assert out.returncode == 0, out.stderr
     report = json.loads((tmp_path / "r" / "report.json").read_text())
-    assert [s["name"] for s in report["steps"]] == ["install-mamba-ssm", "build-causal-conv1d", "pytest-gpu", "bench-gpu"]
+    names = ["install-mamba-ssm", "build-causal-conv1d", "pytest-gpu", "bench-gpu"]
+    assert [s["name"] for s in report["steps"]] == names
     assert {s["status"] for s in report["steps"]} == {"skipped"}
     assert all("no CUDA device" in s["message"] for s in report["steps"])
     assert report["measured"] == {"parity": False, "speed": False}
@@ -52,8 +53,10 @@ def test_without_cuda_every_gpu_step_is_skipped_and_the_report_says_so(tmp_path)
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">
 <testcase classname="tests.test_gpu" name="test_ssd_scan[fp32]" time="1.0"/>
-<testcase classname="tests.test_gpu" name="test_ssd_scan[bf16]" time="1.0"><failure message="ssd_scan: relative errors [0.04] above 0.03">trace</failure></testcase>
-<testcase classname="tests.test_gpu" name="test_causal_conv1d[fp32]" time="0.0"><skipped message="causal_conv1d does not import here"/></testcase>
+<testcase classname="tests.test_gpu" name="test_ssd_scan[bf16]" time="1.0">
+<failure message="ssd_scan: relative errors [0.04] above 0.03">trace</failure></testcase>
+<testcase classname="tests.test_gpu" name="test_causal_conv1d[fp32]" time="0.0">
+<skipped message="causal_conv1d does not import here"/></testcase>
 </testsuite></testsuites>"""
 
 

@@ -152,3 +152,16 @@ def test_grouped_gemm_dispatch_in_bf16_and_autocast(monkeypatch) -> None:
         ya, _ = dispatch_and_grads(x, idx, w, wgu, wd)
     assert ya.dtype == torch.bfloat16
     torch.testing.assert_close(ya.float(), y32, rtol=0.05, atol=0.05)
+
+
+def test_the_grouped_swiglu_custom_op_passes_torch_opcheck() -> None:
+    """Schema, shape function, autograd registration and tracing of ``amer::grouped_swiglu_fwd`` (torch's own
+    checker), with an empty group among the experts."""
+    import amer.ops.grouped  # noqa: F401  (registers the op)
+
+    g = torch.Generator().manual_seed(3)
+    xs = torch.randn(24, 16, generator=g, requires_grad=True)
+    wgu = torch.randn(3, 16, 48, generator=g, requires_grad=True)
+    wd = torch.randn(3, 24, 16, generator=g, requires_grad=True)
+    offs = torch.tensor([10, 10, 24], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.amer.grouped_swiglu_fwd, (xs, wgu, wd, offs))

@@ -144,7 +144,8 @@ def format_markdown(report: dict[str, Any]) -> str:
     lines.append("- kernel packages importable: " + (", ".join(f"{k} {'yes' if v else 'no'}" for k, v in pk.items())
                                                    or "unknown"))
     measured = report["measured"]
-    lines.append(f"- measured: parity {'yes' if measured['parity'] else 'NO'}, speed {'yes' if measured['speed'] else 'NO'}")
+    said = {True: "yes", False: "NO"}
+    lines.append(f"- measured: parity {said[measured['parity']]}, speed {said[measured['speed']]}")
     lines += ["", "## Steps", ""]
     lines.append(md_table(["step", "status", "seconds", "note"],
                           [[s["name"], s["status"], _cell(s["seconds"]), s["message"] or ""] for s in steps])
@@ -158,7 +159,8 @@ def format_markdown(report: dict[str, Any]) -> str:
         lines.append(f"{tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped")
         odd = [c for c in tests["cases"] if c["outcome"] != "passed"]
         if odd:
-            lines += ["", md_table(["test", "outcome", "message"], [[c["name"], c["outcome"], c["message"]] for c in odd])]
+            rows = [[c["name"], c["outcome"], c["message"]] for c in odd]
+            lines += ["", md_table(["test", "outcome", "message"], rows)]
         if report["parity"]:
             lines += ["", "Relative errors `||kernel - reference|| / ||reference||` printed by the tests:", "", "```"]
             lines += report["parity"] + ["```"]

@@ -287,11 +287,11 @@ def grouped_mm_unavailable(device: torch.device, dtype: torch.dtype, widths: tup
 
 
 def grouped_mm(device: torch.device, dtype: torch.dtype, widths: tuple[int, ...] = ()) -> Callable | None:
-    """amer's grouped GEMM op over ``torch._grouped_mm`` (:mod:`amer.ops.grouped`) or None. ``widths``: the
-    matrix widths, whose rows the op wants 16-byte aligned (on CPU as on CUDA)."""
+    """amer's grouped-GEMM SwiGLU experts over ``torch._grouped_mm`` (:func:`amer.ops.grouped.grouped_swiglu`) or
+    None. ``widths``: the matrix widths, whose rows the op wants 16-byte aligned (on CPU as on CUDA)."""
     if (why := grouped_mm_unavailable(device, dtype, widths)) is not None:
         return _reference("moe_experts", why)
-    from amer.ops.grouped import grouped_mm as fn  # torch only; imported late to keep this module's imports light
+    from amer.ops.grouped import grouped_swiglu as fn  # torch only; imported late to keep this module light
 
     log_choice("moe_experts", "torch._grouped_mm")
     return fn

@@ -163,9 +163,9 @@ def dispatch_dropless(x: Tensor, expert_idx: Tensor, weights: Tensor, w_gate_up:
     E = w_gate_up.shape[0]
     flat_e = idx.reshape(-1)  # (N*k,) slot s = n*k + j
     dt = _compute_dtype(xf, w_gate_up)
-    gmm = grouped_mm(x.device, dt, (xf.shape[1], w_gate_up.shape[-1], w_down.shape[1]))
-    if gmm is not None:
-        return _dropless_grouped(gmm, xf, flat_e, w.reshape(-1), w_gate_up, w_down, k).reshape(x.shape)
+    experts = grouped_mm(x.device, dt, (xf.shape[1], w_gate_up.shape[-1], w_down.shape[1]))
+    if experts is not None:
+        return _dropless_grouped(experts, xf, flat_e, w.reshape(-1), w_gate_up, w_down, k).reshape(x.shape)
     mb = megablocks(x.device)
     if mb is not None and hasattr(mb, "gather") and hasattr(mb, "scatter"):
         return _dropless_megablocks(mb, xf, flat_e, w.reshape(-1), w_gate_up, w_down, k).reshape(x.shape)
@@ -189,15 +189,15 @@ def _compute_dtype(xs: Tensor, w: Tensor) -> torch.dtype:
     return torch.promote_types(xs.dtype, w.dtype)
 
 
-def _dropless_grouped(gmm, xf: Tensor, flat_e: Tensor, w: Tensor, w_gate_up: Tensor, w_down: Tensor,
+def _dropless_grouped(experts, xf: Tensor, flat_e: Tensor, w: Tensor, w_gate_up: Tensor, w_down: Tensor,
                       k: int) -> Tensor:
-    """The dropless dispatch with one grouped GEMM per projection and no host sync.
+    """The dropless dispatch on grouped GEMM (:func:`amer.ops.grouped.grouped_swiglu`), with no host sync.
 
     The group ends ``offs`` (E,) int32 are found by ``searchsorted`` in the sorted expert ids, on the device;
     every shape depends only on N, k and the weights, so the whole dispatch is one static graph.
     """
     N, D = xf.shape
-    E, Fh = w_gate_up.shape[0], w_down.shape[1]
+    E = w_gate_up.shape[0]
     dt = _compute_dtype(xf, w_gate_up)
     sorted_e, order = torch.sort(flat_e, stable=True)
     token = order // k
@@ -205,9 +205,7 @@ def _dropless_grouped(gmm, xf: Tensor, flat_e: Tensor, w: Tensor, w_gate_up: Ten
                               out_int32=True)  # (E,) end of each expert's rows
     with torch.autocast(device_type=xf.device.type, enabled=False):  # a custom op: autocast would not cast it
         xs = xf.to(dt).index_select(0, token)  # (N*k, D)
-        h = gmm(xs, w_gate_up.to(dt), offs)  # (N*k, 2F)
-        act = F.silu(h[:, :Fh]) * h[:, Fh:]
-        ys = gmm(act, w_down.to(dt), offs)  # (N*k, D)
+        ys = experts(xs, w_gate_up.to(dt), w_down.to(dt), offs)  # (N*k, D)
         ys = ys * w.to(dt).index_select(0, order).unsqueeze(-1)
         return ys.new_zeros(N, D).index_add_(0, token, ys)
 
