@@ -36,6 +36,7 @@ def test_bad_arguments_are_one_line_errors(args, message) -> None:
     assert out.returncode == 2 and message in out.stderr and out.stderr.count("\n") == 1, out.stderr
 
 
+@pytest.mark.slow  # ~10 s alone, more on a busy machine: the script starts Python a few times
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the script installs, builds and benchmarks")
 def test_without_cuda_every_gpu_step_is_skipped_and_the_report_says_so(tmp_path) -> None:
     out = run_script("--out", str(tmp_path / "r"))

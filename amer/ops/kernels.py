@@ -280,7 +280,7 @@ def grouped_mm_unavailable(device: torch.device, dtype: torch.dtype, widths: tup
         return f"wrong device: {device.type}"
     if dtype not in _TRITON_DTYPES:
         return f"unsupported option: {dtype}"
-    align = 16 // torch.empty((), dtype=dtype).element_size()
+    align = 16 // dtype.itemsize
     if any(w % align for w in widths):
         return f"unsupported option: widths {widths} not multiples of {align} (rows 16-byte aligned)"
     return None

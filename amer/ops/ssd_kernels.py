@@ -8,7 +8,8 @@ tracing into them (a graph break, which ``fullgraph=True`` turns into an error).
 
 Semantics are amer's (:func:`amer.ops.ssd.ssd_scan_torch`): ``dt`` already positive, no ``D``, no gate (both are
 applied outside), ``seq_idx`` (b, T) int32 cuts the state at document starts, the initial state belongs to the
-row's first document. The final state comes back in the dtype of ``C``, as mamba-ssm passes states.
+row's first document. The final state comes back in fp32 (the states passed between chunks are kept in the dtype
+of ``C``, as mamba-ssm does).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def _scan_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size
 @_scan_fwd.register_fake
 def _(x, dt, A, B, C, chunk_size, initial_state, seq_idx):
     b, _, H, P = x.shape
-    return torch.empty_like(x, memory_format=torch.contiguous_format), C.new_empty(b, H, P, C.shape[-1])
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty(b, H, P, C.shape[-1], dtype=torch.float32))
 
 
 @torch.library.custom_op("amer::ssd_scan_bwd", mutates_args=())
