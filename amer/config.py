@@ -284,7 +284,8 @@ class TrainConfig:
     activation_checkpointing: Literal["none", "blocks", "selective"] = opt(
         "none", "recompute activations in backward to save memory: 'blocks' (each block keeps only its input), "
         "'selective' (every other block)")
-    compile: bool = opt(False, "torch.compile each block (regional, fullgraph; dropless MoE blocks stay eager)")
+    compile: bool = opt(False, "torch.compile each block (regional, fullgraph; a block that cannot compile whole stays "
+                        "eager and says why)")
     stp: STPConfig = field(default_factory=STPConfig, metadata={"help": "STP policy"})
     parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata={"help": "scale-out layout"})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model config"})

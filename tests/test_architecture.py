@@ -193,7 +193,7 @@ def third_party_imports(path: Path) -> set[str]:
         elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
                 and isinstance(node.args[0].value, str):
             fn = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
-            if fn in ("import_module", "find_spec", "_try_import", "optional_import"):
+            if fn in ("import_module", "find_spec", "_try_import", "_import", "optional_import"):
                 out.add(node.args[0].value)
     return {m for m in out if not m.startswith("amer")}
 
@@ -380,9 +380,33 @@ def test_declared_dependencies_match_the_imports(tmp_path: Path) -> None:
     for name, where in declared.items():
         if name in dev_only:
             continue
-        assert IMPORT_NAMES.get(name, name.replace("-",
-                                                   "_")) in imported, f"{name} ({where}) is declared but never used"
+        module = IMPORT_NAMES.get(name, name.replace("-", "_"))
+        assert module in imported, f"{name} ({where}) is declared but never used"
     assert undeclared_imports(code, declared) == []
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    import left_pad\n    import json\n")
     assert undeclared_imports([bad], declared) == ["bad.py: left_pad"]
+
+
+KERNEL_PACKAGES = {"mamba_ssm", "causal_conv1d", "megablocks", "triton"}
+GATEWAY = "amer.ops.kernels"
+
+
+def kernel_importers(files: dict[str, Path]) -> list[str]:
+    """Modules other than the gateway that import an optional kernel package (anywhere in the file)."""
+    bad = []
+    for m, p in files.items():
+        for node in ast.walk(ast.parse(p.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            if m != GATEWAY and any(n.split(".")[0] in KERNEL_PACKAGES for n in names):
+                bad.append(m)
+                break
+    return sorted(bad)
+
+
+def test_only_the_gateway_imports_kernel_packages(tmp_path: Path) -> None:
+    assert kernel_importers(package_files()) == []
+    bad = tmp_path / "fast.py"
+    bad.write_text("def f():\n    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined\n")
+    assert kernel_importers({"amer.ops.fast": bad}) == ["amer.ops.fast"]

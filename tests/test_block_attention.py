@@ -97,3 +97,31 @@ def test_too_long_is_clear_error() -> None:
     cache = m.init_cache(1, 4)
     with pytest.raises(ValueError, match="exceeds"):
         m(torch.randn(1, 5, 32), cache=cache)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # flex_attention warns when it runs uncompiled
+@pytest.mark.parametrize("window", [None, 5])
+def test_flex_document_attention_equals_the_dense_mask_path(window, monkeypatch) -> None:
+    """The CUDA path for packed documents (flex_attention with a document block mask) equals the CPU path (dense
+    block-diagonal mask) where flex runs on CPU: the forward, uncompiled (its CPU backward does not exist)."""
+    from amer.blocks.doc_ids import DocIds
+    from amer.ops import flex, kernels
+
+    mixer = make(window=window)
+    x = torch.randn(2, 40, 32, generator=torch.Generator().manual_seed(0))
+    docs = DocIds(torch.tensor([[1] * 9 + [2] * 22 + [3] * 9, [5] * 40]))
+    with torch.no_grad():
+        dense = mixer(x, doc_ids=docs).y  # CPU: the reference path
+        assert kernels.choices()["attention_documents"].startswith("reference")
+        uncompiled = flex.flex_attend
+        monkeypatch.setattr(kernels, "attention_backend", lambda device, documents: "flex")
+        monkeypatch.setattr(flex, "flex_attend", lambda *a: uncompiled(*a, compiled=False))
+        got = mixer(x, doc_ids=DocIds(docs.ids)).y
+        torch.testing.assert_close(got, dense, rtol=1e-5, atol=1e-5)
+        # negative control: a block mask that ignores the documents lets tokens see the previous document
+        monkeypatch.setattr(flex, "document_block_mask", lambda index, T, w, device: (
+            flex.create_block_mask(lambda b, h, q, kv: (kv <= q) & ((q - kv < w) if w else True), None, None, T, T,
+                                   device=device)))
+        leaky = mixer(x, doc_ids=DocIds(docs.ids)).y
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(leaky, dense, rtol=1e-5, atol=1e-5)

@@ -1,5 +1,6 @@
 """Regional compilation: one graph per distinct block variant, compiled once for a whole run (the STP gate
-opening and ramping included), the same losses as eager; dropless MoE blocks stay eager and say why."""
+opening and ramping included), the same losses as eager; dropless MoE blocks compile on grouped GEMM and stay
+eager, saying why, on the reference dispatch."""
 
 from __future__ import annotations
 
@@ -52,13 +53,25 @@ def test_no_recompiles_over_a_run_with_the_stp_gate_opening() -> None:
     assert frames[6] > frames[5], frames
 
 
-def test_dropless_moe_stays_eager_and_says_why() -> None:
-    model = HybridLM(ModelConfig(pattern="AEM", d_model=32, vocab_size=VOCAB, max_seq_len=64,
-                                 moe={"n_experts": 4}))
-    assert compiles_block(model.blocks[1]) is not None and compiles_block(model.blocks[0]) is None
+def test_dropless_moe_compiles_on_grouped_gemm_and_stays_eager_on_the_reference() -> None:
+    from amer.ops import kernels
+
+    cfg = ModelConfig(pattern="AEM", d_model=32, vocab_size=VOCAB, max_seq_len=64, moe={"n_experts": 4})
+    model = HybridLM(cfg)
+    assert compiles_block(model.blocks[1]) is None  # torch._grouped_mm: static shapes, no host sync
     report = compile_blocks(model, backend="eager")
+    assert report.compiled == ["A0", "E0", "M0"] and not report.eager
+    # negative control: forced onto the reference dispatch (host-read slice sizes), the E block stays eager
+    with kernels.use("reference"):
+        model = HybridLM(cfg)
+        assert compiles_block(model.blocks[1]) is not None and compiles_block(model.blocks[0]) is None
+        report = compile_blocks(model, backend="eager")
     assert report.compiled == ["A0", "M0"] and report.eager == ["E0"]
-    assert "dropless" in report.describe() and "E0" in report.describe()
+    assert "dropless" in report.describe() and "E0" in report.describe() and "forced" in report.describe()
+    # widths that are not 16-byte aligned for bf16 rows stay eager too
+    odd = HybridLM(ModelConfig(pattern="E", d_model=32, vocab_size=VOCAB, max_seq_len=64,
+                               moe={"n_experts": 4, "d_ff": 36}))
+    assert "not multiples of 8" in compiles_block(odd.blocks[0])
     # parameter names (and so checkpoints) are unchanged by compilation
     assert [n for n, _ in model.named_parameters()] == [
         n for n, _ in HybridLM(model.cfg).named_parameters()]
@@ -68,9 +81,9 @@ def test_dropless_moe_stays_eager_and_says_why() -> None:
 
 @pytest.mark.slow
 def test_amer_train_compile_compiles_once_per_block_over_a_whole_run(tmp_path, monkeypatch, capsys) -> None:
-    """``amer train --compile`` on the tiny preset (AEMR, dropless E): six steps with the STP gate opening
-    at step 2 and an evaluation at steps 3 and 6 compile exactly three graphs (A, M, R; E stays eager) and
-    never recompile; the compile lines are printed."""
+    """``amer train --compile`` on the tiny preset (AEMR, dropless E on grouped GEMM): six steps with the STP gate
+    opening at step 2 and an evaluation at steps 3 and 6 compile exactly four graphs (A, E, M, R) and never
+    recompile; the compile lines are printed."""
     import amer.cli.train as train_cli
     import amer.training.loop as loop_mod
 
@@ -82,9 +95,9 @@ def test_amer_train_compile_compiles_once_per_block_over_a_whole_run(tmp_path, m
             "--eval-interval", "3", "--stp.start-step", "2", "--stp.ramp-steps", "0", "--compile"]
     assert train_cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert "compile: 3 blocks regionally compiled (fullgraph), eager E0: dropless" in out
+    assert "compile: 4 blocks regionally compiled (fullgraph)" in out and "eager" not in out.split("compile: 4")[1][:40]
     assert "compile: first step" in out
-    assert counter.frame_count == 3
+    assert counter.frame_count == 4
 
 
 def test_compile_with_activation_checkpointing_is_refused() -> None:

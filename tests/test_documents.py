@@ -162,8 +162,7 @@ def test_packed_document_equals_decoding(letter: str) -> None:
     check_documents_decoding(letter)
 
 
-@pytest.mark.parametrize("letter", [pytest.param(x, marks=contract._DROPLESS_IS_EAGER) if x == "E" else x
-                                    for x in LETTERS])
+@pytest.mark.parametrize("letter", LETTERS)
 def test_packed_model_compiles_fullgraph(letter: str) -> None:
     check_documents_compile(letter)
 

@@ -404,16 +404,18 @@ def test_meta_device_build(letter: str) -> None:
     check_meta_build(letter)
 
 
-# The dropless MoE dispatch sizes each expert's slice on the host (bincount().tolist(), a data-dependent
-# shape), so the default E block is eager-only by design; its capacity dispatch compiles fullgraph and
-# is tested in test_block_moe.py. strict: the day dropless compiles, this mark must go.
-_DROPLESS_IS_EAGER = pytest.mark.xfail(raises=GuardOnDataDependentSymNode, strict=True,
-                                       reason="dropless MoE dispatch has data-dependent slice sizes")
-
-
-@pytest.mark.parametrize("letter", [pytest.param(x, marks=_DROPLESS_IS_EAGER) if x == "E" else x for x in LETTERS])
+@pytest.mark.parametrize("letter", LETTERS)
 def test_block_compiles_fullgraph(letter: str) -> None:
     check_compiles_fullgraph(letter)
+
+
+def test_compile_check_fails_on_a_host_sync() -> None:
+    """Negative control: the dropless E block on its reference dispatch, which reads each expert's slice size
+    on the host (a data-dependent shape), does not compile fullgraph, and the check says so."""
+    from amer.ops import kernels
+
+    with kernels.use("reference"), pytest.raises(GuardOnDataDependentSymNode):
+        check_compiles_fullgraph("E")
 
 
 @pytest.mark.parametrize("letter", LETTERS)

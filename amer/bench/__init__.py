@@ -24,13 +24,16 @@ Suites (``all`` runs every one):
              selective) of the ``small`` preset at sequence 4,096.
 ``compile``  training-step time of the ``small`` preset with its blocks regionally compiled
              (``torch.compile``, fullgraph, one graph per block variant) vs eager, and the compile time; with
-             the dropless MoE (its blocks stay eager) and with the capacity dispatch (every block compiled).
+             the dropless MoE (on grouped GEMM) and with the capacity dispatch.
 ``decode``   greedy decoding tokens/s at batch 1 and 16, amer's caches vs transformers' ``generate()``
              (Mixtral, Mamba2) on the same imported weights, continuations compared.
 ``peers``    amer vs Hugging Face transformers (``JambaForCausalLM`` with ``use_mambapy=True``,
              ``Mamba2ForCausalLM``, ``MixtralForCausalLM``) at matched configurations, parameter counts side
              by side, at the preset's shape and at vocabulary 8,192 / width 256 / sequence 512; skipped with a message
              when transformers is not installed (``pip install amer[bench]``).
+``gpu``      the training step of ``small`` and the ~350M ``m350`` preset on one CUDA device, kernels
+             (mamba-ssm, causal-conv1d, grouped GEMM, flash / flex attention) vs the pure-torch references:
+             tokens/s, MFU, peak memory, the backend of each op (skipped with a message without CUDA).
 ``xla``      the training step on the XLA device vs eager CPU: time to the first step, steady step time, graphs
              compiled in warm-up and after it (torch_xla; skipped with a message when it is not installed).
 
@@ -45,6 +48,7 @@ from collections.abc import Callable
 from amer.bench.compiled import suite_compile
 from amer.bench.decode import suite_decode
 from amer.bench.flops import forward_macs, training_flops
+from amer.bench.gpu import suite_gpu
 from amer.bench.harness import (
     BenchOptions,
     SuiteResult,
@@ -80,6 +84,7 @@ _SUITE_FNS: dict[str, Callable[[BenchOptions], SuiteResult]] = {
     "decode": suite_decode,
     "peers": suite_peers,
     "xla": suite_xla,
+    "gpu": suite_gpu,
 }
 SUITES = tuple(_SUITE_FNS)
 

@@ -1,6 +1,6 @@
 """The ``compile`` suite: the training step with regionally compiled blocks (:mod:`amer.training.compile`)
-vs eager, with the compile time, for the preset as it is (dropless MoE blocks stay eager) and with the
-capacity MoE dispatch (every block compiled)."""
+vs eager, with the compile time, for the preset as it is (dropless MoE on grouped GEMM, compiled too) and with the
+capacity MoE dispatch."""
 
 from __future__ import annotations
 

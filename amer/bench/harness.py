@@ -169,7 +169,8 @@ def machine_info() -> dict[str, Any]:
                     break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "load_avg": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}

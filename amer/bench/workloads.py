@@ -75,16 +75,17 @@ def with_stp(model: HybridLM, n_spans: int) -> STPPolicy:
 def train_step(model: HybridLM, batch: dict[str, Tensor], policy: STPPolicy,
                optimizer: torch.optim.Optimizer | None, *, taps: bool = True, hold_output: bool = False,
                grad_clip: float | None | str = "auto", documents: bool = True,
-               fused_ce: bool = True) -> Callable[[], None]:
+               fused_ce: bool = True, dtype: str = "float32") -> Callable[[], None]:
     """One call of the training step on ``batch`` with the STP coefficient in force. With an optimizer it
     is the full step (gradient clipping at 1.0 unless ``grad_clip`` says otherwise, the optimizer step);
     without, forward and backward only, with no gradient norm either, so that the figure is the model's
     own work. ``documents``: the model keeps packed documents apart (``--packing documents``); ``fused_ce``:
-    the loss fuses LM head and cross-entropy (the training default) or takes the model's logits."""
+    the loss fuses LM head and cross-entropy (the training default) or takes the model's logits; ``dtype``: the
+    step's autocast (``float32`` or ``bfloat16``)."""
     clip = (1.0 if optimizer is not None else None) if grad_clip == "auto" else grad_clip
     step = TrainStep(model, optimizer, policy, grad_clip=clip,
                      stp_generator=torch.Generator().manual_seed(_STP_GENERATOR_SEED), taps=taps,
-                     hold_output=hold_output, documents=documents, fused_ce=fused_ce)
+                     hold_output=hold_output, documents=documents, fused_ce=fused_ce, dtype=dtype)
     batches = [batch]
 
     def run() -> None:

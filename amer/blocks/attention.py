@@ -3,7 +3,10 @@
 GQA (Ainslie et al. 2023, arXiv 2305.13245) shares each key/value head across
 ``n_heads / n_kv_heads`` query heads, shrinking the KV cache; RoPE (Su et al. 2021, arXiv
 2104.09864) encodes absolute position as a rotation so attention scores depend on relative offsets.
-The attention itself is ``F.scaled_dot_product_attention``, which picks the fused CPU/GPU kernel.
+The attention itself is ``F.scaled_dot_product_attention``, which picks the fused CPU/GPU kernel (flash or
+memory-efficient on CUDA). On CUDA, packed documents and sliding windows go through ``flex_attention`` with a
+block mask (:mod:`amer.ops.flex`) instead of a dense (T, T) mask; :mod:`amer.ops.kernels` picks and logs the
+backend, and ``AMER_KERNELS=reference`` keeps the paths below on every device.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from amer.blocks.doc_ids import DocIds
 from amer.config import Dims
 from amer.configio import check, opt
 from amer.families import FamilySpec, register_family
+from amer.ops import kernels
 from amer.ops.fused import cast
 from amer.pattern import LayerSpec
 
@@ -206,6 +210,20 @@ class AttentionMixer(Mixer):
                                                        attn_mask=mask, enable_gqa=gqa, scale=self.scale))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
+    def _attend_flex(self, q: Tensor, k: Tensor, v: Tensor, doc_ids: DocIds | None) -> Tensor:
+        """Block-sparse causal attention within documents and the window (CUDA); the block mask is built once per
+        forward and shared by the layers with the same window."""
+        from amer.ops.flex import document_block_mask, flex_attend  # flex_attention: only where it is picked
+
+        T = q.shape[2]
+        index = None if doc_ids is None else doc_ids.index
+
+        def build() -> object:
+            return document_block_mask(index, T, self.window, q.device)
+
+        mask = build() if doc_ids is None else doc_ids.cached(("flex", T, self.window), build)
+        return flex_attend(q, k, v, mask, self.scale, self.n_heads != self.n_kv_heads)
+
     def _attend_split(self, q: Tensor, k: Tensor, v: Tensor, lengths: list[list[int]]) -> Tensor:
         """One causal-kernel call per document. unbind/split/cat/stack, not slicing: their backward is one
         concatenation, where every slice's backward would allocate a full-size zero gradient."""
@@ -251,10 +269,16 @@ class AttentionMixer(Mixer):
             q = qkv[..., :H * hd].view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
             k = qkv[..., H * hd:(H + Hkv) * hd].view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
             q, k = self._rotate(self.q_norm(q), cos, sin), self._rotate(self.k_norm(k), cos, sin)
-        if cache is None and doc_ids is not None:
+        if cache is None and (doc_ids is not None or (self.window is not None and self.window < T)) \
+                and kernels.attention_backend(x.device, documents=doc_ids is not None) == "flex":
+            y = self._attend_flex(q, k, v, doc_ids)
+            new_cache = None
+        elif cache is None and doc_ids is not None:
             y = self._attend_documents(q, k, v, doc_ids)
             new_cache = None
         elif cache is None and (self.window is None or self.window >= T):
+            if x.device.type == "cuda":
+                kernels.attention_backend(x.device, documents=False)  # logs the choice: SDPA's flash / efficient
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != Hkv, scale=self.scale)
             new_cache = None
         elif cache is None:

@@ -21,6 +21,9 @@ always runs one document) and single-document forwards are unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -42,7 +45,7 @@ class DocIds:
         t = torch.arange(T, device=doc_ids.device).expand(B, T)
         self.position = t - torch.where(self.starts, t, 0).cummax(dim=1).values  # (B, T)
         self.valid = doc_ids >= 0
-        self._masks: dict[tuple[int, int, torch.dtype], Tensor] = {}
+        self._masks: dict[Any, Any] = {}
         self._lengths: list[list[int]] | None = None
 
     @property
@@ -60,6 +63,12 @@ class DocIds:
                 bounds[row].append(t)
             self._lengths = [[b - a for a, b in zip(s, [*s[1:], T])] for s in bounds]
         return self._lengths
+
+    def cached(self, key: Any, build: Callable[[], Any]) -> Any:
+        """``build()`` once per forward, shared by every layer (a kernel's mask of this layout, for example)."""
+        if key not in self._masks:
+            self._masks[key] = build()
+        return self._masks[key]
 
     def attention_mask(self, q_start: int, q_end: int, dtype: torch.dtype) -> Tensor:
         """Additive mask (B, 1, q_end - q_start, q_end): 0 where query i may see key j (same document,

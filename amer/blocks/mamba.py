@@ -27,9 +27,11 @@ from amer.blocks.doc_ids import DocIds
 from amer.config import Dims
 from amer.configio import check, opt
 from amer.families import FamilySpec, register_family
+from amer.ops import kernels
 from amer.ops.conv import causal_conv1d, conv_state_init
 from amer.ops.fused import rms_norm
 from amer.ops.ssd import ssd_chunked, ssd_step
+from amer.ops.ssd_kernels import gated_rmsnorm_kernel
 from amer.pattern import LayerSpec
 
 __all__ = ["MambaConfig", "MambaCache", "MambaMixer"]
@@ -155,7 +157,11 @@ class MambaMixer(Mixer):
         return MambaCache(conv_state, ssm_state)
 
     def _gated_norm(self, y: Tensor, z: Tensor) -> Tensor:
-        """rmsnorm(y * silu(z)) in fp32, normalised per B/C group as mamba_ssm's RMSNormGated does."""
+        """rmsnorm(y * silu(z)) in fp32, normalised per B/C group as mamba_ssm's RMSNormGated does (its Triton
+        kernel where :mod:`amer.ops.kernels` picks it)."""
+        fn = kernels.gated_rmsnorm(y.device, y.dtype)
+        if fn is not None:
+            return gated_rmsnorm_kernel(fn, y, z, self.norm_weight, self.norm_eps, self.n_groups)
         if self.n_groups == 1:
             return rms_norm(y, self.norm_weight, self.norm_eps, gate=z)
         G = self.n_groups
@@ -172,7 +178,8 @@ class MambaMixer(Mixer):
 
         xBC, conv_state = causal_conv1d(xBC, self.conv_weight, self.conv_bias,
                                         None if cache is None else cache.conv_state,
-                                        position=None if doc_ids is None else doc_ids.position)
+                                        position=None if doc_ids is None else doc_ids.position,
+                                        seq_idx=None if doc_ids is None else doc_ids.index)
         xBC = F.silu(xBC)  # (B, T, conv_dim)
         xs, Bm, Cm = xBC.split([self.d_inner, G * N, G * N], dim=-1)
         xs = xs.unflatten(-1, (H, P))  # (B, T, H, P)

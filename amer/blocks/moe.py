@@ -39,6 +39,7 @@ from amer.blocks.doc_ids import DocIds
 from amer.config import Dims
 from amer.configio import check, opt
 from amer.families import FamilySpec, register_family
+from amer.ops import kernels
 from amer.ops.fused import cast
 from amer.ops.moe import dispatch_dropless
 from amer.ops.moe_capacity import CapacityCache, block_capacity, dispatch_causal_capacity
@@ -173,9 +174,20 @@ class MoEMixer(Mixer):
         return out
 
     def fullgraph_blocker(self) -> str | None:
-        if self.router is not None and self.dispatch == "dropless":
-            return "dropless MoE dispatch has data-dependent shapes (use --model.moe.dispatch capacity to compile it)"
-        return None
+        """The dropless dispatch compiles on grouped GEMM (static shapes); where that is unavailable (forced
+        reference, fp64, widths that are not 16-byte aligned, torch < 2.8) the reference reads each expert's slice
+        size on the host, a data-dependent shape."""
+        if self.router is None or self.dispatch != "dropless":
+            return None
+        w = self.w_gate_up
+        widths = (w.shape[1], w.shape[2], self.w_down.shape[1])
+        # also for 16-bit elements: a bf16 autocast run needs that alignment with fp32 weights
+        why = (kernels.grouped_mm_unavailable(w.device, w.dtype, widths)
+               or kernels.grouped_mm_unavailable(w.device, torch.bfloat16, widths))
+        if why is None:
+            return None
+        return (f"dropless MoE dispatch without grouped GEMM ({why}) has data-dependent shapes "
+                "(use --model.moe.dispatch capacity to compile it)")
 
     def device_note(self, device_type: str) -> str | None:
         if device_type == "xla" and self.router is not None and self.dispatch != "capacity":

@@ -190,7 +190,7 @@ class RecurrentMixer(Mixer):
     inside one hand-differentiated autograd node; a decoding step (T == 1 with a cache) is one
     multiply-add on the fp32 state; a prefill with a cache scans from the cached state.
 
-    Packed documents (``documents``): the state and the conv window restart at each document's first
+    Packed documents (``doc_ids``): the state and the conv window restart at each document's first
     token, so a document's outputs are those it has alone. (recurrentgemma also drops the input
     normaliser at a reset; amer keeps it, which is what a document's first token gets in a fresh
     sequence, so packed and unpacked training see the same block.)
@@ -271,7 +271,8 @@ class RecurrentMixer(Mixer):
         gate = F.gelu(gate, approximate="tanh")  # Griffin's GeLU is the tanh approximation (JAX default)
         u, conv_state = causal_conv1d(u, self.conv_weight, self.conv_bias,
                                       None if cache is None else cache.conv_state,
-                                      position=None if doc_ids is None else doc_ids.position)
+                                      position=None if doc_ids is None else doc_ids.position,
+                                      seq_idx=None if doc_ids is None else doc_ids.index)
         gates = self._gate_logits(u)  # (B, T, H, 2bw)
         plain = self._plain(x, cache, doc_ids)
         if cache is None:

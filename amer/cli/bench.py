@@ -46,7 +46,7 @@ def build_parser() -> ArgParser:
                    "mapped (glibc mallopt; see amer.runtime.tune_malloc); 'system' leaves glibc's defaults")
     p.add_argument("--compile", action="store_true",
                    help="compile the blocks of every amer model the suites build (regional torch.compile, fullgraph; "
-                   "dropless MoE blocks stay eager); the compile suite compares both itself")
+                   "dropless MoE blocks without grouped GEMM stay eager); the compile suite compares both itself")
     p.add_argument("--out", default=None, help="also write the results as JSON to this file")
     return p
 
@@ -80,7 +80,8 @@ def command(argv: list[str]) -> int:
 def _run(names: list[str], opts: BenchOptions, out: str | None, malloc: str) -> None:
     info = machine_info()
     print(f"amer bench on {info['cpu']} ({info['cores']} cores, {info['torch_threads']} torch threads), "
-          f"torch {info['torch']}, {info['date']}; median of {opts.repeats} after {opts.warmup} warm-up; "
+          + (f"{info['gpu']}, " if info.get("gpu") else "")
+          + f"torch {info['torch']}, {info['date']}; median of {opts.repeats} after {opts.warmup} warm-up; "
           f"malloc {malloc}; load average {info['load_avg']}" + ("; blocks compiled" if opts.compile else "")
           + (" [quick]" if opts.quick else ""), flush=True)
     load = info["load_avg"]

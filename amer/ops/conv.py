@@ -1,10 +1,19 @@
-"""Depthwise causal 1-D convolution with a decoding state, shared by the M and R blocks."""
+"""Depthwise causal 1-D convolution with a decoding state, shared by the M and R blocks.
+
+The pure-torch path is the reference; causal-conv1d's CUDA kernels (``causal_conv1d_fn`` for training and prefill,
+with ``seq_idx`` and initial states; ``causal_conv1d_update`` for decoding) run where :mod:`amer.ops.kernels`
+picks them.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from amer.ops import kernels
 
 __all__ = ["causal_conv1d", "conv_state_init"]
 
@@ -83,20 +92,26 @@ def _reach(v: Tensor, position: Tensor | None, s: int) -> Tensor:
 
 
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None,
-                  state: Tensor | None = None, *, position: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                  state: Tensor | None = None, *, position: Tensor | None = None,
+                  seq_idx: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """y[t, c] = bias[c] + sum_k weight[c, k] * x[t - (K-1) + k, c], causal in t.
 
     x: (B, T, C); weight: (C, K); state: (B, K-1, C) inputs preceding x (zeros at the start of a
-    sequence), or None on the training path. ``position`` (B, T): offsets into packed documents, so the
-    window stops at each document's first token (training path only). Returns y (B, T, C) and the new
-    state (or None).
+    sequence), or None on the training path. Packed documents (training path only): ``position`` (B, T), the
+    offsets into the documents, for the reference, and ``seq_idx`` (B, T), the non-decreasing document numbers,
+    for the kernel; the window stops at each document's first token. Returns y (B, T, C) and the new state
+    (or None).
     """
     K = weight.shape[-1]
     B, T, C = x.shape
+    if state is not None and (position is not None or seq_idx is not None):
+        raise ValueError("causal_conv1d: document positions apply to the training path (state=None) only")
+    if T > 0 and (position is None or seq_idx is not None):  # the kernel reads document numbers, not positions
+        fn = (kernels.conv1d if state is None or T > 1 else kernels.conv1d_update)(x.device, x.dtype, K, C)
+        if fn is not None:
+            return _kernel(fn, x, weight, bias, state, seq_idx)
     if state is None:
         return _CausalConvShift.apply(x, weight, bias, position), None
-    if position is not None:
-        raise ValueError("causal_conv1d: document positions apply to the training path (state=None) only")
     xs = torch.cat([state.to(x.dtype), x], dim=1)  # (B, K - 1 + T, C)
     new_state = xs[:, xs.shape[1] - (K - 1):] if K > 1 else state
     xp = xs.transpose(1, 2)
@@ -108,3 +123,23 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None,
         return y, new_state
     y = F.conv1d(xp, weight.unsqueeze(1).to(x.dtype), None if bias is None else bias.to(x.dtype), groups=C)
     return y.transpose(1, 2), new_state
+
+
+def _kernel(fn: Callable, x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor | None,
+            seq_idx: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """causal-conv1d in its channel-last layout, which is amer's (B, T, C) transposed: no copy when ``x`` is
+    contiguous. Its decoding update writes the state in place, so it gets a copy (amer's caches are values)."""
+    B, T, C = x.shape
+    if x.stride(2) != 1 or x.stride(1) != C:
+        x = x.contiguous()
+    bias = None if bias is None else bias.to(weight.dtype)
+    if state is None:
+        seq = None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
+        y = fn(x.transpose(1, 2), weight, bias, seq_idx=seq)
+        return y.transpose(1, 2), None
+    new_state = state.to(x.dtype, copy=True).contiguous()  # (B, K - 1, C)
+    if T == 1:
+        y = fn(x[:, 0], new_state.transpose(1, 2), weight, bias)  # (B, C)
+        return y.unsqueeze(1), new_state
+    y, final = fn(x.transpose(1, 2), weight, bias, initial_states=new_state.transpose(1, 2), return_final_states=True)
+    return y.transpose(1, 2), final.transpose(1, 2)

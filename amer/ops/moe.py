@@ -5,7 +5,10 @@ then up, as in :class:`amer.blocks.common.SwiGLU`) and ``w_down`` (E, F, D):
 
 * :func:`dispatch_dropless` - sort the N*k token-slots by expert and run each expert on its
   contiguous slice (MegaBlocks, Gale et al. 2022, arXiv 2211.15841): no token is ever dropped and
-  no FLOP is spent on padding, at the price of data-dependent shapes (eager / CUDA).
+  no FLOP is spent on padding. With ``torch._grouped_mm`` (the default wherever torch has it, see
+  :mod:`amer.ops.kernels`) the slice boundaries stay on the device: static shapes, no host sync, and
+  it compiles under ``torch.compile(fullgraph=True)``. The reference (``AMER_KERNELS=reference``, or
+  fp64) reads the slice sizes on the host and runs :func:`grouped_swiglu`: eager only.
 * :func:`dispatch_capacity` - GShard / Switch-Transformer dispatch (Lepikhin et al. 2020, arXiv
   2006.16668; Fedus et al. 2021, arXiv 2101.03961): every expert gets a fixed-size buffer of
   ``capacity`` rows and overflowing slots are dropped. Every shape is static, so it compiles to a
@@ -22,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from amer.ops.kernels import megablocks_kernel
+from amer.ops.kernels import grouped_mm, megablocks
 
 __all__ = ["expert_capacity", "dispatch_dropless", "dispatch_capacity", "dense_reference", "swiglu_expert",
            "grouped_swiglu"]
@@ -151,16 +154,19 @@ def dispatch_dropless(x: Tensor, expert_idx: Tensor, weights: Tensor, w_gate_up:
     w_gate_up: (E, D, 2F); w_down: (E, F, D). Returns y with the shape of x.
 
     The N*k slots are sorted by expert id (stable, so slot order within an expert follows the
-    tokens), the inputs gathered once, each expert run on its contiguous slice - a loop over
-    experts, never over tokens - and the weighted outputs summed back per token. The slice sizes
-    come from the host (one sync), so this path is for eager execution; use
-    :func:`dispatch_capacity` under ``torch.compile(fullgraph=True)`` or XLA.
+    tokens), the inputs gathered once, each expert run on its contiguous slice - one grouped GEMM
+    per projection (:func:`_dropless_grouped`), or the reference loop over experts, never over
+    tokens - and the weighted outputs summed back per token.
     """
     xf, idx, w = _flatten(x, expert_idx, weights)
     N, k = idx.shape
     E = w_gate_up.shape[0]
     flat_e = idx.reshape(-1)  # (N*k,) slot s = n*k + j
-    mb = megablocks_kernel(x.device)
+    dt = _compute_dtype(xf, w_gate_up)
+    experts = grouped_mm(x.device, dt, (xf.shape[1], w_gate_up.shape[-1], w_down.shape[1]))
+    if experts is not None:
+        return _dropless_grouped(experts, xf, flat_e, w.reshape(-1), w_gate_up, w_down, k).reshape(x.shape)
+    mb = megablocks(x.device)
     if mb is not None and hasattr(mb, "gather") and hasattr(mb, "scatter"):
         return _dropless_megablocks(mb, xf, flat_e, w.reshape(-1), w_gate_up, w_down, k).reshape(x.shape)
 
@@ -173,6 +179,35 @@ def dispatch_dropless(x: Tensor, expert_idx: Tensor, weights: Tensor, w_gate_up:
     # index_add (not a gather of the unsorted slots) so the k contributions are summed in one pass
     y = xf.new_zeros(N, xf.shape[1]).index_add_(0, token, ys)
     return y.reshape(x.shape)
+
+
+def _compute_dtype(xs: Tensor, w: Tensor) -> torch.dtype:
+    """The matmuls' dtype: autocast's where it is on (as ``torch.matmul`` would), else the promoted one."""
+    dev = xs.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return torch.promote_types(xs.dtype, w.dtype)
+
+
+def _dropless_grouped(experts, xf: Tensor, flat_e: Tensor, w: Tensor, w_gate_up: Tensor, w_down: Tensor,
+                      k: int) -> Tensor:
+    """The dropless dispatch on grouped GEMM (:func:`amer.ops.grouped.grouped_swiglu`), with no host sync.
+
+    The group ends ``offs`` (E,) int32 are found by ``searchsorted`` in the sorted expert ids, on the device;
+    every shape depends only on N, k and the weights, so the whole dispatch is one static graph.
+    """
+    N, D = xf.shape
+    E = w_gate_up.shape[0]
+    dt = _compute_dtype(xf, w_gate_up)
+    sorted_e, order = torch.sort(flat_e, stable=True)
+    token = order // k
+    offs = torch.searchsorted(sorted_e, torch.arange(E, device=xf.device, dtype=sorted_e.dtype), right=True,
+                              out_int32=True)  # (E,) end of each expert's rows
+    with torch.autocast(device_type=xf.device.type, enabled=False):  # a custom op: autocast would not cast it
+        xs = xf.to(dt).index_select(0, token)  # (N*k, D)
+        ys = experts(xs, w_gate_up.to(dt), w_down.to(dt), offs)  # (N*k, D)
+        ys = ys * w.to(dt).index_select(0, order).unsqueeze(-1)
+        return ys.new_zeros(N, D).index_add_(0, token, ys)
 
 
 def _dropless_megablocks(mb, xf: Tensor, flat_e: Tensor, w: Tensor, w_gate_up: Tensor, w_down: Tensor,

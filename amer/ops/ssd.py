@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from amer.ops.kernels import ssd_kernel
+from amer.ops import kernels
+from amer.ops.ssd_kernels import ssd_scan_kernel, ssd_step_kernel
 
-__all__ = ["ssd_chunked", "ssd_sequential", "ssd_step", "ssd_scan_torch"]
+__all__ = ["ssd_chunked", "ssd_sequential", "ssd_step", "ssd_step_torch", "ssd_scan_torch"]
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -197,18 +198,15 @@ class _DocumentMasks:
 
 def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
                 initial_state: Tensor | None = None, seq_idx: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Chunked SSD scan: mamba_ssm's fused Triton kernel on CUDA when installed, else :func:`ssd_scan_torch`.
+    """Chunked SSD scan: mamba-ssm's fused Triton kernels where :mod:`amer.ops.kernels` picks them (CUDA, or CPU
+    under the Triton interpreter), else :func:`ssd_scan_torch`.
 
     x (b, T, H, P), dt (b, T, H), A (H,), B/C (b, T, G, N), initial_state (b, H, P, N) or None,
     seq_idx (b, T) document numbers of packed rows or None.
     Returns y (b, T, H, P) in x's dtype and the final state (b, H, P, N) in fp32 (fp64 for fp64 inputs).
     """
-    fn = ssd_kernel(x.device)
-    if fn is not None:
-        y, final_state = fn(x, dt, A, B, C, chunk_size, D=None, z=None, initial_states=initial_state,
-                            seq_idx=None if seq_idx is None else seq_idx.to(torch.int32),
-                            return_final_states=True)
-        return y, final_state.to(_acc_dtype(x.dtype))
+    if x.shape[1] > 0 and kernels.ssd_scan(x.device, x.dtype) is not None:
+        return ssd_scan_kernel(x, dt, A, B, C, chunk_size, initial_state, seq_idx)
     y, final_state = ssd_scan_torch(x, dt, A, B, C, chunk_size, initial_state, seq_idx)
     return y.to(x.dtype), final_state
 
@@ -217,8 +215,17 @@ def ssd_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, state: Tens
     """One recurrent step (decoding), O(1) in the context length.
 
     x (b, H, P), dt (b, H), A (H,), B/C (b, G, N), state (b, H, P, N). Returns y (b, H, P) in x's dtype
-    and the new state in the accumulation dtype (fp32 at least).
+    and the new state in the accumulation dtype (fp32 at least). mamba-ssm's ``selective_state_update`` where
+    :mod:`amer.ops.kernels` picks it.
     """
+    fn = kernels.ssd_update(x.device, x.dtype)
+    if fn is not None:
+        return ssd_step_kernel(fn, x, dt, A, B, C, state)
+    return ssd_step_torch(x, dt, A, B, C, state)
+
+
+def ssd_step_torch(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`ssd_step` in pure torch."""
     b, H, P = x.shape
     G, N = B.shape[-2], B.shape[-1]
     acc = _acc_dtype(torch.promote_types(x.dtype, state.dtype))
@@ -245,7 +252,7 @@ def ssd_sequential(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk
     for t in range(T):
         if seq_idx is not None and t > 0:
             state = state * (seq_idx[:, t] == seq_idx[:, t - 1]).to(acc).view(b, 1, 1, 1)
-        y_t, state = ssd_step(x[:, t], dt[:, t], A, B[:, t], C[:, t], state)
+        y_t, state = ssd_step_torch(x[:, t], dt[:, t], A, B[:, t], C[:, t], state)
         ys.append(y_t)
     y = torch.stack(ys, dim=1) if ys else x.new_zeros(b, 0, H, P)
     return y, state

@@ -20,6 +20,7 @@ from amer.config import TrainConfig
 from amer.data import BatchIterator
 from amer.errors import ConfigError
 from amer.model import HybridLM
+from amer.ops import kernels
 from amer.report.curves import draw_run_curves
 from amer.runtime import resolve_device, warn_slow_bfloat16
 from amer.stp import STPPolicy
@@ -108,8 +109,12 @@ def _train(run: Run, layout: distributed.Layout, stop_at: int | None, quiet: boo
             lr = lr_at(step, cfg)
             t_step = time.perf_counter()
             res = step_fn((next(batches) for _ in range(cfg.grad_accum)), step, lr=lr, metrics=log_now)
-            if cfg.compile and step == first_step:
-                progress.say(f"compile: first step {time.perf_counter() - t_step:.1f} s, compilation included")
+            if step == first_step:
+                if cfg.compile:
+                    progress.say(f"compile: first step {time.perf_counter() - t_step:.1f} s, compilation included")
+                ran = kernels.choices()  # which backend each op took, said once (each op logs it at debug level)
+                if ran:
+                    progress.say("kernels: " + "; ".join(f"{op} -> {how}" for op, how in sorted(ran.items())))
             if not res.applied:
                 progress.say(f"step {step + 1}: {res.skipped_reason}; step skipped "
                              f"({bad.in_a_row + 1}/{cfg.max_bad_steps})")
