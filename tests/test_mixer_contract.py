@@ -45,6 +45,7 @@ SMALL: dict[str, dict[str, Any]] = {
     "M": {"d_state": 16, "head_dim": 16, "expand": 2, "n_groups": 2, "chunk_size": 8},
     "E": {"n_experts": 4, "top_k": 2, "d_ff": 48},
     "R": {"n_heads": 4, "d_conv": 4},
+    "S": {"d_state": 8, "chunk_size": 8},
 }
 
 LETTERS = [spec.letter for spec in families()]
