@@ -4,8 +4,7 @@ Importing this package registers the built-in families (A, M, E, R, S, C) in :mo
 family is a new module here plus its import below.
 """
 
-from amer.blocks import attention, mamba, moe, recurrent  # noqa: F401,E402  (registers A, M, E, R)
-from amer.blocks import mamba1, shortconv  # noqa: F401,E402  (registers S, C)
+from amer.blocks import attention, mamba, mamba1, moe, recurrent, shortconv  # noqa: F401,E402  (registers the families)
 from amer.blocks.common import Block, Mixer, MixerOutput, RMSNorm, SwiGLU
 from amer.blocks.documents import Documents
 

@@ -192,7 +192,7 @@ class Mamba1Mixer(Mixer):
                                        position=None if documents is None else documents.position)
         xs = F.silu(xs)
         r, Bm, Cm = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        r, Bm, Cm = (self._norm(v, n) for v, n in zip((r, Bm, Cm), self._norms()))
+        r, Bm, Cm = (self._norm(v, n) for v, n in zip((r, Bm, Cm), self._norms(), strict=True))
         acc = torch.promote_types(x.dtype, torch.float32)  # time steps and decays in fp32 at least
         dt = F.softplus(F.linear(r, self.dt_proj.weight).to(acc) + self.dt_proj.bias.to(acc))  # (B, T, d_inner)
         A = -torch.exp(self.A_log.to(acc))  # (d_inner, N) < 0: every state entry decays

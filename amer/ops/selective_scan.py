@@ -240,7 +240,7 @@ class _SelectiveScan(torch.autograd.Function):
             blk.scan()
             grads, carry = blk.backward(_offset_major(gyf[:, s:e], S), _offset_major(Cf[:, s:e], S), At, carry,
                                         g_At)
-            for out, p in zip(parts, grads):
+            for out, p in zip(parts, grads, strict=True):
                 out.append(_time_major(p))
         g_dtu, g_dt, g_B, g_C = (torch.cat(x[::-1], 1)[:, :T] for x in parts)
         g_u = g_dtu * dtf[:, :T]
