@@ -180,7 +180,8 @@ class Mamba1Mixer(Mixer):
             return v
         if norm is not None:
             return norm(v)
-        return F.rms_norm(v.float(), (v.shape[-1],), eps=self.cfg.dt_bc_norm_eps).to(v.dtype)
+        acc = torch.promote_types(v.dtype, torch.float32)  # Falcon-Mamba's weightless norm, in fp32 at least
+        return F.rms_norm(v.to(acc), (v.shape[-1],), eps=self.cfg.dt_bc_norm_eps).to(v.dtype)
 
     def forward(self, x: Tensor, cache: Mamba1Cache | None = None, documents: Documents | None = None) -> MixerOutput:
         """x (B, T, D) -> MixerOutput(y (B, T, D), new cache or None). With packed ``documents``, the conv

@@ -33,6 +33,8 @@ h0 (b, D, N) or None; keep (b, T) or None.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -186,68 +188,114 @@ def _padded(Tp: int, tensors: tuple[Tensor, ...], keep: Tensor | None, acc: torc
     return (*out, k)
 
 
-class _SelectiveScan(torch.autograd.Function):
-    """The blocked selective scan with a hand-written, block-recomputing backward (module docstring)."""
+# The scan is registered as two custom operators with a registered autograd formula: torch.compile and
+# AOT autograd see each as one opaque node (with a shape-only fake implementation) instead of tracing and
+# functionalising its hundreds of in-place slice updates, which made compiling a tiny two-layer model take
+# over a minute; eager calls run the Python below directly.
 
-    @staticmethod
-    def forward(ctx, u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,  # type: ignore[override]
-                h0: Tensor | None, keep: Tensor | None, chunk: int) -> tuple[Tensor, Tensor]:
-        acc = _acc(torch.promote_types(u.dtype, dt.dtype))
-        b, T, D = u.shape
-        N = A.shape[-1]
-        S, L, Tp = _sizes(T, chunk)
-        uf, dtf, Bf, Cf, kf = _padded(Tp, (u, dt, B, C), keep, acc)
-        A2t = A.to(acc).t() * _LOG2E
-        dtu = dtf * uf
-        ys, entries = [], []
-        h = None if h0 is None else h0.to(acc).transpose(1, 2).contiguous()  # (b, N, D) inside
-        ws = _workspace((S + 1, S + 1), L // S, b, N, D, dtf)
-        for s in range(0, Tp, L):
-            e = min(s + L, Tp)
-            entries.append(h)
-            blk = _Block(dtf[:, s:e], dtu[:, s:e], A2t, Bf[:, s:e], None if kf is None else kf[:, s:e], S, h, ws)
-            ys.append(_time_major(blk.scan(_offset_major(Cf[:, s:e], S))))
-            h = blk.h[S - 1, -1].clone()  # the block's last state (the workspace is reused)
-        y = torch.cat(ys, 1)[:, :T] if ys else torch.zeros(b, 0, D, dtype=acc, device=u.device)
-        h_last = h if h is not None else torch.zeros(b, N, D, dtype=acc, device=u.device)
-        stored = torch.stack([x if x is not None else torch.zeros_like(h_last) for x in entries] or [h_last], 1)
-        ctx.save_for_backward(u, dt, A, B, C, h0, keep, stored)
-        ctx.chunk = chunk
-        return y.to(torch.promote_types(u.dtype, dt.dtype)), h_last.transpose(1, 2)
 
-    @staticmethod
-    def backward(ctx, grad_y: Tensor | None, grad_h_last: Tensor | None):  # type: ignore[override]
-        u, dt, A, B, C, h0, keep, entries = ctx.saved_tensors
-        acc = entries.dtype
-        b, T, D = u.shape
-        N = A.shape[-1]
-        S, L, Tp = _sizes(T, ctx.chunk)
-        gy = torch.zeros_like(u, dtype=acc) if grad_y is None else grad_y
-        uf, dtf, Bf, Cf, gyf, kf = _padded(Tp, (u, dt, B, C, gy), keep, acc)
-        At = A.to(acc).t()
-        A2t = At * _LOG2E
-        dtu = dtf * uf
-        parts: list[list[Tensor]] = [[], [], [], []]  # dL/d(dt u), dL/d dt (decays), dL/dB, dL/dC per block
-        g_At = torch.zeros(N, D, dtype=acc, device=u.device)
-        carry = None if grad_h_last is None else grad_h_last.to(acc).transpose(1, 2).contiguous()
-        starts = list(range(0, Tp, L))
-        ws = _workspace((S + 1, S + 1, S, 3), L // S, b, N, D, dtf)
-        for k in reversed(range(len(starts))):
-            s = starts[k]
-            e = min(s + L, Tp)
-            h_in = entries[:, k] if k > 0 else None if h0 is None else h0.to(acc).transpose(1, 2).contiguous()
-            blk = _Block(dtf[:, s:e], dtu[:, s:e], A2t, Bf[:, s:e], None if kf is None else kf[:, s:e], S, h_in, ws)
-            blk.scan()
-            grads, carry = blk.backward(_offset_major(gyf[:, s:e], S), _offset_major(Cf[:, s:e], S), At, carry,
-                                        g_At)
-            for out, p in zip(parts, grads, strict=True):
-                out.append(_time_major(p))
+@torch.library.custom_op("amer::selective_scan_fwd", mutates_args=())
+def _scan_fwd(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, h0: Tensor | None, keep: Tensor | None,
+              chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """y (b, T, D), the final state (b, D, N) and the state entering each block (b, blocks, N, D)."""
+    acc = _acc(torch.promote_types(u.dtype, dt.dtype))
+    b, T, D = u.shape
+    N = A.shape[-1]
+    S, L, Tp = _sizes(T, chunk)
+    uf, dtf, Bf, Cf, kf = _padded(Tp, (u, dt, B, C), keep, acc)
+    A2t = A.to(acc).t() * _LOG2E
+    dtu = dtf * uf
+    ys, entries = [], []
+    h = torch.zeros(b, N, D, dtype=acc, device=u.device) if h0 is None else h0.to(acc).transpose(1, 2).contiguous()
+    ws = _workspace((S + 1, S + 1), L // S, b, N, D, dtf)
+    for s in range(0, Tp, L):
+        e = min(s + L, Tp)
+        entries.append(h)
+        blk = _Block(dtf[:, s:e], dtu[:, s:e], A2t, Bf[:, s:e], None if kf is None else kf[:, s:e], S, h, ws)
+        ys.append(_time_major(blk.scan(_offset_major(Cf[:, s:e], S))))
+        h = blk.h[S - 1, -1].clone()  # the block's last state (the workspace is reused)
+    y = torch.cat(ys, 1)[:, :T] if ys else torch.zeros(b, 0, D, dtype=acc, device=u.device)
+    stored = torch.stack(entries or [h], 1)
+    return y.to(torch.promote_types(u.dtype, dt.dtype)).contiguous(), h.transpose(1, 2).contiguous(), stored
+
+
+@_scan_fwd.register_fake
+def _(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, h0: Tensor | None, keep: Tensor | None,
+      chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    b, T, D = u.shape
+    N = A.shape[-1]
+    acc = _acc(torch.promote_types(u.dtype, dt.dtype))
+    S, L, Tp = _sizes(T, chunk)
+    blocks = max(1, -(-Tp // L))
+    return (u.new_empty(b, T, D, dtype=torch.promote_types(u.dtype, dt.dtype)), u.new_empty(b, D, N, dtype=acc),
+            u.new_empty(b, blocks, N, D, dtype=acc))
+
+
+@torch.library.custom_op("amer::selective_scan_bwd", mutates_args=())
+def _scan_bwd(grad_y: Tensor, grad_h_last: Tensor, u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+              h0: Tensor | None, keep: Tensor | None, entries: Tensor,
+              chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients wrt u, dt, A, B, C and h0 (an empty tensor when h0 is None)."""
+    acc = entries.dtype
+    b, T, D = u.shape
+    N = A.shape[-1]
+    S, L, Tp = _sizes(T, chunk)
+    uf, dtf, Bf, Cf, gyf, kf = _padded(Tp, (u, dt, B, C, grad_y), keep, acc)
+    At = A.to(acc).t()
+    A2t = At * _LOG2E
+    dtu = dtf * uf
+    parts: list[list[Tensor]] = [[], [], [], []]  # dL/d(dt u), dL/d dt (decays), dL/dB, dL/dC per block
+    g_At = torch.zeros(N, D, dtype=acc, device=u.device)
+    carry = grad_h_last.to(acc).transpose(1, 2).contiguous()  # dL/dh at the block's last step
+    starts = list(range(0, Tp, L))
+    ws = _workspace((S + 1, S + 1, S, 3), L // S, b, N, D, dtf)
+    for k in reversed(range(len(starts))):
+        s = starts[k]
+        e = min(s + L, Tp)
+        blk = _Block(dtf[:, s:e], dtu[:, s:e], A2t, Bf[:, s:e], None if kf is None else kf[:, s:e], S,
+                     entries[:, k], ws)
+        blk.scan()
+        grads, carry = blk.backward(_offset_major(gyf[:, s:e], S), _offset_major(Cf[:, s:e], S), At, carry, g_At)
+        for out, p in zip(parts, grads, strict=True):
+            out.append(_time_major(p))
+    if parts[0]:
         g_dtu, g_dt, g_B, g_C = (torch.cat(x[::-1], 1)[:, :T] for x in parts)
-        g_u = g_dtu * dtf[:, :T]
-        g_dt = g_dt + g_dtu * uf[:, :T]
-        g_h0 = None if h0 is None else carry.transpose(1, 2).to(h0.dtype)
-        return (g_u.to(u.dtype), g_dt.to(dt.dtype), g_At.t().to(A.dtype), g_B.to(B.dtype), g_C.to(C.dtype),
-                g_h0, None, None)
+    else:
+        g_dtu, g_dt, g_B, g_C = (torch.zeros(b, 0, k, dtype=acc, device=u.device) for k in (D, D, N, N))
+    g_u = g_dtu * dtf[:, :T]
+    g_dt = g_dt + g_dtu * uf[:, :T]
+    g_h0 = u.new_empty(0) if h0 is None else carry.transpose(1, 2).to(h0.dtype).contiguous()
+    return (g_u.to(u.dtype), g_dt.to(dt.dtype), g_At.t().to(A.dtype).contiguous(), g_B.to(B.dtype).contiguous(),
+            g_C.to(C.dtype).contiguous(), g_h0)
+
+
+@_scan_bwd.register_fake
+def _(grad_y: Tensor, grad_h_last: Tensor, u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+      h0: Tensor | None, keep: Tensor | None, entries: Tensor,
+      chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return (torch.empty_like(u), torch.empty_like(dt), torch.empty_like(A), torch.empty_like(B), torch.empty_like(C),
+            u.new_empty(0) if h0 is None else torch.empty_like(h0))
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    u, dt, A, B, C, h0, keep, chunk = inputs
+    ctx.save_for_backward(u, dt, A, B, C, h0, keep, output[2])
+    ctx.chunk = chunk
+    ctx.y_dtype, ctx.h_dtype = output[0].dtype, output[1].dtype
+
+
+def _backward(ctx: Any, grad_y: Tensor | None, grad_h_last: Tensor | None, _grad_entries: Any) -> tuple[Any, ...]:
+    u, dt, A, B, C, h0, keep, entries = ctx.saved_tensors
+    b, T, D = u.shape
+    if grad_y is None:
+        grad_y = u.new_zeros(b, T, D, dtype=ctx.y_dtype)
+    if grad_h_last is None:
+        grad_h_last = u.new_zeros(b, D, A.shape[-1], dtype=ctx.h_dtype)
+    g_u, g_dt, g_A, g_B, g_C, g_h0 = _scan_bwd(grad_y, grad_h_last, u, dt, A, B, C, h0, keep, entries, ctx.chunk)
+    return g_u, g_dt, g_A, g_B, g_C, (None if h0 is None else g_h0), None, None
+
+
+_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def selective_scan(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, h0: Tensor | None = None,
@@ -271,7 +319,8 @@ def selective_scan(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, h0: T
         raise ValueError(f"selective_scan: h0 must be (b, D, N) = {(b, D, N)}, got {tuple(h0.shape)}")
     if chunk < 1:
         raise ValueError(f"selective_scan: chunk must be >= 1, got {chunk}")
-    return _SelectiveScan.apply(u, dt, A, B, C, h0, keep, chunk)
+    y, h_last, _ = _scan_fwd(u, dt, A, B, C, h0, keep, chunk)
+    return y, h_last
 
 
 def selective_scan_step(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
