@@ -112,7 +112,7 @@ def _hf_pair(bias: bool) -> tuple[Any, Any, ShortConvMixer]:
     hf = Lfm2ShortConv(hfc, 0).eval()
     with torch.no_grad():
         for p in hf.parameters():
-            p.normal_(0.0, 0.3 if p.dim() > 1 and p.shape[-1] == D else 0.5)
+            p.normal_(0.0, 0.15 if p.dim() > 1 and p.shape[-1] == D else 0.5)
     cfg = ModelConfig(pattern="C", d_model=D, shortconv={"l_cache": 3, "bias": bias})
     ours = ShortConvMixer(cfg.shortconv, cfg.dims, cfg.parsed.layers[0])
     state = {}
