@@ -175,6 +175,22 @@ def test_scan_runs_shape_only_on_meta() -> None:
     assert out.y.shape == (2, 10, D) and out.y.is_meta
 
 
+def test_scan_ignores_an_enclosing_autocast() -> None:
+    """Inside the scan every matmul stays in fp32 under bf16 autocast: the results are bit-identical."""
+    args = [t.float().requires_grad_() for t in scan_inputs(2, 21, 6, 4)]
+    y, h = selective_scan(*args, chunk=8)
+    grads = torch.autograd.grad(y.sum() + h.sum(), args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ac, h_ac = selective_scan(*args, chunk=8)
+        grads_ac = torch.autograd.grad(y_ac.sum() + h_ac.sum(), args)
+        u, dt, A, B, C, h0 = args
+        y_step, _ = selective_scan_step(u[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], h0)
+    assert torch.equal(y_ac, y) and torch.equal(h_ac, h)
+    assert all(torch.equal(a, b) for a, b in zip(grads_ac, grads, strict=True))
+    assert y_step.dtype == torch.float32
+    torch.testing.assert_close(y_step, selective_scan(u[:, :1], dt[:, :1], A, B[:, :1], C[:, :1], h0)[0][:, 0])
+
+
 def test_scan_rejects_bad_shapes() -> None:
     u, dt, A, B, C, h0 = scan_inputs(2, 5, 4, 3)
     with pytest.raises(ValueError, match="A must be"):

@@ -33,6 +33,7 @@ h0 (b, D, N) or None; keep (b, T) or None.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -188,6 +189,13 @@ def _padded(Tp: int, tensors: tuple[Tensor, ...], keep: Tensor | None, acc: torc
     return (*out, k)
 
 
+def _no_autocast(t: Tensor) -> Any:
+    """The scan's small matmuls (the read-out with C, the gradients wrt B and C) run in the accumulation
+    dtype: under an enclosing autocast they would drop to bf16 (and on CPUs without bf16 units, crawl)."""
+    kind = t.device.type
+    return torch.autocast(kind, enabled=False) if torch.is_autocast_enabled(kind) else contextlib.nullcontext()
+
+
 # The scan is registered as two custom operators with a registered autograd formula: torch.compile and
 # AOT autograd see each as one opaque node (with a shape-only fake implementation) instead of tracing and
 # functionalising its hundreds of in-place slice updates, which made compiling a tiny two-layer model take
@@ -198,6 +206,12 @@ def _padded(Tp: int, tensors: tuple[Tensor, ...], keep: Tensor | None, acc: torc
 def _scan_fwd(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, h0: Tensor | None, keep: Tensor | None,
               chunk: int) -> tuple[Tensor, Tensor, Tensor]:
     """y (b, T, D), the final state (b, D, N) and the state entering each block (b, blocks, N, D)."""
+    with _no_autocast(u):
+        return _forward(u, dt, A, B, C, h0, keep, chunk)
+
+
+def _forward(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, h0: Tensor | None, keep: Tensor | None,
+             chunk: int) -> tuple[Tensor, Tensor, Tensor]:
     acc = _acc(torch.promote_types(u.dtype, dt.dtype))
     b, T, D = u.shape
     N = A.shape[-1]
@@ -236,6 +250,13 @@ def _scan_bwd(grad_y: Tensor, grad_h_last: Tensor, u: Tensor, dt: Tensor, A: Ten
               h0: Tensor | None, keep: Tensor | None, entries: Tensor,
               chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients wrt u, dt, A, B, C and h0 (an empty tensor when h0 is None)."""
+    with _no_autocast(u):
+        return _backward_impl(grad_y, grad_h_last, u, dt, A, B, C, h0, keep, entries, chunk)
+
+
+def _backward_impl(grad_y: Tensor, grad_h_last: Tensor, u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                   h0: Tensor | None, keep: Tensor | None, entries: Tensor,
+                   chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     acc = entries.dtype
     b, T, D = u.shape
     N = A.shape[-1]
@@ -335,5 +356,5 @@ def selective_scan_step(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
     a = torch.mul(dtf.unsqueeze(-1), A.to(acc) * _LOG2E).clamp_(min=_LOG_DECAY_FLOOR * _LOG2E).exp2_()  # (b, D, N)
     x = (dtf * u.to(acc)).unsqueeze(-1) * B.to(acc).unsqueeze(1)
     h = torch.addcmul(x, a, h.to(acc))
-    y = torch.matmul(h, C.to(acc).unsqueeze(-1)).squeeze(-1)
+    y = (h * C.to(acc).unsqueeze(1)).sum(-1)  # elementwise, so an enclosing autocast leaves it in fp32
     return y.to(u.dtype), h
