@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from amer import AttentionConfig, ModelConfig, MoEConfig, RecurrentConfig, bench
 from amer.bench.workloads import family_config
 from amer.cli import main as cli_main
+from amer.families import letters
 
 QUICK = ["--quick", "--threads", "1", "--repeats", "1", "--warmup", "0"]
 
@@ -39,8 +40,8 @@ def test_blocks_suite(tmp_path, capsys) -> None:
     res, text = run_quick(tmp_path, capsys, "blocks")
     assert torch.get_num_threads() == threads  # --threads does not leak out of an in-process call
     rows = {r["name"]: r for r in res["rows"]}
-    assert set(rows) == {"A", "M", "E", "R", "tiny"}
-    for fam in "AMER":
+    assert set(rows) == {*letters(), "tiny"}  # one stack per registered family
+    for fam in letters():
         assert set(rows[fam]["pattern"]) == {fam}  # single-family stacks
     assert rows["tiny"]["pattern"] == ModelConfig.from_preset("tiny").pattern
     for r in rows.values():
@@ -76,8 +77,8 @@ def test_scaling_suite_covers_every_family_and_length(tmp_path, capsys) -> None:
     res, _ = run_quick(tmp_path, capsys, "scaling")
     train = [r for r in res["rows"] if r["name"].endswith("train")]
     decode = [r for r in res["rows"] if r["name"].endswith("decode")]
-    assert {(r["family"], r["T"]) for r in train} == {(f, t) for f in "AMER" for t in (16, 32, 64)}
-    assert {(r["family"], r["T"]) for r in decode} == {(f, t) for f in "AMER" for t in (8, 16, 32)}
+    assert {(r["family"], r["T"]) for r in train} == {(f, t) for f in letters() for t in (16, 32, 64)}
+    assert {(r["family"], r["T"]) for r in decode} == {(f, t) for f in letters() for t in (8, 16, 32)}
     assert all(r["tokens_per_s"] > 0 and r["peak_MB"] > 0 for r in train)
     assert all(r["ms_per_token"] > 0 for r in decode)
 
@@ -86,7 +87,7 @@ def test_flops_suite_relates_step_to_matmul(tmp_path, capsys) -> None:
     res, _ = run_quick(tmp_path, capsys, "flops")
     rows = res["rows"]
     step, mm, gemm = rows[0], rows[-2], rows[-1]
-    assert [r["name"] for r in rows[1:-2]] == ["AA fwd+bwd", "MM fwd+bwd", "EE fwd+bwd", "RR fwd+bwd"]
+    assert [r["name"] for r in rows[1:-2]] == [f"{f}{f} fwd+bwd" for f in letters()]
     assert mm["fraction_of_matmul"] == 1.0
     expected = bench.training_flops(ModelConfig.from_preset("tiny"), 2, 32)["total"]
     assert step["GFLOP"] == pytest.approx(expected / 1e9)
