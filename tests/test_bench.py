@@ -40,7 +40,7 @@ def test_blocks_suite(tmp_path, capsys) -> None:
     res, text = run_quick(tmp_path, capsys, "blocks")
     assert torch.get_num_threads() == threads  # --threads does not leak out of an in-process call
     rows = {r["name"]: r for r in res["rows"]}
-    assert set(rows) == {*letters(), "tiny"}
+    assert set(rows) == {*letters(), "tiny"}  # one stack per registered family
     for fam in letters():
         assert set(rows[fam]["pattern"]) == {fam}  # single-family stacks
     assert rows["tiny"]["pattern"] == ModelConfig.from_preset("tiny").pattern

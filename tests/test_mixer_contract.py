@@ -47,6 +47,7 @@ SMALL: dict[str, dict[str, Any]] = {
     "E": {"n_experts": 4, "top_k": 2, "d_ff": 48},
     "R": {"n_heads": 4, "d_conv": 4},
     "G": {"n_k_heads": 2, "n_v_heads": 4, "head_k_dim": 8, "head_v_dim": 12, "chunk_size": 8},
+    "S": {"d_state": 8, "chunk_size": 8},
 }
 
 LETTERS = [spec.letter for spec in families()]

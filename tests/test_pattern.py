@@ -101,7 +101,7 @@ def test_errors_name_position(text: str, pos: int, fragment: str) -> None:
 def test_exact_message_for_unknown_block() -> None:
     with pytest.raises(PatternError,
                        match=r"^pattern 'AEMX': unknown block 'X' at position 3; expected A \(attention\), "
-                       r"M \(mamba\), E \(expert\), R \(recurrent\), G \(deltanet\)$"):
+                       r"M \(mamba\), E \(expert\), R \(recurrent\), G \(deltanet\), S \(mamba1\), C \(shortconv\)$"):
         parse_pattern("AEMX")
 
 
