@@ -5,8 +5,9 @@ unknown keys with the closest valid name, and validates itself in ``__post_init_
 fails where it is written, naming the field and what is accepted. Each field carries its ``--help``
 text in its metadata (:func:`opt`), so the command line is generated from these classes.
 
-The shared model dimensions live here (:class:`ModelConfig`, :class:`Dims`); each block family's own
-settings live beside its mixer in ``amer/blocks/`` and are reached through the family registry.
+The model's config (:class:`ModelConfig`, :class:`Dims`) lives in :mod:`amer.model_config` and is re-exported
+here; each block family's own settings live beside its mixer in ``amer/blocks/`` and are reached through the
+family registry.
 """
 
 from __future__ import annotations
@@ -18,155 +19,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
-from amer.configio import check, check_fields, coerce, from_dict, load_toml, opt, suggest, to_dict
+from amer.configio import check, check_fields, from_dict, load_toml, opt, suggest, to_dict
 from amer.errors import ConfigError
-from amer.families import FamilySpec, families, get_family
-from amer.pattern import load_preset, parse_pattern
+from amer.families import families
+from amer.model_config import Dims, ModelConfig, shared_fields
+from amer.pattern import load_preset
 
 __all__ = [
     "ConfigError", "Dims", "ModelConfig", "STPConfig", "ParallelConfig", "TrainConfig", "stp_config_from_preset",
     "from_dict", "to_dict", "load_toml", "suggest", "check", "opt", "options",
 ]
-
-
-class Dims(NamedTuple):
-    """The dimensions every mixer shares (a family's own settings come in its own config)."""
-
-    d_model: int  # residual stream width
-    n_layers: int  # depth of the whole stack (for residual-scaled initialisation)
-    max_seq_len: int  # longest sequence the model accepts
-    norm_eps: float  # RMSNorm epsilon
-    init_std: float  # std of the normal weight init
-    residual_scale: float = 1.0  # multiplier of every block's update (Granite's residual_multiplier)
-    norm_offset: float = 0.0  # RMSNorm gain = offset + weight (Gemma: 1)
-
-    @property
-    def out_std(self) -> float:
-        """GPT-2 residual scaling: projections that write into the residual stream get std / sqrt(2L)."""
-        return self.init_std / (2 * max(1, self.n_layers)) ** 0.5
-
-
-@dataclass(init=False, frozen=True)
-class ModelConfig:
-    """A hybrid language model: a pattern string, the shared dimensions, and one config per registered
-    block family (``cfg.attention``, ``cfg.mamba``, ... by each family's ``config_key``; TOML tables
-    ``[model.attention]``...). Families absent from the pattern keep their defaults and are not validated.
-
-    >>> ModelConfig(pattern="(AE)*2M", d_model=64, moe={"n_experts": 4}).moe.n_experts
-    4
-    """
-
-    pattern: str = opt("AEMR", "block pattern: one letter per block (see `amer patterns`); '(AE)*2M', 'AEMR@12'")
-    d_model: int = opt(128, "residual stream width", ge=1)
-    vocab_size: int = opt(260, "embedding rows; amer train sets it from --tokenizer (byte: 260, others: their size "
-                          "rounded up to a multiple of 64), replacing a preset's or flag's value", ge=2)
-    max_seq_len: int = opt(1024, "longest sequence the model accepts (--seq-len must not exceed it)", ge=1)
-    tie_embeddings: bool = opt(True, "share the input embedding and the LM head weights")
-    norm_eps: float = opt(1e-5, "RMSNorm epsilon", gt=0)
-    init_std: float = opt(0.02,
-                          "std of the normal weight init (residual output projections scaled by 1/sqrt(2 layers))")
-    # what imported checkpoints use (1 / 0 / None leave the model as it is)
-    embed_scale: float = opt(1.0, "multiplier of the token embeddings (Gemma: sqrt(d-model))")
-    residual_scale: float = opt(1.0, "multiplier of every block's update before it joins the residual stream")
-    logit_scale: float = opt(1.0, "multiplier of the logits (Granite: 1 / logits_scaling)")
-    logit_softcap: float | None = opt(None, "cap the logits smoothly to (-c, c) as c * tanh(logits / c)", gt=0)
-    norm_offset: float = opt(0.0, "every RMSNorm's gain is norm-offset + weight (Gemma's 1 + w)")
-    family_configs: dict[str, Any] = field(default_factory=dict)
-
-    def __init__(self, pattern: str = "AEMR", *, family_configs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        """Shared settings by name, each family's config by its ``config_key`` (a config or a table);
-        ``family_configs`` (what ``dataclasses.replace`` passes) gives several at once, named keys win."""
-        # frozen: the fields are set once, here, through object.__setattr__
-        object.__setattr__(self, "pattern", pattern)
-        for f in _shared_fields():
-            if f.name != "pattern":
-                object.__setattr__(self, f.name, kwargs.pop(f.name, f.default))
-        specs = {s.config_key: s for s in families()}
-        given = {**(family_configs or {}), **kwargs}
-        unknown = sorted(set(given) - set(specs))
-        if unknown:
-            accepted = [f.name for f in _shared_fields()] + list(specs)
-            raise ConfigError(f"unknown model setting '{unknown[0]}'{suggest(unknown[0], accepted)} "
-                              f"(accepted: {', '.join(accepted)})")
-        configs: dict[str, Any] = {}
-        for key, spec in specs.items():
-            value = given.get(key)
-            if value is None:
-                value = spec.config()
-            elif isinstance(value, dict):
-                value = from_dict(spec.config, value, where=f"model.{key}.")
-            elif not isinstance(value, spec.config):
-                raise ConfigError(f"model.{key} must be a {spec.config.__name__} or a table (in TOML a [model.{key}] "
-                                  f"section with keys), got {type(value).__name__} {value!r:.40}")
-            configs[key] = value
-        object.__setattr__(self, "family_configs", configs)
-        self.__post_init__()
-
-    def __getattr__(self, name: str) -> Any:
-        configs = self.__dict__.get("family_configs")
-        if configs is not None and name in configs:
-            return configs[name]
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-    def __post_init__(self) -> None:
-        check_fields(self, "model.")
-        for key, cfg in self.family_configs.items():  # a family's own checks cannot see NaN or infinity
-            check_fields(cfg, f"model.{key}.")
-        object.__setattr__(self, "parsed", parse_pattern(self.pattern))
-        dims = self.dims
-        for letter in dict.fromkeys(layer.family for layer in self.parsed.layers):
-            cfg = self.family_config(letter)
-            if hasattr(cfg, "validate"):
-                cfg.validate(dims)
-
-    @property
-    def n_layers(self) -> int:
-        return len(self.parsed.layers)
-
-    @property
-    def dims(self) -> Dims:
-        return Dims(self.d_model, self.n_layers, self.max_seq_len, self.norm_eps, self.init_std, self.residual_scale,
-                    self.norm_offset)
-
-    def family_config(self, family: str | FamilySpec) -> Any:
-        """The config of ``family`` (a letter, a :class:`~amer.families.Family` or a spec)."""
-        spec = family if isinstance(family, FamilySpec) else get_family(str(family))
-        return self.family_configs[spec.config_key]
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
-        """The ``[model]`` table of preset ``name`` (``patterns/<name>.toml``), with top-level overrides."""
-        data = dict(load_preset(name)["model"])
-        data.update(overrides)
-        return from_dict(cls, data, where="model.")
-
-    @classmethod
-    def _from_dict(cls, data: dict[str, Any], where: str) -> ModelConfig:
-        shared = {f.name: f for f in _shared_fields()}
-        hints = typing.get_type_hints(cls)
-        specs = {s.config_key: s for s in families()}
-        kwargs: dict[str, Any] = {}
-        for key, value in data.items():
-            k = key.replace("-", "_")
-            if k in shared:
-                kwargs[k] = coerce(value, hints[k], f"{where}{k}")
-            elif k in specs:
-                if isinstance(value, dict):
-                    value = from_dict(specs[k].config, value, where=f"{where}{k}.")
-                kwargs[k] = value
-            else:
-                accepted = list(shared) + list(specs)
-                raise ConfigError(f"unknown key '{where}{key}'{suggest(k, accepted)} (accepted: {', '.join(accepted)})")
-        return cls(**kwargs)
-
-    def _to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in _shared_fields()}
-        out.update({key: to_dict(cfg) for key, cfg in self.family_configs.items()})
-        return out
-
-
-def _shared_fields() -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(ModelConfig) if f.name != "family_configs"]
 
 
 @dataclass(frozen=True)
@@ -335,7 +197,7 @@ def options(cls: type, prefix: str = "") -> Iterator[Option]:
     """Every scalar setting of config class ``cls``, recursing into nested configs and into each registered
     family's config under ``model``: what the command line turns into flags."""
     hints = typing.get_type_hints(cls)
-    fields = _shared_fields() if cls is ModelConfig else dataclasses.fields(cls)
+    fields = shared_fields() if cls is ModelConfig else dataclasses.fields(cls)
     for f in fields:
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):

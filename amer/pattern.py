@@ -3,8 +3,11 @@
 Grammar::
 
     pattern := item+ ['@' DEPTH]        # '@52' tiles the items cyclically to 52 layers
-    item    := FAMILY | '(' item+ ')' '*' COUNT | '|'
-    FAMILY  := a registered family letter: 'A' | 'M' | 'E' | 'R' built in (see amer.families)
+    item    := block | '(' item+ ')' '*' COUNT | '|'
+    block   := FAMILY ['.' VARIANT]     # 'A.swa': attention built from the variant 'swa' of its config
+    FAMILY  := a registered family letter (see amer.families): A, M, E, R, G, S, C built in
+    VARIANT := [a-z][a-z_]*             # declared as [model.<family>.variants.<name>] (no digits: A.swa0 is
+                                        # the selector of the first A.swa)
 
 Whitespace is ignored, ``|`` marks a pipeline-stage boundary (Megatron-Core's hybrid pattern
 convention) and a string that is not a pattern is looked up as a preset (``amer/patterns/*.toml``,
@@ -14,16 +17,14 @@ Every error is a :class:`PatternError` naming the offending character and its po
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-from amer.configio import parse_toml, suggest
+from amer.configio import suggest
 from amer.errors import PatternError
 from amer.families import Family, expected_text, letters
+from amer.presets import load_preset, patterns_dir, preset_names, preset_path
 
 __all__ = [
     "MAX_LAYERS",
@@ -48,11 +49,17 @@ class LayerSpec:
     family: Family
     family_index: int
     stage: int
+    variant: str | None = None  # the family's named variant this layer is built from (``A.swa``), or None
 
     @property
     def name(self) -> str:
-        """``A0``, ``M3``...: family letter plus family index."""
+        """``A0``, ``M3``...: family letter plus family index (variants share their family's count)."""
         return f"{self.family.value}{self.family_index}"
+
+    @property
+    def key(self) -> str:
+        """What the pattern writes for this layer: ``A`` or ``A.swa``."""
+        return self.family.value if self.variant is None else f"{self.family.value}.{self.variant}"
 
 
 @dataclass(frozen=True)
@@ -78,13 +85,16 @@ class Pattern:
 
     @property
     def letters(self) -> str:
-        """The expanded stack as letters, stages separated by ``|`` (a canonical form)."""
+        """The expanded stack, stages separated by ``|`` (a canonical form that parses back to the same layers):
+        ``AEMR``, or with variants ``A.swa EA.swa E`` (a space ends a variant name before the next letter)."""
         out, stage = [], 0
         for layer in self.layers:
             if layer.stage != stage:
                 out.append("|")
                 stage = layer.stage
-            out.append(layer.family.value)
+            if out and (out[-1][-1:].islower() or out[-1].endswith("_")):
+                out.append(" ")
+            out.append(layer.key)
         return "".join(out)
 
     def count(self, family: Family | str) -> int:
@@ -106,7 +116,7 @@ class Pattern:
 # anything is expanded, so '(A)*999999999' or '((|)*99999)*99999' fails at once instead of allocating.
 
 MAX_NESTING = 64
-_Node = tuple  # ("fam", Family, pos) | ("bar", None, pos) | ("group", [nodes], count, pos)
+_Node = tuple  # ("fam", Family, pos, variant) | ("bar", None, pos) | ("group", [nodes], count, pos)
 
 
 def _shown(text: str, limit: int = 60) -> str:
@@ -177,8 +187,8 @@ class _Parser:
         while (p := self.peek()) is not None:
             pos, c = p
             if c.isupper() and c in self.letters:
-                out.append(("fam", Family(c), pos))
                 self.k += 1
+                out.append(("fam", Family(c), pos, self.variant(c, pos)))
             elif c == "|":
                 out.append(("bar", None, pos))
                 self.k += 1
@@ -221,6 +231,26 @@ class _Parser:
             raise self.err("unbalanced '(': no matching ')'", open_pos)
         return out
 
+    def variant(self, letter: str, pos: int) -> str | None:
+        """The ``.name`` after a family letter, if any (read up to the first character that cannot be in one)."""
+        dot = self.peek()
+        if dot is None or dot[1] != ".":
+            return None
+        self.k += 1
+        name = ""
+        while (p := self.peek()) is not None and (p[1].islower() and p[1].isascii() or p[1] == "_"):
+            if not name and p[1] == "_":
+                break
+            name += p[1]
+            self.k += 1
+        if not name:
+            got = self.peek()
+            raise self.err(f"'.' after {letter!r} needs a variant name", dot[0] if got is None else got[0],
+                           f"write e.g. '{letter}.swa' (lower case letters and '_', starting with a letter)")
+        if len(name) > 32:
+            raise self.err(f"variant name {name[:32]!r}... is longer than 32 characters", dot[0] + 1)
+        return name
+
     def size(self, nodes: list[_Node]) -> tuple[int, int]:
         """(layers, stage bars) the nodes expand to, counted without expanding; a group that would take
         either past MAX_LAYERS is an error at its position (a valid pattern has fewer bars than layers)."""
@@ -243,58 +273,17 @@ class _Parser:
         return n_layers, n_bars
 
 
-def _expand(nodes: list[_Node]) -> list[tuple[Family | None, int]]:
-    """Flatten to a list of (family, pos) and (None, pos) for stage bars (sizes are already bounded)."""
-    out: list[tuple[Family | None, int]] = []
+def _expand(nodes: list[_Node]) -> list[tuple[Family | None, int, str | None]]:
+    """Flatten to a list of (family, pos, variant) and (None, pos, None) for stage bars (sizes already bounded)."""
+    out: list[tuple[Family | None, int, str | None]] = []
     for node in nodes:
         if node[0] == "fam":
-            out.append((node[1], node[2]))
+            out.append((node[1], node[2], node[3]))
         elif node[0] == "bar":
-            out.append((None, node[2]))
+            out.append((None, node[2], None))
         else:
             out.extend(_expand(node[1]) * node[2])
     return out
-
-
-def patterns_dir() -> Path:
-    """Where presets live: ``$AMER_PATTERNS`` or the package's ``amer/patterns/`` (installed with amer)."""
-    env = os.environ.get("AMER_PATTERNS")
-    return Path(env) if env else Path(__file__).resolve().parent / "patterns"
-
-
-def preset_names() -> list[str]:
-    d = patterns_dir()
-    return sorted(p.stem for p in d.glob("*.toml")) if d.is_dir() else []
-
-
-def _preset_path(name: str) -> Path | None:
-    p = Path(name) if name.endswith(".toml") else patterns_dir() / f"{name}.toml"
-    try:
-        return p if p.is_file() else None
-    except (OSError, ValueError):  # a name too long for the file system, or with a NUL: not a preset
-        return None
-
-
-def load_preset(name: str) -> dict[str, Any]:
-    """The parsed TOML of preset ``name`` (a name in ``patterns/`` or a path to a .toml file)."""
-    p = _preset_path(name)
-    if p is None:
-        names = preset_names()
-        hint = suggest(name, names, cutoff=0.6)
-        raise PatternError(f"no preset named {_shown(name)} in {patterns_dir()}{hint} "
-                           f"(available: {', '.join(names) or 'none'})")
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise PatternError(f"preset {p}: cannot be read ({e.strerror})") from None
-    data = parse_toml(raw, f"preset {p}", PatternError)
-    model = data.get("model")
-    if not isinstance(model, dict) or not isinstance(model.get("pattern"), str):
-        raise PatternError(f"preset {p}: missing [model] table with a 'pattern' string")
-    for table in ("train", "stp"):
-        if not isinstance(data.get(table, {}), dict):
-            raise PatternError(f"preset {p}: '{table}' must be a [{table}] table")
-    return data
 
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-/]+$")
@@ -312,10 +301,10 @@ def parse_pattern(text: str) -> Pattern:
     if not stripped:
         raise PatternError(f"pattern {_shown(text)} is empty; {expected_text()}, e.g. 'AEMR' or '(AEME)*3R'", 0)
     preset = None
-    if _NAME_RE.match(stripped) and any(c.islower() for c in stripped) and _preset_path(stripped):
+    if _NAME_RE.match(stripped) and any(c.islower() for c in stripped) and preset_path(stripped):
         preset = stripped
         inner = load_preset(stripped)["model"]["pattern"]
-        if not isinstance(inner, str) or _NAME_RE.match(inner.strip()) and _preset_path(inner.strip()):
+        if not isinstance(inner, str) or _NAME_RE.match(inner.strip()) and preset_path(inner.strip()):
             raise PatternError(f"preset {stripped!r}: model.pattern must be a pattern string, not another preset")
         text = inner
     try:
@@ -343,7 +332,7 @@ def _parse(text: str, preset: str | None) -> Pattern:
     if n == 0:
         raise parser.err("no blocks", parser.chars[0][0], expected_text())
     flat = _expand(nodes)
-    bars = [pos for fam, pos in flat if fam is None]
+    bars = [pos for fam, pos, _ in flat if fam is None]
     if depth is not None:
         if bars:
             raise PatternError(
@@ -354,13 +343,13 @@ def _parse(text: str, preset: str | None) -> Pattern:
             )
         if depth > MAX_LAYERS:
             raise parser.err(f"'@{depth}' exceeds the {MAX_LAYERS}-layer limit", depth_pos)
-        fams = [fam for fam, _ in flat]
-        flat = [(fams[i % len(fams)], 0) for i in range(depth)]
+        blocks = [(fam, variant) for fam, _, variant in flat]
+        flat = [(blocks[i % len(blocks)][0], 0, blocks[i % len(blocks)][1]) for i in range(depth)]
     # stage boundaries: no empty stage anywhere
     layers: list[LayerSpec] = []
     counts: dict[Family, int] = {}
     stage, stage_len, last_bar = 0, 0, None
-    for fam, pos in flat:
+    for fam, pos, variant in flat:
         if fam is None:
             if stage_len == 0:
                 raise parser.err("empty pipeline stage", pos, "'|' must separate non-empty runs of blocks")
@@ -368,7 +357,7 @@ def _parse(text: str, preset: str | None) -> Pattern:
             continue
         idx = counts.get(fam, 0)
         counts[fam] = idx + 1
-        layers.append(LayerSpec(len(layers), fam, idx, stage))
+        layers.append(LayerSpec(len(layers), fam, idx, stage, variant))
         stage_len += 1
     if stage_len == 0:
         raise parser.err("empty pipeline stage", last_bar, "a pattern cannot end with '|'")

@@ -12,6 +12,7 @@ Selectors (comma-separated, order-insensitive; duplicates and empty selections a
     A-1      the last attention block       M1:3   mamba family indices 1 and 2 (M1: from M1 on, M:-1 all
     L7       absolute layer 7 (L-1: last)   L2:5   absolute layers 2, 3, 4                but the last)
     L        every block                    final  the post-final-norm state      embed  the embedding output
+    A.swa    every attention block of the variant 'swa' (A.swa-1: the last of them; indices count within it)
 
 Nothing else is accepted: names are lower case (``Final`` and ``emb`` are errors), a slice has at least one
 bound (``R:`` is an error; ``R`` is every recurrent block), indices are ASCII digits.
@@ -68,7 +69,8 @@ def last_of_each_family(pattern: Pattern) -> str:
     return ",".join(f"{s.letter}-1" for s in families() if s.letter in present)
 
 
-_ITEM = re.compile(r"^(?P<kind>[A-Z])(?:(?P<idx>-?[0-9]+)|(?P<lo>-?[0-9]+)?(?P<colon>:)(?P<hi>-?[0-9]+)?)?$")
+_ITEM = re.compile(r"^(?P<kind>[A-Z])(?:\.(?P<variant>[a-z][a-z_]*))?"
+                   r"(?:(?P<idx>-?[0-9]+)|(?P<lo>-?[0-9]+)?(?P<colon>:)(?P<hi>-?[0-9]+)?)?$")
 _NAMED = ("final", "embed")
 _MAX_DIGITS = 9  # an index past any possible layer; longer numbers are refused before int() reads them
 
@@ -145,7 +147,7 @@ def resolve_selector(selector: str, pattern: Pattern) -> list[int]:
             positions = [L + 1] if item == "final" else [0]
         else:
             m = _ITEM.match(item)
-            if not m or (m["kind"] != "L" and m["kind"] not in letters()):
+            if not m or (m["kind"] != "L" and m["kind"] not in letters()) or (m["kind"] == "L" and m["variant"]):
                 raise _unknown(selector, item, pos)
             kind = m["kind"]
             if kind == "L":
@@ -160,6 +162,16 @@ def resolve_selector(selector: str, pattern: Pattern) -> list[int]:
                         f"selector {item!r} selects nothing: the pattern {pattern.letters!r} has no "
                         f"{fam_name} ({kind}) blocks (position {pos} in {_shown(selector)})", pos)
                 what = f"the pattern has {_range_text(fam_name, kind, len(pool))}"
+                if m["variant"]:  # A.swa: the family's layers of that variant, indexed among themselves
+                    pool = [i for i in pool if pattern.layers[i].variant == m["variant"]]
+                    if not pool:
+                        have = sorted({v for layer in pattern.layers if layer.family == kind
+                                       and (v := layer.variant) is not None})
+                        raise SelectorError(
+                            f"selector {item!r} selects nothing: the pattern has no {kind}.{m['variant']} blocks "
+                            f"(variants of {kind}: {', '.join(have) or 'none'}; position {pos} in "
+                            f"{_shown(selector)})", pos)
+                    what = f"the pattern has {len(pool)} {kind}.{m['variant']} block(s)"
             positions = [li + 1 for li in _pick(pool, m, item, what, pos, selector)]
         for p in positions:
             if p in chosen:
