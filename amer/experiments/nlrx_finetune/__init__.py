@@ -31,7 +31,7 @@ The command line is :mod:`amer.cli.experiment_nlrx_finetune`.
 from __future__ import annotations
 
 from amer.experiments.nlrx_finetune.arm import Data, evaluate_model, load_data, run_arm, train_arm
-from amer.experiments.nlrx_finetune.data import NTP_TARGETS, ChatSet, pretraining_corpus, user_span
+from amer.experiments.nlrx_finetune.data import NTP_TARGETS, ChatSet, pretraining_corpus
 from amer.experiments.nlrx_finetune.grid import INITS, NTP, PROTOCOL, SPAN, TRIPLE, Arm, Settings, build_grid, pick_arms
 from amer.experiments.nlrx_finetune.pretrain import pretrain
 from amer.experiments.nlrx_finetune.report import DECISION_RULE, summarize, write_report
@@ -39,7 +39,7 @@ from amer.experiments.nlrx_finetune.runner import measure_gate, pick_lrs, read_a
 
 __all__ = [
     "Data", "evaluate_model", "load_data", "run_arm", "train_arm", "NTP_TARGETS", "ChatSet", "pretraining_corpus",
-    "user_span", "INITS", "NTP", "PROTOCOL", "SPAN", "TRIPLE", "Arm", "Settings", "build_grid", "pick_arms",
+    "INITS", "NTP", "PROTOCOL", "SPAN", "TRIPLE", "Arm", "Settings", "build_grid", "pick_arms",
     "pretrain", "DECISION_RULE", "summarize", "write_report", "measure_gate", "pick_lrs", "read_all", "run_all",
     "run_arms",
 ]
