@@ -288,5 +288,25 @@ def test_gpu_projection_counts_the_grid_and_names_its_assumptions(llama: tuple[P
     assert work(s, load_data(s))["steps"] == steps and GPUS["h200"].memory_gib > GPUS["h100"].memory_gib
 
 
+
+def test_the_prepared_gpu_script_runs_its_slice_end_to_end_on_a_cpu(llama: tuple[Path, Path], data: Path,
+                                                                     tmp_path: Path) -> None:
+    """``scripts/stp_paper_gpu.sh`` with the device and dtype switched to the CPU and a few rows: timed estimates,
+    then the slice (NTP vs STP 0.02, all the data, 3 seeds) and its table."""
+    import os
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "DEVICE": "cpu", "DTYPE": "float32", "DATA": str(data),
+           "EXTRA": "--train-rows 8 --test-rows 3 --epochs 1 --batch-size 4 --threads 1"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    res = subprocess.run(["bash", str(repo / "scripts" / "stp_paper_gpu.sh"), str(llama[1]), str(tmp_path / "o")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.count("estimate: about") == 2 and "## Results" in res.stdout and "## Verdict" in res.stdout
+    arms = {p.name for p in (tmp_path / "o" / "arms").glob("*.json")}
+    assert arms == {f"pretrained_init_lr2e-05_{f}_f1_s{s}.json" for s in range(3) for f in ("ntp_lam0", "span_lam0.02")}
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

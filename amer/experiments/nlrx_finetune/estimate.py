@@ -10,7 +10,8 @@ model's own tokenizer and chat template, and the matmul FLOPs of a step from the
 :func:`amer.bench.flops.training_flops`), and turned into time with three stated assumptions: the GPU's dense
 bfloat16 peak, a model FLOP utilisation (:data:`MFU`), and a launch floor per block (eager PyTorch runs one
 block's forward in tens of kernels: a small model at batch 16 is bound by their launches, not by FLOPs). Each
-step takes the larger of the two. It is an estimate of a run nobody has measured; ``--estimate`` on the GPU
+step takes the larger of the two, plus the memory-bound work of the update (AdamW, clipping and autocast's
+weight casts: :data:`STEP_BYTES` per parameter at the GPU's bandwidth). It is an estimate of a run nobody has measured; ``--estimate`` on the GPU
 itself replaces it with timed steps.
 """
 
@@ -39,18 +40,22 @@ from amer.model import HybridLM
 from amer.stp import STPPolicy
 from amer.training import TrainStep, make_optimizer
 
-__all__ = ["GPU", "GPUS", "MFU", "LAUNCH_S", "estimate", "project", "work"]
+__all__ = ["GPU", "GPUS", "MFU", "LAUNCH_S", "STEP_BYTES", "estimate", "project", "work"]
 
 
 class GPU(NamedTuple):
     name: str
     bf16_flops: float  # dense bfloat16 tensor-core peak, FLOP/s (vendor figure, no sparsity)
+    bandwidth: float  # memory bandwidth, bytes/s (vendor figure)
     memory_gib: float
 
 
-GPUS = {"h100": GPU("NVIDIA H100 SXM", 989e12, 80), "h200": GPU("NVIDIA H200 SXM", 989e12, 141)}
+GPUS = {"h100": GPU("NVIDIA H100 SXM", 989e12, 3.35e12, 80), "h200": GPU("NVIDIA H200 SXM", 989e12, 4.8e12, 141)}
 MFU = 0.3  # model FLOP utilisation assumed for a bf16-autocast step at ~1-2k tokens (an assumption)
-LAUNCH_S = 1.0e-4  # seconds of kernel launches per block per forward in eager mode (an assumption)
+LAUNCH_S = 2.0e-4  # seconds of kernel launches per block per forward in eager mode (an assumption)
+# bytes moved per parameter per step outside the matmuls: AdamW reads weight, gradient and two moments and writes
+# three (28), gradient clipping reads the gradient (4), autocast reads each fp32 weight and writes its bf16 copy (6)
+STEP_BYTES = 38
 
 
 def _timer(device: str) -> Callable[[], float]:
@@ -148,14 +153,15 @@ def project(s: Settings, gpu: str, *, say: Callable[..., None] = say) -> dict[st
     seq = max(1, round(w["mean_len"] * 1.03))  # length-bucketed batches: ~3% padding on NL-RX
     flops = training_flops(cfg, s.batch_size, seq)["total"]
     launch = 3 * blocks * LAUNCH_S  # forward, backward (~2 forwards of launches)
-    step_s = max(flops / (g.bf16_flops * MFU), launch)
+    with torch.device("meta"):
+        params = HybridLM(cfg).num_params()
+    update_s = params * STEP_BYTES / g.bandwidth
+    step_s = max(flops / (g.bf16_flops * MFU), launch) + update_s
     fwd = training_flops(cfg, s.eval_batch, max(1, round(w["test_len"])))["total"] / 3
     evals = math.ceil(w["test_rows"] / s.eval_batch)
     eval_s = evals * max(fwd / (g.bf16_flops * MFU), blocks * LAUNCH_S)
     decode_steps = math.ceil(w["test_rows"] / s.decode_batch) * min(s.max_new_tokens, w["answer_len"] + 8)
     decode_s = 2 * eval_s + decode_steps * blocks * LAUNCH_S  # prefill (~ a held-out pass) + one token per step
-    with torch.device("meta"):
-        params = HybridLM(cfg).num_params()
     memory = params * 16 / 2**30  # fp32 weights, gradients and two AdamW moments
     parts = {"train": w["steps"] * step_s, "eval": w["arms"] * (eval_s + decode_s)}
     parts["total"] = parts["train"] + parts["eval"]
@@ -163,7 +169,9 @@ def project(s: Settings, gpu: str, *, say: Callable[..., None] = say) -> dict[st
     say(f"projection for {g.name} (estimated, not measured): {params / 1e6:.0f}M parameters, {blocks} blocks, "
         f"{w['arms']} arms, {w['steps']} steps of {s.batch_size} x ~{seq} tokens")
     say(f"projection: {flops / 1e12:.2f} TFLOP per step at {MFU:.0%} of {g.bf16_flops / 1e12:.0f} TFLOP/s bf16, "
-        f"launch floor {1000 * launch:.1f} ms: {1000 * step_s:.1f} ms per step ({bound}-bound)")
+        f"launch floor {1000 * launch:.1f} ms, optimizer and casts {1000 * update_s:.1f} ms "
+        f"({STEP_BYTES} bytes per parameter at {g.bandwidth / 1e12:.2f} TB/s): {1000 * step_s:.1f} ms per step "
+        f"({bound}-bound)")
     say(f"projection: evaluation {eval_s + decode_s:.0f} s per arm ({w['test_rows']} test rows, greedy decoding)")
     say(f"projection: training {parts['train'] / 3600:.2f} h + evaluation {parts['eval'] / 3600:.2f} h = "
         f"{parts['total'] / 3600:.2f} h on one GPU; memory {memory:.1f} GiB of weights and AdamW state "
