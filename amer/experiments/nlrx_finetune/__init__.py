@@ -11,7 +11,9 @@ Phases (each resumable, see :mod:`.runner`):
 
 1. **Pretraining** (:mod:`.pretrain`): a hybrid (``AMER``) and a dense (``(AE)*2``) model at width 128 on the
    bundled King James Bible + Python standard library (15 MB of bytes), NTP, 1 epoch by default; or
-   ``--init CKPT`` fine-tunes any checkpoint, run directory or pretrained folder instead.
+   ``--init`` fine-tunes any checkpoint, run directory, pretrained or transformers folder instead, with its own
+   tokenizer and chat template (:mod:`.init`); ``--regime paper`` is the paper's own setup for such a model
+   (lr 2e-5, 4 epochs, batch 16, bf16 on a GPU, five seeds, no gate, no from-scratch control).
 2. **Gate**: held-out span-form STP loss on the test rows for the pretrained model, a random initialisation
    and (from the grid) the from-scratch NTP model. If pretraining does not bring it clearly below the
    from-scratch level, the report says so instead of giving a verdict.

@@ -5,11 +5,13 @@ Content mask (``stp_content``): the positions the span form of STP may use as en
 paper's released code chooses them: the user message's content and the assistant message's content,
 each with the state just before its first token (the released code reads ``hidden_states[start - 1]``),
 so the chat template between the two turns is cut out of the trajectory (see :mod:`amer.stp.span`).
-The EOS and the template tokens are never endpoints.
+The stop token (EOS, or the end-of-turn token of a model's own chat template) and the template tokens are never
+endpoints. The spans come from the example's encoding (:mod:`amer.experiments.nlrx.encode`), so they are the
+same for bytes, a BPE and any model's tokenizer and template.
 
-Targets: ``assistant`` puts next-token CE on the answer and its EOS only (what ``amer experiment nlrx``
+Targets: ``assistant`` puts next-token CE on the answer and its stop token only (what ``amer experiment nlrx``
 trains); ``all`` on every next token of the example (system turn if kept, template, description, answer,
-EOS), which is what the released code's data collator ends up training (it overwrites the
+stop token), which is what the released code's data collator ends up training (it overwrites the
 assistant-only labels with the inputs).
 """
 

@@ -7,12 +7,12 @@ arms still to run.
 
 Projected: no step is timed. The work is counted exactly (every arm's steps, from the data encoded with the
 model's own tokenizer and chat template, and the matmul FLOPs of a step from the model's structure,
-:func:`amer.bench.flops.training_flops`), and turned into time with three stated assumptions: the GPU's dense
-bfloat16 peak, a model FLOP utilisation (:data:`MFU`), and a launch floor per block (eager PyTorch runs one
-block's forward in tens of kernels: a small model at batch 16 is bound by their launches, not by FLOPs). Each
+:func:`amer.bench.flops.training_flops`), and turned into time with stated assumptions: the GPU's dense
+bfloat16 peak and bandwidth, a model FLOP utilisation (:data:`MFU`), and a launch floor per block (eager PyTorch
+runs one block's forward in tens of kernels: a small model at batch 16 is bound by their launches, not by FLOPs). Each
 step takes the larger of the two, plus the memory-bound work of the update (AdamW, clipping and autocast's
-weight casts: :data:`STEP_BYTES` per parameter at the GPU's bandwidth). It is an estimate of a run nobody has measured; ``--estimate`` on the GPU
-itself replaces it with timed steps.
+weight casts: :data:`STEP_BYTES` per parameter at the GPU's bandwidth). It is an estimate of a run nobody has
+measured; ``--estimate`` on the GPU itself replaces it with timed steps.
 """
 
 from __future__ import annotations
