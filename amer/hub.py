@@ -39,7 +39,7 @@ __all__ = ["PRETRAINED_FILES", "MODEL_TYPE", "save_pretrained", "write_folder", 
            "is_pretrained_folder", "push_to_hub"]
 
 MODEL_TYPE = "amer"
-PRETRAINED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+PRETRAINED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja")
 _REPO_ID = re.compile(r"^[\w][\w.-]{0,95}/[\w][\w.-]{0,95}$")
 
 
@@ -56,8 +56,11 @@ def is_pretrained_folder(path: Path) -> bool:
 
 
 def save_pretrained(model: torch.nn.Module, directory: str | Path, *, tokenizer: Any = None,
-                    source: dict[str, Any] | None = None) -> Path:
+                    source: dict[str, Any] | None = None, chat_template: str | None = None) -> Path:
     """Write ``model`` (a :class:`~amer.model.HybridLM`) and its ``tokenizer`` as a pretrained folder.
+
+    ``chat_template`` (the Jinja chat template the tokenizer came with, e.g. an imported instruction-tuned model's)
+    is kept as ``chat_template.jinja``, where transformers keeps it too.
 
     ``source`` (optional) is recorded in config.json, e.g. the checkpoint and step it was exported from.
     Refuses non-finite weights and a target folder that holds files amer did not write.
@@ -75,6 +78,8 @@ def save_pretrained(model: torch.nn.Module, directory: str | Path, *, tokenizer:
         save_file(state_tensors(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp / "tokenizer.json")
+        if chat_template is not None:
+            atomic_write_text(tmp / "chat_template.jinja", chat_template)
         atomic_write_text(tmp / "config.json", json_text(config))
 
     write_folder(directory, PRETRAINED_FILES, write)

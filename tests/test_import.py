@@ -8,6 +8,7 @@ perturbed away from their 1 / 0 initialisation so a weight mapped to the wrong p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,23 @@ def test_unimported_weights_are_an_error(tmp_path: Path) -> None:
         from_transformers(tmp_path)
 
 
+def test_llama3_rope_scaling(tmp_path: Path) -> None:
+    """Llama 3.1/3.2's frequency-dependent RoPE scaling (a pretraining context of 16 makes it act within T = 12);
+    negative control: plain RoPE on the same weights no longer matches."""
+    rope = {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16}
+    hf = build_source(tmp_path, "LlamaForCausalLM", "LlamaConfig", rope_parameters=rope, **LLAMA)
+    assert_same_function(hf, tmp_path)
+    model, cfg = from_transformers(tmp_path)
+    assert cfg.attention.rope_scale_factor == 8.0 and cfg.attention.rope_scale_original == 16
+    for blk in model.blocks[::2]:
+        blk.mixer.cfg_rope = dataclasses.replace(cfg.attention, rope_scale_factor=None)
+        blk.mixer.init_buffers()
+    with torch.no_grad():
+        diff = (model(tokens(), taps=False).logits - reference_logits(hf, tokens())).abs().max().item()
+    assert diff > 100 * ATOL
+
+
 def test_sliding_window_matters(tmp_path: Path) -> None:
     """Negative control: the same Mistral without its window (T > window) no longer matches."""
     hf = build_source(tmp_path, "MistralForCausalLM", "MistralConfig", sliding_window=3, **LLAMA)
@@ -155,7 +173,7 @@ def test_sliding_window_matters(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("what,edit,message", [
     ("class", {"architectures": ["GPT2LMHeadModel"]}, "GPT2LMHeadModel: no converter"),
-    ("rope", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}}, "rope_type='llama3'"),
+    ("rope", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 8.0}}, "rope_type='yarn'"),
     ("activation", {"hidden_act": "gelu"}, "hidden_act='gelu'"),
     ("missing size", {"hidden_size": None}, "config.json holds a value amer cannot read"),
     ("absent size", {"num_attention_heads": "__drop__"}, "config.json lacks 'num_attention_heads'"),
@@ -412,6 +430,9 @@ def export_round_trip(model: Any, cfg: Any, out: Path) -> float:
 
 @pytest.mark.parametrize("cls,cfg_cls,kw", [
     ("LlamaForCausalLM", "LlamaConfig", dict(attention_bias=True)),
+    ("LlamaForCausalLM", "LlamaConfig", dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 32.0,
+                                                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                              "original_max_position_embeddings": 8})),
     ("MistralForCausalLM", "MistralConfig", dict(sliding_window=4)),
     ("Qwen3ForCausalLM", "Qwen3Config", dict(head_dim=16, tie_word_embeddings=True)),
     ("MixtralForCausalLM", "MixtralConfig", dict(num_local_experts=4)),

@@ -11,6 +11,7 @@ backend, and ``AMER_KERNELS=reference`` keeps the paths below on every device.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -43,6 +44,11 @@ class AttentionConfig:
     out_bias: bool = opt(False, "add a bias to the attention output projection")
     rope_fraction: float = opt(1.0, "share of each head's width rotated by RoPE (leading dims; 0: no position "
                                "encoding at all)", ge=0, le=1)
+    rope_scale_factor: float | None = opt(None, "Llama 3.1 RoPE scaling: long wavelengths divided by this factor, "
+                                          "short ones kept, a smooth blend between (default: plain RoPE)", gt=0)
+    rope_scale_low: float = opt(1.0, "Llama 3.1 RoPE scaling: low-frequency factor", gt=0)
+    rope_scale_high: float = opt(4.0, "Llama 3.1 RoPE scaling: high-frequency factor", gt=0)
+    rope_scale_original: int = opt(8192, "Llama 3.1 RoPE scaling: the pretraining context length", ge=1)
     window: int | None = opt(None, "sliding-window attention: each token sees itself and the window - 1 tokens "
                              "before it (Mistral; default: the whole causal past)", ge=1)
     scale: float | None = opt(None, "softmax scale of the query-key products (default 1 / sqrt(head-dim))", gt=0)
@@ -58,6 +64,7 @@ class AttentionConfig:
         )
         check(self.head_dim is None or self.head_dim >= 1, "attention.head_dim must be >= 1")
         check(self.rope_theta > 0, f"attention.rope_theta must be > 0, got {self.rope_theta}")
+        check(self.rope_scale_high > self.rope_scale_low, "attention.rope_scale_high must exceed rope_scale_low")
 
     def validate(self, dims: Dims) -> None:
         """Checks that need the shared dimensions (run when the pattern has A blocks)."""
@@ -120,13 +127,24 @@ class AttentionMixer(Mixer):
         self.window, self.scale = cfg.window, cfg.scale
         self.q_norm = RMSNorm(hd, dims.norm_eps, dims.norm_offset) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, dims.norm_eps, dims.norm_offset) if cfg.qk_norm else None
-        self.rope_theta = cfg.rope_theta
+        self.rope_theta, self.cfg_rope = cfg.rope_theta, cfg
         self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
         self.reset_parameters()
 
     def _inv_freq(self) -> Tensor:
         rot = max(self.rot, 2)  # a rotated width of 0 keeps a (never used) buffer of one frequency
-        return 1.0 / (self.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))
+        inv = 1.0 / (self.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))
+        c = self.cfg_rope
+        if c.rope_scale_factor is None:
+            return inv
+        # Llama 3.1 (Meta, "The Llama 3 Herd of Models", 2024): wavelengths above original / low are stretched by
+        # the factor, those below original / high kept, and the band between blended linearly in original / wavelen
+        wavelen = 2 * math.pi / inv
+        smooth = ((c.rope_scale_original / wavelen - c.rope_scale_low) / (c.rope_scale_high - c.rope_scale_low))
+        blended = (1 - smooth.clamp(0, 1)) * inv / c.rope_scale_factor + smooth.clamp(0, 1) * inv
+        return torch.where(wavelen < c.rope_scale_original / c.rope_scale_high, inv,
+                           torch.where(wavelen > c.rope_scale_original / c.rope_scale_low, inv / c.rope_scale_factor,
+                                       blended))
 
     def init_buffers(self, device: torch.device | str = "cpu") -> None:
         """Recompute the RoPE frequencies (not saved with the weights) on ``device``: a model built on the meta

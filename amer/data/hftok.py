@@ -138,6 +138,30 @@ class HFTokenizer:
                for s, e in spans]
         return list(enc.ids), out
 
+    def encode_with_offsets(self, text: str, *, where: str | None = None) -> tuple[list[int], list[tuple[int, int]]]:
+        """``(ids, offsets)``: the tokens of ``text`` and the ``[start, end)`` characters each covers. Offsets that
+        cannot place the tokens in the text (none, out of order, outside it) are refused: the answer and STP spans
+        of chat data are located through them."""
+        enc = self.hf.encode(_clean(text), add_special_tokens=False)
+        ids, offsets = list(enc.ids), [(int(a), int(b)) for a, b in enc.offsets]
+        ok = len(offsets) == len(ids) and all(0 <= a <= b <= len(text) for a, b in offsets)
+        ok = ok and all(offsets[i][0] >= offsets[i - 1][0] for i in range(1, len(offsets)))
+        covered = sum(b > a for a, b in offsets)
+        if not ok or (ids and covered == 0 and text):
+            raise DataError(f"{where or self.spec}: the tokenizer gives no usable character offsets (each token's "
+                            "place in the text), which locating answer and STP spans needs; use a tokenizer.json "
+                            "whose model reports offsets (BPE, WordPiece, Unigram all do)")
+        return ids, offsets
+
+    def is_special(self, i: int) -> bool:
+        """Whether id ``i`` is a special token (BOS/EOS/PAD, chat markers such as ``<|eot_id|>``)."""
+        tok = self.hf.get_added_tokens_decoder().get(int(i))
+        return bool(tok is not None and tok.special) or int(i) in (self.bos_id, self.eos_id, self.pad_id)
+
+    def token_text(self, i: int) -> str | None:
+        """The text of token ``i`` as the vocabulary spells it (a special token's name), None when unknown."""
+        return self.hf.id_to_token(int(i))
+
     def token_bytes(self) -> list[int]:
         """Bytes of text each id stands for, 0 for special tokens (BOS/EOS/PAD, chat markers): the denominator
         of bits per byte. A byte-level BPE (amer's own ``bpe:N``, GPT-2 style files) maps a token's characters

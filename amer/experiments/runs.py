@@ -60,6 +60,8 @@ class GridSettings:
     erank_tokens: int = 8192
     threads: int | None = None
     workers: int = 1
+    device: str = "cpu"  # where arms train and are evaluated (cpu, cuda, cuda:N)
+    dtype: str = "float32"  # float32, or bfloat16 autocast (training, evaluation and decoding; STP math in fp32)
     data_sha: dict[str, str] = field(default_factory=dict)
 
     def fingerprint(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from amer.config import ModelConfig
-from amer.errors import AmerError, CheckpointError, InputError
+from amer.errors import AmerError, InputError
 from amer.interop import gemma, hybrid, llama, ssm  # noqa: F401  (register their converters)
 from amer.interop.common import CONVERTERS
 from amer.interop.source import Source, unsupported
@@ -114,13 +114,14 @@ def import_pretrained(path: str | Path, out: str | Path, *, pattern: str | None 
         summary.update(pattern=cfg.pattern, kept=kept, fresh=fresh)
     model = model.to(_dtype(dtype))
     tokenizer = None
+    from amer.data import tokenizer_from_file
+    from amer.data.chat_template import read_chat_template
+
     if (src_root / "tokenizer.json").is_file():
-        try:
-            from amer.data import tokenizer_from_file
-        except ImportError:  # pragma: no cover - the tokenizer module is part of amer
-            raise CheckpointError("amer.data.tokenizer_from_file is unavailable: cannot carry tokenizer.json") from None
         tokenizer = tokenizer_from_file(src_root / "tokenizer.json")
-    save_pretrained(model, out, tokenizer=tokenizer,
+    template = read_chat_template(src_root)  # an instruction-tuned model's chat template travels with its tokenizer
+    summary["chat_template"] = template is not None
+    save_pretrained(model, out, tokenizer=tokenizer, chat_template=template,
                     source={"transformers_class": summary["source_class"], "path": str(src_root)})
     return model, cfg, summary
 

@@ -58,12 +58,13 @@ def tied_embeddings(src: Source) -> bool:
 def attention_options(src: Source, *, window: int | None = None) -> dict[str, Any]:
     """The A family's options for a Llama-style self-attention."""
     c = src.config
-    theta, fraction = src.rope()
+    theta, fraction, scaling = src.rope()
     n_heads = int(c["num_attention_heads"])
     head_dim = c.get("head_dim") or c.get("attention_head_dim") or int(c["hidden_size"]) // n_heads
     bias = bool(c.get("attention_bias", False))
     return {"n_heads": n_heads, "n_kv_heads": int(c.get("num_key_value_heads") or n_heads), "head_dim": int(head_dim),
-            "rope_theta": theta, "rope_fraction": fraction, "qkv_bias": bias, "out_bias": bias, "window": window}
+            "rope_theta": theta, "rope_fraction": fraction, "qkv_bias": bias, "out_bias": bias, "window": window,
+            **scaling}
 
 
 def attention_weights(src: Source, pre: str, blk: int, state: dict[str, Tensor], *, qk_norm: bool = False) -> None:

@@ -78,6 +78,10 @@ def _llama(model: Any, cfg: ModelConfig, arch: str) -> tuple[dict[str, Any], dic
             "rope_parameters": {"rope_type": "default", "rope_theta": a.rope_theta}, "rope_theta": a.rope_theta,
             "attention_bias": a.qkv_bias, "hidden_act": "silu", "sliding_window": a.window,
             "max_position_embeddings": cfg.max_seq_len}
+    if a.rope_scale_factor is not None:  # Llama 3.1's frequency-dependent RoPE scaling
+        conf["rope_parameters"] = {"rope_type": "llama3", "rope_theta": a.rope_theta, "factor": a.rope_scale_factor,
+                                   "low_freq_factor": a.rope_scale_low, "high_freq_factor": a.rope_scale_high,
+                                   "original_max_position_embeddings": a.rope_scale_original}
     if arch == "LlamaForCausalLM":
         conf["mlp_bias"] = False
     if arch == "MixtralForCausalLM":

@@ -114,16 +114,24 @@ class Source:
             raise unsupported(self.arch, what)
         return value
 
-    def rope(self) -> tuple[float, float]:
-        """(theta, rotated fraction of the head) of plain RoPE; scaled variants are refused by name."""
+    def rope(self) -> tuple[float, float, dict[str, Any]]:
+        """(theta, rotated fraction of the head, the A family's scaling options) of RoPE: plain, or Llama 3.1's
+        frequency-dependent scaling (``rope_type`` llama3); other scaled variants are refused by name."""
         params = self.config.get("rope_parameters") or {}
         scaling = self.config.get("rope_scaling") or {}
         kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-        if kind != "default":
-            raise unsupported(self.arch, f"rope_type={kind!r} (amer's attention has plain RoPE: rope_type 'default')")
         theta = params.get("rope_theta", self.config.get("rope_theta", 10000.0))
         fraction = params.get("partial_rotary_factor", self.config.get("partial_rotary_factor", 1.0))
-        return float(theta), float(fraction)
+        if kind == "default":
+            return float(theta), float(fraction), {}
+        if kind == "llama3":
+            p = {**scaling, **params}
+            original = p.get("original_max_position_embeddings") or self.config.get("max_position_embeddings")
+            return float(theta), float(fraction), {
+                "rope_scale_factor": float(p["factor"]), "rope_scale_low": float(p.get("low_freq_factor", 1.0)),
+                "rope_scale_high": float(p.get("high_freq_factor", 4.0)), "rope_scale_original": int(original)}
+        raise unsupported(self.arch, f"rope_type={kind!r} (amer's attention has plain RoPE and Llama 3.1's "
+                          "scaling: rope_type 'default' or 'llama3')")
 
     def time_step_limit_is_open(self) -> bool:
         lim = self.config.get("time_step_limit", (0.0, math.inf))

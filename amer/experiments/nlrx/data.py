@@ -11,8 +11,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from amer.data import ByteTokenizer, iter_jsonl, render_chat_with_spans
+from amer.data import iter_jsonl, render_chat_with_spans
 from amer.errors import DataError
+from amer.experiments.nlrx.encode import ChatFormat
 
 ENV_DIR = "AMER_NLRX_DIR"  # where the data lives, when not given with --data-dir
 
@@ -64,41 +65,43 @@ def load_examples(path: str | os.PathLike[str], *, limit: int | None = None) -> 
     return out
 
 
-def encode_example(ex: Example, tok: ByteTokenizer, *, system: bool = False) -> tuple[list[int], int]:
-    """``([BOS] prompt-render target [EOS], target_start)``; ``ids[:target_start]`` is the generation prompt.
+def encode_example(ex: Example, tok: Any, *, system: bool = False,
+                   fmt: ChatFormat | None = None) -> tuple[list[int], int]:
+    """``(prompt + target + stop, target_start)``; ``ids[:target_start]`` is the generation prompt.
 
-    The render is :func:`render_chat_with_spans` of the (system,) user and assistant turns; its
-    assistant span without the turn's closing newline, mapped to token positions by the tokenizer
-    (byte offsets for bytes, the tokenizer's character offsets for a subword tokenizer: a token
-    overlapping the span belongs to it), locates the target; the newline's place goes to EOS (what
-    the model emits to stop). Any tokenizer of :mod:`amer.data` works.
+    ``fmt`` (default: amer's chat template for ``tok``) lays the (system,) user and assistant turns out, as
+    :class:`~amer.experiments.nlrx.encode.ChatFormat` describes: with amer's template ``[BOS]`` render ``[EOS]``,
+    EOS in the place of the assistant turn's closing newline (what the model emits to stop). Any tokenizer of
+    :mod:`amer.data` works.
     """
-    msgs = ([{"role": "system", "content": ex.system}] if system and ex.system is not None else [])
-    msgs += [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": ex.target}]
-    text, spans = render_chat_with_spans(msgs)
-    (s, e), = spans[-1:]
-    body, ((start, stop),) = tok.encode_with_spans(text, [(s, e - 1)])  # e-1: without the turn's "\n"
-    ids = [tok.bos_id, *body[:start], *body[start:stop], tok.eos_id]
-    return ids, 1 + start
+    enc = (fmt or ChatFormat(tok)).encode(ex.prompt, ex.target, ex.system if system else None)
+    return enc.ids, enc.start
 
 
 class ExampleSet:
     """Encoded examples, batched one example per row, padded to the batch's longest sequence.
 
-    ``batch(rows)`` gives ``tokens`` (inputs, PAD-padded), ``targets`` (next token on target and EOS
-    positions, -100 elsewhere) and ``doc_ids`` (the example's index for real tokens, -1 for
-    padding): the STP mask. Works with :class:`amer.data.BatchIterator` (``__len__``, ``batch``, ``name``).
+    ``batch(rows)`` gives ``tokens`` (inputs, padded), ``targets`` (next token on target and stop positions,
+    -100 elsewhere) and ``doc_ids`` (the example's index for real tokens, -1 for padding): the STP mask. Works
+    with :class:`amer.data.BatchIterator` (``__len__``, ``batch``, ``name``). ``fmt`` is the chat layout (default:
+    amer's template for ``tok``); ``stop_id`` is the token that ends an answer, ``users`` the user-content token
+    spans. ``pad_id`` fills padded inputs (never attended to by real tokens, never a target): set it to an id the
+    model's embedding has when the tokenizer's PAD lies beyond it.
     """
 
-    def __init__(self, examples: Sequence[Example], tok: ByteTokenizer, *, system: bool = False,
-                 indices: Sequence[int] | None = None, name: str = "nlrx") -> None:
+    def __init__(self, examples: Sequence[Example], tok: Any, *, system: bool = False,
+                 indices: Sequence[int] | None = None, name: str = "nlrx", fmt: ChatFormat | None = None) -> None:
         self.examples = list(examples)
         self.tok = tok
+        self.fmt = fmt or ChatFormat(tok)
         self.name = name
         self.indices = list(range(len(self.examples))) if indices is None else list(indices)
-        encoded = [encode_example(ex, tok, system=system) for ex in self.examples]
-        self.seqs = [e[0] for e in encoded]
-        self.starts = [e[1] for e in encoded]
+        encoded = [self.fmt.encode(ex.prompt, ex.target, ex.system if system else None) for ex in self.examples]
+        self.seqs = [e.ids for e in encoded]
+        self.starts = [e.start for e in encoded]
+        self.users = [e.user for e in encoded]
+        self.stop_id: int = self.fmt.stop_id
+        self.pad_id: int = tok.pad_id
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -106,10 +109,11 @@ class ExampleSet:
     def subset(self, rows: Sequence[int]) -> ExampleSet:
         new = object.__new__(ExampleSet)
         new.examples = [self.examples[r] for r in rows]
-        new.tok, new.name = self.tok, self.name
+        new.tok, new.fmt, new.name, new.stop_id, new.pad_id = self.tok, self.fmt, self.name, self.stop_id, self.pad_id
         new.indices = [self.indices[r] for r in rows]
         new.seqs = [self.seqs[r] for r in rows]
         new.starts = [self.starts[r] for r in rows]
+        new.users = [self.users[r] for r in rows]
         return new
 
     @property
@@ -120,7 +124,7 @@ class ExampleSet:
         rows = rows.tolist() if isinstance(rows, Tensor) else list(rows)
         T = max(len(self.seqs[r]) for r in rows) - 1
         B = len(rows)
-        tokens = torch.full((B, T), self.tok.pad_id, dtype=torch.long)
+        tokens = torch.full((B, T), self.pad_id, dtype=torch.long)
         targets = torch.full((B, T), IGNORE, dtype=torch.long)
         doc_ids = torch.full((B, T), -1, dtype=torch.long)
         for b, r in enumerate(rows):

@@ -15,6 +15,7 @@ from amer.analysis.stats import effective_rank
 from amer.experiments.nlrx.data import ExampleSet, exact_match
 from amer.experiments.runs import GridSettings
 from amer.model import HybridLM
+from amer.runtime import autocast
 from amer.stp import STPPolicy
 from amer.training import evaluate
 
@@ -22,8 +23,10 @@ __all__ = ["predict", "evaluate_heldout"]
 
 
 def predict(model: HybridLM, test: ExampleSet, s: GridSettings) -> list[str]:
-    """Greedy continuation of every test prompt up to EOS (EOS left out), as text."""
-    tok = test.tok
+    """Greedy continuation of every test prompt up to the set's stop token (left out), as text; under the
+    settings' autocast (``dtype``), on the model's device."""
+    tok, stop = test.tok, test.stop_id
+    device = next(model.parameters()).device
     n = len(test)
     order = sorted(range(n), key=lambda i: test.starts[i])  # similar lengths share a batch: few wasted steps
     preds: list[str] = [""] * n
@@ -31,8 +34,10 @@ def predict(model: HybridLM, test: ExampleSet, s: GridSettings) -> list[str]:
         idx = order[c : c + s.decode_batch]
         prompts = [test.seqs[i][: test.starts[i]] for i in idx]
         max_new = min(s.max_new_tokens, model.cfg.max_seq_len - max(len(p) for p in prompts))
-        for i, gen in zip(idx, amer.generate.decode(model, prompts, max_new, eos_id=tok.eos_id)):
-            preds[i] = tok.decode(gen[:-1] if gen and gen[-1] == tok.eos_id else gen)
+        with autocast(s.dtype, device):
+            gens = amer.generate.decode(model, prompts, max_new, eos_id=stop)
+        for i, gen in zip(idx, gens):
+            preds[i] = tok.decode(gen[:-1] if gen and gen[-1] == stop else gen)
     return preds
 
 
@@ -48,11 +53,12 @@ def evaluate_heldout(model: HybridLM, test: ExampleSet, s: GridSettings, stp: Ma
     def keep_final_states(out: Any, batch: dict[str, Tensor]) -> None:
         have = sum(h.shape[0] for h in finals)
         if have < s.erank_tokens:
-            finals.append(out.taps.final.hidden[batch["doc_ids"] >= 0][: s.erank_tokens - have])
+            finals.append(out.taps.final.hidden[batch["doc_ids"] >= 0][: s.erank_tokens - have].float().cpu())
 
     n = len(test)
     batches = (test.batch(range(i, min(n, i + s.eval_batch))) for i in range(0, n, s.eval_batch))
-    ev = evaluate(model, batches, stp=dict(stp), visit=keep_final_states, taps=taps)
+    ev = evaluate(model, batches, stp=dict(stp), visit=keep_final_states, taps=taps,
+                  dtype=s.dtype)
     res: dict[str, Any] = {"heldout_ce": ev["loss"], "stp": {k: ev[f"stp/{k}"] for k in stp},
                            "erank": effective_rank(torch.cat(finals)),
                            "erank_tokens": sum(h.shape[0] for h in finals)}

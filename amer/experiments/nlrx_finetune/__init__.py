@@ -11,7 +11,9 @@ Phases (each resumable, see :mod:`.runner`):
 
 1. **Pretraining** (:mod:`.pretrain`): a hybrid (``AMER``) and a dense (``(AE)*2``) model at width 128 on the
    bundled King James Bible + Python standard library (15 MB of bytes), NTP, 1 epoch by default; or
-   ``--init CKPT`` fine-tunes any checkpoint, run directory or pretrained folder instead.
+   ``--init`` fine-tunes any checkpoint, run directory, pretrained or transformers folder instead, with its own
+   tokenizer and chat template (:mod:`.init`); ``--regime paper`` is the paper's own setup for such a model
+   (lr 2e-5, 4 epochs, batch 16, bf16 on a GPU, five seeds, no gate, no from-scratch control).
 2. **Gate**: held-out span-form STP loss on the test rows for the pretrained model, a random initialisation
    and (from the grid) the from-scratch NTP model. If pretraining does not bring it clearly below the
    from-scratch level, the report says so instead of giving a verdict.
@@ -31,7 +33,7 @@ The command line is :mod:`amer.cli.experiment_nlrx_finetune`.
 from __future__ import annotations
 
 from amer.experiments.nlrx_finetune.arm import Data, evaluate_model, load_data, run_arm, train_arm
-from amer.experiments.nlrx_finetune.data import NTP_TARGETS, ChatSet, pretraining_corpus, user_span
+from amer.experiments.nlrx_finetune.data import NTP_TARGETS, ChatSet, pretraining_corpus
 from amer.experiments.nlrx_finetune.grid import INITS, NTP, PROTOCOL, SPAN, TRIPLE, Arm, Settings, build_grid, pick_arms
 from amer.experiments.nlrx_finetune.pretrain import pretrain
 from amer.experiments.nlrx_finetune.report import DECISION_RULE, summarize, write_report
@@ -39,7 +41,7 @@ from amer.experiments.nlrx_finetune.runner import measure_gate, pick_lrs, read_a
 
 __all__ = [
     "Data", "evaluate_model", "load_data", "run_arm", "train_arm", "NTP_TARGETS", "ChatSet", "pretraining_corpus",
-    "user_span", "INITS", "NTP", "PROTOCOL", "SPAN", "TRIPLE", "Arm", "Settings", "build_grid", "pick_arms",
+    "INITS", "NTP", "PROTOCOL", "SPAN", "TRIPLE", "Arm", "Settings", "build_grid", "pick_arms",
     "pretrain", "DECISION_RULE", "summarize", "write_report", "measure_gate", "pick_lrs", "read_all", "run_all",
     "run_arms",
 ]

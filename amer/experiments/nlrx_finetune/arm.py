@@ -12,14 +12,15 @@ from typing import Any, NamedTuple
 
 import torch
 
-from amer.checkpoint import load_checkpoint
 from amer.config import STPConfig, TrainConfig
 from amer.data import ByteTokenizer
 from amer.experiments.nlrx.data import LengthBucketedBatches, load_examples
+from amer.experiments.nlrx.encode import ChatFormat
 from amer.experiments.nlrx.grid import model_config, subset_rows
 from amer.experiments.nlrx.heldout import evaluate_heldout
 from amer.experiments.nlrx_finetune.data import ChatSet
 from amer.experiments.nlrx_finetune.grid import NTP, Arm, Settings
+from amer.experiments.nlrx_finetune.init import chat_format, describe, fit_vocab, load_model
 from amer.experiments.runs import fit
 from amer.model import HybridLM
 from amer.stp import STPPolicy
@@ -37,11 +38,14 @@ class Data(NamedTuple):
 
 
 def load_data(s: Settings) -> Data:
-    tok = ByteTokenizer()
-    train = ChatSet(load_examples(s.train_file, limit=s.train_rows), tok, system=s.system_prompt,
-                    ntp=s.ntp_targets, name="train")
-    test = ChatSet(load_examples(s.test_file, limit=s.test_rows), tok, system=s.system_prompt, ntp="assistant",
-                   name="test")
+    """The chat data laid out for the model's tokenizer: ``--init``'s (and its chat template), else bytes."""
+    fmt = chat_format(s.init, s.chat_template) if s.init is not None else ChatFormat(ByteTokenizer())
+    train = ChatSet(load_examples(s.train_file, limit=s.train_rows), fmt.tok, system=s.system_prompt,
+                    ntp=s.ntp_targets, name="train", fmt=fmt)
+    test = ChatSet(load_examples(s.test_file, limit=s.test_rows), fmt.tok, system=s.system_prompt, ntp="assistant",
+                   name="test", fmt=fmt)
+    if s.init is not None:
+        fit_vocab([train, test], describe(s.init).cfg.vocab_size, s.init)
     return Data(train, test)
 
 
@@ -53,11 +57,10 @@ def pretrained_path(s: Settings, model: str) -> Path:
 def base_model(arm: Arm, s: Settings) -> HybridLM:
     """Pretrained weights, or (``scratch``) the same config initialised from the arm's seed."""
     if arm.init == "scratch":
-        cfg = load_checkpoint(s.init)[1] if s.init is not None else model_config(arm.pattern, s.d_model)
+        cfg = describe(s.init).cfg if s.init is not None else model_config(arm.pattern, s.d_model)
         torch.manual_seed(arm.seed)
-        return HybridLM(cfg).train()
-    model, _ = load_checkpoint(pretrained_path(s, arm.model))
-    return model.train()  # type: ignore[return-value]
+        return HybridLM(cfg).to(s.device).train()
+    return load_model(str(pretrained_path(s, arm.model)), s.device)
 
 
 def policy_for(model: HybridLM, form: str, lam: float, s: Settings, *, n_spans: int | None = None) -> STPPolicy:
@@ -78,7 +81,7 @@ def train_arm(arm: Arm, s: Settings, data: Data) -> tuple[HybridLM, dict[str, An
                        seq_len=model.cfg.max_seq_len, seed=arm.seed, model=model.cfg, stp=policy.cfg, progress=False,
                        tensorboard=False)
     batches = LengthBucketedBatches(subset, s.batch_size, arm.seed)
-    step_fn = TrainStep(model, make_optimizer(model, tcfg), policy, grad_clip=1.0,
+    step_fn = TrainStep(model, make_optimizer(model, tcfg), policy, grad_clip=1.0, dtype=s.dtype,
                         stp_generator=torch.Generator().manual_seed(arm.seed + 1),
                         taps=policy.selector if policy.enabled else False)
     run = fit(step_fn, batches, steps, lambda step: lr_at(step, tcfg, schedule="linear"), name=arm.id)
@@ -103,4 +106,10 @@ def evaluate_model(model: HybridLM, test: ChatSet, s: Settings, *, decode: bool 
 def run_arm(arm: Arm, s: Settings, data: Data) -> dict[str, Any]:
     model, tr = train_arm(arm, s, data)
     ev = evaluate_model(model, data.test, s)
-    return {"arm": asdict(arm), "id": arm.id, "settings": s.fingerprint(), **tr, **ev}
+    return {"arm": asdict(arm), "id": arm.id, "settings": s.fingerprint(), "device": _device_name(s.device), **tr,
+            **ev}
+
+
+def _device_name(device: str) -> str:
+    """Where an arm ran (its timings are that machine's): the GPU's name on CUDA."""
+    return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else device

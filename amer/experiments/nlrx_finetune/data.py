@@ -5,66 +5,50 @@ Content mask (``stp_content``): the positions the span form of STP may use as en
 paper's released code chooses them: the user message's content and the assistant message's content,
 each with the state just before its first token (the released code reads ``hidden_states[start - 1]``),
 so the chat template between the two turns is cut out of the trajectory (see :mod:`amer.stp.span`).
-The EOS and the template tokens are never endpoints.
+The stop token (EOS, or the end-of-turn token of a model's own chat template) and the template tokens are never
+endpoints. The spans come from the example's encoding (:mod:`amer.experiments.nlrx.encode`), so they are the
+same for bytes, a BPE and any model's tokenizer and template.
 
-Targets: ``assistant`` puts next-token CE on the answer and its EOS only (what ``amer experiment nlrx``
+Targets: ``assistant`` puts next-token CE on the answer and its stop token only (what ``amer experiment nlrx``
 trains); ``all`` on every next token of the example (system turn if kept, template, description, answer,
-EOS), which is what the released code's data collator ends up training (it overwrites the
+stop token), which is what the released code's data collator ends up training (it overwrites the
 assistant-only labels with the inputs).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from amer.data import ByteTokenizer, PackedDataset, char_spans_to_byte_spans, load_documents, render_chat
+from amer.data import ByteTokenizer, PackedDataset, load_documents
 from amer.errors import ExperimentError
 from amer.experiments.nlrx.data import Example, ExampleSet
+from amer.experiments.nlrx.encode import ChatFormat
 
-__all__ = ["NTP_TARGETS", "ChatSet", "user_span", "pretraining_corpus", "PRETRAIN_SOURCES"]
+__all__ = ["NTP_TARGETS", "ChatSet", "pretraining_corpus", "PRETRAIN_SOURCES"]
 
 NTP_TARGETS = ("assistant", "all")
 PRETRAIN_SOURCES = ("kjv", "stdlib")
-
-
-def user_span(ex: Example, *, system: bool) -> tuple[int, int]:
-    """Byte offsets ``[start, end)`` of the user content in the rendered example.
-
-    Rendering a prefix of the messages gives a prefix of the render, and every turn's content is followed
-    by exactly one newline, so the user content ends one character before the end of the render that stops
-    after the user turn."""
-    msgs = ([{"role": "system", "content": ex.system}] if system and ex.system is not None else [])
-    msgs.append({"role": "user", "content": ex.prompt})
-    text = render_chat(msgs)
-    end = len(text) - 1
-    (span,) = char_spans_to_byte_spans(text, [(end - len(ex.prompt), end)])
-    return span
 
 
 class ChatSet(ExampleSet):
     """:class:`~amer.experiments.nlrx.data.ExampleSet` whose batches also carry ``stp_content`` and whose
     targets are the answer's (``ntp="assistant"``) or every token's (``ntp="all"``)."""
 
-    def __init__(self, examples: Sequence[Example], tok: ByteTokenizer, *, system: bool = False,
-                 ntp: str = "assistant", name: str = "nlrx") -> None:
+    def __init__(self, examples: Sequence[Example], tok: Any, *, system: bool = False,
+                 ntp: str = "assistant", name: str = "nlrx", fmt: ChatFormat | None = None) -> None:
         if ntp not in NTP_TARGETS:
             raise ExperimentError(f"--ntp-targets {ntp!r}: accepted are {', '.join(NTP_TARGETS)}")
-        super().__init__(examples, tok, system=system, name=name)
+        super().__init__(examples, tok, system=system, name=name, fmt=fmt)
         self.ntp = ntp
-        # input positions allowed as endpoints: [u0 - 1, u1 - 1] and [a0 - 1, n - 1] (n inputs: EOS is not one)
-        self.user = []
-        for ex in self.examples:
-            u0, u1 = user_span(ex, system=system)
-            self.user.append((u0 + 1, u1 + 1))  # +1: BOS
 
     def subset(self, rows: Sequence[int]) -> ChatSet:
         new = super().subset(rows)
         new.__class__ = ChatSet
         new.ntp = self.ntp
-        new.user = [self.user[r] for r in rows]
         return new  # type: ignore[return-value]
 
     def batch(self, rows: Tensor | Sequence[int]) -> dict[str, Tensor]:
@@ -75,7 +59,7 @@ class ChatSet(ExampleSet):
         for b, r in enumerate(rows):
             seq, start = self.seqs[r], self.starts[r]
             n = len(seq) - 1
-            u0, u1 = self.user[r]
+            u0, u1 = self.users[r]  # input positions allowed as endpoints: [u0 - 1, u1 - 1] and [a0 - 1, n - 1]
             content[b, u0 - 1 : u1] = True
             content[b, start - 1 : n] = True
             if self.ntp == "all":

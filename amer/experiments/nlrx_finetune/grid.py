@@ -47,13 +47,19 @@ class Settings(GridSettings):
     n_spans: int = 1  # span form: patches per example per step (the released code's random_span_times)
     triple_spans: int = 4  # triple form: triples per example per step (as in `amer experiment nlrx`)
     gate_margin: float = 0.1
+    gate: bool = True  # False: the gate is measured and reported, never withholds the verdict
     init_sha: str | None = None
+    chat_template: str = "auto"  # with --init: the folder's chat template where it has one, or "amer"
+    regime: str = "cpu"  # the named configuration the defaults came from (cpu, paper)
 
     def fingerprint(self) -> dict[str, Any]:
         keys = ("d_model", "epochs", "batch_size", "weight_decay", "ntp_targets", "n_spans", "triple_spans",
                 "eval_spans", "train_rows", "test_rows", "system_prompt", "max_new_tokens", "erank_tokens", "data_sha",
                 "init_sha")
-        return {"protocol": PROTOCOL, **self.pretrain_fingerprint(), **{k: getattr(self, k) for k in keys}}
+        # settings added later enter only when they differ from what earlier runs did: their arms stay valid
+        later = {k: getattr(self, k) for k, default in (("dtype", "float32"), ("chat_template", "auto"))
+                 if getattr(self, k) != default}
+        return {"protocol": PROTOCOL, **self.pretrain_fingerprint(), **{k: getattr(self, k) for k in keys}, **later}
 
     def pretrain_fingerprint(self) -> dict[str, Any]:
         if self.init is not None:

@@ -92,7 +92,9 @@ def _gate(s: Settings, gate: dict[str, Any], records: Sequence[dict[str, Any]],
                                  "random_init": g["random_init"]["heldout_stp_span"] if g else None,
                                  "scratch_ntp": mean_std(scratch)[0] if scratch else None, "n_scratch": len(scratch),
                                  "margin": s.gate_margin}
-        if entry["pretrained"] is None or entry["scratch_ntp"] is None:
+        if not s.gate:  # a model pretrained at scale: measured for the record, never withholds the verdict
+            entry["status"] = "not applied"
+        elif entry["pretrained"] is None or entry["scratch_ntp"] is None:
             entry["status"] = "unmeasured"
         else:
             entry["status"] = "passed" if entry["pretrained"] <= entry["scratch_ntp"] - s.gate_margin else "failed"
@@ -112,7 +114,7 @@ def summarize(res: dict[str, Any], s: Settings) -> dict[str, Any]:
         ctl = decisions.get(f"scratch/{name}")
         if "pretrained" not in s.inits:
             head = f"{name}: no pretrained arms, so no verdict"
-        elif g["status"] != "passed":
+        elif g["status"] not in ("passed", "not applied"):
             head = (f"{name}: GATE {g['status'].upper()}: held-out span STP of the pretrained model "
                     f"{_num(g['pretrained'])} vs {_num(g['scratch_ntp'])} for the from-scratch NTP model (random init "
                     f"{_num(g['random_init'])}; needed at least {s.gate_margin:g} lower). A model this small, "

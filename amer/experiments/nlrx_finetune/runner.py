@@ -16,6 +16,7 @@ from amer.errors import ExperimentError
 from amer.experiments import runs
 from amer.experiments.nlrx_finetune.arm import Data, evaluate_model, load_data, pretrained_path, run_arm
 from amer.experiments.nlrx_finetune.grid import INITS, Arm, Settings, build_grid, pick_arms
+from amer.experiments.nlrx_finetune.init import describe, load_model
 from amer.experiments.nlrx_finetune.pretrain import final_path, pretrain
 from amer.experiments.runs import Say, arm_path, refuse_stale, say
 from amer.experiments.workers import imap_unordered
@@ -69,14 +70,14 @@ def measure_gate(s: Settings, data: Data, say: Say = say) -> dict[str, Any]:
         rec = json.loads(path.read_text())
         refuse_stale(path, rec.get("settings"), s)
         return rec
-    from amer.checkpoint import load_checkpoint
-
     models: dict[str, Any] = {}
     for name, _ in s.models:
-        model, cfg = load_checkpoint(pretrained_path(s, name))
-        pre = evaluate_model(model, data.test, s, decode=False)  # type: ignore[arg-type]
+        model = load_model(str(pretrained_path(s, name)), s.device)
+        pre = evaluate_model(model, data.test, s, decode=False)
+        del model
         torch.manual_seed(0)
-        rnd = evaluate_model(HybridLM(cfg), data.test, s, decode=False)
+        rnd = evaluate_model(HybridLM(describe(str(pretrained_path(s, name))).cfg).to(s.device), data.test, s,
+                             decode=False)
         models[name] = {"pretrained": {k: pre[k] for k in ("heldout_stp_span", "heldout_stp_triple", "heldout_ce")},
                         "random_init": {k: rnd[k] for k in ("heldout_stp_span", "heldout_stp_triple", "heldout_ce")}}
         say(f"gate {name}: held-out span STP pretrained {pre['heldout_stp_span']:.4f}, random init "
