@@ -107,7 +107,8 @@ class HybridLM(nn.Module):
         self.pattern = cfg.parsed
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         dims = cfg.dims
-        self.blocks = nn.ModuleList(Block(cfg.layer_config(layer), dims, layer) for layer in self.pattern.layers)
+        self.blocks = nn.ModuleList(Block(cfg.layer_config(layer), dims, layer, cfg.block_options(layer))
+                                    for layer in self.pattern.layers)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:

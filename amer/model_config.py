@@ -20,14 +20,14 @@ import dataclasses
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
-from amer.configio import check_fields, coerce, from_dict, opt, suggest, to_dict
+from amer.configio import check, check_fields, coerce, from_dict, opt, suggest, to_dict
 from amer.errors import ConfigError
 from amer.families import FamilySpec, families, get_family
 from amer.pattern import load_preset, parse_pattern
 
-__all__ = ["Dims", "ModelConfig", "shared_fields", "VARIANT_NAME"]
+__all__ = ["Dims", "ModelConfig", "BlockOptions", "shared_fields", "VARIANT_NAME"]
 
 VARIANT_NAME = re.compile(r"^[a-z][a-z_]{0,31}$")  # as the pattern language writes them: A.swa, E.dense
 
@@ -47,6 +47,23 @@ class Dims(NamedTuple):
     def out_std(self) -> float:
         """GPT-2 residual scaling: projections that write into the residual stream get std / sqrt(2L)."""
         return self.init_std / (2 * max(1, self.n_layers)) ** 0.5
+
+
+@dataclass(frozen=True)
+class BlockOptions:
+    """How a block joins the residual stream. Set for the whole model (``--model.norm-placement``), for a family
+    in its table (``[model.attention] norm_placement = "post"``) or for a variant (``[model.moe.variants.post]``)."""
+
+    norm_placement: Literal["pre", "post", "sandwich"] = opt(
+        "pre", "where a block's RMSNorm sits: pre (x + f(norm(x)), Llama), post (x + norm(f(x)), OLMo 2) or "
+               "sandwich (x + norm2(f(norm1(x))), Gemma 2/3)")
+
+    def __post_init__(self) -> None:
+        check(self.norm_placement in ("pre", "post", "sandwich"),
+              f"norm_placement must be 'pre', 'post' or 'sandwich', got {self.norm_placement!r}")
+
+
+BLOCK_KEYS = tuple(f.name for f in dataclasses.fields(BlockOptions))  # keys of a family's table that are the block's
 
 
 @dataclass(init=False, frozen=True)
@@ -74,11 +91,16 @@ class ModelConfig:
     logit_scale: float = opt(1.0, "multiplier of the logits (Granite: 1 / logits_scaling)")
     logit_softcap: float | None = opt(None, "cap the logits smoothly to (-c, c) as c * tanh(logits / c)", gt=0)
     norm_offset: float = opt(0.0, "every RMSNorm's gain is norm-offset + weight (Gemma's 1 + w)")
+    norm_placement: Literal["pre", "post", "sandwich"] = opt(
+        "pre", "every block's norm placement unless its family or variant says otherwise: pre (x + f(norm(x))), post "
+               "(x + norm(f(x)), OLMo 2) or sandwich (both, Gemma 2/3)")
     family_configs: dict[str, Any] = field(default_factory=dict)
     family_variants: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    family_blocks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __init__(self, pattern: str = "AEMR", *, family_configs: dict[str, Any] | None = None,
-                 family_variants: dict[str, dict[str, dict[str, Any]]] | None = None, **kwargs: Any) -> None:
+                 family_variants: dict[str, dict[str, dict[str, Any]]] | None = None,
+                 family_blocks: dict[str, dict[str, Any]] | None = None, **kwargs: Any) -> None:
         """Shared settings by name, each family's config by its ``config_key`` (a config or a table, whose
         ``variants`` key holds the family's named variants: ``{"swa": {"window": 4096}}``); ``family_configs``
         and ``family_variants`` (what ``dataclasses.replace`` passes) give several at once, named keys win."""
@@ -96,11 +118,20 @@ class ModelConfig:
                               f"(accepted: {', '.join(accepted)})")
         configs: dict[str, Any] = {}
         variants = {k: dict(v) for k, v in (family_variants or {}).items()}
+        blocks = {k: dict(v) for k, v in (family_blocks or {}).items()}
         for key, spec in specs.items():
+            clash = set(BLOCK_KEYS) & {f.name for f in dataclasses.fields(spec.config)}
+            if clash:  # the key would be ambiguous in the family's table
+                raise ConfigError(f"family {spec.name}'s config has a field {sorted(clash)[0]!r}, which is a block "
+                                  "option's name")
             value = given.get(key)
-            if isinstance(value, dict) and "variants" in value:
+            if isinstance(value, dict):
                 value = dict(value)
-                variants[key] = {**variants.get(key, {}), **_variant_tables(value.pop("variants"), key)}
+                if "variants" in value:
+                    variants[key] = {**variants.get(key, {}), **_variant_tables(value.pop("variants"), key)}
+                own = {k: value.pop(k) for k in BLOCK_KEYS if k in value}
+                if own:
+                    blocks[key] = {**blocks.get(key, {}), **own}
             if value is None:
                 value = spec.config()
             elif isinstance(value, dict):
@@ -114,11 +145,21 @@ class ModelConfig:
             raise ConfigError(f"variants of unknown family '{unknown_keys[0]}' (families: {', '.join(specs)})")
         object.__setattr__(self, "family_configs", configs)
         object.__setattr__(self, "family_variants", {k: v for k, v in variants.items() if v})
+        object.__setattr__(self, "family_blocks", {k: v for k, v in blocks.items() if v})
         # each variant is its family's table with its own values on top, built and checked like the family
-        built = {key: {name: from_dict(specs[key].config, {**to_dict(configs[key]), **over},
+        built = {key: {name: from_dict(specs[key].config, {**to_dict(configs[key]), **_family_part(over)},
                                        where=f"model.{key}.variants.{name}.")
                        for name, over in table.items()} for key, table in self.family_variants.items()}
         object.__setattr__(self, "_variant_configs", built)
+        # block options: the model's, then the family table's, then the variant's
+        options = {}
+        for key in specs:
+            base = {"norm_placement": self.norm_placement, **self.family_blocks.get(key, {})}
+            options[(key, None)] = from_dict(BlockOptions, base, where=f"model.{key}.")
+            for name, over in self.family_variants.get(key, {}).items():
+                options[(key, name)] = from_dict(BlockOptions, {**base, **_block_part(over)},
+                                                 where=f"model.{key}.variants.{name}.")
+        object.__setattr__(self, "_block_options", options)
         self.__post_init__()
 
     def __getattr__(self, name: str) -> Any:
@@ -174,6 +215,10 @@ class ModelConfig:
         """The config a layer of the pattern is built from: its family's, or its variant's."""
         return self.family_config(layer.family, layer.variant)
 
+    def block_options(self, layer: Any) -> BlockOptions:
+        """How a layer joins the residual stream (the model's options, its family's, its variant's)."""
+        return self._block_options[(layer.family.spec.config_key, layer.variant)]
+
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
         """The ``[model]`` table of preset ``name`` (``patterns/<name>.toml``), with top-level overrides."""
@@ -196,6 +241,9 @@ class ModelConfig:
                     value = dict(value)
                     if "variants" in value:
                         kwargs.setdefault("family_variants", {})[k] = _variant_tables(value.pop("variants"), k)
+                    own = {b: value.pop(b) for b in BLOCK_KEYS if b in value}
+                    if own:
+                        kwargs.setdefault("family_blocks", {})[k] = own
                     value = from_dict(specs[k].config, value, where=f"{where}{k}.")
                 kwargs[k] = value
             else:
@@ -206,13 +254,24 @@ class ModelConfig:
     def _to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in shared_fields()}
         out.update({key: to_dict(cfg) for key, cfg in self.family_configs.items()})
+        for key, own in self.family_blocks.items():
+            out[key].update(own)
         for key, table in self.family_variants.items():
             out[key]["variants"] = {name: dict(over) for name, over in table.items()}
         return out
 
 
 def shared_fields() -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(ModelConfig) if f.name not in ("family_configs", "family_variants")]
+    return [f for f in dataclasses.fields(ModelConfig)
+            if f.name not in ("family_configs", "family_variants", "family_blocks")]
+
+
+def _family_part(table: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in table.items() if k.replace("-", "_") not in BLOCK_KEYS}
+
+
+def _block_part(table: dict[str, Any]) -> dict[str, Any]:
+    return {k.replace("-", "_"): v for k, v in table.items() if k.replace("-", "_") in BLOCK_KEYS}
 
 
 def _variant_tables(tables: Any, key: str) -> dict[str, dict[str, Any]]:

@@ -134,3 +134,29 @@ def test_a_model_with_variants_saves_and_loads(tmp_path) -> None:
     assert back.cfg == model.cfg
     x = torch.randint(0, 64, (1, 9))
     assert torch.equal(back(x).logits, model(x).logits)
+
+
+def test_norm_placement_per_model_family_and_variant() -> None:
+    """pre: x + f(norm(x)); post: x + norm(f(x)) (OLMo 2); sandwich: x + norm2(f(norm1(x))) (Gemma 2/3)."""
+    c = ModelConfig(pattern="G A E.pre A.sw E", d_model=32, vocab_size=64,
+                    attention={"n_heads": 4, "norm_placement": "post",
+                               "variants": {"sw": {"window": 4, "norm_placement": "sandwich"}}},
+                    moe={"n_experts": 1, "norm_placement": "post", "variants": {"pre": {"norm_placement": "pre"}}})
+    model = HybridLM(c)
+    assert [(b.norm is not None, b.post_norm is not None) for b in model.blocks] == [
+        (True, False), (False, True), (True, False), (True, True), (False, True)]
+    assert from_dict(ModelConfig, to_dict(c)) == c
+    with pytest.raises(ConfigError, match=r"model\.attention\.norm_placement must be one of \['pre', 'post', 'sandwich'\]"):
+        ModelConfig(pattern="AE", d_model=32, attention={"norm_placement": "middle"})
+
+
+def test_post_norm_block_computes_x_plus_norm_of_the_update() -> None:
+    torch.manual_seed(0)
+    c = ModelConfig(pattern="E", d_model=16, vocab_size=32, norm_placement="post", moe={"n_experts": 1})
+    blk = HybridLM(c).blocks[0]
+    x = torch.randn(2, 5, 16)
+    y, out = blk(x)
+    want = x + blk.post_norm(blk.mixer(x).y)
+    torch.testing.assert_close(y, want)
+    # negative control: the pre-norm formula gives something else
+    assert not torch.allclose(y, x + blk.mixer(blk.post_norm(x)).y, atol=1e-4)

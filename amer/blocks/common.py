@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from amer.blocks.doc_ids import DocIds
 from amer.config import Dims
+from amer.model_config import BlockOptions
 from amer.ops.fused import rms_norm
 from amer.pattern import LayerSpec
 
@@ -131,22 +132,28 @@ class Mixer(nn.Module):
 
 class Block(nn.Module):
     """One letter of the pattern: ``x = x + mixer(norm(x))`` (Megatron-Core hybrid convention), the update
-    multiplied by ``dims.residual_scale`` when that is not 1 (Granite)."""
+    multiplied by ``dims.residual_scale`` when that is not 1 (Granite). ``opts.norm_placement`` moves the norm:
+    ``post`` is ``x + norm(mixer(x))`` (OLMo 2), ``sandwich`` is ``x + post_norm(mixer(norm(x)))`` (Gemma 2/3)."""
 
-    def __init__(self, cfg: Any, dims: Dims, layer: LayerSpec) -> None:
+    def __init__(self, cfg: Any, dims: Dims, layer: LayerSpec, opts: BlockOptions | None = None) -> None:
         super().__init__()
+        placement = (opts or BlockOptions()).norm_placement
         self.layer = layer
-        self.norm = RMSNorm(dims.d_model, dims.norm_eps, dims.norm_offset)
+        self.norm = RMSNorm(dims.d_model, dims.norm_eps, dims.norm_offset) if placement != "post" else None
+        self.post_norm = (RMSNorm(dims.d_model, dims.norm_eps, dims.norm_offset) if placement != "pre" else None)
         self.residual_scale = dims.residual_scale
         self.mixer = layer.family.spec.mixer(cfg, dims, layer)
 
     def reset_parameters(self) -> None:
-        self.norm.reset_parameters()
+        for norm in (self.norm, self.post_norm):
+            if norm is not None:
+                norm.reset_parameters()
         self.mixer.reset_parameters()
 
     def forward(self, x: Tensor, cache: Any = None, doc_ids: DocIds | None = None) -> tuple[Tensor, MixerOutput]:
-        out = self.mixer(self.norm(x), cache=cache, doc_ids=doc_ids)
-        return x + (out.y if self.residual_scale == 1 else out.y * self.residual_scale), out
+        out = self.mixer(x if self.norm is None else self.norm(x), cache=cache, doc_ids=doc_ids)
+        y = out.y if self.post_norm is None else self.post_norm(out.y)
+        return x + (y if self.residual_scale == 1 else y * self.residual_scale), out
 
     def init_cache(self, batch_size: int, max_len: int, *, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> Any:
