@@ -146,7 +146,8 @@ def test_norm_placement_per_model_family_and_variant() -> None:
     assert [(b.norm is not None, b.post_norm is not None) for b in model.blocks] == [
         (True, False), (False, True), (True, False), (True, True), (False, True)]
     assert from_dict(ModelConfig, to_dict(c)) == c
-    with pytest.raises(ConfigError, match=r"model\.attention\.norm_placement must be one of \['pre', 'post', 'sandwich'\]"):
+    with pytest.raises(ConfigError,
+                       match=r"model\.attention\.norm_placement must be one of \['pre', 'post', 'sandwich'\]"):
         ModelConfig(pattern="AE", d_model=32, attention={"norm_placement": "middle"})
 
 
