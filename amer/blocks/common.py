@@ -1,4 +1,5 @@
-"""Shared pieces of every block: RMSNorm, SwiGLU, the mixer contract and the pre-norm wrapper.
+"""Shared pieces of every block: RMSNorm, SwiGLU and other feed-forwards, the mixer contract and the pre-norm
+wrapper.
 
 The mixer contract (uniform across families, as in flash-linear-attention)::
 
@@ -12,6 +13,7 @@ The mixer contract (uniform across families, as in flash-linear-attention)::
     mixer.aux_losses                    # {aux loss name: the setting that weights it}, for the guard
     mixer.fullgraph_blocker()           # None, or why its training forward cannot compile fullgraph
     mixer.device_note("xla")            # None, or what it does differently on that device (said once)
+    mixer.after_step()                  # after each optimizer step: training state outside the parameters
 
 ``cache=None`` is the training path: no state is kept and ``out.cache`` is None. With a cache, the
 mixer consumes T new tokens after those the cache has seen and returns the updated cache (caches
@@ -34,10 +36,11 @@ from torch import Tensor, nn
 from amer.blocks.doc_ids import DocIds
 from amer.config import Dims
 from amer.model_config import BlockOptions
+from amer.ops.activation import activation
 from amer.ops.fused import rms_norm
 from amer.pattern import LayerSpec
 
-__all__ = ["RMSNorm", "SwiGLU", "MixerOutput", "Mixer", "Block"]
+__all__ = ["RMSNorm", "SwiGLU", "FeedForward", "MixerOutput", "Mixer", "Block"]
 
 
 class MixerOutput(NamedTuple):
@@ -85,6 +88,32 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
+class FeedForward(nn.Module):
+    """``down(act(gate(x)) * up(x))`` (gated, gate and up fused in ``gate_up``) or ``down(act(up(x)))`` (ungated:
+    ``gate_up`` is the up projection), ``act`` one of :data:`amer.ops.activation.ACTIVATIONS`; ``silu`` is
+    :class:`SwiGLU`."""
+
+    def __init__(self, d_model: int, d_ff: int, act: str = "silu", *, std: float = 0.02,
+                 out_std: float = 0.02) -> None:
+        super().__init__()
+        self.std, self.out_std = std, out_std
+        self.act = activation(act)
+        self.gate_up = nn.Linear(d_model, (2 if self.act.gated else 1) * d_ff, bias=False)
+        self.down = nn.Linear(d_ff, d_model, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """N(0, std); ``down`` writes into the residual stream, so it gets the residual-scaled ``out_std``."""
+        nn.init.normal_(self.gate_up.weight, 0.0, self.std)
+        nn.init.normal_(self.down.weight, 0.0, self.out_std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.act.gated:
+            return self.down(self.act.fn(self.gate_up(x)))
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(self.act.fn(gate) * up)
+
+
 class Mixer(nn.Module):
     """Base of every family's mixer: keeps ``dims`` and ``layer`` and states the contract above.
 
@@ -93,7 +122,8 @@ class Mixer(nn.Module):
 
     What the rest of amer needs to know about a family it learns from here, never by naming the family:
     ``aux_losses`` (the training guard names the setting to lower when one is non-finite),
-    :meth:`fullgraph_blocker` (regional compilation) and :meth:`device_note` (device runners).
+    :meth:`fullgraph_blocker` (regional compilation), :meth:`device_note` (device runners) and
+    :meth:`after_step` (the optimizer).
     """
 
     #: Every auxiliary loss the mixer puts in ``MixerOutput.aux``, with the setting that weights it.
@@ -124,6 +154,11 @@ class Mixer(nn.Module):
     def device_note(self, device_type: str) -> str | None:
         """What this mixer does differently on ``device_type`` ("xla", "cuda"...), said once per run; None."""
         return None
+
+    def after_step(self) -> None:
+        """Called after each optimizer step (the optimizer of :func:`amer.training.optim.make_optimizer` calls it):
+        training state a mixer keeps outside its parameters, e.g. the E family's auxiliary-loss-free expert bias.
+        Nothing by default."""
 
     def linear_flops(self, seq_len: int) -> float:
         """Multiply-adds of every ``nn.Linear`` in the mixer over ``seq_len`` tokens (weights as operands)."""

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from amer.blocks.moe import ROUTER_OPTIONS, MoEConfig
 from amer.config import ModelConfig
 from amer.errors import InputError
 from amer.fileio import atomic_write_text, json_text
@@ -52,6 +53,12 @@ def _target(cfg: ModelConfig) -> str:
                           "for Llama-style attention")
         if moe.activation != "silu" or moe.bias or moe.shared_expert:
             raise _refuse("the E blocks must be plain SwiGLU (moe.activation silu, no bias, no shared expert)")
+        plain = MoEConfig()
+        changed = [f"moe.{name}={getattr(moe, name)!r}" for name in ROUTER_OPTIONS
+                   if getattr(moe, name) != getattr(plain, name)]
+        if changed and moe.n_experts > 1:
+            raise _refuse(f"{', '.join(changed)}: Mixtral's router is a renormalised softmax top-k (those options "
+                          "at their defaults)")
         if moe.n_experts > 1:
             if (moe.top_k < 2 and not moe.renormalize_top1) or a.qk_norm or a.qkv_bias:
                 raise _refuse("MixtralForCausalLM renormalises top-1 weights to 1 (set moe.renormalize_top1) "
