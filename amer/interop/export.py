@@ -3,10 +3,10 @@
 ``(AE)*L`` with one-expert E blocks is ``LlamaForCausalLM`` (``MistralForCausalLM`` with a sliding window,
 ``Qwen3ForCausalLM`` with q/k norms), with routed experts ``MixtralForCausalLM``; ``M*L`` is
 ``Mamba2ForCausalLM``; with sandwich norms ``(AE)*L`` is ``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM``, with post
-norms ``Olmo2ForCausalLM`` (:mod:`amer.interop.export_norms`). The folder is config.json + model.safetensors (+ tokenizer.json), written whole
-into a temporary sibling and renamed into place; the ``transformers`` package is not needed to write it.
-Anything the target class cannot express (another pattern, a model or family option off its default) is
-an :class:`~amer.errors.InputError` naming it.
+norms ``Olmo2ForCausalLM`` (:mod:`amer.interop.export_norms`). The folder is config.json + model.safetensors
+(+ tokenizer.json), written whole into a temporary sibling and renamed into place; the ``transformers`` package
+is not needed to write it. Anything the target class cannot express (another pattern, a model or family option
+off its default) is an :class:`~amer.errors.InputError` naming it.
 """
 
 from __future__ import annotations
