@@ -280,3 +280,26 @@ def test_model_with_n_blocks_trains_and_decodes() -> None:
         opt.step()
         losses.append(ce.item())
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_minimax_layer_at_full_size(tmp_path: Path) -> None:
+    """MiniMax-Text-01's attention shape (width 6144, 64 heads of 128, 80 layers) through ``lightning_options``: an N
+    block on the meta device holds exactly the parameters of transformers' layer, its decoding state is 64 heads of
+    128 x 128 whatever the context, and layer 40's rates are MiniMax's."""
+    tf = pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+    from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention
+
+    hc = tf.MiniMaxConfig(hidden_size=6144, num_attention_heads=64, head_dim=128, num_hidden_layers=80,
+                          num_key_value_heads=8, intermediate_size=9216, num_local_experts=2)
+    (tmp_path / "config.json").write_text(json.dumps({**hc.to_dict(), "architectures": ["MiniMaxForCausalLM"]}))
+    save_file({"unused": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    cfg = ModelConfig(pattern="NE" * 80, d_model=6144, lightning=lightning_options(Source(tmp_path)),
+                      moe={"n_experts": 1})
+    with torch.device("meta"):
+        ours = LightningMixer(cfg.lightning, cfg.dims, cfg.parsed.layers[80])
+        theirs = MiniMaxLightningAttention(hc, 40)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+    assert ours.init_cache(1, 1 << 20, device="meta").state.shape == (1, 64, 128, 128)
+    assert torch.equal(ours.slopes(), theirs.get_slope_rate().flatten())

@@ -308,3 +308,29 @@ def test_model_with_d_blocks_selects_taps_and_trains() -> None:
         opt.step()
         losses.append(ce.item())
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_deepseek_v3_layer_at_full_size(tmp_path: Path) -> None:
+    """DeepSeek-V3's published attention config (YaRN x40, mscale 1) through ``mla_options``: a D block on the meta
+    device holds exactly the parameters of transformers' layer, its cache 512 + 64 numbers per token (an A block
+    of 128 heads of 192 would hold 2 x 128 x 192), and the softmax scale carries YaRN's correction."""
+    tf = pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
+
+    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 4096,
+            "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+    hc = tf.DeepseekV3Config(rope_parameters=yarn, max_position_embeddings=163840)
+    (tmp_path / "config.json").write_text(json.dumps({**hc.to_dict(), "architectures": ["DeepseekV3ForCausalLM"]}))
+    save_file({"unused": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    options = mla_options(Source(tmp_path))
+    cfg = ModelConfig(pattern="D", d_model=hc.hidden_size, max_seq_len=hc.max_position_embeddings, mla=options)
+    with torch.device("meta"):
+        ours = MLAMixer(cfg.mla, cfg.dims, cfg.parsed.layers[0])
+        theirs = DeepseekV3Attention(hc, 0)
+    n = sum(p.numel() for p in ours.parameters())
+    assert n == sum(p.numel() for p in theirs.parameters()) and n > 180e6
+    cache = ours.init_cache(1, 8, device="meta")
+    assert cache.latent.shape[-1] == 576 < 2 * 128 * 192
+    assert ours.scale == pytest.approx(theirs.scaling, rel=1e-12) and ours.rope_factor == pytest.approx(1.0)
