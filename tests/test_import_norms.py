@@ -74,6 +74,13 @@ def test_gemma3(tmp_path: Path) -> None:
     glob.cfg_rope = dataclasses.replace(glob.cfg_rope, rope_linear_factor=None)
     glob.init_buffers()
     assert differs(model, hf) > 100 * ATOL
+    # a config.json written before per-type RoPE parameters says the same with rope_theta, rope_scaling and
+    # rope_local_base_freq
+    conf = json.loads((tmp_path / "config.json").read_text())
+    del conf["rope_parameters"]
+    conf.update(rope_theta=100.0, rope_scaling={"rope_type": "linear", "factor": 4.0}, rope_local_base_freq=10.0)
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    assert from_transformers(tmp_path)[1] == cfg
 
 
 def test_olmo2(tmp_path: Path) -> None:

@@ -37,6 +37,19 @@ def _layer_kinds(src: Source, every: int) -> list[str]:
     return list(kinds)
 
 
+def _gemma3_rope(c: dict[str, Any], kind: str) -> dict[str, Any]:
+    """One layer type's RoPE parameters: ``rope_parameters[kind]``, or in configs written before per-type
+    parameters ``rope_theta`` and ``rope_scaling`` (global layers) and ``rope_local_base_freq`` (sliding ones)."""
+    per_type = c.get("rope_parameters") or {}
+    if kind in per_type:
+        return per_type[kind]
+    if kind == "sliding_attention":
+        return {"rope_type": "default", "rope_theta": float(c.get("rope_local_base_freq") or 10000.0)}
+    scaling = c.get("rope_scaling") or {}
+    return {"rope_type": scaling.get("rope_type") or scaling.get("type") or "default",
+            "rope_theta": float(c.get("rope_theta") or 1e6), **scaling}
+
+
 @converter("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 def convert_gemma2(src: Source) -> Converted:
     c = src.config
@@ -59,10 +72,8 @@ def convert_gemma2(src: Source) -> Converted:
         attn["softcap"] = c.get("attn_logit_softcapping") or None
     swa: dict[str, Any] = {"window": int(c["sliding_window"])} if "sliding_attention" in kinds else {}
     if gemma3:
-        per_type = c.get("rope_parameters") or {}
         for kind, table in (("full_attention", attn), ("sliding_attention", swa)):
-            params = per_type.get(kind) or {"rope_type": "default", "rope_theta": 10000.0 if kind[0] == "s" else 1e6}
-            theta, fraction, scaling = src.rope(params)
+            theta, fraction, scaling = src.rope(_gemma3_rope(c, kind))
             # the variant inherits the family's values: each type states its own scaling, none included
             table.update({"rope_theta": theta, "rope_fraction": fraction, "rope_linear_factor": None,
                           "rope_scale_factor": None, **scaling})
