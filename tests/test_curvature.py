@@ -322,7 +322,7 @@ def test_write_report_json_markdown_png(tmp_path: Path) -> None:
 
 @pytest.fixture
 def toy_family():
-    """A fifth family 'D', registered for one test: the report must pick it up from the registry."""
+    """A fifth family 'W', registered for one test: the report must pick it up from the registry."""
     from dataclasses import dataclass
 
     from amer.families import FamilySpec, register_family, unregister_family
@@ -334,30 +334,30 @@ def toy_family():
     class ToyMixer(nn.Module):
         pass
 
-    spec = register_family(FamilySpec(letter="D", name="toy", colour="#ff7f0e", config_key="toy", config=ToyConfig,
+    spec = register_family(FamilySpec(letter="W", name="toy", colour="#ff7f0e", config_key="toy", config=ToyConfig,
                                       mixer=ToyMixer))
     yield spec
-    unregister_family("D")  # idempotent: the test may already have removed it
+    unregister_family("W")  # idempotent: the test may already have removed it
 
 
 def test_a_registered_family_appears_in_the_report(toy_family, tmp_path: Path) -> None:
     batches = token_batches()
-    a = evaluate(GeometryModel([depth_path(turn=2)], pattern="ADMR"), batches, n_bootstrap=20, progress=False)
-    b = evaluate(GeometryModel([depth_path(turn=3)], pattern="ADMR"), batches, n_bootstrap=20, progress=False)
-    assert list(a["families"]) == ["A", "M", "R", "D"]  # registry order
-    assert a["families"]["D"]["name"] == "toy" and a["families"]["D"]["blocks"] == ["D0"]
-    assert a["families"]["D"]["depth_out"]["mean"] == pytest.approx(1.0, abs=1e-5)  # D0->M0 turns
-    assert [x["type"] for x in a["boundaries"]] == ["embed->A", "A->D", "D->M", "M->R", "R->final"]
+    a = evaluate(GeometryModel([depth_path(turn=2)], pattern="AWMR"), batches, n_bootstrap=20, progress=False)
+    b = evaluate(GeometryModel([depth_path(turn=3)], pattern="AWMR"), batches, n_bootstrap=20, progress=False)
+    assert list(a["families"]) == ["A", "M", "R", "W"]  # registry order
+    assert a["families"]["W"]["name"] == "toy" and a["families"]["W"]["blocks"] == ["W0"]
+    assert a["families"]["W"]["depth_out"]["mean"] == pytest.approx(1.0, abs=1e-5)  # W0->M0 turns
+    assert [x["type"] for x in a["boundaries"]] == ["embed->A", "A->W", "W->M", "M->R", "R->final"]
     report = {"config": {"data": "synthetic"}, "result": a, "result_b": b, "comparison": compare(a, b)}
     paths = write_report(report, tmp_path / "out")
     md = paths["md"].read_text()
-    assert "| D (toy) | 1 |" in md and "| 2 | D0 | toy |" in md
+    assert "| W (toy) | 1 |" in md and "| 2 | W0 | toy |" in md
     assert_valid_png(paths["png"])
     # a report read back where the family is not registered still renders
     from amer.families import unregister_family
 
-    unregister_family("D")
-    assert "| D (toy) | 1 |" in write_report(report, tmp_path / "later")["md"].read_text()
+    unregister_family("W")
+    assert "| W (toy) | 1 |" in write_report(report, tmp_path / "later")["md"].read_text()
     assert_valid_png(tmp_path / "later" / "curvature.png")
 
 

@@ -2,14 +2,16 @@
 
 ``(AE)*L`` with one-expert E blocks is ``LlamaForCausalLM`` (``MistralForCausalLM`` with a sliding window,
 ``Qwen3ForCausalLM`` with q/k norms), with routed experts ``MixtralForCausalLM``; ``M*L`` is
-``Mamba2ForCausalLM``. The folder is config.json + model.safetensors (+ tokenizer.json), written whole
-into a temporary sibling and renamed into place; the ``transformers`` package is not needed to write it.
-Anything the target class cannot express (another pattern, a model or family option off its default) is
-an :class:`~amer.errors.InputError` naming it.
+``Mamba2ForCausalLM``; with sandwich norms ``(AE)*L`` is ``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM``, with post
+norms ``Olmo2ForCausalLM`` (:mod:`amer.interop.export_norms`). The folder is config.json + model.safetensors
+(+ tokenizer.json), written whole into a temporary sibling and renamed into place; the ``transformers`` package
+is not needed to write it. Anything the target class cannot express (another pattern, a model or family option
+off its default) is an :class:`~amer.errors.InputError` naming it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from amer.config import ModelConfig
 from amer.errors import InputError
 from amer.fileio import atomic_write_text, json_text
 from amer.hub import write_folder
+from amer.interop.export_norms import norm_export, norm_target
 
 __all__ = ["export_transformers", "EXPORT_FILES"]
 
@@ -164,11 +167,26 @@ def _check_target(directory: Path) -> None:
                              "or empty folder")
 
 
+def _check_blocks(cfg: ModelConfig) -> None:
+    """Pre-norm blocks with the plain residual, as the Llama, Mixtral and Mamba2 classes have them."""
+    for layer in cfg.parsed.layers:
+        opts = cfg.block_options(layer)
+        for f in dataclasses.fields(opts):
+            if getattr(opts, f.name) != f.default:
+                raise _refuse(f"{layer.key} has the block option {f.name}={getattr(opts, f.name)!r}, which the "
+                              f"Llama, Mixtral and Mamba2 classes lack (needs {f.default!r})")
+
+
 def export_transformers(model: Any, cfg: ModelConfig, directory: str | Path, tokenizer: Any = None) -> Path:
     """Write ``model`` (a :class:`~amer.model.HybridLM` of config ``cfg``) as a transformers model folder."""
-    _check_shared(cfg)
-    arch = _target(cfg)
-    conf, tensors = _mamba2(model, cfg) if arch == "Mamba2ForCausalLM" else _llama(model, cfg, arch)
+    arch = norm_target(cfg)  # Gemma 2 / 3 and OLMo 2, by where the blocks' norms sit
+    if arch is not None:
+        conf, tensors = norm_export(model, cfg, arch)
+    else:
+        _check_shared(cfg)
+        _check_blocks(cfg)
+        arch = _target(cfg)
+        conf, tensors = _mamba2(model, cfg) if arch == "Mamba2ForCausalLM" else _llama(model, cfg, arch)
     conf.update(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, dtype="float32")
     if tokenizer is not None:
         conf.update(bos_token_id=getattr(tokenizer, "bos_id", None), eos_token_id=getattr(tokenizer, "eos_id", None),

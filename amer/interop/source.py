@@ -114,24 +114,27 @@ class Source:
             raise unsupported(self.arch, what)
         return value
 
-    def rope(self) -> tuple[float, float, dict[str, Any]]:
-        """(theta, rotated fraction of the head, the A family's scaling options) of RoPE: plain, or Llama 3.1's
-        frequency-dependent scaling (``rope_type`` llama3); other scaled variants are refused by name."""
-        params = self.config.get("rope_parameters") or {}
-        scaling = self.config.get("rope_scaling") or {}
+    def rope(self, params: dict[str, Any] | None = None) -> tuple[float, float, dict[str, Any]]:
+        """(theta, rotated fraction of the head, the A family's scaling options) of RoPE: plain, linear (position
+        interpolation) or Llama 3.1's frequency-dependent scaling (``rope_type`` llama3); other scaled variants are
+        refused by name. ``params``: one layer type's ``rope_parameters`` (Gemma 3) instead of the config's."""
+        scaling = self.config.get("rope_scaling") or {} if params is None else {}
+        params = self.config.get("rope_parameters") or {} if params is None else params
         kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
         theta = params.get("rope_theta", self.config.get("rope_theta", 10000.0))
         fraction = params.get("partial_rotary_factor", self.config.get("partial_rotary_factor", 1.0))
         if kind == "default":
             return float(theta), float(fraction), {}
+        if kind == "linear":
+            return float(theta), float(fraction), {"rope_linear_factor": float({**scaling, **params}["factor"])}
         if kind == "llama3":
             p = {**scaling, **params}
             original = p.get("original_max_position_embeddings") or self.config.get("max_position_embeddings")
             return float(theta), float(fraction), {
                 "rope_scale_factor": float(p["factor"]), "rope_scale_low": float(p.get("low_freq_factor", 1.0)),
                 "rope_scale_high": float(p.get("high_freq_factor", 4.0)), "rope_scale_original": int(original)}
-        raise unsupported(self.arch, f"rope_type={kind!r} (amer's attention has plain RoPE and Llama 3.1's "
-                          "scaling: rope_type 'default' or 'llama3')")
+        raise unsupported(self.arch, f"rope_type={kind!r} (amer's attention has plain RoPE, linear and Llama 3.1's "
+                          "scaling: rope_type 'default', 'linear' or 'llama3')")
 
     def time_step_limit_is_open(self) -> bool:
         lim = self.config.get("time_step_limit", (0.0, math.inf))
