@@ -26,6 +26,7 @@ keep padding out of their statistics).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, ClassVar, NamedTuple
 
@@ -40,7 +41,7 @@ from amer.ops.activation import activation
 from amer.ops.fused import rms_norm
 from amer.pattern import LayerSpec
 
-__all__ = ["RMSNorm", "SwiGLU", "FeedForward", "MixerOutput", "Mixer", "Block"]
+__all__ = ["time_step_bias_", "RMSNorm", "SwiGLU", "FeedForward", "MixerOutput", "Mixer", "Block"]
 
 
 class MixerOutput(NamedTuple):
@@ -202,3 +203,13 @@ class Block(nn.Module):
     def init_cache(self, batch_size: int, max_len: int, *, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> Any:
         return self.mixer.init_cache(batch_size, max_len, device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def time_step_bias_(bias: Tensor, dt_min: float, dt_max: float, floor: float) -> None:
+    """Mamba's time-step initialisation (Gu & Dao 2023, kept by Mamba-2 and gated DeltaNet): ``dt`` log-uniform in
+    ``[dt_min, dt_max]``, floored, stored in ``bias`` as its inverse softplus, so ``softplus(bias)`` starts at
+    time steps that span short and long memories."""
+    u = torch.rand(bias.shape, device=bias.device, dtype=bias.dtype)
+    dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
+    bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
