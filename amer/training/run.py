@@ -40,7 +40,7 @@ from amer.fileio import (
     write_json,
 )
 from amer.training.restore import restore, rng_pack, rng_unpack
-from amer.training.runlock import LOCK_NAME, RunLock, acquire
+from amer.training.runlock import LOCK_NAME, RunLock, acquire, ensure_free
 
 __all__ = ["RunState", "Target", "MARKER", "prepare", "claim", "open_run", "new_run_dir", "locate", "resume_config",
            "checkpoint", "prune", "rng_pack", "rng_unpack", "config_record"]
@@ -165,7 +165,12 @@ def claim(cfg: TrainConfig) -> tuple[Target, RunLock]:
     """:func:`prepare`, then the run directory's lock (:mod:`amer.training.runlock`; a run still training there
     is refused, naming it), then :func:`prepare` again under the lock: another run may have created, finished
     or extended the directory in between. Rank 0 alone calls it under torchrun."""
-    run_dir = prepare(cfg).run_dir
+    try:
+        run_dir = prepare(cfg).run_dir
+    except ConfigError:  # "already exists": when a run is still training there, that is what to say
+        if cfg.run_name is not None and not cfg.resume:
+            ensure_free(Path(cfg.out_dir) / cfg.run_name)
+        raise
     try:
         lock = acquire(run_dir)
     except OSError as e:  # the place cannot hold a run (read-only, full, not a directory): before any work

@@ -31,7 +31,7 @@ try:
 except ImportError:  # pragma: no cover - Windows: no flock
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["LOCK_NAME", "RunLock", "acquire", "holder"]
+__all__ = ["LOCK_NAME", "RunLock", "acquire", "ensure_free", "holder"]
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,30 @@ def _same_file(fd: int, path: Path) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
+def _in_use(run_dir: Path) -> ConfigError:
+    return ConfigError(f"run directory {run_dir} is in use by {holder(run_dir)}; one amer train at a time per run "
+                       "directory: wait for it to end or stop it (SIGTERM makes it write a checkpoint first), or "
+                       "choose another --run-name")
+
+
+def ensure_free(run_dir: Path) -> None:
+    """Raise the in-use error when a live process holds ``run_dir``'s lock (nothing is created or changed): a
+    refusal for another reason (the directory exists) then names the process that is still training there."""
+    if fcntl is None or not (run_dir / LOCK_NAME).is_file():
+        return
+    try:
+        fd = os.open(run_dir / LOCK_NAME, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise _in_use(run_dir) from None
+    finally:
+        os.close(fd)
+
+
 def acquire(run_dir: Path) -> RunLock:
     """Lock ``run_dir`` (created if missing) for this process. A live holder is a :class:`ConfigError` naming it;
     a holder that died left nothing that stops this call."""
@@ -112,9 +136,7 @@ def acquire(run_dir: Path) -> RunLock:
         except OSError as e:
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise ConfigError(f"run directory {run_dir} is in use by {holder(run_dir)}; one amer train at a time "
-                                  "per run directory: wait for it to end or stop it (SIGTERM makes it write a "
-                                  "checkpoint first), or choose another --run-name") from None
+                raise _in_use(run_dir) from None
             if e.errno in _NO_LOCKS:
                 log.warning(f"warning: the file system of {run_dir} does not support locks; nothing stops a second "
                             "amer train from using this run directory at the same time")
