@@ -26,7 +26,16 @@ from torch import nn
 
 from amer.config import ModelConfig, from_dict
 from amer.errors import CheckpointError, InputError
-from amer.fileio import fault_point, fsync_dir, json_loads, json_text, remove_own_files, replace_dir, temp_sibling
+from amer.fileio import (
+    fault_point,
+    fsync_dir,
+    json_loads,
+    json_text,
+    read_file,
+    remove_own_files,
+    replace_dir,
+    temp_sibling,
+)
 from amer.hub import read_pretrained_config
 from amer.optimstate import checked_state_dict
 from amer.version import __version__
@@ -139,7 +148,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     if not meta_path.exists():
         raise CheckpointError(f"checkpoint {ckpt} is missing {meta_path.name}")
     try:
-        meta = json_loads(meta_path.read_bytes())
+        meta = json_loads(read_file(meta_path))
     except ValueError as e:  # not JSON, not UTF-8, or nested thousands deep
         raise CheckpointError(f"{meta_path}: corrupt or truncated JSON ({e})") from None
     except OSError as e:

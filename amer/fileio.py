@@ -52,6 +52,7 @@ __all__ = [
     "json_text",
     "open_regular",
     "own_temp_files",
+    "read_file",
     "read_regular",
     "recover_dirs",
     "refuse_link",
@@ -378,3 +379,10 @@ def os_error_line(e: OSError) -> str:
     what = e.strerror or str(e) or type(e).__name__
     hint = _HINTS.get(e.errno) if e.errno is not None else None
     return f"{where + ': ' if where else ''}{what}{'; ' + hint if hint else ''}"
+
+
+def read_file(path: str | Path) -> bytes:
+    """``Path.read_bytes`` for the files amer reads back (a meta.json, a config.json), except that anything but a
+    regular file is an ``OSError`` saying what it is, raised without blocking on a FIFO: every caller's
+    ``except OSError`` then covers it."""
+    return read_regular(path, lambda why: OSError(errno.EINVAL, why, str(path)))

@@ -32,6 +32,7 @@ from amer.fileio import (
     fsync_dir,
     json_loads,
     json_text,
+    read_file,
     refuse_link,
     remove_own_files,
     replace_dir,
@@ -56,7 +57,7 @@ def is_pretrained_folder(path: Path) -> bool:
     if not (cfg.is_file() and (path / "model.safetensors").is_file()) or (path / "meta.json").exists():
         return False
     try:
-        data = json_loads(cfg.read_bytes())
+        data = json_loads(read_file(cfg))
     except (OSError, ValueError):
         return False
     return isinstance(data, dict) and data.get("model_type") == MODEL_TYPE
@@ -129,7 +130,7 @@ def read_pretrained_config(directory: str | Path) -> dict[str, Any]:
     """config.json of a pretrained folder, checked to be amer's, as a dict."""
     path = Path(directory) / "config.json"
     try:
-        data = json_loads(path.read_bytes())
+        data = json_loads(read_file(path))
     except FileNotFoundError:
         raise CheckpointError(f"{directory} has no config.json: not a pretrained folder") from None
     except (OSError, ValueError) as e:

@@ -25,7 +25,7 @@ from torch import nn
 from amer import xla
 from amer.config import ModelConfig
 from amer.errors import CheckpointError
-from amer.fileio import follow_umask
+from amer.fileio import file_kind, follow_umask
 from amer.model import HybridLM
 
 __all__ = ["state_tensors", "save_tensors", "load_tensors", "check_weights", "check_finite", "restore_model",
@@ -63,6 +63,9 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     naming it."""
     if not path.exists():
         raise CheckpointError(f"checkpoint file missing: {path}")
+    kind = file_kind(path)
+    if kind is not None:  # a FIFO would block the reader, a device never end
+        raise CheckpointError(f"{path} {kind}")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:

@@ -17,7 +17,7 @@ import torch
 
 from amer.config import ModelConfig
 from amer.errors import InputError
-from amer.fileio import atomic_write_text, json_loads, json_text, refuse_link
+from amer.fileio import atomic_write_text, json_loads, json_text, read_file, refuse_link
 from amer.hub import write_folder
 from amer.weights import save_tensors
 
@@ -146,7 +146,7 @@ def check_target(directory: Path) -> None:
         names = sorted(p.name for p in directory.iterdir())
         ours = False
         try:
-            ours = json_loads((directory / "config.json").read_bytes()).get(_MARK) is not None
+            ours = json_loads(read_file(directory / "config.json")).get(_MARK) is not None
         except (OSError, ValueError, AttributeError):
             pass
         if not ours or any(n not in EXPORT_FILES for n in names):

@@ -31,7 +31,7 @@ from amer.data import (
 )
 from amer.data.packing import DataConfig
 from amer.errors import CheckpointError, ConfigError
-from amer.fileio import json_loads
+from amer.fileio import json_loads, read_file
 from amer.pattern import load_preset
 from amer.training import scaleout
 from amer.training.distributed import Layout
@@ -192,7 +192,7 @@ def _saved_tokenizer(cfg: TrainConfig, target: Target) -> tuple[str, Any]:
     """
     if target.resume:
         try:
-            was = json_loads((target.run_dir / "config.json").read_bytes()).get("tokenizer", "byte")
+            was = json_loads(read_file(target.run_dir / "config.json")).get("tokenizer", "byte")
         except (OSError, ValueError, AttributeError):
             was = cfg.tokenizer
         if cfg.tokenizer != was:

@@ -34,6 +34,7 @@ from amer.fileio import (
     json_loads,
     json_text,
     own_temp_files,
+    read_file,
     recover_dirs,
     refuse_link,
     remove_own_files,
@@ -67,7 +68,7 @@ class Target(NamedTuple):
 def _run_id(run_dir: Path) -> str | None:
     """The run id in ``run_dir``'s marker; None for a marker without one (added by hand to adopt a run)."""
     try:
-        data = json_loads((run_dir / MARKER).read_bytes() or b"{}")
+        data = json_loads(read_file(run_dir / MARKER) or b"{}")
     except (OSError, ValueError):
         return None
     rid = data.get("run_id") if isinstance(data, dict) else None
@@ -114,7 +115,7 @@ def resume_config(path: str | Path) -> dict[str, Any]:
     else:
         source = str(target.run_dir / "config.json")
         try:
-            config = json_loads((target.run_dir / "config.json").read_bytes())
+            config = json_loads(read_file(target.run_dir / "config.json"))
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{source}: not a readable JSON config ({e})") from None
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
@@ -293,7 +294,7 @@ def _written_by(ck: Path, run_id: str | None) -> bool:
     if ck.is_symlink():
         return False
     try:
-        meta = json_loads((ck / "meta.json").read_bytes())
+        meta = json_loads(read_file(ck / "meta.json"))
     except (OSError, ValueError):
         return False
     return isinstance(meta, dict) and meta.get("run_id") in (None, run_id)
