@@ -26,16 +26,8 @@ from torch import nn
 
 from amer.config import ModelConfig, from_dict
 from amer.errors import CheckpointError, InputError
-from amer.fileio import (
-    fault_point,
-    fsync_dir,
-    json_loads,
-    json_text,
-    read_file,
-    remove_own_files,
-    replace_dir,
-    temp_sibling,
-)
+from amer.fileio import fault_point, fsync_dir, json_text, remove_own_files, replace_dir, temp_sibling
+from amer.fileread import json_loads, read_file
 from amer.hub import read_pretrained_config
 from amer.optimstate import checked_state_dict
 from amer.version import __version__

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from amer.errors import ConfigError
-from amer.fileio import read_regular
+from amer.fileread import read_regular
 
 if sys.version_info >= (3, 11):
     import tomllib

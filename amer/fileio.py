@@ -11,9 +11,7 @@ alone (amer never makes one, so it is not amer's to delete). Links in the direct
 directory or ``--out-dir`` on symlinked scratch space) are followed: the rule is about the last name.
 New files get the modes the umask gives (safetensors alone would write 0600: :func:`follow_umask`).
 
-Reading: :func:`open_regular` opens what a user named only when it is a regular file (a FIFO would block
-forever, ``/dev/zero`` never ends), and :func:`parse_json` turns every way a JSON text can be wrong,
-nesting tens of thousands deep included, into one line.
+Reading what a user named, and the one-line form of a refused write, are :mod:`amer.fileread`.
 
 ``AMER_FAULT_AT=<point>`` kills the process at a named point (see :func:`fault_point`): the crash-safety
 tests use it to stop a write half-way exactly where a power cut or ``kill -9`` could, and the preemption tests
@@ -29,12 +27,11 @@ import math
 import os
 import re
 import signal
-import stat
 import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from amer.errors import InputError
 
@@ -44,16 +41,10 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "fault_point",
-    "file_kind",
-    "os_error_line",
     "follow_umask",
     "fsync_dir",
-    "json_loads",
     "json_text",
-    "open_regular",
     "own_temp_files",
-    "read_file",
-    "read_regular",
     "recover_dirs",
     "refuse_link",
     "remove_own_files",
@@ -104,14 +95,14 @@ def temp_sibling(path: Path, kind: str = "tmp") -> Path:
     return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{time.monotonic_ns()}")
 
 
-_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-\d+-\d+$")
+TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-\d+-\d+$")
 
 
 def own_temp_files(folder: Path, is_own: Callable[[str], bool]) -> list[Path]:
     """Temporary siblings that a killed writer left behind in ``folder`` for the names ``is_own`` accepts."""
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if (m := _TEMP_RE.match(p.name)) and is_own(m["name"]))
+    return sorted(p for p in folder.iterdir() if (m := TEMP_RE.match(p.name)) and is_own(m["name"]))
 
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -275,7 +266,7 @@ def recover_dirs(folder: Path, is_own: Callable[[str], bool], own_files: Iterabl
     for p in own_temp_files(folder, is_own):
         if p.is_symlink() or not p.is_dir():  # amer never makes a link: not its to move or empty
             continue
-        m = _TEMP_RE.match(p.name)
+        m = TEMP_RE.match(p.name)
         assert m is not None
         if m["kind"] == "old" and not (folder / m["name"]).exists():
             os.rename(p, folder / m["name"])
@@ -297,92 +288,3 @@ def remove_own_files(folder: Path, names: Iterable[str]) -> bool:
     except OSError:
         return False
     return True
-
-
-# ------------------------------------------------------------------------------------------------ reading
-
-
-def json_loads(text: str | bytes) -> Any:
-    """``json.loads``, except that a text nested past Python's recursion limit (tens of thousands of brackets)
-    raises a ``ValueError`` like any other invalid JSON, so every reader's one-line error covers it."""
-    try:
-        return json.loads(text)
-    except RecursionError:
-        raise ValueError("nested too deeply to read (thousands of levels of brackets)") from None
-
-
-def _kind(mode: int) -> str | None:
-    if stat.S_ISREG(mode):
-        return None
-    for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return f"is {what}, not a regular file"
-    return "is not a regular file"
-
-
-def file_kind(path: str | Path) -> str | None:
-    """None when ``path`` is a regular file (links followed); otherwise what it is instead, as the end of an
-    error message (``"does not exist"``, ``"is a named pipe (FIFO), not a regular file"``...)."""
-    try:
-        return _kind(os.stat(path).st_mode)
-    except FileNotFoundError:
-        return "is a symbolic link to a path that does not exist" if os.path.islink(path) else "does not exist"
-    except OSError as e:
-        return f"cannot be read ({e.strerror})"
-    except ValueError:  # a NUL in the name: no system call takes it
-        return "is not a valid path (it holds a NUL character)"
-
-
-def open_regular(path: str | Path, error: Callable[[str], Exception]) -> IO[bytes]:
-    """``path`` opened for reading when it is a regular file (links followed); anything else raises
-    ``error(why)``, ``why`` saying what it is. Opening never blocks: a FIFO is refused, not waited on."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _CLOEXEC)
-    except (OSError, ValueError) as e:
-        raise error(file_kind(path) or f"cannot be read ({getattr(e, 'strerror', e)})") from None
-    why = _kind(os.fstat(fd).st_mode)
-    if why is not None:
-        os.close(fd)
-        raise error(why)
-    os.set_blocking(fd, True)
-    return os.fdopen(fd, "rb")
-
-
-def read_regular(path: str | Path, error: Callable[[str], Exception]) -> bytes:
-    """The bytes of regular file ``path`` (see :func:`open_regular`)."""
-    with open_regular(path, error) as f:
-        try:
-            return f.read()
-        except OSError as e:
-            raise error(f"cannot be read ({e.strerror})") from None
-
-
-_HINTS = {errno.ENOSPC: "the disk is full: free space or write elsewhere",
-          errno.EDQUOT: "the disk quota is used up: free space or write elsewhere",
-          errno.EROFS: "the file system is mounted read-only: write elsewhere",
-          errno.EACCES: "you lack the permission: write elsewhere or change the folder's permissions",
-          errno.EBUSY: "it is in use (a mount point or an open file): choose another path"}
-
-
-def _real_name(path: str) -> str:
-    """``path`` with amer's temporary names (``.step_000004.tmp-PID-NS``) given back their real ones: a message
-    names the file a user knows."""
-    parts = Path(path).parts
-    return str(Path(*[m["name"] if (m := _TEMP_RE.match(p)) else p for p in parts])) if parts else path
-
-
-def os_error_line(e: OSError) -> str:
-    """One line for an ``OSError`` a command could not avoid: the file, what the system said, what to do."""
-    where = _real_name(os.fsdecode(e.filename)) if e.filename is not None else None
-    what = e.strerror or str(e) or type(e).__name__
-    hint = _HINTS.get(e.errno) if e.errno is not None else None
-    return f"{where + ': ' if where else ''}{what}{'; ' + hint if hint else ''}"
-
-
-def read_file(path: str | Path) -> bytes:
-    """``Path.read_bytes`` for the files amer reads back (a meta.json, a config.json), except that anything but a
-    regular file is an ``OSError`` saying what it is, raised without blocking on a FIFO: every caller's
-    ``except OSError`` then covers it."""
-    return read_regular(path, lambda why: OSError(errno.EINVAL, why, str(path)))

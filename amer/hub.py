@@ -30,14 +30,13 @@ from amer.errors import CheckpointError, InputError
 from amer.fileio import (
     atomic_write_text,
     fsync_dir,
-    json_loads,
     json_text,
-    read_file,
     refuse_link,
     remove_own_files,
     replace_dir,
     temp_sibling,
 )
+from amer.fileread import json_loads, read_file
 from amer.model import HybridLM, set_pretrained_io
 from amer.version import __version__
 from amer.weights import load_tensors, model_from_weights, save_tensors, state_tensors

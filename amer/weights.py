@@ -25,7 +25,8 @@ from torch import nn
 from amer import xla
 from amer.config import ModelConfig
 from amer.errors import CheckpointError
-from amer.fileio import file_kind, follow_umask
+from amer.fileio import follow_umask
+from amer.fileread import file_kind
 from amer.model import HybridLM
 
 __all__ = ["state_tensors", "save_tensors", "load_tensors", "check_weights", "check_finite", "restore_model",

@@ -308,12 +308,12 @@ def test_a_run_resumes_from_another_working_directory(tmp_path: Path, monkeypatc
 
 
 def test_every_json_read_and_weight_write_goes_through_the_guarded_helpers() -> None:
-    """JSON is parsed by ``amer.fileio.json_loads`` (nesting past the recursion limit is a ValueError, so every
+    """JSON is parsed by ``amer.fileread.json_loads`` (nesting past the recursion limit is a ValueError, so every
     reader's one-line error covers it) and weights are written by ``amer.weights.save_tensors`` (a full disk is an
     OSError, the mode follows the umask): a new direct call elsewhere would bring a traceback or a 0600 file back."""
     import re
 
-    rules = {re.compile(r"\bjson\.loads?\("): "fileio.py", re.compile(r"\bsave_file\("): "weights.py"}
+    rules = {re.compile(r"\bjson\.loads?\("): "fileread.py", re.compile(r"\bsave_file\("): "weights.py"}
     hits = [f"{p.relative_to(REPO)}:{i}" for p in (REPO / "amer").rglob("*.py")
             for i, line in enumerate(p.read_text().splitlines(), 1)
             for rule, home in rules.items() if p.name != home and rule.search(line)]

@@ -14,7 +14,7 @@ import typing
 from collections.abc import Callable
 
 from amer.errors import AmerError, InputError
-from amer.fileio import os_error_line
+from amer.fileread import os_error_line
 from amer.logs import configure as configure_logging
 
 __all__ = ["ArgParser", "UsageError", "fail", "run", "verbosity"]

@@ -20,7 +20,7 @@ from amer.config import ModelConfig, to_dict
 from amer.configio import number_arg, path_arg
 from amer.data import ByteTokenizer, DataConfig, build_datasets, load_tokenizer
 from amer.errors import AnalysisError, ConfigError
-from amer.fileio import json_loads
+from amer.fileread import json_loads
 from amer.model import HybridLM
 from amer.pattern import Pattern, load_preset, preset_names
 from amer.report.curvature import format_summary, write_report

@@ -10,7 +10,7 @@ from typing import Any
 
 from amer.cli.base import ArgParser, UsageError
 from amer.configio import number_arg, path_arg
-from amer.fileio import json_loads
+from amer.fileread import json_loads
 
 __all__ = ["command"]
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from amer.cli.base import ArgParser, run
 from amer.config import ConfigError, TrainConfig, options, suggest
 from amer.errors import AmerError, StoppedBySignal, StorageError
-from amer.fileio import os_error_line
+from amer.fileread import os_error_line
 
 __all__ = ["main", "command", "build_parser", "resolve_config"]
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from amer.data.tokenizer import render_chat_with_spans
 from amer.errors import DataError
-from amer.fileio import json_loads, open_regular, read_regular
+from amer.fileread import json_loads, open_regular, read_regular
 
 __all__ = ["NAMED_CORPORA", "load_documents", "load_kjv", "load_stdlib", "load_path", "iter_jsonl"]
 

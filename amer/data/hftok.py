@@ -38,7 +38,8 @@ from torch import Tensor
 
 from amer.data.text import utf8_bytes
 from amer.errors import ConfigError, DataError
-from amer.fileio import atomic_write_text, json_loads
+from amer.fileio import atomic_write_text
+from amer.fileread import json_loads
 
 __all__ = ["HFTokenizer", "train_bpe", "byte_tokenizer_json", "is_byte_tokenizer_json", "first_line", "hf_from_str",
            "BOS_NAMES", "EOS_NAMES", "PAD_NAMES", "AMER_SPECIALS",

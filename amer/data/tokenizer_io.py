@@ -20,7 +20,7 @@ from amer.data.hftok import (
 )
 from amer.data.tokenizer import ByteTokenizer
 from amer.errors import ConfigError, DataError
-from amer.fileio import file_kind, json_loads, read_regular
+from amer.fileread import file_kind, json_loads, read_regular
 
 __all__ = ["tokenizer_from_file", "load_tokenizer", "make_tokenizer", "check_spec", "model_vocab_size"]
 

@@ -23,7 +23,7 @@ import torch
 
 from amer.errors import ExperimentError, TrainingError
 from amer.experiments.workers import imap_unordered
-from amer.fileio import json_loads
+from amer.fileread import json_loads
 from amer.report import write_json
 from amer.runtime import tune_malloc
 

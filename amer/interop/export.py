@@ -17,7 +17,8 @@ import torch
 
 from amer.config import ModelConfig
 from amer.errors import InputError
-from amer.fileio import atomic_write_text, json_loads, json_text, read_file, refuse_link
+from amer.fileio import atomic_write_text, json_text, refuse_link
+from amer.fileread import json_loads, read_file
 from amer.hub import write_folder
 from amer.weights import save_tensors
 

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from amer.errors import CheckpointError
-from amer.fileio import file_kind, json_loads, read_regular
+from amer.fileread import file_kind, json_loads, read_regular
 
 __all__ = ["Source", "unsupported"]
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from amer.errors import AnalysisError
-from amer.fileio import json_loads, read_regular
+from amer.fileread import json_loads, read_regular
 
 __all__ = ["RunLog", "read_run", "parse_log"]
 

@@ -10,7 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from amer.fileio import append_bytes, atomic_write_bytes, json_loads
+from amer.fileio import append_bytes, atomic_write_bytes
+from amer.fileread import json_loads
 
 __all__ = ["RunLogger", "Progress"]
 

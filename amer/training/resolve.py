@@ -31,7 +31,7 @@ from amer.data import (
 )
 from amer.data.packing import DataConfig
 from amer.errors import CheckpointError, ConfigError
-from amer.fileio import json_loads, read_file
+from amer.fileread import json_loads, read_file
 from amer.pattern import load_preset
 from amer.training import scaleout
 from amer.training.distributed import Layout

@@ -29,17 +29,8 @@ from amer.config import TrainConfig, to_dict
 from amer.configio import INT_MAX
 from amer.data import BatchIterator
 from amer.errors import CheckpointError, ConfigError, TrainingError
-from amer.fileio import (
-    fault_point,
-    json_loads,
-    json_text,
-    own_temp_files,
-    read_file,
-    recover_dirs,
-    refuse_link,
-    remove_own_files,
-    write_json,
-)
+from amer.fileio import fault_point, json_text, own_temp_files, recover_dirs, refuse_link, remove_own_files, write_json
+from amer.fileread import json_loads, read_file
 from amer.training.restore import restore, rng_pack, rng_unpack
 from amer.training.runlock import LOCK_NAME, RunLock, acquire, ensure_free
 

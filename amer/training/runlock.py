@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 from amer.errors import ConfigError
-from amer.fileio import json_loads, refuse_link
+from amer.fileio import refuse_link
+from amer.fileread import json_loads
 
 try:
     import fcntl

@@ -26,7 +26,7 @@ from amer.experiments.nlrx.grid import model_config
 from amer.experiments.nlrx_finetune.data import pretraining_corpus
 from amer.experiments.nlrx_finetune.grid import Settings
 from amer.experiments.runs import say
-from amer.fileio import json_loads
+from amer.fileread import json_loads
 from amer.model import HybridLM
 from amer.stp import STPPolicy
 from amer.training import TrainStep, lr_at, make_optimizer

@@ -18,7 +18,7 @@ from amer.experiments.nlrx_finetune.grid import INITS, Arm, Settings, build_grid
 from amer.experiments.nlrx_finetune.pretrain import final_path, pretrain
 from amer.experiments.runs import Say, arm_path, refuse_stale, say
 from amer.experiments.workers import imap_unordered
-from amer.fileio import json_loads
+from amer.fileread import json_loads
 from amer.model import HybridLM
 from amer.report import write_json
 
