@@ -166,7 +166,8 @@ def claim(cfg: TrainConfig) -> tuple[Target, RunLock]:
     try:
         lock = acquire(run_dir)
     except OSError as e:  # the place cannot hold a run (read-only, full, not a directory): before any work
-        raise ConfigError(f"cannot create run directory {run_dir}: {e.strerror or e}") from None
+        doing = "write to" if cfg.resume else "create"
+        raise ConfigError(f"cannot {doing} run directory {run_dir}: {e.strerror or e}") from None
     try:
         return prepare(cfg), lock
     except BaseException:
