@@ -4,7 +4,6 @@ and at every block boundary, optionally against a second checkpoint; writes the 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,9 +17,10 @@ from amer.analysis.curvature import check_strides, evaluate
 from amer.checkpoint import find_checkpoint, load_checkpoint
 from amer.cli.base import ArgParser, run
 from amer.config import ModelConfig, to_dict
-from amer.configio import number_arg
+from amer.configio import number_arg, path_arg
 from amer.data import ByteTokenizer, DataConfig, build_datasets, load_tokenizer
 from amer.errors import AnalysisError, ConfigError
+from amer.fileread import json_loads
 from amer.model import HybridLM
 from amer.pattern import Pattern, load_preset, preset_names
 from amer.report.curvature import format_summary, write_report
@@ -35,13 +35,16 @@ def build_parser() -> ArgParser:
         "Token and depth curvature of every tap, per block family and at every block boundary, with "
         "bootstrap CIs over held-out sequences. Writes curvature.json, curvature.md and curvature.png."))
     src = p.add_argument_group("model (one of)")
-    src.add_argument("--checkpoint", metavar="PATH", help="checkpoint directory, or a run directory (its latest step)")
+    src.add_argument("--checkpoint", metavar="PATH", type=path_arg,
+                     help="checkpoint directory, or a run directory (its latest step)")
     src.add_argument("--pattern", metavar="P", help="a freshly initialised model (seeded): a preset name (its dims) "
                      "or a pattern string such as AEMR")
     src.add_argument("--preset", metavar="NAME", help="with a pattern string: take the dimensions from this preset")
-    p.add_argument("--compare", metavar="PATH2", help="a second checkpoint of the same pattern, shown side by side "
+    p.add_argument("--compare", metavar="PATH2", type=path_arg,
+                   help="a second checkpoint of the same pattern, shown side by side "
                    "with the difference (first minus second) and its CI")
-    p.add_argument("--data", help="'kjv', 'stdlib', a text/JSONL file or a directory (default: the checkpoint's "
+    p.add_argument("--data", type=path_arg,
+                   help="'kjv', 'stdlib', a text/JSONL file or a directory (default: the checkpoint's "
                    "training data, else kjv); its validation split is measured")
     p.add_argument("--batches", type=number_arg(True, ge=1), default=8, help="validation batches (default 8)")
     p.add_argument("--batch-size", type=number_arg(True, ge=1), default=8, help="sequences per batch (default 8)")
@@ -58,7 +61,8 @@ def build_parser() -> ArgParser:
     p.add_argument("--stp-spans", type=number_arg(True, ge=1),
                    help="STP triples per sequence (default: the checkpoint's, else 4)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, xla (torch_xla) or auto (default cpu)")
-    p.add_argument("--out", metavar="DIR", help="output directory (default <run>/curvature, or curvature_out/)")
+    p.add_argument("--out", metavar="DIR", type=path_arg,
+                   help="output directory (default <run>/curvature, or curvature_out/)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -78,7 +82,7 @@ def _load_checkpoint(path: str, device: torch.device) -> tuple[nn.Module, ModelC
     ckpt = find_checkpoint(path)
     model, cfg = load_checkpoint(ckpt, device=device)
     meta_file = ckpt / "meta.json"  # a pretrained folder (amer import, amer export) has no training config
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}  # load_checkpoint has validated it
+    meta = json_loads(meta_file.read_text()) if meta_file.is_file() else {}  # load_checkpoint has validated it
     return model, cfg, meta.get("config", {}), ckpt
 
 

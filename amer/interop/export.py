@@ -12,19 +12,19 @@ off its default) is an :class:`~amer.errors.InputError` naming it.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from amer.blocks.moe import ROUTER_OPTIONS, MoEConfig
 from amer.config import ModelConfig
 from amer.errors import InputError
-from amer.fileio import atomic_write_text, json_text
+from amer.fileio import atomic_write_text, json_text, refuse_link
+from amer.fileread import json_loads, read_file
 from amer.hub import write_folder
 from amer.interop.export_norms import norm_export, norm_target
+from amer.weights import save_tensors
 
 __all__ = ["export_transformers", "EXPORT_FILES"]
 
@@ -152,14 +152,16 @@ def _mamba2(model: Any, cfg: ModelConfig) -> tuple[dict[str, Any], dict[str, tor
     return conf, out
 
 
-def _check_target(directory: Path) -> None:
+def check_target(directory: Path) -> None:
+    """Refuse a folder an export must not replace: a link, a file, or one holding anything amer did not export."""
+    refuse_link(directory)
     if directory.exists() and not directory.is_dir():
         raise InputError(f"{directory} exists and is not a directory: choose a new or empty folder")
     if directory.is_dir() and any(directory.iterdir()):
         names = sorted(p.name for p in directory.iterdir())
         ours = False
         try:
-            ours = json.loads((directory / "config.json").read_text()).get(_MARK) is not None
+            ours = json_loads(read_file(directory / "config.json")).get(_MARK) is not None
         except (OSError, ValueError, AttributeError):
             pass
         if not ours or any(n not in EXPORT_FILES for n in names):
@@ -198,11 +200,11 @@ def export_transformers(model: Any, cfg: ModelConfig, directory: str | Path, tok
         if not torch.isfinite(t).all():
             raise _refuse(f"{name} has non-finite values")
     directory = Path(directory)
-    _check_target(directory)
+    check_target(directory)
 
     def write(tmp: Path) -> None:
-        save_file({k: v.float().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
+        save_tensors({k: v.float().contiguous().cpu() for k, v in tensors.items()}, tmp / "model.safetensors",
+                     metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp / "tokenizer.json")
         atomic_write_text(tmp / "config.json", json_text(conf))
