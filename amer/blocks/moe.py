@@ -117,6 +117,7 @@ class MoEMixer(Mixer):
     """Top-k routed mixture of SwiGLU experts with optional shared expert and router aux losses."""
 
     aux_losses = {"moe_lb": "--model.moe.aux-loss-coef", "moe_z": "--model.moe.z-loss-coef"}
+    expert_params = ("w_gate_up", "w_down")  # stacked per expert along dim 0: what expert parallelism splits
 
     def __init__(self, cfg: MoEConfig, dims: Dims, layer: LayerSpec) -> None:
         super().__init__(dims, layer)
@@ -140,6 +141,9 @@ class MoEMixer(Mixer):
         # token count are then summed over the ranks, so each rank's balancing loss is its share of the
         # global batch's, exactly as one process computing the whole batch would have it.
         self.stats_group: Any = None
+        # Expert parallelism sets this from outside the model (amer.training.expert_parallel): an object whose
+        # dropless(...) and padded(...) run the experts of this block on the ranks that hold them.
+        self.expert_dispatch: Any = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -208,7 +212,8 @@ class MoEMixer(Mixer):
             logits = F.linear(cast(x, rdt), cast(self.router.weight, rdt))  # (B, T, E)
         probs, weights, idx = route(logits, k, self.renormalize_top1)  # (B, T, E), (B, T, k), (B, T, k)
 
-        if not torch.is_grad_enabled() and cache is None and self.dispatch != "capacity" \
+        ep = self.expert_dispatch
+        if not torch.is_grad_enabled() and cache is None and self.dispatch != "capacity" and ep is None \
                 and x.device.type == "cpu" and B * T * k <= FEW_SLOTS:
             # decoding-sized inference: no dispatch, and no losses or training figures (nothing reads them)
             y = _few_tokens(x, idx, weights, self.w_gate_up, self.w_down, self.act)
@@ -217,11 +222,12 @@ class MoEMixer(Mixer):
             y, n_dropped, block_counts = dispatch_causal_capacity(
                 x, idx, weights, self.w_gate_up, self.w_down, block=self.capacity_block,
                 capacity=block_capacity(self.capacity_block, k, E, self.capacity_factor),
-                start=0 if cache is None else cache.pos, counts=None if cache is None else cache.counts)
+                start=0 if cache is None else cache.pos, counts=None if cache is None else cache.counts,
+                **({} if ep is None else {"experts": ep.padded}))
             if cache is not None:
                 cache = CapacityCache(block_counts, cache.pos + T)
         else:
-            y = dispatch_dropless(x, idx, weights, self.w_gate_up, self.w_down)
+            y = (dispatch_dropless if ep is None else ep.dropless)(x, idx, weights, self.w_gate_up, self.w_down)
             n_dropped = None
         if self.shared is not None:
             y = y + self.shared(x)

@@ -31,6 +31,7 @@ host read, no data-dependent shape; the buffer holds about ``capacity_factor * B
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -55,15 +56,17 @@ def block_capacity(block: int, top_k: int, n_experts: int, capacity_factor: floa
 
 
 def dispatch_causal_capacity(x: Tensor, expert_idx: Tensor, weights: Tensor, w_gate_up: Tensor, w_down: Tensor, *,
-                             capacity: int, block: int, start: int = 0,
-                             counts: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                             capacity: int, block: int, start: int = 0, counts: Tensor | None = None,
+                             experts: Callable[[Tensor, Tensor, Tensor], Tensor] = swiglu_expert,
+                             ) -> tuple[Tensor, Tensor, Tensor]:
     """Causal block-capacity top-k dispatch (see the module docstring for the drop policy).
 
     x (B, T, D); expert_idx, weights (B, T, k) (indices distinct per token, as top-k gives); w_gate_up
     (E, D, 2F); w_down (E, F, D). ``start`` is the absolute row position of ``x[:, 0]`` (a decoding
     cache's position) and ``counts`` (B, E) the slots each expert already holds in the block ``start``
     falls in (ignored when ``start`` opens a new block). Returns ``(y (B, T, D), n_dropped (0-dim int64),
-    counts after the last token (B, E))``.
+    counts after the last token (B, E))``. ``experts(buffer, w_gate_up, w_down)`` runs the experts on the
+    ``(E, rows, D)`` buffer (expert parallelism passes one that sends each expert's rows to its rank).
     """
     B, T, D = x.shape
     k = expert_idx.shape[-1]
@@ -98,7 +101,7 @@ def dispatch_causal_capacity(x: Tensor, expert_idx: Tensor, weights: Tensor, w_g
         last = prior[:, -1] + onehot[:, -1]  # (B, E) counts after the last token, in its block
     x_pad = torch.cat([xf, xf.new_zeros(1, D)])  # (N + 1, D)
     buf = x_pad.index_select(0, src).view(E, B * G * Cb, D)
-    out = swiglu_expert(buf, w_gate_up.to(buf.dtype), w_down.to(buf.dtype))  # (E, B G Cb, D), empty rows stay 0
+    out = experts(buf, w_gate_up.to(buf.dtype), w_down.to(buf.dtype))  # (E, B G Cb, D), empty rows stay 0
     out_pad = torch.cat([out.reshape(R, D), out.new_zeros(1, D)])  # (R + 1, D)
     ys = out_pad.index_select(0, dest).view(N, k, D)  # dropped slots read the zero row
     y = (ys * (w.reshape(N, k) * keep.reshape(N, k).to(w.dtype)).unsqueeze(-1)).sum(1)  # (N, D)
