@@ -31,6 +31,14 @@ from amer.ops.moe import grouped_swiglu, swiglu_expert
 
 __all__ = ["dropless_ep", "padded_ep"]
 
+# Tests flip this to show that the all-to-all's backward is what brings the tokens' gradients home (the
+# negative control of the gradient-parity check).
+_RETURN_GRADIENTS = True
+
+
+def _home(t: Tensor) -> Tensor:
+    return t if _RETURN_GRADIENTS else t.detach()
+
 
 def _regroup(recv: Tensor) -> Tensor:
     """Rows received as (source rank, local expert) blocks of ``recv[r, e]`` rows -> the permutation that
@@ -71,7 +79,7 @@ def dropless_ep(x: Tensor, expert_idx: Tensor, weights: Tensor, w_gate_up: Tenso
     perm = _regroup(recv.cpu()).to(x.device)
     ys = grouped_swiglu(got.index_select(0, perm), w_gate_up, w_down, recv.sum(0).tolist())
     ys = ys.index_select(0, torch.argsort(perm))  # back to arrival order
-    back = dnn.all_to_all_single(ys.new_empty(xs.shape[0], D), ys, send_splits, recv_splits, group=group)
+    back = _home(dnn.all_to_all_single(ys.new_empty(xs.shape[0], D), ys, send_splits, recv_splits, group=group))
     back = back * w.index_select(0, order).unsqueeze(-1)
     y = xf.new_zeros(xf.shape[0], D, dtype=back.dtype).index_add_(0, token, back)
     return y.reshape(x.shape)
@@ -88,5 +96,5 @@ def padded_ep(buf: Tensor, w_gate_up: Tensor, w_down: Tensor, *, group: Any) -> 
     local = got.reshape(ep, e_local, R, D).transpose(0, 1).reshape(e_local, ep * R, D)
     out = swiglu_expert(local, w_gate_up.to(buf.dtype), w_down.to(buf.dtype))  # (E_l, ep R, D)
     out = out.reshape(e_local, ep, R, D).transpose(0, 1).reshape(E * R, D).contiguous()
-    back = dnn.all_to_all_single(torch.empty_like(out), out, group=group)
+    back = _home(dnn.all_to_all_single(torch.empty_like(out), out, group=group))
     return back.reshape(E, R, D)

@@ -57,6 +57,18 @@ def _slice(full: Tensor, like: Tensor) -> Tensor:
     return distribute_tensor(full, mesh, like.placements, src_data_rank=None).to_local()
 
 
+def _ties(module: nn.Module) -> list[tuple[str, str]]:
+    """(name, first name) of every parameter that is another one (a head tied to the embedding)."""
+    first: dict[int, str] = {}
+    out = []
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            out.append((name, first[id(p)]))
+        else:
+            first[id(p)] = name
+    return out
+
+
 @torch.no_grad()
 def fill(param: Tensor, full: Tensor) -> None:
     """Copy this rank's part of the full tensor ``full`` into ``param`` (plain, FSDP2 or expert-parallel)."""
@@ -73,7 +85,13 @@ def materialize(module: nn.Module, units: list[RankUnit], device: torch.device, 
     """Allocate ``module``'s own shards on ``device`` and initialise them unit by unit (see the module
     docstring); then compute the buffers weights do not carry. ``source(name, template)``, when given, may
     fill a unit's template from elsewhere (a checkpoint) and return True, instead of initialising it."""
+    ties = _ties(module)
     module.to_empty(device=device)
+    for alias, first in ties:  # to_empty gives each name its own tensor; FSDP2 keeps shared ones shared already
+        owner, _, attr = alias.rpartition(".")
+        shared = module.get_parameter(first)
+        if module.get_parameter(alias) is not shared:
+            setattr(module.get_submodule(owner), attr, shared)
     for unit, template in units:
         full = template.to_empty(device=device)
         if source is None or not source(unit.name, full):

@@ -161,7 +161,9 @@ def dp_equal(layout: D.Layout) -> None:
         weights = full_weights(model)
         if layout.main:
             for name, p in want.items():
-                close(weights[name], p.detach(), f"dp=2 {kind}: {name} after 5 steps", tol=2e-5)
+                # AdamW's first steps turn float rounding in the summed gradients into ~1e-5 parameter differences;
+                # the control below moves them by ~1e-2
+                close(weights[name], p.detach(), f"dp=2 {kind}: {name} after 5 steps", tol=5e-5)
         dist.barrier()
         say(layout, f"dp=2 {kind}: parameters after 5 steps equal one process with the whole batch")
     # control: without the expert loads summed over the ranks, each rank balances its own half
@@ -176,7 +178,7 @@ def dp_equal(layout: D.Layout) -> None:
         run([b], i)
     got = dict(D.unwrap(model).named_parameters())
     worst = max(((got[n] - p).abs().max() / p.abs().max().clamp(min=1.0)).item() for n, p in want.items())
-    if not worst > 2e-5:
+    if not worst > 5e-5:
         fail(f"control: per-rank MoE statistics still match one process (worst difference {worst:.3g})")
     say(layout, f"control: per-rank MoE statistics move the parameters off one process's (by {worst:.3g})")
 
