@@ -6,9 +6,10 @@ left, and only then does the rank allocate: ``to_empty`` gives it its own shards
 weights are filled one initialisation unit at a time (:meth:`amer.model.HybridLM.init_units`: the
 embedding, each block, the final norm, the head): a meta copy of the unit, taken before sharding, is
 given memory, initialised on the unit's own seed (:func:`amer.model.unit_seed`), and this rank's slice of
-each tensor is copied into its shard; then the copy is dropped. So the initial weights are those of
+each tensor is copied into its shard; then the copy is dropped (a unit this rank holds whole, such as a
+pipeline stage's blocks, is initialised in place). So the initial weights are those of
 ``HybridLM(cfg, seed=seed)`` whatever the layout, and the peak host memory at construction is this rank's
-share plus one unit.
+share plus, under sharding, one unit.
 
 :func:`fill` is the one routine that puts a full tensor into a parameter whatever it became (a plain
 tensor, an FSDP2 shard, an expert-parallel shard): restoring a single-file checkpoint under a sharded
@@ -80,6 +81,13 @@ def fill(param: Tensor, full: Tensor) -> None:
     local.copy_(part)
 
 
+def _initialise(name: str, module: nn.Module, unit: InitUnit, seed: int, device: torch.device,
+                source: Callable[[str, nn.Module], bool] | None) -> None:
+    if source is None or not source(name, module):
+        with seeded(seed, name, device):
+            unit.init(module)
+
+
 def materialize(module: nn.Module, units: list[RankUnit], device: torch.device, seed: int,
                 source: Callable[[str, nn.Module], bool] | None = None) -> None:
     """Allocate ``module``'s own shards on ``device`` and initialise them unit by unit (see the module
@@ -93,14 +101,16 @@ def materialize(module: nn.Module, units: list[RankUnit], device: torch.device, 
         if module.get_parameter(alias) is not shared:
             setattr(module.get_submodule(owner), attr, shared)
     for unit, template in units:
+        if not any(hasattr(p, "device_mesh") for p in unit.module.parameters()):
+            _initialise(unit.name, unit.module, unit, seed, device, source)  # whole here: initialised in place
+            continue
         full = template.to_empty(device=device)
-        if source is None or not source(unit.name, full):
-            with seeded(seed, unit.name, device):
-                unit.init(full)
+        _initialise(unit.name, full, unit, seed, device, source)
         values = dict(full.named_parameters())
         for name, p in unit.module.named_parameters():
             fill(p, values[name])
-        del full, values
+        del values
+        template.to_empty(device=torch.device("meta"))  # the full copy is dropped: one unit at a time
     for m in module.modules():
         if hasattr(m, "init_buffers"):
             m.init_buffers(device)

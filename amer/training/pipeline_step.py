@@ -102,12 +102,14 @@ class PipelineStep:
             doc = batch.get("doc_ids")
             stage.load(list(doc.tensor_split(self.microbatches)) if doc is not None else [None] * self.microbatches)
             with autocast(self.dtype, lay.device):
+                # return_outputs=False: the last stage would otherwise keep every microbatch's logits until the end
                 if stage.first:
-                    self.schedule.step(batch["tokens"], target=batch["targets"] if stage.last else None)
+                    self.schedule.step(batch["tokens"], target=batch["targets"] if stage.last else None,
+                                       return_outputs=False)
                 elif stage.last:
-                    self.schedule.step(target=batch["targets"], losses=losses)
+                    self.schedule.step(target=batch["targets"], losses=losses, return_outputs=False)
                 else:
-                    self.schedule.step()
+                    self.schedule.step(return_outputs=False)
             figures.append(stage.summary())
         local = {k: sum(f.get(k, 0.0) for f in figures) / len(figures) for k in {k for f in figures for k in f}}
         # one loss per microbatch, each already divided by grad_accum: their mean over the microbatches
