@@ -122,20 +122,24 @@ def save_sharded_checkpoint(path: str | Path, state: dict[str, Any], meta: dict[
     from amer.sharded import write
 
     path = Path(path)
-    main = dist.get_rank() == 0
+    together = dist.is_initialized()  # one process may write one too (it then holds every shard)
+    main = not together or dist.get_rank() == 0
     box: list[Any] = [None]
     if main:
         tmp = temp_sibling(path)
         tmp.mkdir(parents=True)
         box[0] = str(tmp)
-    dist.broadcast_object_list(box, src=0)  # every rank writes into the directory rank 0 made
+    if together:
+        dist.broadcast_object_list(box, src=0)  # every rank writes into the directory rank 0 made
     tmp = Path(box[0])
     try:
         write(tmp, state, fault=f"checkpoint-shards:{path.name}")
-        dist.barrier()  # every rank's shards are durable (DCP fsyncs them) before the commit
+        if together:
+            dist.barrier()  # every rank's shards are durable (DCP fsyncs them) before the commit
         if main:
             _commit(tmp, path, meta, tokenizer)
-        dist.barrier()
+        if together:
+            dist.barrier()
     except BaseException:
         if main and tmp.exists():
             remove_own_files(tmp, checkpoint_files(tmp))

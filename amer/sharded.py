@@ -153,7 +153,9 @@ def write(folder: Path, state: dict[str, Any], *, fault: str = "") -> None:
     import torch.distributed.checkpoint as dcp
 
     rank = dist.get_rank() if dist.is_initialized() else 0
-    dcp.save(state, storage_writer=_Writer.make(folder, f"{fault}:rank{rank}"), no_dist=not dist.is_initialized())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, storage_writer=_Writer.make(folder, f"{fault}:rank{rank}"), no_dist=not dist.is_initialized())
 
 
 def load(folder: Path, state: dict[str, Any]) -> None:
@@ -166,9 +168,10 @@ def load(folder: Path, state: dict[str, Any]) -> None:
         with warnings.catch_warnings():  # one process reading is what no_dist says, not a surprise worth a warning
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
-    except (RuntimeError, KeyError, ValueError) as e:  # DCP wraps every rank's error in a CheckpointException
-        first = str(e).strip().splitlines()
-        raise CheckpointError(f"{folder}: cannot read the sharded state ({first[-1] if first else type(e).__name__})") \
+    except (dcp.CheckpointException, RuntimeError, KeyError, ValueError, OSError) as e:
+        # DCP gathers every rank's error into one exception: its last line names the cause
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise CheckpointError(f"{folder}: cannot read the sharded state ({lines[-1] if lines else type(e).__name__})") \
             from None
 
 

@@ -38,6 +38,7 @@ def build_parser() -> ArgParser:
     p.add_argument("--headroom", type=float, default=0.1,
                    help="share of the device kept free for the CUDA context, NCCL and fragmentation (default 0.1)")
     p.add_argument("--max-gpus", type=int, default=4096, help="largest layout the suggestion may use")
+    p.add_argument("--gpus", type=int, help="suggest a layout of exactly this many devices (default: the fewest)")
     p.add_argument("--json", action="store_true", help="print the plan (and the suggestion) as JSON")
     return p
 
@@ -98,7 +99,10 @@ def command(argv: list[str]) -> int:
                      dtype=args.dtype, data=args.data)
     device = args.device_memory * GiB
     p = plan(cfg, lay, device, headroom=args.headroom)
-    best = None if p.fits else suggest(cfg, lay, device, max_world=args.max_gpus, headroom=args.headroom)
+    if args.gpus is not None and args.gpus < 1:
+        raise ConfigError(f"--gpus must be >= 1, got {args.gpus}")
+    best = None if p.fits else suggest(cfg, lay, device, max_world=args.max_gpus, headroom=args.headroom,
+                                       world=args.gpus)
     if args.json:
         print(json.dumps({"plan": _as_dict(p), "suggestion": _as_dict(best) if best else None}, indent=2))
         return 0
@@ -106,7 +110,8 @@ def command(argv: list[str]) -> int:
     if not p.fits:
         print()
         if best is None:
-            print(f"no layout of up to {args.max_gpus} devices fits {args.batch_size} x {args.seq_len} per step; "
+            where = f"of {args.gpus}" if args.gpus else f"of up to {args.max_gpus}"
+            print(f"no layout {where} devices fits {args.batch_size} x {args.seq_len} per step; "
                   "lower --batch-size or --seq-len")
         else:
             print(f"smallest layout that fits: {best.layout.describe()} ({best.layout.world} devices, peak "

@@ -313,8 +313,10 @@ def _flops(model: HybridLM, lay: PlanLayout) -> float:
     return 2.0 * lay.batch * (3 * (sum(per_block) + head) + redo)
 
 
-def plan(cfg: ModelConfig, lay: PlanLayout, device_bytes: float, *, headroom: float = 0.1) -> Plan:
-    """The per-rank memory account of every stage of ``cfg`` trained under ``lay`` (see the module docstring)."""
+def plan(cfg: ModelConfig, lay: PlanLayout, device_bytes: float, *, headroom: float = 0.1, exact: bool = True) -> Plan:
+    """The per-rank memory account of every stage of ``cfg`` trained under ``lay`` (see the module docstring).
+    ``exact=False`` scales one traced row by the rows of a microbatch (activations grow linearly with them, to a
+    few percent): quick enough to screen many layouts."""
     lay.check()
     cfg = cut_pattern(cfg, lay.pp)
     model = HybridLM.empty(cfg)
@@ -324,7 +326,11 @@ def plan(cfg: ModelConfig, lay: PlanLayout, device_bytes: float, *, headroom: fl
             if n % lay.ep:
                 raise ConfigError(f"ep {lay.ep} must divide the {n} experts of each expert block")
     rows = lay.batch // lay.dp // (lay.n_micro if lay.pp > 1 else 1)
-    acts = trace_activations(cfg, rows, lay.seq_len, dtype=lay.dtype, logits=lay.pp > 1)
+    if exact:
+        acts = trace_activations(cfg, rows, lay.seq_len, dtype=lay.dtype, logits=lay.pp > 1)
+    else:
+        acts = {k: rows * v for k, v in trace_activations(cfg, 1, lay.seq_len, dtype=lay.dtype,
+                                                           logits=lay.pp > 1).items()}
     width = rows * lay.seq_len * cfg.d_model * 4.0  # a checkpointed block keeps its fp32 input
     stages = []
     for s in range(lay.pp):
@@ -340,13 +346,14 @@ def plan(cfg: ModelConfig, lay: PlanLayout, device_bytes: float, *, headroom: fl
 
 
 def suggest(cfg: ModelConfig, base: PlanLayout, device_bytes: float, *, max_world: int = 4096,
-            headroom: float = 0.1) -> Plan | None:
+            headroom: float = 0.1, world: int | None = None) -> Plan | None:
     """The smallest layout (fewest ranks; then no recomputation; then the fewest stages) that fits, keeping
-    ``base``'s batch, sequence length, dtype and engine; None when none up to ``max_world`` ranks does."""
+    ``base``'s batch, sequence length, dtype and engine; None when none up to ``max_world`` ranks does.
+    ``world``: only layouts of exactly that many ranks."""
     n_layers = len(cfg.parsed.layers)
     experts = [getattr(m, m.expert_params[0]).shape[0] for m in expert_modules(HybridLM.empty(cfg))]
-    world = 1
-    while world <= max_world:
+    worlds = [world] if world else [2 ** i for i in range(max_world.bit_length()) if 2 ** i <= max_world]
+    for world in worlds:
         found = []
         for pp in [d for d in range(1, min(world, n_layers) + 1) if world % d == 0]:
             dp = world // pp
@@ -360,10 +367,10 @@ def suggest(cfg: ModelConfig, base: PlanLayout, device_bytes: float, *, max_worl
                         continue
                     found.append((MODES.index(ck), pp, -ep, lay))
         for _, _, _, lay in sorted(found, key=lambda f: f[:3]):
-            p = plan(cfg, lay, device_bytes, headroom=headroom)
-            if p.fits:
-                return p
-        world *= 2
+            if plan(cfg, lay, device_bytes, headroom=headroom, exact=False).fits:  # screened, then confirmed
+                p = plan(cfg, lay, device_bytes, headroom=headroom)
+                if p.fits:
+                    return p
     return None
 
 
