@@ -100,6 +100,7 @@ def test_a_sharded_checkpoint_missing_a_shard_is_a_checkpoint_error(tmp_path: Pa
         load_checkpoint(ck)
 
 
+@pytest.mark.slow
 def test_single_process_training_resumes_from_a_sharded_checkpoint(tmp_path: Path) -> None:
     """A run directory whose latest checkpoint is sharded (as a torchrun run writes it) resumes in one process and
     continues with the losses of an uninterrupted run; its later checkpoints are single-file again."""
@@ -193,6 +194,7 @@ def test_cut_pattern_and_bad_layouts() -> None:
         plan(CFG, PlanLayout(pp=2, microbatches=3, batch=4), GiB)
 
 
+@pytest.mark.slow
 def test_amer_plan_prints_a_plan_and_a_suggestion() -> None:
     proc = subprocess.run([sys.executable, "-m", "amer.cli", "plan", "--preset", "tiny", "--batch-size", "8",
                            "--seq-len", "64", "--device-memory", "0.001"], cwd=ROOT, capture_output=True, text=True,

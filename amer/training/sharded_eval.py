@@ -73,8 +73,9 @@ def pipeline_evaluate(step: Any, policy: STPPolicy, batches: Iterable[Mapping[st
     table = None if token_bytes is None else token_bytes.to(device=lay.device, dtype=torch.float32)
     share = 1.0 / (lay.dp * lay.pp)  # figures every rank knows (the batch's real rows) are counted once overall
     sums = torch.zeros(6, dtype=torch.float64)  # ce nats, tokens, rows, text nats, text bytes, stp
-    was_training = stage.training
+    was_training, wanted = stage.training, stage.want_metrics
     stage.eval()
+    stage.want_metrics = False  # the training figures (live STP gradient, curvature) are not evaluation's
     try:
         for raw in batches:
             batch = {k: v.to(lay.device) for k, v in raw.items()}
@@ -115,7 +116,7 @@ def pipeline_evaluate(step: Any, policy: STPPolicy, batches: Iterable[Mapping[st
                     sums[3] += float((per_token * (nbytes > 0)).sum())
                     sums[4] += float(nbytes.sum())
     finally:
-        stage.generator = saved_gen
+        stage.generator, stage.want_metrics = saved_gen, wanted
         stage.train(was_training)
         stage.load([])
     dist.all_reduce(sums)
