@@ -78,6 +78,7 @@ def _train(run: Run, layout: distributed.Layout, stop_at: int | None, quiet: boo
     batches = BatchIterator(data.train, cfg.batch_size, cfg.seed)
     stp_gen = torch.Generator(xla.host_generator_device(device)).manual_seed(cfg.seed + 1)
     run_dir = target.run_dir
+    n_params, aux_settings = model.num_params(), aux_loss_settings(model)  # the whole model's, before it is split
     scaled = None
     if layout.distributed:
         scaled, state = scaleout.start(run, layout, model, policy, stp_gen, batches, say, stop_at)
@@ -90,12 +91,11 @@ def _train(run: Run, layout: distributed.Layout, stop_at: int | None, quiet: boo
     logger = (RunLogger(run_dir, cfg.tensorboard, resume_step=state.step if cfg.resume else None) if layout.main
               else scaleout.NullLogger())
     stp_note = f"on {cfg.stp.layers!r} from step {cfg.stp.start_step}" if cfg.stp.enabled else "off"
-    say(f"amer: {cfg.model.pattern} ({model.pattern.letters}) {model.num_params() / 1e6:.2f}M params | "
+    say(f"amer: {cfg.model.pattern} ({model.pattern.letters}) {n_params / 1e6:.2f}M params | "
         f"data {cfg.data}: "
         f"{data.train.n_tokens / 1e6:.2f}M train / {data.val.n_tokens / 1e6:.2f}M val tokens ({tok.spec}, "
         f"{tok.vocab_size} ids) | STP {stp_note}")
-    say(f"run directory: {run_dir}")
-    aux_settings = aux_loss_settings(model)  # what the guard names when an auxiliary loss goes non-finite
+    say(f"run directory: {run_dir}")  # aux_settings: what the guard names when an auxiliary loss goes non-finite
 
     if scaled is not None:
         say(scaleout.describe(cfg, layout))

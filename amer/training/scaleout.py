@@ -102,8 +102,9 @@ class NullLogger:
 
 def start(run: Any, layout: D.Layout, model: HybridLM, policy: STPPolicy, stp_gen: torch.Generator, batches: Any,
           say: Callable[[str], None], stop_at: int | None) -> tuple[Scaled, Any]:
-    """Open (or resume) the run on rank 0, build this rank's share of ``model`` (built on the meta device) and
-    restore it; returns what this rank trains and the run state (the same on every rank)."""
+    """Open (or resume) the run on rank 0, build this rank's share of ``model`` (built on the meta device; the
+    modules of it this rank holds are given memory, the others stay on the meta device) and restore it; returns
+    what this rank trains and the run state (the same on every rank)."""
     cfg, target = run.config, run.target
     if layout.ep > 1 and not expert_modules(model):
         raise ConfigError(f"--parallel.ep {layout.ep}: the pattern has no block with several experts to split")
@@ -127,8 +128,9 @@ def start(run: Any, layout: D.Layout, model: HybridLM, policy: STPPolicy, stp_ge
         restore_sharded(Path(src), D.unwrap(scaled.module), scaled.optimizer if resuming else None, say,
                         aliases=scaled.aliases)
     elif resuming and (Path(src) / "optim.safetensors").is_file():
-        full = make_optimizer(model, cfg)  # the whole model's optimizer on the meta device: the parameter order
-        D.load_optimizer_state(scaled.module, scaled.optimizer, named_optimizer_state(Path(src), model, full),
+        whole = HybridLM.empty(cfg.model)  # a fresh structure (this rank's modules of `model` now hold its share)
+        order = make_optimizer(whole, cfg)  # the whole model's optimizer on the meta device: the parameter order
+        D.load_optimizer_state(scaled.module, scaled.optimizer, named_optimizer_state(Path(src), whole, order),
                                aliases=scaled.aliases)
     elif resuming:
         say(f"note: {src} has no optimizer state (e.g. best/); AdamW restarts from zero moments")
