@@ -307,8 +307,7 @@ def _flops(model: HybridLM, lay: PlanLayout) -> float:
     once more)."""
     T = lay.seq_len
     per_block = [sum(blk.mixer.flops(T).values()) for blk in model.blocks]
-    n_ckpt = {"none": 0, "blocks": len(per_block), "selective": len(per_block[1::2])}[lay.checkpointing]
-    redo = sum(per_block if lay.checkpointing == "blocks" else per_block[1::2]) if n_ckpt else 0.0
+    redo = {"none": 0.0, "blocks": sum(per_block), "selective": sum(per_block[1::2])}[lay.checkpointing]
     head = float(T * model.lm_head.weight.numel())
     return 2.0 * lay.batch * (3 * (sum(per_block) + head) + redo)
 
@@ -318,6 +317,7 @@ def plan(cfg: ModelConfig, lay: PlanLayout, device_bytes: float, *, headroom: fl
     ``exact=False`` scales one traced row by the rows of a microbatch (activations grow linearly with them, to a
     few percent): quick enough to screen many layouts."""
     lay.check()
+    stages_before = cfg.parsed.n_stages
     cfg = cut_pattern(cfg, lay.pp)
     model = HybridLM.empty(cfg)
     if lay.ep > 1:
@@ -339,7 +339,7 @@ def plan(cfg: ModelConfig, lay: PlanLayout, device_bytes: float, *, headroom: fl
         units = _units(model, layers, s == 0, s == lay.pp - 1)
         stages.append(_stage(model, s, units, acts, lay, width))
     notes = []
-    if lay.pp > 1 and model.pattern.n_stages == lay.pp and cfg.pattern != cfg.parsed.letters:
+    if lay.pp > 1 and stages_before != lay.pp:  # what --pattern must say for amer train to run these stages
         notes.append(f"pattern cut into {lay.pp} stages: {cfg.parsed.letters}")
     return Plan(lay, cfg.parsed.letters, stages, model.num_params(), _flops(model, lay),
                 lay.batch * lay.seq_len, device_bytes, headroom, notes)
