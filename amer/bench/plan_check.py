@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ import torch
 from amer.bench.harness import MB, BenchOptions, SuiteResult
 from amer.bench.workloads import make_batch
 from amer.config import ModelConfig, ParallelConfig, STPConfig, TrainConfig, from_dict, to_dict
+from amer.fileio import write_json
 from amer.model import HybridLM
 from amer.stp import STPPolicy
 from amer.training import distributed as D
@@ -70,11 +72,18 @@ def _rss_kib(field: str) -> int:
 
 
 def _reset_peak_rss() -> bool:
+    """Reset the process's peak RSS (``VmHWM``): Linux resets it when ``5`` is written to ``clear_refs``."""
     try:
-        Path("/proc/self/clear_refs").write_text("5")
+        fd = os.open("/proc/self/clear_refs", os.O_WRONLY)
+    except OSError:
+        return False
+    try:
+        os.write(fd, b"5")
         return True
     except OSError:
         return False
+    finally:
+        os.close(fd)
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -142,18 +151,25 @@ def _build(cfg: TrainConfig, layout: Any, policy: Any) -> torch.nn.Module:
 
 
 def _launch(fn: str, cfg: TrainConfig, extra: dict[str, Any], timeout: int) -> list[dict[str, Any]]:
-    spec = json.dumps({"train": to_dict(cfg), **extra})
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
-    code = ["-c", f"import json, sys; from amer.bench.plan_check import {fn}; "
-                  f"print('RESULT ' + json.dumps({fn}(json.loads(sys.argv[1]))))", spec]
-    world = cfg.parallel.world
-    cmd = [sys.executable, *code] if world == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
-         "--no-python", sys.executable, *code]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{fn} {to_dict(cfg.parallel)} failed:\n{proc.stderr[-3000:]}")
-    return [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    """Run ``fn`` of this module on every rank of ``cfg``'s layout in fresh processes; each rank writes its result
+    as ``rank<r>.json`` (its stdout would interleave with the other ranks')."""
+    with tempfile.TemporaryDirectory() as out:
+        spec = json.dumps({"train": to_dict(cfg), **extra})
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+        code = ["-c", f"import json, sys; from amer.bench.plan_check import {fn}, _report; "
+                      f"_report(sys.argv[2], {fn}(json.loads(sys.argv[1])))", spec, out]
+        world = cfg.parallel.world
+        cmd = [sys.executable, *code] if world == 1 else \
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
+             "--no-python", sys.executable, *code]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{fn} {to_dict(cfg.parallel)} failed:\n{proc.stderr[-3000:]}")
+        return [json.loads(p.read_text()) for p in sorted(Path(out).glob("rank*.json"))]
+
+
+def _report(folder: str, result: dict[str, Any]) -> None:
+    write_json(Path(folder) / f"rank{result['rank']}.json", result)
 
 
 def measure_construction(model: ModelConfig, parallel: dict[str, Any], timeout: int = 900) -> list[dict[str, Any]]:
