@@ -8,8 +8,9 @@ model of some hundred MB with synthetic batches, on the same per-rank constructi
 * ``peak tensor bytes``: the high-water mark of live tensor bytes from before the model is built to the end of
   the last step, from the CPU allocator's events (:func:`amer.bench.harness.peak_tensor_bytes`): what a GPU
   allocator's ``max_memory_allocated`` reports, and what the planner predicts;
-* ``construction RSS``: the peak resident memory of the process while it builds and initialises its share
-  (``VmHWM`` after ``/proc/self/clear_refs`` reset it), above what the process held before.
+* ``construction RSS`` (the ``construction`` suite, without the profiler): the peak resident memory of the
+  process while it builds and initialises its share (``VmHWM`` after ``/proc/self/clear_refs`` reset it), above
+  what the process held before.
 
 The model runs its rows straight through (``--packing none``) and without STP, as the planner counts them.
 """
@@ -97,8 +98,6 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     policy = STPPolicy(cfg.stp, cfg.model.parsed)
     batches = [make_batch(cfg.model.vocab_size, cfg.batch_size, cfg.seq_len, seed=i) for i in range(spec["steps"])]
     batches = [{k: v for k, v in b.items() if k != "doc_ids"} for b in batches]  # rows straight through
-    rss_ok = _reset_peak_rss()
-    rss_before = _rss_kib("VmRSS")
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         if layout.distributed:
             step = scaleout.build(cfg, layout, HybridLM.empty(cfg.model), policy, torch.Generator()).step_fn
@@ -106,7 +105,6 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             model = HybridLM(cfg.model, seed=cfg.seed)
             apply_activation_checkpointing(model, cfg.activation_checkpointing)
             step = TrainStep(model, make_optimizer(model, cfg), policy, documents=False)
-        built_rss = _rss_kib("VmHWM") - rss_before
         for i, b in enumerate(batches):
             step([b], i)
     events = sorted((e for e in prof.profiler.kineto_results.events()
@@ -116,8 +114,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     for e in events:
         cur += e.nbytes()
         peak = max(peak, cur)
-    out = {"rank": layout.rank, "peak_tensor_bytes": peak,
-           "construction_rss_bytes": built_rss * 1024 if rss_ok else None}
+    out = {"rank": layout.rank, "peak_tensor_bytes": peak}
     D.teardown(layout)
     return out
 
@@ -220,10 +217,8 @@ def suite_plan(opts: BenchOptions) -> SuiteResult:
                          data=par.data)
         p = plan(model, lay, float("inf"))
         measured = max(r["peak_tensor_bytes"] for r in ranks)
-        rss = [r["construction_rss_bytes"] for r in ranks if r["construction_rss_bytes"] is not None]
         res.rows.append({"layout": name, "ranks": len(ranks), "predicted_MB": p.peak / MB, "measured_MB": measured / MB,
-                         "error": p.peak / measured - 1.0,
-                         "construction_rss_MB": max(rss) / MB if rss else float("nan")})
+                         "error": p.peak / measured - 1.0})
     n = sum(p.numel() for p in _params(model))
     res.notes.append(f"model {model.pattern} at width {model.d_model}, {n / 1e6:.1f}M parameters "
                      f"({4 * n / MB:.0f} MB fp32), batch {batch} x {seq_len}, fp32, 3 steps; peak = max over ranks; "
