@@ -132,6 +132,11 @@ class HybridLM(nn.Module):
     outputs it has alone.
     Decoding: ``cache = model.init_cache(B, max_len)``, then ``model(tokens, cache=cache)`` repeatedly;
     attention keeps a KV cache, Mamba and recurrent blocks an O(1) state.
+
+    Initialisation: ``HybridLM(cfg, seed=s)`` initialises each unit (the embedding, every block with its own
+    ``reset_parameters``, the final norm, an untied head) on the seed ``unit_seed(s, name)``, so a process that
+    builds only some units (a pipeline stage, a shard) gives them exactly these weights; without ``seed`` one is
+    drawn from torch's generator. Under ``torch.device("meta")`` nothing is allocated or initialised.
     """
 
     def __init__(self, cfg: ModelConfig, *, seed: int | None = None) -> None:
