@@ -8,10 +8,18 @@ Layout of one checkpoint directory::
         meta.json           resolved config, step, RNG states, data position, amer version, metrics
         tokenizer.json      the run's tokenizer (Hugging Face format; absent in older checkpoints: bytes)
 
+A run under ``torchrun`` writes a *sharded* checkpoint instead (:mod:`amer.sharded`): ``.metadata`` and one
+``__<rank>_0.distcp`` per rank in place of the two safetensors files, written by all ranks in parallel; the
+same ``meta.json`` and ``tokenizer.json`` beside them. Reading one (:func:`read_checkpoint`,
+:func:`load_checkpoint`) consolidates the weights on the fly, so every command that reads a checkpoint reads
+both kinds.
+
 A checkpoint is written into a temporary sibling directory, fsynced, then renamed into place (or swapped
 with the one it replaces, ``best/``), so an interrupted write never leaves a half checkpoint under a real
-name and never touches the previous one. Removing a checkpoint removes these four files only. A pretrained
-folder (:mod:`amer.hub`) reads like a checkpoint without optimizer state.
+name and never touches the previous one; ``meta.json`` is written last, after every rank has finished, and a
+directory without it is not a checkpoint. Removing a checkpoint removes these files only
+(:func:`checkpoint_files`). A pretrained folder (:mod:`amer.hub`) reads like a checkpoint without optimizer
+state.
 """
 
 from __future__ import annotations
@@ -30,14 +38,21 @@ from amer.fileio import fault_point, fsync_dir, json_text, remove_own_files, rep
 from amer.fileread import json_loads, read_file
 from amer.hub import read_pretrained_config
 from amer.optimstate import checked_state_dict
+from amer.sharded import is_sharded, read_weights, shard_files
 from amer.version import __version__
 from amer.weights import check_weights, load_tensors, model_from_weights, restore_model, save_tensors, state_tensors
 
-__all__ = ["CheckpointError", "CHECKPOINT_FILES", "save_checkpoint", "load_checkpoint", "read_checkpoint",
-           "find_checkpoint", "list_checkpoints", "read_meta", "state_tensors", "checkpoint_step", "restore_model",
-           "restore_optimizer", "check_weights", "model_from_weights"]
+__all__ = ["CheckpointError", "CHECKPOINT_FILES", "checkpoint_files", "save_checkpoint", "save_sharded_checkpoint",
+           "load_checkpoint", "read_checkpoint", "find_checkpoint", "list_checkpoints", "read_meta", "state_tensors",
+           "checkpoint_step", "restore_model", "restore_optimizer", "check_weights", "model_from_weights"]
 
 CHECKPOINT_FILES = ("model.safetensors", "optim.safetensors", "meta.json", "tokenizer.json")  # all a checkpoint holds
+
+
+def checkpoint_files(*folders: Path) -> tuple[str, ...]:
+    """The names of the files a checkpoint in ``folders`` may hold: :data:`CHECKPOINT_FILES` and, for a sharded
+    one, its DCP index and shard files (their names depend on the number of ranks that wrote it)."""
+    return (*CHECKPOINT_FILES, *shard_files(*folders))
 
 
 def _optim_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -67,23 +82,66 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
             tensors, extra = _optim_tensors(optimizer)
             save_tensors(tensors, tmp / "optim.safetensors")
             meta["optimizer"] = extra
-        meta.setdefault("amer_version", __version__)
-        with open(tmp / "meta.json", "w") as f:
-            f.write(json_text(meta, default=_json_default))
-            f.flush()
-            os.fsync(f.fileno())
-        if tokenizer is not None:
-            (tmp / "tokenizer.json").write_text(tokenizer.to_json(), encoding="utf-8")
-        for fname in ("model.safetensors", "optim.safetensors", "tokenizer.json"):
-            if (tmp / fname).exists():
-                with open(tmp / fname, "rb") as f:
-                    os.fsync(f.fileno())
-        fsync_dir(tmp)
-        fault_point(f"checkpoint:{path.name}")
-        replace_dir(tmp, path, CHECKPOINT_FILES)
+        _commit(tmp, path, meta, tokenizer)
     except BaseException:
         if tmp.exists():
             remove_own_files(tmp, CHECKPOINT_FILES)
+        raise
+    return path
+
+
+def _commit(tmp: Path, path: Path, meta: dict[str, Any], tokenizer: Any) -> None:
+    """Write ``meta.json`` and ``tokenizer.json`` into the finished temporary directory, make everything
+    durable, and put the directory at ``path``."""
+    meta = {**meta}
+    meta.setdefault("amer_version", __version__)
+    with open(tmp / "meta.json", "w") as f:
+        f.write(json_text(meta, default=_json_default))
+        f.flush()
+        os.fsync(f.fileno())
+    if tokenizer is not None:
+        (tmp / "tokenizer.json").write_text(tokenizer.to_json(), encoding="utf-8")
+    for fname in ("model.safetensors", "optim.safetensors", "tokenizer.json"):
+        if (tmp / fname).exists():
+            with open(tmp / fname, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_dir(tmp)
+    fault_point(f"checkpoint:{path.name}")
+    replace_dir(tmp, path, checkpoint_files(path))
+
+
+def save_sharded_checkpoint(path: str | Path, state: dict[str, Any], meta: dict[str, Any], *,
+                            tokenizer: Any = None) -> Path:
+    """Write a sharded checkpoint at ``path`` from every rank (collective): each rank writes its shards of
+    ``state`` (:func:`amer.sharded.state_dicts`) into one temporary directory in parallel, rank 0 then writes the
+    DCP index, ``meta.json`` last (the commit marker) and renames the directory into place. A rank killed before
+    that leaves a hidden temporary directory and the previous checkpoints untouched."""
+    import torch.distributed as dist
+
+    from amer.sharded import write
+
+    path = Path(path)
+    together = dist.is_initialized()  # one process may write one too (it then holds every shard)
+    main = not together or dist.get_rank() == 0
+    box: list[Any] = [None]
+    if main:
+        tmp = temp_sibling(path)
+        tmp.mkdir(parents=True)
+        box[0] = str(tmp)
+    if together:
+        dist.broadcast_object_list(box, src=0)  # every rank writes into the directory rank 0 made
+    tmp = Path(box[0])
+    try:
+        write(tmp, state, fault=f"checkpoint-shards:{path.name}")
+        if together:
+            dist.barrier()  # every rank's shards are durable (DCP fsyncs them) before the commit
+        if main:
+            _commit(tmp, path, meta, tokenizer)
+        if together:
+            dist.barrier()
+    except BaseException:
+        if main and tmp.exists():
+            remove_own_files(tmp, checkpoint_files(tmp))
         raise
     return path
 
@@ -159,6 +217,8 @@ def read_checkpoint(path: str | Path, *, with_optimizer: bool = True) -> tuple[T
     """(model tensors, optimizer tensors or None, meta) of a checkpoint, validating every file."""
     meta = read_meta(path)
     ckpt = Path(meta["_path"])
+    if is_sharded(ckpt):  # consolidated here; the optimizer state is read by amer.sharded.load into an optimizer
+        return read_weights(ckpt), None, meta
     weights = load_tensors(ckpt / "model.safetensors")
     optim = None
     if with_optimizer and (ckpt / "optim.safetensors").exists():

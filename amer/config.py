@@ -73,10 +73,13 @@ def stp_config_from_preset(name: str) -> STPConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """How a ``torchrun`` launch splits the work: data parallel ranks times pipeline stages (world size)."""
+    """How a ``torchrun`` launch splits the work: data parallel ranks times pipeline stages (world size); expert
+    parallelism splits the data-parallel ranks further for the experts."""
 
     dp: int = opt(1, "data-parallel ranks: each reads a disjoint share of every global batch", ge=1)
     pp: int = opt(1, "pipeline stages, cut at the pattern's '|' marks (must equal their number + 1)", ge=1)
+    ep: int = opt(1, "expert-parallel ranks: the experts of every expert block are split over groups of this many "
+                  "data-parallel ranks, tokens reach them by all-to-all (divides --parallel.dp; FSDP2 only)", ge=1)
     data: Literal["fsdp", "ddp"] = opt("fsdp", "data-parallel engine: fsdp (FSDP2 fully_shard) or ddp")
     microbatches: int | None = opt(None, "pipeline microbatches per micro-batch (divides the per-rank batch; "
                                    "default: one per stage)", ge=1)
@@ -86,6 +89,10 @@ class ParallelConfig:
         check_fields(self, "parallel.")
         check(self.data in ("fsdp", "ddp"), f"parallel.data must be 'fsdp' or 'ddp', got {self.data!r}")
         check(self.schedule in ("1f1b", "gpipe"), f"parallel.schedule must be '1f1b' or 'gpipe', got {self.schedule!r}")
+        check(self.dp % self.ep == 0, f"--parallel.ep {self.ep} must divide --parallel.dp {self.dp}: the experts are "
+              "split over groups of data-parallel ranks")
+        check(self.ep == 1 or self.data == "fsdp", "--parallel.ep needs --parallel.data fsdp (the expert weights are "
+              "left out of the data-parallel sharding, which DDP cannot do)")
         check(self.schedule != "1f1b" or self.n_microbatches >= self.pp,
               f"parallel.schedule 1f1b needs at least as many microbatches as stages ({self.pp}), got "
               f"{self.n_microbatches}; raise --parallel.microbatches or use --parallel.schedule gpipe")

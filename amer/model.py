@@ -8,7 +8,9 @@ losses, STP) is assembled by :mod:`amer.objective` from a :class:`ModelOutput`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -21,7 +23,7 @@ from amer.generate import generate
 from amer.tap import Tap, TapSet, resolve_selector
 
 __all__ = ["HybridLM", "ModelOutput", "HeadInput", "PretrainedIO", "set_pretrained_io", "scale_embedding",
-           "final_logits"]
+           "final_logits", "InitUnit", "unit_seed", "seeded"]
 
 
 class PretrainedIO(Protocol):
@@ -86,6 +88,37 @@ class ModelOutput(NamedTuple):
     head: HeadInput | None = None  # with head=False: the head's input instead of the logits
 
 
+class InitUnit(NamedTuple):
+    """One independently seeded part of a model's initialisation: its name (the module's name in the model),
+    the module, and what initialises it in place (from torch's global generator)."""
+
+    name: str
+    module: nn.Module
+    init: Callable[[nn.Module], None]
+
+
+def _reset(module: nn.Module) -> None:
+    module.reset_parameters()
+
+
+def unit_seed(seed: int, name: str) -> int:
+    """The seed of initialisation unit ``name`` of a model initialised with ``seed``: a hash of both, so it does
+    not depend on the order in which units are built or on which of them a process holds."""
+    digest = hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+@contextmanager
+def seeded(seed: int, name: str, device: torch.device | str = "cpu") -> Iterator[None]:
+    """Run the block with torch's generators (the CPU one, and ``device``'s) seeded for unit ``name``, and
+    restore them afterwards."""
+    device = torch.device(device)
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(unit_seed(seed, name))
+        yield
+
+
 class HybridLM(nn.Module):
     """A language model whose block stack is given by ``cfg.pattern``.
 
@@ -99,27 +132,71 @@ class HybridLM(nn.Module):
     outputs it has alone.
     Decoding: ``cache = model.init_cache(B, max_len)``, then ``model(tokens, cache=cache)`` repeatedly;
     attention keeps a KV cache, Mamba and recurrent blocks an O(1) state.
+
+    Initialisation: ``HybridLM(cfg, seed=s)`` initialises each unit (the embedding, every block with its own
+    ``reset_parameters``, the final norm, an untied head) on the seed ``unit_seed(s, name)``, so a process that
+    builds only some units (a pipeline stage, a shard) gives them exactly these weights; without ``seed`` one is
+    drawn from torch's generator. Under ``torch.device("meta")`` nothing is allocated or initialised.
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, *, seed: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.pattern = cfg.parsed
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        dims = cfg.dims
-        self.blocks = nn.ModuleList(Block(cfg.layer_config(layer), dims, layer, cfg.block_options(layer))
-                                    for layer in self.pattern.layers)
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        device = torch.get_default_device()
+        # Built on the meta device, then given memory once and initialised unit by unit (init_weights): the
+        # weights depend on the seed and the units' names only, never on what was built before them, so a
+        # process that builds one pipeline stage or one shard initialises it exactly as this model is.
+        with torch.device("meta"):
+            self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+            dims = cfg.dims
+            self.blocks = nn.ModuleList(Block(cfg.layer_config(layer), dims, layer, cfg.block_options(layer))
+                                        for layer in self.pattern.layers)
+            self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
+            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        self._init_embedding_and_head()
+        if device.type == "meta":  # HybridLM.empty, or a caller sizing or sharding the model before it exists
+            return
+        self.to_empty(device=device)
+        if cfg.tie_embeddings:  # to_empty gives each module its own tensor
+            self.lm_head.weight = self.embed.weight
+        self.init_buffers(device)
+        self.init_weights(seed)
 
-    def reset_parameters(self) -> None:
-        """Re-initialise every weight: each block its own (:meth:`Block.reset_parameters`), then the model's."""
-        for blk in self.blocks:
-            blk.reset_parameters()
-        self._init_embedding_and_head()
+    def init_units(self) -> list[InitUnit]:
+        """The model's initialisation units, each initialised on its own seed (:func:`unit_seed`): the embedding,
+        every block (its own :meth:`~amer.blocks.Block.reset_parameters`), the final norm and an untied head.
+        A tied head is the embedding."""
+        units = [InitUnit("embed", self.embed, self._normal)]
+        units += [InitUnit(f"blocks.{i}", blk, _reset) for i, blk in enumerate(self.blocks)]
+        units.append(InitUnit("norm", self.norm, _reset))
+        if not self.cfg.tie_embeddings:
+            units.append(InitUnit("lm_head", self.lm_head, self._normal))
+        return units
+
+    def _normal(self, module: nn.Module) -> None:
+        """GPT-2 style embedding and head: N(0, init_std)."""
+        nn.init.normal_(module.weight, 0.0, self.cfg.init_std)
+
+    def init_weights(self, seed: int | None = None) -> None:
+        """Initialise every weight, unit by unit, each unit on the seed ``unit_seed(seed, name)``; ``seed`` None
+        draws one from torch's global generator (so ``torch.manual_seed(s); HybridLM(cfg)`` is reproducible)."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())
+        for unit in self.init_units():
+            with seeded(seed, unit.name, self.embed.weight.device):
+                unit.init(unit.module)
+
+    def init_buffers(self, device: torch.device | str) -> None:
+        """Compute the buffers that weights do not carry (RoPE frequencies) on ``device``."""
+        for m in self.modules():
+            if m is not self and hasattr(m, "init_buffers"):
+                m.init_buffers(device)
+
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Re-initialise every weight (:meth:`init_weights`)."""
+        self.init_weights(seed)
 
     @classmethod
     def empty(cls, cfg: ModelConfig) -> HybridLM:
@@ -138,23 +215,11 @@ class HybridLM(nn.Module):
         self.load_state_dict(state, strict=True, assign=True)
         if self.cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        device = self.embed.weight.device
-        for m in self.modules():
-            if m is not self and hasattr(m, "init_buffers"):
-                m.init_buffers(device)
+        self.init_buffers(self.embed.weight.device)
         left = [n for n, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]
         if left:  # a module with an unsaved buffer must compute it in init_buffers(device)
             raise RuntimeError(f"assign() left {left[0]!r} without data: its module has no init_buffers()")
         return self
-
-    def _init_embedding_and_head(self) -> None:
-        """GPT-2 style: embedding (and an untied LM head) N(0, init_std), final norm gain 1. The blocks
-        initialised themselves when they were built."""
-        std = self.cfg.init_std
-        nn.init.normal_(self.embed.weight, 0.0, std)
-        self.norm.reset_parameters()
-        if not self.cfg.tie_embeddings:
-            nn.init.normal_(self.lm_head.weight, 0.0, std)
 
     # Pretrained folders are a file format and the model knows none: amer.hub hands these three methods
     # their implementation (set_pretrained_io) when the package is imported.

@@ -116,6 +116,18 @@ def test_op_profile_splits_gemm_time_from_the_rest() -> None:
     assert "GEMMs" in prof.describe()
 
 
+@pytest.mark.slow
+def test_plan_and_construction_suites(tmp_path, capsys) -> None:
+    """Each layout runs in its own processes (torchrun for two ranks) and reports the prediction beside the
+    measurement; construction reports every rank."""
+    res, text = run_quick(tmp_path, capsys, "plan")
+    assert [r["layout"] for r in res["rows"]] == ["one process", "one process, checkpointing blocks", "dp 2 (FSDP2)"]
+    assert all(r["measured_MB"] > 0 and r["predicted_MB"] > 0 for r in res["rows"]) and "predicted_MB" in text
+    res, _ = run_quick(tmp_path, capsys, "construction")
+    assert [(r["layout"], r["rank"]) for r in res["rows"]][:3] == [("one process", 0), ("pp 2", 0), ("pp 2", 1)]
+    assert all(r["holds_MB"] > 0 for r in res["rows"])
+
+
 def test_peers_suite_runs_or_says_why_not(tmp_path, capsys) -> None:
     res, _ = run_quick(tmp_path, capsys, "peers")
     try:

@@ -233,8 +233,8 @@ def test_load_checkpoint_reproduces_the_trained_model(tmp_path: Path, monkeypatc
     built: list[HybridLM] = []
 
     class Recording(HybridLM):
-        def __init__(self, cfg: ModelConfig) -> None:
-            super().__init__(cfg)
+        def __init__(self, cfg: ModelConfig, **kwargs: object) -> None:
+            super().__init__(cfg, **kwargs)  # type: ignore[arg-type]
             built.append(self)
 
     monkeypatch.setattr(loop_mod, "HybridLM", Recording)

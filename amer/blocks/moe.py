@@ -148,6 +148,7 @@ class MoEMixer(Mixer):
     """Top-k routed mixture of feed-forward experts with optional shared experts and router aux losses."""
 
     aux_losses = {"moe_lb": "--model.moe.aux-loss-coef", "moe_z": "--model.moe.z-loss-coef"}
+    expert_params = ("w_gate_up", "w_down")  # stacked per expert along dim 0: what expert parallelism splits
 
     def __init__(self, cfg: MoEConfig, dims: Dims, layer: LayerSpec) -> None:
         super().__init__(dims, layer)
@@ -185,6 +186,9 @@ class MoEMixer(Mixer):
         # token count are then summed over the ranks, so each rank's balancing loss is its share of the
         # global batch's, exactly as one process computing the whole batch would have it.
         self.stats_group: Any = None
+        # Expert parallelism sets this from outside the model (amer.training.expert_parallel): an object whose
+        # dropless(...) and padded(...) run the experts of this block on the ranks that hold them.
+        self.expert_dispatch: Any = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -280,7 +284,8 @@ class MoEMixer(Mixer):
                                     **self.route_options)  # (B, T, E), (B, T, k), (B, T, k)
         xe = x if self.to_latent is None else self.to_latent(x)
 
-        if not torch.is_grad_enabled() and cache is None and self.dispatch != "capacity" \
+        ep = self.expert_dispatch
+        if not torch.is_grad_enabled() and cache is None and self.dispatch != "capacity" and ep is None \
                 and x.device.type == "cpu" and B * T * k <= FEW_SLOTS:
             # decoding-sized inference: no dispatch, and no losses or training figures (nothing reads them)
             y = _few_tokens(xe, idx, weights, self.w_gate_up, self.w_down, self.act)
@@ -290,11 +295,13 @@ class MoEMixer(Mixer):
                 xe, idx, weights, self.w_gate_up, self.w_down, block=self.capacity_block,
                 capacity=block_capacity(self.capacity_block, k, E, self.capacity_factor),
                 start=0 if cache is None else cache.pos, counts=None if cache is None else cache.counts,
-                position=None if doc_ids is None else doc_ids.position, act=self.activation)
+                position=None if doc_ids is None else doc_ids.position, act=self.activation,
+                experts=None if ep is None else ep.padded)
             if cache is not None:
                 cache = CapacityCache(block_counts, cache.pos + T)
         else:
-            y = dispatch_dropless(xe, idx, weights, self.w_gate_up, self.w_down, self.activation)
+            y = (dispatch_dropless if ep is None else ep.dropless)(xe, idx, weights, self.w_gate_up, self.w_down,
+                                                                   self.activation)
             n_dropped = None
         y = self._combine(x, y)
 

@@ -18,6 +18,7 @@ COMMANDS = {
     "train": ("train", "train a hybrid model (python train.py is the same); amer train --help"),
     "sample": ("sample", "generate text from a checkpoint with the decoding caches"),
     "patterns": ("patterns", "list the presets (pattern, layers per family, parameters, STP selection) and families"),
+    "plan": ("plan", "predict per-rank memory and FLOPs of a training layout, and the smallest layout that fits"),
     "export": ("export", "write a checkpoint as a pretrained folder (config.json, model.safetensors, tokenizer.json)"),
     "curvature": ("curvature", "measure token and depth curvature per family and block boundary"),
     "plot": ("plot", "training curves of one or several runs overlaid (loss, STP, curvature, tokens/s) as a PNG"),

@@ -1,27 +1,28 @@
-"""Scale-out on torch.distributed: the process layout, data-parallel wrapping, and full states for checkpoints.
+"""Scale-out on torch.distributed: the process layout, data-parallel wrapping, and gradient norms over shards.
 
 ``torchrun --nproc-per-node N train.py --parallel.dp D --parallel.pp P`` (N = D x P) starts N processes;
 :func:`setup` reads torchrun's environment, picks the backend (NCCL on CUDA, gloo on CPU) and lays the
 ranks out as a (pp, dp) device mesh: the ranks of one pipeline stage form a data-parallel group, the
-ranks of one data-parallel replica form a pipeline. A plain ``python train.py`` never gets here: it
-runs with the single-process layout and no process group at all.
+ranks of one data-parallel replica form a pipeline. ``--parallel.ep E`` splits each data-parallel group
+into groups of E consecutive ranks that share out the experts (a (pp, dp / E, ep) mesh whose last two
+dimensions, flattened, are the data-parallel one). A plain ``python train.py`` never gets here: it runs
+with the single-process layout and no process group at all.
 
 Data parallel is applied from outside the model (torchtitan style): :func:`wrap_data_parallel` shards
 every block and then the root with FSDP2's ``fully_shard`` (parameters, gradients and optimizer state
 split over the data-parallel ranks), or wraps the module in ``DistributedDataParallel``; either way the
-gradients are averaged over the ranks, and MoE load statistics are summed over them.
+gradients are averaged over the ranks, and MoE load statistics are summed over them. Expert weights that
+expert parallelism has already split (:mod:`amer.training.expert_parallel`) are left out of FSDP.
 
-Checkpoints stay in the single-process format: :func:`gather_state` assembles, on global rank 0, the
-full model weights and the optimizer state keyed by parameter name, whatever the layout, and
-:func:`host_copy` turns them into a plain model and optimizer that :func:`amer.checkpoint.save_checkpoint`
-writes as it always does. Restoring goes the other way: every rank loads the single-process
-checkpoint, keeps its stage's parameters, and shards them with :func:`load_optimizer_state`.
+Nothing here gathers a model on one host: each rank builds its share (:mod:`amer.training.materialize`),
+checkpoints are sharded (:mod:`amer.sharded`) and evaluation is reduced (:mod:`amer.training.sharded_eval`).
 """
 
 from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,8 +33,8 @@ from torch import nn
 from amer.config import ParallelConfig
 from amer.errors import ConfigError
 
-__all__ = ["Layout", "setup", "teardown", "wrap_data_parallel", "unwrap", "mean_over", "gather_state",
-           "host_copy", "named_optimizer_state", "load_optimizer_state"]
+__all__ = ["Layout", "setup", "teardown", "wrap_data_parallel", "unwrap", "mean_over", "grad_norm",
+           "clip_grad_norm", "local_tensor", "load_optimizer_state"]
 
 
 @dataclass
@@ -45,7 +46,8 @@ class Layout:
     dp: int = 1
     pp: int = 1
     device: torch.device = torch.device("cpu")
-    mesh: Any = None  # DeviceMesh (pp, dp) when distributed
+    mesh: Any = None  # DeviceMesh (pp, dp), or (pp, dprep, ep) with "dp" flattened from the last two
+    ep: int = 1
 
     @property
     def distributed(self) -> bool:
@@ -64,12 +66,25 @@ class Layout:
         return self.rank % self.dp
 
     @property
+    def ep_rank(self) -> int:
+        return self.dp_rank % self.ep
+
+    @property
     def dp_group(self) -> Any:
         return None if self.mesh is None or self.dp == 1 else self.mesh["dp"].get_group()
 
     @property
     def pp_group(self) -> Any:
         return None if self.mesh is None or self.pp == 1 else self.mesh["pp"].get_group()
+
+    @property
+    def ep_mesh(self) -> Any:
+        return None if self.mesh is None or self.ep == 1 else self.mesh["ep"]
+
+    @property
+    def replica_group(self) -> Any:
+        """The ranks holding the same experts (one per expert-parallel group); None when there is one."""
+        return None if self.mesh is None or self.ep == 1 or self.dp == self.ep else self.mesh["dprep"].get_group()
 
 
 def launched() -> bool:
@@ -99,8 +114,13 @@ def setup(parallel: ParallelConfig, device: torch.device) -> Layout:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh(device.type, (parallel.pp, parallel.dp), mesh_dim_names=("pp", "dp"))
-    return Layout(rank, world, parallel.dp, parallel.pp, device, mesh)
+    if parallel.ep == 1:
+        mesh = init_device_mesh(device.type, (parallel.pp, parallel.dp), mesh_dim_names=("pp", "dp"))
+    else:
+        mesh = init_device_mesh(device.type, (parallel.pp, parallel.dp // parallel.ep, parallel.ep),
+                                mesh_dim_names=("pp", "dprep", "ep"))
+        mesh["dprep", "ep"]._flatten("dp")  # FSDP2 shards the non-expert weights over all of dp
+    return Layout(rank, world, parallel.dp, parallel.pp, device, mesh, parallel.ep)
 
 
 def teardown(layout: Layout, *, clean: bool = True) -> None:
@@ -122,9 +142,10 @@ def teardown(layout: Layout, *, clean: bool = True) -> None:
     gc.collect()
 
 
-def wrap_data_parallel(module: nn.Module, layout: Layout, kind: str) -> nn.Module:
+def wrap_data_parallel(module: nn.Module, layout: Layout, kind: str, ignored: Iterable[nn.Parameter] = ()) -> nn.Module:
     """FSDP2 (each block, then the root) or DDP over the data-parallel group; MoE blocks learn the group.
-    The module is returned unchanged when ``dp == 1``."""
+    ``ignored``: parameters FSDP2 leaves alone (expert weights already split by expert parallelism). The
+    module is returned unchanged when ``dp == 1``."""
     if layout.dp == 1:
         return module
     group = layout.dp_group
@@ -139,10 +160,11 @@ def wrap_data_parallel(module: nn.Module, layout: Layout, kind: str) -> nn.Modul
     from torch.distributed.fsdp import fully_shard
 
     sub = layout.mesh["dp"]
+    skip = set(ignored) or None
     blocks = getattr(module, "blocks", None)
     for blk in (blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks or ()):
-        fully_shard(blk, mesh=sub)
-    fully_shard(module, mesh=sub)
+        fully_shard(blk, mesh=sub, ignored_params=skip)
+    fully_shard(module, mesh=sub, ignored_params=skip)
     return module
 
 
@@ -164,79 +186,58 @@ def mean_over(values: dict[str, float], layout: Layout, group: Any = None) -> di
 
 
 # ----------------------------------------------------------------------------------------------
-# full states
+# gradient norms over shards
 
 
-def named_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """``{"state": {param name: {...}}, "param_groups": [...]}`` with full (unsharded) CPU tensors.
-    Collective under FSDP2: every rank of the data-parallel group must call it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    # not cpu_offload: that keeps the tensors on global rank 0 only, and a pipeline stage's own first rank
-    # is not rank 0; every rank of the group gets the full tensors and moves them to the host itself
-    named = get_optimizer_state_dict(unwrap(module), optimizer, options=StateDictOptions(full_state_dict=True))
-    named["state"] = {k: {n: _host(v) for n, v in st.items()} for k, st in named.get("state", {}).items()}
-    return named
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The part this rank holds (FSDP2 and expert-parallel parameters and gradients are DTensors)."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _host(v: Any) -> Any:
-    if not torch.is_tensor(v):
-        return v
-    v = v.full_tensor() if hasattr(v, "full_tensor") else v
-    return v.detach().cpu()
+def grad_norm(params: Iterable[nn.Parameter], layout: Layout, *, over_stages: bool = False) -> torch.Tensor:
+    """The global L2 norm of the gradients of ``params``: a sharded gradient (a DTensor split over a mesh) counts
+    its shard once per rank of that mesh, a replicated one once; ``over_stages`` adds the other pipeline stages'.
+    Collective: every rank calls it with its own parameters."""
+    buckets: dict[Any, torch.Tensor] = {}
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        group = None
+        mesh = getattr(g, "device_mesh", None)
+        if mesh is not None and any(pl.is_shard() for pl in g.placements):
+            group = mesh.get_group()
+        sq = local_tensor(g).detach().double().square().sum()
+        buckets[group] = buckets.get(group, torch.zeros((), dtype=torch.float64, device=sq.device)) + sq
+    total = torch.zeros(1, dtype=torch.float64, device=layout.device)
+    for group, sq in buckets.items():
+        sq = sq.reshape(1).to(layout.device)
+        if group is not None:
+            dist.all_reduce(sq, group=group)
+        total = total + sq
+    if over_stages and layout.pp > 1:
+        dist.all_reduce(total, group=layout.pp_group)
+    return total.sqrt()[0].float()
 
 
-def _model_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    state = get_model_state_dict(unwrap(module), options=StateDictOptions(full_state_dict=True))
-    return {k: _host(v) for k, v in state.items()}
-
-
-def gather_state(module: nn.Module, optimizer: torch.optim.Optimizer | None, layout: Layout,
-                 skip: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-    """The full weights and the named optimizer state of the whole model, on global rank 0 (None elsewhere).
-
-    Every rank calls it. With pipeline stages each stage contributes its own parameters (``skip`` names
-    copies that are not the model's own, such as a tied head on the last stage); names are the full
-    model's, so the result is what one process holding the whole model would have.
-    """
-    weights = {k: v for k, v in _model_state(module).items() if k not in skip}
-    optim = named_optimizer_state(module, optimizer) if optimizer is not None else {"state": {}, "param_groups": []}
-    optim = {"state": {k: v for k, v in optim.get("state", {}).items() if k not in skip},
-             "param_groups": optim.get("param_groups", [])}
-    if layout.pp == 1:
-        return (weights, optim) if layout.main else None
-    parts: list[Any] = [None] * layout.pp if layout.main else []
-    mine = (weights, optim) if layout.dp_rank == 0 else None
-    group = layout.pp_group if layout.dp_rank == 0 else None
-    if layout.dp_rank == 0:
-        dist.gather_object(mine, parts if layout.main else None, dst=0, group=group)
-    if not layout.main:
-        return None
-    full_w: dict[str, torch.Tensor] = {}
-    full_o: dict[str, Any] = {"state": {}, "param_groups": parts[0][1]["param_groups"]}
-    for w, o in parts:
-        full_w.update(w)
-        full_o["state"].update(o["state"])
-    return full_w, full_o
+def clip_grad_norm(params: Iterable[nn.Parameter], limit: float, layout: Layout, *, over_stages: bool = False,
+                   also: Iterable[nn.Parameter] = ()) -> torch.Tensor:
+    """Clip the gradients of ``params`` (and ``also``: copies left out of the norm, such as a tied head's) to the
+    global norm ``limit``; returns the norm before clipping. As ``torch.nn.utils.clip_grad_norm_``, for
+    parameters sharded over several meshes."""
+    params = list(params)
+    norm = grad_norm(params, layout, over_stages=over_stages)
+    if torch.isfinite(norm) and limit < float("inf"):
+        scale = min(1.0, limit / (float(norm) + 1e-6))
+        if scale < 1.0:
+            for p in [*params, *also]:
+                if p.grad is not None:
+                    local_tensor(p.grad).mul_(scale)
+    return norm
 
 
-def host_copy(model_factory: Any, weights: dict[str, torch.Tensor], optim: dict[str, Any],
-              make_optimizer: Any) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """A plain single-process model and optimizer holding a gathered state, ready for ``save_checkpoint``."""
-    model = model_factory()
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
-    if set(missing) - tied or unexpected:
-        raise RuntimeError(f"gathered state does not fit the model: missing {sorted(missing)[:3]}, "
-                           f"unexpected {sorted(unexpected)[:3]}")
-    opt = make_optimizer(model)
-    by_name = dict(model.named_parameters())
-    for name, st in optim["state"].items():
-        if name in by_name:
-            opt.state[by_name[name]] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()}
-    return model, opt
+# ----------------------------------------------------------------------------------------------
+# a full optimizer state into a sharded optimizer (resuming a single-file checkpoint)
 
 
 def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, named: dict[str, Any],

@@ -66,38 +66,44 @@ def _train(run: Run, layout: distributed.Layout, stop_at: int | None, quiet: boo
     device = layout.device
     torch.manual_seed(cfg.seed)
     warn_slow_bfloat16(cfg.dtype, device, quiet=quiet)
-    model = HybridLM(cfg.model)
-    model = xla.move(model, device) if xla.is_xla(device) else model.to(device)
-    if xla.is_xla(device) and not quiet:
-        xla.announce(model)
-    if cfg.init and target.checkpoint is None:  # a resumed run's own checkpoint holds newer weights
-        init_weights(model, cfg.init)
-    apply_activation_checkpointing(model, cfg.activation_checkpointing)  # from outside the model (torchtitan)
-    if cfg.compile:
-        if xla.is_xla(device):
-            raise ConfigError("--compile applies to cpu and cuda; on XLA the whole step is compiled already")
-        say(compile_blocks(model).describe())
+    if layout.distributed:  # the structure only: each rank builds its share of it (scaleout.start)
+        model = HybridLM.empty(cfg.model)
+    else:
+        model = HybridLM(cfg.model, seed=cfg.seed)
+        model = xla.move(model, device) if xla.is_xla(device) else model.to(device)
+        if xla.is_xla(device) and not quiet:
+            xla.announce(model)
+        if cfg.init and target.checkpoint is None:  # a resumed run's own checkpoint holds newer weights
+            init_weights(model, cfg.init)
+        apply_activation_checkpointing(model, cfg.activation_checkpointing)  # from outside the model (torchtitan)
+        if cfg.compile:
+            if xla.is_xla(device):
+                raise ConfigError("--compile applies to cpu and cuda; on XLA the whole step is compiled already")
+            say(compile_blocks(model).describe())
     policy = STPPolicy(cfg.stp, model.pattern)  # resolves the tap selection now: a bad one fails here
-    opt = make_optimizer(model, cfg)
     batches = BatchIterator(data.train, cfg.batch_size, cfg.seed)
     stp_gen = torch.Generator(xla.host_generator_device(device)).manual_seed(cfg.seed + 1)
     run_dir = target.run_dir
-    state = scaleout.on_main(layout, lambda: rundir.open_run(target, cfg, model, opt, batches, stp_gen, say, stop_at))
+    n_params, aux_settings = model.num_params(), aux_loss_settings(model)  # the whole model's, before it is split
+    scaled = None
+    if layout.distributed:
+        scaled, state = scaleout.start(run, layout, model, policy, stp_gen, batches, say, stop_at)
+        opt = scaled.optimizer
+    else:
+        opt = make_optimizer(model, cfg)
+        state = rundir.open_run(target, cfg, model, opt, batches, stp_gen, say, stop_at)
     scaleout.on_main(layout, lambda: tok.save(run_dir / "tokenizer.json"))
     text_bytes = torch.tensor(tok.token_bytes())  # val/bpb: comparable across tokenizers
     logger = (RunLogger(run_dir, cfg.tensorboard, resume_step=state.step if cfg.resume else None) if layout.main
               else scaleout.NullLogger())
     stp_note = f"on {cfg.stp.layers!r} from step {cfg.stp.start_step}" if cfg.stp.enabled else "off"
-    say(f"amer: {cfg.model.pattern} ({model.pattern.letters}) {model.num_params() / 1e6:.2f}M params | "
+    say(f"amer: {cfg.model.pattern} ({model.pattern.letters}) {n_params / 1e6:.2f}M params | "
         f"data {cfg.data}: "
         f"{data.train.n_tokens / 1e6:.2f}M train / {data.val.n_tokens / 1e6:.2f}M val tokens ({tok.spec}, "
         f"{tok.vocab_size} ids) | STP {stp_note}")
-    say(f"run directory: {run_dir}")
-    aux_settings = aux_loss_settings(model)  # what the guard names when an auxiliary loss goes non-finite
+    say(f"run directory: {run_dir}")  # aux_settings: what the guard names when an auxiliary loss goes non-finite
 
-    scaled = None
-    if layout.distributed:
-        scaled, state = scaleout.start(cfg, layout, model, opt, policy, stp_gen, batches, state)
+    if scaled is not None:
         say(scaleout.describe(cfg, layout))
         step_fn: Any = scaled.step_fn
     else:
@@ -108,15 +114,18 @@ def _train(run: Run, layout: distributed.Layout, stop_at: int | None, quiet: boo
     bad, val, val_ok, t_last, tok_since = BadSteps(cfg.max_bad_steps, run_dir), {}, True, time.perf_counter(), 0
     first_step = saved_step = state.step  # the step of the last checkpoint written or restored
 
-    def save(val: dict[str, float] | None, host: Any = None) -> None:
-        """A checkpoint of the current step (``val`` None: a stop's, with no evaluation and no best/)."""
+    def save(val: dict[str, float] | None) -> None:
+        """A checkpoint of the current step (``val`` None: a stop's, with no evaluation and no best/): under
+        torchrun a sharded one, every rank writing its own share; otherwise the single-file format."""
         nonlocal saved_step
-        if host is None:
-            host = (model, opt) if scaled is None else scaleout.host_copy(scaled, cfg)  # rank 0: whole model
-        if xla.is_xla(device):  # checkpoints are written from host copies (the CPU format)
-            host = xla.host_copy(model, opt, lambda: HybridLM(cfg.model), lambda m: make_optimizer(m, cfg))
-        scaleout.on_main(layout, lambda: rundir.checkpoint(run_dir, host[0], host[1], state, val, run.record,
-                                                           batches, stp_gen, cfg.keep_last, tok))
+        if scaled is not None:
+            scaleout.checkpoint(scaled, run_dir, state, val, run.record, batches, stp_gen, cfg.keep_last, tok)
+        else:
+            host = (model, opt)
+            if xla.is_xla(device):  # checkpoints are written from host copies (the CPU format)
+                host = xla.host_copy(model, opt, lambda: HybridLM(cfg.model), lambda m: make_optimizer(m, cfg))
+            rundir.checkpoint(run_dir, host[0], host[1], state, val, run.record, batches, stp_gen, cfg.keep_last,
+                              tok)
         saved_step = state.step
 
     (scaled.module if scaled else model).train()
@@ -158,8 +167,10 @@ def _train(run: Run, layout: distributed.Layout, stop_at: int | None, quiet: boo
                                       f"{record['tokens_per_s']:,.0f} tok/s")
             progress.update()
             if state.step % cfg.eval_interval == 0 or state.step == last_step:
-                host = (model, opt) if scaled is None else scaleout.host_copy(scaled, cfg)  # rank 0: whole model
-                val = scaleout.on_main(layout, lambda: validate(host[0], policy, data.val, cfg, text_bytes))
+                if scaled is not None:  # every rank its rows, reduced: no rank holds the whole model
+                    val = scaleout.validate(scaled, policy, data.val, cfg, text_bytes)
+                else:
+                    val = validate(model, policy, data.val, cfg, text_bytes)
                 val_ok = all(math.isfinite(v) for v in val.values())
                 logger.log(state.step, val if val_ok else {**val, "val/skipped": "non-finite validation loss"})
                 if layout.main and cfg.curves:  # curves.png, redrawn at every evaluation; a failure only warns
@@ -169,7 +180,7 @@ def _train(run: Run, layout: distributed.Layout, stop_at: int | None, quiet: boo
                     bad.bad(state.step, "the validation loss is non-finite; lower --lr or use --dtype float32",
                             train_step=False)
                     continue
-                save(val, host)
+                save(val)
                 progress.say(f"step {state.step}: val loss {val['val/loss']:.4f}"
                              + (f" bpb {val['val/bpb']:.4f}" if "val/bpb" in val else "")
                              + (f" val stp {val['val/stp']:.4f}" if "val/stp" in val else ""))

@@ -121,11 +121,15 @@ class StageModule(nn.Module):
         self.seam_scale = 1.0
         self.want_metrics = False
         self._pending: list[Tensor | None] = []
+        self._spans: list[tuple[Tensor, slice, Tensor]] = []
         self.records: list[dict[str, Tensor]] = []
 
-    def load(self, doc_ids: list[Tensor | None]) -> None:
-        """The document ids of the microbatches the next schedule step will run, in order."""
+    def load(self, doc_ids: list[Tensor | None], spans: list[tuple[Tensor, slice, Tensor]] | None = None) -> None:
+        """The document ids of the microbatches the next schedule step will run, in order. ``spans`` (evaluation):
+        per microbatch, the whole batch's document ids, the microbatch's rows in it and the generator state to
+        draw from, so every microbatch of every rank reads its rows of the spans one process draws for the batch."""
         self._pending = list(doc_ids)
+        self._spans = list(spans or [])
         self.records = []
 
     def forward(self, x: Tensor) -> Tensor:
@@ -165,13 +169,18 @@ class StageModule(nn.Module):
         if not policy.enabled:
             return zero
         span = policy.cfg.form == "span"  # the span form (amer.stp.span), without a content mask here
+        mask, rows = doc_ids, None
+        if self._spans:
+            mask, rows, state = self._spans.pop(0)
+            self.generator.set_state(state)
         if not self.stp_taps:  # draw the spans anyway: every stage's generator stays where one process's is
-            (sample_patches if span else sample_spans)(some.shape[0], some.shape[1], policy.cfg.n_spans,
-                                                       mask=doc_ids, generator=self.generator, device=some.device)
+            n = some.shape[0] if mask is None else mask.shape[0]
+            (sample_patches if span else sample_spans)(n, some.shape[1], policy.cfg.n_spans,
+                                                       mask=mask, generator=self.generator, device=some.device)
             return zero
         states = [hiddens[pos] for _, pos in self.stp_taps]
-        per_layer = (span_stp_per_layer if span else stp_per_layer)(states, policy.cfg.n_spans, mask=doc_ids,
-                                                                     generator=self.generator)
+        per_layer = (span_stp_per_layer if span else stp_per_layer)(states, policy.cfg.n_spans, mask=mask,
+                                                                     generator=self.generator, rows=rows)
         w = torch.tensor([policy.tap_weights[k] for k, _ in self.stp_taps], dtype=per_layer.dtype,
                          device=per_layer.device)
         share = (per_layer * w).sum() / sum(policy.tap_weights)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from amer.objective import LossBreakdown, cross_entropy
 from amer.runtime import autocast
 from amer.tap import tap_label
-from amer.training.distributed import Layout
+from amer.training.distributed import Layout, clip_grad_norm
 from amer.training.pipeline import StageModule
 from amer.training.step import StepOutput, _rows
 
@@ -38,13 +38,12 @@ class PipelineStep:
 
     def __init__(self, stage: StageModule, module: nn.Module, optimizer: torch.optim.Optimizer | None,
                  layout: Layout, *, microbatches: int = 1, schedule: str = "1f1b", grad_accum: int = 1,
-                 grad_clip: float | None = 1.0, dtype: str = "float32", sharded: bool = False,
+                 grad_clip: float | None = 1.0, dtype: str = "float32",
                  keep_gradients: bool = False, rows: int, seq_len: int) -> None:
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
         self.stage, self.module, self.optimizer, self.layout = stage, module, optimizer, layout
         self.microbatches, self.grad_accum, self.grad_clip, self.dtype = microbatches, grad_accum, grad_clip, dtype
-        self.sharded = sharded  # FSDP2: gradients are shards, their squares are summed over the dp group too
         self.keep_gradients = keep_gradients  # tests read .grad after the step
         # Static stage metadata (the shapes every microbatch has): without it the schedule would infer them by
         # running a real forward and backward first, drawing STP spans and consuming document ids.
@@ -103,12 +102,14 @@ class PipelineStep:
             doc = batch.get("doc_ids")
             stage.load(list(doc.tensor_split(self.microbatches)) if doc is not None else [None] * self.microbatches)
             with autocast(self.dtype, lay.device):
+                # return_outputs=False: the last stage would otherwise keep every microbatch's logits until the end
                 if stage.first:
-                    self.schedule.step(batch["tokens"], target=batch["targets"] if stage.last else None)
+                    self.schedule.step(batch["tokens"], target=batch["targets"] if stage.last else None,
+                                       return_outputs=False)
                 elif stage.last:
-                    self.schedule.step(target=batch["targets"], losses=losses)
+                    self.schedule.step(target=batch["targets"], losses=losses, return_outputs=False)
                 else:
-                    self.schedule.step()
+                    self.schedule.step(return_outputs=False)
             figures.append(stage.summary())
         local = {k: sum(f.get(k, 0.0) for f in figures) / len(figures) for k in {k for f in figures for k in f}}
         # one loss per microbatch, each already divided by grad_accum: their mean over the microbatches
@@ -159,25 +160,15 @@ class PipelineStep:
             dist.all_reduce(_local(p.grad), group=self.tie_group)
 
     def _clip(self) -> Tensor | None:
-        """Global L2 norm over every stage (the head's tied copy counted once, as the embedding) and clip."""
+        """Global L2 norm over every stage and shard (the head's tied copy counted once, as the embedding) and
+        clip."""
         if self.grad_clip is None:
             return None
         copies = {id(p) for p in self.stage.tied_parameters()} if self.stage.tied_copy else set()
-        grads = [p.grad for p in self.module.parameters() if p.grad is not None and id(p) not in copies]
-        all_grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-        sq = sum((_local(g).double().square().sum() for g in grads), torch.zeros((), dtype=torch.float64))
-        sq = sq.reshape(1)
-        if self.sharded and self.layout.dp > 1:
-            dist.all_reduce(sq, group=self.layout.dp_group)
-        if self.layout.pp > 1:
-            dist.all_reduce(sq, group=self.layout.pp_group)
-        norm = sq.sqrt()[0].float()
-        if self.grad_clip > 0 and torch.isfinite(norm):
-            scale = min(1.0, self.grad_clip / (float(norm) + 1e-6))
-            if scale < 1.0:
-                for g in all_grads:
-                    _local(g).mul_(scale)
-        return norm
+        params = [p for p in self.module.parameters() if id(p) not in copies]
+        also = [p for p in self.module.parameters() if id(p) in copies]
+        limit = self.grad_clip if self.grad_clip > 0 else float("inf")
+        return clip_grad_norm(params, limit, self.layout, over_stages=True, also=also)
 
     def _gather_figures(self, local: dict[str, float], live_sq: float) -> dict[str, float]:
         """Every stage's per-tap figures under their global names, on every rank (logged by rank 0)."""
@@ -185,9 +176,12 @@ class PipelineStep:
         parts: list[Any] = [None] * self.layout.world
         dist.all_gather_object(parts, mine)
         out: dict[str, float] = {}
-        for i, p in enumerate(parts):
-            if i % self.layout.dp == self.layout.dp_rank:  # one replica's stages (the others agree up to data)
-                out.update(p)
+        counts: dict[str, int] = {}
+        for p in parts:  # every replica's stages: a figure is the mean over the data-parallel ranks' rows
+            for k, v in p.items():
+                out[k] = out.get(k, 0.0) + v
+                counts[k] = counts.get(k, 0) + 1
+        out = {k: v / counts[k] for k, v in out.items()}
         per_tap = {k: v for k, v in out.items()}
         for prefix in ("stp/", "curv/tok/"):
             by_label: dict[str, list[float]] = {}

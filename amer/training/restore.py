@@ -7,16 +7,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from amer.checkpoint import read_checkpoint, restore_model, restore_optimizer
+from amer import sharded
+from amer.checkpoint import check_weights, read_checkpoint, read_meta, restore_model, restore_optimizer
 from amer.configio import INT_MAX
 from amer.data import BatchIterator
 from amer.errors import CheckpointError
+from amer.optimstate import checked_state_dict
+from amer.weights import load_tensors
 
-__all__ = ["restore", "init_weights", "rng_pack", "rng_unpack", "check_meta"]
+__all__ = ["restore", "restore_position", "restore_sharded", "read_position", "unit_source", "named_optimizer_state",
+           "init_weights", "rng_pack", "rng_unpack", "check_meta"]
 
 
 def rng_pack(state: torch.Tensor) -> str:
@@ -71,18 +76,51 @@ def check_meta(meta: dict[str, Any], batches: BatchIterator) -> None:
 
 def restore(path: str, model: torch.nn.Module, opt: torch.optim.Optimizer, batches: BatchIterator,
             stp_gen: torch.Generator, say: Callable[[str], None]) -> dict[str, Any]:
-    """Load weights, optimizer, data position and RNG states from checkpoint ``path``; returns its meta."""
-    device = next(model.parameters()).device
-    weights, optim, meta = read_checkpoint(path)
+    """Load weights, optimizer, data position and RNG states from checkpoint ``path`` (single-file or sharded)
+    into one process's model; returns its meta."""
+    meta = read_meta(path)
     check_meta(meta, batches)
-    torch_state = rng_unpack(meta["rng"]["torch"], "torch", torch.get_rng_state())
-    stp_state = rng_unpack(meta["rng"]["stp"], "stp", stp_gen.get_state())
-    restore_model(model, {k: v.to(device) for k, v in weights.items()}, source=meta["_path"])
-    if optim is not None:
-        restore_optimizer(opt, optim, meta, model)
+    rng_states(meta, stp_gen)  # checked before anything is loaded
+    if sharded.is_sharded(meta["_path"]):
+        restore_sharded(Path(meta["_path"]), model, opt, say)
     else:
-        say(f"note: {meta['_path']} has no optimizer state (e.g. best/); AdamW restarts from zero moments, "
-            "so the run will not match an uninterrupted one")
+        device = next(model.parameters()).device
+        weights, optim, meta = read_checkpoint(path)
+        restore_model(model, {k: v.to(device) for k, v in weights.items()}, source=meta["_path"])
+        if optim is not None:
+            restore_optimizer(opt, optim, meta, model)
+        else:
+            _no_optimizer(meta["_path"], say)
+    restore_position(meta, batches, stp_gen)
+    return meta
+
+
+def _no_optimizer(where: str, say: Callable[[str], None]) -> None:
+    say(f"note: {where} has no optimizer state (e.g. best/); AdamW restarts from zero moments, "
+        "so the run will not match an uninterrupted one")
+
+
+def restore_sharded(folder: Path, module: torch.nn.Module, opt: torch.optim.Optimizer | None,
+                    say: Callable[[str], None], *, aliases: dict[str, str] | None = None) -> None:
+    """Load a sharded checkpoint's weights (and optimizer state, when it has some and ``opt`` is given) into
+    ``module``, whatever layout wrote it (collective under torchrun: every rank calls it with its own share)."""
+    with_opt = opt is not None and sharded.has_optimizer(folder)
+    if opt is not None and not with_opt:
+        _no_optimizer(str(folder), say)
+    state = sharded.state_dicts(module, opt if with_opt else None, aliases=aliases)
+    sharded.load(folder, state)
+    sharded.apply(module, opt if with_opt else None, state, aliases=aliases)
+
+
+def rng_states(meta: dict[str, Any], stp_gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The checkpoint's torch and STP generator states, checked against this process's."""
+    return (rng_unpack(meta["rng"]["torch"], "torch", torch.get_rng_state()),
+            rng_unpack(meta["rng"]["stp"], "stp", stp_gen.get_state()))
+
+
+def restore_position(meta: dict[str, Any], batches: BatchIterator, stp_gen: torch.Generator) -> None:
+    """The data position and the generator states of a (checked) checkpoint meta."""
+    torch_state, stp_state = rng_states(meta, stp_gen)
     batches.load_state_dict(meta["data_state"])
     try:
         torch.set_rng_state(torch_state)
@@ -90,7 +128,6 @@ def restore(path: str, model: torch.nn.Module, opt: torch.optim.Optimizer, batch
     except RuntimeError as e:
         raise CheckpointError(f"{meta['_path']}/meta.json: rng is not a valid generator state "
                               f"({str(e).splitlines()[0]})") from None
-    return meta
 
 
 def init_weights(model: torch.nn.Module, path: str) -> dict[str, Any]:
@@ -100,3 +137,50 @@ def init_weights(model: torch.nn.Module, path: str) -> dict[str, Any]:
     device = next(model.parameters()).device
     restore_model(model, {k: v.to(device) for k, v in weights.items()}, source=f"--init {meta['_path']}")
     return meta
+
+
+def read_position(path: str, batches: BatchIterator, stp_gen: torch.Generator) -> dict[str, Any]:
+    """Restore only the data position and generator states of checkpoint ``path`` (its meta checked first); the
+    weights are restored by every rank into its own share (under torchrun)."""
+    meta = read_meta(path)
+    check_meta(meta, batches)
+    restore_position(meta, batches, stp_gen)
+    return meta
+
+
+def unit_source(folder: Path, model: torch.nn.Module) -> Callable[[str, torch.nn.Module], bool]:
+    """Initialisation units filled from the single-file weights of ``folder`` (a checkpoint or pretrained folder)
+    instead of their seeds, read one tensor at a time (see :func:`amer.training.materialize.materialize`).
+    ``model`` (built on the meta device) is what the file must match, names and shapes."""
+    from safetensors import safe_open
+
+    path = folder / "model.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file missing: {path}")
+    try:
+        f = safe_open(str(path), framework="pt")
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118  (no __iter__)
+    except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({str(e).splitlines()[0]})") from None
+    check_weights(model, {k: torch.empty(s, device="meta") for k, s in shapes.items()}, str(folder))
+
+    @torch.no_grad()
+    def source(unit: str, template: torch.nn.Module) -> bool:
+        for name, p in template.named_parameters():
+            p.copy_(f.get_tensor(f"{unit}.{name}"))
+        return True
+
+    return source
+
+
+def named_optimizer_state(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The AdamW state of a single-file checkpoint keyed by parameter name (``{"state": {name: {...}},
+    "param_groups": [...]}``), checked against ``optimizer`` of ``model`` (the whole model, on the meta device:
+    the parameter order one process had) first."""
+    weights_meta = read_meta(folder)
+    tensors = load_tensors(folder / "optim.safetensors")
+    sd = checked_state_dict(optimizer, tensors, weights_meta, str(folder), model)
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    names = [by_id[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    return {"state": {names[pid]: st for pid, st in sd["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]}

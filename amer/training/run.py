@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import torch
 
 from amer.checkpoint import (
-    CHECKPOINT_FILES,
+    checkpoint_files,
     checkpoint_step,
     list_checkpoints,
     read_checkpoint,
@@ -35,7 +35,7 @@ from amer.training.restore import restore, rng_pack, rng_unpack
 from amer.training.runlock import LOCK_NAME, RunLock, acquire, ensure_free
 
 __all__ = ["RunState", "Target", "MARKER", "prepare", "claim", "open_run", "new_run_dir", "locate", "resume_config",
-           "checkpoint", "prune", "rng_pack", "rng_unpack", "config_record"]
+           "checkpoint", "checkpoint_meta", "prune", "rng_pack", "rng_unpack", "config_record"]
 
 MARKER = "amer-run.json"  # {"run_id": ...}: this directory was created by amer train
 RUN_FILES = (MARKER, "config.json", "log.jsonl", "tokenizer.json", "curves.png")
@@ -195,10 +195,10 @@ def _is_step_or_best(name: str) -> bool:
 def _clear(run_dir: Path) -> None:
     """What ``--overwrite`` deletes: the checkpoints, logs, config and TensorBoard events amer wrote."""
     run_id = _run_id(run_dir)
-    recover_dirs(run_dir, _is_step_or_best, CHECKPOINT_FILES)
+    recover_dirs(run_dir, _is_step_or_best, checkpoint_files(*own_temp_files(run_dir, _is_step_or_best)))
     for ck in [*list_checkpoints(run_dir), run_dir / "best"]:
         if ck.is_dir() and _written_by(ck, run_id):
-            remove_own_files(ck, CHECKPOINT_FILES)
+            remove_own_files(ck, checkpoint_files(ck))
     for p in [*own_temp_files(run_dir, lambda n: n in RUN_FILES), *run_dir.glob("events.out.tfevents.*")]:
         if p.is_file() and not p.is_symlink():
             p.unlink()
@@ -207,18 +207,21 @@ def _clear(run_dir: Path) -> None:
             (run_dir / name).unlink(missing_ok=True)
 
 
-def open_run(target: Target, cfg: TrainConfig, model: torch.nn.Module, opt: torch.optim.Optimizer,
+def open_run(target: Target, cfg: TrainConfig, model: torch.nn.Module | None, opt: torch.optim.Optimizer | None,
              batches: BatchIterator, stp_gen: torch.Generator, say: Callable[[str], None],
-             stop_at: int | None = None) -> RunState:
+             stop_at: int | None = None, restorer: Callable[[str], dict[str, Any]] | None = None) -> RunState:
     """Restore (resume) or create the run directory, then write its config (``cfg`` as resolved: see
-    :mod:`amer.training.resolve`). Everything that can be refused is checked before the first byte is written."""
+    :mod:`amer.training.resolve`). Everything that can be refused is checked before the first byte is written.
+    ``restorer(path)`` restores the checkpoint and returns its meta (default: everything into ``model`` and
+    ``opt``; under torchrun, rank 0 restores the position only and every rank its own weights afterwards)."""
     run_dir, state = target.run_dir, RunState()
     for name in (*RUN_FILES, "best"):  # files amer rewrites: a link there would lead the write elsewhere
         refuse_link(run_dir / name)
     if target.resume:
         state.run_id = _run_id(run_dir)
         if target.checkpoint is not None:
-            meta = restore(str(target.checkpoint), model, opt, batches, stp_gen, say)
+            restorer = restorer or (lambda path: restore(path, model, opt, batches, stp_gen, say))
+            meta = restorer(str(target.checkpoint))
             if state.run_id and meta.get("run_id") not in (None, state.run_id):
                 raise CheckpointError(f"{meta['_path']} belongs to another run (run id {meta['run_id']}, "
                                       f"{run_dir / MARKER} has {state.run_id}); resume it from its own run directory")
@@ -231,7 +234,7 @@ def open_run(target: Target, cfg: TrainConfig, model: torch.nn.Module, opt: torc
                 raise ConfigError(f"{flag} {limit} is below the step of the checkpoint being resumed "
                                   f"({state.step}): nothing to train; {more}")
         # a run killed part-way may have left temporaries, or a best/ moved aside mid-swap: finish those first
-        recover_dirs(run_dir, _is_step_or_best, CHECKPOINT_FILES)
+        recover_dirs(run_dir, _is_step_or_best, checkpoint_files(*own_temp_files(run_dir, _is_step_or_best)))
         for p in own_temp_files(run_dir, lambda n: n in RUN_FILES):
             if p.is_file():
                 p.unlink()
@@ -266,6 +269,18 @@ def checkpoint(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer
     if bad:  # finite loss but an update produced inf/NaN weights
         raise TrainingError(f"step {state.step}: parameter {bad[0]} became non-finite; stopping without "
                             f"writing a checkpoint; lower --lr")
+    meta, is_best = checkpoint_meta(state, val, resolved, batches, stp_gen)
+    save_checkpoint(run_dir / f"step_{state.step:06d}", model, opt, meta, tokenizer=tokenizer)
+    if is_best:
+        save_checkpoint(run_dir / "best", model, None, meta, tokenizer=tokenizer)
+    prune(run_dir, keep_last, state.run_id)
+
+
+def checkpoint_meta(state: RunState, val: dict[str, float] | None, resolved: dict[str, Any], batches: BatchIterator,
+                    stp_gen: torch.Generator) -> tuple[dict[str, Any], bool]:
+    """A checkpoint's ``meta.json`` (config, step, validation, data position, generator states) and whether it is
+    the best so far (``state.best_val`` is updated); ``val`` None (a stop's checkpoint, between evaluations) is
+    never the best. A non-finite figure fails here, before any file is written."""
     is_best = val is not None and val["val/loss"] < state.best_val
     if val is not None:
         state.best_val = min(state.best_val, val["val/loss"])
@@ -273,11 +288,8 @@ def checkpoint(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer
             "best_val": state.best_val if math.isfinite(state.best_val) else None, "val": val,
             "data_state": batches.state_dict(),
             "rng": {"torch": rng_pack(torch.get_rng_state()), "stp": rng_pack(stp_gen.get_state())}}
-    json_text(meta)  # a non-finite figure fails here, before any file is written
-    save_checkpoint(run_dir / f"step_{state.step:06d}", model, opt, meta, tokenizer=tokenizer)
-    if is_best:
-        save_checkpoint(run_dir / "best", model, None, meta, tokenizer=tokenizer)
-    prune(run_dir, keep_last, state.run_id)
+    json_text(meta)
+    return meta, is_best
 
 
 def _written_by(ck: Path, run_id: str | None) -> bool:
@@ -297,4 +309,4 @@ def prune(run_dir: Path, keep_last: int, run_id: str | None = None) -> None:
     by file; a checkpoint another run wrote is left alone."""
     for old in [ck for ck in list_checkpoints(run_dir) if _written_by(ck, run_id)][:-keep_last]:
         fault_point("prune")
-        remove_own_files(old, CHECKPOINT_FILES)
+        remove_own_files(old, checkpoint_files(old))

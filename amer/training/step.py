@@ -56,19 +56,23 @@ class TrainStep:
     so every rank regularises exactly what one process would. ``agree(ok)`` turns a rank's "loss is
     finite" into the verdict of all ranks, so they skip a step together. ``fused_ce`` (default): the model
     skips its LM head and the loss fuses head and cross-entropy chunk by chunk, never holding the logits.
+    ``clip(params, limit)`` clips and returns the global norm (default ``torch.nn.utils.clip_grad_norm_``;
+    scale-out passes one that knows parameters sharded over several meshes).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, policy: STPPolicy, *,
                  grad_accum: int = 1, grad_clip: float | None = 1.0, dtype: str = "float32",
                  stp_generator: torch.Generator | None = None, taps: bool | str = True,
                  hold_output: bool = False, documents: bool = True, shard: tuple[int, int] | None = None,
-                 agree: Callable[[bool], bool] | None = None, fused_ce: bool = True) -> None:
+                 agree: Callable[[bool], bool] | None = None, fused_ce: bool = True,
+                 clip: Callable[[list[torch.nn.Parameter], float], Tensor] | None = None) -> None:
         self.model, self.optimizer, self.policy = model, optimizer, policy
         self.fused_ce = fused_ce
         self.grad_accum, self.grad_clip, self.dtype = grad_accum, grad_clip, dtype
         self.stp_generator = stp_generator
         self.taps, self.hold_output, self.documents = taps, hold_output, documents
         self.shard, self.agree = shard, agree or (lambda ok: ok)
+        self.clip = clip or torch.nn.utils.clip_grad_norm_
         self.device = next(model.parameters()).device
         self.xla = xla.is_xla(self.device)
         if self.xla and optimizer is not None:
@@ -129,7 +133,7 @@ class TrainStep:
         gnorm = None
         if self.grad_clip is not None:
             limit = self.grad_clip if self.grad_clip > 0 else float("inf")
-            gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), limit)
+            gnorm = self.clip(list(self.model.parameters()), limit)
             if not self.xla and not torch.isfinite(gnorm):
                 self._drop_gradients()
                 return StepOutput(False, parts, gnorm, "non-finite gradient", logged)

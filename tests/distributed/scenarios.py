@@ -66,6 +66,14 @@ def close(a: torch.Tensor, b: torch.Tensor, what: str, tol: float = 1e-5) -> Non
         fail(f"{what}: max relative difference {err:.3g} > {tol}")
 
 
+def full_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights on every rank (collective): what the shards add up to."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(D.unwrap(module), options=StateDictOptions(full_state_dict=True))
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in state.items()}
+
+
 def reference_grads(model: HybridLM, policy: STPPolicy, data: dict[str, torch.Tensor], m: int, step: int) -> dict:
     """What one process computes: the batch as m accumulated micro-batches, the step's objective."""
     gen = torch.Generator().manual_seed(SEED)
@@ -150,11 +158,12 @@ def dp_equal(layout: D.Layout) -> None:
             out = run([b], i)
             if not out.applied:
                 fail(f"{kind}: step {i} skipped ({out.skipped_reason})")
-        full = D.gather_state(model, opt, layout)
+        weights = full_weights(model)
         if layout.main:
-            weights, _ = full
             for name, p in want.items():
-                close(weights[name], p.detach(), f"dp=2 {kind}: {name} after 5 steps", tol=2e-5)
+                # AdamW's first steps turn float rounding in the summed gradients into ~1e-5 parameter differences;
+                # the control below moves them by ~1e-2
+                close(weights[name], p.detach(), f"dp=2 {kind}: {name} after 5 steps", tol=5e-5)
         dist.barrier()
         say(layout, f"dp=2 {kind}: parameters after 5 steps equal one process with the whole batch")
     # control: without the expert loads summed over the ranks, each rank balances its own half
@@ -169,7 +178,7 @@ def dp_equal(layout: D.Layout) -> None:
         run([b], i)
     got = dict(D.unwrap(model).named_parameters())
     worst = max(((got[n] - p).abs().max() / p.abs().max().clamp(min=1.0)).item() for n, p in want.items())
-    if not worst > 2e-5:
+    if not worst > 5e-5:
         fail(f"control: per-rank MoE statistics still match one process (worst difference {worst:.3g})")
     say(layout, f"control: per-rank MoE statistics move the parameters off one process's (by {worst:.3g})")
 
