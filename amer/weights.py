@@ -97,12 +97,14 @@ DAMAGED = "amer never saves non-finite weights, so the file was damaged after it
 
 def check_finite(weights: dict[str, Any], source: str = "checkpoint", hint: str = DAMAGED) -> None:
     """Raise a :class:`CheckpointError` naming the first weight that holds NaN or infinity: a model built from
-    it would decode NUL bytes, and training from it would blame the learning rate."""
+    it would decode NUL bytes, and training from it would blame the learning rate. Tensors on the meta device
+    (shapes only, checked before the values are read) hold no values to check."""
     for name, t in weights.items():
         # the sum first: NaN and infinity reach it, and it allocates nothing (isfinite builds two copies);
         # only a sum that overflowed from finite values needs the element-wise check
-        if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t.detach().sum())) \
-                and not bool(torch.isfinite(t).all()):
+        if not torch.is_tensor(t) or t.is_meta or not t.is_floating_point():
+            continue
+        if not bool(torch.isfinite(t.detach().sum())) and not bool(torch.isfinite(t).all()):
             what = "NaN" if bool(torch.isnan(t).any()) else "infinite"
             raise CheckpointError(f"{source}: weight {name} holds {what} values ({hint})")
 

@@ -64,12 +64,15 @@ def scenario(name: str) -> list[str]:
 # mechanisms
 
 
-@pytest.mark.parametrize("name,checks", [("init_layouts", 6), ("ep_grads", 3), ("eval_equal", 2)])
+@pytest.mark.parametrize("name,checks", [("init_layouts", 6), ("ep_grads", 5), ("ep_bias", 3), ("eval_equal", 2)])
 def test_scenario(name: str, checks: int) -> None:
     """init_layouts: per-rank construction equals HybridLM(cfg, seed) for dp=2 (FSDP2, DDP), pp=2 (tied and untied
     head), dp=2 x ep=2, and construction-order initialisation does not (the control).
-    ep_grads: dp=2 x ep=2 gradients equal one process's for dropless and capacity dispatch, and without the
-    all-to-all's backward they do not.
+    ep_grads: dp=2 x ep=2 gradients equal one process's for dropless and capacity dispatch (packed documents),
+    with the default router and with sigmoid scores, a non-zero expert bias, group-limited choice, squared-ReLU
+    experts at a latent width and gated shared experts; without the all-to-all's backward they do not.
+    ep_bias: dp=2 x ep=2 expert biases after 5 steps of auxiliary-loss-free balancing equal one process's on every
+    rank, with per-rank loads they do not (the control); a single-file checkpoint's bias reaches every rank.
     eval_equal: sharded evaluation under dp=2 and pp=2 equals one process's held-out figures."""
     assert len(scenario(name)) == checks
 

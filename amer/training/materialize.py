@@ -109,7 +109,10 @@ def materialize(module: nn.Module, units: list[RankUnit], device: torch.device, 
         values = dict(full.named_parameters())
         for name, p in unit.module.named_parameters():
             fill(p, values[name])
-        del values
+        buffers = dict(full.named_buffers())  # replicated, never sharded (a MoE block's expert bias)
+        for name, b in unit.module.named_buffers():
+            b.copy_(buffers[name])
+        del values, buffers
         template.to_empty(device=torch.device("meta"))  # the full copy is dropped: one unit at a time
     for m in module.modules():
         if hasattr(m, "init_buffers"):

@@ -18,7 +18,7 @@ from amer.configio import INT_MAX
 from amer.data import BatchIterator
 from amer.errors import CheckpointError
 from amer.optimstate import checked_state_dict
-from amer.weights import load_tensors
+from amer.weights import check_finite, load_tensors
 
 __all__ = ["restore", "restore_position", "restore_sharded", "read_position", "unit_source", "named_optimizer_state",
            "init_weights", "rng_pack", "rng_unpack", "check_meta"]
@@ -166,8 +166,10 @@ def unit_source(folder: Path, model: torch.nn.Module) -> Callable[[str, torch.nn
 
     @torch.no_grad()
     def source(unit: str, template: torch.nn.Module) -> bool:
-        for name, p in template.named_parameters():
-            p.copy_(f.get_tensor(f"{unit}.{name}"))
+        for name, t in template.state_dict(keep_vars=True).items():  # weights and saved buffers (an expert bias)
+            value = f.get_tensor(f"{unit}.{name}")
+            check_finite({f"{unit}.{name}": value}, str(folder))  # read one at a time: checked as they come
+            t.copy_(value)
         return True
 
     return source
