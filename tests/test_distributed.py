@@ -119,13 +119,15 @@ def test_checkpoints_resume_under_any_layout(tmp_path: Path) -> None:
                               f"{name}: validation")
 
 
-def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step(tmp_path: Path) -> None:
+@pytest.mark.parametrize("data", ["fsdp", "ddp"])
+def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step(tmp_path: Path, data: str) -> None:
     """Preemption under torchrun: SIGTERM reaches rank 1 alone, after step 3. Both ranks stop after step 3 (they
-    agree before every step), rank 0 writes the step-3 checkpoint, and the run resumed under torchrun follows
-    the uninterrupted run's loss curve and validation."""
+    agree before every step) and write the step-3 checkpoint together, sharded (each rank its own shard file,
+    FSDP2 shards or DDP replicas, committed by meta.json), and the run resumed under torchrun follows the
+    uninterrupted run's loss curve and validation."""
     common = [*TINY, "--steps", "6", "--log-interval", "1", "--eval-interval", "6", "--out-dir", str(tmp_path),
               "--batch-size", "4", "--stp.start-step", "2"]
-    layout = ["--parallel.dp", "2", "--parallel.data", "ddp"]
+    layout = ["--parallel.dp", "2", "--parallel.data", data]
     ok(torchrun("train.py", *common, *layout, "--run-name", "full"))
     cut = tmp_path / "cut"
     proc = torchrun("train.py", *common, *layout, "--run-name", "cut",
@@ -134,6 +136,10 @@ def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step(tmp_path: Path
     assert proc.returncode != 0 and ours == [], proc.stderr[-3000:]  # torchrun reports the exits; amer raised none
     assert proc.stderr.count("stopped by SIGTERM after step 3") == 2, proc.stderr[-3000:]  # one line per rank
     assert sorted(p.name for p in cut.glob("step_*")) == ["step_000003"] and not list(cut.glob(".*tmp-*"))
+    written = {p.name for p in (cut / "step_000003").iterdir()}
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp", "meta.json"} <= written, written  # both ranks' shards
+    assert "model.safetensors" not in written and not (cut / "best").exists()  # nothing gathered; no evaluation
+    assert json.loads((cut / "step_000003" / "meta.json").read_text())["step"] == 3
     assert sorted(curve(cut)) == [1, 2, 3]
     ok(torchrun("train.py", "--resume", str(cut), "--no-progress", *layout))
     assert_same_curve(curve(cut), curve(tmp_path / "full"), 1e-5, "resumed after SIGTERM")
