@@ -60,3 +60,29 @@ def test_reset_parameters_redraws_every_block_weight() -> None:
     for name, p in model.named_parameters():
         if p.numel() > 64 and before[name].std() > 0:
             assert p.std().item() == pytest.approx(before[name].std().item(), rel=0.25), name
+
+
+def test_per_unit_initialisation_builds_each_layer_from_its_variant_and_block_options() -> None:
+    """The meta-device build with per-unit seeds builds every layer from its own config (``cfg.layer_config``) and
+    block options (``cfg.block_options``): the sliding-window variant keeps its window, the dense E variant its one
+    expert, sandwich norms their second norm; re-initialising one block alone on its unit's seed reproduces it,
+    norms included."""
+    from amer.model import seeded
+
+    cfg = ModelConfig(pattern="A.swa E A E.dense", d_model=32, vocab_size=64, max_seq_len=64,
+                      norm_placement="sandwich", attention={"n_heads": 4, "variants": {"swa": {"window": 4}}},
+                      moe={"n_experts": 4, "d_ff": 32, "variants": {"dense": {"n_experts": 1, "d_ff": 48}}})
+    model = HybridLM(cfg, seed=5)
+    assert model.blocks[0].mixer.window == 4 and model.blocks[2].mixer.window != 4
+    assert [b.mixer.n_experts for b in model.blocks[1::2]] == [4, 1]
+    assert all(b.norm is not None and b.post_norm is not None for b in model.blocks)
+    blk = model.blocks[3]
+    before = {k: v.clone() for k, v in blk.state_dict().items()}
+    with torch.no_grad():
+        for p in blk.parameters():
+            p.fill_(3.0)
+    unit = next(u for u in model.init_units() if u.name == "blocks.3")
+    with seeded(5, "blocks.3"):
+        unit.init(unit.module)
+    for k, v in blk.state_dict().items():
+        assert torch.equal(v, before[k]), k

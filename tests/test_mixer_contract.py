@@ -330,6 +330,29 @@ def check_reset_parameters(letter: str, **family_cfg: Any) -> None:
         assert torch.equal(first[name], second[name]), f"{name}: reset depends on more than the RNG"
 
 
+def check_meta_materialise(letter: str, **family_cfg: Any) -> None:
+    """Built on the meta device, then given memory and initialised (what every rank does with its share under
+    torchrun: ``to_empty``, ``init_buffers``, ``init_weights``), a model equals ``HybridLM(cfg, seed)`` exactly and
+    keeps nothing the memory held before: ``reset_parameters`` covers every weight and saved buffer, and
+    ``init_buffers`` every buffer the weights do not carry."""
+    cfg = model_config(letter, **family_cfg)
+    want = HybridLM(cfg, seed=7)
+    model = HybridLM.empty(cfg).to_empty(device="cpu")
+    if cfg.tie_embeddings:  # to_empty gives each name its own tensor
+        model.lm_head.weight = model.embed.weight
+    with torch.no_grad():
+        for t in (*model.parameters(), *model.buffers()):
+            if t.is_floating_point():
+                t.fill_(SENTINEL)
+    model.init_buffers("cpu")
+    model.init_weights(7)
+    ref = dict(want.named_buffers())
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        assert not (t == SENTINEL).any(), f"{name} keeps values from before initialisation"
+        assert torch.equal(t, dict(want.named_parameters()).get(name, ref.get(name))), \
+            f"{name} differs from HybridLM(cfg, seed) built directly"
+
+
 def check_flops(letter: str, **family_cfg: Any) -> None:
     """Positive, finite multiply-add counts by term, every term growing with the sequence length (FLOP
     budgets and MFU are computed from these)."""
@@ -349,7 +372,7 @@ def check_flops(letter: str, **family_cfg: Any) -> None:
 CONTRACT: tuple[Callable[..., None], ...] = (
     check_registry_entry, check_output, check_causal_mixer, check_causal_model, check_gradients_mixer,
     check_gradients_model, check_prefill_equals_steps, check_split_prefill, check_model_decoding,
-    check_meta_build, check_compiles_fullgraph, check_reset_parameters, check_flops,
+    check_meta_build, check_compiles_fullgraph, check_reset_parameters, check_meta_materialise, check_flops,
 )
 
 
@@ -428,6 +451,11 @@ def test_reset_parameters_reinitialises_everything(letter: str) -> None:
 
 
 @pytest.mark.parametrize("letter", LETTERS)
+def test_meta_build_then_initialise_equals_a_direct_build(letter: str) -> None:
+    check_meta_materialise(letter)
+
+
+@pytest.mark.parametrize("letter", LETTERS)
 def test_flops_positive_and_growing(letter: str) -> None:
     check_flops(letter)
 
@@ -461,6 +489,9 @@ class FaultyMixer(Mixer):
         self.proj = nn.Linear(dims.d_model, dims.d_model, bias=False, device=device)
         self.out = nn.Linear(dims.d_model, dims.d_model, bias=False)
         self.unused = nn.Parameter(torch.empty(dims.d_model)) if self.fault == "dead_parameter" else None
+        # a buffer computed at construction only: on the meta device it never gets values (no init_buffers)
+        self.register_buffer("gain", torch.ones(dims.d_model) if self.fault == "buffer_left" else None,
+                             persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -489,6 +520,8 @@ class FaultyMixer(Mixer):
             same = (idx[:, :, None] == idx[:, None, :]).tril().to(v.dtype)  # (B, T, T)
             total, n = same @ v, (doc_ids.position + 1).to(x.dtype)
         h = total / n[..., None]
+        if self.gain is not None:
+            h = h * self.gain
         if self.fault == "leak_future":
             h = h + 0.1 * v.mean(1, keepdim=True)
         if self.fault == "graph_break":
@@ -506,6 +539,7 @@ FAULTS: dict[str, tuple[list[Callable[..., None]], type[Exception], str]] = {
     "real_tensor": ([check_meta_build], AssertionError, "was allocated on cpu"),
     "graph_break": ([check_compiles_fullgraph], torch._dynamo.exc.Unsupported, "graph_break"),
     "partial_reset": ([check_reset_parameters], AssertionError, "left out.weight"),
+    "buffer_left": ([check_meta_materialise], AssertionError, "gain keeps values from before initialisation"),
     "constant_flops": ([check_flops], AssertionError, "does not grow with T"),
 }
 
