@@ -541,6 +541,7 @@ def test_each_check_rejects_its_fault(faulty_family: FamilySpec, fault: str) -> 
 OPTION_VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("A", {"qkv_bias": True, "out_bias": True, "qk_norm": True, "window": 5, "rope_fraction": 0.5, "scale": 0.3}),
     ("A", {"rope_fraction": 0.0}),
+    ("A", {"output_gate": True, "qkv_bias": True, "qk_norm": True, "rope_fraction": 0.25}),
     ("E", {"n_experts": 4, "top_k": 1, "renormalize_top1": True, "dispatch": "capacity", "capacity_factor": 4.0}),
     ("E", {"n_experts": 1}),
     ("E", {"n_experts": 1, "activation": "gelu_tanh", "shared_expert": True}),
