@@ -219,3 +219,46 @@ def test_nemotron_h_moe(tmp_path: Path, types: list[str], extra: dict[str, Any])
     _, cfg = from_transformers(tmp_path)
     assert cfg.pattern == {6: "M E A E.dense M E", 4: "MEAE"}[len(types)]
     assert cfg.moe.score == "sigmoid" and cfg.moe.activation == "relu2" and cfg.moe.routed_scale == 2.5
+
+
+def test_multi_token_prediction_weights_are_left_out(tmp_path: Path) -> None:
+    """Qwen3-Next's (and Nemotron-H's) checkpoints carry a multi-token-prediction head that the causal LM never runs
+    (transformers drops it on load): the import leaves it out; any other weight amer has no place for is still an
+    error (negative control)."""
+    from safetensors.torch import load_file, save_file
+
+    build(tmp_path, "Qwen3NextForCausalLM", "Qwen3NextConfig", num_hidden_layers=2,
+          layer_types=["linear_attention", "full_attention"], **NEXT)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({**weights, "mtp.fc.weight": torch.zeros(4, 4)}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    from_transformers(tmp_path)
+    save_file({**weights, "model.layers.0.mlp.extra.weight": torch.zeros(4)}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    refuses(tmp_path, "no place for weight 'model.layers.0.mlp.extra.weight'")
+
+
+@pytest.mark.parametrize("cls,cfg_cls,kw,edit,message", [
+    ("JambaForCausalLM", "JambaConfig", dict(num_hidden_layers=2, **JAMBA), {"hidden_act": "gelu"},
+     "hidden_act='gelu'"),
+    ("Qwen3NextForCausalLM", "Qwen3NextConfig", dict(num_hidden_layers=2, layer_types=["linear_attention",
+                                                                                        "full_attention"], **NEXT),
+     {"layer_types": ["linear_attention", "sliding_attention"]}, "layer_types must list"),
+    ("Lfm2MoeForCausalLM", "Lfm2MoeConfig", LFM2_MOE, {"layer_types": ["conv", "mamba", "conv", "conv"]},
+     "layer_types must list conv / full_attention"),
+    ("Qwen3MoeForCausalLM", "Qwen3MoeConfig", dict(num_hidden_layers=2, **QWEN_MOE), {"hidden_act": "gelu"},
+     "hidden_act='gelu'"),
+])
+def test_what_amer_cannot_express_is_refused_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture, cls: str,
+                                                          cfg_cls: str, kw: dict[str, Any], edit: dict[str, Any],
+                                                          message: str) -> None:
+    """``amer import`` of a source using something amer lacks: one line naming it, exit code 2, nothing written."""
+    from amer.cli import main
+
+    build(tmp_path / "src", cls, cfg_cls, **kw)
+    edit_config(tmp_path / "src", **edit)
+    capsys.readouterr()
+    assert main(["import", str(tmp_path / "src"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot import {cls}" in err and message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()

@@ -2,10 +2,11 @@
 
 ``(AE)*L`` with one-expert E blocks is ``LlamaForCausalLM`` (``MistralForCausalLM`` with a sliding window,
 ``Qwen3ForCausalLM`` with q/k norms), with routed experts ``MixtralForCausalLM``; ``M*L`` is
-``Mamba2ForCausalLM``. The folder is config.json + model.safetensors (+ tokenizer.json), written whole
-into a temporary sibling and renamed into place; the ``transformers`` package is not needed to write it.
-Anything the target class cannot express (another pattern, a model or family option off its default) is
-an :class:`~amer.errors.InputError` naming it.
+``Mamba2ForCausalLM``; patterns with MoE layers and the hybrids around them (Jamba, Qwen3-Next, Granite-4.0-H,
+Qwen2/3-MoE, OLMoE, LFM2-MoE) are written by :mod:`amer.interop.export_moe`. The folder is config.json +
+model.safetensors (+ tokenizer.json), written whole into a temporary sibling and renamed into place; the
+``transformers`` package is not needed to write it. Anything the target class cannot express (another pattern, a
+model or family option off its default) is an :class:`~amer.errors.InputError` naming it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from amer.config import ModelConfig
 from amer.errors import InputError
 from amer.fileio import atomic_write_text, json_text
 from amer.hub import write_folder
+from amer.interop.export_moe import moe_export, moe_target
 
 __all__ = ["export_transformers", "EXPORT_FILES"]
 
@@ -166,9 +168,13 @@ def _check_target(directory: Path) -> None:
 
 def export_transformers(model: Any, cfg: ModelConfig, directory: str | Path, tokenizer: Any = None) -> Path:
     """Write ``model`` (a :class:`~amer.model.HybridLM` of config ``cfg``) as a transformers model folder."""
-    _check_shared(cfg)
-    arch = _target(cfg)
-    conf, tensors = _mamba2(model, cfg) if arch == "Mamba2ForCausalLM" else _llama(model, cfg, arch)
+    arch = moe_target(cfg)
+    if arch is not None:  # MoE layers and the hybrids: Jamba, Qwen3-Next, Granite-4.0-H, Qwen-MoE, OLMoE, LFM2-MoE
+        conf, tensors = moe_export(model, cfg, arch)
+    else:
+        _check_shared(cfg)
+        arch = _target(cfg)
+        conf, tensors = _mamba2(model, cfg) if arch == "Mamba2ForCausalLM" else _llama(model, cfg, arch)
     conf.update(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, dtype="float32")
     if tokenizer is not None:
         conf.update(bos_token_id=getattr(tokenizer, "bos_id", None), eos_token_id=getattr(tokenizer, "eos_id", None),
