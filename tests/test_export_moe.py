@@ -149,6 +149,7 @@ def test_qwen3_next_gains_shift_with_the_norm_offset(tmp_path: Path) -> None:
                                                       "variants": {"dense": {"n_experts": 1, "shared_expert": False}}}),
      "all routed or all dense"),
     ("AEAE", dict(attention={"qk_norm": True}, moe={**ROUTED, "expert_bias": True}), "moe.expert_bias"),
+    ("A E A E.dense", dict(moe={**ROUTED, **DENSE}), "a shared expert with a sigmoid gate"),
     ("CEAE", dict(attention={"qk_norm": True}, moe=ROUTED), "sigmoid"),
     ("MAEM", dict(attention={"rope_fraction": 0.0}, moe={"n_experts": 1}), "feed-forwards are relu2"),
     ("MAEM", dict(moe={"n_experts": 1, "activation": "relu2"}), "no position encoding"),

@@ -64,7 +64,9 @@ def moe_target(cfg: ModelConfig) -> str | None:
         return None
     if a.qk_norm:
         return "OlmoeForCausalLM" if a.qk_norm_scope == "projection" else "Qwen3MoeForCausalLM"
-    return "Qwen2MoeForCausalLM" if routed[0].shared_expert else None
+    # a shared expert, or layers of two configs (E.dense beside routed E, A.swa): Qwen2-MoE's, never Mixtral's
+    variants = any(layer.variant is not None for layer in cfg.parsed.layers)
+    return "Qwen2MoeForCausalLM" if routed[0].shared_expert or variants else None
 
 
 def moe_export(model: Any, cfg: ModelConfig, arch: str) -> Written:
@@ -108,8 +110,9 @@ def _qwen_moe(cfg: ModelConfig, sd: Tensors, T: str) -> Written:
     ffn = ffn_layers(cfg, [e for _, e in pairs], T)
     r = ffn.routed
     _router_checks(r, T, ("shared_expert", "d_ff_shared", "shared_expert_gate", "n_shared_experts") if qwen2 else ())
-    if qwen2 and not r.shared_expert_gate:
-        raise refuse(f"{T}'s shared expert has a sigmoid gate (moe.shared_expert_gate)")
+    if qwen2 and not (r.shared_expert and r.shared_expert_gate):
+        raise refuse(f"{T}'s routed layers have a shared expert with a sigmoid gate (moe.shared_expert, "
+                     "shared_expert_gate); without them or q/k norms no class has dense layers beside routed ones")
     if olmoe and ffn.dense is not None:
         raise refuse(f"{T} routes in every layer (no E.dense layers)")
     conf = {"architectures": [T], "model_type": {"Qwen2MoeForCausalLM": "qwen2_moe", "Qwen3MoeForCausalLM": "qwen3_moe",
