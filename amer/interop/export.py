@@ -7,6 +7,8 @@ norms ``Olmo2ForCausalLM`` (:mod:`amer.interop.export_norms`). The folder is con
 (+ tokenizer.json), written whole into a temporary sibling and renamed into place; the ``transformers`` package
 is not needed to write it. Anything the target class cannot express (another pattern, a model or family option
 off its default) is an :class:`~amer.errors.InputError` naming it.
+Patterns with MoE layers and the hybrids around them (Jamba, Qwen3-Next, Granite-4.0-H, Qwen2/3-MoE, OLMoE,
+LFM2-MoE) are written by :mod:`amer.interop.export_moe`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from amer.errors import InputError
 from amer.fileio import atomic_write_text, json_text, refuse_link
 from amer.fileread import json_loads, read_file
 from amer.hub import write_folder
+from amer.interop.export_moe import moe_export, moe_target
 from amer.interop.export_norms import norm_export, norm_target
 from amer.weights import save_tensors
 
@@ -181,8 +184,12 @@ def _check_blocks(cfg: ModelConfig) -> None:
 
 def export_transformers(model: Any, cfg: ModelConfig, directory: str | Path, tokenizer: Any = None) -> Path:
     """Write ``model`` (a :class:`~amer.model.HybridLM` of config ``cfg``) as a transformers model folder."""
-    arch = norm_target(cfg)  # Gemma 2 / 3 and OLMo 2, by where the blocks' norms sit
+    arch = moe_target(cfg)  # MoE layers and the hybrids: Jamba, Qwen3-Next, Granite-4.0-H, Qwen-MoE, OLMoE, LFM2-MoE
+    norms = None if arch is not None else norm_target(cfg)  # Gemma 2 / 3 and OLMo 2, by where the blocks' norms sit
     if arch is not None:
+        conf, tensors = moe_export(model, cfg, arch)
+    elif norms is not None:
+        arch = norms
         conf, tensors = norm_export(model, cfg, arch)
     else:
         _check_shared(cfg)
