@@ -3,7 +3,8 @@
 ``(AE)*L`` with one-expert E blocks is ``LlamaForCausalLM`` (``MistralForCausalLM`` with a sliding window,
 ``Qwen3ForCausalLM`` with q/k norms), with routed experts ``MixtralForCausalLM``; ``M*L`` is
 ``Mamba2ForCausalLM``; with sandwich norms ``(AE)*L`` is ``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM``, with post
-norms ``Olmo2ForCausalLM`` (:mod:`amer.interop.export_norms`). The folder is config.json + model.safetensors
+norms ``Olmo2ForCausalLM`` (:mod:`amer.interop.export_norms`); ``D E`` layers (multi-head latent attention) are
+``DeepseekV3ForCausalLM`` (:mod:`amer.interop.export_latent`). The folder is config.json + model.safetensors
 (+ tokenizer.json), written whole into a temporary sibling and renamed into place; the ``transformers`` package
 is not needed to write it. Anything the target class cannot express (another pattern, a model or family option
 off its default) is an :class:`~amer.errors.InputError` naming it.
@@ -24,6 +25,7 @@ from amer.config import ModelConfig
 from amer.errors import InputError
 from amer.fileio import atomic_write_text, json_text
 from amer.hub import write_folder
+from amer.interop.export_latent import latent_export, latent_target
 from amer.interop.export_norms import norm_export, norm_target
 
 __all__ = ["export_transformers", "EXPORT_FILES"]
@@ -185,8 +187,11 @@ def export_transformers(model: Any, cfg: ModelConfig, directory: str | Path, tok
     else:
         _check_shared(cfg)
         _check_blocks(cfg)
-        arch = _target(cfg)
-        conf, tensors = _mamba2(model, cfg) if arch == "Mamba2ForCausalLM" else _llama(model, cfg, arch)
+        arch = latent_target(cfg) or _target(cfg)
+        if arch == "DeepseekV3ForCausalLM":  # multi-head latent attention
+            conf, tensors = latent_export(model, cfg)
+        else:
+            conf, tensors = _mamba2(model, cfg) if arch == "Mamba2ForCausalLM" else _llama(model, cfg, arch)
     conf.update(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, dtype="float32")
     if tokenizer is not None:
         conf.update(bos_token_id=getattr(tokenizer, "bos_id", None), eos_token_id=getattr(tokenizer, "eos_id", None),

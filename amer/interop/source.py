@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,13 @@ class Source:
 
     def has(self, key: str) -> bool:
         return key in self._files
+
+    def skip(self, which: Callable[[str], bool]) -> int:
+        """Mark the weights ``which`` selects as seen without reading them (a part of the checkpoint the causal LM
+        does not run, such as multi-token-prediction modules); returns how many."""
+        names = [k for k in self._files if which(k)]
+        self._used.update(names)
+        return len(names)
 
     def check_all_used(self, ignore: tuple[str, ...] = ("rotary_emb.inv_freq",)) -> None:
         """Every weight of the source went somewhere; otherwise name what amer would drop."""
