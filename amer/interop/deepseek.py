@@ -127,11 +127,15 @@ def moe_weights(src: Source, pre: str, blk: int, table: dict[str, Any], state: d
 
 
 def skip_mtp(src: Source, n_layers: int, prefix: str = "model.layers.") -> None:
-    """Mark the multi-token-prediction layers stored after the last decoder layer as seen (they predict further
-    tokens for speculative decoding; the causal LM does not run them)."""
-    extra = src.skip(lambda k: k.startswith(prefix) and int(k[len(prefix):].split(".", 1)[0]) >= n_layers)
-    if extra:
-        log.info("%s: left out %d multi-token-prediction tensors (layers %d and up)", src.arch, extra, n_layers)
+    """Leave out the multi-token-prediction layers stored after the last decoder layer (they predict further tokens
+    for speculative decoding; the causal LM does not run them)."""
+    layer, names = n_layers, []
+    while skipped := src.skip(f"{prefix}{layer}."):
+        names += skipped
+        layer += 1
+    if names:
+        log.info("%s: left out %d multi-token-prediction tensors (layers %d to %d)", src.arch, len(names), n_layers,
+                 layer - 1)
 
 
 @converter("DeepseekV3ForCausalLM")

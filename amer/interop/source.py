@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,12 +93,13 @@ class Source:
     def has(self, key: str) -> bool:
         return key in self._files
 
-    def skip(self, which: Callable[[str], bool]) -> int:
-        """Mark the weights ``which`` selects as seen without reading them (a part of the checkpoint the causal LM
-        does not run, such as multi-token-prediction modules); returns how many."""
-        names = [k for k in self._files if which(k)]
+    def skip(self, prefix: str) -> list[str]:
+        """Leave out the weights under ``prefix`` (unread, and not an error for :meth:`check_all_used`): a part of
+        the checkpoint the causal LM never runs and transformers drops on load too, such as a multi-token-prediction
+        head. Returns their names."""
+        names = sorted(k for k in self._files if k.startswith(prefix))
         self._used.update(names)
-        return len(names)
+        return names
 
     def check_all_used(self, ignore: tuple[str, ...] = ("rotary_emb.inv_freq",)) -> None:
         """Every weight of the source went somewhere; otherwise name what amer would drop."""
