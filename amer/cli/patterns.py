@@ -41,11 +41,13 @@ def command(argv: list[str]) -> int:
     fams = families()
     letters = "/".join(f.letter for f in fams)
     names = [args.pattern] if args.pattern is not None else preset_names()
-    print(f"{'name':<10} {'layers':>6} {letters:>12} {'params':>10}  {'stp':<24} pattern")
+    w = max(10, *(len(n) for n in names)) if args.pattern is None else 10
+    print(f"{'name':<{w}} {'layers':>6} {letters:>18} {'params':>10}  {'stp':<24} pattern")
     for name in names:
         is_preset = args.pattern is None or name in preset_names()
         cfg = ModelConfig.from_preset(name) if is_preset else ModelConfig(pattern=name)
-        stp = stp_config_from_preset(name).layers if is_preset else "-"
+        stp_cfg = stp_config_from_preset(name) if is_preset else None
+        stp = "-" if stp_cfg is None else stp_cfg.layers if stp_cfg.enabled else "off"
         with torch.device("meta"):  # never allocates: nam56r is billions of parameters
             model = HybridLM(cfg)
         pat = cfg.parsed
@@ -53,7 +55,7 @@ def command(argv: list[str]) -> int:
         n = model.num_params()
         size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
         desc = load_preset(name).get("description", "") if is_preset else ""
-        print(f"{name:<10} {len(pat):>6} {counts:>12} {size:>10}  {stp or '-':<24} {cfg.pattern}")
+        print(f"{name:<{w}} {len(pat):>6} {counts:>18} {size:>10}  {stp or '-':<24} {cfg.pattern}")
         if desc and args.pattern:
             print(f"  {desc}")
     print("\nfamilies:")
