@@ -2,7 +2,7 @@
 DeepSeek-V3 (MLA + dense first layers + group-limited sigmoid routing), Kimi Linear (KDA + position-free MLA + the
 same routing) and MiniMax (lightning + softmax attention + Mixtral routing, post-norm residual factors). Same logits
 as transformers within 1e-5 (fp32), for the full forward and for token-by-token decoding through amer's caches, each
-class with a negative control that removes what the import maps and sees the logits move; DeepSeek-V3 exports back.
+class with a negative control that removes what the import maps and sees the logits move; all three export back.
 
 Sources are small random transformers models built here (norm gains, biases and the routers' correction biases
 perturbed, see test_import.py); ``python -m pytest -s`` prints the measured differences.
@@ -168,23 +168,33 @@ def test_unsupported_settings_fail_in_one_line(tmp_path: Path, cls: str, cfg_cls
 # export back: the folder transformers loads computes the same logits
 
 
-@pytest.mark.parametrize("kw", [DEEPSEEK, dict(DEEPSEEK, rope_parameters=YARN, first_k_dense_replace=0,
-                                               q_lora_rank=None, attention_bias=True)])
-def test_deepseek_v3_export_round_trip(tmp_path: Path, kw: dict[str, Any]) -> None:
-    build(tmp_path / "src", "DeepseekV3ForCausalLM", "DeepseekV3Config", **kw)
+@pytest.mark.parametrize("cls,cfg_cls,kw", [
+    ("DeepseekV3ForCausalLM", "DeepseekV3Config", DEEPSEEK),
+    ("DeepseekV3ForCausalLM", "DeepseekV3Config", dict(DEEPSEEK, rope_parameters=YARN, first_k_dense_replace=0,
+                                                       q_lora_rank=None, attention_bias=True)),
+    ("KimiLinearForCausalLM", "KimiLinearConfig", KIMI),
+    ("KimiLinearForCausalLM", "KimiLinearConfig", dict(KIMI, q_lora_rank=16, num_experts_per_token=1,
+                                                       mlp_layer_types=["sparse", "dense", "sparse", "dense"])),
+    ("MiniMaxForCausalLM", "MiniMaxConfig", dict(MINIMAX, sliding_window=5)),
+    ("MiniMaxForCausalLM", "MiniMaxConfig", dict(MINIMAX, num_experts_per_tok=1,
+                                                 layer_types=["linear_attention"] * 4)),
+])
+def test_export_round_trip(tmp_path: Path, cls: str, cfg_cls: str, kw: dict[str, Any]) -> None:
+    build(tmp_path / "src", cls, cfg_cls, **kw)
     model, cfg = from_transformers(tmp_path / "src")
     diff = export_round_trip(model, cfg, tmp_path / "out")
-    print(f"export DeepseekV3ForCausalLM: {diff:.2e}")
+    print(f"export {cls}: {diff:.2e}")
     assert diff <= ATOL
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["DeepseekV3ForCausalLM"]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == [cls]
     back, back_cfg = from_transformers(tmp_path / "out")
     assert back_cfg.pattern == cfg.pattern
     for (name, a), b in zip(model.state_dict().items(), back.state_dict().values()):
         assert torch.equal(a, b), name
 
 
-def test_export_refuses_what_deepseek_v3_cannot_express(tmp_path: Path) -> None:
-    """Patterns and options DeepseekV3ForCausalLM lacks are refused by name, and nothing is written."""
+def test_export_refuses_what_the_classes_cannot_express(tmp_path: Path) -> None:
+    """Patterns and options DeepseekV3ForCausalLM, KimiLinearForCausalLM and MiniMaxForCausalLM lack are refused by
+    name, and nothing is written."""
     from amer import HybridLM, ModelConfig
     from amer.errors import InputError
     from amer.interop import export_transformers
@@ -192,13 +202,22 @@ def test_export_refuses_what_deepseek_v3_cannot_express(tmp_path: Path) -> None:
     mla = {"n_heads": 4, "kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8}
     routed = {"n_experts": 4, "top_k": 2, "d_ff": 16, "score": "sigmoid", "shared_expert": True}
     dense = {"variants": {"dense": {"n_experts": 1, "d_ff": 48, "shared_expert": False}}}
+    kda = {"n_k_heads": 4, "gate": "channel", "output_gate": "sigmoid", "out_gate_rank": 8}
+    lightning = {"n_heads": 4, "depth_stride": 2, "norm_eps": 1e-6}
+    mixtral = {"n_experts": 4, "top_k": 2, "d_ff": 16}
     cases = [
         (dict(pattern="(D E)*2", moe={**routed, "score": "softmax"}), "moe.score sigmoid"),
-        (dict(pattern="(D E)*2", mla={**mla, "rope": False}, moe=routed), "mla.rope must be on"),
-        (dict(pattern="D E D M", moe=routed), "'D E' layers"),
+        (dict(pattern="G E D E", deltanet={"gate": "channel", "n_k_heads": 4}, moe=routed), "has no position encoding"),
+        (dict(pattern="D E D M", moe=routed), "layers of D each followed by a feed-forward"),
         (dict(pattern="D E D E.dense", moe={**routed, **dense}), "dense feed-forward layers must all come first"),
         (dict(pattern="(D E)*2", moe={**routed, "shared_expert": False}), "always has shared experts"),
         (dict(pattern="(D E)*2", moe={**routed, "activation": "relu2"}), "SwiGLU"),
+        (dict(pattern="(G E)*2", deltanet={**kda, "output_gate": "silu"}, moe=routed), "output_gate='silu'"),
+        (dict(pattern="(N E)*2", lightning=lightning, moe=mixtral), "residual from their normed input"),
+        (dict(pattern="(N E)*2", lightning={**lightning, "depth_stride": 1, "residual_normed": True},
+              moe={**mixtral, "residual_normed": True}), "depth_stride 2"),
+        (dict(pattern="(N E)*2", lightning={**lightning, "residual_normed": True},
+              moe={**mixtral, "score": "sigmoid", "residual_normed": True}), "route as Mixtral"),
     ]
     for kw, message in cases:
         cfg = ModelConfig(**{"d_model": 32, "vocab_size": VOCAB, "max_seq_len": 64, "norm_eps": 1e-6, "mla": mla, **kw})

@@ -4,7 +4,9 @@
 ``Qwen3ForCausalLM`` with q/k norms), with routed experts ``MixtralForCausalLM``; ``M*L`` is
 ``Mamba2ForCausalLM``; with sandwich norms ``(AE)*L`` is ``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM``, with post
 norms ``Olmo2ForCausalLM`` (:mod:`amer.interop.export_norms`); ``D E`` layers (multi-head latent attention) are
-``DeepseekV3ForCausalLM`` (:mod:`amer.interop.export_latent`). The folder is config.json + model.safetensors
+``DeepseekV3ForCausalLM``, KDA and position-free MLA layers ``KimiLinearForCausalLM``
+(:mod:`amer.interop.export_latent`), lightning attention layers ``MiniMaxForCausalLM``
+(:mod:`amer.interop.export_minimax`). The folder is config.json + model.safetensors
 (+ tokenizer.json), written whole into a temporary sibling and renamed into place; the ``transformers`` package
 is not needed to write it. Anything the target class cannot express (another pattern, a model or family option
 off its default) is an :class:`~amer.errors.InputError` naming it.
@@ -26,6 +28,7 @@ from amer.errors import InputError
 from amer.fileio import atomic_write_text, json_text
 from amer.hub import write_folder
 from amer.interop.export_latent import latent_export, latent_target
+from amer.interop.export_minimax import minimax_export, minimax_target
 from amer.interop.export_norms import norm_export, norm_target
 
 __all__ = ["export_transformers", "EXPORT_FILES"]
@@ -184,12 +187,16 @@ def export_transformers(model: Any, cfg: ModelConfig, directory: str | Path, tok
     arch = norm_target(cfg)  # Gemma 2 / 3 and OLMo 2, by where the blocks' norms sit
     if arch is not None:
         conf, tensors = norm_export(model, cfg, arch)
+    elif (arch := minimax_target(cfg)) is not None:  # lightning attention, MiniMax's post-norm residual factors
+        _check_shared(cfg)
+        conf, tensors = minimax_export(model, cfg)
     else:
         _check_shared(cfg)
         _check_blocks(cfg)
-        arch = latent_target(cfg) or _target(cfg)
-        if arch == "DeepseekV3ForCausalLM":  # multi-head latent attention
-            conf, tensors = latent_export(model, cfg)
+        latent = latent_target(cfg)  # MLA / KDA with DeepSeek's MoE: DeepSeek-V3, Kimi Linear
+        arch = latent or _target(cfg)
+        if latent is not None:
+            conf, tensors = latent_export(model, cfg, latent)
         else:
             conf, tensors = _mamba2(model, cfg) if arch == "Mamba2ForCausalLM" else _llama(model, cfg, arch)
     conf.update(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, dtype="float32")
