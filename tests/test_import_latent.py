@@ -122,11 +122,13 @@ def test_kimi_linear(tmp_path: Path) -> None:
     assert from_transformers(tmp_path)[1] == cfg
 
 
-@pytest.mark.parametrize("window", [None, 5])
-def test_minimax(tmp_path: Path, window: int | None) -> None:
+@pytest.mark.parametrize("window,rope", [(None, None), (5, {"rope_type": "default", "rope_theta": 100.0,
+                                                             "partial_rotary_factor": 0.5})])
+def test_minimax(tmp_path: Path, window: int | None, rope: dict[str, Any] | None) -> None:
     """Lightning and softmax attention layers (with a sliding window), Mixtral routing, and MiniMax's residual
-    factors as block options; negative control: one block's factors back at 1."""
-    hf = build(tmp_path, "MiniMaxForCausalLM", "MiniMaxConfig", sliding_window=window, **MINIMAX)
+    factors as block options (a partial_rotary_factor in the config is not read by MiniMax's RoPE); negative control:
+    one block's factors back at 1."""
+    hf = build(tmp_path, "MiniMaxForCausalLM", "MiniMaxConfig", sliding_window=window, rope_parameters=rope, **MINIMAX)
     same_function(hf, tmp_path)
     model, cfg = from_transformers(tmp_path)
     assert cfg.pattern == "(NE)*2 AE NE" and cfg.attention.window == window
