@@ -22,7 +22,8 @@ A string with both ``-`` and ``E`` becomes a pattern whose dense layers are the 
 (declare it, e.g. ``[model.moe.variants.dense] n_experts = 1``); without ``E`` the MLP layers are plain ``E`` blocks
 (set ``moe.n_experts = 1``).
 
-transformers names a layer's mixer; the feed-forward that follows it in the same decoder layer is an ``E`` block,
+transformers names a layer's mixer (``sliding_attention`` is the A family's variant ``swa``: declare its window as
+``[model.attention.variants.swa]``); the feed-forward that follows it in the same decoder layer is an ``E`` block,
 except in lists that name feed-forward layers themselves (Nemotron-H's ``mlp`` and ``moe``). ``linear_attention``
 (and the legacy ``mamba``) names a different block in each class, so it is resolved by the config's ``model_type``
 or the ``linear`` argument. Which feed-forward layers route (dense first layers, every other layer) is not in these
