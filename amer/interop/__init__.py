@@ -20,12 +20,15 @@ import torch
 from amer.config import ModelConfig
 from amer.errors import AmerError, InputError
 from amer.interop import (  # noqa: F401  (register their converters)
+    deepseek,
     gemma,
     gemma2,
     hybrid,
     jamba,
+    kimi,
     lfm2_moe,
     llama,
+    minimax,
     moe,
     olmo,
     qwen_next,
