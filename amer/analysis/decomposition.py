@@ -1,0 +1,102 @@
+"""The bend of two consecutive chords, in the units of the literature and split into what STP sees and what
+it cannot see.
+
+Notation, used throughout amer's curvature report. For a trajectory ``h`` and a stride ``k``, a triple of
+positions ``(t, t+k, t+2k)`` gives two consecutive chords
+
+- ``d1 = h[t+k] - h[t]``: the step into the middle point; its direction ``u = d1 / |d1|`` is the
+  *direction of travel* (STP's ``h[r] - h[s]``);
+- ``d2 = h[t+2k] - h[t+k]``: the step out of it (STP's ``h[t] - h[r]``);
+- ``a = d2 - d1``: the discrete *acceleration* (second difference);
+- ``a_par = (a . u) u``: its tangential part, along the direction of travel;
+- ``a_perp = a - a_par``: its normal part. Because ``d1`` has no normal part, ``a_perp`` is also the
+  component of ``d2`` normal to ``d1``: ``a_perp = d2 - (d2 . u) u``.
+
+With ``theta`` the angle between ``d1`` and ``d2``, ``|a_perp| / |d2| = sin(theta)``, hence the identity
+
+    1 - cos(theta) = 1 - sgn(d1 . d2) * sqrt(1 - |a_perp|^2 / |d2|^2)
+
+(for bends up to 90 degrees, ``d1 . d2 >= 0``, the sign is +1 and the STP loss is exactly
+``1 - sqrt(1 - |a_perp|^2 / |d2|^2)``). So the loss is a function of the normal part relative to the
+outgoing step alone: a trajectory that only speeds up or slows down along a straight line (``a_perp = 0``)
+costs nothing however large ``a_par`` is, unless it reverses.
+
+Figures per triple (:func:`bend_parts`):
+
+- ``one_minus_cos``: ``1 - cos(theta)`` in [0, 2] (the STP loss of that triple);
+- ``angle``: ``theta`` in degrees, [0, 180] (Hosseini & Fedorenko, NeurIPS 2023, "Large language models
+  implicitly learn to straighten neural sentence trajectories", report the mean of this angle), computed
+  with Kahan's ``2 atan2(|u1 - u2|, |u1 + u2|)``, accurate for angles near 0 and 180 where ``acos`` of a
+  rounded cosine is not;
+- ``normal``: ``|a_perp| / |d2|`` = ``sin(theta)``, in [0, 1];
+- ``tangential``: ``|a_par| / |d2|`` = ``| |d2| cos(theta) - |d1| | / |d2|``, >= 0;
+- ``slowing``: 1 where the trajectory decelerates along its direction of travel, ``a . u < 0`` (it advances
+  less along ``u`` than in the step before), else 0; a relative tolerance ``SLOWING_TOL * max(|d1|, |d2|)``
+  keeps rounding from deciding exact ties (a straight line at constant speed does not slow).
+
+Pure tensor math in fp32; zero-length chords are clamped as in :func:`amer.stp.geometry.one_minus_cos`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from amer.stp.geometry import EPS, one_minus_cos
+
+__all__ = ["SLOWING_TOL", "BendParts", "bend_parts", "angle_deg", "stp_from_normal"]
+
+SLOWING_TOL = 1e-5
+_DEG = 180.0 / math.pi
+
+
+class BendParts(NamedTuple):
+    """Per-triple figures of :func:`bend_parts`, each fp32 of the chords' leading shape."""
+
+    one_minus_cos: Tensor
+    angle: Tensor
+    normal: Tensor
+    tangential: Tensor
+    slowing: Tensor
+
+
+def _unit(x: Tensor) -> tuple[Tensor, Tensor]:
+    norm = x.norm(dim=-1, keepdim=True)
+    return x / norm.clamp_min(EPS), norm.squeeze(-1)
+
+
+def angle_deg(u: Tensor, v: Tensor) -> Tensor:
+    """The angle between ``u`` and ``v`` along the last axis, in degrees [0, 180], fp32 (Kahan's formula:
+    ``2 atan2(|u/|u| - v/|v||, |u/|u| + v/|v||)``, stable where the cosine is close to +-1)."""
+    uu, _ = _unit(u.float())
+    vv, _ = _unit(v.float())
+    return 2.0 * torch.atan2((uu - vv).norm(dim=-1), (uu + vv).norm(dim=-1)) * _DEG
+
+
+def bend_parts(d1: Tensor, d2: Tensor) -> BendParts:
+    """Every per-triple figure of the bend from chord ``d1`` to chord ``d2`` (both ``(..., D)``); see the
+    module docstring for the definitions."""
+    d1, d2 = d1.float(), d2.float()
+    u, n1 = _unit(d1)
+    _, n2 = _unit(d2)
+    along = (d2 * u).sum(-1)  # d2 . u = |d2| cos(theta)
+    a_par = along - n1  # signed tangential acceleration, a . u
+    a_perp = (d2 - along.unsqueeze(-1) * u).norm(dim=-1)
+    den = n2.clamp_min(EPS)
+    tol = SLOWING_TOL * torch.maximum(n1, n2)
+    return BendParts(
+        one_minus_cos=one_minus_cos(d1, d2),
+        angle=angle_deg(d1, d2),
+        normal=(a_perp / den).clamp(0.0, 1.0),
+        tangential=a_par.abs() / den,
+        slowing=(a_par < -tol).float(),
+    )
+
+
+def stp_from_normal(normal: Tensor, sign: Tensor) -> Tensor:
+    """``1 - sign * sqrt(1 - normal^2)``: the STP loss of a triple rebuilt from its normal part alone
+    (``normal = |a_perp| / |d2|``, ``sign = sgn(d1 . d2)``); equals :func:`one_minus_cos` of the chords."""
+    return 1.0 - sign * torch.sqrt((1.0 - normal.double() ** 2).clamp_min(0.0))
