@@ -68,18 +68,23 @@ def _unit(x: Tensor) -> tuple[Tensor, Tensor]:
     return x / norm.clamp_min(EPS), norm.squeeze(-1)
 
 
+def _up(x: Tensor) -> Tensor:
+    """fp64 stays fp64 (a reference computation), anything else is computed in fp32."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def angle_deg(u: Tensor, v: Tensor) -> Tensor:
-    """The angle between ``u`` and ``v`` along the last axis, in degrees [0, 180], fp32 (Kahan's formula:
-    ``2 atan2(|u/|u| - v/|v||, |u/|u| + v/|v||)``, stable where the cosine is close to +-1)."""
-    uu, _ = _unit(u.float())
-    vv, _ = _unit(v.float())
+    """The angle between ``u`` and ``v`` along the last axis, in degrees [0, 180], fp32 (fp64 for fp64 input;
+    Kahan's formula ``2 atan2(|u/|u| - v/|v||, |u/|u| + v/|v||)``, stable where the cosine is close to +-1)."""
+    uu, _ = _unit(_up(u))
+    vv, _ = _unit(_up(v))
     return 2.0 * torch.atan2((uu - vv).norm(dim=-1), (uu + vv).norm(dim=-1)) * _DEG
 
 
 def bend_parts(d1: Tensor, d2: Tensor) -> BendParts:
     """Every per-triple figure of the bend from chord ``d1`` to chord ``d2`` (both ``(..., D)``); see the
-    module docstring for the definitions."""
-    d1, d2 = d1.float(), d2.float()
+    module docstring for the definitions. fp32 (fp64 for fp64 chords, e.g. a reference computation)."""
+    d1, d2 = _up(d1), _up(d2)
     u, n1 = _unit(d1)
     _, n2 = _unit(d2)
     along = (d2 * u).sum(-1)  # d2 . u = |d2| cos(theta)
@@ -88,11 +93,11 @@ def bend_parts(d1: Tensor, d2: Tensor) -> BendParts:
     den = n2.clamp_min(EPS)
     tol = SLOWING_TOL * torch.maximum(n1, n2)
     return BendParts(
-        one_minus_cos=one_minus_cos(d1, d2),
+        one_minus_cos=one_minus_cos(d1, d2) if d1.dtype != torch.float64 else (1.0 - along / den).clamp(0.0, 2.0),
         angle=angle_deg(d1, d2),
         normal=(a_perp / den).clamp(0.0, 1.0),
         tangential=a_par.abs() / den,
-        slowing=(a_par < -tol).float(),
+        slowing=(a_par < -tol).to(d1.dtype),
     )
 
 
