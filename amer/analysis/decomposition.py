@@ -32,7 +32,11 @@ Figures per triple (:func:`bend_parts`):
 - ``tangential``: ``|a_par| / |d2|`` = ``| |d2| cos(theta) - |d1| | / |d2|``, >= 0;
 - ``slowing``: 1 where the trajectory decelerates along its direction of travel, ``a . u < 0`` (it advances
   less along ``u`` than in the step before), else 0; a relative tolerance ``SLOWING_TOL * max(|d1|, |d2|)``
-  keeps rounding from deciding exact ties (a straight line at constant speed does not slow).
+  keeps rounding from deciding exact ties (a straight line at constant speed does not slow);
+- ``defined``: 1 where both chords have a length (``min(|d1|, |d2|) > DEGENERATE * max(|d1|, |d2|)``), else
+  0. A zero-length chord (a repeated token at the embedding, a state that does not move) has no direction of
+  travel and makes ``|a_par| / |d2|`` unbounded, so the decomposition is averaged over defined triples only;
+  the bend keeps the STP convention (a zero chord counts as ``1 - cos = 1``, 90 degrees).
 
 Pure tensor math in fp32; zero-length chords are clamped as in :func:`amer.stp.geometry.one_minus_cos`.
 """
@@ -47,9 +51,10 @@ from torch import Tensor
 
 from amer.stp.geometry import EPS, one_minus_cos
 
-__all__ = ["SLOWING_TOL", "BendParts", "bend_parts", "angle_deg", "stp_from_normal"]
+__all__ = ["SLOWING_TOL", "DEGENERATE", "BendParts", "bend_parts", "angle_deg", "stp_from_normal"]
 
 SLOWING_TOL = 1e-5
+DEGENERATE = 1e-6
 _DEG = 180.0 / math.pi
 
 
@@ -61,6 +66,7 @@ class BendParts(NamedTuple):
     normal: Tensor
     tangential: Tensor
     slowing: Tensor
+    defined: Tensor
 
 
 def _unit(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -98,6 +104,7 @@ def bend_parts(d1: Tensor, d2: Tensor) -> BendParts:
         normal=(a_perp / den).clamp(0.0, 1.0),
         tangential=a_par.abs() / den,
         slowing=(a_par < -tol).to(d1.dtype),
+        defined=((torch.minimum(n1, n2) > DEGENERATE * torch.maximum(n1, n2)) & (n2 > 0)).to(d1.dtype),
     )
 
 

@@ -103,9 +103,10 @@ def first_pass(taps: list[Tap], doc_ids: Tensor, entropy: Tensor | None, lay: La
         for k in lay.strides:
             d1, d2, w = token_chords(h, stride=k, mask=doc_ids)
             parts = bend_parts(d1, d2)
-            for m, v in (("tok", parts.one_minus_cos), ("tok_deg", parts.angle), ("normal", parts.normal),
-                         ("tangential", parts.tangential), ("slowing", parts.slowing)):
-                out.add(f"{m}/{name}/s{k}", v, w)
+            out.add(f"tok/{name}/s{k}", parts.one_minus_cos, w)
+            out.add(f"tok_deg/{name}/s{k}", parts.angle, w)
+            for m in ("normal", "tangential", "slowing"):  # over triples whose chords both have a direction
+                out.add(f"{m}/{name}/s{k}", getattr(parts, m), w * parts.defined)
             if opts.anisotropy:
                 chords = h[:, k:].float() - h[:, :-k].float()
                 cw = chord_weights(doc_ids, B, T, k)

@@ -22,7 +22,7 @@ DEFINITIONS = {
              "the first update, X->final the final norm's change; depth_deg: the same angle in degrees",
     "decomposition": "a = d2 - d1, u = d1/|d1|, a_par = (a.u)u, a_perp = a - a_par; normal = |a_perp|/|d2| "
                      "(= sin of the bend), tangential = |a_par|/|d2|, slowing = fraction of triples with a.u < 0; "
-                     "1 - cos = 1 - sgn(d1.d2) sqrt(1 - normal^2)",
+                     "over triples whose two chords both have a length; 1 - cos = 1 - sgn(d1.d2) sqrt(1 - normal^2)",
     "baselines": "shuffled: the model on the same text with each document's tokens shuffled; noise: i.i.d. "
                  "Gaussian points with the tap's mean and covariance; walk: a Gaussian random walk with the "
                  "tap's covariance as increment covariance; each in both units (*_deg in degrees)",
