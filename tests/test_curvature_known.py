@@ -313,3 +313,15 @@ def test_pearson_from_moments_equals_numpy() -> None:
     mom = correlation_moments(torch.tensor(x).view(1, -1), torch.tensor(y).view(1, -1), torch.tensor(w).view(1, -1))
     assert pearson(mom.numpy()[0]) == pytest.approx(np.corrcoef(x[w > 0], y[w > 0])[0, 1], abs=1e-10)
     assert np.isnan(pearson(np.array([5.0, 5.0, 1.0, 5.0, 1.0, 1.0])))  # constant sides: undefined, not 0
+
+
+def test_a_zero_length_chord_has_no_direction_of_travel() -> None:
+    """A state that does not move (a repeated token at the embedding): the bend keeps the STP convention (a zero
+    chord counts as 1 - cos = 1, 90 degrees), the decomposition leaves the triple out (``defined`` 0) instead of
+    dividing by |d2| = 0."""
+    h = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [1.0, 0.0], [2.0, 0.0]]])
+    d1, d2, _ = token_chords(h)
+    p = bend_parts(d1, d2)
+    assert p.defined.tolist() == [[0.0, 0.0]]
+    assert p.one_minus_cos.tolist() == [[1.0, 1.0]] and p.angle[0].tolist() == pytest.approx([90.0, 90.0])
+    assert float(bend_parts(torch.tensor([[1.0, 0.0]]), torch.tensor([[2.0, 0.1]])).defined) == 1.0
