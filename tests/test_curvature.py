@@ -300,6 +300,19 @@ def assert_valid_png(path: Path) -> None:
     assert float(img[..., :3].std()) > 0.01  # something was drawn
 
 
+def assert_tables_well_formed(md: str) -> None:
+    """Every row of every Markdown table has as many cells as its header (a bare | in a cell would split it)."""
+    cells = None
+    for line in md.splitlines():
+        if not line.startswith("|"):
+            cells = None
+            continue
+        n = len(re.findall(r"(?<!\\)\|", line))
+        if cells is None:
+            cells = n
+        assert n == cells, line
+
+
 def test_write_report_json_markdown_png(tmp_path: Path) -> None:
     batches = token_batches()
     a = evaluate(GeometryModel([depth_path(turn=2)]), batches, n_bootstrap=50, progress=False)
@@ -315,6 +328,7 @@ def test_write_report_json_markdown_png(tmp_path: Path) -> None:
     for heading in ("## Depth curvature per boundary type", "## Per family", "## Per layer", "## Comparison"):
         assert heading in md
     assert re.search(r"\| E->M \| 1 \| 1\.0000 ± 0\.000 \[1\.0000, 1\.0000\] \|", md)
+    assert_tables_well_formed(md)
     assert "| 3 | M0 * | mamba |" in md
     assert_valid_png(paths["png"])
     # without a comparison: one panel, no comparison section

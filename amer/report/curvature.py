@@ -95,7 +95,9 @@ def _rows_of(res: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
 def _decomposition_table(res: Mapping[str, Any]) -> str:
     rows = [[name, k, _fmt_stat(d["normal"]), _fmt_stat(d["tangential"]), _fmt_stat(d["slowing"])]
             for name, node in _rows_of(res) for k, d in node["decomposition"].items()]
-    return md_table(["family / tap", "stride", "normal |a⊥|/|d2|", "tangential |a∥|/|d2|", "slowing (fraction)"], rows)
+    # a bare | would end a Markdown table cell
+    return md_table(["family / tap", "stride", r"normal \|a⊥\|/\|d2\|", r"tangential \|a∥\|/\|d2\|",
+                     "slowing (fraction)"], rows)
 
 
 def _baseline_table(res: Mapping[str, Any], units: tuple[str, ...]) -> str:
