@@ -313,6 +313,12 @@ def assert_tables_well_formed(md: str) -> None:
         assert n == cells, line
 
 
+def test_the_table_check_catches_a_split_cell() -> None:
+    assert_tables_well_formed("| a | b |\n|---|---|\n| x \\| y | z |")  # an escaped pipe stays in its cell
+    with pytest.raises(AssertionError):
+        assert_tables_well_formed("| a | b |\n|---|---|\n| x | y | z |")
+
+
 def test_write_report_json_markdown_png(tmp_path: Path) -> None:
     batches = token_batches()
     a = evaluate(GeometryModel([depth_path(turn=2)]), batches, n_bootstrap=50, progress=False)
