@@ -82,7 +82,8 @@ def _panels(res: Mapping[str, Any], comp: Any, units: tuple[str, ...]) -> list[t
 
 def curvature_figure(report: Mapping[str, Any], units: str | None = None) -> Any:
     """The curvature figure (a bare Agg ``Figure``); see the module docstring for its panels. A comparison adds
-    hollow markers for B (token, depth and entropy panels) and a last panel with A − B."""
+    hollow markers for B (smaller and to the right on the decomposition and cosine panels) and a last panel
+    with A − B."""
     from matplotlib.lines import Line2D
 
     res, comp, res_b = report["result"], report.get("comparison"), report.get("result_b")
@@ -132,10 +133,14 @@ def curvature_figure(report: Mapping[str, Any], units: str | None = None) -> Any
             reference_lines(ax, iid=False, unit=unit)  # independent updates: walk level only
             ax.set_title(f"depth curvature per boundary (◆, colour: the block after it), {LABEL[unit]}", fontsize=9)
         elif kind == "decomposition":
-            d = [lay["decomposition"][k0] for lay in layers]
-            _series(ax, xt, [s["normal"] for s in d], tap_col, "o", dx=-0.12, ls=":")
-            _series(ax, xt, [s["tangential"] for s in d], tap_col, "^", hollow=True, dx=0.0, ls=":")
-            _series(ax, xt, [s["slowing"] for s in d], ["0.4"] * n, "s", dx=0.12, ls=None, ms=4)
+            for res_x, shift, ms in ((res, 0.0, 6), (res_b, 0.3, 4)):  # B (if any): smaller, to the right
+                if res_x is None:
+                    continue
+                d = [lay["decomposition"][k0] for lay in res_x["layers"]]
+                _series(ax, xt, [s["normal"] for s in d], tap_col, "o", dx=-0.12 + shift, ls=":", ms=ms,
+                        hollow=res_x is res_b)
+                _series(ax, xt, [s["tangential"] for s in d], tap_col, "^", hollow=True, dx=shift, ls=":", ms=ms)
+                _series(ax, xt, [s["slowing"] for s in d], ["0.4"] * n, "s", dx=0.12 + shift, ls=None, ms=4)
             ylab = "ratio / fraction"
             ax.set_title(f"parts of the acceleration (stride {k0}): normal |a⊥|/|d2| (o, what STP sees),\n"
                          f"tangential |a∥|/|d2| (△), fraction of triples slowing (□)", fontsize=9)
@@ -149,9 +154,14 @@ def curvature_figure(report: Mapping[str, Any], units: str | None = None) -> Any
             ax.set_title(f"r(contextual curvature, next-token entropy): angle, window "
                          f"{res['options']['entropy_window']} bends, stride {k0}", fontsize=9)
         elif kind == "cosines":
-            a = [lay["anisotropy"] for lay in layers]
-            _series(ax, xt, [s["cos_states"] for s in a], tap_col, "o", dx=-0.08, ls=":")
-            _series(ax, xt, [s["cos_chords"][k0] for s in a], tap_col, "^", hollow=True, dx=0.08, ls=":")
+            for res_x, shift, ms in ((res, 0.0, 6), (res_b, 0.3, 4)):
+                if res_x is None or "anisotropy" not in res_x["layers"][0]:
+                    continue
+                a = [lay["anisotropy"] for lay in res_x["layers"]]
+                _series(ax, xt, [s["cos_states"] for s in a], tap_col, "o", dx=-0.08 + shift, ls=":", ms=ms,
+                        hollow=res_x is res_b)
+                _series(ax, xt, [s["cos_chords"][k0] for s in a], tap_col, "^", hollow=True, dx=0.08 + shift, ls=":",
+                        ms=ms)
             ax.axhline(0.0, color="0.4", lw=0.6)
             ylab = "mean pairwise cos"
             ax.set_title(f"anisotropy: mean pairwise cosine of states (o) and stride-{k0} chords (△)", fontsize=9)
