@@ -325,3 +325,19 @@ def test_a_zero_length_chord_has_no_direction_of_travel() -> None:
     assert p.defined.tolist() == [[0.0, 0.0]]
     assert p.one_minus_cos.tolist() == [[1.0, 1.0]] and p.angle[0].tolist() == pytest.approx([90.0, 90.0])
     assert float(bend_parts(torch.tensor([[1.0, 0.0]]), torch.tensor([[2.0, 0.1]])).defined) == 1.0
+
+
+def test_the_report_bend_is_the_stp_bend() -> None:
+    """The report's 1 - cos (from half-angle lengths) and STP's one_minus_cos are one quantity: equal to 1e-6 on
+    random chords, zero chords included (both a right angle)."""
+    from amer.analysis.decomposition import bend_units
+
+    g = torch.Generator().manual_seed(9)
+    d1 = torch.randn(5000, 12, generator=g)
+    d2 = torch.randn(5000, 12, generator=g)
+    d2[:10] = 0.0
+    d2[10:20] = 3.0 * d1[10:20]  # straight
+    d2[20:30] = -0.5 * d1[20:30]  # reversal
+    omc, angle = bend_units(d1, d2)
+    torch.testing.assert_close(omc, one_minus_cos(d1, d2), rtol=0, atol=1e-6)
+    assert angle[:10].tolist() == [90.0] * 10 and float(angle[10:20].max()) < 0.05 and float(angle[20:30].min()) > 179.9

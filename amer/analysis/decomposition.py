@@ -38,7 +38,10 @@ Figures per triple (:func:`bend_parts`):
   travel and makes ``|a_par| / |d2|`` unbounded, so the decomposition is averaged over defined triples only;
   the bend keeps the STP convention (a zero chord counts as ``1 - cos = 1``, 90 degrees).
 
-Pure tensor math in fp32; zero-length chords are clamped as in :func:`amer.stp.geometry.one_minus_cos`.
+All figures come from the two half-angle lengths ``p = |u1 - u2|`` and ``q = |u1 + u2|`` of the unit chords
+(``1 - cos = p^2/2``, ``sin = pq/2``, ``theta = 2 atan2(p, q)``), which lose no precision near 0 or 180 degrees.
+Pure tensor math in fp32; a zero-length chord (norm below :data:`amer.stp.geometry.EPS`) makes a right angle,
+as in :func:`amer.stp.geometry.one_minus_cos`.
 """
 
 from __future__ import annotations
@@ -49,9 +52,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from amer.stp.geometry import EPS, one_minus_cos
+from amer.stp.geometry import EPS
 
-__all__ = ["SLOWING_TOL", "DEGENERATE", "BendParts", "bend_parts", "angle_deg", "stp_from_normal"]
+__all__ = ["SLOWING_TOL", "DEGENERATE", "BendParts", "bend_parts", "bend_units", "angle_deg", "stp_from_normal"]
 
 SLOWING_TOL = 1e-5
 DEGENERATE = 1e-6
@@ -69,42 +72,60 @@ class BendParts(NamedTuple):
     defined: Tensor
 
 
-def _unit(x: Tensor) -> tuple[Tensor, Tensor]:
-    norm = x.norm(dim=-1, keepdim=True)
-    return x / norm.clamp_min(EPS), norm.squeeze(-1)
-
-
 def _up(x: Tensor) -> Tensor:
     """fp64 stays fp64 (a reference computation), anything else is computed in fp32."""
     return x if x.dtype == torch.float64 else x.float()
 
 
+def _halves(d1: Tensor, d2: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(p, q, |d1|, |d2|, zero)`` with ``p = |u1 - u2| = 2 sin(theta/2)``, ``q = |u1 + u2| = 2 cos(theta/2)``
+    for the unit chords, and ``zero`` where a chord has no length (norm <= EPS, STP's clamp)."""
+    n1, n2 = d1.norm(dim=-1), d2.norm(dim=-1)
+    u1 = d1 / n1.clamp_min(EPS).unsqueeze(-1)
+    u2 = d2 / n2.clamp_min(EPS).unsqueeze(-1)
+    return (u1 - u2).norm(dim=-1), (u1 + u2).norm(dim=-1), n1, n2, (n1 <= EPS) | (n2 <= EPS)
+
+
+def _omc_and_angle(p: Tensor, q: Tensor, zero: Tensor) -> tuple[Tensor, Tensor]:
+    # 1 - cos = p^2 / 2 and theta = 2 atan2(p, q): no cancellation near 0 or 180 degrees; a zero chord is a
+    # right angle, as in amer.stp.geometry.one_minus_cos
+    omc = torch.where(zero, torch.ones_like(p), (0.5 * p * p).clamp(0.0, 2.0))
+    angle = torch.where(zero, torch.full_like(p, 90.0), 2.0 * torch.atan2(p, q) * _DEG)
+    return omc, angle
+
+
 def angle_deg(u: Tensor, v: Tensor) -> Tensor:
     """The angle between ``u`` and ``v`` along the last axis, in degrees [0, 180], fp32 (fp64 for fp64 input;
-    Kahan's formula ``2 atan2(|u/|u| - v/|v||, |u/|u| + v/|v||)``, stable where the cosine is close to +-1)."""
-    uu, _ = _unit(_up(u))
-    vv, _ = _unit(_up(v))
-    return 2.0 * torch.atan2((uu - vv).norm(dim=-1), (uu + vv).norm(dim=-1)) * _DEG
+    Kahan's formula ``2 atan2(|u/|u| - v/|v||, |u/|u| + v/|v||)``, stable where the cosine is close to +-1; a
+    zero-length vector makes a right angle)."""
+    p, q, _, _, zero = _halves(_up(u), _up(v))
+    return _omc_and_angle(p, q, zero)[1]
+
+
+def bend_units(d1: Tensor, d2: Tensor) -> tuple[Tensor, Tensor]:
+    """``(1 - cos, angle in degrees)`` of the bend from ``d1`` to ``d2`` (both ``(..., D)``), sharing one
+    normalisation; ``1 - cos`` equals :func:`amer.stp.geometry.one_minus_cos` up to rounding."""
+    p, q, _, _, zero = _halves(_up(d1), _up(d2))
+    return _omc_and_angle(p, q, zero)
 
 
 def bend_parts(d1: Tensor, d2: Tensor) -> BendParts:
     """Every per-triple figure of the bend from chord ``d1`` to chord ``d2`` (both ``(..., D)``); see the
     module docstring for the definitions. fp32 (fp64 for fp64 chords, e.g. a reference computation)."""
     d1, d2 = _up(d1), _up(d2)
-    u, n1 = _unit(d1)
-    _, n2 = _unit(d2)
-    along = (d2 * u).sum(-1)  # d2 . u = |d2| cos(theta)
-    a_par = along - n1  # signed tangential acceleration, a . u
-    a_perp = (d2 - along.unsqueeze(-1) * u).norm(dim=-1)
+    p, q, n1, n2, zero = _halves(d1, d2)
+    omc, angle = _omc_and_angle(p, q, zero)
+    cos = 1.0 - 0.5 * p * p
+    a_par = n2 * cos - n1  # signed tangential acceleration a . u = d2 . u - |d1|
     den = n2.clamp_min(EPS)
     tol = SLOWING_TOL * torch.maximum(n1, n2)
     return BendParts(
-        one_minus_cos=one_minus_cos(d1, d2) if d1.dtype != torch.float64 else (1.0 - along / den).clamp(0.0, 2.0),
-        angle=angle_deg(d1, d2),
-        normal=(a_perp / den).clamp(0.0, 1.0),
+        one_minus_cos=omc,
+        angle=angle,
+        normal=(0.5 * p * q).clamp(0.0, 1.0),  # sin(theta) = 2 sin(theta/2) cos(theta/2) = |a_perp| / |d2|
         tangential=a_par.abs() / den,
-        slowing=(a_par < -tol).to(d1.dtype),
-        defined=((torch.minimum(n1, n2) > DEGENERATE * torch.maximum(n1, n2)) & (n2 > 0)).to(d1.dtype),
+        slowing=((a_par < -tol) & ~zero).to(d1.dtype),
+        defined=((torch.minimum(n1, n2) > DEGENERATE * torch.maximum(n1, n2)) & ~zero).to(d1.dtype),
     )
 
 

@@ -18,12 +18,11 @@ from torch import Tensor
 
 from amer.analysis.anisotropy import Moments, pairwise_cosine_sums, whitening
 from amer.analysis.baselines import gaussian_noise, gaussian_walk
-from amer.analysis.decomposition import angle_deg, bend_parts
+from amer.analysis.decomposition import bend_parts, bend_units
 from amer.analysis.entropy import contextual_curvature, correlation_moments
 from amer.analysis.layout import Layout
 from amer.analysis.metrics import depth_states
 from amer.analysis.trajectory import chord_weights, depth_bends, token_chords
-from amer.stp.geometry import one_minus_cos
 from amer.stp.triple import sample_spans, span_bends
 from amer.tap import Tap
 
@@ -131,8 +130,9 @@ def first_pass(taps: list[Tap], doc_ids: Tensor, entropy: Tensor | None, lay: La
 
 
 def _add_bends(out: Sums, prefix: str, name: str, k: int, d1: Tensor, d2: Tensor, w: Tensor) -> None:
-    out.add(f"{prefix}/{name}/s{k}", one_minus_cos(d1, d2), w)
-    out.add(f"{prefix}_deg/{name}/s{k}", angle_deg(d1, d2), w)
+    omc, angle = bend_units(d1, d2)
+    out.add(f"{prefix}/{name}/s{k}", omc, w)
+    out.add(f"{prefix}_deg/{name}/s{k}", angle, w)
 
 
 def second_pass(taps: list[Tap], shuffled: list[Tap] | None, doc_ids: Tensor, lay: Layout,

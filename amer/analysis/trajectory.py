@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from amer.analysis.decomposition import angle_deg
+from amer.analysis.decomposition import bend_units
 from amer.stp.geometry import check_mask, one_minus_cos, valid_and_runs
 
 __all__ = ["token_curvature", "token_chords", "triple_weights", "chord_weights", "depth_curvature",
@@ -126,8 +126,9 @@ def depth_bends(states: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     omc, ang = [], []
     for i in range(1, len(states) - 1):
         cur = states[i + 1].float() - states[i].float()
-        omc.append(one_minus_cos(prev, cur))
-        ang.append(angle_deg(prev, cur))
+        o, a = bend_units(prev, cur)
+        omc.append(o)
+        ang.append(a)
         prev = cur
     return torch.stack(omc), torch.stack(ang)
 
