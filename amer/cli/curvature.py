@@ -69,6 +69,8 @@ def build_parser() -> ArgParser:
                    help="units of the curvature figures in curvature.md, the PNG and the terminal: 'angle' (mean "
                         "angle in degrees, as in the literature), 'one-minus-cos' (the STP loss's unit) or 'both' "
                         "(default); curvature.json always holds both")
+    p.add_argument("--dpi", type=number_arg(True, ge=30, le=600), default=120,
+                   help="resolution of curvature.png (default 120)")
     checks = p.add_argument_group("checks (all on by default; each off makes the report cheaper)")
     checks.add_argument("--no-baselines", action="store_true",
                         help="skip the shuffled-text (a second forward pass), noise and random-walk baselines")
@@ -241,7 +243,7 @@ def _measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Path]]
         result_b["label"] = prep["label_b"]
         report["result_b"] = result_b
         report["comparison"] = compare(result, result_b)
-    return report, write_report(report, prep["out"])
+    return report, write_report(report, prep["out"], dpi=args.dpi)
 
 
 def command(argv: list[str]) -> int:

@@ -312,12 +312,13 @@ def format_summary(report: Mapping[str, Any], units: str | None = None) -> str:
     return "\n".join(parts)
 
 
-def write_report(report: Mapping[str, Any], out_dir: str | Path, units: str | None = None) -> dict[str, Path]:
-    """Write ``curvature.json``, ``curvature.md`` and ``curvature.png`` into ``out_dir`` (created), each
-    atomically."""
+def write_report(report: Mapping[str, Any], out_dir: str | Path, units: str | None = None, *,
+                 dpi: int = 120) -> dict[str, Path]:
+    """Write ``curvature.json``, ``curvature.md`` and ``curvature.png`` (at ``dpi``) into ``out_dir`` (created),
+    each atomically."""
     out = Path(out_dir)
     paths = {"json": out / "curvature.json", "md": out / "curvature.md", "png": out / "curvature.png"}
     write_json(paths["json"], dict(report))
     atomic_write_text(paths["md"], format_markdown(report, units))
-    plot_report(report, paths["png"], units=units)
+    plot_report(report, paths["png"], units=units, dpi=dpi)
     return paths
