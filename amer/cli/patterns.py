@@ -4,7 +4,6 @@ layout (:mod:`amer.translate`)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -13,6 +12,7 @@ from amer.cli.base import ArgParser
 from amer.config import ModelConfig, stp_config_from_preset
 from amer.errors import InputError
 from amer.families import families
+from amer.fileread import json_loads, read_file
 from amer.model import HybridLM
 from amer.pattern import load_preset, preset_names
 from amer.translate import from_layer_types, from_megatron
@@ -71,10 +71,10 @@ def _layer_types(value: str) -> object:
     if not value.lstrip().startswith("[") and (path.is_file() or (path / "config.json").is_file()):
         path = path if path.is_file() else path / "config.json"
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            return json_loads(read_file(path).decode("utf-8"))
+        except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             raise InputError(f"--from-layer-types: {path} is not readable JSON ({err})") from None
     try:
-        return json.loads(value)
-    except json.JSONDecodeError:
+        return json_loads(value)
+    except ValueError:
         raise InputError(f"--from-layer-types: {value!r} is neither a JSON list nor a config.json file") from None

@@ -108,10 +108,11 @@ def _train(run: Run, layout: distributed.Layout, stop_at: int | None, quiet: boo
     bad, val, val_ok, t_last, tok_since = BadSteps(cfg.max_bad_steps, run_dir), {}, True, time.perf_counter(), 0
     first_step = saved_step = state.step  # the step of the last checkpoint written or restored
 
-    def save(val: dict[str, float] | None, host: Any = None) -> None:
-        """A checkpoint of the current step (``val`` None: a stop's, with no evaluation and no best/)."""
+    def save(val: dict[str, float] | None, host: Any = _GATHER) -> None:
+        """A checkpoint of the current step (``val`` None: a stop's, with no evaluation and no best/). ``host`` is
+        an evaluation's gathered copy, None on ranks other than 0, so only its absence gathers again."""
         nonlocal saved_step
-        if host is None:
+        if host is _GATHER:
             host = (model, opt) if scaled is None else scaleout.host_copy(scaled, cfg)  # rank 0: whole model
         if xla.is_xla(device):  # checkpoints are written from host copies (the CPU format)
             host = xla.host_copy(model, opt, lambda: HybridLM(cfg.model), lambda m: make_optimizer(m, cfg))
@@ -184,6 +185,9 @@ def _train(run: Run, layout: distributed.Layout, stop_at: int | None, quiet: boo
         f"{run_dir / 'log.jsonl'} | tensorboard --logdir {cfg.out_dir}")
     return {"run_dir": str(run_dir), "checkpoint": str(latest) if latest else None, "best_val": state.best_val,
             "val": val, "steps": last_step}
+
+
+_GATHER = object()  # save(): no copy given, gather one (every rank joins the collective)
 
 
 def _stop(signum: int, step: int, saved_step: int, save: Any, run_dir: Any) -> None:
