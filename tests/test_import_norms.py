@@ -88,7 +88,7 @@ def test_olmo2(tmp_path: Path) -> None:
     hf = build_source(tmp_path, "Olmo2ForCausalLM", "Olmo2Config", **SMALL)
     same_function(hf, tmp_path)
     model, cfg = from_transformers(tmp_path)
-    assert cfg.pattern == "(AE)*4" and cfg.norm_placement == "post" and cfg.attention.qk_norm_scope == "all"
+    assert cfg.pattern == "(AE)*4" and cfg.norm_placement == "post" and cfg.attention.qk_norm_scope == "projection"
     assert model.blocks[0].norm is None and model.blocks[0].mixer.q_norm.weight.shape == (4 * 16,)
     for blk in model.blocks:
         blk.post_norm = None

@@ -578,11 +578,12 @@ def test_each_check_rejects_its_fault(faulty_family: FamilySpec, fault: str) -> 
 OPTION_VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("A", {"qkv_bias": True, "out_bias": True, "qk_norm": True, "window": 5, "rope_fraction": 0.5, "scale": 0.3}),
     ("A", {"rope_fraction": 0.0}),
-    ("A", {"softcap": 1.5, "window": 5, "qk_norm": True, "qk_norm_scope": "all", "rope_linear_factor": 4.0}),
+    ("A", {"softcap": 1.5, "window": 5, "qk_norm": True, "qk_norm_scope": "projection", "rope_linear_factor": 4.0}),
     ("A", {"softcap": 2.0, "n_heads": 4, "n_kv_heads": 1}),
     ("D", {"q_lora_rank": 0, "bias": True, "rope": False, "kv_lora_rank": 8}),
     ("D", {"yarn_factor": 4.0, "yarn_original": 8, "yarn_mscale": 0.8, "yarn_mscale_all_dim": 1.0}),
     ("N", {"activation": "none", "output_gate": False, "depth_decay": False, "head_dim": 12}),
+    ("A", {"output_gate": True, "qkv_bias": True, "qk_norm": True, "rope_fraction": 0.25}),
     ("E", {"n_experts": 4, "top_k": 1, "renormalize_top1": True, "dispatch": "capacity", "capacity_factor": 4.0}),
     ("E", {"n_experts": 1}),
     ("E", {"n_experts": 1, "activation": "gelu_tanh", "shared_expert": True}),

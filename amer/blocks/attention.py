@@ -6,7 +6,8 @@ GQA (Ainslie et al. 2023, arXiv 2305.13245) shares each key/value head across
 The attention itself is ``F.scaled_dot_product_attention``, which picks the fused CPU/GPU kernel (flash or
 memory-efficient on CUDA). On CUDA, packed documents and sliding windows go through ``flex_attention`` with a
 block mask (:mod:`amer.ops.flex`) instead of a dense (T, T) mask; :mod:`amer.ops.kernels` picks and logs the
-backend, and ``AMER_KERNELS=reference`` keeps the paths below on every device.
+backend, and ``AMER_KERNELS=reference`` keeps the paths below on every device. ``output_gate`` is gated
+attention (Qiu et al. 2025, arXiv 2505.06708): the heads' output times a sigmoid of the block input's projection.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ class AttentionConfig:
     head_dim: int | None = opt(None, "attention head width (default d-model / n-heads; must be even for RoPE)")
     rope_theta: float = opt(10000.0, "RoPE base frequency")
     qk_norm: bool = opt(False, "RMS-normalise queries and keys before the dot product")
-    qk_norm_scope: Literal["head", "all"] = opt("head", "q/k norm over each head's width (Qwen3, Gemma 3) or over "
-                                                "all heads' widths at once (OLMo 2)")
+    qk_norm_scope: Literal["head", "projection"] = opt(
+        "head", "what one q/k norm spans: each head's width (Qwen3, LFM2) or the whole query and key projections, "
+        "all heads together, with one gain per channel (OLMo 2, OLMo-Hybrid)")
     qkv_bias: bool = opt(False, "add a bias to the query/key/value projection (Qwen2, Llama attention-bias)")
     out_bias: bool = opt(False, "add a bias to the attention output projection")
     rope_fraction: float = opt(1.0, "share of each head's width rotated by RoPE (leading dims; 0: no position "
@@ -51,6 +53,8 @@ class AttentionConfig:
     rope_scale_low: float = opt(1.0, "Llama 3.1 RoPE scaling: low-frequency factor", gt=0)
     rope_scale_high: float = opt(4.0, "Llama 3.1 RoPE scaling: high-frequency factor", gt=0)
     rope_scale_original: int = opt(8192, "Llama 3.1 RoPE scaling: the pretraining context length", ge=1)
+    output_gate: bool = opt(False, "scale the attention output per channel by sigmoid of its own projection of the "
+                            "block input (gated attention, Qiu et al. 2025; Qwen3-Next)")
     window: int | None = opt(None, "sliding-window attention: each token sees itself and the window - 1 tokens "
                              "before it (Mistral; default: the whole causal past)", ge=1)
     scale: float | None = opt(None, "softmax scale of the query-key products (default 1 / sqrt(head-dim))", gt=0)
@@ -71,8 +75,8 @@ class AttentionConfig:
         check(self.head_dim is None or self.head_dim >= 1, "attention.head_dim must be >= 1")
         check(self.rope_theta > 0, f"attention.rope_theta must be > 0, got {self.rope_theta}")
         check(self.rope_scale_high > self.rope_scale_low, "attention.rope_scale_high must exceed rope_scale_low")
-        check(self.qk_norm_scope in ("head", "all"),
-              f"attention.qk_norm_scope must be 'head' or 'all', got {self.qk_norm_scope!r}")
+        check(self.qk_norm_scope in ("head", "projection"),
+              f"attention.qk_norm_scope must be 'head' or 'projection', got {self.qk_norm_scope!r}")
         check(self.rope_linear_factor is None or self.rope_scale_factor is None,
               "attention: rope_linear_factor and rope_scale_factor (Llama 3.1) are two scalings; set one")
 
@@ -148,10 +152,13 @@ class AttentionMixer(Mixer):
         hd = self.head_dim
         self.qkv = nn.Linear(dims.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * hd, bias=cfg.qkv_bias)
         self.out_proj = nn.Linear(cfg.n_heads * hd, dims.d_model, bias=cfg.out_bias)
+        # gated attention: a per-channel sigmoid gate on the heads' output (its bias follows the query's)
+        self.gate = nn.Linear(dims.d_model, cfg.n_heads * hd, bias=cfg.qkv_bias) if cfg.output_gate else None
         self.rot = rope_width(hd, cfg.rope_fraction)  # leading dims rotated; the rest carry no position
         self.window, self.scale, self.softcap = cfg.window, cfg.scale, cfg.softcap
-        self.qk_norm_all = cfg.qk_norm_scope == "all"
-        q_width, k_width = (cfg.n_heads * hd, cfg.n_kv_heads * hd) if self.qk_norm_all else (hd, hd)
+        # per head: one (hd,) gain shared by the heads; per projection: the (H hd,) / (Hkv hd,) projections normed whole
+        self.norm_whole = cfg.qk_norm_scope == "projection"
+        q_width, k_width = (cfg.n_heads * hd, cfg.n_kv_heads * hd) if self.norm_whole else (hd, hd)
         self.q_norm = RMSNorm(q_width, dims.norm_eps, dims.norm_offset) if cfg.qk_norm else None
         self.k_norm = RMSNorm(k_width, dims.norm_eps, dims.norm_offset) if cfg.qk_norm else None
         self.rope_theta, self.cfg_rope = cfg.rope_theta, cfg
@@ -191,6 +198,10 @@ class AttentionMixer(Mixer):
         for norm in (self.q_norm, self.k_norm):
             if norm is not None:
                 norm.reset_parameters()
+        if self.gate is not None:
+            nn.init.normal_(self.gate.weight, 0.0, self.dims.init_std)
+            if self.gate.bias is not None:
+                nn.init.zeros_(self.gate.bias)
 
     def device_note(self, device_type: str) -> str | None:
         if self.softcap is not None and device_type != "cpu":
@@ -324,15 +335,14 @@ class AttentionMixer(Mixer):
         if self.q_norm is None:  # queries and keys rotated together: one set of RoPE ops instead of two
             qk = qkv[..., :(H + Hkv) * hd].view(B, T, H + Hkv, hd).transpose(1, 2)  # (B, H + Hkv, T, hd)
             q, k = self._rotate(qk, cos, sin).split([H, Hkv], dim=1)
-        else:
-            q, k = qkv[..., :H * hd], qkv[..., H * hd:(H + Hkv) * hd]
-            if self.qk_norm_all:  # one norm over every head's width (OLMo 2)
-                q, k = self.q_norm(q), self.k_norm(k)
-            q = q.reshape(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
-            k = k.reshape(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
-            if not self.qk_norm_all:
-                q, k = self.q_norm(q), self.k_norm(k)
+        elif self.norm_whole:  # the norms see all heads of the projection at once, before the split into heads
+            q = self.q_norm(qkv[..., :H * hd]).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+            k = self.k_norm(qkv[..., H * hd:(H + Hkv) * hd]).view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
             q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        else:
+            q = qkv[..., :H * hd].view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+            k = qkv[..., H * hd:(H + Hkv) * hd].view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+            q, k = self._rotate(self.q_norm(q), cos, sin), self._rotate(self.k_norm(k), cos, sin)
         if cache is None and self.softcap is None and (doc_ids is not None or (self.window is not None
                                                                            and self.window < T)) \
                 and kernels.attention_backend(x.device, documents=doc_ids is not None) == "flex":
@@ -361,6 +371,8 @@ class AttentionMixer(Mixer):
             y = self._sdpa(q, keys, values, mask=mask)
             new_cache = KVCache(cache.k, cache.v, end)
         y = y.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, H*hd)
+        if self.gate is not None:
+            y = y * torch.sigmoid(self.gate(x))
         return MixerOutput(self.out_proj(y), new_cache)
 
 

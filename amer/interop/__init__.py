@@ -19,7 +19,21 @@ import torch
 
 from amer.config import ModelConfig
 from amer.errors import AmerError, InputError
-from amer.interop import gemma, gemma2, hybrid, llama, olmo, ssm  # noqa: F401  (register their converters)
+from amer.interop import (  # noqa: F401  (register their converters)
+    deepseek,
+    gemma,
+    gemma2,
+    hybrid,
+    jamba,
+    kimi,
+    lfm2_moe,
+    llama,
+    minimax,
+    moe,
+    olmo,
+    qwen_next,
+    ssm,
+)
 from amer.interop.common import CONVERTERS
 from amer.interop.source import Source, unsupported
 from amer.model import HybridLM

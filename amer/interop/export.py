@@ -3,10 +3,15 @@
 ``(AE)*L`` with one-expert E blocks is ``LlamaForCausalLM`` (``MistralForCausalLM`` with a sliding window,
 ``Qwen3ForCausalLM`` with q/k norms), with routed experts ``MixtralForCausalLM``; ``M*L`` is
 ``Mamba2ForCausalLM``; with sandwich norms ``(AE)*L`` is ``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM``, with post
-norms ``Olmo2ForCausalLM`` (:mod:`amer.interop.export_norms`). The folder is config.json + model.safetensors
+norms ``Olmo2ForCausalLM`` (:mod:`amer.interop.export_norms`); ``D E`` layers (multi-head latent attention) are
+``DeepseekV3ForCausalLM``, KDA and position-free MLA layers ``KimiLinearForCausalLM``
+(:mod:`amer.interop.export_latent`), lightning attention layers ``MiniMaxForCausalLM``
+(:mod:`amer.interop.export_minimax`). The folder is config.json + model.safetensors
 (+ tokenizer.json), written whole into a temporary sibling and renamed into place; the ``transformers`` package
 is not needed to write it. Anything the target class cannot express (another pattern, a model or family option
 off its default) is an :class:`~amer.errors.InputError` naming it.
+Patterns with MoE layers and the hybrids around them (Jamba, Qwen3-Next, Granite-4.0-H, Qwen2/3-MoE, OLMoE,
+LFM2-MoE) are written by :mod:`amer.interop.export_moe`.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ from amer.errors import InputError
 from amer.fileio import atomic_write_text, json_text, refuse_link
 from amer.fileread import json_loads, read_file
 from amer.hub import write_folder
+from amer.interop.export_latent import latent_export, latent_target
+from amer.interop.export_minimax import minimax_export, minimax_target
+from amer.interop.export_moe import moe_export, moe_target
 from amer.interop.export_norms import norm_export, norm_target
 from amer.weights import save_tensors
 
@@ -181,9 +189,18 @@ def _check_blocks(cfg: ModelConfig) -> None:
 
 def export_transformers(model: Any, cfg: ModelConfig, directory: str | Path, tokenizer: Any = None) -> Path:
     """Write ``model`` (a :class:`~amer.model.HybridLM` of config ``cfg``) as a transformers model folder."""
-    arch = norm_target(cfg)  # Gemma 2 / 3 and OLMo 2, by where the blocks' norms sit
-    if arch is not None:
+    # which class: the families and options decide (MLA or KDA first: their MoE hybrids are theirs alone)
+    if (arch := latent_target(cfg)) is not None:  # DeepSeek-V3, Kimi Linear
+        _check_shared(cfg)
+        _check_blocks(cfg)
+        conf, tensors = latent_export(model, cfg, arch)
+    elif (arch := moe_target(cfg)) is not None:  # MoE and its hybrids: Jamba, Qwen3-Next, Granite-4.0-H, Qwen-MoE...
+        conf, tensors = moe_export(model, cfg, arch)
+    elif (arch := norm_target(cfg)) is not None:  # Gemma 2 / 3 and OLMo 2, by where the blocks' norms sit
         conf, tensors = norm_export(model, cfg, arch)
+    elif (arch := minimax_target(cfg)) is not None:  # lightning attention, MiniMax's post-norm residual factors
+        _check_shared(cfg)
+        conf, tensors = minimax_export(model, cfg)
     else:
         _check_shared(cfg)
         _check_blocks(cfg)

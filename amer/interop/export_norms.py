@@ -62,7 +62,7 @@ def _check_attention(cfg: ModelConfig, arch: str) -> None:
     if a.rope_fraction != 1.0 or a.qkv_bias != a.out_bias or a.rope_scale_factor is not None:
         raise _refuse(arch, "attention.rope_fraction must be 1, qkv_bias equal to out_bias and no Llama 3.1 scaling")
     if arch == "Olmo2ForCausalLM":
-        if not a.qk_norm or a.qk_norm_scope != "all" or a.scale is not None or a.softcap is not None \
+        if not a.qk_norm or a.qk_norm_scope != "projection" or a.scale is not None or a.softcap is not None \
                 or a.window is not None or a.rope_linear_factor is not None or cfg.family_variants.get("attention") \
                 or cfg.logit_softcap is not None:
             raise _refuse(arch, "attention needs qk_norm over all heads (qk_norm_scope 'all') and no scale, soft "

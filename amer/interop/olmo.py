@@ -2,7 +2,7 @@
 
 Each layer is ``x + post_attn_norm(attn(x))`` then ``x + post_ffw_norm(mlp(x))``: no norm before a sub-layer, one
 after it. That is two amer blocks, ``A`` then ``E``, with ``norm_placement = "post"``. OLMo 2's q/k norms span all
-heads at once (an RMSNorm over the whole query and key projections): ``attention.qk_norm_scope = "all"``.
+heads at once (an RMSNorm over the whole query and key projections): ``attention.qk_norm_scope = "projection"``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def convert_olmo2(src: Source) -> Converted:
     c = src.config
     src.require("hidden_act", ("silu",), "silu", "the E feed-forward is SwiGLU")
     L = int(c["num_hidden_layers"])
-    attn = {**attention_options(src), "qk_norm": True, "qk_norm_scope": "all"}
+    attn = {**attention_options(src), "qk_norm": True, "qk_norm_scope": "projection"}
     cfg = ModelConfig(pattern=f"(AE)*{L}", **shared_options(src), norm_placement="post", attention=attn,
                       moe={"n_experts": 1, "d_ff": int(c["intermediate_size"])})
     state = _embeddings(src, cfg)

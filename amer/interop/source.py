@@ -146,6 +146,14 @@ class Source:
     def has(self, key: str) -> bool:
         return key in self._files
 
+    def skip(self, prefix: str) -> list[str]:
+        """Leave out the weights under ``prefix`` (unread, and not an error for :meth:`check_all_used`): a part of
+        the checkpoint the causal LM never runs and transformers drops on load too, such as a multi-token-prediction
+        head. Returns their names."""
+        names = sorted(k for k in self._files if k.startswith(prefix))
+        self._used.update(names)
+        return names
+
     def check_all_used(self, ignore: tuple[str, ...] = ("rotary_emb.inv_freq",)) -> None:
         """Every weight of the source went somewhere; otherwise name what amer would drop."""
         left = sorted(k for k in self._files if k not in self._used and not k.endswith(ignore))
