@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,9 @@ class AttentionConfig:
     head_dim: int | None = opt(None, "attention head width (default d-model / n-heads; must be even for RoPE)")
     rope_theta: float = opt(10000.0, "RoPE base frequency")
     qk_norm: bool = opt(False, "RMS-normalise queries and keys before the dot product")
+    qk_norm_scope: Literal["head", "projection"] = opt(
+        "head", "what one q/k norm spans: each head's width (Qwen3, LFM2) or the whole query and key projections, "
+        "all heads together, with one gain per channel (OLMo 2, OLMo-Hybrid)")
     qkv_bias: bool = opt(False, "add a bias to the query/key/value projection (Qwen2, Llama attention-bias)")
     out_bias: bool = opt(False, "add a bias to the attention output projection")
     rope_fraction: float = opt(1.0, "share of each head's width rotated by RoPE (leading dims; 0: no position "
@@ -65,6 +68,8 @@ class AttentionConfig:
         check(self.head_dim is None or self.head_dim >= 1, "attention.head_dim must be >= 1")
         check(self.rope_theta > 0, f"attention.rope_theta must be > 0, got {self.rope_theta}")
         check(self.rope_scale_high > self.rope_scale_low, "attention.rope_scale_high must exceed rope_scale_low")
+        check(self.qk_norm_scope in ("head", "projection"),
+              f"attention.qk_norm_scope must be 'head' or 'projection', got {self.qk_norm_scope!r}")
 
     def validate(self, dims: Dims) -> None:
         """Checks that need the shared dimensions (run when the pattern has A blocks)."""
@@ -125,8 +130,11 @@ class AttentionMixer(Mixer):
         self.out_proj = nn.Linear(cfg.n_heads * hd, dims.d_model, bias=cfg.out_bias)
         self.rot = rope_width(hd, cfg.rope_fraction)  # leading dims rotated; the rest carry no position
         self.window, self.scale = cfg.window, cfg.scale
-        self.q_norm = RMSNorm(hd, dims.norm_eps, dims.norm_offset) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(hd, dims.norm_eps, dims.norm_offset) if cfg.qk_norm else None
+        # per head: one (hd,) gain shared by the heads; per projection: the (H hd,) / (Hkv hd,) projections normed whole
+        self.norm_whole = cfg.qk_norm_scope == "projection"
+        q_width, k_width = (cfg.n_heads * hd, cfg.n_kv_heads * hd) if self.norm_whole else (hd, hd)
+        self.q_norm = RMSNorm(q_width, dims.norm_eps, dims.norm_offset) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(k_width, dims.norm_eps, dims.norm_offset) if cfg.qk_norm else None
         self.rope_theta, self.cfg_rope = cfg.rope_theta, cfg
         self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
         self.reset_parameters()
@@ -283,6 +291,10 @@ class AttentionMixer(Mixer):
         if self.q_norm is None:  # queries and keys rotated together: one set of RoPE ops instead of two
             qk = qkv[..., :(H + Hkv) * hd].view(B, T, H + Hkv, hd).transpose(1, 2)  # (B, H + Hkv, T, hd)
             q, k = self._rotate(qk, cos, sin).split([H, Hkv], dim=1)
+        elif self.norm_whole:  # the norms see all heads of the projection at once, before the split into heads
+            q = self.q_norm(qkv[..., :H * hd]).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+            k = self.k_norm(qkv[..., H * hd:(H + Hkv) * hd]).view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
         else:
             q = qkv[..., :H * hd].view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
             k = qkv[..., H * hd:(H + Hkv) * hd].view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)

@@ -19,7 +19,7 @@ import torch
 
 from amer.config import ModelConfig
 from amer.errors import AmerError, InputError
-from amer.interop import gemma, hybrid, llama, ssm  # noqa: F401  (register their converters)
+from amer.interop import gemma, hybrid, lfm2, llama, olmo, ssm  # noqa: F401  (register their converters)
 from amer.interop.common import CONVERTERS
 from amer.interop.source import Source, unsupported
 from amer.model import HybridLM

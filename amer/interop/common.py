@@ -67,21 +67,30 @@ def attention_options(src: Source, *, window: int | None = None) -> dict[str, An
             **scaling}
 
 
-def attention_weights(src: Source, pre: str, blk: int, state: dict[str, Tensor], *, qk_norm: bool = False) -> None:
-    """q/k/v/o projections (and their biases, q/k norms) of ``pre`` into block ``blk``'s A mixer."""
+def attention_weights(src: Source, pre: str, blk: int, state: dict[str, Tensor], *, qk_norm: bool = False,
+                      out_name: str = "o_proj", norm_names: tuple[str, str] = ("q_norm", "k_norm")) -> None:
+    """q/k/v/o projections (and their biases, q/k norms) of ``pre`` into block ``blk``'s A mixer; a fused
+    ``qkv_proj`` (Phi-3) is taken whole. ``out_name`` / ``norm_names``: the output projection's and the q/k norms'
+    names in the source (LFM2: ``out_proj``, ``q_layernorm`` / ``k_layernorm``)."""
     out = f"blocks.{blk}.mixer."
-    state[out + "qkv.weight"] = torch.cat([src.get(f"{pre}{n}_proj.weight") for n in "qkv"])
-    biases = [src.get(f"{pre}{n}_proj.bias", optional=True) for n in "qkv"]
-    if any(b is not None for b in biases):
-        state[out + "qkv.bias"] = torch.cat([b if b is not None else torch.zeros(w.shape[0]) for b, w in
-                                             zip(biases, (src.get(f"{pre}{n}_proj.weight") for n in "qkv"))])
-    state[out + "out_proj.weight"] = src.get(f"{pre}o_proj.weight")
-    ob = src.get(f"{pre}o_proj.bias", optional=True)
+    if src.has(f"{pre}qkv_proj.weight"):
+        state[out + "qkv.weight"] = src.get(f"{pre}qkv_proj.weight")
+        fused_bias = src.get(f"{pre}qkv_proj.bias", optional=True)
+        if fused_bias is not None:
+            state[out + "qkv.bias"] = fused_bias
+    else:
+        state[out + "qkv.weight"] = torch.cat([src.get(f"{pre}{n}_proj.weight") for n in "qkv"])
+        biases = [src.get(f"{pre}{n}_proj.bias", optional=True) for n in "qkv"]
+        if any(b is not None for b in biases):
+            state[out + "qkv.bias"] = torch.cat([b if b is not None else torch.zeros(w.shape[0]) for b, w in
+                                                 zip(biases, (src.get(f"{pre}{n}_proj.weight") for n in "qkv"))])
+    state[out + "out_proj.weight"] = src.get(f"{pre}{out_name}.weight")
+    ob = src.get(f"{pre}{out_name}.bias", optional=True)
     if ob is not None:
         state[out + "out_proj.bias"] = ob
     if qk_norm:
-        state[out + "q_norm.weight"] = src.get(f"{pre}q_norm.weight")
-        state[out + "k_norm.weight"] = src.get(f"{pre}k_norm.weight")
+        state[out + "q_norm.weight"] = src.get(f"{pre}{norm_names[0]}.weight")
+        state[out + "k_norm.weight"] = src.get(f"{pre}{norm_names[1]}.weight")
 
 
 def dense_mlp_weights(src: Source, pre: str, blk: int, state: dict[str, Tensor], *, gated: bool = True,
@@ -89,7 +98,9 @@ def dense_mlp_weights(src: Source, pre: str, blk: int, state: dict[str, Tensor],
     """A dense (gated) feed-forward into block ``blk``'s one-expert E mixer: w_gate_up (1, D, 2F), w_down (1, F, D)."""
     gate, up, down = names
     out = f"blocks.{blk}.mixer."
-    if gated:
+    if gated and src.has(f"{pre}gate_up_proj.weight"):  # fused (Phi-3): (2F, D), the gate's rows first
+        w = src.get(f"{pre}gate_up_proj.weight").T
+    elif gated:
         w = torch.cat([src.get(f"{pre}{gate}.weight").T, src.get(f"{pre}{up}.weight").T], dim=1)
     else:
         w = src.get(f"{pre}{up}.weight").T
