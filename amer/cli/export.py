@@ -5,6 +5,7 @@ model folder where a transformers class can express the pattern."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from amer.checkpoint import find_checkpoint, load_checkpoint, read_meta
 from amer.cli.base import ArgParser
@@ -12,6 +13,19 @@ from amer.errors import InputError
 from amer.hub import PRETRAINED_FILES, save_pretrained
 
 __all__ = ["command"]
+
+
+def _tokenizer(source: Path, vocab_size: int) -> Any:
+    """The folder's tokenizer.json; else the byte tokenizer for an amer training checkpoint that predates saved
+    tokenizers (they were all byte-level) and whose vocabulary holds its ids; else none: an imported folder without
+    a tokenizer is exported without one, and without special ids, rather than with byte ids of another vocabulary."""
+    from amer.data import ByteTokenizer, load_tokenizer
+
+    if (source / "tokenizer.json").is_file():
+        return load_tokenizer(source)
+    if (source / "meta.json").is_file() and vocab_size >= ByteTokenizer.vocab_size:
+        return ByteTokenizer()
+    return None
 
 
 def command(argv: list[str]) -> int:
@@ -26,15 +40,13 @@ def command(argv: list[str]) -> int:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier export in OUT (a folder holding anything else is still refused)")
     args = p.parse_args(argv)
-    from amer.data import load_tokenizer
-
     source = find_checkpoint(args.checkpoint)
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise InputError(f"{out} already exists and is not empty: choose a new folder, or --overwrite to replace "
                          "an earlier export")
     model, cfg = load_checkpoint(source)
-    tokenizer = load_tokenizer(source)
+    tokenizer = _tokenizer(source, cfg.vocab_size)
     if args.format == "transformers":
         from amer.interop import export_transformers
 

@@ -2,10 +2,11 @@
 
 ``(AE)*L`` with one-expert E blocks is ``LlamaForCausalLM`` (``MistralForCausalLM`` with a sliding window,
 ``Qwen3ForCausalLM`` with q/k norms), with routed experts ``MixtralForCausalLM``; ``M*L`` is
-``Mamba2ForCausalLM``. The folder is config.json + model.safetensors (+ tokenizer.json), written whole
-into a temporary sibling and renamed into place; the ``transformers`` package is not needed to write it.
-Anything the target class cannot express (another pattern, a model or family option off its default) is
-an :class:`~amer.errors.InputError` naming it.
+``Mamba2ForCausalLM``; the zoo's hybrid and state-space classes (Mamba, Falcon-Mamba, LFM2, OLMo-Hybrid,
+Granite, Qwen2/3 with per-layer windows) are written by :mod:`amer.interop.export_zoo`. The folder is
+config.json + model.safetensors (+ tokenizer.json), written whole into a temporary sibling and renamed into
+place; the ``transformers`` package is not needed to write it. Anything the target class cannot express
+(another pattern, a model or family option off its default) is an :class:`~amer.errors.InputError` naming it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from amer.config import ModelConfig
 from amer.errors import InputError
 from amer.fileio import atomic_write_text, json_text
 from amer.hub import write_folder
+from amer.interop.export_zoo import zoo_export, zoo_target
 
 __all__ = ["export_transformers", "EXPORT_FILES"]
 
@@ -62,8 +64,9 @@ def _target(cfg: ModelConfig) -> str:
                 raise _refuse("q/k norm and a sliding window together (Qwen3 windows only some layers)")
             return "Qwen3ForCausalLM"
         return "MistralForCausalLM" if a.window is not None else "LlamaForCausalLM"
-    raise _refuse(f"pattern {cfg.pattern!r}: transformers classes express '(AE)*L' (Llama, Mistral, Qwen3, Mixtral) "
-                  "or 'M' repeated (Mamba2)")
+    raise _refuse(f"pattern {cfg.pattern!r}: transformers classes express '(AE)*L' (Llama, Mistral, Qwen3, Mixtral, "
+                  "Granite; 'A.swa E' layers: Qwen2/3), 'M' or 'S' repeated (Mamba2, Mamba, Falcon-Mamba), 'CE' / 'AE' "
+                  "layers (LFM2) or 'G E' / 'A E.post' layers (OLMo-Hybrid)")
 
 
 def _llama(model: Any, cfg: ModelConfig, arch: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -157,15 +160,29 @@ def _check_target(directory: Path) -> None:
                              "or empty folder")
 
 
+def _special_ids(tokenizer: Any, vocab_size: int) -> dict[str, int | None]:
+    """bos / eos / pad ids for config.json: the tokenizer's, each inside the model's vocabulary; without a tokenizer
+    none at all, written as null so the class's own defaults (ids of some other vocabulary) do not apply."""
+    ids = {f"{k}_token_id": getattr(tokenizer, f"{k}_id", None) if tokenizer is not None else None
+           for k in ("bos", "eos", "pad")}
+    for key, i in ids.items():
+        if i is not None and not 0 <= i < vocab_size:
+            raise _refuse(f"the tokenizer's {key.split('_')[0]} id {i} is outside the model's vocabulary of "
+                          f"{vocab_size}: the tokenizer is not this model's")
+    return ids
+
+
 def export_transformers(model: Any, cfg: ModelConfig, directory: str | Path, tokenizer: Any = None) -> Path:
     """Write ``model`` (a :class:`~amer.model.HybridLM` of config ``cfg``) as a transformers model folder."""
-    _check_shared(cfg)
-    arch = _target(cfg)
-    conf, tensors = _mamba2(model, cfg) if arch == "Mamba2ForCausalLM" else _llama(model, cfg, arch)
+    arch = zoo_target(cfg)
+    if arch is not None:  # Mamba-1, LFM2, OLMo-Hybrid, Granite, Qwen with per-layer windows
+        conf, tensors = zoo_export(model, cfg, arch)
+    else:
+        _check_shared(cfg)
+        arch = _target(cfg)
+        conf, tensors = _mamba2(model, cfg) if arch == "Mamba2ForCausalLM" else _llama(model, cfg, arch)
     conf.update(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, dtype="float32")
-    if tokenizer is not None:
-        conf.update(bos_token_id=getattr(tokenizer, "bos_id", None), eos_token_id=getattr(tokenizer, "eos_id", None),
-                    pad_token_id=getattr(tokenizer, "pad_id", None))
+    conf.update(_special_ids(tokenizer, cfg.vocab_size))
     conf[_MARK] = {"pattern": cfg.pattern}
     if not cfg.tie_embeddings:
         tensors["lm_head.weight"] = model.lm_head.weight.detach()
