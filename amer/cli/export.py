@@ -35,8 +35,9 @@ def command(argv: list[str]) -> int:
     p.add_argument("checkpoint", help="checkpoint directory, run directory (latest step) or pretrained folder")
     p.add_argument("out", help="folder to write: new or empty (see --overwrite)")
     p.add_argument("--format", choices=("amer", "transformers"), default="amer",
-                   help="amer: HybridLM.from_pretrained folder; transformers: a LlamaForCausalLM, "
-                        "MixtralForCausalLM or Mamba2ForCausalLM folder, when the pattern is one of theirs")
+                   help="amer: HybridLM.from_pretrained folder; transformers: the folder of the transformers class "
+                        "whose layout the pattern has (Llama, Mistral, Qwen2/3, Granite, Mixtral, Mamba2, Mamba, "
+                        "Falcon-Mamba, LFM2, OLMo-Hybrid)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier export in OUT (a folder holding anything else is still refused)")
     args = p.parse_args(argv)
