@@ -16,23 +16,22 @@ folder (:mod:`amer.hub`) reads like a checkpoint without optimizer state.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from amer.config import ModelConfig, from_dict
 from amer.errors import CheckpointError, InputError
 from amer.fileio import fault_point, fsync_dir, json_text, remove_own_files, replace_dir, temp_sibling
+from amer.fileread import json_loads, read_file
 from amer.hub import read_pretrained_config
 from amer.optimstate import checked_state_dict
 from amer.version import __version__
-from amer.weights import check_weights, load_tensors, model_from_weights, restore_model, state_tensors
+from amer.weights import check_weights, load_tensors, model_from_weights, restore_model, save_tensors, state_tensors
 
 __all__ = ["CheckpointError", "CHECKPOINT_FILES", "save_checkpoint", "load_checkpoint", "read_checkpoint",
            "find_checkpoint", "list_checkpoints", "read_meta", "state_tensors", "checkpoint_step", "restore_model",
@@ -62,11 +61,11 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     tmp = temp_sibling(path)
     tmp.mkdir(parents=True)
     try:
-        save_file(state_tensors(model), str(tmp / "model.safetensors"))
+        save_tensors(state_tensors(model), tmp / "model.safetensors")
         meta = dict(meta)
         if optimizer is not None:
             tensors, extra = _optim_tensors(optimizer)
-            save_file(tensors, str(tmp / "optim.safetensors"))
+            save_tensors(tensors, tmp / "optim.safetensors")
             meta["optimizer"] = extra
         meta.setdefault("amer_version", __version__)
         with open(tmp / "meta.json", "w") as f:
@@ -136,12 +135,13 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     meta_path = ckpt / "meta.json"
     if not meta_path.exists() and (ckpt / "config.json").is_file():  # a pretrained folder (amer.hub)
         config = read_pretrained_config(ckpt)
-        return {"config": {"model": config["model"]}, "step": None, "pretrained": config, "_path": str(ckpt)}
+        return {"config": {"model": config["model"]}, "step": None, "pretrained": config, "_path": str(ckpt),
+                "_file": "config.json"}
     if not meta_path.exists():
         raise CheckpointError(f"checkpoint {ckpt} is missing {meta_path.name}")
     try:
-        meta = json.loads(meta_path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        meta = json_loads(read_file(meta_path))
+    except ValueError as e:  # not JSON, not UTF-8, or nested thousands deep
         raise CheckpointError(f"{meta_path}: corrupt or truncated JSON ({e})") from None
     except OSError as e:
         raise CheckpointError(f"{meta_path}: cannot be read ({e.strerror})") from None
@@ -188,8 +188,8 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
         raise CheckpointError(f"{meta['_path']}/meta.json has no config.model section (the model's settings)")
     try:
         cfg = from_dict(ModelConfig, config["model"], where="model.")
-    except InputError as e:
-        raise CheckpointError(f"{meta['_path']}/meta.json: {e}") from None
+    except InputError as e:  # named after the file the settings came from (a pretrained folder has no meta.json)
+        raise CheckpointError(f"{meta['_path']}/{meta.get('_file', 'meta.json')}: {e}") from None
     model = model_from_weights(cfg, weights, meta["_path"], device)
     model.eval()
     return model, cfg

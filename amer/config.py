@@ -140,6 +140,9 @@ class TrainConfig:
     overwrite: bool = opt(False, "start the run afresh in an existing run directory amer train created, deleting "
                           "its checkpoints and logs (files amer did not write are kept)")
     max_bad_steps: int = opt(3, "consecutive non-finite losses tolerated before the run stops", ge=1)
+    stop_budget: float = opt(0.0, "seconds after Ctrl-C, SIGTERM or SIGHUP within which the checkpoint of the step "
+                             "in progress must be written; past them the run stops at once, keeping the last "
+                             "complete checkpoint (0: no limit)")
     progress: bool = opt(True, "show a progress bar")
     tensorboard: bool = opt(True, "write TensorBoard event files")
     curves: bool = opt(True, "draw curves.png (losses, STP, curvature, speed) in the run directory at every evaluation")
@@ -156,6 +159,9 @@ class TrainConfig:
         check_fields(self, "train.")
         for name in ("data", "out_dir", "resume", "preset", "init"):  # paths: the OS refuses a NUL with a traceback
             check("\x00" not in (getattr(self, name) or ""), f"train.{name} must not contain a NUL character")
+        for name in ("data", "out_dir", "resume", "init"):  # "" would quietly mean the working directory
+            check(getattr(self, name) != "", f"train.{name} must not be empty: give a path"
+                  + (" or a corpus name ('kjv', 'stdlib')" if name == "data" else ""))
         if self.run_name is not None:
             check(_plain_name(self.run_name), f"train.run_name must be a plain directory name (letters, digits, "
                   f"'_', '-', '+', '.'; no '/', not starting with '.' or '-'), got {self.run_name!r}")

@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from amer.errors import ConfigError
+from amer.fileread import read_regular
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["suggest", "check", "opt", "from_dict", "to_dict", "coerce", "load_toml", "number", "number_arg",
+__all__ = ["suggest", "check", "opt", "from_dict", "to_dict", "coerce", "load_toml", "number", "number_arg", "path_arg",
            "check_fields", "parse_toml", "INT_MAX"]
 
 INT_MAX = 2**63 - 1  # what a seed, a count or a size can hold once it reaches torch
@@ -103,6 +104,19 @@ def number_arg(integer: bool = False, **bounds: float) -> Callable[[str], Any]:
 
     parse.__name__ = "integer" if integer else "number"  # what argparse says when it cannot convert
     return parse
+
+
+def path_arg(text: str) -> str:
+    """An argparse ``type=`` for a path: the empty string (which would quietly mean the working directory) and a
+    NUL (which the OS refuses with a traceback) are errors naming the argument."""
+    if text == "":
+        raise argparse.ArgumentTypeError("must be a path, got an empty string")
+    if "\0" in text:
+        raise argparse.ArgumentTypeError(f"must be a path, got {text!r:.60} (a NUL character)")
+    return text
+
+
+path_arg.__name__ = "path"
 
 
 def opt(default: Any, help: str, *, ge: float | None = 0, gt: float | None = None, le: float | None = None,
@@ -254,12 +268,9 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if p.is_dir():
         raise ConfigError(f"config file {p} is a directory; give a TOML file")
-    if not p.is_file():
+    if not p.exists() and not p.is_symlink():
         raise ConfigError(f"config file not found: {p}")
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"config file {p}: cannot be read ({e.strerror})") from None
+    raw = read_regular(p, lambda why: ConfigError(f"config file {p} {why}; give a TOML file"))
     return parse_toml(raw, str(p), ConfigError)
 
 
@@ -274,3 +285,5 @@ def parse_toml(raw: bytes, source: str, error: type[Exception]) -> dict[str, Any
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise error(f"{source}: invalid TOML: {str(e).splitlines()[0]}") from None
+    except RecursionError:
+        raise error(f"{source}: nested too deeply to read (thousands of levels of brackets)") from None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "AmerError", "InputError", "ConfigError", "PatternError", "SelectorError", "DataError", "CheckpointError",
-    "AnalysisError", "ExperimentError", "TrainingError",
+    "AnalysisError", "ExperimentError", "TrainingError", "StorageError", "StoppedBySignal",
 ]
 
 
@@ -63,3 +63,20 @@ class TrainingError(AmerError, RuntimeError):
     """The run cannot continue (e.g. repeated non-finite losses); the message says why."""
 
     exit_code = 1
+
+
+class StorageError(AmerError, OSError):
+    """The file system refused a write (a full disk, a quota, a read-only mount): the input was fine, and
+    what amer wrote before is intact."""
+
+    exit_code = 1
+
+
+class StoppedBySignal(AmerError):
+    """The process was asked to stop (SIGINT, SIGTERM, SIGHUP): exit code 128 + the signal's number, as a shell
+    reports a process that a signal ended."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum

@@ -16,7 +16,6 @@ nothing but these files (a folder with anything else in it is refused: amer neve
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import tempfile
@@ -25,16 +24,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from amer.config import ModelConfig, from_dict, to_dict
 from amer.errors import CheckpointError, InputError
-from amer.fileio import atomic_write_text, fsync_dir, json_text, remove_own_files, replace_dir, temp_sibling
+from amer.fileio import (
+    atomic_write_text,
+    fsync_dir,
+    json_text,
+    refuse_link,
+    remove_own_files,
+    replace_dir,
+    temp_sibling,
+)
+from amer.fileread import json_loads, read_file
 from amer.model import HybridLM, set_pretrained_io
 from amer.version import __version__
-from amer.weights import load_tensors, model_from_weights, state_tensors
+from amer.weights import load_tensors, model_from_weights, save_tensors, state_tensors
 
-__all__ = ["PRETRAINED_FILES", "MODEL_TYPE", "save_pretrained", "write_folder", "load_pretrained",
+__all__ = ["PRETRAINED_FILES", "MODEL_TYPE", "save_pretrained", "write_folder", "check_target", "load_pretrained",
            "read_pretrained_config",
            "is_pretrained_folder", "push_to_hub"]
 
@@ -49,7 +56,7 @@ def is_pretrained_folder(path: Path) -> bool:
     if not (cfg.is_file() and (path / "model.safetensors").is_file()) or (path / "meta.json").exists():
         return False
     try:
-        data = json.loads(cfg.read_bytes())
+        data = json_loads(read_file(cfg))
     except (OSError, ValueError):
         return False
     return isinstance(data, dict) and data.get("model_type") == MODEL_TYPE
@@ -66,7 +73,7 @@ def save_pretrained(model: torch.nn.Module, directory: str | Path, *, tokenizer:
     Refuses non-finite weights and a target folder that holds files amer did not write.
     """
     directory = Path(directory)
-    _check_target(directory)
+    check_target(directory)
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             raise CheckpointError(f"refusing to write {directory}: parameter {name} has non-finite values")
@@ -75,7 +82,7 @@ def save_pretrained(model: torch.nn.Module, directory: str | Path, *, tokenizer:
               **({"source": source} if source else {})}
 
     def write(tmp: Path) -> None:
-        save_file(state_tensors(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_tensors(state_tensors(model), tmp / "model.safetensors", metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp / "tokenizer.json")
         if chat_template is not None:
@@ -106,7 +113,10 @@ def write_folder(directory: Path, own_files: tuple[str, ...], write: Callable[[P
         raise
 
 
-def _check_target(directory: Path) -> None:
+def check_target(directory: Path) -> None:
+    """Refuse a folder :func:`save_pretrained` must not replace: a link, a file, or a folder holding anything
+    amer did not write (checked before any work, so a refusal costs nothing)."""
+    refuse_link(directory)
     if directory.exists() and not directory.is_dir():
         raise InputError(f"{directory} exists and is not a directory: choose a new or empty folder to write the "
                          "model to")
@@ -124,12 +134,15 @@ def read_pretrained_config(directory: str | Path) -> dict[str, Any]:
     """config.json of a pretrained folder, checked to be amer's, as a dict."""
     path = Path(directory) / "config.json"
     try:
-        data = json.loads(path.read_bytes())
+        data = json_loads(read_file(path))
     except FileNotFoundError:
         raise CheckpointError(f"{directory} has no config.json: not a pretrained folder") from None
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable JSON file ({e})") from None
-    if not isinstance(data, dict) or data.get("model_type") != MODEL_TYPE or not isinstance(data.get("model"), dict):
+    if isinstance(data, dict) and data.get("model_type") == MODEL_TYPE and not isinstance(data.get("model"), dict):
+        raise CheckpointError(f"{path}: the model section (the model's settings) is missing or not an object, "
+                              f"got {data.get('model')!r:.40}; export the model again with `amer export`")
+    if not isinstance(data, dict) or data.get("model_type") != MODEL_TYPE:
         kind = data.get("model_type") if isinstance(data, dict) else None
         hint = (f" (model_type {kind!r}: convert it with `amer import {directory} OUT`)" if kind else "")
         raise CheckpointError(f"{path} is not an amer model config{hint}")

@@ -57,10 +57,18 @@ class BlockOptions:
     norm_placement: Literal["pre", "post", "sandwich"] = opt(
         "pre", "where a block's RMSNorm sits: pre (x + f(norm(x)), Llama), post (x + norm(f(x)), OLMo 2) or "
                "sandwich (x + norm2(f(norm1(x))), Gemma 2/3)")
+    residual_multiplier: float = opt(1.0, "multiplier of the residual a block adds its update to (MiniMax's "
+                                     "alpha factors)")
+    update_multiplier: float = opt(1.0, "multiplier of a block's update (MiniMax's beta factors; applied on top of "
+                                   "the model's residual-scale)")
+    residual_normed: bool = opt(False, "the residual is the block's normed input: a * norm(x) + b * f(norm(x)) "
+                                "(MiniMax's post-norm layers; needs norm-placement pre or sandwich)")
 
     def __post_init__(self) -> None:
         check(self.norm_placement in ("pre", "post", "sandwich"),
               f"norm_placement must be 'pre', 'post' or 'sandwich', got {self.norm_placement!r}")
+        check(not self.residual_normed or self.norm_placement != "post",
+              "residual_normed needs a norm before the mixer (norm_placement 'pre' or 'sandwich', not 'post')")
 
 
 BLOCK_KEYS = tuple(f.name for f in dataclasses.fields(BlockOptions))  # keys of a family's table that are the block's

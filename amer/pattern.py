@@ -12,7 +12,9 @@ Grammar::
 Whitespace is ignored, ``|`` marks a pipeline-stage boundary (Megatron-Core's hybrid pattern
 convention) and a string that is not a pattern is looked up as a preset (``amer/patterns/*.toml``,
 shipped with the package and linked from the repository's top-level ``patterns/``).
-Every error is a :class:`PatternError` naming the offending character and its position.
+Every error is a :class:`PatternError` naming the offending character and its position. Megatron-Core's hybrid
+layer patterns and transformers' layer-type lists translate to patterns (:func:`from_megatron`,
+:func:`from_layer_types`, in :mod:`amer.translate`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from amer.configio import suggest
 from amer.errors import PatternError
 from amer.families import Family, expected_text, letters
 from amer.presets import load_preset, patterns_dir, preset_names, preset_path
+from amer.translate import from_layer_types, from_megatron
 
 __all__ = [
     "MAX_LAYERS",
@@ -32,6 +35,8 @@ __all__ = [
     "LayerSpec",
     "Pattern",
     "PatternError",
+    "from_layer_types",
+    "from_megatron",
     "load_preset",
     "parse_pattern",
     "patterns_dir",

@@ -1,27 +1,36 @@
-"""Weights on disk and in a model: the safetensors layer that training checkpoints (:mod:`amer.checkpoint`)
-and pretrained folders (:mod:`amer.hub`) share.
+"""Weights on disk and in a model: the safetensors layer that training checkpoints (:mod:`amer.checkpoint`) and
+pretrained folders (:mod:`amer.hub`) share.
 
-Tied weights are stored once (safetensors refuses two names for one storage); reading a file names the file
-when it is damaged; a model is built from weights on the meta device and given the tensors themselves, so
-loading peaks at one copy of the weights. The model itself knows no file format: this module and the two
-above it build models, never the reverse.
+Tied weights are stored once (safetensors refuses two names for one storage); reading a file names the file when
+it is damaged, and a weight holding NaN or infinity is refused by name (saving refuses them too, so such a file
+was damaged after it was written); a written file gets the mode the umask gives, and a write that fails (a full
+disk) is the ``OSError`` it is, naming the file; a model is built from weights on the meta device and given the
+tensors themselves, so loading peaks at one copy of the weights. The model itself knows no file format: this
+module and the two above it build models, never the reverse.
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from amer import xla
 from amer.config import ModelConfig
 from amer.errors import CheckpointError
+from amer.fileio import follow_umask
+from amer.fileread import file_kind
 from amer.model import HybridLM
 
-__all__ = ["state_tensors", "load_tensors", "check_weights", "restore_model", "model_from_weights"]
+__all__ = ["state_tensors", "save_tensors", "load_tensors", "check_weights", "check_finite", "restore_model",
+           "model_from_weights"]
 
 
 def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -37,11 +46,27 @@ def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """``tensors`` as the safetensors file ``path``, with the mode the umask gives (safetensors alone writes
+    0600). A failed write (a full disk, a read-only file system) is raised as ``OSError`` naming ``path``:
+    safetensors reports it as its own ``SafetensorError``, which no ``except OSError`` would catch."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        m = re.search(r"os error (\d+)", str(e))
+        code = int(m[1]) if m else errno.EIO
+        raise OSError(code, os.strerror(code) if m else str(e).splitlines()[0], str(path)) from None
+    follow_umask(path)
+
+
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the safetensors file ``path``; a missing or damaged file is a :class:`CheckpointError`
     naming it."""
     if not path.exists():
         raise CheckpointError(f"checkpoint file missing: {path}")
+    kind = file_kind(path)
+    if kind is not None:  # a FIFO would block the reader, a device never end
+        raise CheckpointError(f"{path} {kind}")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -64,6 +89,22 @@ def check_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: st
     for k, v in weights.items():
         if expected[k].shape != v.shape:
             raise CheckpointError(f"{source}: {k} has shape {tuple(v.shape)}, model expects {tuple(expected[k].shape)}")
+    check_finite(weights, source)
+
+
+DAMAGED = "amer never saves non-finite weights, so the file was damaged after it was written; use another checkpoint"
+
+
+def check_finite(weights: dict[str, Any], source: str = "checkpoint", hint: str = DAMAGED) -> None:
+    """Raise a :class:`CheckpointError` naming the first weight that holds NaN or infinity: a model built from
+    it would decode NUL bytes, and training from it would blame the learning rate."""
+    for name, t in weights.items():
+        # the sum first: NaN and infinity reach it, and it allocates nothing (isfinite builds two copies);
+        # only a sum that overflowed from finite values needs the element-wise check
+        if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t.detach().sum())) \
+                and not bool(torch.isfinite(t).all()):
+            what = "NaN" if bool(torch.isnan(t).any()) else "infinite"
+            raise CheckpointError(f"{source}: weight {name} holds {what} values ({hint})")
 
 
 def restore_model(model: nn.Module, weights: dict[str, torch.Tensor], source: str = "checkpoint") -> None:

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 import amer
-import amer.checkpoint as ckpt_mod
 import amer.cli.train as train_cli
 import amer.training.loop as loop_mod
 from amer.checkpoint import (
@@ -104,17 +103,22 @@ def test_empty_directory_is_not_a_checkpoint(tmp_path: Path) -> None:
 
 
 def _fail_after_first_save(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Make amer.checkpoint's save_file write its first file, then die as a full disk would."""
-    real = ckpt_mod.save_file
+    """Make safetensors' save_file write its first file, then fail as it does on a full disk: with its own
+    SafetensorError, which amer.weights raises as the OSError it is."""
+    from safetensors import SafetensorError
+
+    import amer.weights as weights_mod
+
+    real = weights_mod.save_file
     written: list[str] = []
 
     def flaky(tensors, filename, *a, **kw):
         if written:
-            raise OSError(28, "No space left on device")
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         written.append(filename)
         return real(tensors, filename, *a, **kw)
 
-    monkeypatch.setattr(ckpt_mod, "save_file", flaky)
+    monkeypatch.setattr(weights_mod, "save_file", flaky)
     return written
 
 

@@ -110,6 +110,9 @@ def test_right_angle_turn_shows_at_exactly_that_boundary_with_its_type(boundary:
     # every sequence bends the same way: the interval collapses onto the value
     b = next(b for b in res["boundaries"] if b["name"] == name)
     assert b["depth"]["ci"] == pytest.approx([1.0, 1.0], abs=1e-5)
+    assert b["depth_deg"]["mean"] == pytest.approx(90.0, abs=1e-3)  # the same bend in degrees
+    assert res["boundary_types"][kind]["depth_deg"]["mean"] == pytest.approx(90.0, abs=1e-3)
+    assert all(abs(x["depth_deg"]["mean"]) < 1e-3 for x in res["boundaries"] if x["name"] != name)
     assert b["depth"]["n"] == 2 * 4 * 16  # every token of every sequence is a depth trajectory
 
 
@@ -297,6 +300,25 @@ def assert_valid_png(path: Path) -> None:
     assert float(img[..., :3].std()) > 0.01  # something was drawn
 
 
+def assert_tables_well_formed(md: str) -> None:
+    """Every row of every Markdown table has as many cells as its header (a bare | in a cell would split it)."""
+    cells = None
+    for line in md.splitlines():
+        if not line.startswith("|"):
+            cells = None
+            continue
+        n = len(re.findall(r"(?<!\\)\|", line))
+        if cells is None:
+            cells = n
+        assert n == cells, line
+
+
+def test_the_table_check_catches_a_split_cell() -> None:
+    assert_tables_well_formed("| a | b |\n|---|---|\n| x \\| y | z |")  # an escaped pipe stays in its cell
+    with pytest.raises(AssertionError):
+        assert_tables_well_formed("| a | b |\n|---|---|\n| x | y | z |")
+
+
 def test_write_report_json_markdown_png(tmp_path: Path) -> None:
     batches = token_batches()
     a = evaluate(GeometryModel([depth_path(turn=2)]), batches, n_bootstrap=50, progress=False)
@@ -312,6 +334,7 @@ def test_write_report_json_markdown_png(tmp_path: Path) -> None:
     for heading in ("## Depth curvature per boundary type", "## Per family", "## Per layer", "## Comparison"):
         assert heading in md
     assert re.search(r"\| E->M \| 1 \| 1\.0000 ± 0\.000 \[1\.0000, 1\.0000\] \|", md)
+    assert_tables_well_formed(md)
     assert "| 3 | M0 * | mamba |" in md
     assert_valid_png(paths["png"])
     # without a comparison: one panel, no comparison section
@@ -322,7 +345,7 @@ def test_write_report_json_markdown_png(tmp_path: Path) -> None:
 
 @pytest.fixture
 def toy_family():
-    """A fifth family 'D', registered for one test: the report must pick it up from the registry."""
+    """A fifth family 'W', registered for one test: the report must pick it up from the registry."""
     from dataclasses import dataclass
 
     from amer.families import FamilySpec, register_family, unregister_family
@@ -334,30 +357,30 @@ def toy_family():
     class ToyMixer(nn.Module):
         pass
 
-    spec = register_family(FamilySpec(letter="D", name="toy", colour="#ff7f0e", config_key="toy", config=ToyConfig,
+    spec = register_family(FamilySpec(letter="W", name="toy", colour="#ff7f0e", config_key="toy", config=ToyConfig,
                                       mixer=ToyMixer))
     yield spec
-    unregister_family("D")  # idempotent: the test may already have removed it
+    unregister_family("W")  # idempotent: the test may already have removed it
 
 
 def test_a_registered_family_appears_in_the_report(toy_family, tmp_path: Path) -> None:
     batches = token_batches()
-    a = evaluate(GeometryModel([depth_path(turn=2)], pattern="ADMR"), batches, n_bootstrap=20, progress=False)
-    b = evaluate(GeometryModel([depth_path(turn=3)], pattern="ADMR"), batches, n_bootstrap=20, progress=False)
-    assert list(a["families"]) == ["A", "M", "R", "D"]  # registry order
-    assert a["families"]["D"]["name"] == "toy" and a["families"]["D"]["blocks"] == ["D0"]
-    assert a["families"]["D"]["depth_out"]["mean"] == pytest.approx(1.0, abs=1e-5)  # D0->M0 turns
-    assert [x["type"] for x in a["boundaries"]] == ["embed->A", "A->D", "D->M", "M->R", "R->final"]
+    a = evaluate(GeometryModel([depth_path(turn=2)], pattern="AWMR"), batches, n_bootstrap=20, progress=False)
+    b = evaluate(GeometryModel([depth_path(turn=3)], pattern="AWMR"), batches, n_bootstrap=20, progress=False)
+    assert list(a["families"]) == ["A", "M", "R", "W"]  # registry order
+    assert a["families"]["W"]["name"] == "toy" and a["families"]["W"]["blocks"] == ["W0"]
+    assert a["families"]["W"]["depth_out"]["mean"] == pytest.approx(1.0, abs=1e-5)  # W0->M0 turns
+    assert [x["type"] for x in a["boundaries"]] == ["embed->A", "A->W", "W->M", "M->R", "R->final"]
     report = {"config": {"data": "synthetic"}, "result": a, "result_b": b, "comparison": compare(a, b)}
     paths = write_report(report, tmp_path / "out")
     md = paths["md"].read_text()
-    assert "| D (toy) | 1 |" in md and "| 2 | D0 | toy |" in md
+    assert "| W (toy) | 1 |" in md and "| 2 | W0 | toy |" in md
     assert_valid_png(paths["png"])
     # a report read back where the family is not registered still renders
     from amer.families import unregister_family
 
-    unregister_family("D")
-    assert "| D (toy) | 1 |" in write_report(report, tmp_path / "later")["md"].read_text()
+    unregister_family("W")
+    assert "| W (toy) | 1 |" in write_report(report, tmp_path / "later")["md"].read_text()
     assert_valid_png(tmp_path / "later" / "curvature.png")
 
 
@@ -427,6 +450,36 @@ def test_cli_checkpoint_compare_default_out(tmp_path: Path, small_text: Path, ca
     assert_valid_png(out_dir / "curvature.png")
 
 
+def test_cli_units_and_checks(tmp_path: Path, small_text: Path, capsys: pytest.CaptureFixture) -> None:
+    """--units picks what the Markdown and the terminal show (the JSON holds both); the --no-* flags leave their
+    sections out of every file."""
+    args = ["--pattern", "tiny", "--batches", "1", "--batch-size", "4", "--seq-len", "48", "--data", str(small_text),
+            "--no-progress", "--n-bootstrap", "50"]
+    rc, out, err = run_cli(args + ["--units", "one-minus-cos", "--out", str(tmp_path / "omc")], capsys)
+    assert rc == 0, err
+    md = (tmp_path / "omc" / "curvature.md").read_text()
+    assert "°" not in md.split("## Per layer")[1] and "depth curvature (1 - cos)" in md
+    assert "°" not in out.split("checks at stride")[0]
+    report = json.loads((tmp_path / "omc" / "curvature.json").read_text())
+    assert report["config"]["units"] == "one-minus-cos"
+    assert report["result"]["layers"][1]["token_deg"]["1"]["mean"] is not None  # both units in the JSON
+    for section in ("## Normal and tangential parts", "## Baselines", "## Curvature against next-token entropy",
+                    "## Anisotropy"):
+        assert section in md
+    rc, out, err = run_cli(args + ["--units", "angle", "--no-baselines", "--no-anisotropy", "--no-entropy",
+                                   "--out", str(tmp_path / "lean")], capsys)
+    assert rc == 0, err
+    md = (tmp_path / "lean" / "curvature.md").read_text()
+    assert "depth curvature (angle (°))" in md and "(1 - cos)" not in md.split("## Per layer")[1]
+    for section in ("## Baselines", "## Curvature against next-token entropy", "## Anisotropy"):
+        assert section not in md
+    lean = json.loads((tmp_path / "lean" / "curvature.json").read_text())
+    assert lean["result"]["options"] == {"baselines": False, "anisotropy": False, "entropy": False,
+                                         "entropy_window": 8}
+    assert "baselines" not in lean["result"]["layers"][0]
+    assert_valid_png(tmp_path / "lean" / "curvature.png")
+
+
 @pytest.mark.parametrize("case, needle", [
     ("neither", "give --checkpoint PATH"),
     ("missing-checkpoint", "checkpoint not found"),
@@ -437,6 +490,8 @@ def test_cli_checkpoint_compare_default_out(tmp_path: Path, small_text: Path, ca
     ("bad-strides", "--strides must be comma-separated integers"),
     ("stride-too-long", "too short for stride 40"),
     ("unknown-flag", "unrecognized arguments: --bogus"),
+    ("units", "--units: invalid choice: 'radians'"),
+    ("entropy-window", "--entropy-window"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(case: str, needle: str, tmp_path: Path, small_text: Path,
                                               capsys: pytest.CaptureFixture) -> None:
@@ -458,6 +513,10 @@ def test_cli_bad_input_is_one_line_and_exit_2(case: str, needle: str, tmp_path: 
         args = tiny + ["--strides", "1,x"]
     elif case == "stride-too-long":
         args = tiny + ["--strides", "1,40", "--seq-len", "64"]
+    elif case == "units":
+        args = tiny + ["--units", "radians"]
+    elif case == "entropy-window":
+        args = tiny + ["--entropy-window", "0"]
     else:
         args = tiny + ["--bogus"]
     rc, out, err = run_cli(args, capsys)

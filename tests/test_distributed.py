@@ -25,9 +25,10 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
-def torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def torchrun(*args: str, timeout: int = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=ROOT, env={**_env(), **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def single(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -54,13 +55,15 @@ def assert_same_curve(got: dict[int, float], want: dict[int, float], tol: float,
 # mechanisms
 
 
-@pytest.mark.parametrize("scenario,checks", [("pp_grads", 7), ("dp_equal", 3)])
+@pytest.mark.parametrize("scenario,checks", [("pp_grads", 7), ("dp_equal", 3), ("dp_bias", 3)])
 def test_scenario(scenario: str, checks: int) -> None:
     """pp_grads: pp=2 gradients of both stages equal one process's for GPipe (1, 2, 4 microbatches) and 1F1B
     (2, 4; and 2 with the span form of STP), with STP taps on both sides and MoE losses, and with the seam
     disabled they do not.
     dp_equal: dp=2 (FSDP2 and DDP) parameters after 5 steps equal one process with the whole batch, and
-    without the global MoE statistics they do not."""
+    without the global MoE statistics they do not.
+    dp_bias: dp=2 (FSDP2 and DDP) MoE expert biases (auxiliary-loss-free balancing) after 5 steps equal one
+    process's on every rank, and with per-rank loads the ranks disagree."""
     proc = ok(torchrun("tests/distributed/scenarios.py", scenario))
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ok ")]
     assert len(lines) == checks, proc.stdout
@@ -114,6 +117,27 @@ def test_checkpoints_resume_under_any_layout(tmp_path: Path) -> None:
                               1e-3, f"{name}: steps 4-6")
             assert_same_curve(curve(tmp_path / name, "val/loss"), curve(tmp_path / src, "val/loss"), 1e-3,
                               f"{name}: validation")
+
+
+def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step(tmp_path: Path) -> None:
+    """Preemption under torchrun: SIGTERM reaches rank 1 alone, after step 3. Both ranks stop after step 3 (they
+    agree before every step), rank 0 writes the step-3 checkpoint, and the run resumed under torchrun follows
+    the uninterrupted run's loss curve and validation."""
+    common = [*TINY, "--steps", "6", "--log-interval", "1", "--eval-interval", "6", "--out-dir", str(tmp_path),
+              "--batch-size", "4", "--stp.start-step", "2"]
+    layout = ["--parallel.dp", "2", "--parallel.data", "ddp"]
+    ok(torchrun("train.py", *common, *layout, "--run-name", "full"))
+    cut = tmp_path / "cut"
+    proc = torchrun("train.py", *common, *layout, "--run-name", "cut",
+                    env={"AMER_FAULT_AT": "step:3", "AMER_FAULT_SIGNAL": "SIGTERM", "AMER_FAULT_RANK": "1"})
+    ours = [ln for ln in proc.stderr.splitlines() if ln.strip().startswith("File") and str(ROOT / "amer") in ln]
+    assert proc.returncode != 0 and ours == [], proc.stderr[-3000:]  # torchrun reports the exits; amer raised none
+    assert proc.stderr.count("stopped by SIGTERM after step 3") == 2, proc.stderr[-3000:]  # one line per rank
+    assert sorted(p.name for p in cut.glob("step_*")) == ["step_000003"] and not list(cut.glob(".*tmp-*"))
+    assert sorted(curve(cut)) == [1, 2, 3]
+    ok(torchrun("train.py", "--resume", str(cut), "--no-progress", *layout))
+    assert_same_curve(curve(cut), curve(tmp_path / "full"), 1e-5, "resumed after SIGTERM")
+    assert_same_curve(curve(cut, "val/loss"), curve(tmp_path / "full", "val/loss"), 1e-5, "validation")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -97,7 +97,8 @@ def test_what_the_classes_cannot_express_is_refused(tmp_path: Path) -> None:
         (dict(pattern="SS", mamba1={"dt_bc_norm": "weighted"}), r"mamba1.dt_bc_norm='weighted' has no counterpart"),
         (dict(pattern="SS", norm_placement="post"), r"norm_placement 'post'; MambaForCausalLM places it 'pre'"),
         (dict(pattern="CEAE", attention={"qk_norm": False}), r"LFM2's attention normalises q and k per head"),
-        (dict(pattern="CECE", moe={"n_experts": 4}), r"moe.n_experts=4: Lfm2ForCausalLM's feed-forward is one dense"),
+        (dict(pattern="CECE", moe={"n_experts": 1, "d_ff": 48, "bias": True}),
+         r"moe.bias=True has no counterpart in Lfm2ForCausalLM"),
         (dict(pattern="CE C.wide E", shortconv={"variants": {"wide": {"l_cache": 5}}}),
          r"C.wide \(layer 2\): Lfm2ForCausalLM has one config per block kind"),
         (dict(pattern="G E G E"), r"OlmoHybridForCausalLM needs at least one attention layer"),
@@ -106,7 +107,7 @@ def test_what_the_classes_cannot_express_is_refused(tmp_path: Path) -> None:
         (dict(pattern="A E A.swa E", attention={"qk_norm": True, "variants": {"swa": {"window": 4,
                                                                                         "rope_theta": 100.0}}}),
          r"may differ from the attention table only in its window"),
-        (dict(pattern="SESE"), r"pattern 'SESE'"),
+        (dict(pattern="SSAA"), r"pattern 'SSAA'"),
     ]
     for kw, message in refused:
         cfg = ModelConfig(**{**base, **kw})

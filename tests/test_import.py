@@ -362,9 +362,9 @@ def test_nemotron_h(tmp_path: Path) -> None:
     _, cfg = from_transformers(tmp_path)
     assert cfg.pattern == "MEAEM" and cfg.moe.activation == "relu2" and cfg.attention.rope_fraction == 0.0
     conf = json.loads((tmp_path / "config.json").read_text())
-    conf["layers_block_type"][1] = "moe"  # routed experts with grouped sigmoid routing: not expressible
+    conf["layers_block_type"][1] = "gated_delta"  # a layer type Nemotron-H does not have
     (tmp_path / "config.json").write_text(json.dumps(conf))
-    with pytest.raises(CheckpointError, match="layer type 'moe'"):
+    with pytest.raises(CheckpointError, match="layer type 'gated_delta'"):
         from_transformers(tmp_path)
 
 

@@ -48,6 +48,9 @@ SMALL: dict[str, dict[str, Any]] = {
     "R": {"n_heads": 4, "d_conv": 4},
     "G": {"n_k_heads": 2, "n_v_heads": 4, "head_k_dim": 8, "head_v_dim": 12, "chunk_size": 8},
     "S": {"d_state": 8, "chunk_size": 8},
+    "D": {"n_heads": 4, "q_lora_rank": 16, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8,
+          "v_head_dim": 12},
+    "N": {"n_heads": 4, "chunk_size": 8},
 }
 
 LETTERS = [spec.letter for spec in families()]
@@ -541,6 +544,12 @@ def test_each_check_rejects_its_fault(faulty_family: FamilySpec, fault: str) -> 
 OPTION_VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("A", {"qkv_bias": True, "out_bias": True, "qk_norm": True, "window": 5, "rope_fraction": 0.5, "scale": 0.3}),
     ("A", {"rope_fraction": 0.0}),
+    ("A", {"softcap": 1.5, "window": 5, "qk_norm": True, "qk_norm_scope": "projection", "rope_linear_factor": 4.0}),
+    ("A", {"softcap": 2.0, "n_heads": 4, "n_kv_heads": 1}),
+    ("D", {"q_lora_rank": 0, "bias": True, "rope": False, "kv_lora_rank": 8}),
+    ("D", {"yarn_factor": 4.0, "yarn_original": 8, "yarn_mscale": 0.8, "yarn_mscale_all_dim": 1.0}),
+    ("N", {"activation": "none", "output_gate": False, "depth_decay": False, "head_dim": 12}),
+    ("A", {"output_gate": True, "qkv_bias": True, "qk_norm": True, "rope_fraction": 0.25}),
     ("E", {"n_experts": 4, "top_k": 1, "renormalize_top1": True, "dispatch": "capacity", "capacity_factor": 4.0}),
     ("E", {"n_experts": 1}),
     ("E", {"n_experts": 1, "activation": "gelu_tanh", "shared_expert": True}),

@@ -101,7 +101,8 @@ def test_errors_name_position(text: str, pos: int, fragment: str) -> None:
 def test_exact_message_for_unknown_block() -> None:
     with pytest.raises(PatternError,
                        match=r"^pattern 'AEMX': unknown block 'X' at position 3; expected A \(attention\), "
-                       r"M \(mamba\), E \(expert\), R \(recurrent\), G \(deltanet\), S \(mamba1\), C \(shortconv\)$"):
+                       r"M \(mamba\), E \(expert\), R \(recurrent\), G \(deltanet\), S \(mamba1\), C \(shortconv\), "
+                       r"D \(mla\), N \(lightning\)$"):
         parse_pattern("AEMX")
 
 

@@ -334,11 +334,20 @@ def test_curvature_figure_has_reference_lines_and_says_95_percent_bootstrap(curv
     from amer.report.curvature import curvature_figure
 
     fig = curvature_figure(curvature_reports[0 if which == "single" else 1])
-    axes = [ax for ax in fig.axes if ax.get_lines()]
-    assert reference_levels(axes[0]) == [RANDOM_WALK, IID_NOISE]  # token curvature
-    assert reference_levels(axes[1]) == [RANDOM_WALK]  # depth curvature
+    axes = {ax.get_label(): ax for ax in fig.axes if ax.get_lines()}
+    assert reference_levels(axes["token:one_minus_cos"]) == [RANDOM_WALK, IID_NOISE]  # token curvature
+    assert reference_levels(axes["depth:one_minus_cos"]) == [RANDOM_WALK]  # depth curvature
+    assert reference_levels(axes["token:angle"]) == [90.0, 120.0]  # the same levels in degrees
+    assert reference_levels(axes["depth:angle"]) == [90.0]
+    assert reference_levels(axes["whitened:one_minus_cos"]) == [RANDOM_WALK, IID_NOISE]
+    for kind in ("decomposition", "entropy", "cosines"):  # ratios, correlations, cosines: no curvature level
+        assert reference_levels(axes[kind]) == []
     if which == "comparison":
-        assert reference_levels(axes[2]) == []  # a difference is read against 0, not against a null level
+        assert reference_levels(axes["diff:one_minus_cos"]) == []  # a difference is read against 0, not a null level
+    else:
+        assert "diff:one_minus_cos" not in axes
+    assert [ax.get_label() for ax in curvature_figure(curvature_reports[0], units="angle").axes[:2]] == [
+        "token:angle", "depth:angle"]
     texts = " ".join(t.get_text() for t in fig.findobj(Text))
     assert "95% bootstrap confidence intervals" in texts
     assert "1.0 random walk" in texts and "1.5 i.i.d. noise" in texts

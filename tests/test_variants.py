@@ -161,3 +161,28 @@ def test_post_norm_block_computes_x_plus_norm_of_the_update() -> None:
     torch.testing.assert_close(y, want)
     # negative control: the pre-norm formula gives something else
     assert not torch.allclose(y, x + blk.mixer(blk.post_norm(x)).y, atol=1e-4)
+
+
+def test_residual_options_weight_the_two_terms() -> None:
+    """``residual_multiplier`` a, ``update_multiplier`` b and ``residual_normed`` (MiniMax): a * norm(x) +
+    b * f(norm(x)), b on top of the model's residual-scale; per family and variant, round-tripped. The defaults
+    compute exactly x + f(norm(x)) (bit for bit); negative control: the residual taken from x instead of norm(x)
+    differs."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16)
+    plain = HybridLM(ModelConfig(pattern="AE", d_model=16, vocab_size=32, attention={"n_heads": 4})).blocks[0]
+    assert torch.equal(plain(x)[0], x + plain.mixer(plain.norm(x)).y)
+    c = ModelConfig(pattern="A E E.mm", d_model=16, vocab_size=32, residual_scale=0.7,
+                    attention={"n_heads": 4, "residual_multiplier": 0.5, "update_multiplier": 2.0,
+                               "residual_normed": True},
+                    moe={"n_experts": 1, "variants": {"mm": {"residual_multiplier": 0.25}}})
+    model = HybridLM(c)
+    a, e, mm = model.blocks
+    h = a.norm(x)
+    torch.testing.assert_close(a(x)[0], 0.5 * h + (2.0 * 0.7) * a.mixer(h).y, rtol=0, atol=1e-6)
+    torch.testing.assert_close(e(x)[0], x + 0.7 * e.mixer(e.norm(x)).y, rtol=0, atol=1e-6)
+    torch.testing.assert_close(mm(x)[0], 0.25 * x + 0.7 * mm.mixer(mm.norm(x)).y, rtol=0, atol=1e-6)
+    assert not torch.allclose(a(x)[0], 0.5 * x + (2.0 * 0.7) * a.mixer(h).y, atol=1e-3)
+    assert from_dict(ModelConfig, to_dict(c)) == c
+    with pytest.raises(ConfigError, match="residual_normed needs a norm before the mixer"):
+        ModelConfig(pattern="A", d_model=16, attention={"norm_placement": "post", "residual_normed": True})

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from amer.analysis.curvature import FORMAT, json_float
+from amer.analysis.entropy import pearson
 from amer.analysis.stats import CI_LEVEL, percentile_ci, ratio, resample_weights
 from amer.errors import AnalysisError
 
@@ -15,7 +16,11 @@ __all__ = ["compare"]
 
 
 def _is_stat(node: Any) -> bool:
-    return isinstance(node, dict) and "key" in node and "mean" in node
+    return isinstance(node, dict) and "key" in node and ("mean" in node or "r" in node)
+
+
+def _value(stat: dict[str, Any]) -> float | None:
+    return stat["mean"] if "mean" in stat else stat["r"]
 
 
 def _stat_nodes(node: Any) -> Iterable[dict[str, Any]]:
@@ -44,19 +49,23 @@ def compare(result_a: Mapping[str, Any], result_b: Mapping[str, Any]) -> dict[st
     """Differences ``a - b`` of every statistic of two :func:`amer.analysis.curvature.evaluate` results,
     each with a 95% CI.
 
-    When both ran on the same data (same sequences: equal data fingerprints and counts) the
-    bootstrap is *paired*: one resampling of sequence indices is applied to both runs, so the
-    interval reflects how the two models differ on the same text, not how the text varies (this
-    is much tighter than comparing two separate intervals). Otherwise the runs are resampled
-    independently. ``excludes_zero`` is True when the interval lies strictly on one side of 0.
-    The bootstrap uses ``result_a``'s seed and replicate count. A result compared with itself
+    Every statistic is compared, the correlations with entropy included (their difference of r, with the
+    same resampling applied to each run's per-sequence moments). When both ran on the same data (same
+    sequences: equal data fingerprints and counts) the bootstrap is *paired*: one resampling of sequence
+    indices is applied to both runs, so the interval reflects how the two models differ on the same
+    text, not how the text varies (this is much tighter than comparing two separate intervals).
+    Otherwise the runs are resampled independently. ``excludes_zero`` is True when the interval lies
+    strictly on one side of 0. The bootstrap uses ``result_a``'s seed and replicate count. A result compared with itself
     gives 0 with the interval [0, 0].
 
     Raises :class:`~amer.errors.AnalysisError` when the results come from different patterns or strides.
     """
     for r, name in ((result_a, "result_a"), (result_b, "result_b")):
-        if not isinstance(r, Mapping) or r.get("format") != FORMAT or "per_sequence" not in r:
+        if not isinstance(r, Mapping) or "per_sequence" not in r:
             raise AnalysisError(f"{name} is not an amer.analysis.curvature.evaluate() result (format {FORMAT})")
+        if r.get("format") != FORMAT:
+            raise AnalysisError(f"{name} has format {r.get('format')!r}, this amer reads {FORMAT!r}: measure it "
+                                f"again with amer curvature")
     if result_a["pattern"] != result_b["pattern"]:
         raise AnalysisError(
             f"cannot compare different patterns: {result_a['pattern']!r} vs {result_b['pattern']!r}; "
@@ -64,11 +73,13 @@ def compare(result_a: Mapping[str, Any], result_b: Mapping[str, Any]) -> dict[st
     if list(result_a["strides"]) != list(result_b["strides"]):
         raise AnalysisError(f"cannot compare results measured at different strides: {result_a['strides']} vs "
                             f"{result_b['strides']}; evaluate both with the same strides")
-    keys = result_a["per_sequence"]["keys"]
-    if keys != result_b["per_sequence"]["keys"]:
-        raise AnalysisError("cannot compare: the two results measure different statistics")
-    Sa, Ca = (np.asarray(result_a["per_sequence"][k], dtype=np.float64) for k in ("sum", "count"))
-    Sb, Cb = (np.asarray(result_b["per_sequence"][k], dtype=np.float64) for k in ("sum", "count"))
+    pa, pb = result_a["per_sequence"], result_b["per_sequence"]
+    if pa["keys"] != pb["keys"] or pa.get("corr_keys") != pb.get("corr_keys"):
+        raise AnalysisError("cannot compare: the two results measure different statistics (evaluate both with the "
+                            "same options: baselines, anisotropy, entropy)")
+    keys = pa["keys"]
+    Sa, Ca = (np.asarray(pa[k], dtype=np.float64) for k in ("sum", "count"))
+    Sb, Cb = (np.asarray(pb[k], dtype=np.float64) for k in ("sum", "count"))
     paired = result_a["data_fingerprint"] == result_b["data_fingerprint"] and Sa.shape == Sb.shape
     R, seed = int(result_a["n_bootstrap"]), int(result_a["seed"])
     Wa = resample_weights(Sa.shape[0], R, seed)
@@ -76,13 +87,19 @@ def compare(result_a: Mapping[str, Any], result_b: Mapping[str, Any]) -> dict[st
     ci = percentile_ci(ratio(Wa @ Sa, Wa @ Ca) - ratio(Wb @ Sb, Wb @ Cb))
     point = ratio(Sa.sum(0), Ca.sum(0)) - ratio(Sb.sum(0), Cb.sum(0))
     col = {k: i for i, k in enumerate(keys)}
-    b_means = {s["key"]: s["mean"] for s in _stat_nodes(
+    if pa.get("corr_keys"):  # correlations: the same resampling applied to each run's moments
+        Ma, Mb = np.asarray(pa["moments"], dtype=np.float64), np.asarray(pb["moments"], dtype=np.float64)
+        rdiff = pearson(np.einsum("rn,nkj->rkj", Wa, Ma)) - pearson(np.einsum("rn,nkj->rkj", Wb, Mb))
+        ci = np.concatenate([ci, percentile_ci(rdiff)], axis=1)
+        point = np.concatenate([point, pearson(Ma.sum(0)) - pearson(Mb.sum(0))])
+        col.update({k: len(keys) + i for i, k in enumerate(pa["corr_keys"])})
+    b_values = {s["key"]: _value(s) for s in _stat_nodes(
         [result_b["layers"], result_b["boundaries"], result_b["boundary_types"], result_b["families"]])}
 
     def diff_of(stat_a: dict[str, Any]) -> dict[str, Any]:
         i = col[stat_a["key"]]
         lo, hi = json_float(ci[0, i]), json_float(ci[1, i])
-        return {"key": stat_a["key"], "a": stat_a["mean"], "b": b_means.get(stat_a["key"]),
+        return {"key": stat_a["key"], "a": _value(stat_a), "b": b_values.get(stat_a["key"]),
                 "diff": json_float(point[i]), "ci": [lo, hi],
                 "excludes_zero": bool(lo is not None and hi is not None and (lo > 0 or hi < 0))}
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import json
 import platform
 import re
 import subprocess
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from amer.errors import ConfigError
+from amer.fileread import json_loads, read_file
 from amer.report import atomic_write_text, md_table, write_json
 
 __all__ = ["environment", "restrict_arch", "collect", "format_markdown", "write_report", "main"]
@@ -115,10 +115,10 @@ def collect(out: Path) -> dict[str, Any]:
     """Everything the steps left in ``out``, as one dict (the JSON report)."""
     steps = []
     if (out / "steps.jsonl").exists():
-        steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines() if line.strip()]
-    env = json.loads((out / "env.json").read_text()) if (out / "env.json").exists() else {}
+        steps = [json_loads(line) for line in read_file(out / "steps.jsonl").decode().splitlines() if line.strip()]
+    env = json_loads(read_file(out / "env.json")) if (out / "env.json").exists() else {}
     log = (out / "pytest.log").read_text(errors="replace") if (out / "pytest.log").exists() else ""
-    bench = json.loads((out / "bench.json").read_text()) if (out / "bench.json").exists() else None
+    bench = json_loads(read_file(out / "bench.json")) if (out / "bench.json").exists() else None
     gpu_rows = (bench or {}).get("suites", {}).get("gpu", {}).get("rows", [])
     tests = _junit(out / "pytest.xml")
     return {"environment": env, "steps": steps, "tests": tests,
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "env":
             write_json(args.out / "env.json", environment())
         elif args.cmd == "arch-patch":
-            args.setup_py.write_text(restrict_arch(args.setup_py.read_text(), args.arch))
+            atomic_write_text(args.setup_py, restrict_arch(args.setup_py.read_text(), args.arch))
         else:
             paths = write_report(args.out)
             print(paths["md"].read_text())

@@ -8,6 +8,7 @@ so the family imports are not sorted.
 # isort: off
 from amer.blocks import attention, mamba, moe, recurrent  # noqa: F401  (A, M, E, R)
 from amer.blocks import gated_deltanet, mamba1, shortconv  # noqa: F401  (G, S, C)
+from amer.blocks import mla, lightning  # noqa: F401  (D, N)
 # isort: on
 from amer.blocks.common import Block, Mixer, MixerOutput, RMSNorm, SwiGLU
 from amer.blocks.doc_ids import DocIds

@@ -6,7 +6,8 @@ GQA (Ainslie et al. 2023, arXiv 2305.13245) shares each key/value head across
 The attention itself is ``F.scaled_dot_product_attention``, which picks the fused CPU/GPU kernel (flash or
 memory-efficient on CUDA). On CUDA, packed documents and sliding windows go through ``flex_attention`` with a
 block mask (:mod:`amer.ops.flex`) instead of a dense (T, T) mask; :mod:`amer.ops.kernels` picks and logs the
-backend, and ``AMER_KERNELS=reference`` keeps the paths below on every device.
+backend, and ``AMER_KERNELS=reference`` keeps the paths below on every device. ``output_gate`` is gated
+attention (Qiu et al. 2025, arXiv 2505.06708): the heads' output times a sigmoid of the block input's projection.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from amer.ops import kernels
 from amer.ops.fused import cast
 from amer.pattern import LayerSpec
 
-__all__ = ["AttentionConfig", "KVCache", "AttentionMixer", "apply_rope"]
+__all__ = ["AttentionConfig", "KVCache", "AttentionMixer", "apply_rope", "softcapped_attention"]
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,15 @@ class AttentionConfig:
     rope_scale_low: float = opt(1.0, "Llama 3.1 RoPE scaling: low-frequency factor", gt=0)
     rope_scale_high: float = opt(4.0, "Llama 3.1 RoPE scaling: high-frequency factor", gt=0)
     rope_scale_original: int = opt(8192, "Llama 3.1 RoPE scaling: the pretraining context length", ge=1)
+    output_gate: bool = opt(False, "scale the attention output per channel by sigmoid of its own projection of the "
+                            "block input (gated attention, Qiu et al. 2025; Qwen3-Next)")
     window: int | None = opt(None, "sliding-window attention: each token sees itself and the window - 1 tokens "
                              "before it (Mistral; default: the whole causal past)", ge=1)
     scale: float | None = opt(None, "softmax scale of the query-key products (default 1 / sqrt(head-dim))", gt=0)
+    softcap: float | None = opt(None, "cap the scaled query-key products smoothly to (-c, c) as c * tanh(s / c) before "
+                                "the softmax (Gemma 2; attention then runs on an explicit score matrix)", gt=0)
+    rope_linear_factor: float | None = opt(None, "linear RoPE scaling (position interpolation, Chen et al. 2023): "
+                                           "every frequency divided by this factor (Gemma 3's global layers)", gt=0)
 
     def __post_init__(self) -> None:
         check(self.n_heads >= 1, f"attention.n_heads must be >= 1, got {self.n_heads}")
@@ -70,6 +77,8 @@ class AttentionConfig:
         check(self.rope_scale_high > self.rope_scale_low, "attention.rope_scale_high must exceed rope_scale_low")
         check(self.qk_norm_scope in ("head", "projection"),
               f"attention.qk_norm_scope must be 'head' or 'projection', got {self.qk_norm_scope!r}")
+        check(self.rope_linear_factor is None or self.rope_scale_factor is None,
+              "attention: rope_linear_factor and rope_scale_factor (Llama 3.1) are two scalings; set one")
 
     def validate(self, dims: Dims) -> None:
         """Checks that need the shared dimensions (run when the pattern has A blocks)."""
@@ -117,6 +126,21 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return cast(y, x.dtype)
 
 
+def softcapped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, cap: float) -> Tensor:
+    """Attention whose scaled scores are capped as ``cap * tanh(s / cap)`` before the mask and the softmax (Gemma 2,
+    Team et al. 2024, arXiv 2408.00118). q (B, H, Q, hd), k/v (B, Hkv, K, hd); ``mask`` bool (True: visible) or
+    additive, broadcast to (B, H, Q, K). Scores and softmax in fp32 at least."""
+    if k.shape[1] != q.shape[1]:  # grouped heads: each KV head serves H / Hkv query heads
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
+    s = torch.tanh(s / cap) * cap
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(acc)
+    return torch.matmul(torch.softmax(s, dim=-1).to(v.dtype), v)
+
+
 class AttentionMixer(Mixer):
     """Causal GQA + RoPE; one fused QKV projection and an output projection."""
 
@@ -128,8 +152,10 @@ class AttentionMixer(Mixer):
         hd = self.head_dim
         self.qkv = nn.Linear(dims.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * hd, bias=cfg.qkv_bias)
         self.out_proj = nn.Linear(cfg.n_heads * hd, dims.d_model, bias=cfg.out_bias)
+        # gated attention: a per-channel sigmoid gate on the heads' output (its bias follows the query's)
+        self.gate = nn.Linear(dims.d_model, cfg.n_heads * hd, bias=cfg.qkv_bias) if cfg.output_gate else None
         self.rot = rope_width(hd, cfg.rope_fraction)  # leading dims rotated; the rest carry no position
-        self.window, self.scale = cfg.window, cfg.scale
+        self.window, self.scale, self.softcap = cfg.window, cfg.scale, cfg.softcap
         # per head: one (hd,) gain shared by the heads; per projection: the (H hd,) / (Hkv hd,) projections normed whole
         self.norm_whole = cfg.qk_norm_scope == "projection"
         q_width, k_width = (cfg.n_heads * hd, cfg.n_kv_heads * hd) if self.norm_whole else (hd, hd)
@@ -143,6 +169,8 @@ class AttentionMixer(Mixer):
         rot = max(self.rot, 2)  # a rotated width of 0 keeps a (never used) buffer of one frequency
         inv = 1.0 / (self.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))
         c = self.cfg_rope
+        if c.rope_linear_factor is not None:
+            return inv / c.rope_linear_factor
         if c.rope_scale_factor is None:
             return inv
         # Llama 3.1 (Meta, "The Llama 3 Herd of Models", 2024): wavelengths above original / low are stretched by
@@ -170,6 +198,16 @@ class AttentionMixer(Mixer):
         for norm in (self.q_norm, self.k_norm):
             if norm is not None:
                 norm.reset_parameters()
+        if self.gate is not None:
+            nn.init.normal_(self.gate.weight, 0.0, self.dims.init_std)
+            if self.gate.bias is not None:
+                nn.init.zeros_(self.gate.bias)
+
+    def device_note(self, device_type: str) -> str | None:
+        if self.softcap is not None and device_type != "cpu":
+            return ("attention.softcap: scores are capped on an explicit (T, T) matrix per head; no fused attention "
+                    "kernel (flash, flex) runs for these layers")
+        return None
 
     def flops(self, seq_len: int) -> dict[str, float]:
         """Projections, plus ``QK^T`` and ``AV`` over the causal half: 2 * H * hd * T (T + 1) / 2 (fewer pairs with
@@ -208,6 +246,16 @@ class AttentionMixer(Mixer):
             return x
         return torch.cat((apply_rope(x[..., :self.rot], cos, sin), x[..., self.rot:]), dim=-1)
 
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
+        """``scaled_dot_product_attention`` with this layer's scale and grouped heads; with a soft cap, the same
+        attention over an explicit score matrix (no fused kernel caps the scores before the softmax)."""
+        if self.softcap is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
+                                                  enable_gqa=q.shape[1] != k.shape[1])
+        if causal:
+            mask = self._band(k.shape[2] - q.shape[2], k.shape[2], q.device)
+        return softcapped_attention(q, k, v, mask, self.scale or q.shape[-1] ** -0.5, self.softcap)
+
     def _band(self, q_start: int, q_end: int, device: torch.device) -> Tensor:
         """Bool (Q, q_end): key j is visible to query i (absolute positions) when j <= i and, with a sliding
         window, i - j < window."""
@@ -220,7 +268,6 @@ class AttentionMixer(Mixer):
         """Causal attention within each packed document: (B, H, T, hd); the strategy is chosen as measured
         (see DOC_QUERY_BLOCK)."""
         B, T = q.shape[0], q.shape[2]
-        gqa = self.n_heads != self.n_kv_heads
         eager_cpu = q.device.type == "cpu" and not torch.compiler.is_compiling()
         if T > DOC_QUERY_BLOCK and eager_cpu and self.window is None:
             lengths = doc_ids.lengths()
@@ -232,8 +279,7 @@ class AttentionMixer(Mixer):
             mask = doc_ids.attention_mask(start, end, q.dtype)  # (B, 1, Q, end)
             if self.window is not None:  # positions within a document differ as they do in the row
                 mask = mask.masked_fill(~self._band(start, end, q.device), float("-inf"))
-            outs.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end],
-                                                       attn_mask=mask, enable_gqa=gqa, scale=self.scale))
+            outs.append(self._sdpa(q[:, :, start:end], k[:, :, :end], v[:, :, :end], mask=mask))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     def _attend_flex(self, q: Tensor, k: Tensor, v: Tensor, doc_ids: DocIds | None) -> Tensor:
@@ -253,11 +299,9 @@ class AttentionMixer(Mixer):
     def _attend_split(self, q: Tensor, k: Tensor, v: Tensor, lengths: list[list[int]]) -> Tensor:
         """One causal-kernel call per document. unbind/split/cat/stack, not slicing: their backward is one
         concatenation, where every slice's backward would allocate a full-size zero gradient."""
-        gqa = self.n_heads != self.n_kv_heads
         rows = []
         for qr, kr, vr, lens in zip(q.unbind(0), k.unbind(0), v.unbind(0), lengths):
-            parts = [F.scaled_dot_product_attention(qd[None], kd[None], vd[None], is_causal=True, enable_gqa=gqa,
-                                                    scale=self.scale)[0]
+            parts = [self._sdpa(qd[None], kd[None], vd[None], causal=True)[0]
                      for qd, kd, vd in zip(qr.split(lens, 1), kr.split(lens, 1), vr.split(lens, 1))]
             rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
         return torch.stack(rows)
@@ -299,7 +343,8 @@ class AttentionMixer(Mixer):
             q = qkv[..., :H * hd].view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
             k = qkv[..., H * hd:(H + Hkv) * hd].view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
             q, k = self._rotate(self.q_norm(q), cos, sin), self._rotate(self.k_norm(k), cos, sin)
-        if cache is None and (doc_ids is not None or (self.window is not None and self.window < T)) \
+        if cache is None and self.softcap is None and (doc_ids is not None or (self.window is not None
+                                                                           and self.window < T)) \
                 and kernels.attention_backend(x.device, documents=doc_ids is not None) == "flex":
             y = self._attend_flex(q, k, v, doc_ids)
             new_cache = None
@@ -309,11 +354,10 @@ class AttentionMixer(Mixer):
         elif cache is None and (self.window is None or self.window >= T):
             if x.device.type == "cuda":
                 kernels.attention_backend(x.device, documents=False)  # logs the choice: SDPA's flash / efficient
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != Hkv, scale=self.scale)
+            y = self._sdpa(q, k, v, causal=True)
             new_cache = None
         elif cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self._band(0, T, x.device), enable_gqa=H != Hkv,
-                                               scale=self.scale)
+            y = self._sdpa(q, k, v, mask=self._band(0, T, x.device))
             new_cache = None
         else:
             end = start + T
@@ -324,9 +368,11 @@ class AttentionMixer(Mixer):
                 mask = None  # a single new query may see every cached key
             else:  # query i sits at absolute position start + i
                 mask = self._band(start, end, x.device)  # (T, end)
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=H != Hkv, scale=self.scale)
+            y = self._sdpa(q, keys, values, mask=mask)
             new_cache = KVCache(cache.k, cache.v, end)
         y = y.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, H*hd)
+        if self.gate is not None:
+            y = y * torch.sigmoid(self.gate(x))
         return MixerOutput(self.out_proj(y), new_cache)
 
 

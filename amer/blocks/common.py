@@ -1,4 +1,5 @@
-"""Shared pieces of every block: RMSNorm, SwiGLU, the mixer contract and the pre-norm wrapper.
+"""Shared pieces of every block: RMSNorm, SwiGLU and other feed-forwards, the mixer contract and the pre-norm
+wrapper.
 
 The mixer contract (uniform across families, as in flash-linear-attention)::
 
@@ -12,6 +13,7 @@ The mixer contract (uniform across families, as in flash-linear-attention)::
     mixer.aux_losses                    # {aux loss name: the setting that weights it}, for the guard
     mixer.fullgraph_blocker()           # None, or why its training forward cannot compile fullgraph
     mixer.device_note("xla")            # None, or what it does differently on that device (said once)
+    mixer.after_step()                  # after each optimizer step: training state outside the parameters
 
 ``cache=None`` is the training path: no state is kept and ``out.cache`` is None. With a cache, the
 mixer consumes T new tokens after those the cache has seen and returns the updated cache (caches
@@ -24,6 +26,7 @@ keep padding out of their statistics).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, ClassVar, NamedTuple
 
@@ -34,10 +37,11 @@ from torch import Tensor, nn
 from amer.blocks.doc_ids import DocIds
 from amer.config import Dims
 from amer.model_config import BlockOptions
+from amer.ops.activation import activation
 from amer.ops.fused import rms_norm
 from amer.pattern import LayerSpec
 
-__all__ = ["RMSNorm", "SwiGLU", "MixerOutput", "Mixer", "Block"]
+__all__ = ["time_step_bias_", "RMSNorm", "SwiGLU", "FeedForward", "MixerOutput", "Mixer", "Block"]
 
 
 class MixerOutput(NamedTuple):
@@ -85,6 +89,32 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
+class FeedForward(nn.Module):
+    """``down(act(gate(x)) * up(x))`` (gated, gate and up fused in ``gate_up``) or ``down(act(up(x)))`` (ungated:
+    ``gate_up`` is the up projection), ``act`` one of :data:`amer.ops.activation.ACTIVATIONS`; ``silu`` is
+    :class:`SwiGLU`."""
+
+    def __init__(self, d_model: int, d_ff: int, act: str = "silu", *, std: float = 0.02,
+                 out_std: float = 0.02) -> None:
+        super().__init__()
+        self.std, self.out_std = std, out_std
+        self.act = activation(act)
+        self.gate_up = nn.Linear(d_model, (2 if self.act.gated else 1) * d_ff, bias=False)
+        self.down = nn.Linear(d_ff, d_model, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """N(0, std); ``down`` writes into the residual stream, so it gets the residual-scaled ``out_std``."""
+        nn.init.normal_(self.gate_up.weight, 0.0, self.std)
+        nn.init.normal_(self.down.weight, 0.0, self.out_std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.act.gated:
+            return self.down(self.act.fn(self.gate_up(x)))
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(self.act.fn(gate) * up)
+
+
 class Mixer(nn.Module):
     """Base of every family's mixer: keeps ``dims`` and ``layer`` and states the contract above.
 
@@ -93,7 +123,8 @@ class Mixer(nn.Module):
 
     What the rest of amer needs to know about a family it learns from here, never by naming the family:
     ``aux_losses`` (the training guard names the setting to lower when one is non-finite),
-    :meth:`fullgraph_blocker` (regional compilation) and :meth:`device_note` (device runners).
+    :meth:`fullgraph_blocker` (regional compilation), :meth:`device_note` (device runners) and
+    :meth:`after_step` (the optimizer).
     """
 
     #: Every auxiliary loss the mixer puts in ``MixerOutput.aux``, with the setting that weights it.
@@ -125,6 +156,11 @@ class Mixer(nn.Module):
         """What this mixer does differently on ``device_type`` ("xla", "cuda"...), said once per run; None."""
         return None
 
+    def after_step(self) -> None:
+        """Called after each optimizer step (the optimizer of :func:`amer.training.optim.make_optimizer` calls it):
+        training state a mixer keeps outside its parameters, e.g. the E family's auxiliary-loss-free expert bias.
+        Nothing by default."""
+
     def linear_flops(self, seq_len: int) -> float:
         """Multiply-adds of every ``nn.Linear`` in the mixer over ``seq_len`` tokens (weights as operands)."""
         return float(seq_len * sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear)))
@@ -133,15 +169,20 @@ class Mixer(nn.Module):
 class Block(nn.Module):
     """One letter of the pattern: ``x = x + mixer(norm(x))`` (Megatron-Core hybrid convention), the update
     multiplied by ``dims.residual_scale`` when that is not 1 (Granite). ``opts.norm_placement`` moves the norm:
-    ``post`` is ``x + norm(mixer(x))`` (OLMo 2), ``sandwich`` is ``x + post_norm(mixer(norm(x)))`` (Gemma 2/3)."""
+    ``post`` is ``x + norm(mixer(x))`` (OLMo 2), ``sandwich`` is ``x + post_norm(mixer(norm(x)))`` (Gemma 2/3).
+    ``opts.residual_multiplier`` and ``opts.update_multiplier`` weight the two terms and ``opts.residual_normed``
+    makes the residual the normed input (MiniMax: ``alpha * norm(x) + beta * mixer(norm(x))``)."""
 
     def __init__(self, cfg: Any, dims: Dims, layer: LayerSpec, opts: BlockOptions | None = None) -> None:
         super().__init__()
-        placement = (opts or BlockOptions()).norm_placement
+        opts = opts or BlockOptions()
+        placement = opts.norm_placement
         self.layer = layer
         self.norm = RMSNorm(dims.d_model, dims.norm_eps, dims.norm_offset) if placement != "post" else None
         self.post_norm = (RMSNorm(dims.d_model, dims.norm_eps, dims.norm_offset) if placement != "pre" else None)
-        self.residual_scale = dims.residual_scale
+        self.residual_scale = dims.residual_scale * opts.update_multiplier  # one multiply of the update, or none
+        self.residual_multiplier = opts.residual_multiplier
+        self.residual_normed = opts.residual_normed
         self.mixer = layer.family.spec.mixer(cfg, dims, layer)
 
     def reset_parameters(self) -> None:
@@ -151,10 +192,24 @@ class Block(nn.Module):
         self.mixer.reset_parameters()
 
     def forward(self, x: Tensor, cache: Any = None, doc_ids: DocIds | None = None) -> tuple[Tensor, MixerOutput]:
-        out = self.mixer(x if self.norm is None else self.norm(x), cache=cache, doc_ids=doc_ids)
+        h = x if self.norm is None else self.norm(x)
+        out = self.mixer(h, cache=cache, doc_ids=doc_ids)
         y = out.y if self.post_norm is None else self.post_norm(out.y)
-        return x + (y if self.residual_scale == 1 else y * self.residual_scale), out
+        res = h if self.residual_normed else x
+        if self.residual_multiplier != 1:
+            res = res * self.residual_multiplier
+        return res + (y if self.residual_scale == 1 else y * self.residual_scale), out
 
     def init_cache(self, batch_size: int, max_len: int, *, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> Any:
         return self.mixer.init_cache(batch_size, max_len, device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def time_step_bias_(bias: Tensor, dt_min: float, dt_max: float, floor: float) -> None:
+    """Mamba's time-step initialisation (Gu & Dao 2023, kept by Mamba-2 and gated DeltaNet): ``dt`` log-uniform in
+    ``[dt_min, dt_max]``, floored, stored in ``bias`` as its inverse softplus, so ``softplus(bias)`` starts at
+    time steps that span short and long memories."""
+    u = torch.rand(bias.shape, device=bias.device, dtype=bias.dtype)
+    dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
+    bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from amer.blocks.common import Mixer, MixerOutput
+from amer.blocks.common import Mixer, MixerOutput, time_step_bias_
 from amer.blocks.doc_ids import DocIds
 from amer.config import Dims
 from amer.configio import check, opt
@@ -175,9 +175,7 @@ class DeltaNetMixer(Mixer):
             self.conv_bias.uniform_(-bound, bound)
         lo, hi = c.a_init_range
         self.A_log.copy_(torch.log(torch.empty_like(self.A_log).uniform_(lo, hi)))
-        dt = torch.exp(torch.rand_like(self.dt_bias) * (math.log(c.dt_max) - math.log(c.dt_min))
-                       + math.log(c.dt_min)).clamp(min=c.dt_init_floor)
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        time_step_bias_(self.dt_bias, c.dt_min, c.dt_max, c.dt_init_floor)
         self.norm_weight.fill_(1.0)
         nn.init.normal_(self.out_proj.weight, 0.0, self.dims.out_std)
         for lin in (self.in_proj, self.out_proj):

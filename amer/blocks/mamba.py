@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from amer.blocks.common import Mixer, MixerOutput
+from amer.blocks.common import Mixer, MixerOutput, time_step_bias_
 from amer.blocks.doc_ids import DocIds
 from amer.config import Dims
 from amer.configio import check, opt
@@ -117,14 +117,12 @@ class MambaMixer(Mixer):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        m, H = self.cfg, self.n_heads
+        m = self.cfg
         nn.init.normal_(self.in_proj.weight, 0.0, self.dims.init_std)
         bound = 1.0 / math.sqrt(m.d_conv)  # nn.Conv1d's default for a depthwise kernel: fan_in = K
         self.conv_weight.uniform_(-bound, bound)
         self.conv_bias.uniform_(-bound, bound)
-        dt = torch.exp(torch.rand(H, device=self.dt_bias.device) * (math.log(m.dt_max) - math.log(m.dt_min))
-                       + math.log(m.dt_min)).clamp(min=m.dt_init_floor)
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        time_step_bias_(self.dt_bias, m.dt_min, m.dt_max, m.dt_init_floor)
         lo, hi = m.a_init_range
         self.A_log.copy_(torch.log(torch.empty_like(self.A_log).uniform_(lo, hi)))
         self.D.fill_(1.0)

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from amer.blocks.common import Mixer, MixerOutput, RMSNorm
+from amer.blocks.common import Mixer, MixerOutput, RMSNorm, time_step_bias_
 from amer.blocks.doc_ids import DocIds
 from amer.config import Dims
 from amer.configio import check, opt
@@ -148,9 +148,7 @@ class Mamba1Mixer(Mixer):
             self.dt_proj.weight.fill_(std)
         else:
             self.dt_proj.weight.uniform_(-std, std)
-        dt = torch.exp(torch.rand(E, device=self.D.device) * (math.log(c.dt_max) - math.log(c.dt_min))
-                       + math.log(c.dt_min)).clamp(min=c.dt_init_floor)
-        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        time_step_bias_(self.dt_proj.bias, c.dt_min, c.dt_max, c.dt_init_floor)
         n = torch.arange(1, N + 1, dtype=torch.float32, device=self.A_log.device)
         self.A_log.copy_(torch.log(n).expand(E, N))
         self.D.fill_(1.0)

@@ -7,12 +7,14 @@ as one line (no traceback) and returns its exit code (2 for bad input, 1 for a r
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import typing
 from collections.abc import Callable
 
 from amer.errors import AmerError, InputError
+from amer.fileread import os_error_line
 from amer.logs import configure as configure_logging
 
 __all__ = ["ArgParser", "UsageError", "fail", "run", "verbosity"]
@@ -37,12 +39,19 @@ def fail(msg: str, code: int = 2) -> int:
 
 def _out_of_memory(e: BaseException) -> bool:
     text = str(e)
-    return isinstance(e, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower()
+    return (isinstance(e, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower()
+            or "Storage size calculation overflowed" in text)  # sizes whose product passes 2^63 bytes
 
 
 def _oom_detail(e: BaseException) -> str:
     m = re.search(r"allocate (\d+) bytes", str(e))
-    return f"an allocation of {int(m[1]) / 1e9:,.1f} GB failed" if m else "an allocation failed"
+    if m:
+        return f"an allocation of {int(m[1]) / 1e9:,.1f} GB failed"
+    sizes = re.search(r"sizes=\[([\d, ]+)\]", str(e))
+    if sizes:
+        dims = [int(x) for x in sizes[1].split(",") if x.strip()]
+        return f"a tensor of shape {tuple(dims)} is larger than any memory can hold"
+    return "an allocation failed"
 
 
 VERBOSITY_FLAGS = {"--quiet": "quiet", "-q": "quiet", "--verbose": "verbose", "-v": "verbose"}
@@ -75,9 +84,16 @@ def run(command: Callable[[list[str]], int], argv: list[str]) -> int:
     except AmerError as e:
         return fail(str(e), e.exit_code)
     except (MemoryError, RuntimeError) as e:  # sizes a user chose (batch, width, vocabulary) that do not fit
+        if isinstance(e, RecursionError):  # a reader that let one through: still one line, not a traceback
+            return fail("an input is nested too deeply to read (thousands of levels of brackets)")
         if not _out_of_memory(e):
             raise
         return fail(f"out of memory: {_oom_detail(e)}; lower --batch-size, --seq-len or the model's dimensions")
+    except BrokenPipeError:  # `amer sample | head`: the reader left; nothing to say, and nowhere to say it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python would complain again at exit
+        return 1
+    except OSError as e:  # the file system refused (full, read-only, busy): the input was fine
+        return fail(os_error_line(e), 1)
     except KeyboardInterrupt:  # a command with state worth naming (train, experiments) says more itself
         print("interrupted", file=sys.stderr)
         return 130

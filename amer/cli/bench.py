@@ -20,7 +20,7 @@ import torch
 from amer.bench import SUITES, BenchOptions, format_table, machine_info, run_suite, select_suites
 from amer.cli.base import ArgParser
 from amer.config import ConfigError
-from amer.configio import number_arg
+from amer.configio import number_arg, path_arg
 from amer.report import write_json
 from amer.runtime import tune_malloc
 
@@ -47,7 +47,7 @@ def build_parser() -> ArgParser:
     p.add_argument("--compile", action="store_true",
                    help="compile the blocks of every amer model the suites build (regional torch.compile, fullgraph; "
                    "dropless MoE blocks without grouped GEMM stay eager); the compile suite compares both itself")
-    p.add_argument("--out", default=None, help="also write the results as JSON to this file")
+    p.add_argument("--out", default=None, type=path_arg, help="also write the results as JSON to this file")
     return p
 
 

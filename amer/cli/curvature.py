@@ -1,10 +1,11 @@
-"""``amer curvature``: token and depth curvature of a trained checkpoint or a fresh model, per block family
-and at every block boundary, optionally against a second checkpoint; writes the report files."""
+"""``amer curvature``: token and depth curvature of a trained checkpoint, an imported pretrained folder (or a
+transformers folder amer can import) or a fresh model, per block family and at every block boundary, with the
+decomposition, baselines, entropy correlation and anisotropy checks, optionally against a second model;
+writes the report files."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,16 +15,17 @@ import torch
 from torch import nn
 
 from amer.analysis.compare import compare
-from amer.analysis.curvature import check_strides, evaluate
+from amer.analysis.curvature import Options, check_strides, evaluate
 from amer.checkpoint import find_checkpoint, load_checkpoint
 from amer.cli.base import ArgParser, run
 from amer.config import ModelConfig, to_dict
-from amer.configio import number_arg
+from amer.configio import number_arg, path_arg
 from amer.data import ByteTokenizer, DataConfig, build_datasets, load_tokenizer
 from amer.errors import AnalysisError, ConfigError
+from amer.fileread import json_loads
 from amer.model import HybridLM
 from amer.pattern import Pattern, load_preset, preset_names
-from amer.report.curvature import format_summary, write_report
+from amer.report.curvature import UNITS, format_summary, write_report
 from amer.runtime import resolve_device
 from amer.tap import resolve_selector, tap_names
 
@@ -32,16 +34,22 @@ __all__ = ["build_parser", "command", "main"]
 
 def build_parser() -> ArgParser:
     p = ArgParser(prog="amer curvature", description=(
-        "Token and depth curvature of every tap, per block family and at every block boundary, with "
-        "bootstrap CIs over held-out sequences. Writes curvature.json, curvature.md and curvature.png."))
+        "Token and depth curvature of every tap, per block family and at every block boundary, in 1 - cos and "
+        "degrees, with the normal/tangential decomposition, shuffled/noise/walk baselines, the correlation with "
+        "next-token entropy and anisotropy checks; bootstrap CIs over held-out sequences. Writes curvature.json, "
+        "curvature.md and curvature.png."))
     src = p.add_argument_group("model (one of)")
-    src.add_argument("--checkpoint", metavar="PATH", help="checkpoint directory, or a run directory (its latest step)")
+    src.add_argument("--checkpoint", metavar="PATH", type=path_arg,
+                     help="checkpoint directory, a run directory (its latest step), a pretrained folder (amer import "
+                     "/ amer export) or a transformers folder amer can import")
     src.add_argument("--pattern", metavar="P", help="a freshly initialised model (seeded): a preset name (its dims) "
                      "or a pattern string such as AEMR")
     src.add_argument("--preset", metavar="NAME", help="with a pattern string: take the dimensions from this preset")
-    p.add_argument("--compare", metavar="PATH2", help="a second checkpoint of the same pattern, shown side by side "
-                   "with the difference (first minus second) and its CI")
-    p.add_argument("--data", help="'kjv', 'stdlib', a text/JSONL file or a directory (default: the checkpoint's "
+    p.add_argument("--compare", metavar="PATH2", type=path_arg,
+                   help="a second checkpoint or folder of the same pattern, shown side by side with the difference "
+                   "(first minus second) and its CI")
+    p.add_argument("--data", type=path_arg,
+                   help="'kjv', 'stdlib', a text/JSONL file or a directory (default: the checkpoint's "
                    "training data, else kjv); its validation split is measured")
     p.add_argument("--batches", type=number_arg(True, ge=1), default=8, help="validation batches (default 8)")
     p.add_argument("--batch-size", type=number_arg(True, ge=1), default=8, help="sequences per batch (default 8)")
@@ -57,8 +65,23 @@ def build_parser() -> ArgParser:
                    help="bootstrap replicates (default 1000)")
     p.add_argument("--stp-spans", type=number_arg(True, ge=1),
                    help="STP triples per sequence (default: the checkpoint's, else 4)")
+    p.add_argument("--units", choices=list(UNITS), default="both",
+                   help="units of the curvature figures in curvature.md, the PNG and the terminal: 'angle' (mean "
+                        "angle in degrees, as in the literature), 'one-minus-cos' (the STP loss's unit) or 'both' "
+                        "(default); curvature.json always holds both")
+    p.add_argument("--dpi", type=number_arg(True, ge=30, le=600), default=120,
+                   help="resolution of curvature.png (default 120)")
+    checks = p.add_argument_group("checks (all on by default; each off makes the report cheaper)")
+    checks.add_argument("--no-baselines", action="store_true",
+                        help="skip the shuffled-text (a second forward pass), noise and random-walk baselines")
+    checks.add_argument("--no-anisotropy", action="store_true",
+                        help="skip pairwise cosines and centred/whitened curvature (one D x D covariance per tap)")
+    checks.add_argument("--no-entropy", action="store_true", help="skip the correlation with next-token entropy")
+    checks.add_argument("--entropy-window", type=number_arg(True, ge=1), default=8,
+                        help="bends averaged into the contextual curvature at a position (default 8)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, xla (torch_xla) or auto (default cpu)")
-    p.add_argument("--out", metavar="DIR", help="output directory (default <run>/curvature, or curvature_out/)")
+    p.add_argument("--out", metavar="DIR", type=path_arg,
+                   help="output directory (default <run>/curvature, or curvature_out/)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -73,12 +96,29 @@ def _parse_strides(text: str) -> list[int]:
     return check_strides(values)
 
 
+def _is_transformers_folder(path: Path) -> bool:
+    """A folder written by transformers' ``save_pretrained`` (its config names the model class), not amer's."""
+    cfg = path / "config.json"
+    if not path.is_dir() or not cfg.is_file() or (path / "meta.json").exists():
+        return False
+    try:
+        data = json_loads(cfg.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "architectures" in data and data.get("model_type") != "amer"
+
+
 def _load_checkpoint(path: str, device: torch.device) -> tuple[nn.Module, ModelConfig, dict[str, Any], Path]:
     """(model, model config, the run's training config, checkpoint directory)."""
+    if _is_transformers_folder(Path(path)):  # converted in memory, exactly as amer import would
+        from amer.interop import from_transformers
+
+        model, cfg = from_transformers(path)
+        return model.to(device), cfg, {}, Path(path)
     ckpt = find_checkpoint(path)
     model, cfg = load_checkpoint(ckpt, device=device)
     meta_file = ckpt / "meta.json"  # a pretrained folder (amer import, amer export) has no training config
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}  # load_checkpoint has validated it
+    meta = json_loads(meta_file.read_text()) if meta_file.is_file() else {}  # load_checkpoint has validated it
     return model, cfg, meta.get("config", {}), ckpt
 
 
@@ -180,6 +220,9 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
         "stp_n_spans": n_spans,
         "packing": args.packing or str(train_cfg.get("packing") or "documents"),
         "device": str(args.device),
+        "units": args.units,
+        "options": {"baselines": not args.no_baselines, "anisotropy": not args.no_anisotropy,
+                    "entropy": not args.no_entropy, "entropy_window": args.entropy_window},
     }
     return {"config": config, "model": model, "label": label, "model_b": model_b, "label_b": label_b,
             "batches": batches, "out": Path(args.out) if args.out else default_out}
@@ -190,7 +233,8 @@ def _measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Path]]
     prep = _prepare(args)
     cfg = prep["config"]
     kw = dict(strides=cfg["strides"], n_bootstrap=cfg["n_bootstrap"], seed=cfg["seed"],
-              stp_n_spans=cfg["stp_n_spans"], progress=not args.no_progress, documents=cfg["packing"] == "documents")
+              stp_n_spans=cfg["stp_n_spans"], progress=not args.no_progress, documents=cfg["packing"] == "documents",
+              options=Options(**cfg["options"]))
     result = evaluate(prep["model"], prep["batches"], **kw)
     result["label"] = prep["label"]
     report: dict[str, Any] = {"config": cfg, "result": result}
@@ -199,7 +243,7 @@ def _measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Path]]
         result_b["label"] = prep["label_b"]
         report["result_b"] = result_b
         report["comparison"] = compare(result, result_b)
-    return report, write_report(report, prep["out"])
+    return report, write_report(report, prep["out"], dpi=args.dpi)
 
 
 def command(argv: list[str]) -> int:

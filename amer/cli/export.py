@@ -9,6 +9,7 @@ from typing import Any
 
 from amer.checkpoint import find_checkpoint, load_checkpoint, read_meta
 from amer.cli.base import ArgParser
+from amer.configio import path_arg
 from amer.errors import InputError
 from amer.hub import PRETRAINED_FILES, save_pretrained
 
@@ -32,8 +33,10 @@ def command(argv: list[str]) -> int:
     p = ArgParser(prog="amer export", description="Write a checkpoint as a pretrained folder: config.json, "
                   "model.safetensors and tokenizer.json (amer's format, loaded by HybridLM.from_pretrained), or a "
                   "transformers model folder (--format transformers).")
-    p.add_argument("checkpoint", help="checkpoint directory, run directory (latest step) or pretrained folder")
-    p.add_argument("out", help="folder to write: new or empty (see --overwrite)")
+    p.add_argument("checkpoint", type=path_arg,
+                   help="checkpoint directory, run directory (latest step) or pretrained folder")
+    p.add_argument("out", type=path_arg,
+                   help="folder to write: new or empty (see --overwrite)")
     p.add_argument("--format", choices=("amer", "transformers"), default="amer",
                    help="amer: HybridLM.from_pretrained folder; transformers: the folder of the transformers class "
                         "whose layout the pattern has (Llama, Mistral, Qwen2/3, Granite, Mixtral, Mamba2, Mamba, "
@@ -43,9 +46,14 @@ def command(argv: list[str]) -> int:
     args = p.parse_args(argv)
     source = find_checkpoint(args.checkpoint)
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise InputError(f"{out} already exists and is not empty: choose a new folder, or --overwrite to replace "
-                         "an earlier export")
+    if args.format == "transformers":
+        from amer.interop.export import check_target
+    else:
+        from amer.hub import check_target
+    check_target(out)  # a link, a file, a folder of someone else's: refused, whatever --overwrite says
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise InputError(f"{out} is not empty: it holds an earlier export; --overwrite to replace it, or choose a new "
+                         "folder")
     model, cfg = load_checkpoint(source)
     tokenizer = _tokenizer(source, cfg.vocab_size)
     if args.format == "transformers":

@@ -6,11 +6,11 @@ replaced ones start fresh (``amer train --init OUT`` then fine-tunes, e.g. with 
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from amer.cli.base import ArgParser, UsageError
-from amer.configio import number_arg
+from amer.configio import number_arg, path_arg
+from amer.fileread import json_loads
 
 __all__ = ["command"]
 
@@ -24,7 +24,7 @@ def _settings(items: list[str]) -> dict[str, dict[str, Any]]:
         if not (sep and dot and family and name):
             raise UsageError(f"--set {item!r}: expected FAMILY.FIELD=VALUE, e.g. mamba.head_dim=16")
         try:
-            parsed = json.loads(value)
+            parsed = json_loads(value)
         except ValueError:
             parsed = value
         out.setdefault(family, {})[name.replace("-", "_")] = parsed
@@ -37,8 +37,10 @@ def command(argv: list[str]) -> int:
     p = ArgParser(prog="amer import", description="Import a transformers checkpoint folder (config.json + "
                   "safetensors, read from disk) as an amer pretrained folder. Supported classes: "
                   + ", ".join(supported_classes()))
-    p.add_argument("src", help="transformers model folder (or a file inside it)")
-    p.add_argument("out", help="amer pretrained folder to write (config.json, model.safetensors, tokenizer.json)")
+    p.add_argument("src", type=path_arg,
+                   help="transformers model folder (or a file inside it)")
+    p.add_argument("out", type=path_arg,
+                   help="amer pretrained folder to write (config.json, model.safetensors, tokenizer.json)")
     p.add_argument("--pattern", default=None,
                    help="new pattern of the same depth: unchanged letters keep their imported weights, "
                         "changed ones are initialised fresh (e.g. turn every second A of '(AE)*4' into M)")

@@ -10,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from amer.cli.base import ArgParser
+from amer.configio import path_arg
 from amer.errors import ConfigError
+from amer.fileio import refuse_link
 from amer.report.curves import CURVES_NAME, curves_figure, is_amer_curves, save_curves
 from amer.report.runlog import read_run
 
@@ -22,9 +24,9 @@ def build_parser() -> ArgParser:
         "Training curves of one or several runs overlaid on the same panels: train/val loss, STP per family "
         "and tap with the gate marked, token and depth curvature per family, tokens/s. One line style per "
         "run; the legend names each run."))
-    p.add_argument("runs", nargs="+", metavar="RUN",
+    p.add_argument("runs", nargs="+", metavar="RUN", type=path_arg,
                    help="run directories (each holding log.jsonl), or log.jsonl files")
-    p.add_argument("--out", metavar="FILE.png", default=CURVES_NAME,
+    p.add_argument("--out", metavar="FILE.png", default=CURVES_NAME, type=path_arg,
                    help=f"the PNG to write (default ./{CURVES_NAME}); an existing file is replaced only when amer "
                         "drew it, otherwise add --force")
     p.add_argument("--labels", metavar="A,B,...",
@@ -65,6 +67,7 @@ def _labels(runs: list[str], given: str | None) -> list[str]:
 
 
 def _check_out(out: Path, force: bool) -> None:
+    refuse_link(out)  # --force or not: the PNG replaces the link's target otherwise
     if out.is_dir():
         raise ConfigError(f"--out {out} is a directory; give a file name such as {out / CURVES_NAME}")
     if out.suffix.lower() != ".png":

@@ -10,7 +10,7 @@ import torch
 from amer import xla
 from amer.checkpoint import find_checkpoint, load_checkpoint
 from amer.cli.base import ArgParser
-from amer.configio import number_arg
+from amer.configio import number_arg, path_arg
 from amer.data import load_tokenizer
 from amer.errors import CheckpointError
 from amer.generate import generate
@@ -21,7 +21,8 @@ __all__ = ["command"]
 
 def command(argv: list[str]) -> int:
     p = ArgParser(prog="amer sample", description="Generate text from a trained checkpoint.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory (latest step)")
+    p.add_argument("--checkpoint", required=True, type=path_arg,
+                   help="checkpoint directory or run directory (latest step)")
     p.add_argument("--prompt", default="", help="text to continue")
     p.add_argument("--max-new-tokens", type=number_arg(True, ge=1), default=200,
                    help="tokens to generate (stops early at EOS)")

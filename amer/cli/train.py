@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import types
 import typing
@@ -15,6 +16,8 @@ from typing import Any, Literal
 
 from amer.cli.base import ArgParser, run
 from amer.config import ConfigError, TrainConfig, options, suggest
+from amer.errors import AmerError, StoppedBySignal, StorageError
+from amer.fileread import os_error_line
 
 __all__ = ["main", "command", "build_parser", "resolve_config"]
 
@@ -126,16 +129,28 @@ def resolve_config(argv: list[str] | None = None) -> tuple[TrainConfig, dict[str
 
 
 def command(argv: list[str]) -> int:
+    """Train; Ctrl-C, SIGTERM and SIGHUP stop after the step in progress with a checkpoint of it and exit with
+    128 + the signal's number (see :mod:`amer.training.stopping`); a full disk is one line and exit code 1."""
     from amer.runtime import tune_malloc
     from amer.training.loop import train
+    from amer.training.stopping import StopOnSignal
 
     cfg, extras = resolve_config(argv)
     tune_malloc()  # CLI runs own their process; library callers of train() keep their allocator
-    try:
-        train(cfg, stop_at=extras["stop_at"])
-    except KeyboardInterrupt:
-        log.warning("interrupted: the last written checkpoint is intact; continue with --resume")
-        return 130
+    with StopOnSignal(cfg.stop_budget) as stopper:  # handlers, like the allocator, belong to the process owner
+        try:
+            train(cfg, stop_at=extras["stop_at"])
+        except StoppedBySignal as e:
+            log.warning(str(e))
+            return e.exit_code
+        except KeyboardInterrupt:
+            log.warning("interrupted: the last written checkpoint is intact; continue with --resume")
+            return 128 + (stopper.signum or signal.SIGINT)
+        except OSError as e:
+            if isinstance(e, AmerError):
+                raise
+            raise StorageError(f"{os_error_line(e)}; the last written checkpoint is intact: continue with "
+                               "--resume once the file system takes writes again") from None
     return 0
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from amer.errors import DataError
+from amer.fileread import json_loads, read_file
 
 __all__ = ["TEMPLATE_FILE", "CONFIG_FILE", "ChatTemplate", "read_chat_template"]
 
@@ -45,7 +46,7 @@ def read_chat_template(folder: str | Path) -> str | None:
     if not cfg.is_file():
         return None
     try:
-        data = json.loads(cfg.read_text(encoding="utf-8"))
+        data = json_loads(read_file(cfg))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise DataError(f"{cfg}: not a readable JSON file ({e})") from None
     tpl = data.get("chat_template") if isinstance(data, dict) else None

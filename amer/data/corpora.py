@@ -4,6 +4,7 @@ a user's text file, directory, JSONL of texts or chat JSONL."""
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
 import sysconfig
@@ -13,6 +14,7 @@ from typing import Any
 
 from amer.data.tokenizer import render_chat_with_spans
 from amer.errors import DataError
+from amer.fileread import json_loads, open_regular, read_regular
 
 __all__ = ["NAMED_CORPORA", "load_documents", "load_kjv", "load_stdlib", "load_path", "iter_jsonl"]
 
@@ -53,7 +55,7 @@ def load_kjv() -> list[str]:
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             try:
-                v = json.loads(line)
+                v = json_loads(line)
                 k = (v["book"], int(v["chapter"]))
                 verse = f"{v['verse']} {v['text']}"
             except (ValueError, KeyError, TypeError) as e:
@@ -104,9 +106,8 @@ def load_path(path: str | os.PathLike[str]) -> list[str]:
     """
     p = Path(path).expanduser()
     if not p.exists():
-        raise DataError(
-            f"data source '{path}' does not exist; use 'kjv', 'stdlib', a text/JSONL file or a directory"
-        )
+        what = "is a symbolic link to a path that does not exist" if p.is_symlink() else "does not exist"
+        raise DataError(f"data source '{path}' {what}; use 'kjv', 'stdlib', a text/JSONL file or a directory")
     if p.is_dir():
         files: list[Path] = []
         for dirpath, dirnames, filenames in os.walk(p):
@@ -123,25 +124,34 @@ def load_path(path: str | os.PathLike[str]) -> list[str]:
     return docs
 
 
+def _refuse(path: Path) -> Any:
+    """The error for a data path that is no regular file (a FIFO would block, /dev/zero would never end)."""
+    return lambda why: DataError(f"data file '{path}' {why}: data is read from regular files and directories of "
+                                 "them")
+
+
 def _load_file(path: Path) -> list[str]:
     if path.suffix == ".jsonl":
         return _load_jsonl(path)
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = read_regular(path, _refuse(path)).decode("utf-8", errors="replace")
     return [text] if text else []
 
 
 def iter_jsonl(path: Path, accepts: str) -> Iterator[tuple[str, Any]]:
-    """``(where, record)`` for every non-blank line of a JSONL file; ``where`` is ``"<path> line N"`` for
-    error messages, and invalid JSON raises a :class:`DataError` that ends with ``accepts``."""
-    with path.open(encoding="utf-8", errors="replace") as f:
+    """``(where, record)`` for every non-blank line of a JSONL file (a regular file); ``where`` is
+    ``"<path> line N"`` for error messages, and invalid JSON (nesting thousands deep included) raises a
+    :class:`DataError` that ends with ``accepts``."""
+    with open_regular(path, _refuse(path)) as raw, io.TextIOWrapper(raw, encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{path} line {lineno}"
             try:
-                rec = json.loads(line)
+                rec = json_loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); {accepts}") from None
+            except ValueError as e:
+                raise DataError(f"{where}: invalid JSON ({e}); {accepts}") from None
             yield where, rec
 
 

@@ -26,7 +26,6 @@ tokenizer) and recognised as the byte tokenizer when read back.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
@@ -40,6 +39,7 @@ from torch import Tensor
 from amer.data.text import utf8_bytes
 from amer.errors import ConfigError, DataError
 from amer.fileio import atomic_write_text
+from amer.fileread import json_loads
 
 __all__ = ["HFTokenizer", "train_bpe", "byte_tokenizer_json", "is_byte_tokenizer_json", "first_line", "hf_from_str",
            "BOS_NAMES", "EOS_NAMES", "PAD_NAMES", "AMER_SPECIALS",
@@ -290,7 +290,7 @@ _BYTE_KEYS = ("model", "added_tokens", "pre_tokenizer", "normalizer", "decoder",
 
 def is_byte_tokenizer_json(obj: Any) -> bool:
     """Whether ``obj`` (a parsed tokenizer.json) is amer's byte tokenizer as :func:`byte_tokenizer_json` writes it."""
-    ref = json.loads(byte_tokenizer_json())
+    ref = json_loads(byte_tokenizer_json())
     return isinstance(obj, dict) and all(obj.get(k) == ref.get(k) for k in _BYTE_KEYS)
 
 

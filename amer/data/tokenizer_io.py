@@ -4,7 +4,6 @@ own byte-tokenizer file comes back as a :class:`~amer.data.tokenizer.ByteTokeniz
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from amer.data.hftok import (
 )
 from amer.data.tokenizer import ByteTokenizer
 from amer.errors import ConfigError, DataError
+from amer.fileread import file_kind, json_loads, read_regular
 
 __all__ = ["tokenizer_from_file", "load_tokenizer", "make_tokenizer", "check_spec", "model_vocab_size"]
 
@@ -31,13 +31,14 @@ def tokenizer_from_file(path: str | Path, *, spec: str | None = None) -> ByteTok
     p = Path(path)
     if p.is_dir():
         p = p / "tokenizer.json"
-    if not p.is_file():
+    if not p.exists() and not p.is_symlink():
         raise DataError(f"tokenizer file not found: {p}; pass 'byte', 'bpe:N' (e.g. bpe:8192) or the path of "
                         "a Hugging Face tokenizer.json")
+    raw = read_regular(p, lambda why: DataError(f"tokenizer file {p} {why}; give a Hugging Face tokenizer.json"))
     try:
-        text = p.read_text(encoding="utf-8")
-        obj = json.loads(text)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+        text = raw.decode("utf-8")
+        obj = json_loads(text)
+    except ValueError as e:  # not UTF-8, not JSON, or nested thousands deep
         raise DataError(f"{p}: not a readable Hugging Face tokenizer.json ({first_line(e)})") from None
     if is_byte_tokenizer_json(obj):
         return ByteTokenizer()
@@ -69,7 +70,11 @@ def check_spec(spec: str) -> int | Path | None:
                               f"and {BPE_MIN - 256} special tokens) to {BPE_MAX}, e.g. bpe:8192")
         return int(n)
     p = Path(spec)
-    if not (p.is_file() or (p / "tokenizer.json").is_file()):
+    inner = p / "tokenizer.json" if p.is_dir() else p
+    why = file_kind(inner)
+    if why is not None and inner.exists():  # a FIFO, a device: say what it is, not "no such file"
+        raise ConfigError(f"--tokenizer {spec}: {inner} {why}; give a Hugging Face tokenizer.json")
+    if why is not None:
         raise ConfigError(f"--tokenizer {spec}: no such tokenizer.json; pass 'byte', 'bpe:N' (e.g. bpe:8192) "
                           "or the path of a Hugging Face tokenizer.json (or of a folder holding one)")
     return p

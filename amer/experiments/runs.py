@@ -23,6 +23,7 @@ import torch
 
 from amer.errors import ExperimentError, TrainingError
 from amer.experiments.workers import imap_unordered
+from amer.fileread import json_loads
 from amer.report import write_json
 from amer.runtime import tune_malloc
 
@@ -75,7 +76,7 @@ def arm_path(s: GridSettings, arm: ArmLike) -> Path:
 
 def refuse_stale(path: Path, old: Any, s: GridSettings) -> None:
     """Raise when ``old`` (a stored fingerprint) differs from the one of ``s``, naming every changed setting."""
-    new = json.loads(json.dumps(s.fingerprint()))  # as JSON would read it back: tuples become lists
+    new = json_loads(json.dumps(s.fingerprint()))  # as JSON would read it back: tuples become lists
     old = old or {}
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:
@@ -86,7 +87,7 @@ def refuse_stale(path: Path, old: Any, s: GridSettings) -> None:
 
 def read_record(path: Path, s: GridSettings, figures: Sequence[str]) -> dict[str, Any]:
     """The arm record at ``path`` (refused when stale), its null ``figures`` back as NaN."""
-    rec = json.loads(path.read_text())
+    rec = json_loads(path.read_text())
     refuse_stale(path, rec.get("settings"), s)
     return {k: math.nan if k in figures and v is None else v for k, v in rec.items()}
 

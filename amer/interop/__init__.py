@@ -19,10 +19,26 @@ import torch
 
 from amer.config import ModelConfig
 from amer.errors import AmerError, InputError
-from amer.interop import gemma, hybrid, lfm2, llama, olmo, ssm  # noqa: F401  (register their converters)
+from amer.interop import (  # noqa: F401  (register their converters)
+    deepseek,
+    gemma,
+    gemma2,
+    hybrid,
+    jamba,
+    kimi,
+    lfm2,
+    lfm2_moe,
+    llama,
+    minimax,
+    moe,
+    olmo,
+    qwen_next,
+    ssm,
+)
 from amer.interop.common import CONVERTERS
 from amer.interop.source import Source, unsupported
 from amer.model import HybridLM
+from amer.weights import check_finite
 
 __all__ = ["from_transformers", "import_pretrained", "supported_classes", "export_transformers", "DTYPES"]
 
@@ -45,11 +61,13 @@ def from_transformers(path: str | Path, *, dtype: str | torch.dtype = torch.floa
         raise
     except KeyError as err:
         raise unsupported(src.arch, f"config.json lacks {err.args[0]!r}") from None
-    except (TypeError, ValueError) as err:  # a config value of the wrong kind (null where a size belongs...)
+    except (TypeError, ValueError, AttributeError, IndexError) as err:  # a value of the wrong kind (null where a
+        # size belongs, a number where a table belongs...): one line, whatever the converter tripped on
         raise unsupported(src.arch, f"config.json holds a value amer cannot read ({err})") from None
     src.check_all_used()
     cfg = converted.config
     model = _load(cfg, converted.state, src.arch)
+    check_finite(dict(model.named_parameters()), str(src.root), "the source checkpoint is damaged")
     return model.to(_dtype(dtype)).eval(), cfg
 
 

@@ -2,27 +2,39 @@
 
 ``(AE)*L`` with one-expert E blocks is ``LlamaForCausalLM`` (``MistralForCausalLM`` with a sliding window,
 ``Qwen3ForCausalLM`` with q/k norms), with routed experts ``MixtralForCausalLM``; ``M*L`` is
-``Mamba2ForCausalLM``; the zoo's hybrid and state-space classes (Mamba, Falcon-Mamba, LFM2, OLMo-Hybrid,
-Granite, Qwen2/3 with per-layer windows) are written by :mod:`amer.interop.export_zoo`. The folder is
-config.json + model.safetensors (+ tokenizer.json), written whole into a temporary sibling and renamed into
-place; the ``transformers`` package is not needed to write it. Anything the target class cannot express
-(another pattern, a model or family option off its default) is an :class:`~amer.errors.InputError` naming it.
+``Mamba2ForCausalLM``; with sandwich norms ``(AE)*L`` is ``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM``, with post
+norms ``Olmo2ForCausalLM`` (:mod:`amer.interop.export_norms`); ``D E`` layers (multi-head latent attention) are
+``DeepseekV3ForCausalLM``, KDA and position-free MLA layers ``KimiLinearForCausalLM``
+(:mod:`amer.interop.export_latent`), lightning attention layers ``MiniMaxForCausalLM``
+(:mod:`amer.interop.export_minimax`). Patterns with MoE layers and the hybrids around them (Jamba, Qwen3-Next,
+Granite-4.0-H, Qwen2/3-MoE, OLMoE, LFM2-MoE) are written by :mod:`amer.interop.export_moe`; the dense hybrid and
+state-space classes (Mamba, Falcon-Mamba, LFM2, OLMo-Hybrid, Granite, Qwen2/3 with per-layer windows) by
+:mod:`amer.interop.export_zoo`. The folder is config.json + model.safetensors (+ tokenizer.json), written whole
+into a temporary sibling and renamed into place; the ``transformers`` package is not needed to write it. Anything
+the target class cannot express (another pattern, a model or family option off its default) is an
+:class:`~amer.errors.InputError` naming it.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
+from amer.blocks.moe import ROUTER_OPTIONS, MoEConfig
 from amer.config import ModelConfig
 from amer.errors import InputError
-from amer.fileio import atomic_write_text, json_text
+from amer.fileio import atomic_write_text, json_text, refuse_link
+from amer.fileread import json_loads, read_file
 from amer.hub import write_folder
+from amer.interop.export_latent import latent_export, latent_target
+from amer.interop.export_minimax import minimax_export, minimax_target
+from amer.interop.export_moe import moe_export, moe_target
+from amer.interop.export_norms import norm_export, norm_target
 from amer.interop.export_zoo import zoo_export, zoo_target
+from amer.weights import save_tensors
 
 __all__ = ["export_transformers", "EXPORT_FILES"]
 
@@ -54,14 +66,18 @@ def _target(cfg: ModelConfig) -> str:
                           "for Llama-style attention")
         if moe.activation != "silu" or moe.bias or moe.shared_expert:
             raise _refuse("the E blocks must be plain SwiGLU (moe.activation silu, no bias, no shared expert)")
+        plain = MoEConfig()
+        changed = [f"moe.{name}={getattr(moe, name)!r}" for name in ROUTER_OPTIONS
+                   if getattr(moe, name) != getattr(plain, name)]
+        if changed and moe.n_experts > 1:
+            raise _refuse(f"{', '.join(changed)}: Mixtral's router is a renormalised softmax top-k (those options "
+                          "at their defaults)")
         if moe.n_experts > 1:
             if (moe.top_k < 2 and not moe.renormalize_top1) or a.qk_norm or a.qkv_bias:
                 raise _refuse("MixtralForCausalLM renormalises top-1 weights to 1 (set moe.renormalize_top1) "
                               "and has no q/k norm and no attention biases")
             return "MixtralForCausalLM"
-        if a.qk_norm:
-            if a.window is not None:
-                raise _refuse("q/k norm and a sliding window together (Qwen3 windows only some layers)")
+        if a.qk_norm:  # with a window too: Qwen3 with every layer sliding (amer.interop.export_zoo)
             return "Qwen3ForCausalLM"
         return "MistralForCausalLM" if a.window is not None else "LlamaForCausalLM"
     raise _refuse(f"pattern {cfg.pattern!r}: transformers classes express '(AE)*L' (Llama, Mistral, Qwen3, Mixtral, "
@@ -145,14 +161,16 @@ def _mamba2(model: Any, cfg: ModelConfig) -> tuple[dict[str, Any], dict[str, tor
     return conf, out
 
 
-def _check_target(directory: Path) -> None:
+def check_target(directory: Path) -> None:
+    """Refuse a folder an export must not replace: a link, a file, or one holding anything amer did not export."""
+    refuse_link(directory)
     if directory.exists() and not directory.is_dir():
         raise InputError(f"{directory} exists and is not a directory: choose a new or empty folder")
     if directory.is_dir() and any(directory.iterdir()):
         names = sorted(p.name for p in directory.iterdir())
         ours = False
         try:
-            ours = json.loads((directory / "config.json").read_text()).get(_MARK) is not None
+            ours = json_loads(read_file(directory / "config.json")).get(_MARK) is not None
         except (OSError, ValueError, AttributeError):
             pass
         if not ours or any(n not in EXPORT_FILES for n in names):
@@ -172,13 +190,36 @@ def _special_ids(tokenizer: Any, vocab_size: int) -> dict[str, int | None]:
     return ids
 
 
+def _check_blocks(cfg: ModelConfig) -> None:
+    """Pre-norm blocks with the plain residual, as the Llama, Mixtral and Mamba2 classes have them."""
+    for layer in cfg.parsed.layers:
+        opts = cfg.block_options(layer)
+        for f in dataclasses.fields(opts):
+            if getattr(opts, f.name) != f.default:
+                raise _refuse(f"{layer.key} has the block option {f.name}={getattr(opts, f.name)!r}, which the "
+                              f"Llama, Mixtral and Mamba2 classes lack (needs {f.default!r})")
+
+
 def export_transformers(model: Any, cfg: ModelConfig, directory: str | Path, tokenizer: Any = None) -> Path:
     """Write ``model`` (a :class:`~amer.model.HybridLM` of config ``cfg``) as a transformers model folder."""
-    arch = zoo_target(cfg)
-    if arch is not None:  # Mamba-1, LFM2, OLMo-Hybrid, Granite, Qwen with per-layer windows
+    # which class: the families and options decide (MLA or KDA first: their MoE hybrids are theirs alone; the zoo's
+    # before the norm placements: OLMo-Hybrid mixes pre-norm DeltaNet layers with post-norm attention layers)
+    if (arch := latent_target(cfg)) is not None:  # DeepSeek-V3, Kimi Linear
+        _check_shared(cfg)
+        _check_blocks(cfg)
+        conf, tensors = latent_export(model, cfg, arch)
+    elif (arch := moe_target(cfg)) is not None:  # MoE and its hybrids: Jamba, Qwen3-Next, Granite-4.0-H, Qwen-MoE...
+        conf, tensors = moe_export(model, cfg, arch)
+    elif (arch := zoo_target(cfg)) is not None:  # Mamba-1, LFM2, OLMo-Hybrid, Granite, Qwen with per-layer windows
         conf, tensors = zoo_export(model, cfg, arch)
+    elif (arch := norm_target(cfg)) is not None:  # Gemma 2 / 3 and OLMo 2, by where the blocks' norms sit
+        conf, tensors = norm_export(model, cfg, arch)
+    elif (arch := minimax_target(cfg)) is not None:  # lightning attention, MiniMax's post-norm residual factors
+        _check_shared(cfg)
+        conf, tensors = minimax_export(model, cfg)
     else:
         _check_shared(cfg)
+        _check_blocks(cfg)
         arch = _target(cfg)
         conf, tensors = _mamba2(model, cfg) if arch == "Mamba2ForCausalLM" else _llama(model, cfg, arch)
     conf.update(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, dtype="float32")
@@ -190,11 +231,11 @@ def export_transformers(model: Any, cfg: ModelConfig, directory: str | Path, tok
         if not torch.isfinite(t).all():
             raise _refuse(f"{name} has non-finite values")
     directory = Path(directory)
-    _check_target(directory)
+    check_target(directory)
 
     def write(tmp: Path) -> None:
-        save_file({k: v.float().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
+        save_tensors({k: v.float().contiguous().cpu() for k, v in tensors.items()}, tmp / "model.safetensors",
+                     metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp / "tokenizer.json")
         atomic_write_text(tmp / "config.json", json_text(conf))

@@ -90,6 +90,8 @@ def zoo_target(cfg: ModelConfig) -> str | None:
     if "G" in mixers and mixers <= {"A", "G"}:
         return "OlmoHybridForCausalLM"
     if mixers == {"A"}:
+        if any(cfg.block_options(layer).norm_placement != "pre" for layer in layers):
+            return None  # Gemma 2 / 3, OLMo 2 (amer.interop.export_norms) or a refusal
         variants = any(layer.variant is not None for layer in layers if str(layer.family) == "A")
         if variants or (cfg.attention.qk_norm and cfg.attention.window is not None):
             return "Qwen3ForCausalLM" if cfg.attention.qk_norm else "Qwen2ForCausalLM"

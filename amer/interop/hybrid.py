@@ -2,7 +2,8 @@
 
 Bamba and Granite-4.0-H layers are ``x + mixer(norm1(x))`` (Mamba-2 or attention, from the layer-type
 list) then ``x + ffn(norm2(x))``: two amer blocks each, ``ME`` or ``AE``. Nemotron-H layers hold one
-mixer each (``M``, ``*`` attention without RoPE, ``-`` a squared-ReLU MLP): one amer block per layer.
+mixer each (``M``, ``*`` attention without RoPE, ``-`` a squared-ReLU MLP, ``E`` routed squared-ReLU experts with
+the router of ``docs/moe.md``): one amer block per layer, the MLP layers ``E.dense`` where both feed-forwards occur.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from amer.interop.common import (
     shared_options,
 )
 from amer.interop.llama import _embeddings, layer_window
+from amer.interop.moe import ROUTED, compact_pattern, ffn_blocks, nemotron_moe_weights, nemotron_router
 from amer.interop.source import Source, unsupported
 
 __all__ = ["convert_bamba", "convert_granite_hybrid", "convert_nemotron_h"]
@@ -127,17 +129,20 @@ def convert_granite_hybrid(src: Source) -> Converted:
 @converter("NemotronHForCausalLM")
 def convert_nemotron_h(src: Source) -> Converted:
     c = src.config
-    kinds = {"linear_attention": "M", "mamba": "M", "full_attention": "A", "attention": "A", "mlp": "E"}
+    kinds = {"linear_attention": "M", "mamba": "M", "full_attention": "A", "attention": "A", "mlp": "E", "moe": ROUTED}
     letters = _layer_letters(src, kinds, "layers_block_type")
-    # the MLP is ungated, down(act(up(x))): amer's E has relu2 ungated, but silu (and gelu) only gated, as SwiGLU
+    # the MLP is ungated, down(act(up(x))): amer's E has relu2 ungated, but silu only gated, as SwiGLU
     act = src.require("mlp_hidden_act", ("relu2",), "relu2", "Nemotron-H's MLP is ungated, down(act(up(x))), and the "
-                      "E block's only ungated activation is relu2 (its silu is the gated SwiGLU)")
+                      "E block's silu is the gated SwiGLU (its ungated activations: relu2, gelu)")
     src.require("mlp_bias", (False,), False, "the E feed-forward has no biases")
     attn = attention_options(src)
     attn.update(rope_fraction=0.0)  # Nemotron-H attention has no position encoding: the Mamba layers carry order
     shared = shared_options(src, eps_key="layer_norm_epsilon")
-    cfg = ModelConfig(pattern="".join(letters), **shared, attention=attn, mamba=mamba_options(src, NEMOTRON_H_KEYS),
-                      moe={"n_experts": 1, "d_ff": int(c["intermediate_size"]), "activation": act})
+    routed = nemotron_router(src) if ROUTED in letters else None
+    moe, blocks = ffn_blocks(letters, routed, int(c["intermediate_size"]), {"activation": act})
+    cfg = ModelConfig(pattern=compact_pattern(blocks), **shared, attention=attn,
+                      mamba=mamba_options(src, NEMOTRON_H_KEYS), moe=moe)
+    src.skip("mtp.")  # the multi-token-prediction layers: not part of the causal LM (transformers drops them too)
     state = _embeddings(src, cfg, embed="backbone.embeddings.weight", norm="backbone.norm_f.weight")
     for i, letter in enumerate(letters):
         pre = f"backbone.layers.{i}."
@@ -146,6 +151,8 @@ def convert_nemotron_h(src: Source) -> Converted:
             mamba_weights(src, pre + "mixer.", i, state)
         elif letter == "A":
             attention_weights(src, pre + "mixer.", i, state)
+        elif letter == ROUTED:
+            nemotron_moe_weights(src, pre + "mixer.", i, cfg.moe.n_experts, state)
         else:
             dense_mlp_weights(src, pre + "mixer.", i, state, gated=False)
     return Converted(cfg, state)

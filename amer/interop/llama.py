@@ -86,11 +86,6 @@ def attention_layers(src: Source, attn: dict[str, Any], windows: list[int | None
     return table, ["A" if w is None else "A.swa" for w in windows]
 
 
-def _common_checks(src: Source) -> None:
-    src.require("hidden_act", ("silu",), "silu", "the E feed-forward is SwiGLU")
-    src.require("mlp_bias", (False,), False, "the E feed-forward has no biases")
-
-
 @converter("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GraniteForCausalLM",
            "Phi3ForCausalLM")
 def convert_llama(src: Source) -> Converted:

@@ -1,13 +1,16 @@
-"""OLMo-Hybrid (``OlmoHybridForCausalLM``): gated DeltaNet layers with a few attention layers, each followed by a
-SwiGLU feed-forward.
+"""OLMo 2 (Team OLMo 2024, "2 OLMo 2 Furious", arXiv 2501.00656) and OLMo-Hybrid (``OlmoHybridForCausalLM``).
 
-A ``linear_attention`` layer is pre-norm, ``x + G(input_layernorm(x))`` then ``x + mlp(post_attention_layernorm(x))``:
-``G E``. A ``full_attention`` layer is post-norm as in OLMo 2, ``x + post_attention_layernorm(attn(x))`` then
-``x + post_feedforward_layernorm(mlp(x))``: ``A E.post``, where the attention family's table and the E variant
-``post`` set ``norm_placement = "post"``. Its attention normalises the whole query and key projections (all heads
-at once, ``attention.qk_norm_scope = "projection"``) and has no position encoding at all when the config gives no
-``rope_theta`` (the released checkpoints: ``attention.rope_fraction 0``). The DeltaNet layers use
-``deltanet.allow_neg_eigval`` (``linear_allow_neg_eigval``) and an output norm epsilon of 1e-5 (fixed there).
+OLMo 2: each layer is ``x + post_attn_norm(attn(x))`` then ``x + post_ffw_norm(mlp(x))``: no norm before a sub-layer,
+one after it. That is two amer blocks, ``A`` then ``E``, with ``norm_placement = "post"``. OLMo 2's q/k norms span all
+heads at once (an RMSNorm over the whole query and key projections): ``attention.qk_norm_scope = "projection"``.
+
+OLMo-Hybrid: gated DeltaNet layers with a few attention layers, each followed by a SwiGLU feed-forward. A
+``linear_attention`` layer is pre-norm, ``x + G(input_layernorm(x))`` then ``x + mlp(post_attention_layernorm(x))``:
+``G E``. A ``full_attention`` layer is post-norm as in OLMo 2: ``A E.post``, where the attention family's table and
+the E variant ``post`` set ``norm_placement = "post"``. Its attention normalises the whole query and key projections
+as OLMo 2's does and has no position encoding at all when the config gives no ``rope_theta`` (the released
+checkpoints: ``attention.rope_fraction 0``). The DeltaNet layers use ``deltanet.allow_neg_eigval``
+(``linear_allow_neg_eigval``) and an output norm epsilon of 1e-5 (fixed there).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from amer.interop.common import (
 from amer.interop.llama import _embeddings
 from amer.interop.source import Source, unsupported
 
-__all__ = ["convert_olmo_hybrid", "deltanet_options"]
+__all__ = ["convert_olmo2", "convert_olmo_hybrid", "deltanet_options"]
 
 _OUTPUT_NORM_EPS = 1e-5  # OLMo-Hybrid's gated output norm (fla's default), whatever rms_norm_eps says
 
@@ -57,6 +60,24 @@ def _letters(src: Source) -> list[str]:
     if bad:
         raise unsupported(src.arch, f"layer type {bad[0]!r} (amer maps linear_attention -> G, full_attention -> A)")
     return ["G" if t == "linear_attention" else "A" for t in types]
+
+
+@converter("Olmo2ForCausalLM")
+def convert_olmo2(src: Source) -> Converted:
+    c = src.config
+    src.require("hidden_act", ("silu",), "silu", "the E feed-forward is SwiGLU")
+    L = int(c["num_hidden_layers"])
+    attn = {**attention_options(src), "qk_norm": True, "qk_norm_scope": "projection"}
+    cfg = ModelConfig(pattern=f"(AE)*{L}", **shared_options(src), norm_placement="post", attention=attn,
+                      moe={"n_experts": 1, "d_ff": int(c["intermediate_size"])})
+    state = _embeddings(src, cfg)
+    for i in range(L):
+        pre, a, e = f"model.layers.{i}.", 2 * i, 2 * i + 1
+        attention_weights(src, pre + "self_attn.", a, state, qk_norm=True)
+        state[f"blocks.{a}.post_norm.weight"] = src.get(pre + "post_attention_layernorm.weight")
+        dense_mlp_weights(src, pre + "mlp.", e, state)
+        state[f"blocks.{e}.post_norm.weight"] = src.get(pre + "post_feedforward_layernorm.weight")
+    return Converted(cfg, state)
 
 
 @converter("OlmoHybridForCausalLM")

@@ -9,17 +9,53 @@ took means the source has something amer would silently drop (a bias, an extra n
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import Tensor
 
 from amer.errors import CheckpointError
+from amer.fileread import file_kind, json_loads, read_regular
 
 __all__ = ["Source", "unsupported"]
+
+
+# sizes a converter multiplies or loops over, and the least each may be (no experts: a dense model): a
+# negative, fractional or textual one is refused by name, before it can become an internal pattern like (AE)*-1
+SIZES = {"num_hidden_layers": 1, "hidden_size": 1, "intermediate_size": 1, "num_attention_heads": 1,
+         "num_key_value_heads": 1, "vocab_size": 1, "num_local_experts": 0, "num_experts_per_tok": 0,
+         "num_experts": 0}
+
+
+def _first(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _kind(value: Any) -> str:
+    return {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(value), "null")
+
+
+def _read_json(path: Path) -> Any:
+    data = read_regular(path, lambda why: CheckpointError(f"{path} {why}"))
+    try:
+        return json_loads(data)
+    except ValueError as err:  # invalid JSON, not UTF-8, or nested thousands deep
+        raise CheckpointError(f"{path}: not readable as JSON ({_first(err)})") from None
+
+
+def _keys(shard: Path, index: Path | None = None) -> set[str]:
+    """The tensor names in safetensors file ``shard``'s header; a missing or damaged file is named."""
+    kind = file_kind(shard)
+    if kind is not None:
+        raise CheckpointError(f"{index}: shard {shard.name} {kind}" if index else f"{shard} {kind}")
+    try:
+        with safe_open(str(shard), framework="pt") as f:
+            return set(f.keys())
+    except Exception as err:  # noqa: BLE001  (safetensors raises its own error types for a corrupt header)
+        raise CheckpointError(f"{shard}: not a readable safetensors file ({_first(err)})") from None
 
 
 def unsupported(arch: str, what: str) -> CheckpointError:
@@ -28,7 +64,13 @@ def unsupported(arch: str, what: str) -> CheckpointError:
 
 
 class Source:
-    """Config and weights of one transformers checkpoint folder (or a file inside it)."""
+    """Config and weights of one transformers checkpoint folder (or a file inside it).
+
+    Everything in it is checked before a byte of weights is read: ``config.json`` must be a JSON object whose
+    sizes are positive integers; a shard index may only name shard files inside the folder (plain relative
+    names: an absolute path or ``..`` is refused and never opened), and every shard must hold the tensors the
+    index assigns to it. Links inside the folder are followed (a Hugging Face cache snapshot is made of them).
+    """
 
     def __init__(self, path: str | Path) -> None:
         p = Path(path)
@@ -39,59 +81,78 @@ class Source:
                                   "config.json and *.safetensors)")
         self.root = p
         cfg_file = p / "config.json"
-        if not cfg_file.is_file():
+        if not cfg_file.exists():
             raise CheckpointError(f"{p}: no config.json (a transformers model folder written by save_pretrained)")
-        try:
-            self.config: dict[str, Any] = json.loads(cfg_file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"{cfg_file}: not readable as JSON ({err})") from None
+        config = _read_json(cfg_file)
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{cfg_file}: expected a JSON object of settings, got a JSON {_kind(config)}")
+        self.config: dict[str, Any] = config
         archs = self.config.get("architectures") or []
         if not isinstance(archs, list) or len(archs) != 1 or not isinstance(archs[0], str):
-            raise CheckpointError(f"{cfg_file}: 'architectures' must name exactly one model class, got {archs!r}")
+            raise CheckpointError(f"{cfg_file}: 'architectures' must name exactly one model class, got {archs!r:.80}")
         self.arch: str = archs[0]
+        for key, least in SIZES.items():
+            value = self.config.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+                raise unsupported(self.arch, f"config.json {key} must be a whole number >= {least}, got "
+                                  f"{value!r:.40}")
         self._files = self._weight_files()
         self._used: set[str] = set()
 
     def _weight_files(self) -> dict[str, Path]:
         """tensor name -> the safetensors file holding it."""
-        from safetensors import safe_open
-
         index = self.root / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (OSError, KeyError, TypeError, json.JSONDecodeError) as err:
-                raise CheckpointError(f"{index}: not a safetensors shard index ({err})") from None
+        if index.exists():
+            data = _read_json(index)
+            weight_map = data.get("weight_map") if isinstance(data, dict) else None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise CheckpointError(f"{index}: not a safetensors shard index (expected a 'weight_map' object of "
+                                      f"tensor name -> shard file name, got {weight_map!r:.60})")
+            for shard in sorted(set(weight_map.values())):
+                parts = PurePosixPath(shard).parts
+                if not parts or PurePosixPath(shard).is_absolute() or ".." in parts or "\\" in shard or "\0" in shard:
+                    raise CheckpointError(f"{index}: shard {shard!r} is not a file name inside {self.root} "
+                                          "(absolute paths and '..' are refused, and nothing outside is opened)")
             files = {name: self.root / shard for name, shard in weight_map.items()}
-            missing = sorted({str(f.name) for f in files.values() if not f.is_file()})
-            if missing:
-                raise CheckpointError(f"{index}: shard {missing[0]} is missing")
+            for shard in sorted(set(files.values())):
+                held = _keys(shard, index)
+                lacking = sorted(k for k, f in files.items() if f == shard and k not in held)
+                if lacking:
+                    raise CheckpointError(f"{index}: names tensor {lacking[0]!r} in shard {shard.name}, which does "
+                                          "not hold it")
             return files
         single = self.root / "model.safetensors"
-        if not single.is_file():
+        if not single.exists():
             other = sorted(x.name for x in self.root.glob("*.bin"))
             hint = f" (found {other[0]}: re-save it with safe_serialization)" if other else ""
             raise CheckpointError(f"{self.root}: no model.safetensors or model.safetensors.index.json{hint}")
-        try:
-            with safe_open(str(single), framework="pt") as f:
-                return {name: single for name in f.keys()}
-        except Exception as err:  # safetensors raises its own error types for a corrupt header
-            raise CheckpointError(f"{single}: not a readable safetensors file ({err})") from None
+        return dict.fromkeys(_keys(single), single)
 
     def get(self, key: str, *, optional: bool = False) -> Tensor | None:
         """The tensor ``key`` in fp32 (marked used); None for an absent optional one."""
-        from safetensors import safe_open
 
         if key not in self._files:
             if optional:
                 return None
             raise unsupported(self.arch, f"weight {key!r} is missing from {self.root}")
         self._used.add(key)
-        with safe_open(str(self._files[key]), framework="pt") as f:
-            return f.get_tensor(key).to(torch.float32)
+        try:
+            with safe_open(str(self._files[key]), framework="pt") as f:
+                return f.get_tensor(key).to(torch.float32)
+        except Exception as err:  # noqa: BLE001  (safetensors raises its own types for a damaged file)
+            raise CheckpointError(f"{self._files[key]}: not a readable safetensors file ({_first(err)})") from None
 
     def has(self, key: str) -> bool:
         return key in self._files
+
+    def skip(self, prefix: str) -> list[str]:
+        """Leave out the weights under ``prefix`` (unread, and not an error for :meth:`check_all_used`): a part of
+        the checkpoint the causal LM never runs and transformers drops on load too, such as a multi-token-prediction
+        head. Returns their names."""
+        names = sorted(k for k in self._files if k.startswith(prefix))
+        self._used.update(names)
+        return names
 
     def check_all_used(self, ignore: tuple[str, ...] = ("rotary_emb.inv_freq",)) -> None:
         """Every weight of the source went somewhere; otherwise name what amer would drop."""
@@ -114,24 +175,27 @@ class Source:
             raise unsupported(self.arch, what)
         return value
 
-    def rope(self) -> tuple[float, float, dict[str, Any]]:
-        """(theta, rotated fraction of the head, the A family's scaling options) of RoPE: plain, or Llama 3.1's
-        frequency-dependent scaling (``rope_type`` llama3); other scaled variants are refused by name."""
-        params = self.config.get("rope_parameters") or {}
-        scaling = self.config.get("rope_scaling") or {}
+    def rope(self, params: dict[str, Any] | None = None) -> tuple[float, float, dict[str, Any]]:
+        """(theta, rotated fraction of the head, the A family's scaling options) of RoPE: plain, linear (position
+        interpolation) or Llama 3.1's frequency-dependent scaling (``rope_type`` llama3); other scaled variants are
+        refused by name. ``params``: one layer type's ``rope_parameters`` (Gemma 3) instead of the config's."""
+        scaling = self.config.get("rope_scaling") or {} if params is None else {}
+        params = self.config.get("rope_parameters") or {} if params is None else params
         kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
         theta = params.get("rope_theta", self.config.get("rope_theta", 10000.0))
         fraction = params.get("partial_rotary_factor", self.config.get("partial_rotary_factor", 1.0))
         if kind == "default":
             return float(theta), float(fraction), {}
+        if kind == "linear":
+            return float(theta), float(fraction), {"rope_linear_factor": float({**scaling, **params}["factor"])}
         if kind == "llama3":
             p = {**scaling, **params}
             original = p.get("original_max_position_embeddings") or self.config.get("max_position_embeddings")
             return float(theta), float(fraction), {
                 "rope_scale_factor": float(p["factor"]), "rope_scale_low": float(p.get("low_freq_factor", 1.0)),
                 "rope_scale_high": float(p.get("high_freq_factor", 4.0)), "rope_scale_original": int(original)}
-        raise unsupported(self.arch, f"rope_type={kind!r} (amer's attention has plain RoPE and Llama 3.1's "
-                          "scaling: rope_type 'default' or 'llama3')")
+        raise unsupported(self.arch, f"rope_type={kind!r} (amer's attention has plain RoPE, linear and Llama 3.1's "
+                          "scaling: rope_type 'default', 'linear' or 'llama3')")
 
     def time_step_limit_is_open(self) -> bool:
         lim = self.config.get("time_step_limit", (0.0, math.inf))

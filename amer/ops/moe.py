@@ -1,7 +1,9 @@
-"""Mixture-of-experts dispatch: route token-slots to SwiGLU experts and combine the results.
+"""Mixture-of-experts dispatch: route token-slots to feed-forward experts and combine the results.
 
 Two strategies over the same stacked expert weights, ``w_gate_up`` (E, D, 2F) (gate columns first,
-then up, as in :class:`amer.blocks.common.SwiGLU`) and ``w_down`` (E, F, D):
+then up, as in :class:`amer.blocks.common.SwiGLU`) and ``w_down`` (E, F, D). The experts are SwiGLU unless
+``act`` names another entry of :data:`amer.ops.activation.ACTIVATIONS`; an ungated one (``relu2``, ``gelu``)
+has ``w_gate_up`` (E, D, F) and computes ``down(act(x up))``.
 
 * :func:`dispatch_dropless` - sort the N*k token-slots by expert and run each expert on its
   contiguous slice (MegaBlocks, Gale et al. 2022, arXiv 2211.15841): no token is ever dropped and
@@ -25,19 +27,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from amer.ops.activation import activation
 from amer.ops.kernels import grouped_mm, megablocks
 
 __all__ = ["expert_capacity", "dispatch_dropless", "dispatch_capacity", "dense_reference", "swiglu_expert",
            "grouped_swiglu"]
 
 
-def swiglu_expert(h: Tensor, w_gate_up: Tensor, w_down: Tensor) -> Tensor:
-    """One SwiGLU expert (Shazeer 2020) on rows h (..., D) with w_gate_up (D, 2F), w_down (F, D).
+def swiglu_expert(h: Tensor, w_gate_up: Tensor, w_down: Tensor, act: str = "silu") -> Tensor:
+    """One SwiGLU expert (Shazeer 2020) on rows h (..., D) with w_gate_up (D, 2F), w_down (F, D); another
+    ``act`` makes it that (gated or ungated) feed-forward.
 
     Batched weights (E, D, 2F) / (E, F, D) with h (E, C, D) work too (matmul broadcasts).
     """
+    a = activation(act)
+    if not a.gated:
+        return torch.matmul(a.fn(torch.matmul(h, w_gate_up)), w_down)
     gate, up = torch.matmul(h, w_gate_up).chunk(2, dim=-1)  # (..., F) each
-    return torch.matmul(F.silu(gate) * up, w_down)  # (..., D)
+    return torch.matmul(a.fn(gate) * up, w_down)  # (..., D)
 
 
 class _GroupedSwiGLU(torch.autograd.Function):
@@ -53,27 +60,30 @@ class _GroupedSwiGLU(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, xs: Tensor, w_gate_up: Tensor, w_down: Tensor, counts: list[int]) -> Tensor:  # type: ignore[override]
+    def forward(ctx, xs: Tensor, w_gate_up: Tensor, w_down: Tensor, counts: list[int],  # type: ignore[override]
+                act: str = "silu") -> Tensor:
         M, D = xs.shape
         Fh = w_down.shape[1]
+        a = activation(act)
         xs = xs.contiguous()
-        h = xs.new_empty(M, 2 * Fh)  # (M, 2F) gate | up pre-activations
+        h = xs.new_empty(M, w_gate_up.shape[-1])  # (M, 2F) gate | up pre-activations; ungated (M, F)
         slices = _expert_slices(counts)
         for e, sl in slices:
             torch.mm(xs[sl], w_gate_up[e], out=h[sl])
-        s = F.silu(h[:, :Fh])  # (M, F), kept: backward needs it twice
-        act = s * h[:, Fh:]  # (M, F)
+        s = a.fn(h[:, :Fh])  # (M, F), kept: backward needs it twice
+        out = s * h[:, Fh:] if a.gated else s  # (M, F)
         ys = xs.new_empty(M, D)
         for e, sl in slices:
-            torch.mm(act[sl], w_down[e], out=ys[sl])
+            torch.mm(out[sl], w_down[e], out=ys[sl])
         ctx.save_for_backward(xs, w_gate_up, w_down, h, s)
-        ctx.slices = slices
+        ctx.slices, ctx.act = slices, act
         return ys
 
     @staticmethod
-    def backward(ctx, gy: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:  # type: ignore[override]
+    def backward(ctx, gy: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:  # type: ignore[override]
         xs, w_gate_up, w_down, h, s = ctx.saved_tensors
         slices = ctx.slices
+        a = activation(ctx.act)
         need_x, need_gu, need_d = ctx.needs_input_grad[:3]
         Fh = w_down.shape[1]
         gy = gy.contiguous()
@@ -82,16 +92,22 @@ class _GroupedSwiGLU(torch.autograd.Function):
         d_down = None
         if need_d:
             d_down = torch.empty_like(w_down) if full else torch.zeros_like(w_down)
-            act = s * up
+            out = s * up if a.gated else s
             for e, sl in slices:
-                torch.mm(act[sl].t(), gy[sl], out=d_down[e])
-            del act
+                torch.mm(out[sl].t(), gy[sl], out=d_down[e])
+            del out
         d_act = torch.empty_like(s)  # (M, F)
         for e, sl in slices:
             torch.mm(gy[sl], w_down[e].t(), out=d_act[sl])
-        dh = torch.empty_like(h)  # (M, 2F): both halves written in place, no cat
-        torch.mul(d_act, s, out=dh[:, Fh:])  # d up = d_act * silu(gate)
-        torch.ops.aten.silu_backward.grad_input(d_act.mul_(up), gate, grad_input=dh[:, :Fh])  # d gate
+        if not a.gated:
+            dh = a.grad(d_act, h)
+        else:
+            dh = torch.empty_like(h)  # (M, 2F): both halves written in place, no cat
+            torch.mul(d_act, s, out=dh[:, Fh:])  # d up = d_act * act(gate)
+            if ctx.act == "silu":
+                torch.ops.aten.silu_backward.grad_input(d_act.mul_(up), gate, grad_input=dh[:, :Fh])  # d gate
+            else:
+                dh[:, :Fh] = a.grad(d_act.mul_(up), gate)
         d_gu = d_x = None
         if need_gu:
             d_gu = torch.empty_like(w_gate_up) if full else torch.zeros_like(w_gate_up)
@@ -101,7 +117,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
             d_x = torch.empty_like(xs)
             for e, sl in slices:
                 torch.mm(dh[sl], w_gate_up[e].t(), out=d_x[sl])
-        return d_x, d_gu, d_down, None
+        return d_x, d_gu, d_down, None, None
 
 
 def _expert_slices(counts: list[int]) -> list[tuple[int, slice]]:
@@ -114,20 +130,21 @@ def _expert_slices(counts: list[int]) -> list[tuple[int, slice]]:
     return out
 
 
-def grouped_swiglu(xs: Tensor, w_gate_up: Tensor, w_down: Tensor, counts: list[int]) -> Tensor:
-    """SwiGLU of expert ``e`` on rows ``xs[sum(counts[:e]) : sum(counts[:e + 1])]``, for every expert.
+def grouped_swiglu(xs: Tensor, w_gate_up: Tensor, w_down: Tensor, counts: list[int], act: str = "silu") -> Tensor:
+    """SwiGLU (or the ``act`` feed-forward) of expert ``e`` on rows ``xs[sum(counts[:e]) : sum(counts[:e + 1])]``,
+    for every expert.
 
-    xs (M, D) expert-sorted, w_gate_up (E, D, 2F), w_down (E, F, D) -> (M, D). Under autocast the
-    matmuls run in the autocast dtype, as ``torch.matmul`` would.
+    xs (M, D) expert-sorted, w_gate_up (E, D, 2F) (ungated: (E, D, F)), w_down (E, F, D) -> (M, D). Under
+    autocast the matmuls run in the autocast dtype, as ``torch.matmul`` would.
     """
     dev = xs.device.type
     if torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
         xs, w_gate_up, w_down = xs.to(dt), w_gate_up.to(dt), w_down.to(dt)
         with torch.autocast(device_type=dev, enabled=False):
-            return _GroupedSwiGLU.apply(xs, w_gate_up, w_down, counts)
+            return _GroupedSwiGLU.apply(xs, w_gate_up, w_down, counts, act)
     dt = torch.promote_types(xs.dtype, w_gate_up.dtype)
-    return _GroupedSwiGLU.apply(xs.to(dt), w_gate_up.to(dt), w_down.to(dt), counts)
+    return _GroupedSwiGLU.apply(xs.to(dt), w_gate_up.to(dt), w_down.to(dt), counts, act)
 
 
 def expert_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) -> int:
@@ -147,11 +164,11 @@ def _flatten(x: Tensor, expert_idx: Tensor, weights: Tensor) -> tuple[Tensor, Te
 
 
 def dispatch_dropless(x: Tensor, expert_idx: Tensor, weights: Tensor, w_gate_up: Tensor,
-                      w_down: Tensor) -> Tensor:
+                      w_down: Tensor, act: str = "silu") -> Tensor:
     """Dropless top-k dispatch: y[n] = sum_j weights[n, j] * expert_{expert_idx[n, j]}(x[n]).
 
     x: (..., D); expert_idx, weights: (..., k) (indices distinct per token, as top-k gives);
-    w_gate_up: (E, D, 2F); w_down: (E, F, D). Returns y with the shape of x.
+    w_gate_up: (E, D, 2F) (ungated ``act``: (E, D, F)); w_down: (E, F, D). Returns y with the shape of x.
 
     The N*k slots are sorted by expert id (stable, so slot order within an expert follows the
     tokens), the inputs gathered once, each expert run on its contiguous slice - one grouped GEMM
@@ -165,16 +182,16 @@ def dispatch_dropless(x: Tensor, expert_idx: Tensor, weights: Tensor, w_gate_up:
     dt = _compute_dtype(xf, w_gate_up)
     experts = grouped_mm(x.device, dt, (xf.shape[1], w_gate_up.shape[-1], w_down.shape[1]))
     if experts is not None:
-        return _dropless_grouped(experts, xf, flat_e, w.reshape(-1), w_gate_up, w_down, k).reshape(x.shape)
+        return _dropless_grouped(experts, xf, flat_e, w.reshape(-1), w_gate_up, w_down, k, act).reshape(x.shape)
     mb = megablocks(x.device)
     if mb is not None and hasattr(mb, "gather") and hasattr(mb, "scatter"):
-        return _dropless_megablocks(mb, xf, flat_e, w.reshape(-1), w_gate_up, w_down, k).reshape(x.shape)
+        return _dropless_megablocks(mb, xf, flat_e, w.reshape(-1), w_gate_up, w_down, k, act).reshape(x.shape)
 
     sorted_e, order = torch.sort(flat_e, stable=True)  # (N*k,) slot ids grouped by expert
     token = order // k  # (N*k,) source token of each sorted slot
     counts = torch.bincount(sorted_e, minlength=E).tolist()  # host sync: slice sizes
     xs = xf.index_select(0, token)  # (N*k, D) the one gather
-    ys = grouped_swiglu(xs, w_gate_up, w_down, counts)  # (N*k, D) expert-sorted
+    ys = grouped_swiglu(xs, w_gate_up, w_down, counts, act)  # (N*k, D) expert-sorted
     ys = ys * w.reshape(-1).index_select(0, order).unsqueeze(-1)
     # index_add (not a gather of the unsorted slots) so the k contributions are summed in one pass
     y = xf.new_zeros(N, xf.shape[1]).index_add_(0, token, ys)
@@ -190,7 +207,7 @@ def _compute_dtype(xs: Tensor, w: Tensor) -> torch.dtype:
 
 
 def _dropless_grouped(experts, xf: Tensor, flat_e: Tensor, w: Tensor, w_gate_up: Tensor, w_down: Tensor,
-                      k: int) -> Tensor:
+                      k: int, act: str = "silu") -> Tensor:
     """The dropless dispatch on grouped GEMM (:func:`amer.ops.grouped.grouped_swiglu`), with no host sync.
 
     The group ends ``offs`` (E,) int32 are found by ``searchsorted`` in the sorted expert ids, on the device;
@@ -205,13 +222,13 @@ def _dropless_grouped(experts, xf: Tensor, flat_e: Tensor, w: Tensor, w_gate_up:
                               out_int32=True)  # (E,) end of each expert's rows
     with torch.autocast(device_type=xf.device.type, enabled=False):  # a custom op: autocast would not cast it
         xs = xf.to(dt).index_select(0, token)  # (N*k, D)
-        ys = experts(xs, w_gate_up.to(dt), w_down.to(dt), offs)  # (N*k, D)
+        ys = experts(xs, w_gate_up.to(dt), w_down.to(dt), offs, act)  # (N*k, D)
         ys = ys * w.to(dt).index_select(0, order).unsqueeze(-1)
         return ys.new_zeros(N, D).index_add_(0, token, ys)
 
 
 def _dropless_megablocks(mb, xf: Tensor, flat_e: Tensor, w: Tensor, w_gate_up: Tensor, w_down: Tensor,
-                         k: int) -> Tensor:
+                         k: int, act: str = "silu") -> Tensor:
     """Same as the torch path with MegaBlocks' fused permute (gather) and weighted un-permute (scatter).
 
     MegaBlocks' convention: ``indices`` are slot ids (n*k + j) in expert order, ``bins`` the
@@ -226,13 +243,13 @@ def _dropless_megablocks(mb, xf: Tensor, flat_e: Tensor, w: Tensor, w_gate_up: T
     xs = mb.gather(xf.contiguous(), indices, bin_ids, bins, k)  # (N*k, D) expert-sorted
     sizes = counts.tolist()
     wgu, wd = w_gate_up.unbind(0), w_down.unbind(0)
-    outs = [swiglu_expert(xe, wgu[e], wd[e]) for e, xe in enumerate(xs.split(sizes)) if sizes[e] > 0]
+    outs = [swiglu_expert(xe, wgu[e], wd[e], act) for e, xe in enumerate(xs.split(sizes)) if sizes[e] > 0]
     ys = torch.cat(outs) if len(outs) > 1 else outs[0]
     return mb.scatter(ys.contiguous(), indices, bin_ids, w.contiguous(), bins, k)  # (N, D)
 
 
 def dispatch_capacity(x: Tensor, expert_idx: Tensor, weights: Tensor, w_gate_up: Tensor, w_down: Tensor,
-                      capacity: int) -> tuple[Tensor, Tensor]:
+                      capacity: int, act: str = "silu") -> tuple[Tensor, Tensor]:
     """Fixed-capacity top-k dispatch with static shapes. Returns (y like x, n_dropped 0-dim int64).
 
     Each slot's position in its expert's queue is a cumulative sum over the one-hot assignment.
@@ -260,14 +277,15 @@ def dispatch_capacity(x: Tensor, expert_idx: Tensor, weights: Tensor, w_gate_up:
         src = torch.full((E * C + 1,), N, dtype=torch.long, device=xf.device).scatter(0, dest, token)[: E * C]
     x_pad = torch.cat([xf, xf.new_zeros(1, D)])  # (N + 1, D)
     buf = x_pad.index_select(0, src).view(E, C, D)
-    out = swiglu_expert(buf, w_gate_up, w_down)  # (E, C, D): bmm per projection, empty rows stay 0
+    out = swiglu_expert(buf, w_gate_up, w_down, act)  # (E, C, D): bmm per projection, empty rows stay 0
     out_pad = torch.cat([out.reshape(E * C, D), out.new_zeros(1, D)])  # (E*C + 1, D)
     ys = out_pad.index_select(0, dest).view(k, N, D)  # dropped slots read the zero row
     y = (ys * (w_kn * keep.to(w_kn.dtype)).view(k, N, 1)).sum(0)  # (N, D)
     return y.reshape(x.shape), n_dropped
 
 
-def dense_reference(x: Tensor, router_probs_topk_dense: Tensor, w_gate_up: Tensor, w_down: Tensor) -> Tensor:
+def dense_reference(x: Tensor, router_probs_topk_dense: Tensor, w_gate_up: Tensor, w_down: Tensor,
+                    act: str = "silu") -> Tensor:
     """Every expert on every token, combined with dense routing weights (zero off the top-k).
 
     x: (..., D); router_probs_topk_dense: (..., E). O(N * E) work: the test oracle, not a kernel.
@@ -275,5 +293,5 @@ def dense_reference(x: Tensor, router_probs_topk_dense: Tensor, w_gate_up: Tenso
     D = x.shape[-1]
     xf = x.reshape(-1, D)
     dense_w = router_probs_topk_dense.reshape(xf.shape[0], -1).to(x.dtype)  # (N, E)
-    out = swiglu_expert(xf.unsqueeze(0), w_gate_up, w_down)  # (E, N, D)
+    out = swiglu_expert(xf.unsqueeze(0), w_gate_up, w_down, act)  # (E, N, D)
     return torch.einsum("ne,end->nd", dense_w, out).reshape(x.shape)

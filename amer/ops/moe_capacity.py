@@ -65,13 +65,15 @@ def block_capacity(block: int, top_k: int, n_experts: int, capacity_factor: floa
 
 def dispatch_causal_capacity(x: Tensor, expert_idx: Tensor, weights: Tensor, w_gate_up: Tensor, w_down: Tensor, *,
                              capacity: int, block: int, start: int = 0, counts: Tensor | None = None,
-                             position: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                             position: Tensor | None = None, act: str = "silu") -> tuple[Tensor, Tensor, Tensor]:
     """Causal document-local capacity top-k dispatch (see the module docstring for the drop policy).
 
     x (B, T, D); expert_idx, weights (B, T, k) (indices distinct per token, as top-k gives); w_gate_up
-    (E, D, 2F); w_down (E, F, D). A row is one document that ``x[:, 0]`` continues at position ``start``
-    (a decoding cache's position), with ``counts`` (B, E) the slots each expert already kept from it; or,
-    for packed rows, ``position`` (B, T) gives each token's offset into its own document (0 starts one).
+    (E, D, 2F) (ungated ``act``: (E, D, F)); w_down (E, F, D); ``act`` the experts' activation (SwiGLU by
+    default, see :func:`amer.ops.moe.swiglu_expert`). A row is one document that ``x[:, 0]`` continues at
+    position ``start`` (a decoding cache's position), with ``counts`` (B, E) the slots each expert already kept
+    from it; or, for packed rows, ``position`` (B, T) gives each token's offset into its own document (0 starts
+    one).
     Returns ``(y (B, T, D), n_dropped (0-dim int64), counts (B, E) kept by each row's last document)``.
     """
     B, T, D = x.shape
@@ -115,7 +117,7 @@ def dispatch_causal_capacity(x: Tensor, expert_idx: Tensor, weights: Tensor, w_g
         src = torch.full((E * B * R + 1,), N, dtype=torch.long, device=dev).scatter(0, dest, token)[:-1]
     x_pad = torch.cat([xf, xf.new_zeros(1, D)])  # (N + 1, D)
     buf = x_pad.index_select(0, src).view(E, B * R, D)
-    out = swiglu_expert(buf, w_gate_up.to(buf.dtype), w_down.to(buf.dtype))  # (E, B R, D), empty rows stay 0
+    out = swiglu_expert(buf, w_gate_up.to(buf.dtype), w_down.to(buf.dtype), act)  # (E, B R, D), empty rows stay 0
     out_pad = torch.cat([out.reshape(E * B * R, D), out.new_zeros(1, D)])  # (E B R + 1, D)
     ys = out_pad.index_select(0, dest).view(N, k, D)  # dropped slots read the zero row
     y = (ys * (w.reshape(N, k) * keep.reshape(N, k).to(w.dtype)).unsqueeze(-1)).sum(1)  # (N, D)

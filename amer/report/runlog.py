@@ -14,7 +14,6 @@ rules, so that a log reads as one uninterrupted run:
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from amer.errors import AnalysisError
+from amer.fileread import json_loads, read_regular
 
 __all__ = ["RunLog", "read_run", "parse_log"]
 
@@ -73,7 +73,7 @@ def parse_log(lines: list[str], name: str = "run") -> RunLog:
     top = -1
     for line in lines:
         try:
-            rec = json.loads(line)
+            rec = json_loads(line)
         except ValueError:
             continue
         if not isinstance(rec, dict):
@@ -98,7 +98,7 @@ def _stp_start(run_dir: Path, log: RunLog) -> int | None:
     """Where the STP gate opens: the run config's ``stp.start_step`` (exact: steps after it carry STP) when
     the run has STP enabled, else the first logged step with ``stp/coeff > 0`` (a log without its config)."""
     try:
-        stp = json.loads((run_dir / "config.json").read_text()).get("stp")
+        stp = json_loads((run_dir / "config.json").read_bytes()).get("stp")
     except (OSError, ValueError, AttributeError):
         stp = None
     if isinstance(stp, dict):
@@ -120,13 +120,12 @@ def read_run(path: str | Path, name: str | None = None, *, allow_empty: bool = F
         raise AnalysisError(f"run {str(path)!r} does not exist; give a run directory holding {LOG_NAME}")
     log_path = p / LOG_NAME if p.is_dir() else p
     run_dir = log_path.parent
-    if not log_path.is_file():
+    if not log_path.exists():
         raise AnalysisError(f"{str(path)!r} holds no {LOG_NAME}; give a run directory written by amer train "
                             f"(or its {LOG_NAME})")
-    try:
-        text = log_path.read_text(encoding="utf-8", errors="replace")
-    except OSError as e:
-        raise AnalysisError(f"cannot read {log_path}: {e.strerror or e}") from None
+    raw = read_regular(log_path, lambda why: AnalysisError(f"{log_path} {why}; give a run directory written by "
+                                                           f"amer train (or its {LOG_NAME})"))
+    text = raw.decode("utf-8", errors="replace")
     log = parse_log(text.splitlines(), name or (run_dir.name if p.is_dir() or p.name == LOG_NAME else p.stem))
     if not log.records and not log.skipped and not allow_empty:
         raise AnalysisError(f"{log_path} has no training records yet (a JSON line per log step); nothing to plot")

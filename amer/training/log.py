@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from amer.fileio import atomic_write_bytes
+from amer.fileio import append_bytes, atomic_write_bytes
+from amer.fileread import json_loads
 
 __all__ = ["RunLogger", "Progress"]
 
@@ -37,12 +37,7 @@ class RunLogger:
 
     def log(self, step: int, record: dict[str, Any]) -> None:
         line = json.dumps({"step": step, **{k: _json_value(v) for k, v in record.items()}}, allow_nan=False) + "\n"
-        # one write on an O_APPEND descriptor: a kill leaves at most a torn last line, dropped on resume
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line.encode("utf-8"))
-        finally:
-            os.close(fd)
+        append_bytes(self.path, line.encode("utf-8"))  # a kill leaves at most a torn last line, dropped on resume
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
@@ -61,7 +56,7 @@ def _json_value(v: Any) -> Any:
 def _log_step(line: str) -> float | None:
     """The step of a line amer wrote, or None for a line it cannot read (kept: it is not amer's to drop)."""
     try:
-        rec = json.loads(line)
+        rec = json_loads(line)
     except ValueError:
         return None
     step = rec.get("step") if isinstance(rec, dict) else None

@@ -18,13 +18,14 @@ from amer import xla
 from amer.checkpoint import list_checkpoints
 from amer.config import TrainConfig
 from amer.data import BatchIterator
-from amer.errors import ConfigError
+from amer.errors import ConfigError, StoppedBySignal
+from amer.fileio import fault_point
 from amer.model import HybridLM
 from amer.ops import kernels
 from amer.report.curves import draw_run_curves
 from amer.runtime import resolve_device, warn_slow_bfloat16
 from amer.stp import STPPolicy
-from amer.training import distributed, scaleout
+from amer.training import distributed, scaleout, stopping
 from amer.training import run as rundir
 from amer.training.checkpointing import apply_activation_checkpointing
 from amer.training.compile import compile_blocks
@@ -47,7 +48,11 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, quiet: bool = False) 
     ``amer`` loggers (see :mod:`amer.logs`), none with ``quiet`` and none from ranks other than 0."""
     layout = distributed.setup(cfg.parallel, resolve_device(cfg.device))  # single-process unless under torchrun
     try:
-        summary = _train(resolve_run(cfg, layout), layout, stop_at, quiet or not layout.main)
+        run = resolve_run(cfg, layout)  # rank 0 holds the run directory's lock from here
+        try:
+            summary = _train(run, layout, stop_at, quiet or not layout.main)
+        finally:
+            run.release()
     except BaseException:
         distributed.teardown(layout, clean=False)
         raise
@@ -101,10 +106,25 @@ def _train(run: Run, layout: distributed.Layout, stop_at: int | None, quiet: boo
     last_step = min(cfg.steps, stop_at or cfg.steps)
     progress = Progress(last_step, state.step, enabled=cfg.progress, quiet=quiet)
     bad, val, val_ok, t_last, tok_since = BadSteps(cfg.max_bad_steps, run_dir), {}, True, time.perf_counter(), 0
-    first_step = state.step
+    first_step = saved_step = state.step  # the step of the last checkpoint written or restored
+
+    def save(val: dict[str, float] | None, host: Any = _GATHER) -> None:
+        """A checkpoint of the current step (``val`` None: a stop's, with no evaluation and no best/). ``host`` is
+        an evaluation's gathered copy, None on ranks other than 0, so only its absence gathers again."""
+        nonlocal saved_step
+        if host is _GATHER:
+            host = (model, opt) if scaled is None else scaleout.host_copy(scaled, cfg)  # rank 0: whole model
+        if xla.is_xla(device):  # checkpoints are written from host copies (the CPU format)
+            host = xla.host_copy(model, opt, lambda: HybridLM(cfg.model), lambda m: make_optimizer(m, cfg))
+        scaleout.on_main(layout, lambda: rundir.checkpoint(run_dir, host[0], host[1], state, val, run.record,
+                                                           batches, stp_gen, cfg.keep_last, tok))
+        saved_step = state.step
+
     (scaled.module if scaled else model).train()
     try:
         for step in range(state.step, last_step):
+            if signum := stopping.agreed(layout):  # every rank stops before the same step
+                _stop(signum, state.step, saved_step, save, run_dir)
             log_now = (step + 1) % cfg.log_interval == 0 or step + 1 == last_step
             lr = lr_at(step, cfg)
             t_step = time.perf_counter()
@@ -125,6 +145,7 @@ def _train(run: Run, layout: distributed.Layout, stop_at: int | None, quiet: boo
             if res.finite is False:  # XLA reads its guard with the log figures: the step was applied as a zero step
                 progress.say(f"step {step + 1}: non-finite loss or gradient; applied with a zero gradient (XLA)")
             state.step = step + 1
+            fault_point(f"step:{state.step}")
             tok_since += cfg.batch_size * cfg.grad_accum * cfg.seq_len
             if log_now:
                 now = time.perf_counter()
@@ -140,8 +161,6 @@ def _train(run: Run, layout: distributed.Layout, stop_at: int | None, quiet: boo
             if state.step % cfg.eval_interval == 0 or state.step == last_step:
                 host = (model, opt) if scaled is None else scaleout.host_copy(scaled, cfg)  # rank 0: whole model
                 val = scaleout.on_main(layout, lambda: validate(host[0], policy, data.val, cfg, text_bytes))
-                if xla.is_xla(device):  # checkpoints are written from host copies (the CPU format)
-                    host = xla.host_copy(model, opt, lambda: HybridLM(cfg.model), lambda m: make_optimizer(m, cfg))
                 val_ok = all(math.isfinite(v) for v in val.values())
                 logger.log(state.step, val if val_ok else {**val, "val/skipped": "non-finite validation loss"})
                 if layout.main and cfg.curves:  # curves.png, redrawn at every evaluation; a failure only warns
@@ -151,8 +170,7 @@ def _train(run: Run, layout: distributed.Layout, stop_at: int | None, quiet: boo
                     bad.bad(state.step, "the validation loss is non-finite; lower --lr or use --dtype float32",
                             train_step=False)
                     continue
-                scaleout.on_main(layout, lambda: rundir.checkpoint(run_dir, host[0], host[1], state, val, run.record,
-                                                                   batches, stp_gen, cfg.keep_last, tok))
+                save(val, host)
                 progress.say(f"step {state.step}: val loss {val['val/loss']:.4f}"
                              + (f" bpb {val['val/bpb']:.4f}" if "val/bpb" in val else "")
                              + (f" val stp {val['val/stp']:.4f}" if "val/stp" in val else ""))
@@ -167,6 +185,22 @@ def _train(run: Run, layout: distributed.Layout, stop_at: int | None, quiet: boo
         f"{run_dir / 'log.jsonl'} | tensorboard --logdir {cfg.out_dir}")
     return {"run_dir": str(run_dir), "checkpoint": str(latest) if latest else None, "best_val": state.best_val,
             "val": val, "steps": last_step}
+
+
+_GATHER = object()  # save(): no copy given, gather one (every rank joins the collective)
+
+
+def _stop(signum: int, step: int, saved_step: int, save: Any, run_dir: Any) -> None:
+    """End the run before ``step + 1`` as a signal asked, with a checkpoint of ``step`` unless one exists."""
+    name = stopping.signal_name(signum)
+    if step > saved_step:
+        save(None)
+        raise StoppedBySignal(f"stopped by {name} after step {step}: checkpoint {run_dir / f'step_{step:06d}'} "
+                              f"written; continue with --resume {run_dir}", signum)
+    if step == 0:
+        raise StoppedBySignal(f"stopped by {name} before the first step: nothing to keep", signum)
+    raise StoppedBySignal(f"stopped by {name} at step {step}, whose checkpoint exists; continue with --resume "
+                          f"{run_dir}", signum)
 
 
 def validate(model: HybridLM, policy: STPPolicy, val_data: Any, cfg: TrainConfig,

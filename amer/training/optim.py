@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from amer.blocks.common import Mixer
 from amer.config import TrainConfig
 
 __all__ = ["make_optimizer", "lr_at"]
@@ -34,7 +35,9 @@ def _fused_adamw_ok(model: torch.nn.Module) -> bool:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (norm gains, biases, embeddings, SSM/LRU scalars exempt)."""
+    """AdamW; weight decay on matrices only (norm gains, biases, embeddings, SSM/LRU scalars exempt). Every
+    applied step ends with :meth:`~amer.blocks.common.Mixer.after_step` of each mixer that defines one (a step
+    post-hook: every path that steps the optimizer, skipped steps excepted, runs it)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -42,4 +45,9 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
         exempt = p.dim() < 2 or "embed" in name or getattr(p, "_no_weight_decay", False)
         (no_decay if exempt else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=_fused_adamw_ok(model))
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=_fused_adamw_ok(model))
+    hooks = [m.after_step for m in model.modules()
+             if isinstance(m, Mixer) and type(m).after_step is not Mixer.after_step]
+    if hooks:
+        opt.register_step_post_hook(lambda *_: [hook() for hook in hooks])
+    return opt

@@ -13,20 +13,30 @@ checkpoint's ``meta.json`` hold (so ``--resume`` starts from exactly this).
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, replace
+import os
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from amer.checkpoint import find_checkpoint, read_meta
 from amer.config import TrainConfig, from_dict, load_toml
-from amer.data import DataSplits, build_datasets, check_spec, load_tokenizer, make_tokenizer, model_vocab_size
+from amer.data import (
+    NAMED_CORPORA,
+    DataSplits,
+    build_datasets,
+    check_spec,
+    load_tokenizer,
+    make_tokenizer,
+    model_vocab_size,
+)
 from amer.data.packing import DataConfig
 from amer.errors import CheckpointError, ConfigError
+from amer.fileread import json_loads, read_file
 from amer.pattern import load_preset
 from amer.training import scaleout
 from amer.training.distributed import Layout
-from amer.training.run import Target, config_record, locate, prepare, resume_config
+from amer.training.run import Target, claim, config_record, locate, resume_config
+from amer.training.runlock import RunLock
 
 __all__ = ["Run", "resolve_config", "resolve_run", "RESUME_CONFLICTS"]
 
@@ -68,18 +78,34 @@ def _pattern_home(layer: dict[str, Any], where: str) -> dict[str, Any]:
             "model": {**(model if isinstance(model, dict) else {}), "pattern": layer["pattern"]}}
 
 
+_PATHS = ("data", "tokenizer", "init", "out_dir")  # settings that may name a file or folder
+
+
+def _absolute(layer: dict[str, Any]) -> dict[str, Any]:
+    """A layer whose paths are absolute: what the user meant where they typed them, so a run resumed from another
+    working directory still finds its data (names such as ``kjv``, ``bpe:8192`` stay names)."""
+    out = dict(layer)
+    for key in _PATHS:
+        value = out.get(key)
+        named = value in NAMED_CORPORA if key == "data" else (
+            value == "byte" or str(value).startswith("bpe:") if key == "tokenizer" else False)
+        if isinstance(value, str) and value and "\0" not in value and not named:
+            out[key] = os.path.abspath(os.path.expanduser(value))
+    return out
+
+
 def resolve_config(flags: dict[str, Any], config_file: str | Path | None = None) -> TrainConfig:
     """The run's :class:`TrainConfig` from the given command-line values (a nested dict of only the flags the
     user gave, e.g. ``{"steps": 10, "stp": {"layers": "M-1"}}``) and an optional TOML file. Raises
     :class:`~amer.errors.ConfigError` / :class:`~amer.errors.PatternError` on bad input."""
-    flags = _pattern_home(flags, "the command line")
-    file_cfg = _pattern_home(load_toml(config_file), f"--config {config_file}") if config_file else {}
+    flags = _absolute(_pattern_home(flags, "the command line"))
+    file_cfg = _absolute(_pattern_home(load_toml(config_file), f"--config {config_file}")) if config_file else {}
     resume = flags.get("resume", file_cfg.get("resume"))
     if isinstance(resume, str) and "\x00" in resume:  # the OS refuses a NUL with a traceback
         raise ConfigError("train.resume must not contain a NUL character")
     if resume:
         run_dir = locate(resume).run_dir
-        where = {"out_dir": str(run_dir.parent), "run_name": run_dir.name}
+        where = {"out_dir": os.path.abspath(run_dir.parent), "run_name": run_dir.name}
         for key in RESUME_CONFLICTS:
             value = _get(flags, key)
             value = _get(file_cfg, key) if value is None else value
@@ -116,26 +142,45 @@ class Run:
     target: Target
     tokenizer: Any
     data: DataSplits
+    lock: RunLock | None = field(default=None, compare=False, repr=False)  # rank 0's hold on the run directory
 
     @property
     def record(self) -> dict[str, Any]:
         """The config as ``config.json`` and each checkpoint record it: what ``--resume`` starts from."""
         return config_record(self.config)
 
+    def release(self) -> None:
+        """Let the next run into the directory (the process ending does it too)."""
+        if self.lock is not None:
+            self.lock.release()
+
 
 def resolve_run(cfg: TrainConfig, layout: Layout) -> Run:
-    """Settle the run's directory, tokenizer, vocabulary and data (on every rank; rank 0 checks the directory,
-    before any slow work, so a clash or a foreign directory fails at once)."""
-    target = scaleout.on_main(layout, lambda: prepare(cfg))
-    spec, saved = _saved_tokenizer(cfg, target)
-    data = build_datasets(DataConfig(cfg.data, cfg.seq_len, cfg.val_fraction, cfg.seed),
-                          saved or (lambda train_docs: make_tokenizer(spec, train_docs)))
-    tok = data.train.tokenizer
-    model = cfg.model if saved is not None else replace(cfg.model, vocab_size=model_vocab_size(tok))
-    if model.vocab_size < tok.vocab_size:
-        raise ConfigError(f"model.vocab_size ({model.vocab_size}) is smaller than the tokenizer's "
-                          f"{tok.vocab_size} tokens")
-    return Run(replace(cfg, model=model, tokenizer=spec), target, tok, data)
+    """Settle the run's directory, tokenizer, vocabulary and data (on every rank; rank 0 checks the directory and
+    takes its lock before any slow work, so a clash, a foreign directory or a run still training there fails at
+    once). The caller releases the returned run's lock (:meth:`Run.release`)."""
+    held: list[RunLock] = []
+
+    def claimed() -> Target:
+        target, lock = claim(cfg)
+        held.append(lock)  # stays on rank 0: a lock is a file descriptor, not something to send to other ranks
+        return target
+
+    target = scaleout.on_main(layout, claimed)
+    try:
+        spec, saved = _saved_tokenizer(cfg, target)
+        data = build_datasets(DataConfig(cfg.data, cfg.seq_len, cfg.val_fraction, cfg.seed),
+                              saved or (lambda train_docs: make_tokenizer(spec, train_docs)))
+        tok = data.train.tokenizer
+        model = cfg.model if saved is not None else replace(cfg.model, vocab_size=model_vocab_size(tok))
+        if model.vocab_size < tok.vocab_size:
+            raise ConfigError(f"model.vocab_size ({model.vocab_size}) is smaller than the tokenizer's "
+                              f"{tok.vocab_size} tokens")
+    except BaseException:
+        for lock in held:
+            lock.release()
+        raise
+    return Run(replace(cfg, model=model, tokenizer=spec), target, tok, data, held[0] if held else None)
 
 
 def _saved_tokenizer(cfg: TrainConfig, target: Target) -> tuple[str, Any]:
@@ -147,7 +192,7 @@ def _saved_tokenizer(cfg: TrainConfig, target: Target) -> tuple[str, Any]:
     """
     if target.resume:
         try:
-            was = json.loads((target.run_dir / "config.json").read_bytes()).get("tokenizer", "byte")
+            was = json_loads(read_file(target.run_dir / "config.json")).get("tokenizer", "byte")
         except (OSError, ValueError, AttributeError):
             was = cfg.tokenizer
         if cfg.tokenizer != was:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from amer.checkpoint import read_checkpoint, restore_model, restore_optimizer
+from amer.configio import INT_MAX
 from amer.data import BatchIterator
 from amer.errors import CheckpointError
 
@@ -50,8 +51,8 @@ def check_meta(meta: dict[str, Any], batches: BatchIterator) -> None:
         raise CheckpointError(f"{where} lacks {lacking}: not a training checkpoint, so the run cannot be "
                               "resumed from it")
     step = meta["step"]
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise CheckpointError(f"{where}: step must be a whole number >= 0, got {step!r}")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= INT_MAX:
+        raise CheckpointError(f"{where}: step must be a whole number in [0, 2^63-1], got {step!r:.40}")
     if not isinstance(meta["config"], dict):
         raise CheckpointError(f"{where}: config must be an object (the run's settings), got {meta['config']!r:.40}")
     expected = batches.state_dict()

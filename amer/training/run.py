@@ -8,7 +8,6 @@ in a run directory survives resume, pruning and ``--overwrite``.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import uuid
@@ -27,12 +26,15 @@ from amer.checkpoint import (
     save_checkpoint,
 )
 from amer.config import TrainConfig, to_dict
+from amer.configio import INT_MAX
 from amer.data import BatchIterator
 from amer.errors import CheckpointError, ConfigError, TrainingError
-from amer.fileio import fault_point, json_text, own_temp_files, recover_dirs, remove_own_files, write_json
+from amer.fileio import fault_point, json_text, own_temp_files, recover_dirs, refuse_link, remove_own_files, write_json
+from amer.fileread import json_loads, read_file
 from amer.training.restore import restore, rng_pack, rng_unpack
+from amer.training.runlock import LOCK_NAME, RunLock, acquire, ensure_free
 
-__all__ = ["RunState", "Target", "MARKER", "prepare", "open_run", "new_run_dir", "locate", "resume_config",
+__all__ = ["RunState", "Target", "MARKER", "prepare", "claim", "open_run", "new_run_dir", "locate", "resume_config",
            "checkpoint", "prune", "rng_pack", "rng_unpack", "config_record"]
 
 MARKER = "amer-run.json"  # {"run_id": ...}: this directory was created by amer train
@@ -57,7 +59,7 @@ class Target(NamedTuple):
 def _run_id(run_dir: Path) -> str | None:
     """The run id in ``run_dir``'s marker; None for a marker without one (added by hand to adopt a run)."""
     try:
-        data = json.loads((run_dir / MARKER).read_bytes() or b"{}")
+        data = json_loads(read_file(run_dir / MARKER) or b"{}")
     except (OSError, ValueError):
         return None
     rid = data.get("run_id") if isinstance(data, dict) else None
@@ -104,7 +106,7 @@ def resume_config(path: str | Path) -> dict[str, Any]:
     else:
         source = str(target.run_dir / "config.json")
         try:
-            config = json.loads((target.run_dir / "config.json").read_bytes())
+            config = json_loads(read_file(target.run_dir / "config.json"))
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{source}: not a readable JSON config ({e})") from None
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
@@ -129,9 +131,12 @@ def new_run_dir(cfg: TrainConfig) -> Path:
     name = cfg.run_name or f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.out_dir) / name
     _check_out_dir(Path(cfg.out_dir))
+    if run_dir.is_symlink() and not run_dir.exists():
+        raise ConfigError(f"run directory {run_dir} is a symbolic link to {run_dir.readlink()}, which does not "
+                          "exist; choose another --run-name or remove the link")
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run directory {run_dir} is a file; choose another --run-name")
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
         if not _is_run_dir(run_dir):
             raise ConfigError(f"{run_dir} already exists and was not created by amer train (no {MARKER}); "
                               "nothing in it is touched: choose another --run-name or --out-dir")
@@ -146,6 +151,28 @@ def new_run_dir(cfg: TrainConfig) -> Path:
 def prepare(cfg: TrainConfig) -> Target:
     """The run's directory, checked before any slow work: a clash or a foreign directory fails at once."""
     return locate(cfg.resume) if cfg.resume else Target(new_run_dir(cfg), None, False)
+
+
+def claim(cfg: TrainConfig) -> tuple[Target, RunLock]:
+    """:func:`prepare`, then the run directory's lock (:mod:`amer.training.runlock`; a run still training there
+    is refused, naming it), then :func:`prepare` again under the lock: another run may have created, finished
+    or extended the directory in between. Rank 0 alone calls it under torchrun."""
+    try:
+        run_dir = prepare(cfg).run_dir
+    except ConfigError:  # "already exists": when a run is still training there, that is what to say
+        if cfg.run_name is not None and not cfg.resume:
+            ensure_free(Path(cfg.out_dir) / cfg.run_name)
+        raise
+    try:
+        lock = acquire(run_dir)
+    except OSError as e:  # the place cannot hold a run (read-only, full, not a directory): before any work
+        doing = "write to" if cfg.resume else "create"
+        raise ConfigError(f"cannot {doing} run directory {run_dir}: {e.strerror or e}") from None
+    try:
+        return prepare(cfg), lock
+    except BaseException:
+        lock.release()
+        raise
 
 
 def _create(run_dir: Path, overwrite: bool) -> str:
@@ -173,10 +200,11 @@ def _clear(run_dir: Path) -> None:
         if ck.is_dir() and _written_by(ck, run_id):
             remove_own_files(ck, CHECKPOINT_FILES)
     for p in [*own_temp_files(run_dir, lambda n: n in RUN_FILES), *run_dir.glob("events.out.tfevents.*")]:
-        if p.is_file():
+        if p.is_file() and not p.is_symlink():
             p.unlink()
     for name in RUN_FILES:
-        (run_dir / name).unlink(missing_ok=True)
+        if not (run_dir / name).is_symlink():  # a link is not amer's (it never makes one): left alone
+            (run_dir / name).unlink(missing_ok=True)
 
 
 def open_run(target: Target, cfg: TrainConfig, model: torch.nn.Module, opt: torch.optim.Optimizer,
@@ -185,6 +213,8 @@ def open_run(target: Target, cfg: TrainConfig, model: torch.nn.Module, opt: torc
     """Restore (resume) or create the run directory, then write its config (``cfg`` as resolved: see
     :mod:`amer.training.resolve`). Everything that can be refused is checked before the first byte is written."""
     run_dir, state = target.run_dir, RunState()
+    for name in (*RUN_FILES, "best"):  # files amer rewrites: a link there would lead the write elsewhere
+        refuse_link(run_dir / name)
     if target.resume:
         state.run_id = _run_id(run_dir)
         if target.checkpoint is not None:
@@ -196,8 +226,10 @@ def open_run(target: Target, cfg: TrainConfig, model: torch.nn.Module, opt: torc
             state.step, state.best_val = meta["step"], float("inf") if best is None else float(best)
         for limit, flag in ((cfg.steps, "--steps"), (stop_at, "--stop-at")):
             if limit is not None and limit < state.step:
+                more = (f"pass {flag} {state.step + 1} or more" if state.step < INT_MAX else
+                        "and no step is left after it (2^63-1 is the last step amer counts)")
                 raise ConfigError(f"{flag} {limit} is below the step of the checkpoint being resumed "
-                                  f"({state.step}): nothing to train; pass {flag} {state.step + 1} or more")
+                                  f"({state.step}): nothing to train; {more}")
         # a run killed part-way may have left temporaries, or a best/ moved aside mid-swap: finish those first
         recover_dirs(run_dir, _is_step_or_best, CHECKPOINT_FILES)
         for p in own_temp_files(run_dir, lambda n: n in RUN_FILES):
@@ -207,9 +239,14 @@ def open_run(target: Target, cfg: TrainConfig, model: torch.nn.Module, opt: torc
             f"no checkpoint in {run_dir}: starting it again from step 0 with its config.json")
         if state.step == min(cfg.steps, stop_at or cfg.steps):
             say(f"already at step {state.step}: nothing to train")
-    else:
-        state.run_id = _create(run_dir, cfg.overwrite)
-    write_json(run_dir / "config.json", config_record(cfg))
+        write_json(run_dir / "config.json", config_record(cfg))
+        return state
+    state.run_id = _create(run_dir, cfg.overwrite)
+    try:
+        write_json(run_dir / "config.json", config_record(cfg))
+    except BaseException:  # a new run that cannot write its config (a full disk) leaves nothing behind
+        remove_own_files(run_dir, (MARKER, "config.json"))
+        raise
     return state
 
 
@@ -220,16 +257,18 @@ def config_record(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def checkpoint(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state: RunState,
-               val: dict[str, float], resolved: dict[str, Any], batches: BatchIterator, stp_gen: torch.Generator,
-               keep_last: int, tokenizer: Any = None) -> None:
+               val: dict[str, float] | None, resolved: dict[str, Any], batches: BatchIterator,
+               stp_gen: torch.Generator, keep_last: int, tokenizer: Any = None) -> None:
     """``step_NNNNNN/`` (and ``best/`` when the validation loss improved), keeping the last ``keep_last``.
-    A model with non-finite weights is never written."""
+    ``val`` None: a checkpoint between evaluations (a stop's), never ``best/``. A model with non-finite weights
+    is never written."""
     bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
     if bad:  # finite loss but an update produced inf/NaN weights
         raise TrainingError(f"step {state.step}: parameter {bad[0]} became non-finite; stopping without "
                             f"writing a checkpoint; lower --lr")
-    is_best = val["val/loss"] < state.best_val
-    state.best_val = min(state.best_val, val["val/loss"])
+    is_best = val is not None and val["val/loss"] < state.best_val
+    if val is not None:
+        state.best_val = min(state.best_val, val["val/loss"])
     meta = {"config": resolved, "run_id": state.run_id, "step": state.step,
             "best_val": state.best_val if math.isfinite(state.best_val) else None, "val": val,
             "data_state": batches.state_dict(),
@@ -242,9 +281,12 @@ def checkpoint(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer
 
 
 def _written_by(ck: Path, run_id: str | None) -> bool:
-    """Whether checkpoint ``ck`` was written by run ``run_id`` (one copied in from another run was not)."""
+    """Whether checkpoint ``ck`` was written by run ``run_id`` (one copied in from another run was not; a link to
+    a checkpoint was not written here either: amer never makes one)."""
+    if ck.is_symlink():
+        return False
     try:
-        meta = json.loads((ck / "meta.json").read_bytes())
+        meta = json_loads(read_file(ck / "meta.json"))
     except (OSError, ValueError):
         return False
     return isinstance(meta, dict) and meta.get("run_id") in (None, run_id)

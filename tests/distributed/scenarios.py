@@ -27,11 +27,11 @@ from amer.training.step import TrainStep
 SEED = 3
 
 
-def model_config(pattern: str) -> ModelConfig:
+def model_config(pattern: str, **moe: object) -> ModelConfig:
     return ModelConfig(pattern=pattern, d_model=32, vocab_size=64, max_seq_len=64, init_std=0.1,
                        attention={"n_heads": 4, "n_kv_heads": 2},
                        mamba={"d_state": 8, "head_dim": 16, "chunk_size": 8},
-                       moe={"n_experts": 4, "top_k": 2, "d_ff": 48}, recurrent={"n_heads": 2})
+                       moe={"n_experts": 4, "top_k": 2, "d_ff": 48, **moe}, recurrent={"n_heads": 2})
 
 
 def batch(rows: int, T: int = 24, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -174,7 +174,51 @@ def dp_equal(layout: D.Layout) -> None:
     say(layout, f"control: per-rank MoE statistics move the parameters off one process's (by {worst:.3g})")
 
 
-SCENARIOS = {"pp_grads": (ParallelConfig(pp=2), pp_grads), "dp_equal": (ParallelConfig(dp=2), dp_equal)}
+def dp_bias(layout: D.Layout) -> None:
+    """dp=2 with the auxiliary-loss-free expert bias: after 5 steps every rank holds the bias one process with the
+    whole batch reaches (the loads it counts are the global ones), for FSDP2 and DDP; with per-rank loads the
+    ranks drift apart."""
+    cfg = model_config("AEAE", score="sigmoid", expert_bias=True, bias_update_rate=0.05)
+    tcfg = TrainConfig(lr=3e-3, seq_len=24, model=cfg)
+    torch.manual_seed(0)
+    base = HybridLM(cfg)
+    policy = STPPolicy(stp("A-1,E-1"), base.pattern)
+    steps = [batch(4, seed=s) for s in range(5)]
+    names = [n for n, _ in base.named_buffers() if n.endswith("expert_bias")]
+
+    def biases(model: torch.nn.Module) -> torch.Tensor:
+        own = dict(D.unwrap(model).named_buffers())
+        return torch.stack([own[n] for n in names])
+
+    def train(model: torch.nn.Module, shard: tuple[int, int] | None) -> torch.Tensor:
+        run = TrainStep(model, make_optimizer(model, tcfg), policy, stp_generator=torch.Generator().manual_seed(SEED),
+                        shard=shard)
+        for i, b in enumerate(steps):
+            run([b], i)
+        return biases(model)
+
+    want = train(copy.deepcopy(base), None)
+    if not want.abs().sum() > 0:
+        fail("the bias did not move in one process")
+    for kind in ("fsdp", "ddp"):
+        got = train(D.wrap_data_parallel(copy.deepcopy(base), layout, kind), (layout.dp_rank, layout.dp))
+        close(got, want, f"dp=2 {kind}: expert bias after 5 steps", tol=0.0)
+        say(layout, f"dp=2 {kind}: every rank's expert bias after 5 steps equals one process's")
+    # control: each rank counting only its own rows moves its bias its own way
+    model = D.wrap_data_parallel(copy.deepcopy(base), layout, "fsdp")
+    for m in model.modules():
+        if hasattr(m, "stats_group"):
+            m.stats_group = None
+    mine = train(model, (layout.dp_rank, layout.dp))
+    ranks = [torch.zeros_like(mine) for _ in range(layout.dp)]
+    dist.all_gather(ranks, mine, group=layout.dp_group)
+    if torch.equal(ranks[0], ranks[1]):
+        fail("control: per-rank loads still give every rank the same bias")
+    say(layout, "control: per-rank loads give the ranks different biases")
+
+
+SCENARIOS = {"pp_grads": (ParallelConfig(pp=2), pp_grads), "dp_equal": (ParallelConfig(dp=2), dp_equal),
+             "dp_bias": (ParallelConfig(dp=2), dp_bias)}
 
 
 if __name__ == "__main__":

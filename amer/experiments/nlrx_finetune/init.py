@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -28,6 +27,7 @@ from amer.data import ByteTokenizer, load_tokenizer, tokenizer_from_file
 from amer.data.chat_template import CONFIG_FILE, ChatTemplate, read_chat_template
 from amer.errors import CheckpointError, DataError, ExperimentError, InputError
 from amer.experiments.nlrx.encode import ChatFormat
+from amer.fileread import json_loads, read_file
 from amer.hub import read_pretrained_config
 from amer.model import HybridLM
 
@@ -45,7 +45,7 @@ class InitInfo(NamedTuple):
 
 def _is_transformers(p: Path) -> bool:
     try:
-        cfg = json.loads((p / "config.json").read_text(encoding="utf-8"))
+        cfg = json_loads(read_file(p / "config.json"))
     except (OSError, ValueError):
         return False
     return isinstance(cfg, dict) and cfg.get("model_type") != "amer" and bool(cfg.get("architectures"))
@@ -106,7 +106,7 @@ def load_model(path: str, device: str = "cpu") -> HybridLM:
 def _special(folder: Path, key: str, fallback: str) -> str:
     """``bos_token`` / ``eos_token`` as tokenizer_config.json names it (a string or {"content": ...})."""
     try:
-        cfg = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+        cfg = json_loads(read_file(folder / CONFIG_FILE))
     except (OSError, ValueError):
         return fallback
     val = cfg.get(key) if isinstance(cfg, dict) else None

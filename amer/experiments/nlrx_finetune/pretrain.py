@@ -26,6 +26,7 @@ from amer.experiments.nlrx.grid import model_config
 from amer.experiments.nlrx_finetune.data import pretraining_corpus
 from amer.experiments.nlrx_finetune.grid import Settings
 from amer.experiments.runs import say
+from amer.fileread import json_loads
 from amer.model import HybridLM
 from amer.stp import STPPolicy
 from amer.training import TrainStep, lr_at, make_optimizer
@@ -44,7 +45,7 @@ def pretrain_steps(s: Settings, rows: int) -> int:
 
 
 def _check(meta: dict[str, Any], s: Settings, path: Path) -> None:
-    old, new = meta.get("pretrain"), json.loads(json.dumps(s.pretrain_fingerprint()))
+    old, new = meta.get("pretrain"), json_loads(json.dumps(s.pretrain_fingerprint()))
     if old != new:
         raise ExperimentError(f"{path} was pretrained with other settings ({old} -> {new}); use another --out, or "
                               "delete that directory to start over")

@@ -4,7 +4,6 @@ command again continues where it stopped; results from other settings are refuse
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ from amer.experiments.nlrx_finetune.init import describe, load_model
 from amer.experiments.nlrx_finetune.pretrain import final_path, pretrain
 from amer.experiments.runs import Say, arm_path, refuse_stale, say
 from amer.experiments.workers import imap_unordered
+from amer.fileread import json_loads
 from amer.model import HybridLM
 from amer.report import write_json
 
@@ -67,7 +67,7 @@ def measure_gate(s: Settings, data: Data, say: Say = say) -> dict[str, Any]:
     in ``OUT/gate.json``; the from-scratch NTP level is read from the arms later (see the report)."""
     path = Path(s.out) / "gate.json"
     if path.is_file():
-        rec = json.loads(path.read_text())
+        rec = json_loads(path.read_text())
         refuse_stale(path, rec.get("settings"), s)
         return rec
     models: dict[str, Any] = {}
@@ -121,11 +121,11 @@ def read_all(s: Settings) -> dict[str, Any]:
     grid_arms = [a for a in build_grid(s, {k: lrs.get(k, math.nan) for k in _keys(s)}) if (a.init, a.model) in lrs]
     grid = [load_arm(arm_path(s, a), s) for a in grid_arms if arm_path(s, a).is_file()]
     gate_path = Path(s.out) / "gate.json"
-    gate = json.loads(gate_path.read_text()) if gate_path.is_file() else {"models": {}}
+    gate = json_loads(gate_path.read_text()) if gate_path.is_file() else {"models": {}}
     pre = {}
     for name, _ in s.models if s.init is None else []:
         if (final_path(s, name) / "meta.json").is_file():
-            pre[name] = json.loads((final_path(s, name) / "meta.json").read_text()).get("summary")
+            pre[name] = json_loads((final_path(s, name) / "meta.json").read_text()).get("summary")
     return {"pretrain": pre, "gate": gate, "picks": picks, "lrs": lrs, "records": grid}
 
 

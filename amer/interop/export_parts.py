@@ -1,0 +1,192 @@
+"""What the MoE and hybrid exporters (:mod:`amer.interop.export_moe`, :mod:`amer.interop.export_hybrid`) share: a
+refusal that names the setting, the checks that a model's settings are ones the target class can express, and
+the blocks' weights in transformers' layouts (the inverses of the converters' maps).
+
+A family's config is compared field by field with the family's defaults, so an option the target class has no
+counterpart for (including options added to a family later) is refused by name, never silently dropped; fields
+that only shape initialisation, a training scan's blocking or a training loss pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+from torch import Tensor
+
+from amer.blocks.moe import MoEConfig
+from amer.config import ModelConfig
+from amer.errors import InputError
+from amer.pattern import LayerSpec
+
+__all__ = ["Tensors", "refuse", "plain", "moe_plain", "shared", "pre_norms", "mixer_ffn_pairs", "FFN", "ffn_layers",
+           "routed_out", "dense_out", "shared_out", "attention_out", "head_dim", "period"]
+
+Tensors = dict[str, Tensor]
+# fields that shape the initialisation, a training scan's blocking or a training loss, not the function computed
+NOT_FUNCTION = {"dt_min", "dt_max", "dt_init_floor", "dt_scale", "dt_init", "chunk_size", "a_init_range",
+                "aux_loss_coef", "z_loss_coef", "bias_update_rate", "dispatch", "capacity_factor", "capacity_block"}
+# E fields without effect when the block is one dense feed-forward (no router)
+DENSE_INERT = {"top_k", "renormalize_top1", "score", "renormalize", "renormalize_eps", "routed_scale", "expert_bias",
+               "n_groups", "topk_groups"}
+SHARED_DEFAULTS = (("embed_scale", 1.0), ("residual_scale", 1.0), ("logit_scale", 1.0), ("logit_softcap", None),
+                   ("norm_offset", 0.0))
+
+
+def refuse(what: str) -> InputError:
+    return InputError(f"cannot export as a transformers model: {what}")
+
+
+def plain(obj: Any, where: str, target: str, allowed: Iterable[str] = ()) -> None:
+    """Every field of config ``obj`` outside ``allowed`` (and the non-function ones) at its default."""
+    default, allowed = type(obj)(), set(allowed) | NOT_FUNCTION
+    for f in dataclasses.fields(obj):
+        if f.name not in allowed and getattr(obj, f.name) != getattr(default, f.name):
+            raise refuse(f"{where}.{f.name}={getattr(obj, f.name)!r} has no counterpart in {target} (needs "
+                         f"{getattr(default, f.name)!r})")
+
+
+def moe_plain(e: MoEConfig, where: str, target: str, allowed: Iterable[str] = ()) -> None:
+    """:func:`plain` for an E config, whose fields without effect in it pass: the router's in a one-expert (dense)
+    block, the shared experts' width and count where it has none."""
+    inert = set(DENSE_INERT) if e.n_experts == 1 else set()
+    if not e.shared_expert:
+        inert |= {"d_ff_shared", "n_shared_experts"}
+    plain(e, where, target, set(allowed) | inert)
+
+
+def shared(cfg: ModelConfig, target: str, allowed: Iterable[str] = ()) -> None:
+    """The model-wide options outside ``allowed`` at their defaults."""
+    for name, default in SHARED_DEFAULTS:
+        if name not in allowed and getattr(cfg, name) != default:
+            raise refuse(f"model.{name}={getattr(cfg, name)!r} has no counterpart in {target} (needs {default!r})")
+
+
+def pre_norms(cfg: ModelConfig, target: str, variants: Iterable[str] = ()) -> None:
+    """Every block pre-norm (``x + f(norm(x))``), and no variants but of the families in ``variants``."""
+    for layer in cfg.parsed.layers:
+        if layer.variant is not None and str(layer.family) not in variants:
+            raise refuse(f"{layer.key} (layer {layer.index}): {target} has one config per {layer.family.spec.name} "
+                         "block, no variants")
+        if cfg.block_options(layer).norm_placement != "pre":
+            raise refuse(f"{layer.key} (layer {layer.index}) has norm_placement "
+                         f"{cfg.block_options(layer).norm_placement!r}; {target}'s blocks are pre-norm")
+
+
+def mixer_ffn_pairs(cfg: ModelConfig) -> list[tuple[LayerSpec, LayerSpec]] | None:
+    """The layers as (token mixer, E) pairs, the shape of a decoder layer with its feed-forward; None otherwise."""
+    layers = cfg.parsed.layers
+    if len(layers) % 2 or any(str(e.family) != "E" or str(m.family) == "E" for m, e in zip(layers[::2], layers[1::2])):
+        return None
+    return list(zip(layers[::2], layers[1::2]))
+
+
+class FFN(NamedTuple):
+    """A model's E layers sorted: the one routed config, the one dense config, and which layers route."""
+
+    routed: MoEConfig | None
+    dense: MoEConfig | None
+    routes: list[bool]
+
+
+def ffn_layers(cfg: ModelConfig, layers: list[LayerSpec], target: str, *, activation: str = "silu") -> FFN:
+    """The E ``layers`` of ``cfg`` as one routed and one dense feed-forward configuration (transformers classes have
+    one of each at most), every expert of ``activation`` without biases."""
+    routed: tuple[str, MoEConfig] | None = None
+    dense: tuple[str, MoEConfig] | None = None
+    routes = []
+    for layer in layers:
+        e = cfg.layer_config(layer)
+        if e.activation != activation or e.bias:
+            raise refuse(f"{layer.key} (layer {layer.index}): {target}'s feed-forwards are {activation} without biases "
+                         f"(moe.activation {e.activation!r}, moe.bias {e.bias})")
+        routes.append(e.n_experts > 1)
+        if e.n_experts == 1:
+            moe_plain(e, f"moe ({layer.key})", target, {"n_experts", "d_ff", "activation"})
+            dense = dense or (layer.key, e)
+            if (e.d_ff or 2 * cfg.d_model) != (dense[1].d_ff or 2 * cfg.d_model):
+                raise refuse(f"{layer.key} (layer {layer.index}) and {dense[0]} are dense feed-forwards of two widths; "
+                             f"{target} has one")
+            continue
+        routed = routed or (layer.key, e)
+        if e != routed[1]:
+            raise refuse(f"{layer.key} (layer {layer.index}) and {routed[0]} are two routed configurations; {target} "
+                         "has one")
+    return FFN(routed and routed[1], dense and dense[1], routes)
+
+
+def routed_out(sd: Tensors, blk: str, dst: str, out: Tensors, *,
+               names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"), gated: bool = True) -> None:
+    """Block ``blk``'s routed experts as one (gate, up, down) Linear each under ``dst`` (``...experts.``), the layout
+    transformers saves."""
+    gu, dn = sd[blk + "mixer.w_gate_up"], sd[blk + "mixer.w_down"]  # (E, D, 2F or F), (E, F, D)
+    F_ = dn.shape[1]
+    gate, up, down = names
+    for e in range(gu.shape[0]):
+        if gated:
+            out[f"{dst}{e}.{gate}.weight"] = gu[e, :, :F_].T
+        out[f"{dst}{e}.{up}.weight"] = gu[e, :, F_:].T if gated else gu[e].T
+        out[f"{dst}{e}.{down}.weight"] = dn[e].T
+
+
+def dense_out(sd: Tensors, blk: str, dst: str, out: Tensors, *,
+              names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"), gated: bool = True) -> None:
+    """Block ``blk``'s one-expert E as a feed-forward of three (two ungated) Linears under ``dst``."""
+    gu, dn = sd[blk + "mixer.w_gate_up"][0], sd[blk + "mixer.w_down"][0]
+    F_ = dn.shape[0]
+    gate, up, down = names
+    if gated:
+        out[f"{dst}{gate}.weight"] = gu[:, :F_].T
+    out[f"{dst}{up}.weight"] = gu[:, F_:].T if gated else gu.T
+    out[f"{dst}{down}.weight"] = dn.T
+
+
+def shared_out(sd: Tensors, blk: str, dst: str, out: Tensors, *,
+               names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"), gated: bool = True) -> None:
+    """Block ``blk``'s shared experts (fused into one feed-forward) under ``dst``."""
+    w = sd[blk + "mixer.shared.gate_up.weight"]  # (2F, D): gate rows, then up rows
+    gate, up, down = names
+    if gated:
+        out[f"{dst}{gate}.weight"], out[f"{dst}{up}.weight"] = w.chunk(2)
+    else:
+        out[f"{dst}{up}.weight"] = w
+    out[f"{dst}{down}.weight"] = sd[blk + "mixer.shared.down.weight"]
+
+
+def head_dim(cfg: ModelConfig) -> int:
+    a = cfg.attention
+    return a.head_dim or cfg.d_model // a.n_heads
+
+
+def attention_out(cfg: ModelConfig, sd: Tensors, blk: str, dst: str, out: Tensors, *, out_name: str = "o_proj",
+                  norm_names: tuple[str, str] = ("q_norm", "k_norm"), norm_shift: float = 0.0) -> None:
+    """Block ``blk``'s A mixer as q/k/v/o projections (their biases, q/k norms with ``norm_shift`` added to the
+    gains) under ``dst``."""
+    a, hd = cfg.attention, head_dim(cfg)
+    sizes = [a.n_heads * hd, a.n_kv_heads * hd, a.n_kv_heads * hd]
+    m = blk + "mixer."
+    for n, w in zip("qkv", sd[m + "qkv.weight"].split(sizes)):
+        out[f"{dst}{n}_proj.weight"] = w
+    if m + "qkv.bias" in sd:
+        for n, b in zip("qkv", sd[m + "qkv.bias"].split(sizes)):
+            out[f"{dst}{n}_proj.bias"] = b
+    out[f"{dst}{out_name}.weight"] = sd[m + "out_proj.weight"]
+    if m + "out_proj.bias" in sd:
+        out[f"{dst}{out_name}.bias"] = sd[m + "out_proj.bias"]
+    if a.qk_norm:
+        out[f"{dst}{norm_names[0]}.weight"] = sd[m + "q_norm.weight"] + norm_shift
+        out[f"{dst}{norm_names[1]}.weight"] = sd[m + "k_norm.weight"] + norm_shift
+
+
+def period(marked: list[bool]) -> tuple[int, int] | None:
+    """(period, offset) with ``marked[i] == (i % period == offset)`` for every layer, the shortest; None when the marks
+    are not periodic. No marks at all: a period longer than the stack."""
+    n = len(marked)
+    if not any(marked):
+        return n + 1, n
+    for p in range(1, n + 1):
+        for o in range(p):
+            if all(m == (i % p == o) for i, m in enumerate(marked)):
+                return p, o
+    return None

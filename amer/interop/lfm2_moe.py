@@ -1,0 +1,75 @@
+"""LFM2-MoE (Liquid AI 2025, ``Lfm2MoeForCausalLM``): gated short convolutions and attention, each layer followed by a
+feed-forward that is dense in the first ``num_dense_layers`` layers and routed after them.
+
+A layer is ``x + operator(operator_norm(x))`` then ``x + feed_forward(ffn_norm(x))``: ``C`` (``conv`` in
+``layer_types``) or ``A`` (``full_attention``, per-head q/k RMSNorms) then ``E.dense`` or ``E``. The router is
+sigmoid top-k with a selection-only expert bias, renormalised with an epsilon of 1e-6 and scaled
+(``moe.score = "sigmoid"``, ``expert_bias``, ``renormalize_eps``, ``routed_scale``; ``docs/moe.md``). The final
+norm is ``embedding_norm``.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from amer.config import ModelConfig
+from amer.interop.common import Converted, attention_options, attention_weights, converter, shared_options
+from amer.interop.llama import _embeddings
+from amer.interop.moe import compact_pattern, ffn_table, ffn_weights, routed_weights, router_options
+from amer.interop.source import Source, unsupported
+
+__all__ = ["convert_lfm2_moe", "shortconv_weights"]
+
+W1W3W2 = ("w1", "w3", "w2")  # LFM2's names of the gate, up and down projections
+
+
+def shortconv_weights(src: Source, pre: str, blk: int, state: dict[str, Tensor], bias: bool) -> None:
+    """An LFM2 ``ShortConv`` (``pre`` ends in ``conv.``) into block ``blk``'s C mixer."""
+    out = f"blocks.{blk}.mixer."
+    state[out + "conv_weight"] = src.get(pre + "conv.weight").squeeze(1)  # (D, 1, K) -> (D, K)
+    for name in ("in_proj", "out_proj"):
+        state[f"{out}{name}.weight"] = src.get(f"{pre}{name}.weight")
+        if bias:
+            state[f"{out}{name}.bias"] = src.get(f"{pre}{name}.bias")
+    if bias:
+        state[out + "conv_bias"] = src.get(pre + "conv.bias")
+
+
+@converter("Lfm2MoeForCausalLM")
+def convert_lfm2_moe(src: Source) -> Converted:
+    c = src.config
+    L = int(c["num_hidden_layers"])
+    types = c.get("layer_types")
+    if not isinstance(types, list) or len(types) != L or set(types) - {"conv", "full_attention"}:
+        raise unsupported(src.arch, f"layer_types must list conv / full_attention per layer ({L}), got {types!r}")
+    mixers = ["C" if t == "conv" else "A" for t in types]
+    dense = int(c.get("num_dense_layers", 2))
+    sparse = [i >= dense for i in range(L)]
+    bias_on = bool(c.get("use_expert_bias", True))
+    routed = router_options(src, d_ff="moe_intermediate_size", renormalize=bool(c.get("norm_topk_prob", True)),
+                            score="sigmoid", expert_bias=bias_on, renormalize_eps=1e-6,
+                            routed_scale=float(c.get("routed_scaling_factor", 1.0)))
+    moe, ffn = ffn_table(routed, int(c["intermediate_size"]), sparse)
+    conv_bias = bool(c.get("conv_bias", False))
+    cfg = ModelConfig(pattern=compact_pattern([b for pair in zip(mixers, ffn) for b in pair]),
+                      **shared_options(src, eps_key="norm_eps"), attention={**attention_options(src), "qk_norm": True},
+                      shortconv={"l_cache": int(c.get("conv_L_cache", 3)), "bias": conv_bias}, moe=moe)
+    state = _embeddings(src, cfg, norm="model.embedding_norm.weight")
+    for i, mixer in enumerate(mixers):
+        pre, blk = f"model.layers.{i}.", 2 * i
+        state[f"blocks.{blk}.norm.weight"] = src.get(pre + "operator_norm.weight")
+        if mixer == "A":
+            attention_weights(src, pre + "self_attn.", blk, state, qk_norm=True, out_name="out_proj",
+                              norm_names=("q_layernorm", "k_layernorm"))
+        else:
+            shortconv_weights(src, pre + "conv.", blk, state, conv_bias)
+        state[f"blocks.{blk + 1}.norm.weight"] = src.get(pre + "ffn_norm.weight")
+        ff = pre + "feed_forward."
+        if not sparse[i]:
+            ffn_weights(src, ff, blk + 1, state, names=W1W3W2)
+            continue
+        state[f"blocks.{blk + 1}.mixer.router.weight"] = src.get(ff + "gate.weight")
+        if bias_on:
+            state[f"blocks.{blk + 1}.mixer.expert_bias"] = src.get(ff + "expert_bias")
+        routed_weights(src, ff + "experts.", blk + 1, cfg.moe.n_experts, state, names=W1W3W2)
+    return Converted(cfg, state)

@@ -1,0 +1,186 @@
+"""Exporting MoE models and the hybrids around them back to transformers (``amer export --format transformers``):
+Jamba, Qwen3-Next, Granite-4.0-H (GraniteMoeHybrid), Qwen2-MoE, Qwen3-MoE, OLMoE and LFM2-MoE, each a round trip
+(transformers -> amer -> a transformers folder -> ``AutoModelForCausalLM.from_pretrained``) to 1e-5 in the logits,
+and models built in amer with those patterns; what a class cannot express is refused by name, in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from test_import import VOCAB, tokens, word_tokenizer
+from test_import_moe import JAMBA, LFM2_MOE, NEMOTRON, NEXT, QWEN_MOE, build
+
+from amer import HybridLM, ModelConfig
+from amer.errors import InputError
+from amer.interop import export_transformers, from_transformers
+
+transformers = pytest.importorskip("transformers")
+
+ATOL = 1e-5
+HYBRID = dict(hidden_size=32, intermediate_size=16, num_attention_heads=4, num_key_value_heads=2, mamba_n_heads=4,
+              mamba_d_head=16, mamba_d_state=16, mamba_n_groups=2, mamba_chunk_size=8, shared_intermediate_size=24)
+
+
+def round_trip(model: Any, cfg: Any, out: Path) -> float:
+    """amer -> transformers folder -> transformers model: the max logit difference."""
+    export_transformers(model, cfg, out)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
+    with torch.no_grad():
+        ref = model(tokens(), taps=False).logits
+        assert ref.abs().max() > 0.05
+        diff = (hf(input_ids=tokens(), use_cache=False).logits - ref).abs().max().item()
+    print(f"{type(hf).__name__}: round trip {diff:.1e}")
+    return diff
+
+
+CASES = [
+    ("JambaForCausalLM", "JambaConfig", dict(num_hidden_layers=4, attn_layer_period=2, attn_layer_offset=1,
+                                             expert_layer_period=2, expert_layer_offset=0, **JAMBA)),
+    ("Qwen3NextForCausalLM", "Qwen3NextConfig", dict(num_hidden_layers=4, decoder_sparse_step=2, mlp_only_layers=[3],
+                                                     attention_bias=True, layer_types=["linear_attention",
+                                                     "full_attention", "linear_attention", "linear_attention"],
+                                                     **NEXT)),
+    ("GraniteMoeHybridForCausalLM", "GraniteMoeHybridConfig", dict(
+        num_hidden_layers=3, layer_types=["mamba", "attention", "mamba"], num_local_experts=4, num_experts_per_tok=2,
+        embedding_multiplier=1.7, residual_multiplier=0.6, attention_multiplier=0.4, logits_scaling=0.5,
+        position_embedding_type="rope", **HYBRID)),
+    ("GraniteMoeHybridForCausalLM", "GraniteMoeHybridConfig", dict(
+        num_hidden_layers=3, layer_types=["mamba", "attention", "mamba"], num_local_experts=0, **HYBRID)),
+    ("Qwen2MoeForCausalLM", "Qwen2MoeConfig", dict(num_hidden_layers=4, decoder_sparse_step=2, mlp_only_layers=[3],
+                                                   shared_expert_intermediate_size=24, use_sliding_window=True,
+                                                   sliding_window=3, max_window_layers=2, **QWEN_MOE)),
+    ("Qwen3MoeForCausalLM", "Qwen3MoeConfig", dict(num_hidden_layers=3, mlp_only_layers=[0], norm_topk_prob=True,
+                                                   head_dim=16, **QWEN_MOE)),
+    ("OlmoeForCausalLM", "OlmoeConfig", dict(num_hidden_layers=2, intermediate_size=16, num_experts=8,
+                                             num_experts_per_tok=2, hidden_size=32, num_attention_heads=4,
+                                             num_key_value_heads=2)),
+    ("Lfm2MoeForCausalLM", "Lfm2MoeConfig", dict(routed_scaling_factor=1.5, conv_bias=True, **LFM2_MOE)),
+    ("NemotronHForCausalLM", "NemotronHConfig", dict(layers_block_type=["linear_attention", "moe", "full_attention",
+                                                                        "mlp", "linear_attention", "moe"],
+                                                     num_hidden_layers=6, n_group=2, topk_group=1, **NEMOTRON)),
+    ("NemotronHForCausalLM", "NemotronHConfig", dict(layers_block_type=["linear_attention", "moe", "moe"],
+                                                     num_hidden_layers=3, moe_latent_size=16, **NEMOTRON)),
+]
+
+
+@pytest.mark.parametrize("cls,cfg_cls,kw", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_round_trip(tmp_path: Path, cls: str, cfg_cls: str, kw: dict[str, Any]) -> None:
+    build(tmp_path / "src", cls, cfg_cls, **kw)
+    model, cfg = from_transformers(tmp_path / "src")
+    assert round_trip(model, cfg, tmp_path / "out") <= ATOL
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == [cls]
+    _, again = from_transformers(tmp_path / "out")  # and the exported folder imports to the same model
+    assert again.pattern == cfg.pattern and again.family_variants == cfg.family_variants
+
+
+def fresh(pattern: str, **kw: Any) -> tuple[HybridLM, ModelConfig]:
+    """A model built in amer (as trained here; initialised with a wide spread so routing and gates vary)."""
+    cfg = ModelConfig(pattern=pattern, d_model=32, vocab_size=VOCAB, max_seq_len=64, init_std=0.1, **kw)
+    torch.manual_seed(0)
+    model = HybridLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and not name.endswith(("A_log", ".D", "dt_bias")):
+                p.add_(0.2 * torch.randn_like(p))
+    return model, cfg
+
+
+ROUTED = {"n_experts": 4, "top_k": 2, "d_ff": 24}
+DENSE = {"variants": {"dense": {"n_experts": 1}}}
+
+
+@pytest.mark.parametrize("cls,pattern,kw", [
+    ("JambaForCausalLM", "(S E.dense A E S E.dense S E)*2",
+     dict(attention={"rope_fraction": 0.0}, mamba1={"dt_bc_norm": "weighted", "dt_bc_norm_eps": 1e-5, "d_state": 8},
+          moe={**ROUTED, "renormalize": False, **DENSE})),
+    ("Qwen3NextForCausalLM", "G E.dense G E A E",
+     dict(norm_offset=1.0, attention={"qk_norm": True, "output_gate": True, "rope_fraction": 0.5, "head_dim": 16},
+          deltanet={"n_k_heads": 2, "n_v_heads": 4, "head_k_dim": 16},
+          moe={**ROUTED, "shared_expert": True, "n_shared_experts": 2, "d_ff_shared": 8, "shared_expert_gate": True,
+               "variants": {"dense": {"n_experts": 1, "shared_expert": False, "shared_expert_gate": False}}})),
+    ("GraniteMoeHybridForCausalLM", "MEAEME", dict(mamba={"head_dim": 16, "d_state": 16, "chunk_size": 8},
+                                                   moe={**ROUTED, "shared_expert": True, "renormalize_top1": True})),
+    ("NemotronHForCausalLM", "MAEME.dense", dict(
+        attention={"rope_fraction": 0.0}, mamba={"head_dim": 16, "d_state": 16, "chunk_size": 8},
+        moe={**ROUTED, "activation": "relu2", "score": "sigmoid", "expert_bias": True, "shared_expert": True,
+             "n_groups": 2, "topk_groups": 1, "routed_scale": 2.0,
+             "variants": {"dense": {"n_experts": 1, "shared_expert": False, "n_groups": 1, "topk_groups": 1}}})),
+])
+def test_models_built_in_amer(tmp_path: Path, cls: str, pattern: str, kw: dict[str, Any]) -> None:
+    """A hybrid trained in amer is served by transformers: its pattern exported as the class that expresses it (a
+    Qwen3-Next model with norm_offset 0 would be written with its gains shifted; here the offset is Qwen's own)."""
+    model, cfg = fresh(pattern, **kw)
+    assert round_trip(model, cfg, tmp_path / "out") <= ATOL
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == [cls]
+
+
+def test_qwen3_next_gains_shift_with_the_norm_offset(tmp_path: Path) -> None:
+    """amer's plain RMSNorm gains (norm_offset 0) are written as Qwen3-Next's 1 + w; negative control: the folder's
+    final norm perturbed, the round trip fails."""
+    model, cfg = fresh("G E A E", attention={"qk_norm": True, "output_gate": True, "rope_fraction": 0.25,
+                                             "head_dim": 16},
+                       deltanet={"n_k_heads": 2, "head_k_dim": 16}, moe={"n_experts": 1, "d_ff": 24})
+    assert round_trip(model, cfg, tmp_path / "out") <= ATOL
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tmp_path / "out" / "model.safetensors")
+    weights["model.norm.weight"] += 0.1
+    save_file(weights, tmp_path / "out" / "model.safetensors", metadata={"format": "pt"})
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").float().eval()
+    with torch.no_grad():
+        assert (hf(input_ids=tokens()).logits - model(tokens(), taps=False).logits).abs().max() > 100 * ATOL
+
+
+@pytest.mark.parametrize("pattern,kw,message", [
+    ("S E A E A E S E", dict(attention={"rope_fraction": 0.0}, mamba1={"dt_bc_norm": "weighted",
+                                                                        "dt_bc_norm_eps": 1e-5},
+                              moe={**ROUTED, "renormalize": False}), "attention layers are not periodic"),
+    ("SEAE", dict(attention={"rope_fraction": 0.0}, moe={**ROUTED, "renormalize": False}), "mamba1.dt_bc_norm"),
+    ("SEAE", dict(attention={"rope_fraction": 0.0}, mamba1={"dt_bc_norm": "weighted", "dt_bc_norm_eps": 1e-5},
+                  moe=ROUTED), "raw top-k probabilities"),
+    ("GEAE", dict(attention={"qk_norm": True}, moe=ROUTED), "output gate"),
+    ("GEAE", dict(attention={"qk_norm": True, "output_gate": True}, moe={**ROUTED, "score": "sigmoid"}),
+     "moe.score='sigmoid' has no counterpart in Qwen3NextForCausalLM"),
+    ("MEAE.dense", dict(mamba={"head_dim": 16}, moe={**ROUTED, "shared_expert": True,
+                                                      "variants": {"dense": {"n_experts": 1, "shared_expert": False}}}),
+     "all routed or all dense"),
+    ("AEAE", dict(attention={"qk_norm": True}, moe={**ROUTED, "expert_bias": True}), "moe.expert_bias"),
+    ("A E A E.dense", dict(moe={**ROUTED, **DENSE}), "a shared expert with a sigmoid gate"),
+    ("CEAE", dict(attention={"qk_norm": True}, moe=ROUTED), "sigmoid"),
+    ("MAEM", dict(attention={"rope_fraction": 0.0}, moe={"n_experts": 1}), "feed-forwards are relu2"),
+    ("MAEM", dict(moe={"n_experts": 1, "activation": "relu2"}), "no position encoding"),
+])
+def test_what_the_classes_cannot_express_is_refused(tmp_path: Path, pattern: str, kw: dict[str, Any],
+                                                    message: str) -> None:
+    model, cfg = fresh(pattern, **{"mamba": {"head_dim": 16}, **kw})
+    with pytest.raises(InputError, match=message) as info:
+        export_transformers(model, cfg, tmp_path / "x")
+    assert "\n" not in str(info.value) and not (tmp_path / "x").exists()
+
+
+def test_cli_exports_an_imported_hybrid_and_refuses_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``amer import`` then ``amer export --format transformers`` of a Jamba folder: transformers loads it with the
+    same logits; a pattern no class expresses (Jamba's layout with its attention layers not periodic) is one line on
+    stderr and exit code 2, nothing written."""
+    from amer.cli import main
+    from amer.hub import save_pretrained
+
+    hf = build(tmp_path / "src", "JambaForCausalLM", "JambaConfig", num_hidden_layers=4, attn_layer_period=2,
+               attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=0, **JAMBA)
+    word_tokenizer(tmp_path / "src")  # as a hub checkpoint has: the export writes it back with its special ids
+    assert main(["import", str(tmp_path / "src"), str(tmp_path / "amer")]) == 0
+    assert main(["export", str(tmp_path / "amer"), str(tmp_path / "hf"), "--format", "transformers"]) == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").float().eval()
+    with torch.no_grad():
+        assert (back(input_ids=tokens()).logits - hf(input_ids=tokens()).logits).abs().max() <= ATOL
+    model, cfg = fresh("S E A E A E S E", attention={"rope_fraction": 0.0},
+                       mamba1={"dt_bc_norm": "weighted", "dt_bc_norm_eps": 1e-5}, moe={**ROUTED, "renormalize": False})
+    save_pretrained(model, tmp_path / "odd")
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "odd"), str(tmp_path / "x"), "--format", "transformers"]) == 2
+    err = capsys.readouterr().err
+    assert "attention layers are not periodic" in err and err.count("\n") == 1 and not (tmp_path / "x").exists()

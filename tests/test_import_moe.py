@@ -1,0 +1,264 @@
+"""Importing the MoE and MoE-hybrid transformers classes (Qwen2-MoE, Qwen3-MoE, OLMoE, Jamba, Qwen3-Next, LFM2-MoE,
+Nemotron-H with its MoE layers): the same logits in amer to 1e-5 in fp32, on a batch and token by token through
+amer's decoding caches, and a negative control per class (one source weight perturbed: the logits move).
+
+As in ``test_import.py``: a small random-initialised transformers model is saved with ``save_pretrained`` and the
+folder imported (amer reads it without transformers); 1-D weights (norms, biases) are perturbed away from their
+1 / 0 initialisation so a weight mapped to the wrong place shows up. Routers are initialised with a larger spread
+than transformers' so the choice of experts differs from token to token.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from test_import import build_source, reference_logits, tokens
+
+from amer.errors import CheckpointError
+from amer.interop import from_transformers
+
+transformers = pytest.importorskip("transformers")
+
+ATOL = 1e-5
+
+
+def build(path: Path, cls: str, cfg_cls: str, **kw: Any) -> Any:
+    """``build_source``, then the routers (and expert biases) spread so routing is decided by real margins and varies
+    from token to token; saved again."""
+    hf = build_source(path, cls, cfg_cls, **kw)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith(("gate.weight", "router.weight")) and p.dim() == 2 and p.shape[0] > 1:
+                p.normal_(0.0, 0.5)
+        for name, b in hf.named_buffers():
+            if name.endswith(("expert_bias", "e_score_correction_bias")):
+                b.uniform_(-0.3, 0.3)
+    hf.save_pretrained(path)
+    return hf
+
+
+def decode_logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
+    cache, steps = model.init_cache(ids.shape[0], ids.shape[1]), []
+    for t in range(ids.shape[1]):
+        out = model(ids[:, t:t + 1], taps=False, cache=cache)
+        cache = out.cache
+        steps.append(out.logits)
+    return torch.cat(steps, 1)
+
+
+def assert_same_function(hf: Any, path: Path, perturb: str) -> tuple[float, float]:
+    """amer's forward and its token-by-token decoding match the source's logits to ``ATOL``; then the negative
+    control: the source weight ``perturb`` changed in the folder, the import no longer matches. Returns the max
+    abs differences (forward, decode)."""
+    model, _ = from_transformers(path)
+    ids = tokens()
+    ref = reference_logits(hf, ids)
+    assert ref.abs().max() > 0.05, "reference logits too small to compare"
+    with torch.no_grad():
+        fwd = (model(ids, taps=False).logits - ref).abs().max().item()
+        dec = (decode_logits(model, ids) - ref).abs().max().item()
+    print(f"{type(hf).__name__}: forward {fwd:.1e} decode {dec:.1e}")
+    assert fwd <= ATOL, f"forward logits differ by {fwd}"
+    assert dec <= ATOL, f"decoded logits differ by {dec}"
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(path / "model.safetensors")
+    assert perturb in weights, sorted(weights)
+    weights[perturb] = weights[perturb] + 0.5 * torch.randn_like(weights[perturb])
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    moved, _ = from_transformers(path)
+    with torch.no_grad():
+        diff = (moved(ids, taps=False).logits - ref).abs().max().item()
+    assert diff > 100 * ATOL, f"perturbing {perturb} moved the logits by only {diff}"
+    return fwd, dec
+
+
+def edit_config(path: Path, **changes: Any) -> None:
+    conf = json.loads((path / "config.json").read_text())
+    conf.update(changes)
+    (path / "config.json").write_text(json.dumps(conf))
+
+
+def refuses(path: Path, message: str) -> None:
+    with pytest.raises(CheckpointError, match=message) as info:
+        from_transformers(path)
+    assert "\n" not in str(info.value)
+
+
+ATTN = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2)
+QWEN_MOE = dict(intermediate_size=40, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2, **ATTN)
+
+
+def test_qwen2_moe(tmp_path: Path) -> None:
+    """Shared expert with its sigmoid gate, raw top-k weights, dense layers from decoder_sparse_step and
+    mlp_only_layers (the variant E.dense), q/k/v biases, one sliding-window layer (the variant A.swa)."""
+    hf = build(tmp_path, "Qwen2MoeForCausalLM", "Qwen2MoeConfig", num_hidden_layers=4, decoder_sparse_step=2,
+               mlp_only_layers=[3], shared_expert_intermediate_size=24, use_sliding_window=True, sliding_window=3,
+               max_window_layers=2, **QWEN_MOE)
+    assert_same_function(hf, tmp_path, "model.layers.1.mlp.shared_expert_gate.weight")
+    _, cfg = from_transformers(tmp_path)
+    assert cfg.pattern == "A.swa E.dense A E A E.dense A E.dense"
+    assert not cfg.moe.renormalize and cfg.moe.shared_expert_gate and cfg.attention.qkv_bias
+    assert cfg.family_config("E", "dense").n_experts == 1 and cfg.family_config("A", "swa").window == 3
+
+
+@pytest.mark.parametrize("top_k,norm", [(2, True), (1, True), (2, False)])
+def test_qwen3_moe(tmp_path: Path, top_k: int, norm: bool) -> None:
+    hf = build(tmp_path, "Qwen3MoeForCausalLM", "Qwen3MoeConfig", num_hidden_layers=3, head_dim=16,
+               **{**QWEN_MOE, "num_experts_per_tok": top_k}, norm_topk_prob=norm)
+    assert_same_function(hf, tmp_path, "model.layers.2.mlp.gate.weight")
+    _, cfg = from_transformers(tmp_path)
+    assert cfg.pattern == "(AE)*3" and cfg.moe.renormalize == norm and cfg.attention.qk_norm
+
+
+def test_qwen3_moe_dense_layers(tmp_path: Path) -> None:
+    hf = build(tmp_path, "Qwen3MoeForCausalLM", "Qwen3MoeConfig", num_hidden_layers=3, mlp_only_layers=[0],
+               norm_topk_prob=True, **QWEN_MOE)
+    assert_same_function(hf, tmp_path, "model.layers.0.mlp.up_proj.weight")
+    assert from_transformers(tmp_path)[1].pattern == "A E.dense A E A E"
+
+
+def test_olmoe(tmp_path: Path) -> None:
+    """q/k RMSNorms over the whole projections (attention.qk_norm_scope 'projection'), raw top-k weights."""
+    hf = build(tmp_path, "OlmoeForCausalLM", "OlmoeConfig", num_hidden_layers=2, intermediate_size=16, num_experts=8,
+               num_experts_per_tok=2, **ATTN)
+    assert_same_function(hf, tmp_path, "model.layers.0.self_attn.k_norm.weight")
+    _, cfg = from_transformers(tmp_path)
+    assert cfg.attention.qk_norm_scope == "projection" and not cfg.moe.renormalize
+    edit_config(tmp_path, clip_qkv=8.0)
+    refuses(tmp_path, "clip_qkv=8.0")
+
+
+JAMBA = dict(hidden_size=32, intermediate_size=24, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+             num_experts_per_tok=2, mamba_d_state=8, mamba_dt_rank=4, mamba_expand=2)
+
+
+@pytest.mark.parametrize("layers,attn,experts,pattern", [
+    (4, (2, 0), (2, 1), "(A E.dense S E)*2"),
+    (6, (3, 0), (2, 0), "A E S E.dense S E A E.dense S E S E.dense"),
+    (3, (4, 2), (1, 0), "SESEAE"),
+])
+def test_jamba(tmp_path: Path, layers: int, attn: tuple[int, int], experts: tuple[int, int], pattern: str) -> None:
+    """S layers with weighted dt/B/C norms, attention without RoPE, MoE every expert_layer_period layers and E.dense
+    elsewhere (period 1: every layer routes)."""
+    hf = build(tmp_path, "JambaForCausalLM", "JambaConfig", num_hidden_layers=layers, attn_layer_period=attn[0],
+               attn_layer_offset=attn[1], expert_layer_period=experts[0], expert_layer_offset=experts[1],
+               mamba_proj_bias=layers == 6, **JAMBA)
+    assert_same_function(hf, tmp_path, "model.layers.1.mamba.dt_layernorm.weight")
+    _, cfg = from_transformers(tmp_path)
+    assert cfg.pattern == pattern
+    assert cfg.attention.rope_fraction == 0.0 and cfg.mamba1.dt_bc_norm == "weighted" and not cfg.moe.renormalize
+
+
+NEXT = dict(hidden_size=32, intermediate_size=40, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+            num_experts=8, num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+            linear_conv_kernel_dim=3)
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(attention_bias=True, norm_topk_prob=False, decoder_sparse_step=2,
+                                                mlp_only_layers=[3])])
+def test_qwen3_next(tmp_path: Path, extra: dict[str, Any]) -> None:
+    """G layers (grouped value heads) and gated attention with partial RoPE and (1 + w) q/k norms; routed E with a
+    gated shared expert, E.dense where decoder_sparse_step and mlp_only_layers say. Four layers, DeltaNet heads 16
+    wide: each G layer amplifies the rounding of its input (its per-head norms of q, k and the output), and with
+    8-wide heads or five layers the fp32 logits of either implementation are ~1e-5 from its own fp64 ones, so a
+    1e-5 comparison would measure rounding rather than the mapping; in fp64 amer's decoding equals its forward to
+    1e-14."""
+    types = ["linear_attention", "linear_attention", "full_attention", "linear_attention"]
+    hf = build(tmp_path, "Qwen3NextForCausalLM", "Qwen3NextConfig", num_hidden_layers=4, layer_types=types,
+               **{**NEXT, **extra})
+    exact, _ = from_transformers(tmp_path, dtype=torch.float64)
+    with torch.no_grad():
+        assert (decode_logits(exact, tokens()) - exact(tokens(), taps=False).logits).abs().max() < 1e-10
+    assert_same_function(hf, tmp_path, "model.layers.2.self_attn.q_proj.weight")
+    _, cfg = from_transformers(tmp_path)
+    assert cfg.norm_offset == 1.0 and cfg.attention.output_gate and cfg.attention.rope_fraction == 0.25
+    assert cfg.pattern == ("G E.dense G E A E.dense G E.dense" if extra else "GEGEAEGE")
+
+
+LFM2_MOE = dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
+                num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4, num_dense_layers=1,
+                layer_types=["conv", "full_attention", "conv", "conv"])
+
+
+@pytest.mark.parametrize("extra", [dict(routed_scaling_factor=1.5), dict(use_expert_bias=False, conv_bias=True),
+                                   dict(num_experts_per_tok=1, tie_word_embeddings=False)])
+def test_lfm2_moe(tmp_path: Path, extra: dict[str, Any]) -> None:
+    """C and attention layers; dense first layers (E.dense), then the sigmoid router with its selection-only expert
+    bias, renormalised with an epsilon and scaled."""
+    hf = build(tmp_path, "Lfm2MoeForCausalLM", "Lfm2MoeConfig", **{**LFM2_MOE, **extra})
+    perturb = "model.layers.2.feed_forward.gate.weight" if "use_expert_bias" in extra else \
+        "model.layers.3.feed_forward.expert_bias"
+    assert_same_function(hf, tmp_path, perturb)
+    _, cfg = from_transformers(tmp_path)
+    assert cfg.pattern == "C E.dense A E C E C E" and cfg.moe.score == "sigmoid"
+    assert cfg.moe.expert_bias == ("use_expert_bias" not in extra)
+
+
+NEMOTRON = dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=16, n_groups=2, chunk_size=8, n_routed_experts=8,
+                num_experts_per_tok=2, moe_intermediate_size=16, moe_shared_expert_intermediate_size=24,
+                routed_scaling_factor=2.5)
+
+
+@pytest.mark.parametrize("types,extra", [
+    (["linear_attention", "moe", "full_attention", "mlp", "linear_attention", "moe"], dict(n_group=2, topk_group=1)),
+    (["linear_attention", "moe", "full_attention", "moe"], dict(moe_latent_size=16)),
+])
+def test_nemotron_h_moe(tmp_path: Path, types: list[str], extra: dict[str, Any]) -> None:
+    """Nemotron-H's moe layers: sigmoid routing with the selection-only correction bias, group-limited top-k, routed
+    scaling, squared-ReLU experts and shared expert, a latent width; its MLP layers beside them are E.dense."""
+    hf = build(tmp_path, "NemotronHForCausalLM", "NemotronHConfig", layers_block_type=types,
+               num_hidden_layers=len(types), **NEMOTRON, **extra)
+    assert_same_function(hf, tmp_path, "backbone.layers.1.mixer.gate.e_score_correction_bias")
+    _, cfg = from_transformers(tmp_path)
+    assert cfg.pattern == {6: "M E A E.dense M E", 4: "MEAE"}[len(types)]
+    assert cfg.moe.score == "sigmoid" and cfg.moe.activation == "relu2" and cfg.moe.routed_scale == 2.5
+
+
+def test_multi_token_prediction_weights_are_left_out(tmp_path: Path) -> None:
+    """Qwen3-Next's (and Nemotron-H's) checkpoints carry a multi-token-prediction head that the causal LM never runs
+    (transformers drops it on load): the import leaves it out; any other weight amer has no place for is still an
+    error (negative control)."""
+    from safetensors.torch import load_file, save_file
+
+    build(tmp_path, "Qwen3NextForCausalLM", "Qwen3NextConfig", num_hidden_layers=2,
+          layer_types=["linear_attention", "full_attention"], **NEXT)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({**weights, "mtp.fc.weight": torch.zeros(4, 4)}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    from_transformers(tmp_path)
+    save_file({**weights, "model.layers.0.mlp.extra.weight": torch.zeros(4)}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    refuses(tmp_path, "no place for weight 'model.layers.0.mlp.extra.weight'")
+
+
+@pytest.mark.parametrize("cls,cfg_cls,kw,edit,message", [
+    ("JambaForCausalLM", "JambaConfig", dict(num_hidden_layers=2, **JAMBA), {"hidden_act": "gelu"},
+     "hidden_act='gelu'"),
+    ("Qwen3NextForCausalLM", "Qwen3NextConfig", dict(num_hidden_layers=2, layer_types=["linear_attention",
+                                                                                        "full_attention"], **NEXT),
+     {"layer_types": ["linear_attention", "sliding_attention"]}, "layer_types must list"),
+    ("Lfm2MoeForCausalLM", "Lfm2MoeConfig", LFM2_MOE, {"layer_types": ["conv", "mamba", "conv", "conv"]},
+     "layer_types must list conv / full_attention"),
+    ("Qwen3MoeForCausalLM", "Qwen3MoeConfig", dict(num_hidden_layers=2, **QWEN_MOE), {"hidden_act": "gelu"},
+     "hidden_act='gelu'"),
+])
+def test_what_amer_cannot_express_is_refused_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture, cls: str,
+                                                          cfg_cls: str, kw: dict[str, Any], edit: dict[str, Any],
+                                                          message: str) -> None:
+    """``amer import`` of a source using something amer lacks: one line naming it, exit code 2, nothing written."""
+    from amer.cli import main
+
+    build(tmp_path / "src", cls, cfg_cls, **kw)
+    edit_config(tmp_path / "src", **edit)
+    capsys.readouterr()
+    assert main(["import", str(tmp_path / "src"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot import {cls}" in err and message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
