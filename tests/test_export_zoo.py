@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_import import VOCAB, build_source, tokens
+from test_import import VOCAB, build_source, export_round_trip, tokens
 from test_import_zoo import LFM2, LLAMA, MAMBA, MIXED, OLMO
 
 from amer.errors import InputError
@@ -21,19 +21,6 @@ from amer.interop import export_transformers, from_transformers
 transformers = pytest.importorskip("transformers")
 
 ATOL = 1e-5
-
-
-def round_trip(model: Any, cfg: Any, out: Path) -> float:
-    """amer -> transformers folder -> transformers model: the max logit difference (the folder's class checked
-    by the caller)."""
-    export_transformers(model, cfg, out)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
-    with torch.no_grad():
-        ref = model(tokens(), taps=False).logits
-        assert ref.abs().max() > 0.05
-        diff = (hf(input_ids=tokens(), use_cache=False).logits - ref).abs().max().item()
-    print(f"{type(hf).__name__}: round trip {diff:.1e}")
-    return diff
 
 
 CASES = [
@@ -55,7 +42,7 @@ CASES = [
 def test_round_trip(tmp_path: Path, cls: str, cfg_cls: str, kw: dict[str, Any]) -> None:
     build_source(tmp_path / "src", cls, cfg_cls, **kw)
     model, cfg = from_transformers(tmp_path / "src")
-    assert round_trip(model, cfg, tmp_path / "out") <= ATOL
+    assert export_round_trip(model, cfg, tmp_path / "out") <= ATOL
     assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == [cls]
     _, again = from_transformers(tmp_path / "out")  # and the exported folder imports to the same config
     assert again.pattern == cfg.pattern and again.family_configs == cfg.family_configs
@@ -85,7 +72,7 @@ def test_models_built_in_amer_export(tmp_path: Path) -> None:
             for name, p in model.named_parameters():
                 if "norm" in name:
                     p.add_(0.3 * torch.randn_like(p))
-        assert round_trip(model, cfg, tmp_path / cls) <= ATOL, cls
+        assert export_round_trip(model, cfg, tmp_path / cls) <= ATOL, cls
         assert json.loads((tmp_path / cls / "config.json").read_text())["architectures"] == [cls]
 
 

@@ -9,13 +9,17 @@ their 1 / 0 initialisation so a weight mapped to the wrong place shows up.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from test_import import build_source, reference_logits, tokens
+from test_import import (
+    assert_same_function_and_control,
+    build_source,
+    edit_config,
+    reference_logits,
+    tokens,
+)
 
 from amer.errors import CheckpointError
 from amer.interop import from_transformers
@@ -25,55 +29,13 @@ transformers = pytest.importorskip("transformers")
 ATOL = 1e-5
 
 
-def decode_logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
-    cache, steps = model.init_cache(ids.shape[0], ids.shape[1]), []
-    for t in range(ids.shape[1]):
-        out = model(ids[:, t:t + 1], taps=False, cache=cache)
-        cache = out.cache
-        steps.append(out.logits)
-    return torch.cat(steps, 1)
-
-
-def assert_same_function(hf: Any, path: Path, perturb: str) -> tuple[float, float]:
-    """amer's forward and its token-by-token decoding match the source's logits to ``ATOL``; then the negative
-    control: the source weight ``perturb`` changed in the folder, the import no longer matches. Returns the max abs
-    differences (forward, decode)."""
-    model, _ = from_transformers(path)
-    ids = tokens()
-    ref = reference_logits(hf, ids)
-    assert ref.abs().max() > 0.05, "reference logits too small to compare"
-    with torch.no_grad():
-        fwd = (model(ids, taps=False).logits - ref).abs().max().item()
-        dec = (decode_logits(model, ids) - ref).abs().max().item()
-    print(f"{type(hf).__name__}: forward {fwd:.1e} decode {dec:.1e}")
-    assert fwd <= ATOL, f"forward logits differ by {fwd}"
-    assert dec <= ATOL, f"decoded logits differ by {dec}"
-    from safetensors.torch import load_file, save_file
-
-    weights = load_file(path / "model.safetensors")
-    assert perturb in weights, sorted(weights)
-    weights[perturb] = weights[perturb] + 0.5 * torch.randn_like(weights[perturb])
-    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
-    moved, _ = from_transformers(path)
-    with torch.no_grad():
-        diff = (moved(ids, taps=False).logits - ref).abs().max().item()
-    assert diff > 100 * ATOL, f"perturbing {perturb} moved the logits by only {diff}"
-    return fwd, dec
-
-
-def edit_config(path: Path, **changes: Any) -> None:
-    conf = json.loads((path / "config.json").read_text())
-    conf.update(changes)
-    (path / "config.json").write_text(json.dumps(conf))
-
-
 MAMBA = dict(hidden_size=32, num_hidden_layers=3, state_size=8, expand=2, conv_kernel=4, time_step_rank=4)
 
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_mamba1(tmp_path: Path, bias: bool) -> None:
     hf = build_source(tmp_path, "MambaForCausalLM", "MambaConfig", use_bias=bias, **MAMBA)
-    assert_same_function(hf, tmp_path, "backbone.layers.1.mixer.x_proj.weight")
+    assert_same_function_and_control(hf, tmp_path, "backbone.layers.1.mixer.x_proj.weight")
     _, cfg = from_transformers(tmp_path)
     assert cfg.pattern == "(S)*3" and cfg.mamba1.dt_rank == 4 and cfg.mamba1.bias == bias
     assert cfg.mamba1.dt_bc_norm == "none"
@@ -82,7 +44,7 @@ def test_mamba1(tmp_path: Path, bias: bool) -> None:
 def test_falcon_mamba(tmp_path: Path) -> None:
     hf = build_source(tmp_path, "FalconMambaForCausalLM", "FalconMambaConfig", mixer_rms_eps=1e-3,
                       tie_word_embeddings=False, **MAMBA)
-    assert_same_function(hf, tmp_path, "backbone.layers.2.mixer.dt_proj.weight")
+    assert_same_function_and_control(hf, tmp_path, "backbone.layers.2.mixer.dt_proj.weight")
     _, cfg = from_transformers(tmp_path)
     assert cfg.mamba1.dt_bc_norm == "weightless" and cfg.mamba1.dt_bc_norm_eps == 1e-3 and not cfg.tie_embeddings
 
@@ -100,7 +62,7 @@ def test_lfm2(tmp_path: Path, bias: bool, tied: bool) -> None:
             if hasattr(layer, "conv"):
                 layer.conv.conv.weight.normal_(0.0, 0.5)
     hf.save_pretrained(tmp_path)
-    assert_same_function(hf, tmp_path, "model.layers.1.self_attn.q_layernorm.weight")
+    assert_same_function_and_control(hf, tmp_path, "model.layers.1.self_attn.q_layernorm.weight")
     _, cfg = from_transformers(tmp_path)
     assert cfg.pattern == "CEAECECE" and cfg.moe.d_ff == 48 and cfg.shortconv.bias == bias
     assert cfg.attention.qk_norm and cfg.attention.rope_theta == 1e6
@@ -116,7 +78,7 @@ def test_qwen_mixed_sliding_and_full_layers(tmp_path: Path, cls: str) -> None:
     negative control of the window itself: the same import with the variant's window removed no longer matches."""
     hf = build_source(tmp_path, f"{cls}ForCausalLM", f"{cls}Config", use_sliding_window=True, sliding_window=3,
                       layer_types=MIXED, **({"head_dim": 16} if cls == "Qwen3" else {}), **LLAMA)
-    assert_same_function(hf, tmp_path, "model.layers.2.self_attn.k_proj.weight")
+    assert_same_function_and_control(hf, tmp_path, "model.layers.2.self_attn.k_proj.weight")
     build_source(tmp_path, f"{cls}ForCausalLM", f"{cls}Config", use_sliding_window=True, sliding_window=3,
                  layer_types=MIXED, **({"head_dim": 16} if cls == "Qwen3" else {}), **LLAMA)
     model, cfg = from_transformers(tmp_path)
@@ -141,7 +103,7 @@ def test_granite(tmp_path: Path) -> None:
     hf = build_source(tmp_path, "GraniteForCausalLM", "GraniteConfig", embedding_multiplier=3.0,
                       residual_multiplier=0.4, attention_multiplier=0.3, logits_scaling=2.5, attention_bias=True,
                       **LLAMA)
-    assert_same_function(hf, tmp_path, "model.layers.3.self_attn.o_proj.bias")
+    assert_same_function_and_control(hf, tmp_path, "model.layers.3.self_attn.o_proj.bias")
     _, cfg = from_transformers(tmp_path)
     assert (cfg.embed_scale, cfg.residual_scale, cfg.logit_scale, cfg.attention.scale) == (3.0, 0.4, 0.4, 0.3)
 
@@ -152,7 +114,7 @@ def test_phi3(tmp_path: Path, window: int | None) -> None:
     hf = build_source(tmp_path, "Phi3ForCausalLM", "Phi3Config", sliding_window=window,
                       rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5},
                       pad_token_id=0, bos_token_id=1, eos_token_id=2, **LLAMA)
-    assert_same_function(hf, tmp_path, "model.layers.0.mlp.gate_up_proj.weight")
+    assert_same_function_and_control(hf, tmp_path, "model.layers.0.mlp.gate_up_proj.weight")
     _, cfg = from_transformers(tmp_path)
     assert cfg.attention.rope_fraction == 0.5 and cfg.attention.window == window
 
@@ -188,7 +150,7 @@ def test_olmo_hybrid(tmp_path: Path, rope: bool, neg: bool) -> None:
     hf = build_source(tmp_path, "OlmoHybridForCausalLM", "OlmoHybridConfig", linear_allow_neg_eigval=neg, **kw,
                       **OLMO)
     assert (hf.model.rotary_emb is not None) == rope
-    assert_same_function(hf, tmp_path, "model.layers.1.self_attn.q_norm.weight")
+    assert_same_function_and_control(hf, tmp_path, "model.layers.1.self_attn.q_norm.weight")
     _, cfg = from_transformers(tmp_path)
     assert cfg.pattern == "G E A E.post G E A E.post"
     assert cfg.attention.qk_norm_scope == "projection" and cfg.attention.rope_fraction == (1.0 if rope else 0.0)
