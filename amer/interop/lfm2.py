@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import Tensor
+
 from amer.config import ModelConfig
 from amer.interop.common import (
     Converted,
@@ -20,12 +22,13 @@ from amer.interop.common import (
     attention_weights,
     converter,
     dense_mlp_weights,
+    layer_letters,
     shared_options,
 )
 from amer.interop.llama import _embeddings
-from amer.interop.source import Source, unsupported
+from amer.interop.source import Source
 
-__all__ = ["convert_lfm2", "lfm2_ff_width"]
+__all__ = ["convert_lfm2", "lfm2_ff_width", "lfm2_letters", "shortconv_weights"]
 
 
 def lfm2_ff_width(c: dict[str, Any]) -> int:
@@ -41,24 +44,32 @@ def lfm2_ff_width(c: dict[str, Any]) -> int:
     return width
 
 
-def _letters(src: Source) -> list[str]:
-    L = int(src.config["num_hidden_layers"])
+def lfm2_letters(src: Source) -> list[str]:
+    """Each layer's letter: ``C`` for a ``conv`` layer, ``A`` for ``full_attention``."""
     types = src.cfg("layer_types")
     if types is None:  # the older form: the attention layers' indices
+        L = int(src.config["num_hidden_layers"])
         attn = set(src.cfg("full_attn_idxs") or range(L))
         types = ["full_attention" if i in attn else "conv" for i in range(L)]
-    if not isinstance(types, list) or len(types) != L:
-        raise unsupported(src.arch, f"layer_types must list one type per layer ({L}), got {types!r}")
-    bad = sorted({t for t in types if t not in ("conv", "full_attention")})
-    if bad:
-        raise unsupported(src.arch, f"layer type {bad[0]!r} (amer maps conv -> C, full_attention -> A)")
-    return ["C" if t == "conv" else "A" for t in types]
+    return layer_letters(src, types, {"conv": "C", "full_attention": "A"})
+
+
+def shortconv_weights(src: Source, pre: str, blk: int, state: dict[str, Tensor], bias: bool) -> None:
+    """An LFM2 ``ShortConv`` (``pre`` ends in ``conv.``) into block ``blk``'s C mixer."""
+    out = f"blocks.{blk}.mixer."
+    state[out + "conv_weight"] = src.get(pre + "conv.weight").squeeze(1)  # (D, 1, K) -> (D, K)
+    for name in ("in_proj", "out_proj"):
+        state[f"{out}{name}.weight"] = src.get(f"{pre}{name}.weight")
+        if bias:
+            state[f"{out}{name}.bias"] = src.get(f"{pre}{name}.bias")
+    if bias:
+        state[out + "conv_bias"] = src.get(pre + "conv.bias")
 
 
 @converter("Lfm2ForCausalLM")
 def convert_lfm2(src: Source) -> Converted:
     c = src.config
-    letters = _letters(src)
+    letters = lfm2_letters(src)
     attn = {**attention_options(src), "qk_norm": True}
     cfg = ModelConfig(pattern="".join(x + "E" for x in letters), **shared_options(src, eps_key="norm_eps"),
                       attention=attn, moe={"n_experts": 1, "d_ff": lfm2_ff_width(c)},
@@ -71,13 +82,7 @@ def convert_lfm2(src: Source) -> Converted:
             attention_weights(src, pre + "self_attn.", blk, state, qk_norm=True, out_name="out_proj",
                               norm_names=("q_layernorm", "k_layernorm"))
         else:
-            conv, out = pre + "conv.", f"blocks.{blk}.mixer."
-            state[out + "conv_weight"] = src.get(conv + "conv.weight").squeeze(1)  # (D, 1, K) -> (D, K)
-            for name in ("in_proj.weight", "out_proj.weight") + (
-                    ("in_proj.bias", "out_proj.bias") if cfg.shortconv.bias else ()):
-                state[out + name] = src.get(conv + name)
-            if cfg.shortconv.bias:
-                state[out + "conv_bias"] = src.get(conv + "conv.bias")
+            shortconv_weights(src, pre + "conv.", blk, state, cfg.shortconv.bias)
         state[f"blocks.{blk + 1}.norm.weight"] = src.get(pre + "ffn_norm.weight")
         dense_mlp_weights(src, pre + "feed_forward.", blk + 1, state, names=("w1", "w3", "w2"))
     return Converted(cfg, state)

@@ -10,39 +10,23 @@ norm is ``embedding_norm``.
 
 from __future__ import annotations
 
-from torch import Tensor
-
 from amer.config import ModelConfig
 from amer.interop.common import Converted, attention_options, attention_weights, converter, shared_options
+from amer.interop.lfm2 import lfm2_letters, shortconv_weights
 from amer.interop.llama import _embeddings
 from amer.interop.moe import compact_pattern, ffn_table, ffn_weights, routed_weights, router_options
-from amer.interop.source import Source, unsupported
+from amer.interop.source import Source
 
-__all__ = ["convert_lfm2_moe", "shortconv_weights"]
+__all__ = ["convert_lfm2_moe"]
 
 W1W3W2 = ("w1", "w3", "w2")  # LFM2's names of the gate, up and down projections
-
-
-def shortconv_weights(src: Source, pre: str, blk: int, state: dict[str, Tensor], bias: bool) -> None:
-    """An LFM2 ``ShortConv`` (``pre`` ends in ``conv.``) into block ``blk``'s C mixer."""
-    out = f"blocks.{blk}.mixer."
-    state[out + "conv_weight"] = src.get(pre + "conv.weight").squeeze(1)  # (D, 1, K) -> (D, K)
-    for name in ("in_proj", "out_proj"):
-        state[f"{out}{name}.weight"] = src.get(f"{pre}{name}.weight")
-        if bias:
-            state[f"{out}{name}.bias"] = src.get(f"{pre}{name}.bias")
-    if bias:
-        state[out + "conv_bias"] = src.get(pre + "conv.bias")
 
 
 @converter("Lfm2MoeForCausalLM")
 def convert_lfm2_moe(src: Source) -> Converted:
     c = src.config
     L = int(c["num_hidden_layers"])
-    types = c.get("layer_types")
-    if not isinstance(types, list) or len(types) != L or set(types) - {"conv", "full_attention"}:
-        raise unsupported(src.arch, f"layer_types must list conv / full_attention per layer ({L}), got {types!r}")
-    mixers = ["C" if t == "conv" else "A" for t in types]
+    mixers = lfm2_letters(src)
     dense = int(c.get("num_dense_layers", 2))
     sparse = [i >= dense for i in range(L)]
     bias_on = bool(c.get("use_expert_bias", True))

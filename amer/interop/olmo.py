@@ -26,10 +26,11 @@ from amer.interop.common import (
     attention_weights,
     converter,
     dense_mlp_weights,
+    layer_letters,
     shared_options,
 )
 from amer.interop.llama import _embeddings
-from amer.interop.source import Source, unsupported
+from amer.interop.source import Source
 
 __all__ = ["convert_olmo2", "convert_olmo_hybrid", "deltanet_options"]
 
@@ -48,18 +49,13 @@ def deltanet_options(src: Source) -> dict[str, Any]:
 
 
 def _letters(src: Source) -> list[str]:
-    L = int(src.config["num_hidden_layers"])
     types = src.cfg("layer_types")
     if types is None:  # the config's default: attention in every fourth layer
+        L = int(src.config["num_hidden_layers"])
         types = ["full_attention" if i % 4 == 3 else "linear_attention" for i in range(L)]
         if "full_attention" not in types:
             types[-1] = "full_attention"
-    if not isinstance(types, list) or len(types) != L:
-        raise unsupported(src.arch, f"layer_types must list one type per layer ({L}), got {types!r}")
-    bad = sorted({t for t in types if t not in ("linear_attention", "full_attention")})
-    if bad:
-        raise unsupported(src.arch, f"layer type {bad[0]!r} (amer maps linear_attention -> G, full_attention -> A)")
-    return ["G" if t == "linear_attention" else "A" for t in types]
+    return layer_letters(src, types, {"linear_attention": "G", "full_attention": "A"})
 
 
 @converter("Olmo2ForCausalLM")
