@@ -141,6 +141,8 @@ def test_qwen3_next_gains_shift_with_the_norm_offset(tmp_path: Path) -> None:
     ("CEAE", dict(attention={"qk_norm": True}, moe=ROUTED), "sigmoid"),
     ("MAEM", dict(attention={"rope_fraction": 0.0}, moe={"n_experts": 1}), "feed-forwards are relu2"),
     ("MAEM", dict(moe={"n_experts": 1, "activation": "relu2"}), "no position encoding"),
+    ("AEAE", dict(attention={"qk_norm": True}, moe={**ROUTED, "update_multiplier": 0.5}),
+     r"E \(layer 1\) has the block option update_multiplier=0.5, which Qwen3MoeForCausalLM lacks"),
 ])
 def test_what_the_classes_cannot_express_is_refused(tmp_path: Path, pattern: str, kw: dict[str, Any],
                                                     message: str) -> None:

@@ -85,9 +85,9 @@ def test_what_the_classes_cannot_express_is_refused(tmp_path: Path) -> None:
         (dict(pattern="SS", norm_placement="post"), r"norm_placement 'post'; MambaForCausalLM places it 'pre'"),
         (dict(pattern="CEAE", attention={"qk_norm": False}), r"LFM2's attention normalises q and k per head"),
         (dict(pattern="CECE", moe={"n_experts": 1, "d_ff": 48, "bias": True}),
-         r"moe.bias=True has no counterpart in Lfm2ForCausalLM"),
+         r"Lfm2ForCausalLM's feed-forwards are silu without biases \(moe.activation 'silu', moe.bias True\)"),
         (dict(pattern="CE C.wide E", shortconv={"variants": {"wide": {"l_cache": 5}}}),
-         r"C.wide \(layer 2\): Lfm2ForCausalLM has one config per block kind"),
+         r"C.wide \(layer 2\): Lfm2ForCausalLM has one config per shortconv block"),
         (dict(pattern="G E G E"), r"OlmoHybridForCausalLM needs at least one attention layer"),
         (dict(pattern="G E A E", attention={"norm_placement": "post"}), r"'A E.post' \(post-norm"),
         (dict(pattern="SS", logit_softcap=3.0), r"model.logit_softcap=3.0 has no counterpart in MambaForCausalLM"),
@@ -95,6 +95,8 @@ def test_what_the_classes_cannot_express_is_refused(tmp_path: Path) -> None:
                                                                                         "rope_theta": 100.0}}}),
          r"may differ from the attention table only in its window"),
         (dict(pattern="SSAA"), r"pattern 'SSAA'"),
+        (dict(pattern="CECE", shortconv={"residual_multiplier": 0.5}),
+         r"C \(layer 0\) has the block option residual_multiplier=0.5, which Lfm2ForCausalLM lacks"),
     ]
     for kw, message in refused:
         cfg = ModelConfig(**{**base, **kw})
