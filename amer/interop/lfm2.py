@@ -28,7 +28,9 @@ from amer.interop.common import (
 from amer.interop.llama import _embeddings
 from amer.interop.source import Source
 
-__all__ = ["convert_lfm2", "lfm2_ff_width", "lfm2_letters", "shortconv_weights"]
+__all__ = ["convert_lfm2", "lfm2_ff_width", "lfm2_letters", "shortconv_weights", "operator_weights", "W1W3W2"]
+
+W1W3W2 = ("w1", "w3", "w2")  # LFM2's names of the gate, up and down projections
 
 
 def lfm2_ff_width(c: dict[str, Any]) -> int:
@@ -66,6 +68,19 @@ def shortconv_weights(src: Source, pre: str, blk: int, state: dict[str, Tensor],
         state[out + "conv_bias"] = src.get(pre + "conv.bias")
 
 
+def operator_weights(src: Source, i: int, letter: str, conv_bias: bool, state: dict[str, Tensor]) -> None:
+    """Layer ``i``'s operator (``A``: attention with per-head q/k norms, ``C``: a short convolution) into block
+    ``2 i``, with the norms of both of the layer's blocks (the feed-forward's weights are the caller's)."""
+    pre, blk = f"model.layers.{i}.", 2 * i
+    state[f"blocks.{blk}.norm.weight"] = src.get(pre + "operator_norm.weight")
+    if letter == "A":
+        attention_weights(src, pre + "self_attn.", blk, state, qk_norm=True, out_name="out_proj",
+                          norm_names=("q_layernorm", "k_layernorm"))
+    else:
+        shortconv_weights(src, pre + "conv.", blk, state, conv_bias)
+    state[f"blocks.{blk + 1}.norm.weight"] = src.get(pre + "ffn_norm.weight")
+
+
 @converter("Lfm2ForCausalLM")
 def convert_lfm2(src: Source) -> Converted:
     c = src.config
@@ -76,13 +91,6 @@ def convert_lfm2(src: Source) -> Converted:
                       shortconv={"l_cache": int(c.get("conv_L_cache", 3)), "bias": bool(c.get("conv_bias", False))})
     state = _embeddings(src, cfg, norm="model.embedding_norm.weight")
     for i, letter in enumerate(letters):
-        pre, blk = f"model.layers.{i}.", 2 * i
-        state[f"blocks.{blk}.norm.weight"] = src.get(pre + "operator_norm.weight")
-        if letter == "A":
-            attention_weights(src, pre + "self_attn.", blk, state, qk_norm=True, out_name="out_proj",
-                              norm_names=("q_layernorm", "k_layernorm"))
-        else:
-            shortconv_weights(src, pre + "conv.", blk, state, cfg.shortconv.bias)
-        state[f"blocks.{blk + 1}.norm.weight"] = src.get(pre + "ffn_norm.weight")
-        dense_mlp_weights(src, pre + "feed_forward.", blk + 1, state, names=("w1", "w3", "w2"))
+        operator_weights(src, i, letter, cfg.shortconv.bias, state)
+        dense_mlp_weights(src, f"model.layers.{i}.feed_forward.", 2 * i + 1, state, names=W1W3W2)
     return Converted(cfg, state)

@@ -11,15 +11,13 @@ norm is ``embedding_norm``.
 from __future__ import annotations
 
 from amer.config import ModelConfig
-from amer.interop.common import Converted, attention_options, attention_weights, converter, shared_options
-from amer.interop.lfm2 import lfm2_letters, shortconv_weights
+from amer.interop.common import Converted, attention_options, converter, shared_options
+from amer.interop.lfm2 import W1W3W2, lfm2_letters, operator_weights
 from amer.interop.llama import _embeddings
 from amer.interop.moe import compact_pattern, ffn_table, ffn_weights, routed_weights, router_options
 from amer.interop.source import Source
 
 __all__ = ["convert_lfm2_moe"]
-
-W1W3W2 = ("w1", "w3", "w2")  # LFM2's names of the gate, up and down projections
 
 
 @converter("Lfm2MoeForCausalLM")
@@ -41,13 +39,7 @@ def convert_lfm2_moe(src: Source) -> Converted:
     state = _embeddings(src, cfg, norm="model.embedding_norm.weight")
     for i, mixer in enumerate(mixers):
         pre, blk = f"model.layers.{i}.", 2 * i
-        state[f"blocks.{blk}.norm.weight"] = src.get(pre + "operator_norm.weight")
-        if mixer == "A":
-            attention_weights(src, pre + "self_attn.", blk, state, qk_norm=True, out_name="out_proj",
-                              norm_names=("q_layernorm", "k_layernorm"))
-        else:
-            shortconv_weights(src, pre + "conv.", blk, state, conv_bias)
-        state[f"blocks.{blk + 1}.norm.weight"] = src.get(pre + "ffn_norm.weight")
+        operator_weights(src, i, mixer, conv_bias, state)
         ff = pre + "feed_forward."
         if not sparse[i]:
             ffn_weights(src, ff, blk + 1, state, names=W1W3W2)
