@@ -6,6 +6,8 @@ against references, q/k norm in the cache, and the KV-cache limit."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -39,23 +41,30 @@ def test_causal(kv: int) -> None:
     assert (y[:, 7:] - y2[:, 7:]).abs().max() > 1e-4
 
 
-def test_gqa_matches_repeated_heads() -> None:
-    """GQA with kv heads shared equals full multi-head attention whose k/v heads are repeated."""
-    m = make(n_heads=4, n_kv_heads=2)
-    x = torch.randn(2, 9, 32)
-    B, T, H, hd = 2, 9, 4, 8
+def repeated_heads_reference(m: Any, x: torch.Tensor, norm: Any = None) -> torch.Tensor:
+    """Full multi-head attention by hand for a 4-head, 2-kv-head mixer of head width 8: k/v heads repeated, RoPE,
+    causal softmax; ``norm(t, weight)``, where given, applied to the whole q and k projections first."""
+    from amer.blocks.attention import apply_rope
+
+    B, T, H, hd = *x.shape[:2], 4, 8
     q, k, v = m.qkv(x).split([H * hd, 2 * hd, 2 * hd], dim=-1)
+    if norm is not None:
+        q, k = norm(q, m.q_norm.weight), norm(k, m.k_norm.weight)
     q = q.view(B, T, H, hd).transpose(1, 2)
     k = k.view(B, T, 2, hd).transpose(1, 2).repeat_interleave(2, dim=1)
     v = v.view(B, T, 2, hd).transpose(1, 2).repeat_interleave(2, dim=1)
     cos, sin = m._rope(0, T, x.device)
-    from amer.blocks.attention import apply_rope
-
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     att = (q @ k.transpose(-1, -2)) / hd**0.5
     att = att.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf")).softmax(-1)
-    ref = m.out_proj((att @ v).transpose(1, 2).reshape(B, T, H * hd))
-    torch.testing.assert_close(m(x).y, ref, rtol=1e-5, atol=1e-5)
+    return m.out_proj((att @ v).transpose(1, 2).reshape(B, T, H * hd))
+
+
+def test_gqa_matches_repeated_heads() -> None:
+    """GQA with kv heads shared equals full multi-head attention whose k/v heads are repeated."""
+    m = make(n_heads=4, n_kv_heads=2)
+    x = torch.randn(2, 9, 32)
+    torch.testing.assert_close(m(x).y, repeated_heads_reference(m, x), rtol=1e-5, atol=1e-5)
 
 
 def test_rope_relative() -> None:
@@ -125,3 +134,32 @@ def test_flex_document_attention_equals_the_dense_mask_path(window, monkeypatch)
         leaky = mixer(x, doc_ids=DocIds(docs.ids)).y
     with pytest.raises(AssertionError):
         torch.testing.assert_close(leaky, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_qk_norm_over_the_whole_projection() -> None:
+    """``qk_norm_scope="projection"`` normalises all heads of q (and of k) together, with one gain per channel, as
+    OLMo 2 does: equal to a reference written here, unequal to the per-head norm on the same weights (negative
+    control), and the cache stores the normalised keys (decoding equals the full forward)."""
+    m = make(qk_norm=True, qk_norm_scope="projection")
+    assert m.q_norm.weight.shape == (32,) and m.k_norm.weight.shape == (16,)
+    x = torch.randn(2, 9, 32)
+    B, T = x.shape[:2]
+
+    def norm(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return t * torch.rsqrt(t.square().mean(-1, keepdim=True) + 1e-5) * w
+
+    ref = repeated_heads_reference(m, x, norm)
+    full = m(x).y
+    torch.testing.assert_close(full, ref, rtol=1e-5, atol=1e-5)
+    per_head = make(qk_norm=True)
+    state = {n: t for n, t in m.state_dict().items() if "norm" not in n}
+    per_head.load_state_dict(state, strict=False)
+    assert (per_head(x).y - full).abs().max() > 1e-3
+    cache, steps = m.init_cache(B, T), []
+    for t in range(T):
+        out = m(x[:, t:t + 1], cache=cache)
+        cache = out.cache
+        steps.append(out.y)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception, match="qk_norm_scope must be 'head' or 'projection'"):
+        AttentionConfig(qk_norm_scope="all")

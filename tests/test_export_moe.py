@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_import import VOCAB, tokens, word_tokenizer
+from test_import import VOCAB, export_round_trip, tokens, word_tokenizer
 from test_import_moe import JAMBA, LFM2_MOE, NEMOTRON, NEXT, QWEN_MOE, build
 
 from amer import HybridLM, ModelConfig
@@ -23,18 +23,6 @@ transformers = pytest.importorskip("transformers")
 ATOL = 1e-5
 HYBRID = dict(hidden_size=32, intermediate_size=16, num_attention_heads=4, num_key_value_heads=2, mamba_n_heads=4,
               mamba_d_head=16, mamba_d_state=16, mamba_n_groups=2, mamba_chunk_size=8, shared_intermediate_size=24)
-
-
-def round_trip(model: Any, cfg: Any, out: Path) -> float:
-    """amer -> transformers folder -> transformers model: the max logit difference."""
-    export_transformers(model, cfg, out)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
-    with torch.no_grad():
-        ref = model(tokens(), taps=False).logits
-        assert ref.abs().max() > 0.05
-        diff = (hf(input_ids=tokens(), use_cache=False).logits - ref).abs().max().item()
-    print(f"{type(hf).__name__}: round trip {diff:.1e}")
-    return diff
 
 
 CASES = [
@@ -71,7 +59,7 @@ CASES = [
 def test_round_trip(tmp_path: Path, cls: str, cfg_cls: str, kw: dict[str, Any]) -> None:
     build(tmp_path / "src", cls, cfg_cls, **kw)
     model, cfg = from_transformers(tmp_path / "src")
-    assert round_trip(model, cfg, tmp_path / "out") <= ATOL
+    assert export_round_trip(model, cfg, tmp_path / "out") <= ATOL
     assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == [cls]
     _, again = from_transformers(tmp_path / "out")  # and the exported folder imports to the same model
     assert again.pattern == cfg.pattern and again.family_variants == cfg.family_variants
@@ -114,7 +102,7 @@ def test_models_built_in_amer(tmp_path: Path, cls: str, pattern: str, kw: dict[s
     """A hybrid trained in amer is served by transformers: its pattern exported as the class that expresses it (a
     Qwen3-Next model with norm_offset 0 would be written with its gains shifted; here the offset is Qwen's own)."""
     model, cfg = fresh(pattern, **kw)
-    assert round_trip(model, cfg, tmp_path / "out") <= ATOL
+    assert export_round_trip(model, cfg, tmp_path / "out") <= ATOL
     assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == [cls]
 
 
@@ -124,7 +112,7 @@ def test_qwen3_next_gains_shift_with_the_norm_offset(tmp_path: Path) -> None:
     model, cfg = fresh("G E A E", attention={"qk_norm": True, "output_gate": True, "rope_fraction": 0.25,
                                              "head_dim": 16},
                        deltanet={"n_k_heads": 2, "head_k_dim": 16}, moe={"n_experts": 1, "d_ff": 24})
-    assert round_trip(model, cfg, tmp_path / "out") <= ATOL
+    assert export_round_trip(model, cfg, tmp_path / "out") <= ATOL
     from safetensors.torch import load_file, save_file
 
     weights = load_file(tmp_path / "out" / "model.safetensors")
@@ -153,6 +141,8 @@ def test_qwen3_next_gains_shift_with_the_norm_offset(tmp_path: Path) -> None:
     ("CEAE", dict(attention={"qk_norm": True}, moe=ROUTED), "sigmoid"),
     ("MAEM", dict(attention={"rope_fraction": 0.0}, moe={"n_experts": 1}), "feed-forwards are relu2"),
     ("MAEM", dict(moe={"n_experts": 1, "activation": "relu2"}), "no position encoding"),
+    ("AEAE", dict(attention={"qk_norm": True}, moe={**ROUTED, "update_multiplier": 0.5}),
+     r"E \(layer 1\) has the block option update_multiplier=0.5, which Qwen3MoeForCausalLM lacks"),
 ])
 def test_what_the_classes_cannot_express_is_refused(tmp_path: Path, pattern: str, kw: dict[str, Any],
                                                     message: str) -> None:

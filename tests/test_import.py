@@ -49,27 +49,54 @@ def reference_logits(hf: Any, ids: torch.Tensor) -> torch.Tensor:
         return hf(input_ids=ids, use_cache=False).logits.float()
 
 
-def assert_same_function(hf: Any, path: Path) -> tuple[float, float]:
-    """amer's forward and its step-by-step decoding both match the source's logits; returns the max abs
+def decode_logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
+    """amer's logits for ``ids`` token by token through its decoding caches."""
+    cache, steps = model.init_cache(ids.shape[0], ids.shape[1]), []
+    for t in range(ids.shape[1]):
+        out = model(ids[:, t:t + 1], taps=False, cache=cache)
+        cache = out.cache
+        steps.append(out.logits)
+    return torch.cat(steps, 1)
+
+
+def assert_same_function(hf: Any, path: Path, atol: float = ATOL) -> tuple[float, float]:
+    """amer's forward and its step-by-step decoding both match the source's logits to ``atol``; returns the max abs
     differences (forward, decode)."""
     model, _ = from_transformers(path)
     ids = tokens()
     ref = reference_logits(hf, ids)
     assert ref.abs().max() > 0.05, "reference logits too small to compare"
     with torch.no_grad():
-        got = model(ids, taps=False).logits
-        fwd = (got - ref).abs().max().item()
-        cache = model.init_cache(B, T)
-        steps = []
-        for t in range(T):
-            out = model(ids[:, t:t + 1], taps=False, cache=cache)
-            cache = out.cache
-            steps.append(out.logits)
-        dec = (torch.cat(steps, 1) - ref).abs().max().item()
-    assert fwd <= ATOL, f"forward logits differ by {fwd}"
-    assert dec <= ATOL, f"decoded logits differ by {dec}"
+        fwd = (model(ids, taps=False).logits - ref).abs().max().item()
+        dec = (decode_logits(model, ids) - ref).abs().max().item()
+    assert fwd <= atol, f"forward logits differ by {fwd}"
+    assert dec <= atol, f"decoded logits differ by {dec}"
     print(f"{type(hf).__name__}: forward {fwd:.2e} decode {dec:.2e}")
     return fwd, dec
+
+
+def assert_same_function_and_control(hf: Any, path: Path, perturb: str, atol: float = 1e-5) -> tuple[float, float]:
+    """:func:`assert_same_function` to ``atol``, then the negative control: the source weight ``perturb`` changed in
+    the folder, the import no longer matches."""
+    fwd, dec = assert_same_function(hf, path, atol)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(path / "model.safetensors")
+    assert perturb in weights, sorted(weights)
+    weights[perturb] = weights[perturb] + 0.5 * torch.randn_like(weights[perturb])
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    moved, _ = from_transformers(path)
+    ids = tokens()
+    with torch.no_grad():
+        diff = (moved(ids, taps=False).logits - reference_logits(hf, ids)).abs().max().item()
+    assert diff > 100 * atol, f"perturbing {perturb} moved the logits by only {diff}"
+    return fwd, dec
+
+
+def edit_config(path: Path, **changes: Any) -> None:
+    conf = json.loads((path / "config.json").read_text())
+    conf.update(changes)
+    (path / "config.json").write_text(json.dumps(conf))
 
 
 LLAMA = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
@@ -419,13 +446,18 @@ def test_model_options_train_decode_and_pack() -> None:
 
 
 def export_round_trip(model: Any, cfg: Any, out: Path) -> float:
-    """amer -> transformers folder -> transformers model: the max logit difference."""
+    """amer -> transformers folder -> transformers model: the max logit difference (the folder's class checked by
+    the caller)."""
     from amer.interop import export_transformers
 
     export_transformers(model, cfg, out)
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
     with torch.no_grad():
-        return (hf(input_ids=tokens(), use_cache=False).logits - model(tokens(), taps=False).logits).abs().max().item()
+        ref = model(tokens(), taps=False).logits
+        assert ref.abs().max() > 0.05, "logits too small to compare"
+        diff = (hf(input_ids=tokens(), use_cache=False).logits - ref).abs().max().item()
+    print(f"{type(hf).__name__}: round trip {diff:.1e}")
+    return diff
 
 
 @pytest.mark.parametrize("cls,cfg_cls,kw", [

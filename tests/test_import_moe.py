@@ -10,13 +10,18 @@ than transformers' so the choice of experts differs from token to token.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from test_import import build_source, reference_logits, tokens
+from test_import import (
+    assert_same_function_and_control,
+    build_source,
+    decode_logits,
+    edit_config,
+    tokens,
+)
 
 from amer.errors import CheckpointError
 from amer.interop import from_transformers
@@ -41,48 +46,6 @@ def build(path: Path, cls: str, cfg_cls: str, **kw: Any) -> Any:
     return hf
 
 
-def decode_logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
-    cache, steps = model.init_cache(ids.shape[0], ids.shape[1]), []
-    for t in range(ids.shape[1]):
-        out = model(ids[:, t:t + 1], taps=False, cache=cache)
-        cache = out.cache
-        steps.append(out.logits)
-    return torch.cat(steps, 1)
-
-
-def assert_same_function(hf: Any, path: Path, perturb: str) -> tuple[float, float]:
-    """amer's forward and its token-by-token decoding match the source's logits to ``ATOL``; then the negative
-    control: the source weight ``perturb`` changed in the folder, the import no longer matches. Returns the max
-    abs differences (forward, decode)."""
-    model, _ = from_transformers(path)
-    ids = tokens()
-    ref = reference_logits(hf, ids)
-    assert ref.abs().max() > 0.05, "reference logits too small to compare"
-    with torch.no_grad():
-        fwd = (model(ids, taps=False).logits - ref).abs().max().item()
-        dec = (decode_logits(model, ids) - ref).abs().max().item()
-    print(f"{type(hf).__name__}: forward {fwd:.1e} decode {dec:.1e}")
-    assert fwd <= ATOL, f"forward logits differ by {fwd}"
-    assert dec <= ATOL, f"decoded logits differ by {dec}"
-    from safetensors.torch import load_file, save_file
-
-    weights = load_file(path / "model.safetensors")
-    assert perturb in weights, sorted(weights)
-    weights[perturb] = weights[perturb] + 0.5 * torch.randn_like(weights[perturb])
-    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
-    moved, _ = from_transformers(path)
-    with torch.no_grad():
-        diff = (moved(ids, taps=False).logits - ref).abs().max().item()
-    assert diff > 100 * ATOL, f"perturbing {perturb} moved the logits by only {diff}"
-    return fwd, dec
-
-
-def edit_config(path: Path, **changes: Any) -> None:
-    conf = json.loads((path / "config.json").read_text())
-    conf.update(changes)
-    (path / "config.json").write_text(json.dumps(conf))
-
-
 def refuses(path: Path, message: str) -> None:
     with pytest.raises(CheckpointError, match=message) as info:
         from_transformers(path)
@@ -99,7 +62,7 @@ def test_qwen2_moe(tmp_path: Path) -> None:
     hf = build(tmp_path, "Qwen2MoeForCausalLM", "Qwen2MoeConfig", num_hidden_layers=4, decoder_sparse_step=2,
                mlp_only_layers=[3], shared_expert_intermediate_size=24, use_sliding_window=True, sliding_window=3,
                max_window_layers=2, **QWEN_MOE)
-    assert_same_function(hf, tmp_path, "model.layers.1.mlp.shared_expert_gate.weight")
+    assert_same_function_and_control(hf, tmp_path, "model.layers.1.mlp.shared_expert_gate.weight")
     _, cfg = from_transformers(tmp_path)
     assert cfg.pattern == "A.swa E.dense A E A E.dense A E.dense"
     assert not cfg.moe.renormalize and cfg.moe.shared_expert_gate and cfg.attention.qkv_bias
@@ -110,7 +73,7 @@ def test_qwen2_moe(tmp_path: Path) -> None:
 def test_qwen3_moe(tmp_path: Path, top_k: int, norm: bool) -> None:
     hf = build(tmp_path, "Qwen3MoeForCausalLM", "Qwen3MoeConfig", num_hidden_layers=3, head_dim=16,
                **{**QWEN_MOE, "num_experts_per_tok": top_k}, norm_topk_prob=norm)
-    assert_same_function(hf, tmp_path, "model.layers.2.mlp.gate.weight")
+    assert_same_function_and_control(hf, tmp_path, "model.layers.2.mlp.gate.weight")
     _, cfg = from_transformers(tmp_path)
     assert cfg.pattern == "(AE)*3" and cfg.moe.renormalize == norm and cfg.attention.qk_norm
 
@@ -118,7 +81,7 @@ def test_qwen3_moe(tmp_path: Path, top_k: int, norm: bool) -> None:
 def test_qwen3_moe_dense_layers(tmp_path: Path) -> None:
     hf = build(tmp_path, "Qwen3MoeForCausalLM", "Qwen3MoeConfig", num_hidden_layers=3, mlp_only_layers=[0],
                norm_topk_prob=True, **QWEN_MOE)
-    assert_same_function(hf, tmp_path, "model.layers.0.mlp.up_proj.weight")
+    assert_same_function_and_control(hf, tmp_path, "model.layers.0.mlp.up_proj.weight")
     assert from_transformers(tmp_path)[1].pattern == "A E.dense A E A E"
 
 
@@ -126,7 +89,7 @@ def test_olmoe(tmp_path: Path) -> None:
     """q/k RMSNorms over the whole projections (attention.qk_norm_scope 'projection'), raw top-k weights."""
     hf = build(tmp_path, "OlmoeForCausalLM", "OlmoeConfig", num_hidden_layers=2, intermediate_size=16, num_experts=8,
                num_experts_per_tok=2, **ATTN)
-    assert_same_function(hf, tmp_path, "model.layers.0.self_attn.k_norm.weight")
+    assert_same_function_and_control(hf, tmp_path, "model.layers.0.self_attn.k_norm.weight")
     _, cfg = from_transformers(tmp_path)
     assert cfg.attention.qk_norm_scope == "projection" and not cfg.moe.renormalize
     edit_config(tmp_path, clip_qkv=8.0)
@@ -148,7 +111,7 @@ def test_jamba(tmp_path: Path, layers: int, attn: tuple[int, int], experts: tupl
     hf = build(tmp_path, "JambaForCausalLM", "JambaConfig", num_hidden_layers=layers, attn_layer_period=attn[0],
                attn_layer_offset=attn[1], expert_layer_period=experts[0], expert_layer_offset=experts[1],
                mamba_proj_bias=layers == 6, **JAMBA)
-    assert_same_function(hf, tmp_path, "model.layers.1.mamba.dt_layernorm.weight")
+    assert_same_function_and_control(hf, tmp_path, "model.layers.1.mamba.dt_layernorm.weight")
     _, cfg = from_transformers(tmp_path)
     assert cfg.pattern == pattern
     assert cfg.attention.rope_fraction == 0.0 and cfg.mamba1.dt_bc_norm == "weighted" and not cfg.moe.renormalize
@@ -175,7 +138,7 @@ def test_qwen3_next(tmp_path: Path, extra: dict[str, Any]) -> None:
     exact, _ = from_transformers(tmp_path, dtype=torch.float64)
     with torch.no_grad():
         assert (decode_logits(exact, tokens()) - exact(tokens(), taps=False).logits).abs().max() < 1e-10
-    assert_same_function(hf, tmp_path, "model.layers.2.self_attn.q_proj.weight")
+    assert_same_function_and_control(hf, tmp_path, "model.layers.2.self_attn.q_proj.weight")
     _, cfg = from_transformers(tmp_path)
     assert cfg.norm_offset == 1.0 and cfg.attention.output_gate and cfg.attention.rope_fraction == 0.25
     assert cfg.pattern == ("G E.dense G E A E.dense G E.dense" if extra else "GEGEAEGE")
@@ -194,7 +157,7 @@ def test_lfm2_moe(tmp_path: Path, extra: dict[str, Any]) -> None:
     hf = build(tmp_path, "Lfm2MoeForCausalLM", "Lfm2MoeConfig", **{**LFM2_MOE, **extra})
     perturb = "model.layers.2.feed_forward.gate.weight" if "use_expert_bias" in extra else \
         "model.layers.3.feed_forward.expert_bias"
-    assert_same_function(hf, tmp_path, perturb)
+    assert_same_function_and_control(hf, tmp_path, perturb)
     _, cfg = from_transformers(tmp_path)
     assert cfg.pattern == "C E.dense A E C E C E" and cfg.moe.score == "sigmoid"
     assert cfg.moe.expert_bias == ("use_expert_bias" not in extra)
@@ -215,7 +178,7 @@ def test_nemotron_h_moe(tmp_path: Path, types: list[str], extra: dict[str, Any])
     scaling, squared-ReLU experts and shared expert, a latent width; its MLP layers beside them are E.dense."""
     hf = build(tmp_path, "NemotronHForCausalLM", "NemotronHConfig", layers_block_type=types,
                num_hidden_layers=len(types), **NEMOTRON, **extra)
-    assert_same_function(hf, tmp_path, "backbone.layers.1.mixer.gate.e_score_correction_bias")
+    assert_same_function_and_control(hf, tmp_path, "backbone.layers.1.mixer.gate.e_score_correction_bias")
     _, cfg = from_transformers(tmp_path)
     assert cfg.pattern == {6: "M E A E.dense M E", 4: "MEAE"}[len(types)]
     assert cfg.moe.score == "sigmoid" and cfg.moe.activation == "relu2" and cfg.moe.routed_scale == 2.5

@@ -29,7 +29,9 @@ Suites (``all`` runs every one):
              (Mixtral, Mamba2) on the same imported weights, continuations compared.
 ``peers``    amer vs Hugging Face transformers (``JambaForCausalLM`` with ``use_mambapy=True``,
              ``Mamba2ForCausalLM``, ``MixtralForCausalLM``) at matched configurations, parameter counts side
-             by side, at the preset's shape and at vocabulary 8,192 / width 256 / sequence 512; skipped with a message
+             by side, at the preset's shape and at vocabulary 8,192 / width 256 / sequence 512; and the G, S and C
+             families vs ``Qwen3NextForCausalLM``, ``MambaForCausalLM`` (slow path, and mambapy's scan where
+             installed) and ``Lfm2ForCausalLM`` at 4 layers, width 256, 4 x 512 tokens; skipped with a message
              when transformers is not installed (``pip install amer[bench]``).
 ``gpu``      the training step of ``small`` and the ~350M ``m350`` preset on one CUDA device, kernels
              (mamba-ssm, causal-conv1d, grouped GEMM, flash / flex attention) vs the pure-torch references:

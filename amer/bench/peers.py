@@ -19,12 +19,13 @@ from amer.bench.workloads import build_model, family_config, make_batch, no_stp,
 from amer.config import ModelConfig, from_dict, to_dict
 from amer.families import families
 
-__all__ = ["PeerCase", "peer_cases", "suite_peers"]
+__all__ = ["PeerCase", "peer_cases", "zoo_cases", "suite_peers"]
 
-_HF_CLASSES = ("JambaForCausalLM", "Mamba2ForCausalLM", "MixtralForCausalLM")
+_HF_CLASSES = ("JambaForCausalLM", "Mamba2ForCausalLM", "MixtralForCausalLM", "Qwen3NextForCausalLM",
+               "MambaForCausalLM", "Lfm2ForCausalLM")
 # pairs amer imports exactly (amer.interop): the amer side gets the transformers model's own weights, and the
 # logits must agree before anything is timed, so the speed ratio compares one computation done two ways
-_IMPORTED = ("Mamba2ForCausalLM", "MixtralForCausalLM")
+_IMPORTED = ("Mamba2ForCausalLM", "MixtralForCausalLM", "MambaForCausalLM", "Lfm2ForCausalLM")
 LOGIT_ATOL = 1e-4  # fp32
 
 
@@ -135,6 +136,57 @@ def peer_cases(quick: bool, shape: str = "preset") -> list[PeerCase]:
     ]
 
 
+def zoo_cases(quick: bool) -> tuple[list[PeerCase], int, int]:
+    """The newer families against the transformers classes that hold them, at one shape: 4 layers, width 256,
+    vocabulary 8,192, batch 4 x 512 tokens (quick: width 32, vocabulary 512, 2 x 64), with the (batch, length).
+
+    ``(GE)*4`` vs ``Qwen3NextForCausalLM`` with only gated DeltaNet layers and dense MLPs (its torch path:
+    flash-linear-attention absent), matched dimensions (4 key heads, 8 value heads of 64, conv 4, MLP 512),
+    separate weights; ``S*4`` vs ``MambaForCausalLM``'s slow path (its default without CUDA kernels: a loop over
+    time steps) and, where mambapy is installed, its parallel scan (``use_mambapy=True``); ``(CE)*4`` vs
+    ``Lfm2ForCausalLM`` (convolution layers, MLP 512). Mamba and LFM2 run the transformers model's own weights,
+    imported."""
+    from transformers import Lfm2Config, MambaConfig, Qwen3NextConfig
+
+    D, V, B, T = (32, 512, 2, 64) if quick else (256, 8192, 4, 512)
+    n, f, hk = 4, 2 * D, D // 4  # layers, MLP width, DeltaNet head width (4 key heads, 8 value heads)
+    letter = {s.config_key: s.letter for s in families()}
+    g, s_, c, e = letter["deltanet"], letter["mamba1"], letter["shortconv"], letter["moe"]
+    common = {"vocab_size": V, "hidden_size": D, "tie_word_embeddings": True, "num_hidden_layers": n,
+              "use_cache": False}
+    base = dict(d_model=D, vocab_size=V, max_seq_len=T, moe={"n_experts": 1, "d_ff": f})
+    try:
+        import mambapy  # noqa: F401
+        mambapy_there = True
+    except ImportError:
+        mambapy_there = False
+    qwen = Qwen3NextConfig(**common, intermediate_size=f, layer_types=["linear_attention"] * n,
+                           mlp_only_layers=list(range(n)), linear_num_key_heads=4, linear_num_value_heads=8,
+                           linear_key_head_dim=hk, linear_value_head_dim=hk, linear_conv_kernel_dim=4,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=D // 4)
+    mamba = {"state_size": 16, "expand": 2, "conv_kernel": 4}
+    lfm2 = Lfm2Config(**common, intermediate_size=f, block_auto_adjust_ff_dim=False, layer_types=["conv"] * n,
+                      num_attention_heads=4, num_key_value_heads=2, conv_L_cache=3)
+    gdn = {"n_k_heads": qwen.linear_num_key_heads, "n_v_heads": qwen.linear_num_value_heads, "head_k_dim": hk,
+           "head_v_dim": hk, "d_conv": 4, "chunk_size": 64}
+    cases = [
+        PeerCase(f"{g}+{e}", "Qwen3NextForCausalLM", ModelConfig(pattern=f"({g}{e})*{n}", deltanet=gdn, **base), qwen,
+                 f"{n} Qwen3-Next layers, all gated DeltaNet ({gdn['n_k_heads']} key / {gdn['n_v_heads']} value heads "
+                 f"of {hk}) with dense MLPs ({f}); HF torch_chunk_gated_delta_rule"),
+        PeerCase(f"all-{s_}", "MambaForCausalLM", ModelConfig(pattern=f"({s_})*{n}", **base),
+                 MambaConfig(**common, **mamba, use_mambapy=False),
+                 f"{n} Mamba-1 layers, d_state 16, expand 2; HF's slow path as configured by default (no CUDA kernels, "
+                 "use_mambapy=False): its scan loops over time steps"),
+        PeerCase(f"{c}+{e}", "Lfm2ForCausalLM", ModelConfig(pattern=f"({c}{e})*{n}", **base), lfm2,
+                 f"{n} LFM2 convolution layers (kernel 3) with dense SwiGLU ({f})"),
+    ]
+    if mambapy_there:  # the fastest CPU path transformers has for Mamba-1: mambapy's parallel scan
+        cases.insert(2, PeerCase(f"all-{s_}/mambapy", "MambaForCausalLM", ModelConfig(pattern=f"({s_})*{n}", **base),
+                                 MambaConfig(**common, **mamba, use_mambapy=True),
+                                 f"{n} Mamba-1 layers as above; HF mambapy's parallel scan (use_mambapy=True)"))
+    return cases, B, T
+
+
 def _hf_step(model: Any, opt: torch.optim.Optimizer, batch: dict[str, Tensor]) -> Callable[[], None]:
     def run() -> None:  # HF shifts the labels by one itself: T - 1 predictions instead of T, same work
         out = model(input_ids=batch["tokens"], labels=batch["tokens"], use_cache=False)
@@ -164,34 +216,43 @@ def suite_peers(opts: BenchOptions) -> SuiteResult:
         B, T = (opts.batch, opts.seq_len) if shape == "preset" else (max(1, opts.batch // 2), 2 * opts.seq_len)
         cases = peer_cases(opts.quick, shape)
         for case in cases:
-            torch.manual_seed(opts.seed)
-            hf = cls[case.hf_class](case.hf_config).train()
-            batch = make_batch(case.amer_cfg.vocab_size, B, T, opts.seed)
-            diff = None
-            if case.hf_class in _IMPORTED:
-                amer_model, diff = imported_twin(hf, batch)
-            else:
-                amer_model = build_model(case.amer_cfg, opts.seed)
-            # the same optimizer on both sides (the training loop's own adds clipping and param groups)
-            # what the HF side computes: cross-entropy plus the MoE auxiliary losses, no STP and no clipping
-            amer_opt = torch.optim.AdamW(amer_model.parameters(), lr=1e-4)
-            fns = {"amer": train_step(amer_model, batch, no_stp(amer_model), amer_opt, grad_clip=None),
-                   "hf": _hf_step(hf, torch.optim.AdamW(hf.parameters(), lr=1e-4), batch)}
-            times = interleave(fns, opts.repeats, opts.warmup)
-            res.rows.append({
-                "name": case.name, "peer": case.hf_class, "pattern": amer_model.cfg.pattern,
-                "shape": f"V{case.amer_cfg.vocab_size} D{case.amer_cfg.d_model} {B}x{T}",
-                "amer_params": amer_model.num_params(), "hf_params": sum(p.numel() for p in hf.parameters()),
-                "amer_tok_s": B * T / median(times["amer"]), "hf_tok_s": B * T / median(times["hf"]),
-                "speedup": paired_ratio(times["hf"], times["amer"]),
-                "same_weights": diff is not None, "logits_max_diff": diff,
-            })
-            res.notes.append(f"{case.name} at {shape} shape: {case.matched}" + (
-                f"; amer runs the transformers model's own weights (imported), logits equal to {diff:.1e}"
-                if diff is not None else "; matched dimensions, separate random weights"))
-            del hf, amer_model
+            _compare(case, cls[case.hf_class], B, T, opts, res, shape)
     res.notes.append(f"training step (forward, backward, AdamW) at the preset's shape and at vocabulary 8,192, width "
                      f"256, twice the sequence (same tokens per batch); speedup = median of per-round (transformers "
                      f"step / amer step); targets at both shapes: {cases[0].name} >= 6, {cases[1].name} >= 1.5, "
                      f"{cases[2].name} >= 1.3")
+    zoo, B, T = zoo_cases(opts.quick)
+    for case in zoo:
+        _compare(case, cls[case.hf_class], B, T, opts, res, "zoo")
+    res.notes.append(f"zoo shape: {zoo[0].amer_cfg.n_layers // 2} layers, width {zoo[0].amer_cfg.d_model}, vocabulary "
+                     f"{zoo[0].amer_cfg.vocab_size}, {B} x {T} tokens; target >= 1.5 for each")
     return res
+
+
+def _compare(case: PeerCase, hf_cls: Any, B: int, T: int, opts: BenchOptions, res: SuiteResult, shape: str) -> None:
+    """One pair timed side by side (interleaved rounds), one row and one note."""
+    torch.manual_seed(opts.seed)
+    hf = hf_cls(case.hf_config).train()
+    batch = make_batch(case.amer_cfg.vocab_size, B, T, opts.seed)
+    diff = None
+    if case.hf_class in _IMPORTED:
+        amer_model, diff = imported_twin(hf, batch)
+    else:
+        amer_model = build_model(case.amer_cfg, opts.seed)
+    # the same optimizer on both sides (the training loop's own adds clipping and param groups)
+    # what the HF side computes: cross-entropy plus the MoE auxiliary losses, no STP and no clipping
+    amer_opt = torch.optim.AdamW(amer_model.parameters(), lr=1e-4)
+    fns = {"amer": train_step(amer_model, batch, no_stp(amer_model), amer_opt, grad_clip=None),
+           "hf": _hf_step(hf, torch.optim.AdamW(hf.parameters(), lr=1e-4), batch)}
+    times = interleave(fns, opts.repeats, opts.warmup)
+    res.rows.append({
+        "name": case.name, "peer": case.hf_class, "pattern": amer_model.cfg.pattern,
+        "shape": f"V{case.amer_cfg.vocab_size} D{case.amer_cfg.d_model} {B}x{T}",
+        "amer_params": amer_model.num_params(), "hf_params": sum(p.numel() for p in hf.parameters()),
+        "amer_tok_s": B * T / median(times["amer"]), "hf_tok_s": B * T / median(times["hf"]),
+        "speedup": paired_ratio(times["hf"], times["amer"]),
+        "same_weights": diff is not None, "logits_max_diff": diff,
+    })
+    res.notes.append(f"{case.name} at {shape} shape: {case.matched}" + (
+        f"; amer runs the transformers model's own weights (imported), logits equal to {diff:.1e}"
+        if diff is not None else "; matched dimensions, separate random weights"))

@@ -5,6 +5,7 @@ model folder where a transformers class can express the pattern."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from amer.checkpoint import find_checkpoint, load_checkpoint, read_meta
 from amer.cli.base import ArgParser
@@ -13,6 +14,19 @@ from amer.errors import InputError
 from amer.hub import PRETRAINED_FILES, save_pretrained
 
 __all__ = ["command"]
+
+
+def _tokenizer(source: Path, vocab_size: int) -> Any:
+    """The folder's tokenizer.json; else the byte tokenizer for an amer training checkpoint that predates saved
+    tokenizers (they were all byte-level) and whose vocabulary holds its ids; else none: an imported folder without
+    a tokenizer is exported without one, and without special ids, rather than with byte ids of another vocabulary."""
+    from amer.data import ByteTokenizer, load_tokenizer
+
+    if (source / "tokenizer.json").is_file():
+        return load_tokenizer(source)
+    if (source / "meta.json").is_file() and vocab_size >= ByteTokenizer.vocab_size:
+        return ByteTokenizer()
+    return None
 
 
 def command(argv: list[str]) -> int:
@@ -24,13 +38,12 @@ def command(argv: list[str]) -> int:
     p.add_argument("out", type=path_arg,
                    help="folder to write: new or empty (see --overwrite)")
     p.add_argument("--format", choices=("amer", "transformers"), default="amer",
-                   help="amer: HybridLM.from_pretrained folder; transformers: a LlamaForCausalLM, "
-                        "MixtralForCausalLM or Mamba2ForCausalLM folder, when the pattern is one of theirs")
+                   help="amer: HybridLM.from_pretrained folder; transformers: the folder of the transformers class "
+                        "whose layout the pattern has (Llama, Mistral, Qwen2/3, Granite, Mixtral, Mamba2, Mamba, "
+                        "Falcon-Mamba, LFM2, OLMo-Hybrid)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier export in OUT (a folder holding anything else is still refused)")
     args = p.parse_args(argv)
-    from amer.data import load_tokenizer
-
     source = find_checkpoint(args.checkpoint)
     out = Path(args.out)
     if args.format == "transformers":
@@ -42,7 +55,7 @@ def command(argv: list[str]) -> int:
         raise InputError(f"{out} is not empty: it holds an earlier export; --overwrite to replace it, or choose a new "
                          "folder")
     model, cfg = load_checkpoint(source)
-    tokenizer = load_tokenizer(source)
+    tokenizer = _tokenizer(source, cfg.vocab_size)
     if args.format == "transformers":
         from amer.interop import export_transformers
 

@@ -26,6 +26,7 @@ from amer.interop import (  # noqa: F401  (register their converters)
     hybrid,
     jamba,
     kimi,
+    lfm2,
     lfm2_moe,
     llama,
     minimax,

@@ -17,10 +17,9 @@ from torch import Tensor
 from amer.config import ModelConfig
 from amer.interop.source import Source, unsupported
 
-__all__ = ["Converted", "CONVERTERS", "converter", "attention_weights", "attention_options", "dense_mlp_weights",
-           "experts_weights", "mamba_weights", "tied_embeddings", "mamba_options", "shared_options", "MAMBA2_KEYS",
-           "BAMBA_KEYS",
-           "NEMOTRON_H_KEYS"]
+__all__ = ["Converted", "CONVERTERS", "converter", "layer_letters", "attention_weights", "attention_options",
+           "dense_mlp_weights", "experts_weights", "mamba_weights", "tied_embeddings", "mamba_options",
+           "shared_options", "MAMBA2_KEYS", "BAMBA_KEYS", "NEMOTRON_H_KEYS"]
 
 
 class Converted(NamedTuple):
@@ -38,6 +37,16 @@ def converter(*archs: str) -> Callable[[Callable[[Source], Converted]], Callable
             CONVERTERS[a] = fn
         return fn
     return wrap
+
+
+def layer_letters(src: Source, types: Any, kinds: dict[str, str]) -> list[str]:
+    """``types`` (the config's ``layer_types``, or the class's default for it) as one amer letter per layer by
+    ``kinds`` (layer type -> letter); anything else, or a list of another length, is refused in one line."""
+    n_layers = int(src.config["num_hidden_layers"])
+    if not isinstance(types, list) or len(types) != n_layers or any(t not in kinds for t in types):
+        raise unsupported(src.arch, f"layer_types must list {' / '.join(kinds)} for each of the {n_layers} layers "
+                          f"(amer maps {', '.join(f'{k} -> {v}' for k, v in kinds.items())}), got {types!r}")
+    return [kinds[t] for t in types]
 
 
 def shared_options(src: Source, *, eps_key: str = "rms_norm_eps") -> dict[str, Any]:

@@ -6,12 +6,13 @@
 norms ``Olmo2ForCausalLM`` (:mod:`amer.interop.export_norms`); ``D E`` layers (multi-head latent attention) are
 ``DeepseekV3ForCausalLM``, KDA and position-free MLA layers ``KimiLinearForCausalLM``
 (:mod:`amer.interop.export_latent`), lightning attention layers ``MiniMaxForCausalLM``
-(:mod:`amer.interop.export_minimax`). The folder is config.json + model.safetensors
-(+ tokenizer.json), written whole into a temporary sibling and renamed into place; the ``transformers`` package
-is not needed to write it. Anything the target class cannot express (another pattern, a model or family option
-off its default) is an :class:`~amer.errors.InputError` naming it.
-Patterns with MoE layers and the hybrids around them (Jamba, Qwen3-Next, Granite-4.0-H, Qwen2/3-MoE, OLMoE,
-LFM2-MoE) are written by :mod:`amer.interop.export_moe`.
+(:mod:`amer.interop.export_minimax`). Patterns with MoE layers and the hybrids around them (Jamba, Qwen3-Next,
+Granite-4.0-H, Qwen2/3-MoE, OLMoE, LFM2-MoE) are written by :mod:`amer.interop.export_moe`; the dense hybrid and
+state-space classes (Mamba, Falcon-Mamba, LFM2, OLMo-Hybrid, Granite, Qwen2/3 with per-layer windows) by
+:mod:`amer.interop.export_zoo`. The folder is config.json + model.safetensors (+ tokenizer.json), written whole
+into a temporary sibling and renamed into place; the ``transformers`` package is not needed to write it. Anything
+the target class cannot express (another pattern, a model or family option off its default) is an
+:class:`~amer.errors.InputError` naming it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from amer.interop.export_latent import latent_export, latent_target
 from amer.interop.export_minimax import minimax_export, minimax_target
 from amer.interop.export_moe import moe_export, moe_target
 from amer.interop.export_norms import norm_export, norm_target
+from amer.interop.export_zoo import zoo_export, zoo_target
 from amer.weights import save_tensors
 
 __all__ = ["export_transformers", "EXPORT_FILES"]
@@ -75,13 +77,12 @@ def _target(cfg: ModelConfig) -> str:
                 raise _refuse("MixtralForCausalLM renormalises top-1 weights to 1 (set moe.renormalize_top1) "
                               "and has no q/k norm and no attention biases")
             return "MixtralForCausalLM"
-        if a.qk_norm:
-            if a.window is not None:
-                raise _refuse("q/k norm and a sliding window together (Qwen3 windows only some layers)")
+        if a.qk_norm:  # with a window too: Qwen3 with every layer sliding (amer.interop.export_zoo)
             return "Qwen3ForCausalLM"
         return "MistralForCausalLM" if a.window is not None else "LlamaForCausalLM"
-    raise _refuse(f"pattern {cfg.pattern!r}: transformers classes express '(AE)*L' (Llama, Mistral, Qwen3, Mixtral) "
-                  "or 'M' repeated (Mamba2)")
+    raise _refuse(f"pattern {cfg.pattern!r}: transformers classes express '(AE)*L' (Llama, Mistral, Qwen3, Mixtral, "
+                  "Granite; 'A.swa E' layers: Qwen2/3), 'M' or 'S' repeated (Mamba2, Mamba, Falcon-Mamba), 'CE' / 'AE' "
+                  "layers (LFM2) or 'G E' / 'A E.post' layers (OLMo-Hybrid)")
 
 
 def _llama(model: Any, cfg: ModelConfig, arch: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -177,6 +178,18 @@ def check_target(directory: Path) -> None:
                              "or empty folder")
 
 
+def _special_ids(tokenizer: Any, vocab_size: int) -> dict[str, int | None]:
+    """bos / eos / pad ids for config.json: the tokenizer's, each inside the model's vocabulary; without a tokenizer
+    none at all, written as null so the class's own defaults (ids of some other vocabulary) do not apply."""
+    ids = {f"{k}_token_id": getattr(tokenizer, f"{k}_id", None) if tokenizer is not None else None
+           for k in ("bos", "eos", "pad")}
+    for key, i in ids.items():
+        if i is not None and not 0 <= i < vocab_size:
+            raise _refuse(f"the tokenizer's {key.split('_')[0]} id {i} is outside the model's vocabulary of "
+                          f"{vocab_size}: the tokenizer is not this model's")
+    return ids
+
+
 def _check_blocks(cfg: ModelConfig) -> None:
     """Pre-norm blocks with the plain residual, as the Llama, Mixtral and Mamba2 classes have them."""
     for layer in cfg.parsed.layers:
@@ -189,13 +202,16 @@ def _check_blocks(cfg: ModelConfig) -> None:
 
 def export_transformers(model: Any, cfg: ModelConfig, directory: str | Path, tokenizer: Any = None) -> Path:
     """Write ``model`` (a :class:`~amer.model.HybridLM` of config ``cfg``) as a transformers model folder."""
-    # which class: the families and options decide (MLA or KDA first: their MoE hybrids are theirs alone)
+    # which class: the families and options decide (MLA or KDA first: their MoE hybrids are theirs alone; the zoo's
+    # before the norm placements: OLMo-Hybrid mixes pre-norm DeltaNet layers with post-norm attention layers)
     if (arch := latent_target(cfg)) is not None:  # DeepSeek-V3, Kimi Linear
         _check_shared(cfg)
         _check_blocks(cfg)
         conf, tensors = latent_export(model, cfg, arch)
     elif (arch := moe_target(cfg)) is not None:  # MoE and its hybrids: Jamba, Qwen3-Next, Granite-4.0-H, Qwen-MoE...
         conf, tensors = moe_export(model, cfg, arch)
+    elif (arch := zoo_target(cfg)) is not None:  # Mamba-1, LFM2, OLMo-Hybrid, Granite, Qwen with per-layer windows
+        conf, tensors = zoo_export(model, cfg, arch)
     elif (arch := norm_target(cfg)) is not None:  # Gemma 2 / 3 and OLMo 2, by where the blocks' norms sit
         conf, tensors = norm_export(model, cfg, arch)
     elif (arch := minimax_target(cfg)) is not None:  # lightning attention, MiniMax's post-norm residual factors
@@ -207,9 +223,7 @@ def export_transformers(model: Any, cfg: ModelConfig, directory: str | Path, tok
         arch = _target(cfg)
         conf, tensors = _mamba2(model, cfg) if arch == "Mamba2ForCausalLM" else _llama(model, cfg, arch)
     conf.update(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, dtype="float32")
-    if tokenizer is not None:
-        conf.update(bos_token_id=getattr(tokenizer, "bos_id", None), eos_token_id=getattr(tokenizer, "eos_id", None),
-                    pad_token_id=getattr(tokenizer, "pad_id", None))
+    conf.update(_special_ids(tokenizer, cfg.vocab_size))
     conf[_MARK] = {"pattern": cfg.pattern}
     if not cfg.tie_embeddings:
         tensors["lm_head.weight"] = model.lm_head.weight.detach()

@@ -18,6 +18,7 @@ from amer.interop.export_parts import (
     dense_out,
     ffn_layers,
     head_dim,
+    mamba1_out,
     mixer_ffn_pairs,
     moe_plain,
     period,
@@ -92,23 +93,13 @@ def jamba(cfg: ModelConfig, sd: Tensors) -> Written:
         if letter == "A":
             attention_out(cfg, sd, M, pre + "self_attn.", out)
         else:
-            _mamba1(sd, M + "mixer.", pre + "mamba.", out)
+            mamba1_out(sd, M + "mixer.", pre + "mamba.", out)
         if routes:
             out[pre + "feed_forward.router.weight"] = sd[E + "mixer.router.weight"]
             routed_out(sd, E, pre + "feed_forward.experts.", out)
         else:
             dense_out(sd, E, pre + "feed_forward.", out)
     return conf, out
-
-
-def _mamba1(sd: Tensors, src: str, dst: str, out: Tensors) -> None:
-    out[dst + "conv1d.weight"] = sd[src + "conv_weight"].unsqueeze(1)
-    for name in ("conv_bias", "in_proj.weight", "in_proj.bias", "x_proj.weight", "dt_proj.weight", "dt_proj.bias",
-                 "A_log", "D", "out_proj.weight", "out_proj.bias"):
-        if src + name in sd:
-            out[dst + name.replace("conv_", "conv1d.")] = sd[src + name]
-    for n in ("dt", "b", "c"):
-        out[f"{dst}{n}_layernorm.weight"] = sd[f"{src}{n}_norm.weight"]
 
 
 def qwen3_next(cfg: ModelConfig, sd: Tensors) -> Written:

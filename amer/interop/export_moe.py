@@ -30,6 +30,7 @@ from amer.interop.export_parts import (
     routed_out,
     shared,
     shared_out,
+    shortconv_out,
 )
 
 __all__ = ["moe_target", "moe_export", "MOE_TARGETS"]
@@ -194,7 +195,7 @@ def _lfm2_moe(cfg: ModelConfig, sd: Tensors) -> Written:
             attention_out(cfg, sd, M, pre + "self_attn.", out, out_name="out_proj",
                           norm_names=("q_layernorm", "k_layernorm"))
         else:
-            _shortconv(sd, M + "mixer.", pre + "conv.", out)
+            shortconv_out(sd, M + "mixer.", pre + "conv.", out)
         ff = pre + "feed_forward."
         if not routes:
             dense_out(sd, E, ff, out, names=W1W3W2)
@@ -204,11 +205,3 @@ def _lfm2_moe(cfg: ModelConfig, sd: Tensors) -> Written:
             out[ff + "expert_bias"] = sd[E + "mixer.expert_bias"]
         routed_out(sd, E, ff + "experts.", out, names=W1W3W2)
     return conf, out
-
-
-def _shortconv(sd: Tensors, src: str, dst: str, out: Tensors) -> None:
-    out[dst + "conv.weight"] = sd[src + "conv_weight"].unsqueeze(1)
-    for a, b in (("conv_bias", "conv.bias"), ("in_proj.weight", "in_proj.weight"), ("in_proj.bias", "in_proj.bias"),
-                 ("out_proj.weight", "out_proj.weight"), ("out_proj.bias", "out_proj.bias")):
-        if src + a in sd:
-            out[dst + b] = sd[src + a]

@@ -65,8 +65,8 @@ def _check_attention(cfg: ModelConfig, arch: str) -> None:
         if not a.qk_norm or a.qk_norm_scope != "projection" or a.scale is not None or a.softcap is not None \
                 or a.window is not None or a.rope_linear_factor is not None or cfg.family_variants.get("attention") \
                 or cfg.logit_softcap is not None:
-            raise _refuse(arch, "attention needs qk_norm over all heads (qk_norm_scope 'all') and no scale, soft "
-                          "cap, window, linear RoPE scaling, variants or logit soft cap")
+            raise _refuse(arch, "attention needs qk_norm over the whole projection (qk_norm_scope 'projection') and no "
+                          "scale, soft cap, window, linear RoPE scaling, variants or logit soft cap")
         return
     if a.qk_norm_scope != "head" or (arch == "Gemma3ForCausalLM" and a.softcap is not None):
         raise _refuse(arch, "q/k norms per head (qk_norm_scope 'head'), and no attention soft cap with q/k norms "

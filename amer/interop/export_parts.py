@@ -1,6 +1,7 @@
-"""What the MoE and hybrid exporters (:mod:`amer.interop.export_moe`, :mod:`amer.interop.export_hybrid`) share: a
-refusal that names the setting, the checks that a model's settings are ones the target class can express, and
-the blocks' weights in transformers' layouts (the inverses of the converters' maps).
+"""What the MoE, hybrid and zoo exporters (:mod:`amer.interop.export_moe`, :mod:`amer.interop.export_hybrid`,
+:mod:`amer.interop.export_zoo`) share: a refusal that names the setting, the checks that a model's settings are
+ones the target class can express, and the blocks' weights in transformers' layouts (the inverses of the
+converters' maps).
 
 A family's config is compared field by field with the family's defaults, so an option the target class has no
 counterpart for (including options added to a family later) is refused by name, never silently dropped; fields
@@ -20,8 +21,9 @@ from amer.config import ModelConfig
 from amer.errors import InputError
 from amer.pattern import LayerSpec
 
-__all__ = ["Tensors", "refuse", "plain", "moe_plain", "shared", "pre_norms", "mixer_ffn_pairs", "FFN", "ffn_layers",
-           "routed_out", "dense_out", "shared_out", "attention_out", "head_dim", "period"]
+__all__ = ["Tensors", "SHARED_DEFAULTS", "refuse", "plain", "moe_plain", "shared", "pre_norms", "mixer_ffn_pairs",
+           "FFN", "ffn_layers", "routed_out", "dense_out", "shared_out", "mamba1_out", "shortconv_out", "attention_out",
+           "head_dim", "period"]
 
 Tensors = dict[str, Tensor]
 # fields that shape the initialisation, a training scan's blocking or a training loss, not the function computed
@@ -63,15 +65,23 @@ def shared(cfg: ModelConfig, target: str, allowed: Iterable[str] = ()) -> None:
             raise refuse(f"model.{name}={getattr(cfg, name)!r} has no counterpart in {target} (needs {default!r})")
 
 
-def pre_norms(cfg: ModelConfig, target: str, variants: Iterable[str] = ()) -> None:
-    """Every block pre-norm (``x + f(norm(x))``), and no variants but of the families in ``variants``."""
+def pre_norms(cfg: ModelConfig, target: str, variants: Iterable[str] = (), post: Iterable[str] = ()) -> None:
+    """Every block pre-norm (``x + f(norm(x))``), or post-norm (``x + norm(f(x))``) where its layer key is in ``post``,
+    with the plain residual (the other block options at their defaults); no variants but of the families or layer
+    keys in ``variants``."""
+    variants, post = set(variants), set(post)
     for layer in cfg.parsed.layers:
-        if layer.variant is not None and str(layer.family) not in variants:
+        if layer.variant is not None and not {str(layer.family), layer.key} & variants:
             raise refuse(f"{layer.key} (layer {layer.index}): {target} has one config per {layer.family.spec.name} "
                          "block, no variants")
-        if cfg.block_options(layer).norm_placement != "pre":
-            raise refuse(f"{layer.key} (layer {layer.index}) has norm_placement "
-                         f"{cfg.block_options(layer).norm_placement!r}; {target}'s blocks are pre-norm")
+        opts, want = cfg.block_options(layer), "post" if layer.key in post else "pre"
+        if opts.norm_placement != want:
+            raise refuse(f"{layer.key} (layer {layer.index}) has norm_placement {opts.norm_placement!r}; {target} "
+                         f"places it {want!r}")
+        for f in dataclasses.fields(opts):
+            if f.name != "norm_placement" and getattr(opts, f.name) != f.default:
+                raise refuse(f"{layer.key} (layer {layer.index}) has the block option {f.name}="
+                             f"{getattr(opts, f.name)!r}, which {target} lacks (needs {f.default!r})")
 
 
 def mixer_ffn_pairs(cfg: ModelConfig) -> list[tuple[LayerSpec, LayerSpec]] | None:
@@ -152,6 +162,28 @@ def shared_out(sd: Tensors, blk: str, dst: str, out: Tensors, *,
     else:
         out[f"{dst}{up}.weight"] = w
     out[f"{dst}{down}.weight"] = sd[blk + "mixer.shared.down.weight"]
+
+
+def mamba1_out(sd: Tensors, src: str, dst: str, out: Tensors) -> None:
+    """An S mixer (``src`` ends in ``mixer.``) in ``MambaMixer``'s names under ``dst``; its dt/B/C norms' gains where
+    it has them (Jamba)."""
+    out[dst + "conv1d.weight"] = sd[src + "conv_weight"].unsqueeze(1)
+    for name in ("conv_bias", "in_proj.weight", "in_proj.bias", "x_proj.weight", "dt_proj.weight", "dt_proj.bias",
+                 "A_log", "D", "out_proj.weight", "out_proj.bias"):
+        if src + name in sd:
+            out[dst + name.replace("conv_", "conv1d.")] = sd[src + name]
+    for n in ("dt", "b", "c"):
+        if f"{src}{n}_norm.weight" in sd:
+            out[f"{dst}{n}_layernorm.weight"] = sd[f"{src}{n}_norm.weight"]
+
+
+def shortconv_out(sd: Tensors, src: str, dst: str, out: Tensors) -> None:
+    """A C mixer (``src`` ends in ``mixer.``) as LFM2's ``ShortConv`` under ``dst`` (ending in ``conv.``)."""
+    out[dst + "conv.weight"] = sd[src + "conv_weight"].unsqueeze(1)
+    for a, b in (("conv_bias", "conv.bias"), ("in_proj.weight", "in_proj.weight"), ("in_proj.bias", "in_proj.bias"),
+                 ("out_proj.weight", "out_proj.weight"), ("out_proj.bias", "out_proj.bias")):
+        if src + a in sd:
+            out[dst + b] = sd[src + a]
 
 
 def head_dim(cfg: ModelConfig) -> int:

@@ -131,7 +131,9 @@ def convert_nemotron_h(src: Source) -> Converted:
     c = src.config
     kinds = {"linear_attention": "M", "mamba": "M", "full_attention": "A", "attention": "A", "mlp": "E", "moe": ROUTED}
     letters = _layer_letters(src, kinds, "layers_block_type")
-    act = src.require("mlp_hidden_act", ("relu2", "silu"), "relu2")
+    # the MLP is ungated, down(act(up(x))): amer's E has relu2 ungated, but silu only gated, as SwiGLU
+    act = src.require("mlp_hidden_act", ("relu2",), "relu2", "Nemotron-H's MLP is ungated, down(act(up(x))), and the "
+                      "E block's silu is the gated SwiGLU (its ungated activations: relu2, gelu)")
     src.require("mlp_bias", (False,), False, "the E feed-forward has no biases")
     attn = attention_options(src)
     attn.update(rope_fraction=0.0)  # Nemotron-H attention has no position encoding: the Mamba layers carry order
@@ -152,5 +154,5 @@ def convert_nemotron_h(src: Source) -> Converted:
         elif letter == ROUTED:
             nemotron_moe_weights(src, pre + "mixer.", i, cfg.moe.n_experts, state)
         else:
-            dense_mlp_weights(src, pre + "mixer.", i, state, gated=act != "relu2")
+            dense_mlp_weights(src, pre + "mixer.", i, state, gated=False)
     return Converted(cfg, state)

@@ -10,39 +10,21 @@ norm is ``embedding_norm``.
 
 from __future__ import annotations
 
-from torch import Tensor
-
 from amer.config import ModelConfig
-from amer.interop.common import Converted, attention_options, attention_weights, converter, shared_options
+from amer.interop.common import Converted, attention_options, converter, shared_options
+from amer.interop.lfm2 import W1W3W2, lfm2_letters, operator_weights
 from amer.interop.llama import _embeddings
 from amer.interop.moe import compact_pattern, ffn_table, ffn_weights, routed_weights, router_options
-from amer.interop.source import Source, unsupported
+from amer.interop.source import Source
 
-__all__ = ["convert_lfm2_moe", "shortconv_weights"]
-
-W1W3W2 = ("w1", "w3", "w2")  # LFM2's names of the gate, up and down projections
-
-
-def shortconv_weights(src: Source, pre: str, blk: int, state: dict[str, Tensor], bias: bool) -> None:
-    """An LFM2 ``ShortConv`` (``pre`` ends in ``conv.``) into block ``blk``'s C mixer."""
-    out = f"blocks.{blk}.mixer."
-    state[out + "conv_weight"] = src.get(pre + "conv.weight").squeeze(1)  # (D, 1, K) -> (D, K)
-    for name in ("in_proj", "out_proj"):
-        state[f"{out}{name}.weight"] = src.get(f"{pre}{name}.weight")
-        if bias:
-            state[f"{out}{name}.bias"] = src.get(f"{pre}{name}.bias")
-    if bias:
-        state[out + "conv_bias"] = src.get(pre + "conv.bias")
+__all__ = ["convert_lfm2_moe"]
 
 
 @converter("Lfm2MoeForCausalLM")
 def convert_lfm2_moe(src: Source) -> Converted:
     c = src.config
     L = int(c["num_hidden_layers"])
-    types = c.get("layer_types")
-    if not isinstance(types, list) or len(types) != L or set(types) - {"conv", "full_attention"}:
-        raise unsupported(src.arch, f"layer_types must list conv / full_attention per layer ({L}), got {types!r}")
-    mixers = ["C" if t == "conv" else "A" for t in types]
+    mixers = lfm2_letters(src)
     dense = int(c.get("num_dense_layers", 2))
     sparse = [i >= dense for i in range(L)]
     bias_on = bool(c.get("use_expert_bias", True))
@@ -57,13 +39,7 @@ def convert_lfm2_moe(src: Source) -> Converted:
     state = _embeddings(src, cfg, norm="model.embedding_norm.weight")
     for i, mixer in enumerate(mixers):
         pre, blk = f"model.layers.{i}.", 2 * i
-        state[f"blocks.{blk}.norm.weight"] = src.get(pre + "operator_norm.weight")
-        if mixer == "A":
-            attention_weights(src, pre + "self_attn.", blk, state, qk_norm=True, out_name="out_proj",
-                              norm_names=("q_layernorm", "k_layernorm"))
-        else:
-            shortconv_weights(src, pre + "conv.", blk, state, conv_bias)
-        state[f"blocks.{blk + 1}.norm.weight"] = src.get(pre + "ffn_norm.weight")
+        operator_weights(src, i, mixer, conv_bias, state)
         ff = pre + "feed_forward."
         if not sparse[i]:
             ffn_weights(src, ff, blk + 1, state, names=W1W3W2)

@@ -1,4 +1,5 @@
-"""Llama-style decoders: Llama, Mistral (sliding window), Qwen2 (q/k/v biases), Qwen3 (q/k norm), Mixtral.
+"""Llama-style decoders: Llama, Mistral (sliding window), Qwen2 (q/k/v biases), Qwen3 (q/k norm; mixed sliding and
+full layers as the variant ``A.swa``), Granite (multipliers), Phi-3 (fused projections, partial RoPE), Mixtral.
 
 Each decoder layer is ``x + attn(norm1(x))`` then ``x + ffn(norm2(x))``: two amer blocks, ``A`` then
 ``E`` (one expert for the dense feed-forward, Mixtral's routed experts otherwise), so L layers become
@@ -23,7 +24,7 @@ from amer.interop.common import (
 )
 from amer.interop.source import Source, unsupported
 
-__all__ = ["convert_llama", "convert_mixtral", "layer_window"]
+__all__ = ["convert_llama", "convert_mixtral", "layer_window", "layer_windows", "attention_layers"]
 
 
 def layer_window(src: Source) -> int | None:
@@ -49,17 +50,69 @@ def _common_checks(src: Source) -> None:
     src.require("mlp_bias", (False,), False, "the E feed-forward has no biases")
 
 
-@converter("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+def layer_windows(src: Source) -> list[int | None]:
+    """Each layer's sliding window (None: full attention) for the classes that read ``layer_types`` (Qwen2, Qwen3):
+    the list itself, or, where a config has none, sliding from layer ``max_window_layers`` on (as their configs
+    derive it)."""
+    c = src.config
+    L = int(c["num_hidden_layers"])
+    window = c.get("sliding_window") if c.get("use_sliding_window", True) else None
+    kinds = c.get("layer_types")
+    if kinds is None:
+        first = int(c.get("max_window_layers", L))
+        kinds = ["sliding_attention" if window is not None and i >= first else "full_attention" for i in range(L)]
+    if not isinstance(kinds, list) or len(kinds) != L:
+        raise unsupported(src.arch, f"layer_types must list one type per layer ({L}), got {kinds!r}")
+    bad = sorted(set(kinds) - {"full_attention", "sliding_attention"})
+    if bad:
+        raise unsupported(src.arch, f"layer type {bad[0]!r} (expected full_attention / sliding_attention)")
+    if "sliding_attention" in kinds and window is None:
+        raise unsupported(src.arch, "layer_types name sliding_attention layers but the config sets no "
+                          "sliding_window (or use_sliding_window is false)")
+    return [int(window) if k == "sliding_attention" else None for k in kinds]
+
+
+def attention_layers(src: Source, attn: dict[str, Any], windows: list[int | None]) -> tuple[dict[str, Any], list[str]]:
+    """The A family's table and each layer's block (``A`` or ``A.swa``) for per-layer windows: one window for all
+    layers is the family's ``window``; layers that mix full and sliding-window attention get the variant ``swa``
+    (the family's table with its window), so taps and selectors still count them as one family."""
+    kinds = set(windows)
+    if len(kinds) == 1:
+        return {**attn, "window": windows[0]}, ["A"] * len(windows)
+    if len(kinds - {None}) > 1:
+        raise unsupported(src.arch, f"sliding windows of several sizes {sorted(kinds - {None})} (one per model)")
+    window = next(w for w in windows if w is not None)
+    table = {**attn, "window": None, "variants": {"swa": {"window": window}}}
+    return table, ["A" if w is None else "A.swa" for w in windows]
+
+
+@converter("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GraniteForCausalLM",
+           "Phi3ForCausalLM")
 def convert_llama(src: Source) -> Converted:
+    """Llama and the decoders that differ from it by options: Mistral and Phi-3 (a sliding window on every layer,
+    Phi-3 with fused q/k/v and gate/up projections and partial RoPE), Qwen2 (q/k/v biases), Qwen3 (q/k norms),
+    Qwen2/3 with mixed sliding and full layers (the variant ``A.swa``), Granite (multipliers of the embedding,
+    the residual updates, the attention scores and the logits)."""
     c = src.config
     _common_checks(src)
     L = int(c["num_hidden_layers"])
-    attn = attention_options(src, window=layer_window(src))
+    attn = attention_options(src)
     qk_norm = src.arch == "Qwen3ForCausalLM"
     if src.arch == "Qwen2ForCausalLM":  # Qwen2: biases on q, k, v only
         attn.update(qkv_bias=True, out_bias=False)
     attn["qk_norm"] = qk_norm
-    cfg = ModelConfig(pattern=f"(AE)*{L}", **shared_options(src), attention=attn,
+    if src.arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        attn, blocks = attention_layers(src, attn, layer_windows(src))
+    else:
+        attn, blocks = {**attn, "window": layer_window(src)}, ["A"] * L
+    model: dict[str, Any] = {}
+    if src.arch == "GraniteForCausalLM":
+        attn["scale"] = float(c.get("attention_multiplier", 1.0))
+        model = {"embed_scale": float(c.get("embedding_multiplier", 1.0)),
+                 "residual_scale": float(c.get("residual_multiplier", 1.0)),
+                 "logit_scale": 1.0 / float(c.get("logits_scaling", 1.0))}
+    cfg = ModelConfig(pattern=f"(AE)*{L}" if blocks == ["A"] * L else " ".join(b + " E" for b in blocks),
+                      **shared_options(src), **model, attention=attn,
                       moe={"n_experts": 1, "top_k": 1, "d_ff": int(c["intermediate_size"])})
     state = _embeddings(src, cfg)
     for i in range(L):

@@ -17,7 +17,7 @@ from torch import Tensor
 from amer.blocks.moe import MoEConfig
 from amer.config import ModelConfig
 from amer.interop.common import Converted, attention_options, attention_weights, converter, shared_options
-from amer.interop.llama import _embeddings
+from amer.interop.llama import _embeddings, attention_layers
 from amer.interop.source import Source, unsupported
 
 __all__ = ["DENSE", "ROUTED", "ffn_table", "ffn_blocks", "compact_pattern", "sparse_layers", "expert_count",
@@ -143,10 +143,7 @@ def attention_windows(src: Source, attn: dict[str, Any], n_layers: int) -> tuple
     bad = sorted(set(kinds) - {"full_attention", "sliding_attention"})
     if bad:
         raise unsupported(src.arch, f"layer type {bad[0]!r} (expected full_attention / sliding_attention)")
-    if len(set(kinds)) == 1:
-        return {**attn, "window": int(window) if kinds[0] == "sliding_attention" else None}, ["A"] * n_layers
-    table = {**attn, "window": None, "variants": {"swa": {"window": int(window)}}}
-    return table, ["A.swa" if k == "sliding_attention" else "A" for k in kinds]
+    return attention_layers(src, attn, [int(window) if k == "sliding_attention" else None for k in kinds])
 
 
 @converter("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")
