@@ -17,10 +17,10 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch import Tensor, nn
 
-from amer.blocks import Block, DocIds, RMSNorm
+from amer.blocks import Block, DocIds, RMSNorm, residual_layer
 from amer.config import ModelConfig
 from amer.generate import generate
-from amer.tap import Tap, TapSet, resolve_selector
+from amer.tap import Tap, TapSet, resolve_selector, tap_positions
 
 __all__ = ["HybridLM", "ModelOutput", "HeadInput", "PretrainedIO", "set_pretrained_io", "scale_embedding",
            "final_logits", "InitUnit", "unit_seed", "seeded"]
@@ -288,18 +288,27 @@ class HybridLM(nn.Module):
         aux: dict[str, Tensor] = {}
         stats: dict[str, list[tuple[str, Tensor]]] = {}
         new_cache: list[Any] | None = [] if cache is not None else None
-        for i, blk in enumerate(self.blocks):
-            x, out = blk(x, None if cache is None else cache[i], docs)  # (B, T, D)
-            spec = blk.layer
-            record(i + 1, Tap(spec.index, spec.family, spec.family_index, x))
-            for k, v in out.aux.items():
-                aux[k] = aux[k] + v if k in aux else v
-            for k, v in out.stats.items():
-                stats.setdefault(k, []).append((spec.name, v))
-            if new_cache is not None:
-                new_cache.append(out.cache)
+        where = tap_positions(self.pattern)
+        for specs in self.pattern.residual_layers:
+            idx = [spec.index for spec in specs]
+            caches = [None] * len(idx) if cache is None else [cache[i] for i in idx]
+            x, branch_taps, outs = residual_layer([self.blocks[i] for i in idx], x, caches, docs)  # (B, T, D)
+            for spec, hid in zip(specs, branch_taps):
+                record(where.block[spec.index], Tap(spec.index, spec.family, spec.family_index, hid, "branch"))
+            last = specs[-1]
+            if branch_taps:
+                record(where.layer[last.depth], Tap(last.index, None, 0, x, "layer", "+".join(s.name for s in specs)))
+            else:
+                record(where.block[last.index], Tap(last.index, last.family, last.family_index, x))
+            for spec, out in zip(specs, outs):
+                for k, v in out.aux.items():
+                    aux[k] = aux[k] + v if k in aux else v
+                for k, v in out.stats.items():
+                    stats.setdefault(k, []).append((spec.name, v))
+                if new_cache is not None:
+                    new_cache.append(out.cache)
         h = self.norm(x)  # (B, T, D)
-        record(L + 1, Tap(L, None, 0, h, "final"))
+        record(where.final, Tap(L, None, 0, h, "final"))
         logits, head_in = None, None
         if head:
             logits = final_logits(self.cfg, self.lm_head(h))  # (B, T, V)

@@ -55,11 +55,13 @@ def assert_same_curve(got: dict[int, float], want: dict[int, float], tol: float,
 # mechanisms
 
 
-@pytest.mark.parametrize("scenario,checks", [("pp_grads", 7), ("dp_equal", 3), ("dp_bias", 3)])
+@pytest.mark.parametrize("scenario,checks", [("pp_grads", 7), ("pp_parallel", 1), ("dp_equal", 3), ("dp_bias", 3)])
 def test_scenario(scenario: str, checks: int) -> None:
     """pp_grads: pp=2 gradients of both stages equal one process's for GPipe (1, 2, 4 microbatches) and 1F1B
     (2, 4; and 2 with the span form of STP), with STP taps on both sides and MoE losses, and with the seam
     disabled they do not.
+    pp_parallel: pp=2 with a parallel layer on each stage, STP on branch and layer taps: gradients equal one
+    process's.
     dp_equal: dp=2 (FSDP2 and DDP) parameters after 5 steps equal one process with the whole batch, and
     without the global MoE statistics they do not.
     dp_bias: dp=2 (FSDP2 and DDP) MoE expert biases (auxiliary-loss-free balancing) after 5 steps equal one

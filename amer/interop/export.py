@@ -6,7 +6,8 @@
 norms ``Olmo2ForCausalLM`` (:mod:`amer.interop.export_norms`); ``D E`` layers (multi-head latent attention) are
 ``DeepseekV3ForCausalLM``, KDA and position-free MLA layers ``KimiLinearForCausalLM``
 (:mod:`amer.interop.export_latent`), lightning attention layers ``MiniMaxForCausalLM``
-(:mod:`amer.interop.export_minimax`). The folder is config.json + model.safetensors
+(:mod:`amer.interop.export_minimax`), parallel ``[AM]E`` layers ``FalconH1ForCausalLM``
+(:mod:`amer.interop.export_falcon`). The folder is config.json + model.safetensors
 (+ tokenizer.json), written whole into a temporary sibling and renamed into place; the ``transformers`` package
 is not needed to write it. Anything the target class cannot express (another pattern, a model or family option
 off its default) is an :class:`~amer.errors.InputError` naming it.
@@ -28,6 +29,7 @@ from amer.errors import InputError
 from amer.fileio import atomic_write_text, json_text, refuse_link
 from amer.fileread import json_loads, read_file
 from amer.hub import write_folder
+from amer.interop.export_falcon import falcon_export, falcon_target
 from amer.interop.export_latent import latent_export, latent_target
 from amer.interop.export_minimax import minimax_export, minimax_target
 from amer.interop.export_moe import moe_export, moe_target
@@ -190,7 +192,9 @@ def _check_blocks(cfg: ModelConfig) -> None:
 def export_transformers(model: Any, cfg: ModelConfig, directory: str | Path, tokenizer: Any = None) -> Path:
     """Write ``model`` (a :class:`~amer.model.HybridLM` of config ``cfg``) as a transformers model folder."""
     # which class: the families and options decide (MLA or KDA first: their MoE hybrids are theirs alone)
-    if (arch := latent_target(cfg)) is not None:  # DeepSeek-V3, Kimi Linear
+    if (arch := falcon_target(cfg)) is not None:  # parallel layers: Falcon-H1
+        conf, tensors = falcon_export(model, cfg)
+    elif (arch := latent_target(cfg)) is not None:  # DeepSeek-V3, Kimi Linear
         _check_shared(cfg)
         _check_blocks(cfg)
         conf, tensors = latent_export(model, cfg, arch)

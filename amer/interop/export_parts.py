@@ -72,6 +72,12 @@ def pre_norms(cfg: ModelConfig, target: str, variants: Iterable[str] = ()) -> No
         if cfg.block_options(layer).norm_placement != "pre":
             raise refuse(f"{layer.key} (layer {layer.index}) has norm_placement "
                          f"{cfg.block_options(layer).norm_placement!r}; {target}'s blocks are pre-norm")
+        if layer.branch is not None:
+            raise refuse(f"{layer.key} (layer {layer.index}) is a branch of a parallel layer; {target} runs one "
+                         "mixer per residual layer")
+        if cfg.block_options(layer).input_multiplier != 1:
+            raise refuse(f"{layer.key} (layer {layer.index}) has input_multiplier "
+                         f"{cfg.block_options(layer).input_multiplier}; {target} has no input multipliers")
 
 
 def mixer_ffn_pairs(cfg: ModelConfig) -> list[tuple[LayerSpec, LayerSpec]] | None:

@@ -24,10 +24,10 @@ import torch
 from torch import Tensor, nn
 
 from amer.analysis.trajectory import token_curvature
-from amer.blocks import DocIds
+from amer.blocks import DocIds, residual_layer
 from amer.model import HybridLM, final_logits, scale_embedding
 from amer.stp import STPPolicy, sample_patches, sample_spans, span_stp_per_layer, stp_per_layer
-from amer.tap import tap_names
+from amer.tap import tap_names, tap_positions
 
 __all__ = ["AuxSeam", "StageModule", "stage_layers"]
 
@@ -110,10 +110,13 @@ class StageModule(nn.Module):
             self.tied_copy = True
         else:
             self.lm_head = model.lm_head if self.last else None
+        self.where = tap_positions(model.pattern)
+        self.residual = [specs for specs in model.pattern.residual_layers if specs[0].stage == stage]
         own = {0} if self.first else set()
-        own |= {layer.index + 1 for layer in self.layers}
+        own |= {self.where.block[layer.index] for layer in self.layers}
+        own |= {self.where.layer[specs[0].depth] for specs in self.residual}
         if self.last:
-            own.add(self.n_blocks + 1)
+            own.add(self.where.final)
         self.stp_taps = [(k, pos) for k, pos in enumerate(policy.positions) if pos in own]
         self.tap_names = tap_names(model.pattern)
         self.width, self.vocab = model.cfg.d_model, model.cfg.vocab_size
@@ -141,15 +144,18 @@ class StageModule(nn.Module):
             hiddens[0] = x
         aux = torch.zeros((), device=x.device)
         record: dict[str, Tensor] = {}
-        for layer in self.layers:
-            x, out = self.blocks[str(layer.index)](x, None, docs)
-            hiddens[layer.index + 1] = x
-            for k, v in out.aux.items():
+        for specs in self.residual:
+            blocks = [self.blocks[str(layer.index)] for layer in specs]
+            x, branch_taps, outs = residual_layer(blocks, x, [None] * len(blocks), docs)
+            for layer, hid in zip(specs, branch_taps):
+                hiddens[self.where.block[layer.index]] = hid
+            hiddens[self.where.layer[specs[0].depth]] = x
+            for k, v in ((k, v) for out in outs for k, v in out.aux.items()):
                 aux = aux + v
                 record[f"aux/{k}"] = record.get(f"aux/{k}", torch.zeros(())) + v.detach().float()
         if self.last:
             h = self.norm(x)
-            hiddens[self.n_blocks + 1] = h
+            hiddens[self.where.final] = h
             x = final_logits(self.model_cfg, self.lm_head(h))
         if self.want_metrics:  # token curvature of every tap this stage holds, under its global name
             for pos, hid in hiddens.items():

@@ -226,7 +226,32 @@ def dp_bias(layout: D.Layout) -> None:
     say(layout, "control: per-rank loads give the ranks different biases")
 
 
-SCENARIOS = {"pp_grads": (ParallelConfig(pp=2), pp_grads), "dp_equal": (ParallelConfig(dp=2), dp_equal),
+def pp_parallel(layout: D.Layout) -> None:
+    """pp=2 with a parallel layer on each stage: every gradient equals one process's, with STP on a branch tap, a
+    parallel layer's own tap and the taps around the cut."""
+    cfg = model_config("[AM]E|[AM]R")
+    torch.manual_seed(0)
+    base = HybridLM(cfg)
+    policy = STPPolicy(stp("M0,L0,E0,A1,L-1,final"), base.pattern)
+    data = batch(4)
+    ref = reference_grads(copy.deepcopy(base), policy, data, 2, step=5)
+    stage = P.StageModule(copy.deepcopy(base), layout.pp_rank, 2, policy,
+                          stp_generator=torch.Generator().manual_seed(SEED))
+    runner = PipelineStep(stage, stage, None, layout, microbatches=2, grad_clip=None, keep_gradients=True, rows=4,
+                          seq_len=24)
+    if not runner([data], 5).applied:
+        fail("parallel layers: step skipped")
+    for name, p in stage.named_parameters():
+        if p.grad is None:
+            fail(f"parallel layers: {name} got no gradient")
+        close(p.grad, ref["embed.weight" if name == "lm_head.weight" and stage.tied_copy else name],
+              f"parallel layers stage {layout.pp_rank} {name}")
+    dist.barrier()
+    say(layout, "pp=2 with a parallel layer on each stage: gradients equal one process's")
+
+
+SCENARIOS = {"pp_grads": (ParallelConfig(pp=2), pp_grads), "pp_parallel": (ParallelConfig(pp=2), pp_parallel),
+             "dp_equal": (ParallelConfig(dp=2), dp_equal),
              "dp_bias": (ParallelConfig(dp=2), dp_bias)}
 
 
