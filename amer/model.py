@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from amer.blocks import Block, DocIds, RMSNorm, residual_layer
+from amer.blocks import Block, DocIds, RMSNorm, SharedUse, residual_layer
 from amer.config import ModelConfig
 from amer.generate import generate
 from amer.tap import Tap, TapSet, resolve_selector, tap_positions
@@ -150,8 +151,21 @@ class HybridLM(nn.Module):
         with torch.device("meta"):
             self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
             dims = cfg.dims
-            self.blocks = nn.ModuleList(Block(cfg.layer_config(layer), dims, layer, cfg.block_options(layer))
-                                        for layer in self.pattern.layers)
+            shared: dict[str, Block] = {}  # a shared block: built for its first use, held once (amer.blocks.shared)
+            blocks: list[nn.Module] = []
+            for layer in self.pattern.layers:
+                if layer.share is not None and layer.share in shared:
+                    blocks.append(SharedUse(shared[layer.share], layer))
+                    continue
+                if layer.share is not None:  # with a norm of its own even if its first use is a parallel branch
+                    one = replace(layer, branch=None)
+                    shared[layer.share] = Block(cfg.layer_config(one), dims, one, cfg.block_options(one))
+                    blk = SharedUse(shared[layer.share], layer)
+                else:
+                    blk = Block(cfg.layer_config(layer), dims, layer, cfg.block_options(layer))
+                blocks.append(blk)
+            self.blocks = nn.ModuleList(blocks)
+            self.shared = nn.ModuleDict(shared)
             self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -169,7 +183,9 @@ class HybridLM(nn.Module):
         every block (its own :meth:`~amer.blocks.Block.reset_parameters`), the final norm and an untied head.
         A tied head is the embedding."""
         units = [InitUnit("embed", self.embed, self._normal)]
-        units += [InitUnit(f"blocks.{i}", blk, _reset) for i, blk in enumerate(self.blocks)]
+        units += [InitUnit(f"blocks.{i}", blk, _reset) for i, blk in enumerate(self.blocks)
+                  if not isinstance(blk, SharedUse)]
+        units += [InitUnit(f"shared.{name}", blk, _reset) for name, blk in self.shared.items()]
         units.append(InitUnit("norm", self.norm, _reset))
         if not self.cfg.tie_embeddings:
             units.append(InitUnit("lm_head", self.lm_head, self._normal))

@@ -5,7 +5,8 @@ Grammar::
     pattern := item+ ['@' DEPTH]        # '@52' tiles the items cyclically to 52 residual layers
     item    := layer | '(' item+ ')' '*' COUNT | '|'
     layer   := block | '[' block block+ ']'   # '[AM]': one residual layer whose blocks run side by side
-    block   := FAMILY ['.' VARIANT]     # 'A.swa': attention built from the variant 'swa' of its config
+    block   := FAMILY ['.' VARIANT] [':' SHARE]   # 'A.swa': attention built from the variant 'swa' of its config
+    SHARE   := [a-z][a-z0-9_]*          # 'A:z': every block named z uses one set of parameters
     FAMILY  := a registered family letter (see amer.families): A, M, E, R, G, S, C built in
     VARIANT := [a-z][a-z_]*             # declared as [model.<family>.variants.<name>] (no digits: A.swa0 is
                                         # the selector of the first A.swa)
@@ -16,6 +17,10 @@ groups, stage marks or nested brackets); it repeats like any layer: ``([AM]E)*24
 block of :attr:`Pattern.layers` with its own family index (``A0``, ``M0``); :attr:`LayerSpec.depth` is its residual
 layer and :attr:`LayerSpec.branch` its place in it (None for a block alone), and :attr:`Pattern.depth` counts the
 residual layers. A pattern without brackets has one block per residual layer, so ``index == depth``.
+
+A *shared block* ``A:z`` (Zamba's shared attention) names its parameters: every block with the share name ``z`` is
+one set of parameters used at several depths (:attr:`LayerSpec.share`); all uses of a name are one family and
+variant. Each use is still a block of its own: its family index, tap and decoding cache.
 
 Whitespace is ignored, ``|`` marks a pipeline-stage boundary (Megatron-Core's hybrid pattern
 convention) and a string that is not a pattern is looked up as a preset (``amer/patterns/*.toml``,
@@ -64,6 +69,7 @@ class LayerSpec:
     variant: str | None = None  # the family's named variant this layer is built from (``A.swa``), or None
     depth: int = -1  # the residual layer; -1 (the default) means the block index (a stack without brackets)
     branch: int | None = None
+    share: str | None = None  # the share name of a shared block (``A:z``), or None
 
     def __post_init__(self) -> None:
         if self.depth < 0:
@@ -78,6 +84,11 @@ class LayerSpec:
     def key(self) -> str:
         """What the pattern writes for this layer: ``A`` or ``A.swa``."""
         return self.family.value if self.variant is None else f"{self.family.value}.{self.variant}"
+
+    @property
+    def written(self) -> str:
+        """The block as the canonical pattern writes it: its key and share name (``A.swa:z``)."""
+        return self.key if self.share is None else f"{self.key}:{self.share}"
 
 
 @dataclass(frozen=True)
@@ -124,13 +135,13 @@ class Pattern:
             if blocks[0].stage != stage:
                 out.append("|")
                 stage = blocks[0].stage
-            if out and (out[-1][-1:].islower() or out[-1].endswith("_")):
+            if out and (out[-1][-1:].islower() or out[-1][-1:] in "_0123456789" and out[-1][-1:]):
                 out.append(" ")
             if len(blocks) == 1 and blocks[0].branch is None:
-                out.append(blocks[0].key)
+                out.append(blocks[0].written)
             else:
-                out.append("[" + " ".join(b.key for b in blocks) + "]" if any(b.variant for b in blocks)
-                           else "[" + "".join(b.key for b in blocks) + "]")
+                out.append("[" + " ".join(b.written for b in blocks) + "]"
+                           if any(b.variant or b.share for b in blocks) else "[" + "".join(b.key for b in blocks) + "]")
         return "".join(out)
 
     def count(self, family: Family | str) -> int:
@@ -210,6 +221,7 @@ def _parse(text: str, preset: str | None) -> Pattern:
     # stage boundaries: no empty stage anywhere
     layers: list[LayerSpec] = []
     counts: dict[Family, int] = {}
+    shares: dict[str, tuple[str, int]] = {}  # share name -> (the block its first use writes, its position)
     stage, stage_len, last_bar, n_deep = 0, 0, None, 0
     for kind, pos, branches in flat:
         if kind == "bar":
@@ -217,10 +229,16 @@ def _parse(text: str, preset: str | None) -> Pattern:
                 raise parser.err("empty pipeline stage", pos, "'|' must separate non-empty runs of blocks")
             stage, stage_len, last_bar = stage + 1, 0, pos
             continue
-        for j, (fam, _, variant) in enumerate(branches):
+        for j, (fam, bpos, variant, share) in enumerate(branches):
             idx = counts.get(fam, 0)
             counts[fam] = idx + 1
-            layers.append(LayerSpec(len(layers), fam, idx, stage, variant, n_deep, j if len(branches) > 1 else None))
+            spec = LayerSpec(len(layers), fam, idx, stage, variant, n_deep, j if len(branches) > 1 else None, share)
+            if share is not None:
+                first = shares.setdefault(share, (spec.key, bpos))
+                if first[0] != spec.key:
+                    raise parser.err(f"shared block ':{share}' is {first[0]} at position {first[1]} and {spec.key}",
+                                     bpos, "every use of a share name is one family and variant")
+            layers.append(spec)
         n_deep += 1
         stage_len += 1
     if stage_len == 0:

@@ -14,9 +14,9 @@ __all__ = ["MAX_LAYERS", "MAX_NESTING", "Branch", "Entry", "Parser", "expand", "
 
 MAX_LAYERS = 4096  # guards against '(A)*999999999' eating the machine
 MAX_NESTING = 64
-# ("fam", Family, pos, variant) | ("par", [branches], pos) | ("bar", None, pos) | ("group", [nodes], count, pos)
+# ("fam", Family, pos, variant, share) | ("par", [branches], pos) | ("bar", None, pos) | ("group", [nodes], count, pos)
 _Node = tuple
-Branch = tuple  # (Family, pos, variant): one block of a residual layer
+Branch = tuple  # (Family, pos, variant, share): one block of a residual layer
 Entry = tuple  # ("layer", pos, (Branch, ...)) | ("bar", pos, ()): what a pattern expands to
 
 
@@ -89,7 +89,7 @@ class Parser:
             pos, c = p
             if c.isupper() and c in self.letters:
                 self.k += 1
-                out.append(("fam", Family(c), pos, self.variant(c, pos)))
+                out.append(("fam", Family(c), pos, self.variant(c, pos), self.share(c)))
             elif c == "[":
                 self.k += 1
                 out.append(("par", self.branches(pos), pos))
@@ -147,7 +147,7 @@ class Parser:
             pos, c = p
             if c.isupper() and c in self.letters:
                 self.k += 1
-                out.append((Family(c), pos, self.variant(c, pos)))
+                out.append((Family(c), pos, self.variant(c, pos), self.share(c)))
             elif c == "]":
                 self.k += 1
                 if not out:
@@ -156,9 +156,9 @@ class Parser:
                     raise self.err("a parallel layer needs at least two blocks", open_pos,
                                    f"write '{self.src[out[0][1]:pos].strip()}' without brackets, or e.g. '[AM]'")
                 return out
-            elif c in "([|@*)":
+            elif c in "([|@*):":
                 what = {"(": "a group", "[": "a parallel layer", "|": "a stage boundary '|'", "@": "'@DEPTH'",
-                        "*": "a repeat count", ")": "')'"}[c]
+                        "*": "a repeat count", ")": "')'", ":": "':'"}[c]
                 raise self.err(f"{what} cannot appear inside a parallel layer '[...]'", pos,
                                "a parallel layer holds blocks only, e.g. '[A.swa M]'; repeat it as '([AM]E)*4'")
             else:
@@ -183,6 +183,25 @@ class Parser:
                            f"write e.g. '{letter}.swa' (lower case letters and '_', starting with a letter)")
         if len(name) > 32:
             raise self.err(f"variant name {name[:32]!r}... is longer than 32 characters", dot[0] + 1)
+        return name
+
+    def share(self, letter: str) -> str | None:
+        """The ``:name`` after a block, if any: every block with that name uses one set of parameters."""
+        colon = self.peek()
+        if colon is None or colon[1] != ":":
+            return None
+        self.k += 1
+        name = ""
+        while (p := self.peek()) is not None and p[1].isascii() and (p[1].islower() or p[1] == "_"
+                                                                    or (name and _is_digit(p[1]))):
+            name += p[1]
+            self.k += 1
+        if not name or not name[0].islower():
+            got = self.peek()
+            raise self.err(f"':' after {letter!r} needs a share name", colon[0] if got is None else got[0],
+                           f"write e.g. '{letter}:z' (lower case letters, digits and '_', starting with a letter)")
+        if len(name) > 32:
+            raise self.err(f"share name {name[:32]!r}... is longer than 32 characters", colon[0] + 1)
         return name
 
     def size(self, nodes: list[_Node]) -> tuple[int, int]:
@@ -215,7 +234,7 @@ def expand(nodes: list[_Node]) -> list[Entry]:
     out: list[Entry] = []
     for node in nodes:
         if node[0] == "fam":
-            out.append(("layer", node[2], ((node[1], node[2], node[3]),)))
+            out.append(("layer", node[2], ((node[1], node[2], node[3], node[4]),)))
         elif node[0] == "par":
             out.append(("layer", node[2], tuple(node[1])))
         elif node[0] == "bar":

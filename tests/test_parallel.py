@@ -222,3 +222,17 @@ def test_compile_and_checkpointing_leave_branches_eager() -> None:
 def test_pipeline_stages_cut_between_residual_layers() -> None:
     p = parse_pattern("[AM]E|[AM]E")
     assert [s.stage for s in p] == [0, 0, 0, 1, 1, 1] and p.letters == "[AM]E|[AM]E"
+
+
+def test_curvature_walks_the_residual_layers() -> None:
+    """The curvature engine's depth trajectory is embed, each residual layer, final: a parallel layer's combined tap
+    is on it (boundary types like ``[AM]->E``), its branches are not."""
+    from amer.analysis.curvature import evaluate
+
+    g = torch.Generator().manual_seed(0)
+    batches = [{"tokens": torch.randint(0, VOCAB, (2, 16), generator=g),
+                "doc_ids": torch.zeros(2, 16, dtype=torch.long)}]
+    res = evaluate(model("([AM]E)*2").eval(), batches, n_bootstrap=10, progress=False)
+    assert [b["name"] for b in res["boundaries"]] == ["embed->A0+M0", "A0+M0->E0", "E0->A1+M1", "A1+M1->E1",
+                                                      "E1->final"]
+    assert res["pattern"] == "[AM]E[AM]E" and {"embed->[AM]", "[AM]->E", "E->[AM]"} <= set(res["boundary_types"])

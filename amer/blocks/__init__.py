@@ -13,5 +13,7 @@ from amer.blocks import mla, lightning  # noqa: F401  (D, N)
 from amer.blocks.common import Block, Mixer, MixerOutput, RMSNorm, SwiGLU
 from amer.blocks.doc_ids import DocIds
 from amer.blocks.parallel import parallel_layer, residual_layer
+from amer.blocks.shared import SharedUse
 
-__all__ = ["Block", "DocIds", "Mixer", "MixerOutput", "RMSNorm", "SwiGLU", "parallel_layer", "residual_layer"]
+__all__ = ["Block", "DocIds", "Mixer", "MixerOutput", "RMSNorm", "SharedUse", "SwiGLU", "parallel_layer",
+           "residual_layer"]

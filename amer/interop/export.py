@@ -192,6 +192,10 @@ def _check_blocks(cfg: ModelConfig) -> None:
 def export_transformers(model: Any, cfg: ModelConfig, directory: str | Path, tokenizer: Any = None) -> Path:
     """Write ``model`` (a :class:`~amer.model.HybridLM` of config ``cfg``) as a transformers model folder."""
     # which class: the families and options decide (MLA or KDA first: their MoE hybrids are theirs alone)
+    share = next((layer for layer in cfg.parsed.layers if layer.share is not None), None)
+    if share is not None:
+        raise _refuse(f"the shared block {share.written} (block {share.index}): amer exports no transformers class "
+                      "that reuses a block's weights")
     if (arch := falcon_target(cfg)) is not None:  # parallel layers: Falcon-H1
         conf, tensors = falcon_export(model, cfg)
     elif (arch := latent_target(cfg)) is not None:  # DeepSeek-V3, Kimi Linear

@@ -96,6 +96,15 @@ class StageModule(nn.Module):
         self.embed = model.embed if self.first else None
         self.model_cfg = model.cfg  # embedding and logit scaling (amer.model.scale_embedding, final_logits)
         self.blocks = nn.ModuleDict({str(layer.index): model.blocks[layer.index] for layer in self.layers})
+        uses: dict[str, set[int]] = {}
+        for layer in model.pattern.layers:
+            if layer.share is not None:
+                uses.setdefault(layer.share, set()).add(layer.stage)
+        # a shared block is held by every stage that uses it; on several stages its copies form a tied-gradient
+        # group (their gradients are summed after backward, as the tied embedding's are)
+        self.shared_stages = {name: sorted(stages) for name, stages in sorted(uses.items())}
+        self.shared = nn.ModuleDict({name: model.shared[name] for name, stages in self.shared_stages.items()
+                                     if stage in stages})
         self.norm = model.norm if self.last else None
         self.tied_copy = False
         self.tied_embed = self.first and not self.last and model.cfg.tie_embeddings
@@ -215,6 +224,17 @@ class StageModule(nn.Module):
         if self.tied_copy:
             return [self.lm_head.weight]
         return [self.embed.weight] if self.tied_embed else []
+
+    def shared_ties(self) -> list[tuple[str, list[int]]]:
+        """(name, stages) of every shared block used on more than one stage, in name order (the same list on every
+        rank, so every rank creates the groups in one order)."""
+        return [(name, stages) for name, stages in self.shared_stages.items() if len(stages) > 1]
+
+    def shared_copies(self) -> list[nn.Parameter]:
+        """The parameters of shared blocks this stage holds that an earlier stage holds too: the global gradient
+        norm counts them there, once."""
+        return [p for name, stages in self.shared_stages.items() if name in self.shared and stages[0] != self.stage
+                for p in self.shared[name].parameters()]
 
     def extra_state_names(self) -> tuple[str, ...]:
         """Parameter names that are copies, not the model's own (left out of checkpoints)."""
