@@ -11,16 +11,17 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from amer.blocks import Block, DocIds, RMSNorm
+from amer.blocks import Block, DocIds, RMSNorm, SharedUse, residual_layer
 from amer.config import ModelConfig
 from amer.generate import generate
-from amer.tap import Tap, TapSet, resolve_selector
+from amer.tap import Tap, TapSet, resolve_selector, tap_positions
 
 __all__ = ["HybridLM", "ModelOutput", "HeadInput", "PretrainedIO", "set_pretrained_io", "scale_embedding",
            "final_logits", "InitUnit", "unit_seed", "seeded"]
@@ -150,8 +151,21 @@ class HybridLM(nn.Module):
         with torch.device("meta"):
             self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
             dims = cfg.dims
-            self.blocks = nn.ModuleList(Block(cfg.layer_config(layer), dims, layer, cfg.block_options(layer))
-                                        for layer in self.pattern.layers)
+            shared: dict[str, Block] = {}  # a shared block: built for its first use, held once (amer.blocks.shared)
+            blocks: list[nn.Module] = []
+            for layer in self.pattern.layers:
+                if layer.share is not None and layer.share in shared:
+                    blocks.append(SharedUse(shared[layer.share], layer))
+                    continue
+                if layer.share is not None:  # with a norm of its own even if its first use is a parallel branch
+                    one = replace(layer, branch=None)
+                    shared[layer.share] = Block(cfg.layer_config(one), dims, one, cfg.block_options(one))
+                    blk = SharedUse(shared[layer.share], layer)
+                else:
+                    blk = Block(cfg.layer_config(layer), dims, layer, cfg.block_options(layer))
+                blocks.append(blk)
+            self.blocks = nn.ModuleList(blocks)
+            self.shared = nn.ModuleDict(shared)
             self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -169,7 +183,9 @@ class HybridLM(nn.Module):
         every block (its own :meth:`~amer.blocks.Block.reset_parameters`), the final norm and an untied head.
         A tied head is the embedding."""
         units = [InitUnit("embed", self.embed, self._normal)]
-        units += [InitUnit(f"blocks.{i}", blk, _reset) for i, blk in enumerate(self.blocks)]
+        units += [InitUnit(f"blocks.{i}", blk, _reset) for i, blk in enumerate(self.blocks)
+                  if not isinstance(blk, SharedUse)]
+        units += [InitUnit(f"shared.{name}", blk, _reset) for name, blk in self.shared.items()]
         units.append(InitUnit("norm", self.norm, _reset))
         if not self.cfg.tie_embeddings:
             units.append(InitUnit("lm_head", self.lm_head, self._normal))
@@ -288,18 +304,27 @@ class HybridLM(nn.Module):
         aux: dict[str, Tensor] = {}
         stats: dict[str, list[tuple[str, Tensor]]] = {}
         new_cache: list[Any] | None = [] if cache is not None else None
-        for i, blk in enumerate(self.blocks):
-            x, out = blk(x, None if cache is None else cache[i], docs)  # (B, T, D)
-            spec = blk.layer
-            record(i + 1, Tap(spec.index, spec.family, spec.family_index, x))
-            for k, v in out.aux.items():
-                aux[k] = aux[k] + v if k in aux else v
-            for k, v in out.stats.items():
-                stats.setdefault(k, []).append((spec.name, v))
-            if new_cache is not None:
-                new_cache.append(out.cache)
+        where = tap_positions(self.pattern)
+        for specs in self.pattern.residual_layers:
+            idx = [spec.index for spec in specs]
+            caches = [None] * len(idx) if cache is None else [cache[i] for i in idx]
+            x, branch_taps, outs = residual_layer([self.blocks[i] for i in idx], x, caches, docs)  # (B, T, D)
+            for spec, hid in zip(specs, branch_taps):
+                record(where.block[spec.index], Tap(spec.index, spec.family, spec.family_index, hid, "branch"))
+            last = specs[-1]
+            if branch_taps:
+                record(where.layer[last.depth], Tap(last.index, None, 0, x, "layer", "+".join(s.name for s in specs)))
+            else:
+                record(where.block[last.index], Tap(last.index, last.family, last.family_index, x))
+            for spec, out in zip(specs, outs):
+                for k, v in out.aux.items():
+                    aux[k] = aux[k] + v if k in aux else v
+                for k, v in out.stats.items():
+                    stats.setdefault(k, []).append((spec.name, v))
+                if new_cache is not None:
+                    new_cache.append(out.cache)
         h = self.norm(x)  # (B, T, D)
-        record(L + 1, Tap(L, None, 0, h, "final"))
+        record(where.final, Tap(L, None, 0, h, "final"))
         logits, head_in = None, None
         if head:
             logits = final_logits(self.cfg, self.lm_head(h))  # (B, T, V)

@@ -63,6 +63,8 @@ class BlockOptions:
                                    "the model's residual-scale)")
     residual_normed: bool = opt(False, "the residual is the block's normed input: a * norm(x) + b * f(norm(x)) "
                                 "(MiniMax's post-norm layers; needs norm-placement pre or sandwich)")
+    input_multiplier: float = opt(1.0, "multiplier of the mixer's (normed) input: x + f(m * norm(x)) (Falcon-H1's "
+                                  "attention and SSM input multipliers)")
 
     def __post_init__(self) -> None:
         check(self.norm_placement in ("pre", "post", "sandwich"),
@@ -193,6 +195,14 @@ class ModelConfig:
                                   f"that is not defined; declare it as [model.{spec.config_key}.variants."
                                   f"{layer.variant}]{suggest(layer.variant, have)} "
                                   f"(defined: {', '.join(have) or 'none'})")
+        for layer in self.parsed.layers:  # a parallel layer's branches share one pre-norm and one residual
+            opts = self.block_options(layer)
+            if layer.branch is not None and (opts.norm_placement != "pre" or opts.residual_multiplier != 1
+                                             or opts.residual_normed):
+                raise ConfigError(f"model.pattern: {layer.key} (layer {layer.index}) is a branch of a parallel layer, "
+                                  "whose blocks share one pre-norm and one residual; it needs norm_placement 'pre', "
+                                  "residual_multiplier 1 and residual_normed false, got "
+                                  f"{opts.norm_placement!r}, {opts.residual_multiplier}, {opts.residual_normed}")
         for family, variant in dict.fromkeys((layer.family, layer.variant) for layer in self.parsed.layers):
             cfg = self.family_config(family, variant)
             if hasattr(cfg, "validate"):

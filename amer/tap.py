@@ -3,15 +3,18 @@
 The model records every block's output unconditionally in its layer loop (a collector under the
 wrong branch would silently disable STP); selection happens afterwards, here.
 
-Tap positions in a full :class:`TapSet` are depth order: 0 is the embedding output, 1..L the
-block outputs (layer ``l`` at position ``l + 1``) and L + 1 the final-norm output.
+Tap positions in a full :class:`TapSet` are depth order: 0 is the embedding output, then every residual layer's
+output and the final-norm output last. A block alone in its residual layer has one tap (layer ``l`` of a pattern
+without brackets at position ``l + 1``); a parallel layer ``[AM]`` has a tap per branch (``A0``, ``M0``: the stream
+as that branch alone would leave it) and then the layer's own (``A0+M0``, the stream the next layer reads), which
+``L<depth>`` selects. Depth trajectories (:attr:`TapSet.residual_stream`) walk the layer taps, never the branches.
 
 Selectors (comma-separated, order-insensitive; duplicates and empty selections are errors)::
 
     A        every attention block          A0     the first attention block
     A-1      the last attention block       M1:3   mamba family indices 1 and 2 (M1: from M1 on, M:-1 all
-    L7       absolute layer 7 (L-1: last)   L2:5   absolute layers 2, 3, 4                but the last)
-    L        every block                    final  the post-final-norm state      embed  the embedding output
+    L7       residual layer 7 (L-1: last)   L2:5   residual layers 2, 3, 4                but the last)
+    L        every residual layer           final  the post-final-norm state      embed  the embedding output
     A.swa    every attention block of the variant 'swa' (A.swa-1: the last of them; indices count within it)
 
 Nothing else is accepted: names are lower case (``Final`` and ``emb`` are errors), a slice has at least one
@@ -20,6 +23,7 @@ bound (``R:`` is an error; ``R`` is every recurrent block), indices are ASCII di
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
@@ -30,36 +34,67 @@ from amer.errors import SelectorError
 from amer.families import Family, families, get_family, letters
 from amer.pattern import Pattern
 
-__all__ = ["Tap", "TapSet", "SelectorError", "resolve_selector", "tap_names", "tap_label", "last_of_each_family"]
+__all__ = ["Tap", "TapSet", "TapPositions", "SelectorError", "resolve_selector", "tap_names", "tap_label",
+           "tap_positions", "last_of_each_family"]
 
 
 class Tap(NamedTuple):
     """One recorded hidden state. ``hidden`` is (B, T, D) on the autograd graph (never detached)."""
 
-    layer: int  # absolute block index; -1 for the embedding, n_layers for the final norm
-    family: Family | None  # None for the embedding and final taps
+    layer: int  # absolute block index (a parallel layer's: its last branch's); -1 embedding, n_layers final norm
+    family: Family | None  # None for the embedding, final and parallel-layer taps
     index: int  # index within the family (0 for embedding/final)
     hidden: Tensor  # (B, T, D)
-    kind: str = "block"  # "embed" | "block" | "final"
+    kind: str = "block"  # "embed" | "block" | "branch" | "layer" | "final"
+    tag: str = ""  # a parallel layer's tap: its branches' names joined by '+' ("A0+M0")
 
     @property
     def name(self) -> str:
-        """Stable name: ``embed``, ``A0``, ``M3``, ``final``."""
-        return self.kind if self.kind != "block" else f"{self.family.value}{self.index}"
+        """Stable name: ``embed``, ``A0``, ``M3``, ``A0+M0`` (a parallel layer), ``final``."""
+        if self.kind == "layer":
+            return self.tag
+        return self.kind if self.kind not in ("block", "branch") else f"{self.family.value}{self.index}"
 
     @property
     def label(self) -> str:
-        """What boundary types are made of: ``embed``, ``A``, ``M``, ``E``, ``R``, ``final``."""
-        return self.kind if self.kind != "block" else self.family.value
+        """What boundary types are made of: ``embed``, ``A``, ``M``, ``E``, ``R``, ``[AM]``, ``final``."""
+        return tap_label(self.name)
+
+
+class TapPositions(NamedTuple):
+    """Where each tap of a pattern sits in a full :class:`TapSet`."""
+
+    block: tuple[int, ...]  # per block index: its tap (a branch's own in a parallel layer)
+    layer: tuple[int, ...]  # per residual layer: the tap of the stream after it
+    final: int
+    names: tuple[str, ...]  # every position's name
+
+
+@functools.lru_cache(maxsize=64)
+def tap_positions(pattern: Pattern) -> TapPositions:
+    """The tap positions of ``pattern`` (see the module docstring)."""
+    names, block, layer = ["embed"], [], []
+    for blocks in pattern.residual_layers:
+        for b in blocks:
+            block.append(len(names))
+            names.append(b.name)
+        if len(blocks) > 1:
+            names.append("+".join(b.name for b in blocks))
+        layer.append(len(names) - 1)
+    names.append("final")
+    return TapPositions(tuple(block), tuple(layer), len(names) - 1, tuple(names))
 
 
 def tap_names(pattern: Pattern) -> list[str]:
     """Names of every tap position of a pattern, in depth order."""
-    return ["embed"] + [layer.name for layer in pattern.layers] + ["final"]
+    return list(tap_positions(pattern).names)
 
 
 def tap_label(name: str) -> str:
-    """What a tap name reports under: its family letter (``A3`` -> ``A``), or ``embed`` / ``final``."""
+    """What a tap name reports under: its family letter (``A3`` -> ``A``), a parallel layer's letters in brackets
+    (``A0+M0`` -> ``[AM]``), or ``embed`` / ``final``."""
+    if "+" in name:
+        return "[" + "".join(part[0] for part in name.split("+")) + "]"
     return name if name in ("embed", "final") else name[0]
 
 
@@ -138,13 +173,14 @@ def resolve_selector(selector: str, pattern: Pattern) -> list[int]:
     :class:`SelectorError` naming the item and its character position."""
     if not isinstance(selector, str) or not selector.strip():
         raise SelectorError(f"empty tap selector; {_help()}", 0)
-    L = len(pattern.layers)
+    where = tap_positions(pattern)
+    L = pattern.depth
     chosen: dict[int, tuple[str, int]] = {}
     for item, pos in _items(selector):
         if not item:
             raise SelectorError(f"selector {_shown(selector)} has an empty item at position {pos} (stray comma)", pos)
         if item in _NAMED:
-            positions = [L + 1] if item == "final" else [0]
+            positions = [where.final] if item == "final" else [0]
         else:
             m = _ITEM.match(item)
             if not m or (m["kind"] != "L" and m["kind"] not in letters()) or (m["kind"] == "L" and m["variant"]):
@@ -172,10 +208,11 @@ def resolve_selector(selector: str, pattern: Pattern) -> list[int]:
                             f"(variants of {kind}: {', '.join(have) or 'none'}; position {pos} in "
                             f"{_shown(selector)})", pos)
                     what = f"the pattern has {len(pool)} {kind}.{m['variant']} block(s)"
-            positions = [li + 1 for li in _pick(pool, m, item, what, pos, selector)]
+            at = where.layer if kind == "L" else where.block
+            positions = [at[li] for li in _pick(pool, m, item, what, pos, selector)]
         for p in positions:
             if p in chosen:
-                name = tap_names(pattern)[p]
+                name = where.names[p]
                 first, first_pos = chosen[p]
                 raise SelectorError(f"selector {_shown(selector)} selects tap {name} twice (by {first!r} at position "
                                     f"{first_pos} and {item!r} at position {pos})", pos)
@@ -207,7 +244,8 @@ class TapSet(Sequence[Tap]):
 
     @property
     def blocks(self) -> list[Tap]:
-        return [t for t in self._taps if t.kind == "block"]
+        """Every block's own tap (a parallel layer's branches included, its combined tap not)."""
+        return [t for t in self._taps if t.kind in ("block", "branch")]
 
     @property
     def embed(self) -> Tap:
@@ -215,12 +253,13 @@ class TapSet(Sequence[Tap]):
 
     @property
     def final(self) -> Tap:
-        return self._at(len(self.pattern.layers) + 1, "final")
+        return self._at(tap_positions(self.pattern).final, "final")
 
     @property
     def residual_stream(self) -> list[Tap]:
-        """Embedding then every block output: the states depth curvature walks along."""
-        return [t for t in self._taps if t.kind != "final"]
+        """Embedding then every residual layer's output: the states depth curvature walks along (a parallel
+        layer's branch taps are not on it)."""
+        return [t for t in self._taps if t.kind not in ("final", "branch")]
 
     def _at(self, pos: int, name: str) -> Tap:
         if pos not in self._by_pos:

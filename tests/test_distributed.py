@@ -55,11 +55,17 @@ def assert_same_curve(got: dict[int, float], want: dict[int, float], tol: float,
 # mechanisms
 
 
-@pytest.mark.parametrize("scenario,checks", [("pp_grads", 7), ("dp_equal", 3), ("dp_bias", 3)])
+@pytest.mark.parametrize("scenario,checks", [("pp_grads", 7), ("pp_parallel", 1), ("pp_shared", 2), ("dp_shared", 2),
+                                             ("dp_equal", 3), ("dp_bias", 3)])
 def test_scenario(scenario: str, checks: int) -> None:
     """pp_grads: pp=2 gradients of both stages equal one process's for GPipe (1, 2, 4 microbatches) and 1F1B
     (2, 4; and 2 with the span form of STP), with STP taps on both sides and MoE losses, and with the seam
     disabled they do not.
+    pp_parallel: pp=2 with a parallel layer on each stage, STP on branch and layer taps: gradients equal one
+    process's.
+    pp_shared: pp=2 with a shared block on both stages: its gradient on each equals one process's (the tied-gradient
+    group), and without the group it does not. dp_shared: dp=2 (FSDP2, DDP) with a shared block used three times
+    gives one process's parameters.
     dp_equal: dp=2 (FSDP2 and DDP) parameters after 5 steps equal one process with the whole batch, and
     without the global MoE statistics they do not.
     dp_bias: dp=2 (FSDP2 and DDP) MoE expert biases (auxiliary-loss-free balancing) after 5 steps equal one
@@ -89,6 +95,19 @@ def test_pipeline_run_follows_one_process(tmp_path: Path) -> None:
     logged = json.loads((tmp_path / "pp" / "log.jsonl").read_text().splitlines()[-2])
     assert {"stp/A0", "stp/M0", "stp/E0", "stp/R0", "stp/A", "curv/tok/A"} <= set(logged)  # global tap names
     assert_same_curve(curve(tmp_path / "pp", "val/loss"), curve(tmp_path / "one", "val/loss"), 1e-4, "val")
+
+
+def test_pipeline_run_with_shared_and_parallel_layers(tmp_path: Path) -> None:
+    """A shared block on both stages and a parallel layer: 8 steps with pp=2 trace one process's loss curve, and the
+    sharded checkpoint (the shared block held by both stages) resumes in one process."""
+    common = [*TINY[:2], "--pattern", "A:z E [A M]|A:z E R", *TINY[4:], "--steps", "8", "--log-interval", "1",
+              "--eval-interval", "4", "--out-dir", str(tmp_path), "--stp.start-step", "0", "--stp.ramp-steps", "0"]
+    ok(single(*common, "--run-name", "one", "--batch-size", "2", "--grad-accum", "2", "--eval-batches", "4"))
+    ok(torchrun("train.py", *common, "--run-name", "pp", "--batch-size", "4", "--parallel.pp", "2",
+                "--parallel.microbatches", "2", "--eval-batches", "2"))
+    assert_same_curve(curve(tmp_path / "pp"), curve(tmp_path / "one"), 1e-4, "pp=2 vs one process")
+    ok(single("--resume", str(tmp_path / "pp"), "--steps", "10", "--no-progress", "--no-tensorboard", "--no-curves"))
+    assert set(curve(tmp_path / "pp")) == set(range(1, 11))
 
 
 def _continue(source: Path, into: Path, launch: list[str]) -> dict[int, float]:

@@ -77,6 +77,13 @@ PRESETS: dict[str, Published] = {
              num_key_value_heads=1, head_dim=256, lru_width=2560, attention_window_size=2048, conv1d_width=4,
              block_types=["recurrent", "recurrent", "attention"], partial_rotary_factor=0.5),
         non_embedding=True),
+    "falcon-h1-1.5b": Published(
+        1_554_859_392, 0, "the Falcon-H1-1.5B-Base model page on the Hugging Face Hub: 1,554,859,392 parameters "
+        "(safetensors); the shape in transformers' FalconH1 documentation table",
+        "FalconH1ForCausalLM", "FalconH1Config",
+        dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
+             intermediate_size=4608, mamba_d_ssm=3072, mamba_n_heads=48, mamba_d_head=64, mamba_d_state=256,
+             mamba_n_groups=1, mamba_d_conv=4, mamba_rms_norm=True, vocab_size=65536, tie_word_embeddings=False)),
     "deepseek-v3": Published(
         671e9, 1e9, "DeepSeek-V3 (arXiv 2412.19437): 671B total / 37B activated parameters (the hub's 685B adds the "
         "14B multi-token-prediction module)",

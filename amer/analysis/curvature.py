@@ -66,10 +66,12 @@ def _full_taps(taps: Any) -> list[Tap]:
         raise AnalysisError("the model returned no taps; call it with taps=True (every block recorded)")
     taps = list(taps)
     kinds = [t.kind for t in taps]
-    if len(taps) < 3 or kinds[0] != "embed" or kinds[-1] != "final" or any(k != "block" for k in kinds[1:-1]):
+    if len(taps) < 3 or kinds[0] != "embed" or kinds[-1] != "final" or any(
+            k not in ("block", "branch", "layer") for k in kinds[1:-1]):
         raise AnalysisError(
             f"curvature needs the full tap recording [embed, every block, final], got {[t.name for t in taps]}")
-    return taps
+    # the depth trajectory is the residual stream: a parallel layer's combined tap, never its branches'
+    return [t for t in taps if t.kind != "branch"]
 
 
 def check_strides(strides: Iterable[int]) -> list[int]:

@@ -115,7 +115,7 @@ class Layout:
 
     @property
     def pattern(self) -> str:
-        return "".join(lab for lab, kind in zip(self.labels, self.kinds) if kind == "block")
+        return "".join(lab for lab, kind in zip(self.labels, self.kinds) if kind in ("block", "layer"))
 
     def all_keys(self) -> list[str]:
         return self.first + self.second + [g for g, _ in self.groups]

@@ -45,7 +45,7 @@ def training_metrics(taps, per_tap_stp: Mapping[str, Tensor] | None = None, *,
     for fam, vs in fam_stp.items():
         out[f"stp/{fam}"] = sum(vs) / len(vs)
 
-    taps = [Tap(t.layer, t.family, t.index, t.hidden.detach(), t.kind) for t in taps]
+    taps = [t._replace(hidden=t.hidden.detach()) for t in taps]
     tok: dict[str, list[float]] = defaultdict(list)
     for t in taps:
         tok[t.label].append(float(token_curvature(t.hidden, mask=doc_ids)))

@@ -12,5 +12,8 @@ from amer.blocks import mla, lightning  # noqa: F401  (D, N)
 # isort: on
 from amer.blocks.common import Block, Mixer, MixerOutput, RMSNorm, SwiGLU
 from amer.blocks.doc_ids import DocIds
+from amer.blocks.parallel import parallel_layer, residual_layer
+from amer.blocks.shared import SharedUse
 
-__all__ = ["Block", "DocIds", "Mixer", "MixerOutput", "RMSNorm", "SwiGLU"]
+__all__ = ["Block", "DocIds", "Mixer", "MixerOutput", "RMSNorm", "SharedUse", "SwiGLU", "parallel_layer",
+           "residual_layer"]

@@ -170,19 +170,26 @@ class Block(nn.Module):
     """One letter of the pattern: ``x = x + mixer(norm(x))`` (Megatron-Core hybrid convention), the update
     multiplied by ``dims.residual_scale`` when that is not 1 (Granite). ``opts.norm_placement`` moves the norm:
     ``post`` is ``x + norm(mixer(x))`` (OLMo 2), ``sandwich`` is ``x + post_norm(mixer(norm(x)))`` (Gemma 2/3).
-    ``opts.residual_multiplier`` and ``opts.update_multiplier`` weight the two terms and ``opts.residual_normed``
-    makes the residual the normed input (MiniMax: ``alpha * norm(x) + beta * mixer(norm(x))``)."""
+    ``opts.residual_multiplier`` and ``opts.update_multiplier`` weight the two terms, ``opts.input_multiplier`` the
+    mixer's input, and ``opts.residual_normed`` makes the residual the normed input (MiniMax:
+    ``alpha * norm(x) + beta * mixer(norm(x))``).
+
+    A branch of a parallel layer (``layer.branch`` set) other than the first has no norm of its own: the layer's
+    one pre-norm is its first branch's, and :func:`amer.blocks.parallel.parallel_layer` runs the branches through
+    :meth:`update`."""
 
     def __init__(self, cfg: Any, dims: Dims, layer: LayerSpec, opts: BlockOptions | None = None) -> None:
         super().__init__()
         opts = opts or BlockOptions()
         placement = opts.norm_placement
         self.layer = layer
-        self.norm = RMSNorm(dims.d_model, dims.norm_eps, dims.norm_offset) if placement != "post" else None
+        own_norm = placement != "post" and not layer.branch
+        self.norm = RMSNorm(dims.d_model, dims.norm_eps, dims.norm_offset) if own_norm else None
         self.post_norm = (RMSNorm(dims.d_model, dims.norm_eps, dims.norm_offset) if placement != "pre" else None)
         self.residual_scale = dims.residual_scale * opts.update_multiplier  # one multiply of the update, or none
         self.residual_multiplier = opts.residual_multiplier
         self.residual_normed = opts.residual_normed
+        self.input_multiplier = opts.input_multiplier
         self.mixer = layer.family.spec.mixer(cfg, dims, layer)
 
     def reset_parameters(self) -> None:
@@ -191,14 +198,20 @@ class Block(nn.Module):
                 norm.reset_parameters()
         self.mixer.reset_parameters()
 
+    def update(self, h: Tensor, cache: Any = None, doc_ids: DocIds | None = None) -> tuple[Tensor, MixerOutput]:
+        """What the block adds to the residual stream, given its normed input ``h``, and the mixer's output."""
+        out = self.mixer(h if self.input_multiplier == 1 else h * self.input_multiplier, cache=cache,
+                         doc_ids=doc_ids)
+        y = out.y if self.post_norm is None else self.post_norm(out.y)
+        return (y if self.residual_scale == 1 else y * self.residual_scale), out
+
     def forward(self, x: Tensor, cache: Any = None, doc_ids: DocIds | None = None) -> tuple[Tensor, MixerOutput]:
         h = x if self.norm is None else self.norm(x)
-        out = self.mixer(h, cache=cache, doc_ids=doc_ids)
-        y = out.y if self.post_norm is None else self.post_norm(out.y)
+        y, out = self.update(h, cache, doc_ids)
         res = h if self.residual_normed else x
         if self.residual_multiplier != 1:
             res = res * self.residual_multiplier
-        return res + (y if self.residual_scale == 1 else y * self.residual_scale), out
+        return res + y, out
 
     def init_cache(self, batch_size: int, max_len: int, *, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> Any:

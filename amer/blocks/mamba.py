@@ -6,6 +6,7 @@ Structure follows the paper's Mamba-2 block (figure 6) and mamba_ssm's ``Mamba2`
     xBC = silu(causal_depthwise_conv(xBC))                          x, B, C all see the short conv
     y   = SSD(x, dt = softplus(dt + dt_bias), A = -exp(A_log), B, C) + D * x
     y   = rmsnorm(y * silu(z))                                      gate before the norm (extra norm, sec. 7.4)
+          (mamba.norm: "before_gate" is rmsnorm(y) * silu(z), "none" y * silu(z): Falcon-H1's two forms)
     out = out_proj(y)                                               d_inner -> D
 
 Training uses the chunked matmul scan (:func:`amer.ops.ssd.ssd_chunked`); decoding keeps the last
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,11 @@ class MambaConfig:
     dt_init_floor: float = opt(1e-4, "Mamba-2 floor on the initial time step")
     a_init_range: tuple[float, float] = opt((1.0, 16.0), "Mamba-2 range of the initial decay rates A, as 'lo,hi'")
     bias: bool = opt(False, "Mamba-2 biases on the input and output projections (transformers' use_bias)")
+    d_inner: int | None = opt(None, "Mamba-2 inner width when it is not a multiple of d-model (Falcon-H1's "
+                              "mamba_d_ssm); unset: expand * d-model", ge=1)
+    norm: Literal["gated", "before_gate", "none"] = opt(
+        "gated", "Mamba-2 output norm: gated is rmsnorm(y * silu(z)) (Mamba-2), before_gate rmsnorm(y) * silu(z), "
+                 "none y * silu(z) without a norm weight (Falcon-H1's mamba_rms_norm false)")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "a_init_range", tuple(self.a_init_range))  # a TOML list becomes the tuple
@@ -61,12 +67,19 @@ class MambaConfig:
         check(len(self.a_init_range) == 2, f"mamba.a_init_range must be two numbers lo,hi, got {self.a_init_range}")
         lo, hi = self.a_init_range
         check(0 < lo <= hi, f"mamba.a_init_range must be 0 < lo <= hi, got {self.a_init_range}")
+        check(self.norm in ("gated", "before_gate", "none"),
+              f"mamba.norm must be 'gated', 'before_gate' or 'none', got {self.norm!r}")
+
+    def inner(self, d_model: int) -> int:
+        """The inner width: ``d_inner`` when set, else ``expand * d_model``."""
+        return self.d_inner if self.d_inner is not None else self.expand * d_model
 
     def validate(self, dims: Dims) -> None:
         """Checks that need the shared dimensions (run when the pattern has M blocks)."""
-        d_inner = self.expand * dims.d_model
+        d_inner = self.inner(dims.d_model)
         check(d_inner % self.head_dim == 0,
-              f"mamba.expand * d_model ({d_inner}) must be divisible by mamba.head_dim ({self.head_dim})")
+              f"mamba inner width ({d_inner}: d_inner, or expand * d_model) must be divisible by mamba.head_dim "
+              f"({self.head_dim})")
         check((d_inner // self.head_dim) % self.n_groups == 0,
               f"mamba heads ({d_inner // self.head_dim}) must be divisible by mamba.n_groups ({self.n_groups})")
 
@@ -92,7 +105,7 @@ class MambaMixer(Mixer):
         super().__init__(dims, layer)
         self.cfg = cfg
         self.d_model = dims.d_model
-        self.d_inner = cfg.expand * dims.d_model
+        self.d_inner = cfg.inner(dims.d_model)
         self.head_dim = cfg.head_dim
         self.n_heads = self.d_inner // cfg.head_dim
         self.n_groups = cfg.n_groups
@@ -109,9 +122,10 @@ class MambaMixer(Mixer):
         self.dt_bias = nn.Parameter(torch.empty(H))
         self.A_log = nn.Parameter(torch.empty(H))
         self.D = nn.Parameter(torch.empty(H))
-        self.norm_weight = nn.Parameter(torch.empty(self.d_inner))
+        self.norm_weight = nn.Parameter(torch.empty(self.d_inner)) if cfg.norm != "none" else None
         for p in (self.dt_bias, self.A_log, self.D, self.norm_weight):
-            p._no_weight_decay = True  # type: ignore[attr-defined]
+            if p is not None:
+                p._no_weight_decay = True  # type: ignore[attr-defined]
         self.out_proj = nn.Linear(self.d_inner, dims.d_model, bias=cfg.bias)
         self.reset_parameters()
 
@@ -126,7 +140,8 @@ class MambaMixer(Mixer):
         lo, hi = m.a_init_range
         self.A_log.copy_(torch.log(torch.empty_like(self.A_log).uniform_(lo, hi)))
         self.D.fill_(1.0)
-        self.norm_weight.fill_(1.0)
+        if self.norm_weight is not None:
+            self.norm_weight.fill_(1.0)
         nn.init.normal_(self.out_proj.weight, 0.0, self.dims.out_std)
         for lin in (self.in_proj, self.out_proj):
             if lin.bias is not None:
@@ -156,7 +171,14 @@ class MambaMixer(Mixer):
 
     def _gated_norm(self, y: Tensor, z: Tensor) -> Tensor:
         """rmsnorm(y * silu(z)) in fp32, normalised per B/C group as mamba_ssm's RMSNormGated does (its Triton
-        kernel where :mod:`amer.ops.kernels` picks it)."""
+        kernel where :mod:`amer.ops.kernels` picks it). ``mamba.norm`` "none" gates without a norm (in fp32, as
+        Falcon-H1 does), "before_gate" norms ``y`` and then gates."""
+        if self.norm_weight is None:
+            return (y.float() * F.silu(z.float())).to(y.dtype)
+        if self.cfg.norm == "before_gate":
+            G = self.n_groups
+            normed = rms_norm(y.unflatten(-1, (G, -1)), self.norm_weight.view(G, -1), self.norm_eps).flatten(-2)
+            return (normed.float() * F.silu(z.float())).to(y.dtype)
         fn = kernels.gated_rmsnorm(y.device, y.dtype)
         if fn is not None:
             return gated_rmsnorm_kernel(fn, y, z, self.norm_weight, self.norm_eps, self.n_groups)

@@ -21,6 +21,7 @@ from amer.config import ModelConfig
 from amer.errors import AmerError, InputError
 from amer.interop import (  # noqa: F401  (register their converters)
     deepseek,
+    falcon_h1,
     gemma,
     gemma2,
     hybrid,

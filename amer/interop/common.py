@@ -170,8 +170,9 @@ def mamba_options(src: Source, keys: dict[str, str] = MAMBA2_KEYS) -> dict[str, 
             "chunk_size": int(c.get(keys["chunk_size"], 256)), "bias": bool(c.get(keys["bias"], False))}
 
 
-def mamba_weights(src: Source, pre: str, blk: int, state: dict[str, Tensor]) -> None:
-    """A transformers Mamba-2 mixer (``pre`` ends in ``mixer.``) into block ``blk``'s M mixer."""
+def mamba_weights(src: Source, pre: str, blk: int, state: dict[str, Tensor], *, norm: bool = True) -> None:
+    """A transformers Mamba-2 mixer (``pre`` ends in ``mixer.``) into block ``blk``'s M mixer (``norm`` False: one
+    without an output norm, ``mamba.norm = "none"``)."""
     out = f"blocks.{blk}.mixer."
     state[out + "in_proj.weight"] = src.get(pre + "in_proj.weight")
     conv = src.get(pre + "conv1d.weight")  # (C, 1, K)
@@ -180,7 +181,8 @@ def mamba_weights(src: Source, pre: str, blk: int, state: dict[str, Tensor]) -> 
     state[out + "conv_bias"] = cb if cb is not None else torch.zeros(conv.shape[0])
     for name in ("dt_bias", "A_log", "D"):
         state[out + name] = src.get(pre + name)
-    state[out + "norm_weight"] = src.get(pre + "norm.weight")
+    if norm:
+        state[out + "norm_weight"] = src.get(pre + "norm.weight")
     state[out + "out_proj.weight"] = src.get(pre + "out_proj.weight")
     for lin in ("in_proj", "out_proj"):
         b = src.get(f"{pre}{lin}.bias", optional=True)

@@ -6,7 +6,8 @@
 norms ``Olmo2ForCausalLM`` (:mod:`amer.interop.export_norms`); ``D E`` layers (multi-head latent attention) are
 ``DeepseekV3ForCausalLM``, KDA and position-free MLA layers ``KimiLinearForCausalLM``
 (:mod:`amer.interop.export_latent`), lightning attention layers ``MiniMaxForCausalLM``
-(:mod:`amer.interop.export_minimax`). Patterns with MoE layers and the hybrids around them (Jamba, Qwen3-Next,
+(:mod:`amer.interop.export_minimax`), parallel ``[AM]E`` layers ``FalconH1ForCausalLM``
+(:mod:`amer.interop.export_falcon`). Patterns with MoE layers and the hybrids around them (Jamba, Qwen3-Next,
 Granite-4.0-H, Qwen2/3-MoE, OLMoE, LFM2-MoE) are written by :mod:`amer.interop.export_moe`; the dense hybrid and
 state-space classes (Mamba, Falcon-Mamba, LFM2, OLMo-Hybrid, Granite, Qwen2/3 with per-layer windows) by
 :mod:`amer.interop.export_zoo`. The folder is config.json + model.safetensors (+ tokenizer.json), written whole
@@ -29,6 +30,7 @@ from amer.errors import InputError
 from amer.fileio import atomic_write_text, json_text, refuse_link
 from amer.fileread import json_loads, read_file
 from amer.hub import write_folder
+from amer.interop.export_falcon import falcon_export, falcon_target
 from amer.interop.export_latent import latent_export, latent_target
 from amer.interop.export_minimax import minimax_export, minimax_target
 from amer.interop.export_moe import moe_export, moe_target
@@ -202,9 +204,16 @@ def _check_blocks(cfg: ModelConfig) -> None:
 
 def export_transformers(model: Any, cfg: ModelConfig, directory: str | Path, tokenizer: Any = None) -> Path:
     """Write ``model`` (a :class:`~amer.model.HybridLM` of config ``cfg``) as a transformers model folder."""
-    # which class: the families and options decide (MLA or KDA first: their MoE hybrids are theirs alone; the zoo's
-    # before the norm placements: OLMo-Hybrid mixes pre-norm DeltaNet layers with post-norm attention layers)
-    if (arch := latent_target(cfg)) is not None:  # DeepSeek-V3, Kimi Linear
+    # which class: the families and options decide (parallel layers and MLA or KDA first: their hybrids are theirs
+    # alone; the zoo's before the norm placements: OLMo-Hybrid mixes pre-norm DeltaNet layers with post-norm
+    # attention layers)
+    share = next((layer for layer in cfg.parsed.layers if layer.share is not None), None)
+    if share is not None:
+        raise _refuse(f"the shared block {share.written} (block {share.index}): amer exports no transformers class "
+                      "that reuses a block's weights")
+    if (arch := falcon_target(cfg)) is not None:  # parallel layers: Falcon-H1
+        conf, tensors = falcon_export(model, cfg)
+    elif (arch := latent_target(cfg)) is not None:  # DeepSeek-V3, Kimi Linear
         _check_shared(cfg)
         _check_blocks(cfg)
         conf, tensors = latent_export(model, cfg, arch)

@@ -74,6 +74,9 @@ def pre_norms(cfg: ModelConfig, target: str, variants: Iterable[str] = (), post:
         if layer.variant is not None and not {str(layer.family), layer.key} & variants:
             raise refuse(f"{layer.key} (layer {layer.index}): {target} has one config per {layer.family.spec.name} "
                          "block, no variants")
+        if layer.branch is not None:
+            raise refuse(f"{layer.key} (layer {layer.index}) is a branch of a parallel layer; {target} runs one "
+                         "mixer per residual layer")
         opts, want = cfg.block_options(layer), "post" if layer.key in post else "pre"
         if opts.norm_placement != want:
             raise refuse(f"{layer.key} (layer {layer.index}) has norm_placement {opts.norm_placement!r}; {target} "

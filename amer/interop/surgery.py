@@ -35,6 +35,12 @@ def replace_pattern(model: HybridLM, pattern: str, *, seed: int = 0,
         raise PatternError(f"pattern {pattern!r} has {len(new_layers)} blocks but the model has "
                            f"{len(old.parsed.layers)} ({old.pattern!r}); surgery keeps the depth, so give one "
                            "letter per block")
+    for layers, whose in ((old.parsed.layers, "the model"), (new_layers, f"pattern {pattern!r}")):
+        odd = next((layer for layer in layers if layer.branch is not None or layer.share is not None), None)
+        if odd is not None:
+            raise PatternError(f"{whose} has a {'parallel layer' if odd.branch is not None else 'shared block'} "
+                               f"({odd.written}, block {odd.index}); surgery swaps blocks one for one, without "
+                               "either")
     present = {layer.family.spec.config_key for layer in old.parsed.layers}
     clash = sorted(k for k in family_configs if k in present)
     if clash:

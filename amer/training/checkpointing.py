@@ -52,7 +52,9 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> int:
         raise ConfigError(f"activation checkpointing {mode!r} is not one of {', '.join(MODES)}")
     if mode == "none":
         return 0
-    blocks = list(getattr(model, "blocks", []))
+    # a parallel layer's branches run through Block.update (amer.blocks.parallel), never the forward wrapped here
+    blocks = [blk for blk in getattr(model, "blocks", [])
+              if getattr(getattr(blk, "layer", None), "branch", None) is None]
     if any(hasattr(blk.forward, "amer_checkpointing") for blk in blocks):
         raise ConfigError("activation checkpointing is already applied to this model")
     chosen = blocks if mode == "blocks" else blocks[1::2]

@@ -51,6 +51,8 @@ class CompiledBlocks(NamedTuple):
 
 def compiles_block(block: nn.Module) -> str | None:
     """None when ``block`` compiles fullgraph; otherwise why it stays eager (its mixer says)."""
+    if getattr(getattr(block, "layer", None), "branch", None) is not None:
+        return "a branch of a parallel layer: it runs through Block.update, not the forward this compiles"
     return block.mixer.fullgraph_blocker()
 
 

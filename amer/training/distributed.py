@@ -163,7 +163,11 @@ def wrap_data_parallel(module: nn.Module, layout: Layout, kind: str, ignored: It
     skip = set(ignored) or None
     blocks = getattr(module, "blocks", None)
     for blk in (blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks or ()):
-        fully_shard(blk, mesh=sub, ignored_params=skip)
+        # A parallel layer's branches run through Block.update, which FSDP2's gather-on-forward hooks do not see,
+        # and a shared block runs at several depths: both stay in the root unit, gathered for the whole forward.
+        layer = getattr(blk, "layer", None)
+        if getattr(layer, "branch", None) is None and getattr(layer, "share", None) is None:
+            fully_shard(blk, mesh=sub, ignored_params=skip)
     fully_shard(module, mesh=sub, ignored_params=skip)
     return module
 

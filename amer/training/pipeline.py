@@ -24,10 +24,10 @@ import torch
 from torch import Tensor, nn
 
 from amer.analysis.trajectory import token_curvature
-from amer.blocks import DocIds
+from amer.blocks import DocIds, residual_layer
 from amer.model import HybridLM, final_logits, scale_embedding
 from amer.stp import STPPolicy, sample_patches, sample_spans, span_stp_per_layer, stp_per_layer
-from amer.tap import tap_names
+from amer.tap import tap_names, tap_positions
 
 __all__ = ["AuxSeam", "StageModule", "stage_layers"]
 
@@ -96,6 +96,15 @@ class StageModule(nn.Module):
         self.embed = model.embed if self.first else None
         self.model_cfg = model.cfg  # embedding and logit scaling (amer.model.scale_embedding, final_logits)
         self.blocks = nn.ModuleDict({str(layer.index): model.blocks[layer.index] for layer in self.layers})
+        uses: dict[str, set[int]] = {}
+        for layer in model.pattern.layers:
+            if layer.share is not None:
+                uses.setdefault(layer.share, set()).add(layer.stage)
+        # a shared block is held by every stage that uses it; on several stages its copies form a tied-gradient
+        # group (their gradients are summed after backward, as the tied embedding's are)
+        self.shared_stages = {name: sorted(stages) for name, stages in sorted(uses.items())}
+        self.shared = nn.ModuleDict({name: model.shared[name] for name, stages in self.shared_stages.items()
+                                     if stage in stages})
         self.norm = model.norm if self.last else None
         self.tied_copy = False
         self.tied_embed = self.first and not self.last and model.cfg.tie_embeddings
@@ -110,10 +119,13 @@ class StageModule(nn.Module):
             self.tied_copy = True
         else:
             self.lm_head = model.lm_head if self.last else None
+        self.where = tap_positions(model.pattern)
+        self.residual = [specs for specs in model.pattern.residual_layers if specs[0].stage == stage]
         own = {0} if self.first else set()
-        own |= {layer.index + 1 for layer in self.layers}
+        own |= {self.where.block[layer.index] for layer in self.layers}
+        own |= {self.where.layer[specs[0].depth] for specs in self.residual}
         if self.last:
-            own.add(self.n_blocks + 1)
+            own.add(self.where.final)
         self.stp_taps = [(k, pos) for k, pos in enumerate(policy.positions) if pos in own]
         self.tap_names = tap_names(model.pattern)
         self.width, self.vocab = model.cfg.d_model, model.cfg.vocab_size
@@ -141,15 +153,18 @@ class StageModule(nn.Module):
             hiddens[0] = x
         aux = torch.zeros((), device=x.device)
         record: dict[str, Tensor] = {}
-        for layer in self.layers:
-            x, out = self.blocks[str(layer.index)](x, None, docs)
-            hiddens[layer.index + 1] = x
-            for k, v in out.aux.items():
+        for specs in self.residual:
+            blocks = [self.blocks[str(layer.index)] for layer in specs]
+            x, branch_taps, outs = residual_layer(blocks, x, [None] * len(blocks), docs)
+            for layer, hid in zip(specs, branch_taps):
+                hiddens[self.where.block[layer.index]] = hid
+            hiddens[self.where.layer[specs[0].depth]] = x
+            for k, v in ((k, v) for out in outs for k, v in out.aux.items()):
                 aux = aux + v
                 record[f"aux/{k}"] = record.get(f"aux/{k}", torch.zeros(())) + v.detach().float()
         if self.last:
             h = self.norm(x)
-            hiddens[self.n_blocks + 1] = h
+            hiddens[self.where.final] = h
             x = final_logits(self.model_cfg, self.lm_head(h))
         if self.want_metrics:  # token curvature of every tap this stage holds, under its global name
             for pos, hid in hiddens.items():
@@ -209,6 +224,17 @@ class StageModule(nn.Module):
         if self.tied_copy:
             return [self.lm_head.weight]
         return [self.embed.weight] if self.tied_embed else []
+
+    def shared_ties(self) -> list[tuple[str, list[int]]]:
+        """(name, stages) of every shared block used on more than one stage, in name order (the same list on every
+        rank, so every rank creates the groups in one order)."""
+        return [(name, stages) for name, stages in self.shared_stages.items() if len(stages) > 1]
+
+    def shared_copies(self) -> list[nn.Parameter]:
+        """The parameters of shared blocks this stage holds that an earlier stage holds too: the global gradient
+        norm counts them there, once."""
+        return [p for name, stages in self.shared_stages.items() if name in self.shared and stages[0] != self.stage
+                for p in self.shared[name].parameters()]
 
     def extra_state_names(self) -> tuple[str, ...]:
         """Parameter names that are copies, not the model's own (left out of checkpoints)."""

@@ -64,6 +64,7 @@ class PipelineStep:
         # every stage gets the loss function: the schedule runs backward only when it has one
         self.schedule = cls(self.pstage, n_microbatches=microbatches, loss_fn=self._loss)
         self.tie_group = self._tie_group()
+        self.share_groups = self._share_groups()
 
     def _tie_group(self) -> Any:
         """The process group of this replica's first and last stage, when the embedding and head are tied
@@ -79,6 +80,16 @@ class PipelineStep:
             g = dist.new_group([d, (lay.pp - 1) * lay.dp + d])
             if lay.dp_rank == d and (self.stage.first or self.stage.last):
                 mine = g
+        return mine
+
+    def _share_groups(self) -> dict[str, Any]:
+        """Per shared block used on several stages: the process group of this replica's stages that hold it."""
+        lay, mine = self.layout, {}
+        for name, stages in self.stage.shared_ties():
+            for d in range(lay.dp):
+                g = dist.new_group([s * lay.dp + d for s in stages])
+                if lay.dp_rank == d and lay.pp_rank in stages:
+                    mine[name] = g
         return mine
 
     def _loss(self, logits: Tensor, targets: Tensor) -> Tensor:
@@ -151,13 +162,15 @@ class PipelineStep:
             self.module.zero_grad(set_to_none=True)
 
     def _sum_tied_gradients(self) -> None:
-        """The tied embedding's gradient is the sum of the first stage's (input) and the last's (head)."""
-        if self.tie_group is None:
-            return
-        for p in self.stage.tied_parameters():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(_local(p.grad), group=self.tie_group)
+        """The tied embedding's gradient is the sum of the first stage's (input) and the last's (head); a shared
+        block's on several stages is the sum of its uses' on each."""
+        groups = [(self.tie_group, self.stage.tied_parameters())] if self.tie_group is not None else []
+        groups += [(g, list(self.stage.shared[name].parameters())) for name, g in self.share_groups.items()]
+        for group, params in groups:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(_local(p.grad), group=group)
 
     def _clip(self) -> Tensor | None:
         """Global L2 norm over every stage and shard (the head's tied copy counted once, as the embedding) and
@@ -165,6 +178,7 @@ class PipelineStep:
         if self.grad_clip is None:
             return None
         copies = {id(p) for p in self.stage.tied_parameters()} if self.stage.tied_copy else set()
+        copies |= {id(p) for p in self.stage.shared_copies()}
         params = [p for p in self.module.parameters() if id(p) not in copies]
         also = [p for p in self.module.parameters() if id(p) in copies]
         limit = self.grad_clip if self.grad_clip > 0 else float("inf")

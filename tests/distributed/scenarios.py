@@ -226,8 +226,107 @@ def dp_bias(layout: D.Layout) -> None:
     say(layout, "control: per-rank loads give the ranks different biases")
 
 
-SCENARIOS = {"pp_grads": (ParallelConfig(pp=2), pp_grads), "dp_equal": (ParallelConfig(dp=2), dp_equal),
-             "dp_bias": (ParallelConfig(dp=2), dp_bias)}
+def pp_parallel(layout: D.Layout) -> None:
+    """pp=2 with a parallel layer on each stage: every gradient equals one process's, with STP on a branch tap, a
+    parallel layer's own tap and the taps around the cut."""
+    cfg = model_config("[AM]E|[AM]R")
+    torch.manual_seed(0)
+    base = HybridLM(cfg)
+    policy = STPPolicy(stp("M0,L0,E0,A1,L-1,final"), base.pattern)
+    data = batch(4)
+    ref = reference_grads(copy.deepcopy(base), policy, data, 2, step=5)
+    stage = P.StageModule(copy.deepcopy(base), layout.pp_rank, 2, policy,
+                          stp_generator=torch.Generator().manual_seed(SEED))
+    runner = PipelineStep(stage, stage, None, layout, microbatches=2, grad_clip=None, keep_gradients=True, rows=4,
+                          seq_len=24)
+    if not runner([data], 5).applied:
+        fail("parallel layers: step skipped")
+    for name, p in stage.named_parameters():
+        if p.grad is None:
+            fail(f"parallel layers: {name} got no gradient")
+        close(p.grad, ref["embed.weight" if name == "lm_head.weight" and stage.tied_copy else name],
+              f"parallel layers stage {layout.pp_rank} {name}")
+    dist.barrier()
+    say(layout, "pp=2 with a parallel layer on each stage: gradients equal one process's")
+
+
+def pp_shared(layout: D.Layout) -> None:
+    """pp=2 with one shared block used on both stages (and twice on the second, once in a parallel layer): its
+    gradient on each stage is one process's, the sum over all its uses; without the tied-gradient group each
+    stage's holds only its own uses' share (the negative control)."""
+    cfg = model_config("A:z E M|A:z E [A:z M] R")
+    torch.manual_seed(0)
+    base = HybridLM(cfg)
+    policy = STPPolicy(stp("A0,L1,M-1,final"), base.pattern)
+    data = batch(4)
+    ref = reference_grads(copy.deepcopy(base), policy, data, 2, step=5)
+
+    def run(tied: bool) -> P.StageModule:
+        stage = P.StageModule(copy.deepcopy(base), layout.pp_rank, 2, policy,
+                              stp_generator=torch.Generator().manual_seed(SEED))
+        runner = PipelineStep(stage, stage, None, layout, microbatches=2, grad_clip=1e9, keep_gradients=True,
+                              rows=4, seq_len=24)
+        if not tied:
+            runner.share_groups = {}
+        if not runner([data], 5).applied:
+            fail("shared block: step skipped")
+        return stage
+
+    stage = run(tied=True)
+    if sorted(stage.shared) != ["z"] or stage.shared_ties() != [("z", [0, 1])]:
+        fail(f"shared block: stage {layout.pp_rank} holds {sorted(stage.shared)}, ties {stage.shared_ties()}")
+    for name, p in stage.named_parameters():
+        if p.grad is None:
+            fail(f"shared block: {name} got no gradient")
+        close(p.grad, ref["embed.weight" if name == "lm_head.weight" and stage.tied_copy else name],
+              f"shared block stage {layout.pp_rank} {name}")
+    dist.barrier()
+    say(layout, "pp=2, a shared block on both stages: its gradient on each stage equals one process's")
+    stage = run(tied=False)
+    p = stage.shared["z"].mixer.qkv.weight
+    flag = torch.tensor([((p.grad - ref["shared.z.mixer.qkv.weight"]).abs().max()
+                          / ref["shared.z.mixer.qkv.weight"].abs().max()).item()])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if not flag.item() > 1e-3:
+        fail(f"tied-gradient group disabled: the shared block's gradient still matches ({flag.item():.3g})")
+    say(layout, f"tied-gradient group disabled: each stage's shared gradient is a part (off by {flag.item():.3g})")
+
+
+def dp_shared(layout: D.Layout) -> None:
+    """dp=2 with a shared block used three times (once in a parallel layer): FSDP2 (the shared block one unit,
+    gathered at each use) and DDP give one process's parameters after 3 steps."""
+    cfg = model_config("A:z E M A:z E [A:z M]")
+    tcfg = TrainConfig(lr=3e-3, weight_decay=0.1, seq_len=24, model=cfg)
+    torch.manual_seed(0)
+    base = HybridLM(cfg)
+    policy = STPPolicy(stp("A0,A1,L-1"), base.pattern)
+    steps = [batch(4, seed=s) for s in range(3)]
+    ref_model = copy.deepcopy(base)
+    ref = TrainStep(ref_model, make_optimizer(ref_model, tcfg), policy,
+                    stp_generator=torch.Generator().manual_seed(SEED))
+    for i, b in enumerate(steps):
+        ref([b], i)
+    want = dict(ref_model.named_parameters())
+    for kind in ("fsdp", "ddp"):
+        model = D.wrap_data_parallel(copy.deepcopy(base), layout, kind)
+        run = TrainStep(model, make_optimizer(model, tcfg), policy, stp_generator=torch.Generator().manual_seed(SEED),
+                        shard=(layout.dp_rank, layout.dp), agree=lambda ok: ok)
+        for i, b in enumerate(steps):
+            if not run([b], i).applied:
+                fail(f"{kind} shared block: step {i} skipped")
+        weights = full_weights(model)
+        if layout.main:
+            if set(want) - set(weights) or not any(n.startswith("shared.z.") for n in weights):
+                fail(f"{kind} shared block: parameters {sorted(set(want) - set(weights))} missing")
+            for name, p in want.items():
+                close(weights[name], p.detach(), f"dp=2 {kind} shared block: {name} after 3 steps", tol=5e-5)
+        dist.barrier()
+        say(layout, f"dp=2 {kind}, a shared block used three times: parameters after 3 steps equal one process's")
+
+
+SCENARIOS = {"pp_grads": (ParallelConfig(pp=2), pp_grads), "pp_parallel": (ParallelConfig(pp=2), pp_parallel),
+             "pp_shared": (ParallelConfig(pp=2), pp_shared), "dp_shared": (ParallelConfig(dp=2), dp_shared),
+             "dp_equal": (ParallelConfig(dp=2), dp_equal), "dp_bias": (ParallelConfig(dp=2), dp_bias)}
 
 
 if __name__ == "__main__":
