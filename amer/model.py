@@ -144,6 +144,7 @@ class HybridLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.pattern = cfg.parsed
+        self._tap_where = tap_positions(self.pattern)  # read in forward, where dynamo would trace the lru_cache
         device = torch.get_default_device()
         # Built on the meta device, then given memory once and initialised unit by unit (init_weights): the
         # weights depend on the seed and the units' names only, never on what was built before them, so a
@@ -304,7 +305,7 @@ class HybridLM(nn.Module):
         aux: dict[str, Tensor] = {}
         stats: dict[str, list[tuple[str, Tensor]]] = {}
         new_cache: list[Any] | None = [] if cache is not None else None
-        where = tap_positions(self.pattern)
+        where = self._tap_where
         for specs in self.pattern.residual_layers:
             idx = [spec.index for spec in specs]
             caches = [None] * len(idx) if cache is None else [cache[i] for i in idx]

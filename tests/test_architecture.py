@@ -376,7 +376,8 @@ def test_declared_dependencies_match_the_imports(tmp_path: Path) -> None:
     declared = declared_dependencies()
     code = [p for p in PKG.rglob("*.py")]
     imported = {m.split(".")[0] for p in code for m in third_party_imports(p)}
-    dev_only = {"pytest", "hypothesis", "pytest-timeout", "ruff"}  # test and lint tools, imported by tests/ only
+    # test and lint tools, imported by tests/ only (or loaded by pytest as plugins)
+    dev_only = {"pytest", "hypothesis", "pytest-timeout", "pytest-xdist", "ruff"}
     for name, where in declared.items():
         if name in dev_only:
             continue
