@@ -31,7 +31,6 @@ from collections.abc import Mapping
 from typing import Any, ClassVar, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from amer.blocks.doc_ids import DocIds
@@ -69,26 +68,6 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight if self.offset == 0 else self.weight + self.offset, self.eps)
 
 
-class SwiGLU(nn.Module):
-    """SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x)), gate and up fused."""
-
-    def __init__(self, d_model: int, d_ff: int, *, std: float = 0.02, out_std: float = 0.02) -> None:
-        super().__init__()
-        self.std, self.out_std = std, out_std
-        self.gate_up = nn.Linear(d_model, 2 * d_ff, bias=False)
-        self.down = nn.Linear(d_ff, d_model, bias=False)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """N(0, std); ``down`` writes into the residual stream, so it gets the residual-scaled ``out_std``."""
-        nn.init.normal_(self.gate_up.weight, 0.0, self.std)
-        nn.init.normal_(self.down.weight, 0.0, self.out_std)
-
-    def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
-
-
 class FeedForward(nn.Module):
     """``down(act(gate(x)) * up(x))`` (gated, gate and up fused in ``gate_up``) or ``down(act(up(x)))`` (ungated:
     ``gate_up`` is the up projection), ``act`` one of :data:`amer.ops.activation.ACTIVATIONS`; ``silu`` is
@@ -113,6 +92,14 @@ class FeedForward(nn.Module):
             return self.down(self.act.fn(self.gate_up(x)))
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down(self.act.fn(gate) * up)
+
+
+class SwiGLU(FeedForward):
+    """SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x)), gate and up fused; the gated
+    :class:`FeedForward` with ``silu``."""
+
+    def __init__(self, d_model: int, d_ff: int, *, std: float = 0.02, out_std: float = 0.02) -> None:
+        super().__init__(d_model, d_ff, "silu", std=std, out_std=out_std)
 
 
 class Mixer(nn.Module):

@@ -14,6 +14,7 @@ import torch
 from amer.config import ModelConfig
 from amer.interop.export_parts import (
     Tensors,
+    Written,
     attention_out,
     dense_out,
     ffn_layers,
@@ -32,7 +33,6 @@ from amer.interop.export_parts import (
 
 __all__ = ["jamba", "qwen3_next", "granite_hybrid", "nemotron_h"]
 
-Written = tuple[dict[str, Any], Tensors]
 _HEADS = ("n_heads", "n_kv_heads", "head_dim")
 
 

@@ -18,6 +18,7 @@ from amer.config import ModelConfig
 from amer.interop import export_hybrid
 from amer.interop.export_parts import (
     Tensors,
+    Written,
     attention_out,
     dense_out,
     ffn_layers,
@@ -35,7 +36,6 @@ from amer.interop.export_parts import (
 
 __all__ = ["moe_target", "moe_export", "MOE_TARGETS"]
 
-Written = tuple[dict[str, Any], Tensors]
 MOE_TARGETS = ("JambaForCausalLM", "Qwen3NextForCausalLM", "GraniteMoeHybridForCausalLM", "Qwen2MoeForCausalLM",
                "Qwen3MoeForCausalLM", "OlmoeForCausalLM", "Lfm2MoeForCausalLM", "NemotronHForCausalLM")
 _ROUTER = ("n_experts", "top_k", "d_ff", "renormalize", "renormalize_top1")

@@ -21,11 +21,12 @@ from amer.config import ModelConfig
 from amer.errors import InputError
 from amer.pattern import LayerSpec
 
-__all__ = ["Tensors", "SHARED_DEFAULTS", "refuse", "plain", "moe_plain", "shared", "pre_norms", "mixer_ffn_pairs",
-           "FFN", "ffn_layers", "routed_out", "dense_out", "shared_out", "mamba1_out", "shortconv_out", "attention_out",
-           "head_dim", "period"]
+__all__ = ["Tensors", "Written", "SHARED_DEFAULTS", "refuse", "plain", "moe_plain", "shared", "pre_norms",
+           "mixer_ffn_pairs", "FFN", "ffn_layers", "routed_out", "dense_out", "shared_out", "mamba1_out",
+           "shortconv_out", "attention_out", "head_dim", "period"]
 
 Tensors = dict[str, Tensor]
+Written = tuple[dict[str, Any], Tensors]  # what a writer returns: the config.json contents and the weights
 # fields that shape the initialisation, a training scan's blocking or a training loss, not the function computed
 NOT_FUNCTION = {"dt_min", "dt_max", "dt_init_floor", "dt_scale", "dt_init", "chunk_size", "a_init_range",
                 "aux_loss_coef", "z_loss_coef", "bias_update_rate", "dispatch", "capacity_factor", "capacity_block"}

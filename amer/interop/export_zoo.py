@@ -18,6 +18,7 @@ from amer.config import ModelConfig
 from amer.interop.export_parts import (
     SHARED_DEFAULTS,
     Tensors,
+    Written,
     attention_out,
     dense_out,
     ffn_layers,
@@ -34,7 +35,6 @@ from amer.pattern import LayerSpec
 
 __all__ = ["zoo_target", "zoo_export", "ZOO_TARGETS"]
 
-Written = tuple[dict[str, Any], Tensors]
 ZOO_TARGETS = ("MambaForCausalLM", "FalconMambaForCausalLM", "Lfm2ForCausalLM", "OlmoHybridForCausalLM",
                "GraniteForCausalLM", "Qwen3ForCausalLM", "Qwen2ForCausalLM")
 

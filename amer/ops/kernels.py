@@ -247,26 +247,27 @@ def _conv_where(device: torch.device, dtype: torch.dtype, width: int, channels: 
     return None
 
 
-def conv1d(device: torch.device, dtype: torch.dtype, width: int, channels: int) -> Callable | None:
-    """causal-conv1d's ``causal_conv1d_fn`` (training and prefill; ``seq_idx``, initial states) or None."""
+def _causal_conv(op: str, fn: str, device: torch.device, dtype: torch.dtype, width: int,
+                 channels: int) -> Callable | None:
+    """causal-conv1d's function ``fn`` for ``op``, or None with the reason logged: both entry points come from one
+    package under one set of conditions, so one path decides for both."""
     if (why := _conv_where(device, dtype, width, channels)) is not None:
-        return _reference("conv1d", why)
+        return _reference(op, why)
     mod = _import("causal_conv1d")
     if mod is None:
-        return _reference("conv1d", _missing("causal_conv1d", "causal_conv1d"))
-    log_choice("conv1d", "causal_conv1d.causal_conv1d_fn")
-    return mod.causal_conv1d_fn
+        return _reference(op, _missing("causal_conv1d", "causal_conv1d"))
+    log_choice(op, f"causal_conv1d.{fn}")
+    return getattr(mod, fn)
+
+
+def conv1d(device: torch.device, dtype: torch.dtype, width: int, channels: int) -> Callable | None:
+    """causal-conv1d's ``causal_conv1d_fn`` (training and prefill; ``seq_idx``, initial states) or None."""
+    return _causal_conv("conv1d", "causal_conv1d_fn", device, dtype, width, channels)
 
 
 def conv1d_update(device: torch.device, dtype: torch.dtype, width: int, channels: int) -> Callable | None:
     """causal-conv1d's ``causal_conv1d_update`` (one decoding step, updates the state in place) or None."""
-    if (why := _conv_where(device, dtype, width, channels)) is not None:
-        return _reference("conv1d_update", why)
-    mod = _import("causal_conv1d")
-    if mod is None:
-        return _reference("conv1d_update", _missing("causal_conv1d", "causal_conv1d"))
-    log_choice("conv1d_update", "causal_conv1d.causal_conv1d_update")
-    return mod.causal_conv1d_update
+    return _causal_conv("conv1d_update", "causal_conv1d_update", device, dtype, width, channels)
 
 
 # ------------------------------------------------------------------------------------------- MoE experts
