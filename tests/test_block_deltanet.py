@@ -19,6 +19,7 @@ import test_documents as documents
 import test_mixer_contract as contract
 import torch
 import torch.nn.functional as F
+from mixer_checks import assert_matches_reference
 from torch import Tensor
 
 from amer import HybridLM, ModelConfig
@@ -194,14 +195,9 @@ def test_mixer_matches_reference_fp64(options: dict[str, Any]) -> None:
     """Outputs and every parameter's gradient equal the written-out maths, T = 37 across chunks."""
     m = make_mixer(**options).double()
     x = torch.randn(2, 37, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    params = list(m.parameters())
     y, y_ref = m(x).y, mixer_reference(m, x)
-    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
-    probe = torch.randn(y.shape, generator=torch.Generator().manual_seed(2), dtype=y.dtype)
-    grads = torch.autograd.grad((y * probe).sum(), params)
-    grads_ref = torch.autograd.grad((y_ref * probe).sum(), params)
-    for (name, _), got, want in zip(m.named_parameters(), grads, grads_ref):
-        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10, msg=lambda msg, name=name: f"{name}: {msg}")
+    assert_matches_reference(y, y_ref, list(m.named_parameters()), probe_seed=2, tol=1e-10, grad_rtol=1e-8,
+                             grad_atol=1e-10)
 
 
 @pytest.mark.parametrize("options", MIXER_VARIANTS[1:], ids=lambda o: ",".join(o))

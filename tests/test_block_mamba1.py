@@ -17,6 +17,7 @@ import test_documents as documents
 import test_mixer_contract as contract
 import torch
 import torch.nn.functional as F
+from mixer_checks import assert_matches_reference
 from torch import Tensor
 
 from amer import HybridLM, ModelConfig
@@ -239,16 +240,8 @@ def test_mixer_matches_reference_fp64(options: dict[str, Any]) -> None:
     """Outputs and the gradients of the input and of every parameter, T = 37 (not a multiple of the chunk)."""
     mixer = make_mixer(dtype=torch.float64, **options)
     x = torch.randn(2, 37, D, dtype=torch.float64, generator=torch.Generator().manual_seed(3), requires_grad=True)
-    params = [x, *mixer.parameters()]
-    y = mixer(x).y
-    y_ref = reference_mixer(mixer, x)
-    torch.testing.assert_close(y, y_ref, rtol=1e-11, atol=1e-11)
-    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(4), dtype=y.dtype)
-    grads = torch.autograd.grad((y * w).sum(), params)
-    grads_ref = torch.autograd.grad((y_ref * w).sum(), params)
-    for name, g, r in zip(["x", *(n for n, _ in mixer.named_parameters())], grads, grads_ref, strict=True):
-        assert g.abs().sum() > 0, f"{name} got no gradient"
-        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10, msg=f"grad wrt {name}")
+    assert_matches_reference(mixer(x).y, reference_mixer(mixer, x), [("x", x), *mixer.named_parameters()],
+                             probe_seed=4, tol=1e-11, grad_rtol=1e-9, grad_atol=1e-10, live=True)
 
 
 def test_norm_options_change_the_output() -> None:

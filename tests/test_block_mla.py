@@ -19,9 +19,10 @@ import pytest
 import test_mixer_contract as contract
 import torch
 import torch.nn.functional as F
+from mixer_checks import assert_matches_reference, check_trains_with_taps
 from torch import Tensor
 
-from amer import HybridLM, ModelConfig
+from amer import ModelConfig
 from amer.blocks.mla import MLACache, MLAMixer
 from amer.errors import ConfigError
 from amer.interop.mla import mla_options, mla_weights
@@ -99,14 +100,9 @@ def test_mixer_matches_reference_fp64(options: dict[str, Any]) -> None:
     """Training path: outputs and every parameter's gradient equal the written-out maths."""
     m = make_mixer(**options).double()
     x = torch.randn(2, 21, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    params = list(m.parameters())
     y, y_ref = m(x).y, reference(m, x)
-    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
-    probe = torch.randn(y.shape, generator=torch.Generator().manual_seed(2), dtype=y.dtype)
-    grads = torch.autograd.grad((y * probe).sum(), params)
-    grads_ref = torch.autograd.grad((y_ref * probe).sum(), params)
-    for (name, _), got, want in zip(m.named_parameters(), grads, grads_ref):
-        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10, msg=lambda msg, name=name: f"{name}: {msg}")
+    assert_matches_reference(y, y_ref, list(m.named_parameters()), probe_seed=2, tol=1e-10, grad_rtol=1e-8,
+                             grad_atol=1e-10)
 
 
 @pytest.mark.parametrize("options", VARIANTS, ids=_ids)
@@ -287,27 +283,9 @@ def test_transformers_parity_negative_controls(case: str, tmp_path: Path) -> Non
 def test_model_with_d_blocks_selects_taps_and_trains() -> None:
     """ADEDE: D-1 selects the last D block's tap, and a few AdamW steps on CE lower the loss with every gradient
     live."""
-    from amer.config import TrainConfig
-    from amer.training.optim import make_optimizer
-
     cfg = ModelConfig(pattern="ADEDE", d_model=32, vocab_size=64, max_seq_len=64, attention=contract.SMALL["A"],
                       moe=contract.SMALL["E"], mla=SMALL)
-    torch.manual_seed(0)
-    model = HybridLM(cfg).train()
-    tokens = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(1))
-    opt = make_optimizer(model, TrainConfig(lr=1e-2))
-    losses = []
-    for _ in range(4):
-        out = model(tokens)
-        (tap,) = out.taps.select("D-1")
-        assert (tap.layer, tap.family) == (3, "D")
-        ce = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
-        opt.zero_grad()
-        (ce + sum(out.aux_losses.values())).backward()
-        contract.assert_live_grads(model.named_parameters(), "ADEDE")
-        opt.step()
-        losses.append(ce.item())
-    assert losses[-1] < losses[0]
+    check_trains_with_taps(cfg, "D")
 
 
 @pytest.mark.filterwarnings("ignore")
