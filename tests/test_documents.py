@@ -45,6 +45,19 @@ def spans(cuts: tuple[tuple[int, ...], ...], length: int) -> list[tuple[int, int
     return [(r, s, e) for r, starts in enumerate(cuts) for s, e in zip(starts, (*starts[1:], length))]
 
 
+def check_model_packed_equals_alone(model: HybridLM, x: Tensor, cuts: tuple[tuple[int, ...], ...]) -> None:
+    """Every tap and the logits of each document of ``x`` packed as ``cuts`` are those it gets alone in a row."""
+    with torch.no_grad():
+        out = model(x, doc_ids=doc_ids(cuts, x.shape[1]))
+        for r, s, e in spans(cuts, x.shape[1]):
+            alone = model(x[r:r + 1, s:e])
+            for tap_p, tap_a in zip(out.taps, alone.taps, strict=True):
+                torch.testing.assert_close(tap_p.hidden[r:r + 1, s:e], tap_a.hidden, rtol=0, atol=ATOL,
+                                           msg=lambda msg, name=tap_a.name: f"{name} of [{s}, {e}) in row {r}: {msg}")
+            torch.testing.assert_close(out.logits[r:r + 1, s:e], alone.logits, rtol=0, atol=ATOL,
+                                       msg=lambda msg: f"logits of [{s}, {e}) in row {r}: {msg}")
+
+
 # ------------------------------------------------------------------------------------------------
 # the clauses
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import test_mixer_contract as contract
 import torch
-from test_documents import doc_ids, spans
+from test_documents import check_model_packed_equals_alone
 from test_mixer_contract import VOCAB, D
 
 from amer import HybridLM, ModelConfig
@@ -180,18 +180,7 @@ def test_decoding_with_one_cache_per_branch(splits: tuple[int, ...]) -> None:
 
 def test_packed_documents_equal_alone() -> None:
     """Every tap (branches and layers) and the logits of a document in a packed row are its own, alone."""
-    m = model()
-    starts = ((0, 5, 8, 17), (0, 1, 16))
-    x = ids(24)
-    with torch.no_grad():
-        out = m(x, doc_ids=doc_ids(starts, 24))
-        for r, s, e in spans(starts, 24):
-            alone = m(x[r:r + 1, s:e])
-            for tap_p, tap_a in zip(out.taps, alone.taps):
-                torch.testing.assert_close(tap_p.hidden[r:r + 1, s:e], tap_a.hidden, rtol=0, atol=ATOL,
-                                           msg=lambda msg: f"{tap_a.name} of [{s}, {e}) in row {r}: {msg}")
-        mixed = m(x)  # negative control: without the ids the second document sees the first
-        assert (mixed.logits[0, 5:8] - m(x[:1, 5:8]).logits[0]).abs().max() > 100 * ATOL
+    check_model_packed_equals_alone(model(), ids(24), ((0, 5, 8, 17), (0, 1, 16)))
 
 
 def test_flops_params_and_the_meta_device() -> None:

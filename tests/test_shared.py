@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import test_mixer_contract as contract
 import torch
-from test_documents import doc_ids, spans
+from test_documents import check_model_packed_equals_alone
 from test_mixer_contract import VOCAB, D
 
 from amer import HybridLM, ModelConfig
@@ -120,14 +120,7 @@ def test_each_use_has_its_own_cache() -> None:
 
 
 def test_packed_documents_equal_alone() -> None:
-    m = model()
-    starts = ((0, 5, 8, 17), (0, 1, 16))
-    x = ids(24)
-    with torch.no_grad():
-        out = m(x, doc_ids=doc_ids(starts, 24))
-        for r, s, e in spans(starts, 24):
-            alone = m(x[r:r + 1, s:e])
-            torch.testing.assert_close(out.logits[r:r + 1, s:e], alone.logits, rtol=0, atol=ATOL)
+    check_model_packed_equals_alone(model(), ids(24), ((0, 5, 8, 17), (0, 1, 16)))
 
 
 def test_initialised_once_as_its_own_unit() -> None:
