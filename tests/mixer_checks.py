@@ -1,9 +1,12 @@
-"""Checks the per-family block tests share: a mixer against its written-out reference (outputs and gradients), and a
-small model with the family's blocks training while its taps select them."""
+"""Checks the per-family block tests share: a mixer against its written-out reference (outputs and gradients) and
+against a transformers layer (full forward and decoding), and a small model with the family's blocks training while
+its taps select them."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import test_mixer_contract as contract
 import torch
@@ -52,3 +55,31 @@ def check_trains_with_taps(cfg: ModelConfig, letter: str) -> None:
         opt.step()
         losses.append(ce.item())
     assert losses[-1] < losses[0]
+
+
+def _hf_call(hf: Any, x: Tensor, cache: Any = None) -> Tensor:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # transformers' notes on its slow paths and cache classes
+        return hf(x, cache=cache)
+
+
+def assert_decodes_like_transformers(hf: Any, hfc: Any, ours: Any, x: Tensor) -> tuple[Tensor, Tensor, Any, Any]:
+    """fp32, 1e-5: ``ours`` equals the transformers layer ``hf`` (config ``hfc``, called as ``hf(x, cache=...)``) on
+    the full forward and token by token from empty caches. Returns the full forward, the steps and both caches, for
+    the caller's state checks and its negative control."""
+    from transformers import DynamicCache
+
+    ref = _hf_call(hf, x)
+    assert 0.1 < ref.abs().max() < 100  # neither vanishing nor blown up, so 1e-5 means something
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).y, ref, rtol=1e-5, atol=1e-5)
+        hf_cache, hf_steps = DynamicCache(config=hfc), []
+        cache, steps = ours.init_cache(x.shape[0], x.shape[1]), []
+        for t in range(x.shape[1]):
+            hf_steps.append(_hf_call(hf, x[:, t:t + 1], hf_cache))
+            out = ours(x[:, t:t + 1], cache=cache)
+            cache = out.cache
+            steps.append(out.y)
+        theirs = torch.cat(hf_steps, 1)
+        torch.testing.assert_close(torch.cat(steps, 1), theirs, rtol=1e-5, atol=1e-5)
+    return ref, theirs, cache, hf_cache

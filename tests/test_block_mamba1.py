@@ -17,7 +17,7 @@ import test_documents as documents
 import test_mixer_contract as contract
 import torch
 import torch.nn.functional as F
-from mixer_checks import assert_matches_reference
+from mixer_checks import assert_decodes_like_transformers, assert_matches_reference
 from torch import Tensor
 
 from amer import HybridLM, ModelConfig
@@ -320,32 +320,14 @@ def _hf_pair(kind: str) -> tuple[Any, Any, Mamba1Mixer]:
     return hf, hfc, ours
 
 
-def _hf_forward(hf: Any, x: Tensor, cache: Any = None) -> Tensor:
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        return hf(x, cache=cache)
-
-
 @pytest.mark.parametrize("kind", ["mamba", "falcon_mamba", "jamba"])
 def test_parity_with_transformers(kind: str) -> None:
     """fp32, weights copied by the documented mapping: the full forward, token-by-token decoding and the
     final SSM state agree to 1e-5; a perturbed weight (the control) does not."""
-    from transformers import DynamicCache
-
     hf, hfc, ours = _hf_pair(kind)
     x = torch.randn(2, 21, D, generator=torch.Generator().manual_seed(1))
-    ref = _hf_forward(hf, x)
-    assert 0.1 < ref.abs().max() < 100
+    ref, _, cache, hf_cache = assert_decodes_like_transformers(hf, hfc, ours, x)
     with torch.no_grad():
-        torch.testing.assert_close(ours(x).y, ref, rtol=1e-5, atol=1e-5)
-        hf_cache, hf_steps = DynamicCache(config=hfc), []
-        cache, steps = ours.init_cache(2, 21), []
-        for t in range(21):
-            hf_steps.append(_hf_forward(hf, x[:, t:t + 1], hf_cache))
-            out = ours(x[:, t:t + 1], cache=cache)
-            cache = out.cache
-            steps.append(out.y)
-        torch.testing.assert_close(torch.cat(steps, 1), torch.cat(hf_steps, 1), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(cache.ssm_state, hf_cache.get_recurrent_state(0).float(), rtol=1e-5, atol=1e-5)
         ours.A_log[3, 2] += 0.5  # negative control
         assert (ours(x).y - ref).abs().max() > 1e-4

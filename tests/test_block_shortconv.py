@@ -9,7 +9,6 @@ option variant below runs those same clauses.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import pytest
@@ -17,7 +16,7 @@ import test_documents as documents
 import test_mixer_contract as contract
 import torch
 import torch.nn.functional as F
-from mixer_checks import assert_matches_reference
+from mixer_checks import assert_decodes_like_transformers, assert_matches_reference
 from torch import Tensor
 
 from amer import ModelConfig
@@ -119,33 +118,15 @@ def _hf_pair(bias: bool) -> tuple[Any, Any, ShortConvMixer]:
     return hf, hfc, ours
 
 
-def _hf_forward(hf: Any, x: Tensor, cache: Any = None) -> Tensor:
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        return hf(x, cache=cache)
-
-
 @pytest.mark.parametrize("bias", [False, True])
 def test_parity_with_lfm2(bias: bool) -> None:
     """fp32, weights copied by the documented mapping: the full forward and token-by-token decoding agree
     to 1e-5; a perturbed weight (the control) does not."""
-    from transformers import DynamicCache
-
     hf, hfc, ours = _hf_pair(bias)
     x = torch.randn(2, 17, D, generator=torch.Generator().manual_seed(1))
-    ref = _hf_forward(hf, x)
-    assert 0.1 < ref.abs().max() < 100
+    ref, theirs, _, _ = assert_decodes_like_transformers(hf, hfc, ours, x)
     with torch.no_grad():
-        torch.testing.assert_close(ours(x).y, ref, rtol=1e-5, atol=1e-5)
-        hf_cache, hf_steps = DynamicCache(config=hfc), []
-        cache, steps = ours.init_cache(2, 17), []
-        for t in range(17):
-            hf_steps.append(_hf_forward(hf, x[:, t:t + 1], hf_cache))
-            out = ours(x[:, t:t + 1], cache=cache)
-            cache = out.cache
-            steps.append(out.y)
-        torch.testing.assert_close(torch.cat(steps, 1), torch.cat(hf_steps, 1), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(torch.cat(hf_steps, 1), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(theirs, ref, rtol=1e-5, atol=1e-5)
         ours.conv_weight[5, 1] += 0.5  # negative control
         assert (ours(x).y - ref).abs().max() > 1e-4
 
