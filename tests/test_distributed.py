@@ -8,41 +8,26 @@ The mechanism checks (gradients, parameters, the seam's negative control) run in
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import launch as launcher
 import pytest
+from launch import ROOT, curve, ok
+from launch import env as _env
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 TINY = ["--preset", "tiny", "--pattern", "AE|MR", "--no-progress", "--no-tensorboard", "--no-curves", "--seq-len", "32"]
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-
-
 def torchrun(*args: str, timeout: int = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
-    return subprocess.run(cmd, cwd=ROOT, env={**_env(), **(env or {})}, capture_output=True, text=True,
-                          timeout=timeout)
+    return launcher.torchrun(2, *args, extra=env, timeout=timeout)
 
 
 def single(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
-
-
-def curve(run_dir: Path, key: str = "ce") -> dict[int, float]:
-    return {r["step"]: r[key] for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines()) if key in r}
+    return launcher.single(*args, timeout=timeout)
 
 
 def assert_same_curve(got: dict[int, float], want: dict[int, float], tol: float, what: str) -> None:

@@ -9,8 +9,6 @@ user launches it.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import socket
 import subprocess
@@ -18,36 +16,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from launch import ROOT, curve, ok, single, torchrun
+from launch import env as _env
 
 from amer.checkpoint import list_checkpoints
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 TINY = ["--preset", "tiny", "--pattern", "AE|MR", "--no-progress", "--no-tensorboard", "--no-curves", "--seq-len",
         "32", "--batch-size", "4", "--log-interval", "1", "--eval-batches", "4"]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **extra}
-
-
-def torchrun(n: int, *args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env or _env(), capture_output=True, text=True, timeout=timeout)
-
-
-def single(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
-
-
-def curve(run_dir: Path, key: str = "ce") -> dict[int, float]:
-    return {r["step"]: r[key] for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines()) if key in r}
 
 
 def worst(got: dict[int, float], want: dict[int, float], steps: set[int]) -> float:
@@ -161,7 +137,7 @@ def test_a_rank_killed_mid_save_leaves_the_last_complete_checkpoint(dp_run: Path
     and ends with the uninterrupted run's losses."""
     common = [*TINY, "--steps", "6", "--eval-interval", "3", "--out-dir", str(tmp_path), "--run-name", "killed",
               "--parallel.dp", "2", "--stp.start-step", "2"]
-    proc = torchrun(2, "train.py", *common, env=_env(AMER_FAULT_AT="checkpoint-shards:step_000006:rank1"))
+    proc = torchrun(2, "train.py", *common, extra={"AMER_FAULT_AT": "checkpoint-shards:step_000006:rank1"})
     assert proc.returncode != 0
     run = tmp_path / "killed"
     assert [p.name for p in list_checkpoints(run)] == ["step_000003"]
