@@ -11,8 +11,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+import scenarios
 import torch
 import torch.distributed as dist
+from scenarios import fail
 
 from amer import HybridLM, ModelConfig
 from amer.checkpoint import save_checkpoint
@@ -29,13 +31,11 @@ from amer.training.sharded_eval import sharded_validate
 from amer.training.step import TrainStep, _rows
 
 SEED = 11
+VOCAB = 70
 
 
 def model_config(pattern: str, **moe: object) -> ModelConfig:
-    return ModelConfig(pattern=pattern, d_model=32, vocab_size=70, max_seq_len=64, init_std=0.1,
-                       attention={"n_heads": 4, "n_kv_heads": 2},
-                       mamba={"d_state": 8, "head_dim": 16, "chunk_size": 8},
-                       moe={"n_experts": 4, "top_k": 2, "d_ff": 48, **moe}, recurrent={"n_heads": 2})
+    return scenarios.model_config(pattern, vocab=VOCAB, **moe)
 
 
 def train_config(model: ModelConfig, **parallel: object) -> TrainConfig:
@@ -44,20 +44,11 @@ def train_config(model: ModelConfig, **parallel: object) -> TrainConfig:
 
 
 def batch(rows: int = 4, T: int = 24, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    seq = torch.randint(0, 70, (rows, T + 1), generator=g)
-    starts = torch.rand(rows, T, generator=g) < 0.1
-    starts[:, 0] = True
-    return {"tokens": seq[:, :-1], "targets": seq[:, 1:], "doc_ids": starts.long().cumsum(1)}
+    return scenarios.batch(rows, T, seed, vocab=VOCAB)
 
 
 def stp(layers: str = "A-1,M-1,E-1,R-1") -> STPConfig:
     return STPConfig(enabled=True, layers=layers, weight=0.5, start_step=0, ramp_steps=0, n_spans=3)
-
-
-def fail(msg: str) -> None:
-    print(f"FAIL rank {dist.get_rank()}: {msg}", file=sys.stderr, flush=True)
-    sys.exit(1)
 
 
 def say(msg: str) -> None:
@@ -225,7 +216,7 @@ def eval_equal() -> None:
     cfg = model_config("AEM|ER")
     policy = STPPolicy(stp(), cfg.parsed)
     data = [batch(seed=s) for s in range(3)]
-    token_bytes = torch.ones(70)
+    token_bytes = torch.ones(VOCAB)
     want = evaluate(HybridLM(cfg, seed=SEED), data, stp={"stp": policy}, token_bytes=token_bytes)
     for parallel in ({"dp": 2}, {"pp": 2}):
         scaled = build(train_config(cfg, **parallel), policy)

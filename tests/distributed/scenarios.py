@@ -25,18 +25,20 @@ from amer.training.pipeline_step import PipelineStep
 from amer.training.step import TrainStep
 
 SEED = 3
+VOCAB = 64
 
 
-def model_config(pattern: str, **moe: object) -> ModelConfig:
-    return ModelConfig(pattern=pattern, d_model=32, vocab_size=64, max_seq_len=64, init_std=0.1,
+def model_config(pattern: str, vocab: int = VOCAB, **moe: object) -> ModelConfig:
+    return ModelConfig(pattern=pattern, d_model=32, vocab_size=vocab, max_seq_len=64, init_std=0.1,
                        attention={"n_heads": 4, "n_kv_heads": 2},
                        mamba={"d_state": 8, "head_dim": 16, "chunk_size": 8},
                        moe={"n_experts": 4, "top_k": 2, "d_ff": 48, **moe}, recurrent={"n_heads": 2})
 
 
-def batch(rows: int, T: int = 24, seed: int = 0) -> dict[str, torch.Tensor]:
+def batch(rows: int, T: int = 24, seed: int = 0, vocab: int = VOCAB) -> dict[str, torch.Tensor]:
+    """Packed rows: documents start at random (and at every row's first token)."""
     g = torch.Generator().manual_seed(seed)
-    seq = torch.randint(0, 64, (rows, T + 1), generator=g)
+    seq = torch.randint(0, vocab, (rows, T + 1), generator=g)
     starts = torch.rand(rows, T, generator=g) < 0.1
     starts[:, 0] = True
     return {"tokens": seq[:, :-1], "targets": seq[:, 1:], "doc_ids": starts.long().cumsum(1)}
@@ -134,21 +136,28 @@ def pp_grads(layout: D.Layout) -> None:
         P._SEAM_ENABLED = True
 
 
-def dp_equal(layout: D.Layout) -> None:
-    """dp=2 with b rows per rank equals one process with 2b rows: parameters after 5 steps (STP on taps of
-    several families, MoE balancing on), for FSDP2 and DDP."""
-    cfg = model_config("AEMER")
+def one_process_run(pattern: str, stp_layers: str, n_steps: int) -> tuple[
+        HybridLM, TrainConfig, STPPolicy, list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """What a data-parallel run must reproduce: the initial model, its settings and batches of 4 rows, and the
+    parameters one process reaches after ``n_steps`` on the whole batches."""
+    cfg = model_config(pattern)
     tcfg = TrainConfig(lr=3e-3, weight_decay=0.1, seq_len=24, model=cfg)
     torch.manual_seed(0)
     base = HybridLM(cfg)
-    policy = STPPolicy(stp("A-1,M-1,E-1,R-1"), base.pattern)
-    steps = [batch(4, seed=s) for s in range(5)]
+    policy = STPPolicy(stp(stp_layers), base.pattern)
+    steps = [batch(4, seed=s) for s in range(n_steps)]
     ref_model = copy.deepcopy(base)
     ref = TrainStep(ref_model, make_optimizer(ref_model, tcfg), policy,
                     stp_generator=torch.Generator().manual_seed(SEED))
     for i, b in enumerate(steps):
         ref([b], i)
-    want = dict(ref_model.named_parameters())
+    return base, tcfg, policy, steps, dict(ref_model.named_parameters())
+
+
+def dp_equal(layout: D.Layout) -> None:
+    """dp=2 with b rows per rank equals one process with 2b rows: parameters after 5 steps (STP on taps of
+    several families, MoE balancing on), for FSDP2 and DDP."""
+    base, tcfg, policy, steps, want = one_process_run("AEMER", "A-1,M-1,E-1,R-1", 5)
     for kind in ("fsdp", "ddp"):
         model = D.wrap_data_parallel(copy.deepcopy(base), layout, kind)
         opt = make_optimizer(model, tcfg)
@@ -295,18 +304,7 @@ def pp_shared(layout: D.Layout) -> None:
 def dp_shared(layout: D.Layout) -> None:
     """dp=2 with a shared block used three times (once in a parallel layer): FSDP2 (the shared block one unit,
     gathered at each use) and DDP give one process's parameters after 3 steps."""
-    cfg = model_config("A:z E M A:z E [A:z M]")
-    tcfg = TrainConfig(lr=3e-3, weight_decay=0.1, seq_len=24, model=cfg)
-    torch.manual_seed(0)
-    base = HybridLM(cfg)
-    policy = STPPolicy(stp("A0,A1,L-1"), base.pattern)
-    steps = [batch(4, seed=s) for s in range(3)]
-    ref_model = copy.deepcopy(base)
-    ref = TrainStep(ref_model, make_optimizer(ref_model, tcfg), policy,
-                    stp_generator=torch.Generator().manual_seed(SEED))
-    for i, b in enumerate(steps):
-        ref([b], i)
-    want = dict(ref_model.named_parameters())
+    base, tcfg, policy, steps, want = one_process_run("A:z E M A:z E [A:z M]", "A0,A1,L-1", 3)
     for kind in ("fsdp", "ddp"):
         model = D.wrap_data_parallel(copy.deepcopy(base), layout, kind)
         run = TrainStep(model, make_optimizer(model, tcfg), policy, stp_generator=torch.Generator().manual_seed(SEED),
