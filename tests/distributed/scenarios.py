@@ -88,6 +88,15 @@ def reference_grads(model: HybridLM, policy: STPPolicy, data: dict[str, torch.Te
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def stage_grads_equal(stage: P.StageModule, ref: dict, layout: D.Layout, what: str) -> None:
+    """Every parameter of this rank's stage has one process's gradient (a tied head's is the embedding's)."""
+    for name, p in stage.named_parameters():
+        if p.grad is None:
+            fail(f"{what}: {name} got no gradient")
+        close(p.grad, ref["embed.weight" if name == "lm_head.weight" and stage.tied_copy else name],
+              f"{what} stage {layout.pp_rank} {name}")
+
+
 def pp_grads(layout: D.Layout) -> None:
     """pp=2: every parameter's gradient equals one process's, for both schedules and 1, 2, 4 microbatches;
     with the seam disabled, stage 0's do not (the auxiliary gradient never arrives)."""
@@ -108,11 +117,7 @@ def pp_grads(layout: D.Layout) -> None:
         out = runner([data], 5)
         if not out.applied:
             fail(f"{schedule} m={m}: step skipped ({out.skipped_reason})")
-        for name, p in stage.named_parameters():
-            if p.grad is None:
-                fail(f"{schedule} m={m}: {name} got no gradient")
-            close(p.grad, ref["embed.weight" if name == "lm_head.weight" and stage.tied_copy else name],
-                  f"{schedule} m={m} stage {layout.pp_rank} {name}")
+        stage_grads_equal(stage, ref, layout, f"{schedule} m={m}")
         dist.barrier()
         say(layout, f"pp=2 {schedule} microbatches={m} stp {policy.cfg.form}: gradients of both stages equal one "
                     "process's")
@@ -250,11 +255,7 @@ def pp_parallel(layout: D.Layout) -> None:
                           seq_len=24)
     if not runner([data], 5).applied:
         fail("parallel layers: step skipped")
-    for name, p in stage.named_parameters():
-        if p.grad is None:
-            fail(f"parallel layers: {name} got no gradient")
-        close(p.grad, ref["embed.weight" if name == "lm_head.weight" and stage.tied_copy else name],
-              f"parallel layers stage {layout.pp_rank} {name}")
+    stage_grads_equal(stage, ref, layout, "parallel layers")
     dist.barrier()
     say(layout, "pp=2 with a parallel layer on each stage: gradients equal one process's")
 
@@ -284,11 +285,7 @@ def pp_shared(layout: D.Layout) -> None:
     stage = run(tied=True)
     if sorted(stage.shared) != ["z"] or stage.shared_ties() != [("z", [0, 1])]:
         fail(f"shared block: stage {layout.pp_rank} holds {sorted(stage.shared)}, ties {stage.shared_ties()}")
-    for name, p in stage.named_parameters():
-        if p.grad is None:
-            fail(f"shared block: {name} got no gradient")
-        close(p.grad, ref["embed.weight" if name == "lm_head.weight" and stage.tied_copy else name],
-              f"shared block stage {layout.pp_rank} {name}")
+    stage_grads_equal(stage, ref, layout, "shared block")
     dist.barrier()
     say(layout, "pp=2, a shared block on both stages: its gradient on each stage equals one process's")
     stage = run(tied=False)
