@@ -253,8 +253,8 @@ def test_minimax_decoder_layer_is_two_blocks(tmp_path: Path, layer_idx: int) -> 
 
 
 def test_model_with_n_blocks_trains_and_decodes() -> None:
-    """ANENE: N-1 selects the last N block's tap; a few AdamW steps on CE lower the loss with every gradient live;
-    decoding equals the full forward."""
+    """ANENE: N-1 selects the last N block's tap; a few AdamW steps on CE lower the loss with every gradient live
+    (decoding against the full forward is the mixer contract's, for every family)."""
     cfg = ModelConfig(pattern="ANENE", d_model=32, vocab_size=64, max_seq_len=64, attention=contract.SMALL["A"],
                       moe=contract.SMALL["E"], lightning={"chunk_size": 8})
     check_trains_with_taps(cfg, "N")

@@ -61,10 +61,6 @@ def say(layout: D.Layout, msg: str) -> None:
 def close(a: torch.Tensor, b: torch.Tensor, what: str, tol: float = 1e-5) -> None:
     err = (a - b).abs().max().item() / max(1.0, b.abs().max().item())
     if not err <= tol:
-        import os
-        if os.environ.get("AMER_DEBUG_ALL"):
-            print(f"DIFF rank {dist.get_rank()}: {what}: {err:.3g}", flush=True)
-            return
         fail(f"{what}: max relative difference {err:.3g} > {tol}")
 
 
