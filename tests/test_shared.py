@@ -187,3 +187,14 @@ def test_per_use_parts_stay_with_each_use() -> None:
         uses[0].parts, uses[2].parts = uses[2].parts, uses[0].parts
     shared(x).logits.square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in shared.parameters())
+
+
+def test_pipeline_split_refused_for_mixers_that_read_the_embedding() -> None:
+    """Stages pass the stream only, so a model whose mixers read the embedding output is not cut (one line); the same
+    cut without them is (control)."""
+    from amer.errors import ConfigError
+    from amer.training.pipeline import stage_layers
+
+    with pytest.raises(ConfigError, match="read the embedding output"):
+        stage_layers(model("M H:z | M H:z", **ZAMBA), 2)
+    assert stage_layers(model("M A:z | M A:z"), 2) == [[0, 1], [2, 3]]
