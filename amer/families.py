@@ -43,6 +43,9 @@ class FamilySpec:
     config: type  # the family's config dataclass
     mixer: type  # the mixer class (an nn.Module)
     summary: str = ""  # one line for listings, e.g. "causal GQA attention with RoPE"
+    # the config key of another family whose config this family's mixer is also built with (``companion=``), for a
+    # mixer that runs that family's mixer inside itself (Zamba2's hybrid layer runs an M-family Mamba-2)
+    companion: str | None = None
 
     def __post_init__(self) -> None:
         if len(self.letter) != 1 or not self.letter.isupper() or not self.letter.isascii():

@@ -154,18 +154,21 @@ class HybridLM(nn.Module):
             dims = cfg.dims
             shared: dict[str, Block] = {}  # a shared block: built for its first use, held once (amer.blocks.shared)
             blocks: list[nn.Module] = []
+            def build(layer: Any) -> Block:
+                return Block(cfg.layer_config(layer), dims, layer, cfg.block_options(layer),
+                             companion=cfg.companion_config(layer))
+
             for layer in self.pattern.layers:
-                if layer.share is not None and layer.share in shared:
-                    blocks.append(SharedUse(shared[layer.share], layer))
-                    continue
-                if layer.share is not None:  # with a norm of its own even if its first use is a parallel branch
-                    one = replace(layer, branch=None)
-                    shared[layer.share] = Block(cfg.layer_config(one), dims, one, cfg.block_options(one))
-                    blk = SharedUse(shared[layer.share], layer)
+                if layer.share is not None and layer.share not in shared:
+                    # with a norm of its own even if its first use is a parallel branch
+                    shared[layer.share] = build(replace(layer, branch=None)).without_per_use()
+                if layer.share is not None:  # a use's own submodules (the mixer's per_use) come from its own build
+                    per_use = build(layer).per_use_parts() if shared[layer.share].mixer.per_use else None
+                    blocks.append(SharedUse(shared[layer.share], layer, per_use))
                 else:
-                    blk = Block(cfg.layer_config(layer), dims, layer, cfg.block_options(layer))
-                blocks.append(blk)
+                    blocks.append(build(layer))
             self.blocks = nn.ModuleList(blocks)
+            self.reads_embedding = any(blk.mixer.reads_embedding for blk in blocks)
             self.shared = nn.ModuleDict(shared)
             self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -185,7 +188,7 @@ class HybridLM(nn.Module):
         A tied head is the embedding."""
         units = [InitUnit("embed", self.embed, self._normal)]
         units += [InitUnit(f"blocks.{i}", blk, _reset) for i, blk in enumerate(self.blocks)
-                  if not isinstance(blk, SharedUse)]
+                  if not isinstance(blk, SharedUse) or blk.parts is not None]
         units += [InitUnit(f"shared.{name}", blk, _reset) for name, blk in self.shared.items()]
         units.append(InitUnit("norm", self.norm, _reset))
         if not self.cfg.tie_embeddings:
@@ -301,6 +304,7 @@ class HybridLM(nn.Module):
                 positions.append(pos)
 
         x = scale_embedding(self.cfg, self.embed(tokens))  # (B, T, D)
+        embed = x if self.reads_embedding else None  # for mixers that read it (Zamba's shared transformer)
         record(0, Tap(-1, None, 0, x, "embed"))
         aux: dict[str, Tensor] = {}
         stats: dict[str, list[tuple[str, Tensor]]] = {}
@@ -309,7 +313,7 @@ class HybridLM(nn.Module):
         for specs in self.pattern.residual_layers:
             idx = [spec.index for spec in specs]
             caches = [None] * len(idx) if cache is None else [cache[i] for i in idx]
-            x, branch_taps, outs = residual_layer([self.blocks[i] for i in idx], x, caches, docs)  # (B, T, D)
+            x, branch_taps, outs = residual_layer([self.blocks[i] for i in idx], x, caches, docs, embed)
             for spec, hid in zip(specs, branch_taps):
                 record(where.block[spec.index], Tap(spec.index, spec.family, spec.family_index, hid, "branch"))
             last = specs[-1]

@@ -204,9 +204,10 @@ class ModelConfig:
                                   "residual_multiplier 1 and residual_normed false, got "
                                   f"{opts.norm_placement!r}, {opts.residual_multiplier}, {opts.residual_normed}")
         for family, variant in dict.fromkeys((layer.family, layer.variant) for layer in self.parsed.layers):
-            cfg = self.family_config(family, variant)
-            if hasattr(cfg, "validate"):
-                cfg.validate(dims)
+            for cfg in (self.family_config(family, variant),
+                        None if family.spec.companion is None else self.family_configs[family.spec.companion]):
+                if hasattr(cfg, "validate"):
+                    cfg.validate(dims)
 
     @property
     def n_layers(self) -> int:
@@ -232,6 +233,11 @@ class ModelConfig:
     def layer_config(self, layer: Any) -> Any:
         """The config a layer of the pattern is built from: its family's, or its variant's."""
         return self.family_config(layer.family, layer.variant)
+
+    def companion_config(self, layer: Any) -> Any:
+        """The config of the family a layer's mixer runs inside itself (its family's ``companion``), or None."""
+        key = layer.family.spec.companion
+        return None if key is None else self.family_configs[key]
 
     def block_options(self, layer: Any) -> BlockOptions:
         """How a layer joins the residual stream (the model's options, its family's, its variant's)."""

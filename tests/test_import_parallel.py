@@ -63,7 +63,7 @@ def test_falcon_h1(tmp_path: Path, norm: str, monkeypatch: pytest.MonkeyPatch) -
     assert differs(model, hf) > 100 * ATOL
 
 
-def sequential_layer(blocks: Any, x: torch.Tensor, caches: Any, doc_ids: Any = None) -> Any:
+def sequential_layer(blocks: Any, x: torch.Tensor, caches: Any, doc_ids: Any = None, embed: Any = None) -> Any:
     """A parallel layer's branches run one after the other, each on the norm of the stream the last one left."""
     if len(blocks) == 1:
         return residual_layer(blocks, x, caches, doc_ids)

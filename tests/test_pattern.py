@@ -102,7 +102,7 @@ def test_exact_message_for_unknown_block() -> None:
     with pytest.raises(PatternError,
                        match=r"^pattern 'AEMX': unknown block 'X' at position 3; expected A \(attention\), "
                        r"M \(mamba\), E \(expert\), R \(recurrent\), G \(deltanet\), S \(mamba1\), C \(shortconv\), "
-                       r"D \(mla\), N \(lightning\)$"):
+                       r"D \(mla\), N \(lightning\), H \(zamba\)$"):
         parse_pattern("AEMX")
 
 

@@ -27,7 +27,7 @@ COPIES = "A E M A E [A M] E A E"  # the same stack, every use its own block
 
 
 def model(pattern: str = PATTERN, seed: int = 1, **kw: Any) -> HybridLM:
-    cfg = ModelConfig(pattern=pattern, d_model=D, vocab_size=VOCAB, max_seq_len=64, init_std=0.1, **SMALL, **kw)
+    cfg = ModelConfig(pattern=pattern, d_model=D, vocab_size=VOCAB, max_seq_len=64, init_std=0.1, **{**SMALL, **kw})
     return HybridLM(cfg, seed=seed)
 
 
@@ -142,3 +142,52 @@ def test_pretrained_folder_round_trip(tmp_path: Any) -> None:
     with torch.no_grad():
         torch.testing.assert_close(back(ids()).logits, m(ids()).logits, rtol=0, atol=0)
     assert back.blocks[3].shared_block is back.shared["z"] and back.num_params() == m.num_params()
+
+
+ZAMBA = {"zamba": contract.SMALL["H"], "mamba": contract.SMALL["M"]}
+
+
+def test_per_use_parts_stay_with_each_use() -> None:
+    """A mixer's ``per_use`` submodules (the H family's adapters, linear and Mamba-2) are held by each use, the rest
+    once: keys, counts, units and gradients say so; the model equals one built of independent H blocks holding the
+    same weights, its decoding equals its forward, and each use's parts matter (negative control: two uses' parts
+    exchanged move the logits)."""
+    shared = model("M H:z M H:z H:z", **ZAMBA)
+    copies = model("M H M H H", **ZAMBA)
+    state = {k: v for k, v in shared.state_dict().items() if not k.startswith("shared.") and ".parts." not in k}
+    for i, blk in enumerate(shared.blocks):
+        if isinstance(blk, SharedUse):
+            state.update({f"blocks.{i}.mixer.{k}": v for k, v in blk.shared_block.mixer.state_dict().items()})
+            state.update({f"blocks.{i}.mixer.{k}": v for k, v in blk.parts.state_dict().items()})
+    copies.load_state_dict(state)
+    uses = [b for b in shared.blocks if isinstance(b, SharedUse)]
+    assert all(".parts." in k or not k.startswith("blocks.1.") for k in shared.state_dict())
+    transformer = sum(p.numel() for p in shared.shared["z"].parameters())
+    assert shared.num_params() == copies.num_params() - 2 * transformer
+    assert {"blocks.1", "blocks.3", "blocks.4", "shared.z"} <= {u.name for u in shared.init_units()}
+    x = ids()
+    with torch.no_grad():
+        want = copies(x).logits
+        torch.testing.assert_close(shared(x).logits, want, rtol=0, atol=ATOL)
+        cache, got = shared.init_cache(2, 20), []
+        for t in range(20):
+            out = shared(x[:, t:t + 1], cache=cache, taps=False)
+            cache = out.cache
+            got.append(out.logits)
+        torch.testing.assert_close(torch.cat(got, 1), want, rtol=0, atol=ATOL)
+        uses[0].parts, uses[2].parts = uses[2].parts, uses[0].parts
+        assert (shared(x).logits - want).abs().max() > 100 * ATOL
+        uses[0].parts, uses[2].parts = uses[2].parts, uses[0].parts
+    shared(x).logits.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in shared.parameters())
+
+
+def test_pipeline_split_refused_for_mixers_that_read_the_embedding() -> None:
+    """Stages pass the stream only, so a model whose mixers read the embedding output is not cut (one line); the same
+    cut without them is (control)."""
+    from amer.errors import ConfigError
+    from amer.training.pipeline import stage_layers
+
+    with pytest.raises(ConfigError, match="read the embedding output"):
+        stage_layers(model("M H:z | M H:z", **ZAMBA), 2)
+    assert stage_layers(model("M A:z | M A:z"), 2) == [[0, 1], [2, 3]]

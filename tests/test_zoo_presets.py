@@ -84,6 +84,14 @@ PRESETS: dict[str, Published] = {
         dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
              intermediate_size=4608, mamba_d_ssm=3072, mamba_n_heads=48, mamba_d_head=64, mamba_d_state=256,
              mamba_n_groups=1, mamba_d_conv=4, mamba_rms_norm=True, vocab_size=65536, tie_word_embeddings=False)),
+    "zamba2-2.7b": Published(
+        2.7e9, 1e8, "The Zamba2 Suite technical report (Glorioso et al. 2024, arXiv 2411.15242): 1.2B, 2.7B and 7.4B "
+        "parameter models",
+        "Zamba2ForCausalLM", "Zamba2Config",
+        dict(hidden_size=2560, num_hidden_layers=54, num_attention_heads=32, num_key_value_heads=32,
+             intermediate_size=10240, mamba_d_state=64, mamba_d_conv=4, mamba_expand=2, n_mamba_heads=80,
+             mamba_ngroups=1, num_mem_blocks=2, adapter_rank=128, use_shared_attention_adapter=False,
+             use_mem_rope=False, vocab_size=32000, tie_word_embeddings=True)),
     "deepseek-v3": Published(
         671e9, 1e9, "DeepSeek-V3 (arXiv 2412.19437): 671B total / 37B activated parameters (the hub's 685B adds the "
         "14B multi-token-prediction module)",
@@ -143,3 +151,17 @@ def test_nemotron_h_preset_is_megatron_cores_layout() -> None:
     """The preset's pattern is the model's hybrid_override_pattern through amer.pattern.from_megatron."""
     pattern = ModelConfig.from_preset("nemotron-h-8b").parsed.letters
     assert pattern == parse_pattern(from_megatron(NEMOTRON_H_8B)).letters
+
+
+def test_zamba2_preset_is_the_class_layout_with_its_blocks_in_turn() -> None:
+    """The preset's pattern is Zamba2's default ``layers_block_type`` with the two shared blocks taking turns; the
+    same stack with every hybrid layer's transformer its own (negative control) holds seven more transformers."""
+    transformers = pytest.importorskip("transformers")
+    types = transformers.Zamba2Config().layers_block_type
+    cfg = ModelConfig.from_preset("zamba2-2.7b")
+    turns = iter(range(len(types)))
+    want = " ".join("M" if t != "hybrid" else f"H:z{next(turns) % 2}" for t in types)
+    assert cfg.parsed.letters == parse_pattern(want).letters
+    unshared = dataclasses.replace(cfg, pattern=want.replace(":z0", "").replace(":z1", ""))
+    shared = HybridLM.empty(cfg).shared["z0"]
+    assert amer_count(unshared) - amer_count(cfg) == 7 * sum(p.numel() for p in shared.parameters())

@@ -9,6 +9,7 @@ so the family imports are not sorted.
 from amer.blocks import attention, mamba, moe, recurrent  # noqa: F401  (A, M, E, R)
 from amer.blocks import gated_deltanet, mamba1, shortconv  # noqa: F401  (G, S, C)
 from amer.blocks import mla, lightning  # noqa: F401  (D, N)
+from amer.blocks import zamba  # noqa: F401  (H)
 # isort: on
 from amer.blocks.common import Block, Mixer, MixerOutput, RMSNorm, SwiGLU
 from amer.blocks.doc_ids import DocIds

@@ -14,6 +14,8 @@ The mixer contract (uniform across families, as in flash-linear-attention)::
     mixer.fullgraph_blocker()           # None, or why its training forward cannot compile fullgraph
     mixer.device_note("xla")            # None, or what it does differently on that device (said once)
     mixer.after_step()                  # after each optimizer step: training state outside the parameters
+    out = mixer(x, embed=e)             # reads_embedding: also given the embedding output e (B, T, D)
+    out = mixer(x, parts=use.parts)     # per_use: a shared block's use's own submodules
 
 ``cache=None`` is the training path: no state is kept and ``out.cache`` is None. With a cache, the
 mixer consumes T new tokens after those the cache has seen and returns the updated cache (caches
@@ -116,6 +118,13 @@ class Mixer(nn.Module):
 
     #: Every auxiliary loss the mixer puts in ``MixerOutput.aux``, with the setting that weights it.
     aux_losses: ClassVar[Mapping[str, str]] = {}
+    #: True: ``forward`` takes ``embed=`` (B, T, D), the embedding output, which the model then passes.
+    reads_embedding: ClassVar[bool] = False
+    #: True: the mixer norms its input itself; its block adds ``mixer(x)`` to the raw stream ``x``.
+    owns_norm: ClassVar[bool] = False
+    #: Submodules that belong to each use of a shared block (``A:z``), not to the shared parameters: ``forward``
+    #: then takes ``parts=`` (a mapping of those names to the use's own modules).
+    per_use: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, dims: Dims, layer: LayerSpec) -> None:
         super().__init__()
@@ -165,19 +174,23 @@ class Block(nn.Module):
     one pre-norm is its first branch's, and :func:`amer.blocks.parallel.parallel_layer` runs the branches through
     :meth:`update`."""
 
-    def __init__(self, cfg: Any, dims: Dims, layer: LayerSpec, opts: BlockOptions | None = None) -> None:
+    def __init__(self, cfg: Any, dims: Dims, layer: LayerSpec, opts: BlockOptions | None = None, *,
+                 companion: Any = None) -> None:
         super().__init__()
         opts = opts or BlockOptions()
         placement = opts.norm_placement
         self.layer = layer
-        own_norm = placement != "post" and not layer.branch
+        mixer_cls = layer.family.spec.mixer
+        own_norm = placement != "post" and not layer.branch and not mixer_cls.owns_norm
         self.norm = RMSNorm(dims.d_model, dims.norm_eps, dims.norm_offset) if own_norm else None
-        self.post_norm = (RMSNorm(dims.d_model, dims.norm_eps, dims.norm_offset) if placement != "pre" else None)
+        self.post_norm = (RMSNorm(dims.d_model, dims.norm_eps, dims.norm_offset)
+                          if placement != "pre" and not mixer_cls.owns_norm else None)
         self.residual_scale = dims.residual_scale * opts.update_multiplier  # one multiply of the update, or none
         self.residual_multiplier = opts.residual_multiplier
         self.residual_normed = opts.residual_normed
         self.input_multiplier = opts.input_multiplier
-        self.mixer = layer.family.spec.mixer(cfg, dims, layer)
+        self.mixer = (mixer_cls(cfg, dims, layer) if layer.family.spec.companion is None
+                      else mixer_cls(cfg, dims, layer, companion=companion))
 
     def reset_parameters(self) -> None:
         for norm in (self.norm, self.post_norm):
@@ -185,16 +198,34 @@ class Block(nn.Module):
                 norm.reset_parameters()
         self.mixer.reset_parameters()
 
-    def update(self, h: Tensor, cache: Any = None, doc_ids: DocIds | None = None) -> tuple[Tensor, MixerOutput]:
-        """What the block adds to the residual stream, given its normed input ``h``, and the mixer's output."""
+    def without_per_use(self) -> Block:
+        """This block as the shared parameters of a shared block: its mixer's per-use submodules taken out."""
+        for name in self.mixer.per_use:
+            setattr(self.mixer, name, None)
+        return self
+
+    def per_use_parts(self) -> nn.ModuleDict:
+        """The mixer's per-use submodules (``Mixer.per_use``), for one use of a shared block."""
+        return nn.ModuleDict({n: m for n in self.mixer.per_use if (m := getattr(self.mixer, n)) is not None})
+
+    def update(self, h: Tensor, cache: Any = None, doc_ids: DocIds | None = None, embed: Tensor | None = None,
+               parts: nn.ModuleDict | None = None) -> tuple[Tensor, MixerOutput]:
+        """What the block adds to the residual stream, given its normed input ``h``, and the mixer's output
+        (``embed``: the embedding output, for a mixer that reads it; ``parts``: a shared block's use's own modules)."""
+        extra: dict[str, Any] = {}
+        if embed is not None and self.mixer.reads_embedding:
+            extra["embed"] = embed
+        if parts is not None:
+            extra["parts"] = parts
         out = self.mixer(h if self.input_multiplier == 1 else h * self.input_multiplier, cache=cache,
-                         doc_ids=doc_ids)
+                         doc_ids=doc_ids, **extra)
         y = out.y if self.post_norm is None else self.post_norm(out.y)
         return (y if self.residual_scale == 1 else y * self.residual_scale), out
 
-    def forward(self, x: Tensor, cache: Any = None, doc_ids: DocIds | None = None) -> tuple[Tensor, MixerOutput]:
+    def forward(self, x: Tensor, cache: Any = None, doc_ids: DocIds | None = None, embed: Tensor | None = None,
+                parts: nn.ModuleDict | None = None) -> tuple[Tensor, MixerOutput]:
         h = x if self.norm is None else self.norm(x)
-        y, out = self.update(h, cache, doc_ids)
+        y, out = self.update(h, cache, doc_ids, embed, parts)
         res = h if self.residual_normed else x
         if self.residual_multiplier != 1:
             res = res * self.residual_multiplier

@@ -58,6 +58,8 @@ class MambaConfig:
     norm: Literal["gated", "before_gate", "none"] = opt(
         "gated", "Mamba-2 output norm: gated is rmsnorm(y * silu(z)) (Mamba-2), before_gate rmsnorm(y) * silu(z), "
                  "none y * silu(z) without a norm weight (Falcon-H1's mamba_rms_norm false)")
+    dt_clamp_min: float = opt(0.0, "Mamba-2 lower bound of the time step softplus(dt + dt_bias) in every forward "
+                              "(Zamba2's time_step_min; 0: unbounded)", ge=0)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "a_init_range", tuple(self.a_init_range))  # a TOML list becomes the tuple
@@ -207,6 +209,8 @@ class MambaMixer(Mixer):
         Cm = Cm.unflatten(-1, (G, N))
         acc = torch.promote_types(x.dtype, torch.float32)  # decays in fp32 at least
         dt = F.softplus(dt.to(acc) + self.dt_bias.to(acc))  # (B, T, H)
+        if self.cfg.dt_clamp_min > 0:  # a floor on how fast the state may be overwritten, kept in inference too
+            dt = dt.clamp(min=self.cfg.dt_clamp_min)
         A = -torch.exp(self.A_log.to(acc))  # (H,) < 0: a stable, decaying state
 
         if cache is not None and T == 1:

@@ -24,24 +24,25 @@ from amer.blocks.doc_ids import DocIds
 __all__ = ["parallel_layer", "residual_layer"]
 
 
-def parallel_layer(blocks: Sequence[Block], x: Tensor, caches: Sequence[Any],
-                   doc_ids: DocIds | None = None) -> tuple[Tensor, list[Tensor], list[MixerOutput]]:
+def parallel_layer(blocks: Sequence[Block], x: Tensor, caches: Sequence[Any], doc_ids: DocIds | None = None,
+                   embed: Tensor | None = None) -> tuple[Tensor, list[Tensor], list[MixerOutput]]:
     """One parallel layer: the stream after it, each branch's tap and each branch's mixer output."""
     h = blocks[0].norm(x)
     total, taps, outs = None, [], []
     for blk, cache in zip(blocks, caches):
-        y, out = blk.update(h, cache, doc_ids)
+        y, out = blk.update(h, cache, doc_ids, embed)
         taps.append(x + y)
         outs.append(out)
         total = y if total is None else total + y
     return x + total, taps, outs
 
 
-def residual_layer(blocks: Sequence[Block], x: Tensor, caches: Sequence[Any],
-                   doc_ids: DocIds | None = None) -> tuple[Tensor, list[Tensor], list[MixerOutput]]:
+def residual_layer(blocks: Sequence[Block], x: Tensor, caches: Sequence[Any], doc_ids: DocIds | None = None,
+                   embed: Tensor | None = None) -> tuple[Tensor, list[Tensor], list[MixerOutput]]:
     """One residual layer of the stack, a block alone (through its ``forward``, which regional compilation and
-    activation checkpointing wrap) or a parallel layer: as :func:`parallel_layer` (no branch taps for a block alone)."""
+    activation checkpointing wrap) or a parallel layer: as :func:`parallel_layer` (no branch taps for a block alone).
+    ``embed`` (the embedding output) reaches the mixers that read it (``Mixer.reads_embedding``)."""
     if len(blocks) == 1:
-        x, out = blocks[0](x, caches[0], doc_ids)
+        x, out = blocks[0](x, caches[0], doc_ids) if embed is None else blocks[0](x, caches[0], doc_ids, embed)
         return x, [], [out]
-    return parallel_layer(blocks, x, caches, doc_ids)
+    return parallel_layer(blocks, x, caches, doc_ids, embed)

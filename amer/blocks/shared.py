@@ -28,9 +28,10 @@ class SharedUse(nn.Module):
     ``norm``...) over parameters it does not hold. The shared :class:`Block` is kept outside the module tree
     (``object.__setattr__``), so it is registered, stored and counted once, by its owner."""
 
-    def __init__(self, block: Block, layer: LayerSpec) -> None:
+    def __init__(self, block: Block, layer: LayerSpec, parts: nn.ModuleDict | None = None) -> None:
         super().__init__()
         self.layer = layer
+        self.parts = parts  # the use's own submodules (Mixer.per_use), state-dict keys blocks.<i>.parts.*
         object.__setattr__(self, "shared_block", block)
 
     def __getattr__(self, name: str) -> Any:
@@ -40,13 +41,17 @@ class SharedUse(nn.Module):
             return getattr(self.__dict__["shared_block"], name)
 
     def reset_parameters(self) -> None:
-        """Nothing: the shared block is initialised once, as its own unit."""
+        """The use's own submodules only: the shared block is initialised once, as its own unit."""
+        if self.parts is not None:
+            self.shared_block.mixer.reset_parts(self.parts)
 
-    def update(self, h: Tensor, cache: Any = None, doc_ids: DocIds | None = None) -> tuple[Tensor, MixerOutput]:
-        return self.shared_block.update(h, cache, doc_ids)
+    def update(self, h: Tensor, cache: Any = None, doc_ids: DocIds | None = None,
+               embed: Tensor | None = None) -> tuple[Tensor, MixerOutput]:
+        return self.shared_block.update(h, cache, doc_ids, embed, self.parts)
 
-    def forward(self, x: Tensor, cache: Any = None, doc_ids: DocIds | None = None) -> tuple[Tensor, MixerOutput]:
-        return self.shared_block(x, cache, doc_ids)
+    def forward(self, x: Tensor, cache: Any = None, doc_ids: DocIds | None = None,
+                embed: Tensor | None = None) -> tuple[Tensor, MixerOutput]:
+        return self.shared_block(x, cache, doc_ids, embed, self.parts)
 
     def init_cache(self, batch_size: int, max_len: int, *, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> Any:

@@ -65,6 +65,9 @@ def stage_layers(model: HybridLM, n_stages: int) -> list[list[int]]:
             f"--parallel.pp {n_stages} needs a pattern with {n_stages - 1} stage mark(s) '|', but "
             f"{pattern.letters!r} has {marks} ({pattern.n_stages} stage{'s' if pattern.n_stages > 1 else ''}); "
             f"cut it with '|', e.g. {_even_split(pattern.letters, n_stages)!r}")
+    if n_stages > 1 and model.reads_embedding:  # the embedding output would have to travel with the stream
+        raise ConfigError(f"--parallel.pp {n_stages}: {pattern.letters!r} has blocks whose mixers read the embedding "
+                          "output (reads_embedding); pipeline stages pass the residual stream only: use pp 1")
     return [[layer.index for layer in pattern.stage_layers(s)] for s in range(n_stages)]
 
 
