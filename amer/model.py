@@ -144,7 +144,7 @@ class HybridLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.pattern = cfg.parsed
-        self._tap_where = tap_positions(self.pattern)  # read in forward, where dynamo would trace the lru_cache
+        self._tap_where = tap_positions(self.pattern)  # once per model, not once per forward
         device = torch.get_default_device()
         # Built on the meta device, then given memory once and initialised unit by unit (init_weights): the
         # weights depend on the seed and the units' names only, never on what was built before them, so a

@@ -23,7 +23,6 @@ bound (``R:`` is an error; ``R`` is every recurrent block), indices are ASCII di
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
@@ -70,9 +69,9 @@ class TapPositions(NamedTuple):
     names: tuple[str, ...]  # every position's name
 
 
-@functools.lru_cache(maxsize=64)
 def tap_positions(pattern: Pattern) -> TapPositions:
-    """The tap positions of ``pattern`` (see the module docstring)."""
+    """The tap positions of ``pattern`` (see the module docstring). Not cached: a loop over the layers, called
+    inside compiled regions (``TapSet.at``), where dynamo would trace through a cache wrapper and warn."""
     names, block, layer = ["embed"], [], []
     for blocks in pattern.residual_layers:
         for b in blocks:
