@@ -44,8 +44,18 @@ class FamilySpec:
     mixer: type  # the mixer class (an nn.Module)
     summary: str = ""  # one line for listings, e.g. "causal GQA attention with RoPE"
     # the config key of another family whose config this family's mixer is also built with (``companion=``), for a
-    # mixer that runs that family's mixer inside itself (Zamba2's hybrid layer runs an M-family Mamba-2)
-    companion: str | None = None
+    # mixer that runs that family's mixer inside itself (Zamba2's hybrid layer runs a Mamba-2); several keys when the
+    # family's config picks one of them with its ``companion`` field (Zamba's runs a Mamba-1 instead)
+    companion: str | tuple[str, ...] | None = None
+
+    def companion_key(self, cfg: Any) -> str | None:
+        """The config key of the family whose mixer this family's mixer, built from ``cfg``, runs inside itself."""
+        if self.companion is None or isinstance(self.companion, str):
+            return self.companion
+        key = getattr(cfg, "companion", None)
+        if key not in self.companion:
+            raise InputError(f"{self.config_key}.companion must be one of {', '.join(self.companion)}, got {key!r}")
+        return key
 
     def __post_init__(self) -> None:
         if len(self.letter) != 1 or not self.letter.isupper() or not self.letter.isascii():

@@ -204,8 +204,9 @@ class ModelConfig:
                                   "residual_multiplier 1 and residual_normed false, got "
                                   f"{opts.norm_placement!r}, {opts.residual_multiplier}, {opts.residual_normed}")
         for family, variant in dict.fromkeys((layer.family, layer.variant) for layer in self.parsed.layers):
-            for cfg in (self.family_config(family, variant),
-                        None if family.spec.companion is None else self.family_configs[family.spec.companion]):
+            own = self.family_config(family, variant)
+            key = family.spec.companion_key(own)
+            for cfg in (own, None if key is None else self.family_configs[key]):
                 if hasattr(cfg, "validate"):
                     cfg.validate(dims)
 
@@ -236,7 +237,7 @@ class ModelConfig:
 
     def companion_config(self, layer: Any) -> Any:
         """The config of the family a layer's mixer runs inside itself (its family's ``companion``), or None."""
-        key = layer.family.spec.companion
+        key = layer.family.spec.companion_key(self.layer_config(layer))
         return None if key is None else self.family_configs[key]
 
     def block_options(self, layer: Any) -> BlockOptions:

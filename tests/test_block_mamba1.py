@@ -219,15 +219,20 @@ def reference_mixer(m: Mamba1Mixer, x: Tensor) -> Tensor:
             if s >= 0:
                 conv[:, t] = conv[:, t] + m.conv_weight[:, k] * xs[:, s]
     xs = conv * torch.sigmoid(conv)
-    r, Bm, Cm = (xs @ m.x_proj.weight.t()).split([m.dt_rank, m.d_state, m.d_state], dim=-1)
-    if m.cfg.dt_bc_norm != "none":
-        def rms(v: Tensor, w: Tensor | None) -> Tensor:
-            v = v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + eps)
-            return v if w is None else v * w
-        r, Bm, Cm = (rms(v, None if n is None else n.weight) for v, n in zip((r, Bm, Cm), m._norms(), strict=True))
-    dt = torch.log1p(torch.exp(r @ m.dt_proj.weight.t() + m.dt_proj.bias))
-    y, _ = recurrence(xs, dt, -torch.exp(m.A_log), Bm, Cm)
-    y = (y + m.D * xs) * (z * torch.sigmoid(z))
+    H, hd, R, N = m.n_heads, m.head_dim, m.dt_rank, m.d_state
+    ys = []
+    for h in range(H):  # each head its own selective maps, A and D (Zamba's multi-head Mamba-1)
+        c = slice(h * hd, (h + 1) * hd)
+        w = m.x_proj.weight[h * (R + 2 * N):(h + 1) * (R + 2 * N)]
+        r, Bm, Cm = (xs[..., c] @ w.t()).split([R, N, N], dim=-1)
+        if m.cfg.dt_bc_norm != "none":
+            def rms(v: Tensor, w: Tensor | None) -> Tensor:
+                v = v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + eps)
+                return v if w is None else v * w
+            r, Bm, Cm = (rms(v, None if n is None else n.weight) for v, n in zip((r, Bm, Cm), m._norms(), strict=True))
+        dt = torch.log1p(torch.exp(r @ m.dt_proj.weight[c].t() + m.dt_proj.bias[c]))
+        ys.append(recurrence(xs[..., c], dt, -torch.exp(m.A_log[c]), Bm, Cm)[0])
+    y = (torch.cat(ys, -1) + m.D * xs) * (z * torch.sigmoid(z))
     return F.linear(y, m.out_proj.weight, m.out_proj.bias)
 
 
@@ -235,6 +240,7 @@ def reference_mixer(m: Mamba1Mixer, x: Tensor) -> Tensor:
     {},
     {"dt_bc_norm": "weighted", "bias": True},
     {"dt_bc_norm": "weightless", "conv_bias": False, "chunk_size": 32, "dt_rank": 3},
+    {"n_heads": 4, "dt_bc_norm": "weighted", "dt_rank": 3},
 ])
 def test_mixer_matches_reference_fp64(options: dict[str, Any]) -> None:
     """Outputs and the gradients of the input and of every parameter, T = 37 (not a multiple of the chunk)."""
@@ -378,6 +384,7 @@ def test_flops_by_term() -> None:
     ({"dt_min": 0.2, "dt_max": 0.1}, "dt_min"),
     ({"chunk_size": 0}, "chunk_size"),
     ({"dt_rank": 0}, "dt_rank"),
+    ({"n_heads": 3}, "n_heads"),
 ])
 def test_bad_settings_are_one_line_errors(bad: dict[str, Any], fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment) as e:
@@ -421,6 +428,7 @@ def test_hybrid_model_trains_a_step_and_selects_taps() -> None:
 VARIANTS = [
     {"dt_bc_norm": "weighted", "bias": True},
     {"dt_bc_norm": "weightless", "conv_bias": False, "dt_init": "constant", "dt_rank": 3, "chunk_size": 32},
+    {"n_heads": 2, "bias": True},
 ]
 
 

@@ -66,8 +66,9 @@ def model_config(letter: str, *, init_std: float = 0.1, **family_cfg: Any) -> Mo
     spec = get_family(letter)
     settings = {**SMALL.get(letter, {}), **family_cfg}
     tables = {spec.config_key: settings}
+    companions = (spec.companion,) if isinstance(spec.companion, str) else spec.companion or ()
     for other in families():  # a family whose mixer runs another's (its companion) gets that one's sizes too
-        if other.config_key == spec.companion:
+        if other.config_key in companions:
             tables[other.config_key] = SMALL.get(other.letter, {})
     return ModelConfig(pattern=letter * 2, d_model=D, vocab_size=VOCAB, max_seq_len=64, init_std=init_std,
                        **tables)
@@ -85,7 +86,7 @@ def make_mixer(letter: str, seed: int = 0, **family_cfg: Any) -> Mixer:
     if spec.companion is None:
         return spec.mixer(cfg.family_config(letter), cfg.dims, cfg.parsed.layers[0])
     mixer = spec.mixer(cfg.family_config(letter), cfg.dims, cfg.parsed.layers[0],
-                       companion=cfg.family_configs[spec.companion])
+                       companion=cfg.companion_config(cfg.parsed.layers[0]))
     return WithEmbedding(mixer) if mixer.reads_embedding else mixer
 
 
@@ -314,9 +315,8 @@ def check_compiles_fullgraph(letter: str, **family_cfg: Any) -> None:
     inductor without its CPU code generation."""
     cfg = model_config(letter, init_std=0.2, **family_cfg)
     torch.manual_seed(0)
-    spec = get_family(letter)
     blk = Block(cfg.family_config(letter), cfg.dims, cfg.parsed.layers[0],
-                companion=None if spec.companion is None else cfg.family_configs[spec.companion])
+                companion=cfg.companion_config(cfg.parsed.layers[0]))
     x = inputs().requires_grad_()
     params = list(blk.parameters())
     g = torch.randn(B, T, D, generator=torch.Generator().manual_seed(3))
@@ -628,6 +628,7 @@ OPTION_VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("R", {"bias": True, "normalise_first": False}),
     ("H", {"adapter_rank": 0, "act": "silu", "rope": False}),
     ("H", {"n_kv_heads": 4, "adapter_rank": 4, "attention_adapter": True}),
+    ("H", {"companion": "mamba1", "adapter_rank": 0}),
 ]
 
 

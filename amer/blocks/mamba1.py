@@ -11,6 +11,9 @@ Structure follows mamba_ssm's ``Mamba`` block, which Jamba and Falcon-Mamba reus
     y      = selective_scan(x, dt, A = -exp(A_log), B, C) + D x     state (d_inner, N) per sequence
     out    = out_proj(y * silu(z))
 
+With ``n_heads`` > 1 (Zamba's multi-head Mamba, arXiv 2405.16712) the inner channels split into heads, each with its
+own x_proj, dt_proj, A and D, so B, C and dt are per head; ``n_heads = 1`` is the block above.
+
 Training runs the blocked chunked scan of :mod:`amer.ops.selective_scan` (no loop over time steps); a
 decoding step keeps the last ``d_conv - 1`` conv inputs and one (d_inner, N) fp32 state, O(1) in the
 context length; a prefill with a cache continues the scan from the cached state.
@@ -73,6 +76,8 @@ class Mamba1Config:
         "none", "Mamba-1 RMSNorms on the time-step rank and on B and C: none, weighted (Jamba) or weightless "
         "(Falcon-Mamba)")
     dt_bc_norm_eps: float = opt(1e-6, "Mamba-1 epsilon of the dt/B/C RMSNorms", gt=0)
+    n_heads: int = opt(1, "Mamba-1 heads: each d-inner / n-heads channels wide with its own x_proj, dt_proj, A, D "
+                       "and B, C (Zamba's multi-head Mamba)", ge=1)
 
     def __post_init__(self) -> None:
         check(self.dt_min <= self.dt_max, f"mamba1.dt_min ({self.dt_min}) must be <= mamba1.dt_max ({self.dt_max})")
@@ -80,6 +85,10 @@ class Mamba1Config:
               f"mamba1.dt_init must be 'random' or 'constant', got {self.dt_init!r}")
         check(self.dt_bc_norm in ("none", "weighted", "weightless"),
               f"mamba1.dt_bc_norm must be 'none', 'weighted' or 'weightless', got {self.dt_bc_norm!r}")
+
+    def validate(self, dims: Dims) -> None:
+        check((self.expand * dims.d_model) % self.n_heads == 0, f"mamba1.n_heads ({self.n_heads}) must divide "
+              f"the inner width expand * d_model ({self.expand * dims.d_model})")
 
     def rank(self, d_model: int) -> int:
         """The time-step rank: ``dt_rank``, or ceil(d_model / 16) as mamba_ssm's "auto"."""
@@ -118,7 +127,12 @@ class Mamba1Mixer(Mixer):
         self.in_proj = nn.Linear(dims.d_model, 2 * E, bias=cfg.bias)
         self.conv_weight = nn.Parameter(torch.empty(E, cfg.d_conv))
         self.conv_bias = nn.Parameter(torch.empty(E)) if cfg.conv_bias else None
-        self.x_proj = nn.Linear(E, R + 2 * N, bias=False)
+        self.n_heads = H = cfg.n_heads
+        self.head_dim = E // H
+        # one head: x_proj is (R + 2N, E); H heads stack their (R + 2N, E / H) maps along the rows, and dt_proj's
+        # (E, R) rows are already the heads' (E / H, R) maps one after the other, so the names and (with one head)
+        # the shapes are Mamba-1's
+        self.x_proj = nn.Linear(E // H, H * (R + 2 * N), bias=False)
         self.dt_proj = nn.Linear(R, E, bias=True)
         self.A_log = nn.Parameter(torch.empty(E, N))
         self.D = nn.Parameter(torch.empty(E))
@@ -181,6 +195,23 @@ class Mamba1Mixer(Mixer):
         acc = torch.promote_types(v.dtype, torch.float32)  # Falcon-Mamba's weightless norm, in fp32 at least
         return F.rms_norm(v.to(acc), (v.shape[-1],), eps=self.cfg.dt_bc_norm_eps).to(v.dtype)
 
+    def _time_step(self, xs: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """The selective parameters of xs (B, T, d_inner): per head B and C (B, T, n_heads, N), and
+        dt = softplus(dt_proj(r)) (B, T, d_inner) in ``acc``."""
+        H, R, N = self.n_heads, self.dt_rank, self.d_state
+        Bt, T = xs.shape[:2]
+        if H == 1:
+            p = self.x_proj(xs).unsqueeze(2)
+        else:
+            p = torch.einsum("bthi,hoi->btho", xs.view(Bt, T, H, -1), self.x_proj.weight.view(H, R + 2 * N, -1))
+        r, Bm, Cm = p.split([R, N, N], dim=-1)
+        r, Bm, Cm = (self._norm(v, n) for v, n in zip((r, Bm, Cm), self._norms(), strict=True))
+        if H == 1:
+            dt = F.linear(r[:, :, 0], self.dt_proj.weight)
+        else:
+            dt = torch.einsum("bthr,hdr->bthd", r, self.dt_proj.weight.view(H, -1, R)).reshape(Bt, T, -1)
+        return Bm, Cm, F.softplus(dt.to(acc) + self.dt_proj.bias.to(acc))
+
     def forward(self, x: Tensor, cache: Mamba1Cache | None = None, doc_ids: DocIds | None = None) -> MixerOutput:
         """x (B, T, D) -> MixerOutput(y (B, T, D), new cache or None). With packed documents (``doc_ids``), the conv
         window and the SSM state restart at every document's first token."""
@@ -190,19 +221,24 @@ class Mamba1Mixer(Mixer):
                                        None if cache is None else cache.conv_state,
                                        position=None if doc_ids is None else doc_ids.position)
         xs = F.silu(xs)
-        r, Bm, Cm = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        r, Bm, Cm = (self._norm(v, n) for v, n in zip((r, Bm, Cm), self._norms(), strict=True))
         acc = torch.promote_types(x.dtype, torch.float32)  # time steps and decays in fp32 at least
-        dt = F.softplus(F.linear(r, self.dt_proj.weight).to(acc) + self.dt_proj.bias.to(acc))  # (B, T, d_inner)
+        Bm, Cm, dt = self._time_step(xs, acc)  # Bm, Cm (B, T, n_heads, N); dt (B, T, d_inner)
         A = -torch.exp(self.A_log.to(acc))  # (d_inner, N) < 0: every state entry decays
-
-        if cache is not None and T == 1:
-            y, ssm_state = selective_scan_step(xs[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], cache.ssm_state)
-            y = y.unsqueeze(1)
-        else:
-            keep = None if doc_ids is None else (~doc_ids.starts).to(acc)  # a document start forgets the state
-            y, ssm_state = selective_scan(xs, dt, A, Bm, Cm, None if cache is None else cache.ssm_state, keep,
-                                          self.cfg.chunk_size)
+        keep = None if doc_ids is None else (~doc_ids.starts).to(acc)  # a document start forgets the state
+        ys, states = [], []
+        # heads differ in A as well as in B and C, so they cannot share one scan; there are few of them (Zamba: 2)
+        for h in range(self.n_heads):
+            c = slice(h * self.head_dim, (h + 1) * self.head_dim)
+            h0 = None if cache is None else cache.ssm_state[:, c]
+            if cache is not None and T == 1:
+                y, s = selective_scan_step(xs[:, 0, c], dt[:, 0, c], A[c], Bm[:, 0, h], Cm[:, 0, h], h0)
+                y = y.unsqueeze(1)
+            else:
+                y, s = selective_scan(xs[..., c], dt[..., c], A[c], Bm[:, :, h], Cm[:, :, h], h0, keep,
+                                      self.cfg.chunk_size)
+            ys.append(y)
+            states.append(s)
+        y, ssm_state = (ys[0], states[0]) if self.n_heads == 1 else (torch.cat(ys, -1), torch.cat(states, 1))
         y = torch.addcmul(y, xs, self.D.to(y.dtype)) * F.silu(z)  # skip connection D x, then the gate
         out = self.out_proj(y.to(x.dtype))
         return MixerOutput(out, None if cache is None else Mamba1Cache(conv_state, ssm_state), {}, {})

@@ -9,7 +9,8 @@ at many depths of a Mamba-2 stack. Its hybrid layer does not add the transformer
 so the unit is one family (the pattern ``M H:a M M H:b``...), with ``x + mixer(x)`` as its block (``owns_norm``). The
 transformer (its two norms, attention and MLP) is what a share name shares; the per-use LoRA adapters on q/k/v and
 on the MLP's gate/up projection, the per-use linear ``W_use``, and the Mamba-2 with its norm belong to each use
-(``Mixer.per_use``). The Mamba-2 is the M family's mixer built from ``[model.mamba]`` (this family's companion).
+(``Mixer.per_use``). The Mamba-2 is the M family's mixer built from ``[model.mamba]`` (this family's companion);
+``companion = "mamba1"`` runs the S family's (multi-head) Mamba-1 from ``[model.mamba1]`` instead, as Zamba does.
 
 The attention reads 2D channels, so its heads are 2D / n_heads wide; Zamba2 scales the scores by
 1 / sqrt(head_dim / 2), the width one half of the concatenation gives a head. Decoding keeps a KV cache for the
@@ -28,10 +29,10 @@ from torch import Tensor, nn
 from amer.blocks.attention import KVCache, apply_rope
 from amer.blocks.common import Mixer, MixerOutput, RMSNorm
 from amer.blocks.doc_ids import DocIds
-from amer.blocks.mamba import MambaCache, MambaConfig, MambaMixer
+from amer.blocks.mamba import MambaConfig
 from amer.config import Dims
 from amer.configio import check, opt
-from amer.families import FamilySpec, register_family
+from amer.families import FamilySpec, families, register_family
 from amer.ops.activation import activation
 from amer.ops.fused import cast
 from amer.ops.rope import rope_inv_freq
@@ -53,8 +54,12 @@ class ZambaConfig:
     attention_adapter: bool = opt(False, "zamba per-use LoRA adapters (adapter-rank) on the q/k/v projections")
     rope: bool = opt(False, "zamba rotary position embeddings in the shared attention (Zamba2's use_mem_rope)")
     rope_theta: float = opt(10000.0, "zamba RoPE base frequency", gt=0)
+    companion: Literal["mamba", "mamba1"] = opt("mamba", "zamba state-space mixer after the transformer: mamba "
+                                                "(Mamba-2, Zamba2) or mamba1 (Mamba-1, Zamba)")
 
     def __post_init__(self) -> None:
+        check(self.companion in ("mamba", "mamba1"),
+              f"zamba.companion must be 'mamba' or 'mamba1', got {self.companion!r}")
         check(self.act in ("gelu", "gelu_tanh", "silu"), f"zamba.act must be gelu, gelu_tanh or silu, got {self.act!r}")
         check(not self.attention_adapter or self.adapter_rank > 0,
               "zamba.attention_adapter needs zamba.adapter_rank >= 1")
@@ -72,10 +77,10 @@ class ZambaConfig:
 
 
 class ZambaCache(NamedTuple):
-    """Decoding state of one use: the shared attention's keys and values, and the Mamba-2's state."""
+    """Decoding state of one use: the shared attention's keys and values, and the Mamba's state."""
 
     kv: KVCache
-    mamba: MambaCache
+    mamba: Any  # the companion mixer's cache
 
 
 def _lora(d_in: int, rank: int, d_out: int) -> nn.Sequential:
@@ -89,7 +94,7 @@ class ZambaMixer(Mixer):
     owns_norm = True
     per_use = ("q_adapter", "k_adapter", "v_adapter", "ff_adapter", "linear", "mamba_norm", "mamba")
 
-    def __init__(self, cfg: ZambaConfig, dims: Dims, layer: LayerSpec, *, companion: MambaConfig | None = None) -> None:
+    def __init__(self, cfg: ZambaConfig, dims: Dims, layer: LayerSpec, *, companion: Any = None) -> None:
         super().__init__(dims, layer)
         check(layer.branch is None, f"{layer.key} (layer {layer.index}): a zamba hybrid layer adds to the stream "
               "through its own Mamba-2, so it cannot be a branch of a parallel layer")
@@ -114,7 +119,9 @@ class ZambaMixer(Mixer):
         self.linear = nn.Linear(D, D, bias=False)
         self.mamba_norm = RMSNorm(D, dims.norm_eps, dims.norm_offset)
         self._mamba_cfg = companion or MambaConfig()
-        self.mamba = MambaMixer(self._mamba_cfg, dims, layer)
+        # the companion's mixer class is the family's whose config it is (the registry knows every family)
+        self._mamba_cls = next(f.mixer for f in families() if isinstance(self._mamba_cfg, f.config))
+        self.mamba = self._mamba_cls(self._mamba_cfg, dims, layer)
         self.register_buffer("inv_freq", rope_inv_freq(hd, cfg.rope_theta), persistent=False)
         self.reset_parameters()
 
@@ -167,12 +174,12 @@ class ZambaMixer(Mixer):
         mamba = {f"mamba_{k}": v for k, v in self.mamba_module().flops(T).items()}
         return {"proj": float(T * proj), "attention": 2 * H * hd * T * (T + 1) / 2, **mamba}
 
-    def mamba_module(self) -> MambaMixer:
-        """A Mamba-2 of this layer's shape (the mixer's own; a shared block's was taken out, so a fresh one on meta)."""
+    def mamba_module(self) -> Mixer:
+        """A Mamba of this layer's shape (the mixer's own; a shared block's was taken out, so a fresh one on meta)."""
         if self.mamba is not None:
             return self.mamba
         with torch.device("meta"):
-            return MambaMixer(self._mamba_cfg, self.dims, self.layer)
+            return self._mamba_cls(self._mamba_cfg, self.dims, self.layer)
 
     def init_cache(self, batch_size: int, max_len: int, *, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> ZambaCache:
@@ -234,6 +241,6 @@ class ZambaMixer(Mixer):
 
 
 register_family(FamilySpec(letter="H", name="zamba", colour="#7f7f7f", config_key="zamba", config=ZambaConfig,
-                           mixer=ZambaMixer, companion="mamba",
+                           mixer=ZambaMixer, companion=("mamba", "mamba1"),
                            summary="Zamba2 hybrid layer: shared attention+MLP on concat(stream, embedding) feeding "
-                                   "a Mamba-2, per-use LoRA and linear"))
+                                   "a Mamba-2 (or Mamba-1), per-use LoRA and linear"))

@@ -35,6 +35,7 @@ from amer.interop import (  # noqa: F401  (register their converters)
     olmo,
     qwen_next,
     ssm,
+    zamba,
     zamba2,
 )
 from amer.interop.common import CONVERTERS
