@@ -156,8 +156,10 @@ class TrainConfig:
     activation_checkpointing: Literal["none", "blocks", "selective"] = opt(
         "none", "recompute activations in backward to save memory: 'blocks' (each block keeps only its input), "
         "'selective' (every other block)")
-    compile: bool = opt(False, "torch.compile each block (regional, fullgraph; a block that cannot compile whole stays "
-                        "eager and says why)")
+    compile: Literal["auto", "on", "off"] = opt(
+        "auto", "torch.compile each block (regional, fullgraph; a block that cannot compile whole stays eager and says "
+        "why): 'auto' compiles when the steps left pay the warm-up back (measured; see docs/benchmarks.md), 'on' "
+        "always, 'off' never; a bare --compile means 'on'")
     stp: STPConfig = field(default_factory=STPConfig, metadata={"help": "STP policy"})
     parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata={"help": "scale-out layout"})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model config"})
@@ -174,8 +176,6 @@ class TrainConfig:
                   f"'_', '-', '+', '.'; no '/', not starting with '.' or '-'), got {self.run_name!r}")
         check(self.seq_len <= self.model.max_seq_len,
                f"train.seq_len ({self.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
-        check(not (self.compile and self.activation_checkpointing != "none"), "train.compile cannot be combined with "
-              "train.activation_checkpointing yet (the recomputation re-traces a different graph); use one of them")
         self._check_parallel()
 
     def _check_parallel(self) -> None:

@@ -215,6 +215,8 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{name}: bad value {value!r}")
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(args):  # a switch that also has 'auto': true is 'on'
+            value = "on" if value else "off"
         if value not in args:
             raise ConfigError(f"{name} must be one of {list(args)}, got {value!r}")
         return value

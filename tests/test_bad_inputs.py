@@ -151,6 +151,7 @@ WRITTEN: dict[str, Case] = {
     # ------------------------------------------------ train: values that look like numbers, choices, names
     "flag --dtype float16": T("--dtype", "float16", needles=("--dtype", "bfloat16")),
     "flag --packing bogus": T("--packing", "bogus", needles=("--packing",)),
+    "flag --compile bogus": T("--compile", "sometimes", needles=("--compile", "'auto', 'on', 'off'")),
     "flag --stepz": T("--stepz", "3", needles=("did you mean '--steps'",)),
     "flag --step (abbreviation)": T("--step", "3", needles=("unknown option --step",)),
     "flag stray word": T("stray", needles=("unexpected argument 'stray'",)),
@@ -272,6 +273,7 @@ WRITTEN: dict[str, Case] = {
     "toml unknown nested": toml("[stp]\nstart_stepp = 5\n", "did you mean 'start_step'"),
     "toml wrong type": toml('warmup_steps = "many"\n', "warmup_steps must be an integer"),
     "toml bool for int": toml("keep_last = true\n", "keep_last must be an integer"),
+    "toml compile text": toml('compile = "always"\n', "compile must be one of ['auto', 'on', 'off']"),
     "toml nan": toml("lr = nan\n", "lr", "finite"),
     "toml inf": toml("[stp]\nweight = inf\n", "stp.weight"),
     "toml pattern number": toml("[model]\npattern = 5\n", "pattern must be a string"),

@@ -40,15 +40,14 @@ def _run(compiled: bool, steps: int, seq_lens: list[int]) -> tuple[list[float], 
 
 
 def test_no_recompiles_over_a_run_with_the_stp_gate_opening() -> None:
-    """Six steps: STP gated off (0, 1), ramping (2, 3), on (4, 5). Compiles happen in the first step only (two
-    graphs: the first A block builds the packed documents' mask, the second reuses it) and the losses equal eager's.
-    Negative control, a seventh step at a new
-    sequence length: that does recompile, and the counter sees it."""
+    """Six steps of packed documents: STP gated off (0, 1), ramping (2, 3), on (4, 5). One graph is compiled, in the
+    first step, for both A blocks (they read the documents' layout without caching into it) and the losses equal
+    eager's. Negative control, a seventh step at a new sequence length: that does recompile, and the counter sees it."""
     T = [32] * 6 + [48]
     eager, _ = _run(False, 6, T)
     losses, counter = _run(True, 7, T)
     frames = counter.frames_per_step
-    assert frames[0] == 2 and frames[:6] == [frames[0]] * 6, frames
+    assert frames[0] == 1 and frames[:6] == [frames[0]] * 6, frames
     assert losses[:6] == pytest.approx(eager, rel=1e-4)
     assert frames[6] > frames[5], frames
 
@@ -75,21 +74,29 @@ def test_dropless_moe_compiles_on_grouped_gemm_and_stays_eager_on_the_reference(
     # parameter names (and so checkpoints) are unchanged by compilation
     assert [n for n, _ in model.named_parameters()] == [
         n for n, _ in HybridLM(model.cfg).named_parameters()]
-    with torch.no_grad():  # evaluation runs the eager forward
+    with torch.no_grad():  # evaluation runs the compiled blocks too
         assert model(torch.zeros(1, 8, dtype=torch.long)).logits.shape == (1, 8, VOCAB)
 
 
 @pytest.mark.slow
 def test_amer_train_compile_compiles_once_per_block_over_a_whole_run(tmp_path, monkeypatch, capsys) -> None:
     """``amer train --compile`` on the tiny preset (AEMR, dropless E on grouped GEMM): six steps with the STP gate
-    opening at step 2 and an evaluation at steps 3 and 6 compile exactly four graphs (A, E, M, R) and never
-    recompile; the compile lines are printed."""
+    opening at step 2 and an evaluation and a checkpoint at steps 3 and 6 compile four training graphs (A, E, M, R)
+    in the first step and four evaluation graphs (no gradients) at the first evaluation, then never again."""
     import amer.cli.train as train_cli
     import amer.training.loop as loop_mod
 
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
     monkeypatch.setattr(loop_mod, "compile_blocks", lambda model: compile_blocks(model, backend=counter))
+    at_eval: list[int] = []
+    real_evaluate = loop_mod.evaluate
+
+    def counted(*args, **kwargs):  # the compile count as each evaluation starts
+        at_eval.append(counter.frame_count)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(loop_mod, "evaluate", counted)
     argv = ["--preset", "tiny", "--out-dir", str(tmp_path), "--run-name", "c", "--no-progress", "--no-tensorboard",
             "--no-curves", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1", "--steps", "6",
             "--eval-interval", "3", "--stp.start-step", "2", "--stp.ramp-steps", "0", "--compile"]
@@ -97,16 +104,44 @@ def test_amer_train_compile_compiles_once_per_block_over_a_whole_run(tmp_path, m
     out = capsys.readouterr().out
     assert "compile: 4 blocks regionally compiled (fullgraph)" in out and "eager" not in out.split("compile: 4")[1][:40]
     assert "compile: first step" in out
-    assert counter.frame_count == 4
+    assert at_eval == [4, 8] and counter.frame_count == 8, (at_eval, counter.frame_count)
 
 
-def test_compile_with_activation_checkpointing_is_refused() -> None:
-    from amer.config import ConfigError, TrainConfig, from_dict
+@pytest.mark.parametrize("order", ["checkpoint then compile", "compile then checkpoint"])
+def test_compile_and_activation_checkpointing_together(order: str) -> None:
+    """Checkpointed and compiled blocks, on packed documents, in either order of application: the same gradients as
+    the plain eager model, one graph per block variant, no recompile on later steps (the recomputation runs the
+    same graph). Negative control: compiling twice is refused, so a wrapper cannot silently stack."""
+    from amer.config import ConfigError
     from amer.training.checkpointing import apply_activation_checkpointing
 
-    model = HybridLM(ModelConfig(pattern="AM", d_model=32, vocab_size=VOCAB, max_seq_len=64))
-    apply_activation_checkpointing(model, "blocks")
-    with pytest.raises(ConfigError, match="activation checkpointing"):
+    cfg = ModelConfig(pattern="AMA", d_model=32, vocab_size=VOCAB, max_seq_len=64)
+    batch = make_batch(VOCAB, 2, 32, seed=3)
+
+    def grads(model: HybridLM) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        model(batch["tokens"], doc_ids=batch["doc_ids"]).logits.square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    torch.manual_seed(0)
+    plain = grads(HybridLM(cfg))
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    torch.manual_seed(0)
+    model = HybridLM(cfg)
+    if order == "checkpoint then compile":
+        apply_activation_checkpointing(model, "blocks")
+        compile_blocks(model, backend=counter)
+    else:
+        compile_blocks(model, backend=counter)
+        apply_activation_checkpointing(model, "blocks")
+    assert all(hasattr(b.forward, "amer_checkpointing") for b in model.blocks)
+    got = grads(model)
+    assert counter.frame_count == 2  # A and M
+    assert got.keys() == plain.keys()
+    for name in plain:
+        torch.testing.assert_close(got[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
+    grads(model)
+    assert counter.frame_count == 2
+    with pytest.raises(ConfigError, match="compiled already"):
         compile_blocks(model, backend="eager")
-    with pytest.raises(ConfigError, match="cannot be combined"):
-        from_dict(TrainConfig, {"compile": True, "activation_checkpointing": "blocks"})

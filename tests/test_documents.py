@@ -233,7 +233,10 @@ def test_layout_from_ids() -> None:
     assert docs.valid.tolist()[0] == [True] * 6 + [False] * 2
     mask = docs.attention_mask(0, 8, torch.float32)[0, 0]
     assert mask.shape == (8, 8) and mask[4, 2] == 0 and mask[4, 1] == float("-inf") and mask[2, 3] == float("-inf")
-    assert docs.attention_mask(0, 8, torch.float32) is docs.attention_mask(0, 8, torch.float32)  # built once
+    # built once: every query range is a view of the one mask
+    assert docs.attention_mask(0, 8, torch.float32).data_ptr() == docs.attention_mask(0, 4, torch.float32).data_ptr()
+    assert torch.equal(docs.attention_mask(4, 8, torch.float32)[0, 0], mask[4:])
+    assert docs.attention_mask(0, 8, torch.float64).data_ptr() != mask.data_ptr()  # per dtype
     with pytest.raises(ValueError, match="integer"):
         DocIds(ids.float())
 

@@ -99,6 +99,14 @@ def edit_config(path: Path, **changes: Any) -> None:
     (path / "config.json").write_text(json.dumps(conf))
 
 
+def assert_refused(path: Path, edit: dict[str, Any], message: str) -> None:
+    """The folder at ``path``, its config edited, is refused by the import in one line matching ``message``."""
+    edit_config(path, **edit)
+    with pytest.raises(CheckpointError, match=message) as info:
+        from_transformers(path)
+    assert "\n" not in str(info.value)
+
+
 LLAMA = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
 
 

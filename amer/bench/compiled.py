@@ -1,4 +1,4 @@
-"""The ``compile`` suite: the training step with regionally compiled blocks (:mod:`amer.training.compile`)
+"""The ``compiled`` suite: the training step with regionally compiled blocks (:mod:`amer.training.compile`)
 vs eager, with the compile time, for the preset as it is (dropless MoE on grouped GEMM, compiled too) and with the
 capacity MoE dispatch."""
 
@@ -16,7 +16,7 @@ __all__ = ["suite_compile"]
 
 
 def suite_compile(opts: BenchOptions) -> SuiteResult:
-    res = SuiteResult("compile")
+    res = SuiteResult("compiled")
     base = ModelConfig.from_preset(opts.preset)
     moe = {**to_dict(base)["moe"], "dispatch": "capacity"}
     configs = {"dropless": base, "capacity": family_config(base, base.pattern, moe=moe)}

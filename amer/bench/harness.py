@@ -44,7 +44,7 @@ class BenchOptions:
     threads: int | None = None
     seed: int = 0
     compile: bool = False  # blocks regionally compiled in every suite that builds amer models
-    compile_backend: str | None = None  # the compile suite's backend (default: inductor; aot_eager with quick)
+    compile_backend: str | None = None  # compiled suite's and peers' backend (default: inductor; aot_eager with quick)
 
     @property
     def preset(self) -> str:

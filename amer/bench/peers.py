@@ -6,7 +6,9 @@ without them the suite reports why it was skipped instead of failing.
 
 from __future__ import annotations
 
+import copy
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +20,7 @@ from amer.bench.harness import BenchOptions, SuiteResult, interleave, median, pa
 from amer.bench.workloads import build_model, family_config, make_batch, no_stp, train_step
 from amer.config import ModelConfig, from_dict, to_dict
 from amer.families import families
+from amer.training.compile import compile_blocks
 
 __all__ = ["PeerCase", "peer_cases", "zoo_cases", "suite_peers"]
 
@@ -65,8 +68,9 @@ class PeerCase:
 
 
 # The second shape: a common language-model size (vocabulary 8,192, width 256, sequence 512), where the LM
-# head and the logits weigh as they do in practice; quick: the tiny preset with a 512-token vocabulary.
-SHAPES = ("preset", "large")
+# head and the logits weigh as they do in practice; the third a larger one (vocabulary 32,768, width 384, sequence
+# 1,024); quick: the tiny preset with a 512-token vocabulary.
+SHAPES = ("preset", "large", "xl")
 
 
 def _base(quick: bool, shape: str) -> ModelConfig:
@@ -76,9 +80,16 @@ def _base(quick: bool, shape: str) -> ModelConfig:
     if quick:
         return family_config(base, base.pattern, vocab_size=512)
     d = to_dict(base)
-    return family_config(base, base.pattern, vocab_size=8192, d_model=256, max_seq_len=1024,
+    V, D = (8192, 256) if shape == "large" else (32768, 384)
+    return family_config(base, base.pattern, vocab_size=V, d_model=D, max_seq_len=2048,
                          attention={**d["attention"], "n_heads": 8, "n_kv_heads": 2},
-                         mamba={**d["mamba"], "head_dim": 64}, moe={**d["moe"], "d_ff": 512})
+                         mamba={**d["mamba"], "head_dim": 64}, moe={**d["moe"], "d_ff": 2 * D})
+
+
+def shape_batch(shape: str, opts: BenchOptions) -> tuple[int, int]:
+    """(rows, length) of a shape: the same tokens per batch at every shape, longer rows at the larger ones."""
+    grow = {"preset": 1, "large": 2, "xl": 4}[shape]
+    return max(1, opts.batch // grow), grow * opts.seq_len
 
 
 def peer_cases(quick: bool, shape: str = "preset") -> list[PeerCase]:
@@ -212,15 +223,19 @@ def suite_peers(opts: BenchOptions) -> SuiteResult:
         res.notes.append("mambapy is not installed: JambaForCausalLM falls back to its sequential scan "
                          "(far slower than its fastest CPU path)")
     cls = {name: getattr(transformers, name) for name in _HF_CLASSES}
-    for shape in SHAPES:  # the same tokens per batch at both shapes
-        B, T = (opts.batch, opts.seq_len) if shape == "preset" else (max(1, opts.batch // 2), 2 * opts.seq_len)
+    for shape in SHAPES[:2] if opts.quick else SHAPES:  # quick: the larger shapes are the same tiny one
+        B, T = shape_batch(shape, opts)
         cases = peer_cases(opts.quick, shape)
         for case in cases:
             _compare(case, cls[case.hf_class], B, T, opts, res, shape)
-    res.notes.append(f"training step (forward, backward, AdamW) at the preset's shape and at vocabulary 8,192, width "
-                     f"256, twice the sequence (same tokens per batch); speedup = median of per-round (transformers "
-                     f"step / amer step); targets at both shapes: {cases[0].name} >= 6, {cases[1].name} >= 1.5, "
-                     f"{cases[2].name} >= 1.3")
+    res.notes.append("training step (forward, backward, AdamW) at the preset's shape, at vocabulary 8,192, width "
+                     "256, twice the sequence, and at vocabulary 32,768, width 384, four times the sequence (same "
+                     "tokens per batch); speedup = median of per-round (transformers step / amer step)"
+                     + ("; compiled: amer's blocks regionally compiled (backend "
+                        f"{opts.compile_backend or ('aot_eager' if opts.quick else 'inductor')}), first_step_s its "
+                        "warm-up" if opts.compile else "")
+                     + f"; targets at every shape: {cases[0].name} >= 6, {cases[1].name} >= 1.5"
+                     + (" (1.6 compiled)" if opts.compile else "") + f", {cases[2].name} >= 1.3")
     zoo, B, T = zoo_cases(opts.quick)
     for case in zoo:
         _compare(case, cls[case.hf_class], B, T, opts, res, "zoo")
@@ -244,13 +259,26 @@ def _compare(case: PeerCase, hf_cls: Any, B: int, T: int, opts: BenchOptions, re
     amer_opt = torch.optim.AdamW(amer_model.parameters(), lr=1e-4)
     fns = {"amer": train_step(amer_model, batch, no_stp(amer_model), amer_opt, grad_clip=None),
            "hf": _hf_step(hf, torch.optim.AdamW(hf.parameters(), lr=1e-4), batch)}
+    compiled: dict[str, Any] = {}
+    if opts.compile:  # a second copy with compiled blocks, timed in the same rounds as eager amer and transformers
+        torch._dynamo.reset()  # graphs of the pairs before are not needed again: one case's graphs at a time
+        twin = copy.deepcopy(amer_model)
+        compile_blocks(twin, backend=opts.compile_backend or ("aot_eager" if opts.quick else "inductor"))
+        fns["amer compiled"] = train_step(twin, batch, no_stp(twin), torch.optim.AdamW(twin.parameters(), lr=1e-4),
+                                          grad_clip=None)
+        t0 = time.perf_counter()
+        fns["amer compiled"]()
+        compiled["first_step_s"] = time.perf_counter() - t0
     times = interleave(fns, opts.repeats, opts.warmup)
+    if opts.compile:
+        compiled.update(compiled_tok_s=B * T / median(times["amer compiled"]),
+                        compiled_speedup=paired_ratio(times["hf"], times["amer compiled"]))
     res.rows.append({
         "name": case.name, "peer": case.hf_class, "pattern": amer_model.cfg.pattern,
         "shape": f"V{case.amer_cfg.vocab_size} D{case.amer_cfg.d_model} {B}x{T}",
         "amer_params": amer_model.num_params(), "hf_params": sum(p.numel() for p in hf.parameters()),
         "amer_tok_s": B * T / median(times["amer"]), "hf_tok_s": B * T / median(times["hf"]),
-        "speedup": paired_ratio(times["hf"], times["amer"]),
+        "speedup": paired_ratio(times["hf"], times["amer"]), **compiled,
         "same_weights": diff is not None, "logits_max_diff": diff,
     })
     res.notes.append(f"{case.name} at {shape} shape: {case.matched}" + (

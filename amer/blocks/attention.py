@@ -144,6 +144,8 @@ def softcapped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, s
 class AttentionMixer(Mixer):
     """Causal GQA + RoPE; one fused QKV projection and an output projection."""
 
+    document_mask = True
+
     def __init__(self, cfg: AttentionConfig, dims: Dims, layer: LayerSpec) -> None:
         super().__init__(dims, layer)
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads

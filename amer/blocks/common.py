@@ -122,6 +122,8 @@ class Mixer(nn.Module):
     reads_embedding: ClassVar[bool] = False
     #: True: the mixer norms its input itself; its block adds ``mixer(x)`` to the raw stream ``x``.
     owns_norm: ClassVar[bool] = False
+    #: True: on packed documents the mixer reads ``doc_ids.attention_mask`` (built once per forward and shared).
+    document_mask: ClassVar[bool] = False
     #: Submodules that belong to each use of a shared block (``A:z``), not to the shared parameters: ``forward``
     #: then takes ``parts=`` (a mapping of those names to the use's own modules).
     per_use: ClassVar[tuple[str, ...]] = ()

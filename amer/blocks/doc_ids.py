@@ -13,7 +13,7 @@ per forward and with static shapes only, what the families need:
   each document, and a causal convolution of width K reaches back only ``min(K - 1, position)`` steps;
 - ``valid`` (B, T) bool, real tokens (MoE load statistics count only these);
 - :meth:`attention_mask`, the block-diagonal causal mask, built once per forward and shared by every
-  attention layer.
+  attention layer (:meth:`prepare` builds it ahead of compiled blocks).
 
 A row that holds one document gives exactly the computation of an unpacked row, so decoding (which
 always runs one document) and single-document forwards are unchanged.
@@ -65,25 +65,33 @@ class DocIds:
         return self._lengths
 
     def cached(self, key: Any, build: Callable[[], Any]) -> Any:
-        """``build()`` once per forward, shared by every layer (a kernel's mask of this layout, for example)."""
+        """``build()`` once per forward, shared by every layer (a kernel's mask of this layout, for example). Inside
+        a compiled block nothing is stored (state written there would make the next block of the same variant trace
+        a second graph, and a checkpointed block's recomputation a different one): what was built before the
+        block ran (:meth:`prepare`) is read, anything else built anew."""
+        if torch.compiler.is_compiling():
+            return self._masks[key] if key in self._masks else build()
         if key not in self._masks:
             self._masks[key] = build()
         return self._masks[key]
 
+    def prepare(self, dtype: torch.dtype) -> None:
+        """Build the masks a block would ask for before it runs (eagerly, outside a compiled region), so that every
+        compiled block reads one shared copy: :meth:`attention_mask` in ``dtype``."""
+        self.attention_mask(0, self.ids.shape[1], dtype)
+
     def attention_mask(self, q_start: int, q_end: int, dtype: torch.dtype) -> Tensor:
         """Additive mask (B, 1, q_end - q_start, q_end): 0 where query i may see key j (same document,
-        j <= i), -inf elsewhere. Built once per query range and dtype, then shared by every layer.
+        j <= i), -inf elsewhere. A view of one (B, 1, T, T) mask per dtype, built once and shared by every layer.
 
         Additive rather than bool: on CPU, ``scaled_dot_product_attention`` with a float mask measured
         as fast as its causal kernel at T = 256, a bool mask slower.
         """
-        key = (q_start, q_end, dtype)
-        if key not in self._masks:
-            qi = self.index[:, q_start:q_end, None]  # (B, Q, 1)
-            kj = self.index[:, None, :q_end]  # (B, 1, K)
-            rows = torch.arange(q_start, q_end, device=qi.device)[:, None]
-            cols = torch.arange(q_end, device=qi.device)[None, :]
-            allowed = (qi == kj) & (cols <= rows)  # (B, Q, K)
-            mask = torch.zeros(allowed.shape, dtype=dtype, device=qi.device)
-            self._masks[key] = mask.masked_fill_(~allowed, float("-inf")).unsqueeze(1)
-        return self._masks[key]
+        def build() -> Tensor:
+            T = self.ids.shape[1]
+            pos = torch.arange(T, device=self.ids.device)
+            allowed = (self.index[:, :, None] == self.index[:, None, :]) & (pos[None, :] <= pos[:, None])  # (B, T, T)
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=self.ids.device)
+            return mask.masked_fill_(~allowed, float("-inf")).unsqueeze(1)
+
+        return self.cached(("attention", dtype), build)[:, :, q_start:q_end, :q_end]

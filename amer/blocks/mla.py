@@ -110,6 +110,8 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class MLAMixer(Mixer):
     """Multi-head latent attention: decompressed heads in training, the absorbed latent form in decoding."""
 
+    document_mask = True
+
     def __init__(self, cfg: MLAConfig, dims: Dims, layer: LayerSpec) -> None:
         super().__init__(dims, layer)
         self.cfg = cfg

@@ -91,6 +91,7 @@ class ZambaMixer(Mixer):
     """Zamba2's hybrid layer; ``forward(x, cache, doc_ids, embed=e, parts=use_modules)``."""
 
     reads_embedding = True
+    document_mask = True
     owns_norm = True
     per_use = ("q_adapter", "k_adapter", "v_adapter", "ff_adapter", "linear", "mamba_norm", "mamba")
 

@@ -46,7 +46,7 @@ def build_parser() -> ArgParser:
                    "mapped (glibc mallopt; see amer.runtime.tune_malloc); 'system' leaves glibc's defaults")
     p.add_argument("--compile", action="store_true",
                    help="compile the blocks of every amer model the suites build (regional torch.compile, fullgraph; "
-                   "dropless MoE blocks without grouped GEMM stay eager); the compile suite compares both itself")
+                   "dropless MoE blocks without grouped GEMM stay eager); the compiled suite compares both itself")
     p.add_argument("--out", default=None, type=path_arg, help="also write the results as JSON to this file")
     return p
 

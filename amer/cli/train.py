@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
         if typing.get_origin(o.type) is Literal:
             kw["choices"] = list(typing.get_args(o.type))
             del kw["metavar"]  # argparse then shows {a,b}: the accepted values
+            if {"on", "off"} <= set(kw["choices"]):  # a switch with more settings: the bare flag turns it on
+                kw.update(nargs="?", const="on")
+                p.add_argument("--no-" + flag[2:], dest=o.key, action="store_const", const="off",
+                               help=f"the same as {flag} off")
         p.add_argument(flag, **kw)
     return p
 

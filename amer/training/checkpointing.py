@@ -29,17 +29,17 @@ from torch.utils.checkpoint import checkpoint
 
 from amer.errors import ConfigError
 
-__all__ = ["MODES", "apply_activation_checkpointing"]
+__all__ = ["MODES", "apply_activation_checkpointing", "checkpointed"]
 
 MODES = ("none", "blocks", "selective")
 
 
-def _checkpointed(forward: Callable[..., Any], mode: str) -> Callable[..., Any]:
+def checkpointed(forward: Callable[..., Any], mode: str) -> Callable[..., Any]:
     @functools.wraps(forward)
-    def run(x: torch.Tensor, cache: Any = None, doc_ids: Any = None) -> Any:
+    def run(x: torch.Tensor, cache: Any = None, doc_ids: Any = None, *args: Any, **kwargs: Any) -> Any:
         if cache is not None or not torch.is_grad_enabled():
-            return forward(x, cache, doc_ids)
-        return checkpoint(forward, x, None, doc_ids, use_reentrant=False)
+            return forward(x, cache, doc_ids, *args, **kwargs)
+        return checkpoint(forward, x, None, doc_ids, *args, use_reentrant=False, **kwargs)
 
     run.amer_checkpointing = mode  # type: ignore[attr-defined]
     return run
@@ -59,5 +59,5 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> int:
         raise ConfigError("activation checkpointing is already applied to this model")
     chosen = blocks if mode == "blocks" else blocks[1::2]
     for blk in chosen:
-        blk.forward = _checkpointed(blk.forward, mode)
+        blk.forward = checkpointed(blk.forward, mode)
     return len(chosen)

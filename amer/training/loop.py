@@ -16,7 +16,7 @@ import torch
 
 from amer import xla
 from amer.checkpoint import list_checkpoints
-from amer.config import TrainConfig
+from amer.config import TrainConfig, to_dict
 from amer.data import BatchIterator
 from amer.errors import ConfigError, StoppedBySignal
 from amer.fileio import fault_point
@@ -28,7 +28,8 @@ from amer.stp import STPPolicy
 from amer.training import distributed, scaleout, stopping
 from amer.training import run as rundir
 from amer.training.checkpointing import apply_activation_checkpointing
-from amer.training.compile import compile_blocks
+from amer.training.compile import AutoCompile, compile_blocks
+from amer.training.compile_auto import machine_name, workload_key
 from amer.training.evaluate import evaluate
 from amer.training.guard import BadSteps, aux_loss_settings, cause_of
 from amer.training.log import Progress, RunLogger
@@ -76,9 +77,9 @@ def _train(run: Run, layout: distributed.Layout, stop_at: int | None, quiet: boo
         if cfg.init and target.checkpoint is None:  # a resumed run's own checkpoint holds newer weights
             init_weights(model, cfg.init)
         apply_activation_checkpointing(model, cfg.activation_checkpointing)  # from outside the model (torchtitan)
-        if cfg.compile:
+        if cfg.compile == "on":
             if xla.is_xla(device):
-                raise ConfigError("--compile applies to cpu and cuda; on XLA the whole step is compiled already")
+                raise ConfigError("--compile on applies to cpu and cuda; on XLA the whole step is compiled already")
             say(compile_blocks(model).describe())
     policy = STPPolicy(cfg.stp, model.pattern)  # resolves the tap selection now: a bad one fails here
     batches = BatchIterator(data.train, cfg.batch_size, cfg.seed)
@@ -113,6 +114,9 @@ def _train(run: Run, layout: distributed.Layout, stop_at: int | None, quiet: boo
     progress = Progress(last_step, state.step, enabled=cfg.progress, quiet=quiet)
     bad, val, val_ok, t_last, tok_since = BadSteps(cfg.max_bad_steps, run_dir), {}, True, time.perf_counter(), 0
     first_step = saved_step = state.step  # the step of the last checkpoint written or restored
+    auto = None  # --compile auto: decided after the fourth step (under torchrun: eager, said at start; XLA: eager)
+    if cfg.compile == "auto" and scaled is None and not xla.is_xla(device):
+        auto = AutoCompile(model, _workload_key(cfg, device), progress.say)
 
     def save(val: dict[str, float] | None) -> None:
         """A checkpoint of the current step (``val`` None: a stop's, with no evaluation and no best/): under
@@ -136,10 +140,27 @@ def _train(run: Run, layout: distributed.Layout, stop_at: int | None, quiet: boo
             log_now = (step + 1) % cfg.log_interval == 0 or step + 1 == last_step
             lr = lr_at(step, cfg)
             t_step = time.perf_counter()
-            res = step_fn((next(batches) for _ in range(cfg.grad_accum)), step, lr=lr, metrics=log_now)
+            micro = [next(batches) for _ in range(cfg.grad_accum)]
+            try:
+                res = step_fn(micro, step, lr=lr, metrics=log_now)
+            except Exception as e:  # only a compile that --compile auto chose, before its first step ran through
+                if auto is None or "step" not in auto.unproven:
+                    raise
+                auto.fall_back(e)
+                model.zero_grad(set_to_none=True)
+                res = step_fn(micro, step, lr=lr, metrics=log_now)
+            if auto is not None:
+                auto.unproven.discard("step")
+            if auto is not None and auto.phase != "done":
+                if device.type == "cuda":  # the step's time, not its launch's
+                    torch.cuda.synchronize(device)
+                if timing := auto.after_step(step - first_step, time.perf_counter() - t_step, last_step - step - 1):
+                    logger.log(step + 1, timing)
             if step == first_step:
-                if cfg.compile:
-                    progress.say(f"compile: first step {time.perf_counter() - t_step:.1f} s, compilation included")
+                if cfg.compile == "on":
+                    first_s = time.perf_counter() - t_step
+                    progress.say(f"compile: first step {first_s:.1f} s, compilation included")
+                    logger.log(step + 1, {"compile/first_step_s": first_s})
                 ran = kernels.choices()  # which backend each op took, said once (each op logs it at debug level)
                 if ran:
                     progress.say("kernels: " + "; ".join(f"{op} -> {how}" for op, how in sorted(ran.items())))
@@ -170,7 +191,15 @@ def _train(run: Run, layout: distributed.Layout, stop_at: int | None, quiet: boo
                 if scaled is not None:  # every rank its rows, reduced: no rank holds the whole model
                     val = scaleout.validate(scaled, policy, data.val, cfg, text_bytes)
                 else:
-                    val = validate(model, policy, data.val, cfg, text_bytes)
+                    try:
+                        val = validate(model, policy, data.val, cfg, text_bytes)
+                    except Exception as e:  # as for the step: the first compiled evaluation only
+                        if auto is None or "eval" not in auto.unproven:
+                            raise
+                        auto.fall_back(e)
+                        val = validate(model, policy, data.val, cfg, text_bytes)
+                    if auto is not None:
+                        auto.unproven.discard("eval")
                 val_ok = all(math.isfinite(v) for v in val.values())
                 logger.log(state.step, val if val_ok else {**val, "val/skipped": "non-finite validation loss"})
                 if layout.main and cfg.curves:  # curves.png, redrawn at every evaluation; a failure only warns
@@ -214,11 +243,19 @@ def validate(model: HybridLM, policy: STPPolicy, val_data: Any, cfg: TrainConfig
              token_bytes: torch.Tensor | None = None) -> dict[str, float]:
     """Held-out cross-entropy (and bits per byte, given the tokenizer's ``token_bytes``), and held-out STP on
     the run's own selection (fixed spans) when STP is on."""
-    pad = xla.is_xla(next(model.parameters()).device)  # XLA: one batch shape, the last batch padded
+    # compiled graphs (XLA's, compiled blocks) want one batch shape: the last batch padded
+    pad = xla.is_xla(next(model.parameters()).device) or any(hasattr(b.forward, "amer_compiled") for b in model.blocks)
     res = evaluate(model, val_data.val_batches(cfg.batch_size, cfg.eval_batches, pad=pad), stp={"stp": policy},
                    dtype=cfg.dtype, documents=cfg.packing == "documents", token_bytes=token_bytes)
     return {"val/loss": res["loss"], **({"val/bpb": res["bpb"]} if "bpb" in res else {}),
             **({"val/stp": res["stp/stp"]} if "stp/stp" in res else {})}
+
+
+def _workload_key(cfg: TrainConfig, device: torch.device) -> str:
+    """What decides ``--compile auto``'s warm-up and speedup (:func:`amer.training.compile_auto.workload_key`)."""
+    return workload_key(to_dict(cfg.model), batch=cfg.batch_size, seq_len=cfg.seq_len, grad_accum=cfg.grad_accum,
+                        dtype=cfg.dtype, device=machine_name(device), checkpointing=cfg.activation_checkpointing,
+                        packing=cfg.packing, stp=cfg.stp.enabled, threads=torch.get_num_threads())
 
 
 def _record(res: Any, lr: float, tokens_per_s: float, epoch: float) -> dict[str, Any]:

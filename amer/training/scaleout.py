@@ -143,8 +143,10 @@ def build(cfg: TrainConfig, layout: D.Layout, model: HybridLM, policy: STPPolicy
     for just those, initialised on ``cfg.seed`` unit by unit (or filled by ``source``); with its optimizer and
     its training step."""
     apply_activation_checkpointing(model, cfg.activation_checkpointing)  # from outside the model (torchtitan)
-    if cfg.compile:
+    if cfg.compile == "on":
         say(compile_blocks(model).describe())
+    elif cfg.compile == "auto":  # its decision times a single process's eager steps; ranks would each decide
+        say("compile auto: off under torchrun (auto decides in single-process runs); --compile on compiles here")
     stage = None
     if layout.pp > 1:
         stage = StageModule(model, layout.pp_rank, layout.pp, policy, documents=cfg.packing == "documents",
