@@ -108,6 +108,8 @@ def test_auto_compiles_from_the_fifth_step_when_it_pays_and_keeps_what_it_measur
 def test_off_never_compiles(tmp_path, cache, monkeypatch, capsys) -> None:
     import amer.training.compile as compile_mod
 
+    real = compile_mod.compile_blocks
+    monkeypatch.setattr(compile_mod, "compile_blocks", lambda model: real(model, backend="eager"))
     monkeypatch.setattr(compile_mod, "estimate", lambda key, n: Estimate(0.0, 2.0, True))
     assert _train(tmp_path, "off", 6, "--compile", "off") == 0
     out = capsys.readouterr().out
