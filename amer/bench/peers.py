@@ -29,7 +29,7 @@ _HF_CLASSES = ("JambaForCausalLM", "Mamba2ForCausalLM", "MixtralForCausalLM", "Q
 # pairs amer imports exactly (amer.interop): the amer side gets the transformers model's own weights, and the
 # logits must agree before anything is timed, so the speed ratio compares one computation done two ways
 _IMPORTED = ("Mamba2ForCausalLM", "MixtralForCausalLM", "MambaForCausalLM", "Lfm2ForCausalLM")
-LOGIT_ATOL = 1e-4  # fp32
+LOGIT_ATOL = 1e-4  # fp32, for logits up to 1 in size (relative beyond)
 
 
 def imported_twin(hf: Any, batch: dict[str, Tensor]) -> tuple[Any, float]:
@@ -50,7 +50,7 @@ def imported_twin(hf: Any, batch: dict[str, Tensor]) -> tuple[Any, float]:
         ref = hf(input_ids=batch["tokens"], use_cache=False).logits.float()
         diff = (model(batch["tokens"], taps=False).logits.float() - ref).abs().max().item()
     hf.train(was)
-    if not diff <= LOGIT_ATOL:
+    if not diff <= LOGIT_ATOL * max(1.0, ref.abs().max().item()):  # relative past |logit| 1: fp32 sums grow with T
         raise TrainingError(f"peers: amer's import of {type(hf).__name__} differs from it by {diff:.3g} in the "
                             f"logits (> {LOGIT_ATOL}); the timings would compare different computations")
     return model.train(), diff
@@ -219,7 +219,9 @@ def suite_peers(opts: BenchOptions) -> SuiteResult:
     transformers.logging.set_verbosity_error()
     try:
         import mambapy  # noqa: F401
+        mambapy_there = True
     except ImportError:
+        mambapy_there = False
         res.notes.append("mambapy is not installed: JambaForCausalLM falls back to its sequential scan "
                          "(far slower than its fastest CPU path)")
     cls = {name: getattr(transformers, name) for name in _HF_CLASSES}
@@ -227,6 +229,10 @@ def suite_peers(opts: BenchOptions) -> SuiteResult:
         B, T = shape_batch(shape, opts)
         cases = peer_cases(opts.quick, shape)
         for case in cases:
+            if shape == "xl" and case.hf_class == "JambaForCausalLM" and not mambapy_there:
+                res.notes.append("jamba-like at xl shape skipped: transformers' Jamba without mambapy loops over "
+                                 "time, minutes per step at 1,024 tokens")
+                continue
             _compare(case, cls[case.hf_class], B, T, opts, res, shape)
     res.notes.append("training step (forward, backward, AdamW) at the preset's shape, at vocabulary 8,192, width "
                      "256, twice the sequence, and at vocabulary 32,768, width 384, four times the sequence (same "
