@@ -51,6 +51,16 @@ def differs(model: Any, hf: Any) -> float:
         return (model(tokens(), taps=False).logits - reference_logits(hf, tokens())).abs().max().item()
 
 
+def assert_reads_embedding(model: Any, hf: Any, monkeypatch: pytest.MonkeyPatch, atol: float = 1e-5) -> None:
+    """Negative control: the hybrid layers given a zeroed embedding input move the logits well past ``atol``."""
+    def zero_embedding(blocks: Any, x: torch.Tensor, caches: Any, doc_ids: Any = None, embed: Any = None) -> Any:
+        return residual_layer(blocks, x, caches, doc_ids, None if embed is None else torch.zeros_like(embed))
+
+    with monkeypatch.context() as m:
+        m.setattr("amer.model.residual_layer", zero_embedding)
+        assert differs(model, hf) > 100 * atol
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_zamba2(tmp_path: Path, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two shared blocks over four hybrid layers (z0 z1 z0 z1, two of them adjacent), adapters on q/k/v and the MLP,
@@ -79,12 +89,7 @@ def test_zamba2(tmp_path: Path, case: str, monkeypatch: pytest.MonkeyPatch) -> N
         first[0].weight.copy_(kept)
     assert differs(model, hf) <= ATOL
 
-    def zero_embedding(blocks: Any, x: torch.Tensor, caches: Any, doc_ids: Any = None, embed: Any = None) -> Any:
-        return residual_layer(blocks, x, caches, doc_ids, None if embed is None else torch.zeros_like(embed))
-
-    with monkeypatch.context() as m:
-        m.setattr("amer.model.residual_layer", zero_embedding)
-        assert differs(model, hf) > 100 * ATOL
+    assert_reads_embedding(model, hf, monkeypatch)
     if "time_step_min" in CASES[case]:
         mamba = model.blocks[0].mixer
         mamba.cfg = replace(mamba.cfg, dt_clamp_min=0.0)

@@ -10,14 +10,14 @@ Sources are small random transformers models built here (norm gains perturbed, s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from test_import import assert_same_function, build_source, reference_logits, tokens
+from test_import import assert_same_function, build_source
+from test_import_zamba import assert_reads_embedding, differs
 
 from amer import ModelConfig
-from amer.blocks import SharedUse, residual_layer
+from amer.blocks import SharedUse
 from amer.blocks.mamba1 import Mamba1Mixer
 from amer.config import ConfigError
 from amer.errors import InputError
@@ -34,11 +34,6 @@ CASES = {
     "untied-gqa-bias": dict(num_key_value_heads=2, n_mamba_heads=4, hidden_act="gelu_pytorch_tanh",
                             mamba_proj_bias=True, tie_word_embeddings=False),
 }
-
-
-def differs(model: Any, hf: Any) -> float:
-    with torch.no_grad():
-        return (model(tokens(), taps=False).logits - reference_logits(hf, tokens())).abs().max().item()
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -78,12 +73,7 @@ def test_zamba(tmp_path: Path, case: str, monkeypatch: pytest.MonkeyPatch) -> No
                 getattr(m, name).weight.copy_(w)
     assert differs(model, hf) <= ATOL
 
-    def zero_embedding(blocks: Any, x: torch.Tensor, caches: Any, doc_ids: Any = None, embed: Any = None) -> Any:
-        return residual_layer(blocks, x, caches, doc_ids, None if embed is None else torch.zeros_like(embed))
-
-    with monkeypatch.context() as m:
-        m.setattr("amer.model.residual_layer", zero_embedding)
-        assert differs(model, hf) > 100 * ATOL
+    assert_reads_embedding(model, hf, monkeypatch, ATOL)
 
 
 def test_zamba_refusals(tmp_path: Path) -> None:
