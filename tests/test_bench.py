@@ -354,3 +354,47 @@ def test_tune_malloc_applies_once_and_reports_it() -> None:
         return
     assert tune_malloc() is True
     assert tune_malloc() is True
+
+
+@pytest.mark.parametrize("bias, documents", [(True, False), (False, True)])
+def test_compiled_causal_conv_runs_the_opaque_op_with_eager_results(bias: bool, documents: bool,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under compilation the training-path conv is one opaque op per direction (torch's opcheck passes for both);
+    outputs and gradients equal the eager node's, document masks and a missing bias included. Negative control: the
+    eager call never reaches the op, and the compiled graph holds it."""
+    import amer.ops.conv as conv
+    from amer.ops.conv import causal_conv1d
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 5, dtype=torch.float64)[:, :, 1:].requires_grad_()  # a strided view, as from a split
+    w = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True) if bias else None
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5, 6, 0, 1]]) if documents else None
+    torch.library.opcheck(conv._conv_op, (x, w, b, pos))
+    g0 = torch.randn(2, 9, 4, dtype=torch.float64)
+    torch.library.opcheck(conv._conv_op_backward, (g0, x.detach(), w.detach(), pos))
+    inputs = [t for t in (x, w, b) if t is not None]
+    g = torch.randn(2, 9, 4, dtype=torch.float64)
+
+    def grads(fn):
+        y = fn(x, w, b, pos)
+        return [y.detach(), *torch.autograd.grad(y, inputs, g)]
+
+    targets: list[object] = []
+
+    def backend(gm, example_inputs):
+        targets.extend(n.target for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    calls = []
+    monkeypatch.setattr(conv, "_conv_op", lambda *a, _op=conv._conv_op: (calls.append(1), _op(*a))[1])
+    eager = grads(lambda *a: causal_conv1d(*a[:3], position=a[3])[0])
+    assert calls == []
+    torch._dynamo.reset()
+    compiled = grads(torch.compile(lambda *a: causal_conv1d(*a[:3], position=a[3])[0], backend=backend, fullgraph=True))
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.ops.amer.causal_conv_shift.default in targets and calls
+    monkeypatch.undo()
+    assert torch.autograd.gradcheck(lambda *t: conv._conv_op(*t[:2], t[2] if bias else None, pos),
+                                    (x, w, b if bias else torch.zeros(4, dtype=torch.float64)))

@@ -429,31 +429,39 @@ def test_capacity_mixer_compiles_fullgraph() -> None:
 
 
 @pytest.mark.parametrize("shared", [False, True])
-def test_few_token_inference_path_equals_dispatch(shared: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Decoding-sized inference (a few tokens, no gradient) skips dispatch and the training figures; its
-    output equals the dispatched layer's. Negative control: with the path switched off the dispatch runs."""
+def test_inference_paths_equal_dispatch(shared: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoding-sized inference (no gradient) skips the sort-and-group dispatch and the training figures: up to
+    FEW_SLOTS slots one matmul pair each, up to PADDED_SLOTS on padded batched matmuls; both equal the dispatched
+    layer's output. Negative control: with both thresholds at 0 the dispatch runs, and its figures come back."""
     import amer.blocks.moe as moe_mod
 
     mixer = make(dtype=torch.float64, n_experts=8, top_k=2, shared_expert=shared)
-    calls = {"few": 0}
-    real = moe_mod._few_tokens
-
-    def counted(*a, **k):
-        calls["few"] += 1
-        return real(*a, **k)
-
-    monkeypatch.setattr(moe_mod, "_few_tokens", counted)
-    for shape in [(1, 1), (2, 3), (1, 8)]:  # 2, 12 and 16 slots
-        x = torch.randn(*shape, 32, dtype=torch.float64)
-        with torch.no_grad():
-            fast = mixer(x)
-        assert calls["few"] == 1 and fast.aux == {} and fast.stats == {}
-        reference = mixer(x)  # with gradients enabled: the dispatched path, losses and figures
-        assert set(reference.aux) == {"moe_lb", "moe_z"} and "moe/load_max" in reference.stats
-        torch.testing.assert_close(fast.y, reference.y.detach(), rtol=1e-12, atol=1e-12)
-        calls["few"] = 0
-    with torch.no_grad():  # more slots than the threshold: dispatch as before
-        assert mixer(torch.randn(1, 9, 32, dtype=torch.float64)).stats and calls["few"] == 0
+    calls = {"_few_tokens": 0, "dispatch_padded": 0}
+    for name in calls:
+        real = getattr(moe_mod, name)
+        monkeypatch.setattr(moe_mod, name, lambda *a, _real=real, _name=name, **k: (
+            calls.__setitem__(_name, calls[_name] + 1), _real(*a, **k))[1])
+    # slots (tokens x top-k): 2-16 take the few-token loop, 18-256 the padded batched matmuls
+    cases = {"_few_tokens": [(1, 1), (2, 3), (1, 8)], "dispatch_padded": [(1, 9), (4, 16), (2, 64)]}
+    for path, shapes in cases.items():
+        for shape in shapes:
+            x = torch.randn(*shape, 32, dtype=torch.float64)
+            with torch.no_grad():
+                fast = mixer(x)
+            assert calls == {n: int(n == path) for n in calls} and fast.aux == {} and fast.stats == {}
+            reference = mixer(x)  # with gradients enabled: the dispatched path, losses and figures
+            assert set(reference.aux) == {"moe_lb", "moe_z"} and "moe/load_max" in reference.stats
+            torch.testing.assert_close(fast.y, reference.y.detach(), rtol=1e-12, atol=1e-12)
+            calls.update(dict.fromkeys(calls, 0))
+    with torch.no_grad():  # more slots than either threshold: dispatch, and in training mode its figures
+        assert mixer(torch.randn(1, 129, 32, dtype=torch.float64)).stats and sum(calls.values()) == 0
+        mixer.eval()  # evaluation without gradients: the same output, no training figures
+        x = torch.randn(1, 129, 32, dtype=torch.float64)
+        out = mixer(x)
+        assert out.stats == {} and out.aux == {} and sum(calls.values()) == 0
+        mixer.train()
+        torch.testing.assert_close(out.y, mixer(x).y, rtol=1e-12, atol=1e-12)
     monkeypatch.setattr(moe_mod, "FEW_SLOTS", 0)
+    monkeypatch.setattr(moe_mod, "PADDED_SLOTS", 0)
     with torch.no_grad():
-        assert mixer(torch.randn(1, 1, 32, dtype=torch.float64)).stats and calls["few"] == 0
+        assert mixer(torch.randn(1, 1, 32, dtype=torch.float64)).stats and sum(calls.values()) == 0

@@ -165,3 +165,18 @@ def test_the_grouped_swiglu_custom_op_passes_torch_opcheck() -> None:
     wd = torch.randn(3, 24, 16, generator=g, requires_grad=True)
     offs = torch.tensor([10, 10, 24], dtype=torch.int32)
     torch.library.opcheck(torch.ops.amer.grouped_swiglu_fwd, (xs, wgu, wd, offs))
+    # without gradients the body runs without the op's dispatch: the same output, and the op is not called
+    # (negative control: with gradients it is)
+    from amer.ops import grouped
+
+    calls = []
+    real = grouped._fwd
+    grouped._fwd = lambda *a: (calls.append(1), real(*a))[1]
+    try:
+        with torch.no_grad():
+            plain = grouped.grouped_swiglu(xs, wgu, wd, offs)
+        assert calls == []
+        torch.testing.assert_close(plain, grouped.grouped_swiglu(xs, wgu, wd, offs).detach(), rtol=0, atol=0)
+        assert calls == [1]
+    finally:
+        grouped._fwd = real

@@ -135,12 +135,13 @@ def cache_leaves(cache: Any) -> list[Any]:
 
 
 def assert_same_cache(got: Any, want: Any, what: str) -> None:
-    """Equal states mean decoding continues identically after either path."""
+    """Equal states mean decoding continues identically after either path. The states are fp32 and sums over many
+    tokens (lightning's reach ~20), so a few ulps of summation order are allowed on top of ATOL."""
     a, b = cache_leaves(got), cache_leaves(want)
     assert len(a) == len(b), f"{what}: cache structures differ"
     for u, v in zip(a, b):
         if isinstance(u, Tensor):
-            torch.testing.assert_close(u, v, rtol=0, atol=ATOL, msg=lambda m: f"{what}: cache differs: {m}")
+            torch.testing.assert_close(u, v, rtol=1e-6, atol=ATOL, msg=lambda m: f"{what}: cache differs: {m}")
         else:
             assert u == v, f"{what}: cache field {u!r} != {v!r}"
 

@@ -51,7 +51,7 @@ from amer.families import FamilySpec, register_family
 from amer.ops import kernels
 from amer.ops.activation import ACTIVATIONS, Activation, activation
 from amer.ops.fused import cast
-from amer.ops.moe import dispatch_dropless
+from amer.ops.moe import dispatch_dropless, dispatch_padded
 from amer.ops.moe_capacity import CapacityCache, block_capacity, dispatch_causal_capacity
 from amer.pattern import LayerSpec
 
@@ -286,9 +286,12 @@ class MoEMixer(Mixer):
 
         ep = self.expert_dispatch
         if not torch.is_grad_enabled() and cache is None and self.dispatch != "capacity" and ep is None \
-                and x.device.type == "cpu" and B * T * k <= FEW_SLOTS:
-            # decoding-sized inference: no dispatch, and no losses or training figures (nothing reads them)
-            y = _few_tokens(xe, idx, weights, self.w_gate_up, self.w_down, self.act)
+                and x.device.type == "cpu" and B * T * k <= PADDED_SLOTS:
+            # decoding-sized inference: no sort-and-group dispatch, and no losses or training figures (nothing reads
+            # them); a handful of slots one matmul pair each, a few dozen tokens on padded batched matmuls
+            few = B * T * k <= FEW_SLOTS
+            y = (_few_tokens(xe, idx, weights, self.w_gate_up, self.w_down, self.act) if few else
+                 dispatch_padded(xe, idx, weights, self.w_gate_up, self.w_down, self.activation))
             return MixerOutput(cast(self._combine(x, y), x.dtype), None, {}, {})
         if self.dispatch == "capacity" or x.device.type == "xla" or cache is not None:
             y, n_dropped, block_counts = dispatch_causal_capacity(
@@ -304,6 +307,11 @@ class MoEMixer(Mixer):
                                                                    self.activation)
             n_dropped = None
         y = self._combine(x, y)
+        if n_dropped is None and not (self.training or torch.is_grad_enabled()):
+            # dropless evaluation and decoding: the balancing losses and load figures are training figures, nothing
+            # reads them here, and at decoding sizes they cost about a sixth of the block (a capacity layer keeps its
+            # figures: how much it drops outside training is worth knowing)
+            return MixerOutput(y.to(x.dtype), cache, {}, {})
 
         valid = None if doc_ids is None else doc_ids.valid.reshape(-1, 1).float()  # (B T, 1)
         aux, stats, counts = balance(logits, probs, idx, valid=valid, stats_group=self.stats_group,
@@ -341,6 +349,7 @@ class MoEMixer(Mixer):
 
 
 FEW_SLOTS = 16  # up to this many (token, expert) slots, e.g. decoding one row, run them one matmul pair each
+PADDED_SLOTS = 256  # up to this many, on padded batched matmuls (measured faster than grouped GEMM up to 128 tokens)
 
 
 def _few_tokens(x: Tensor, idx: Tensor, weights: Tensor, w_gate_up: Tensor, w_down: Tensor, act: Activation) -> Tensor:

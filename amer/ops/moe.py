@@ -28,10 +28,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from amer.ops.activation import activation
+from amer.ops.fused import cast
 from amer.ops.kernels import grouped_mm, megablocks
 
-__all__ = ["expert_capacity", "dispatch_dropless", "dispatch_capacity", "dense_reference", "swiglu_expert",
-           "grouped_swiglu"]
+__all__ = ["expert_capacity", "dispatch_dropless", "dispatch_padded", "dispatch_capacity", "dense_reference",
+           "swiglu_expert", "grouped_swiglu"]
 
 
 def swiglu_expert(h: Tensor, w_gate_up: Tensor, w_down: Tensor, act: str = "silu") -> Tensor:
@@ -196,6 +197,31 @@ def dispatch_dropless(x: Tensor, expert_idx: Tensor, weights: Tensor, w_gate_up:
     # index_add (not a gather of the unsorted slots) so the k contributions are summed in one pass
     y = xf.new_zeros(N, xf.shape[1]).index_add_(0, token, ys)
     return y.reshape(x.shape)
+
+
+def dispatch_padded(x: Tensor, expert_idx: Tensor, weights: Tensor, w_gate_up: Tensor, w_down: Tensor,
+                    act: str = "silu") -> Tensor:
+    """:func:`dispatch_dropless` for a few dozen tokens without gradients (decoding a batch of rows), on batched
+    matmuls: each expert's rows padded to the largest expert's count, the experts run as one ``bmm`` per projection.
+
+    At decoding sizes every expert gets a handful of rows and the step reads each expert's weights for them: on CPU
+    one batched product over the (E, C, D) buffer reads them faster than the grouped GEMM's one ``mm`` per expert
+    (top-2 of 8 experts, width 192, 16 tokens: 370 vs 560 us a block; 2.5x on the products alone). The count ``C``
+    is read on the host, so this is the eager CPU path; nothing is dropped, the result is the dropless one.
+    """
+    xf, idx, w = _flatten(x, expert_idx, weights)
+    N, k = idx.shape
+    E, D = w_gate_up.shape[0], xf.shape[1]
+    dt = torch.promote_types(xf.dtype, w_gate_up.dtype)
+    flat_e = idx.reshape(-1)  # (N k,) slot n k + j
+    onehot = F.one_hot(flat_e, E)
+    seen = onehot.cumsum(0)  # (N k, E) slots of each expert up to and including this one
+    C = int(seen[-1].max())
+    dest = flat_e * C + (seen * onehot).sum(-1) - 1  # (N k,) buffer row: the expert's block, the slot's place in it
+    buf = xf.new_zeros(E * C, D, dtype=dt).index_copy_(0, dest, cast(xf, dt).repeat_interleave(k, dim=0))
+    out = swiglu_expert(buf.view(E, C, D), cast(w_gate_up, dt), cast(w_down, dt), act).view(E * C, D)
+    ys = out.index_select(0, dest).view(N, k, D)
+    return torch.bmm(cast(w, dt).unsqueeze(1), ys).reshape(x.shape)  # each token's k outputs, weighted and summed
 
 
 def _compute_dtype(xs: Tensor, w: Tensor) -> torch.dtype:

@@ -234,7 +234,8 @@ def ssd_step_torch(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, state
     Ch = C.to(acc).unsqueeze(2).expand(b, G, H // G, N).reshape(b, H, N)
     decay = torch.exp(dt * A.to(acc))  # (b, H)
     dx = x.to(acc) * dt.unsqueeze(-1)  # (b, H, P)
-    new_state = state.to(acc) * decay[..., None, None] + dx.unsqueeze(-1) * Bh.unsqueeze(-2)
+    # the decayed copy takes the input's outer product in place: two passes over the (b, H, P, N) state, not four
+    new_state = (state.to(acc) * decay[..., None, None]).addcmul_(dx.unsqueeze(-1), Bh.unsqueeze(-2))
     y = torch.matmul(new_state, Ch.unsqueeze(-1)).squeeze(-1)  # (b, H, P)
     return y.to(x.dtype), new_state
 
