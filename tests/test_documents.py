@@ -24,6 +24,7 @@ from torch import Tensor
 from amer import HybridLM, ModelConfig
 from amer.blocks import DocIds
 from amer.blocks import attention as attention_module
+from amer.ops import conv as conv_mod
 from amer.ops.conv import causal_conv1d
 from amer.ops.scan import linear_scan_sequential
 from amer.ops.ssd import ssd_scan_torch, ssd_sequential
@@ -262,10 +263,16 @@ def test_ssd_cut_at_documents_matches_sequential_per_document() -> None:
             torch.testing.assert_close(got[sl], want[sl], rtol=0, atol=1e-12)
 
 
-def test_conv_stops_at_document_start() -> None:
+@pytest.mark.parametrize("K", [2, 4])
+@pytest.mark.parametrize("masks", [False, True], ids=["taken-back", "masked"])
+def test_conv_stops_at_document_start(K: int, masks: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both ways of stopping the window, each against the documents run alone (outputs, input and weight
+    gradients): on CPU the taps that crossed a start are taken back afterwards, elsewhere each tap is masked
+    (forced here); documents of 1, 2, 3 and 6 tokens, shorter and longer than the window."""
+    monkeypatch.setattr(conv_mod, "_corrects", lambda x: not masks)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 12, 5, dtype=torch.float64, generator=g, requires_grad=True)
-    w = torch.randn(5, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(5, K, dtype=torch.float64, generator=g, requires_grad=True)
     bias = torch.randn(5, dtype=torch.float64, generator=g)
     cuts = ((0, 2, 3, 9), (0, 6))
     y, _ = causal_conv1d(x, w, bias, position=DocIds(doc_ids(cuts, 12)).position)

@@ -27,11 +27,15 @@ def conv_state_init(batch_size: int, channels: int, width: int, *, device=None, 
 def _shift_forward(x: Tensor, wt: Tensor, bias: Tensor | None, position: Tensor | None) -> Tensor:
     """The K shifted multiply-adds; ``wt`` (K, C) in x's dtype, each tap a contiguous channel vector."""
     T, K = x.shape[1], wt.shape[0]
+    masks = None if position is None or _corrects(x) else position
     y = torch.addcmul(bias.to(x.dtype), x, wt[K - 1]) if bias is not None else x * wt[K - 1]
     for k in range(K - 1):
         s = K - 1 - k
         if s < T:
-            y[:, s:].addcmul_(_reach(x[:, : T - s], position, s), wt[k])
+            y[:, s:].addcmul_(_reach(x[:, : T - s], masks, s), wt[k])
+    if position is not None and masks is None:  # the outputs whose window crossed a start, again from their own
+        rows, times = torch.nonzero((position < K - 1) & (position < _arange(position)), as_tuple=True)
+        y[rows, times] = _window(x, wt, bias, rows, times, lambda s: s <= position[rows, times], -1)
     return y
 
 
@@ -41,15 +45,27 @@ def _shift_backward(g: Tensor, x: Tensor, wt: Tensor, position: Tensor | None, n
 
     ``dx[t] = sum_k w[k] g[t + s_k]`` and ``dw[k] = sum g[t] x[t - s_k]``."""
     K, T = wt.shape[0], g.shape[1]
+    masks = None if position is None or _corrects(x) else position
     gx = gw = None
     # the incoming gradient of the outputs each tap reaches, masked once and read by both sums below
-    reached = {s: _reach(g[:, s:], position, s) for s in range(1, min(K, T))}
+    reached = {s: _reach(g[:, s:], masks, s) for s in range(1, min(K, T))}
+    crossed = _crossings(position, K) if position is not None and masks is None else {}
     if need_x:
         gx = g * wt[K - 1]
         for k in range(K - 1):
             s = K - 1 - k
             if s < T:
                 gx[:, : T - s].addcmul_(reached[s], wt[k])
+        if crossed:  # the inputs a crossed tap reached, again from their own document's outputs only
+            key = torch.cat([r * T + t - s for s, (r, t) in crossed.items()]).unique()
+            rows, times = key // T, key % T
+            ahead = (times.unsqueeze(1) + torch.arange(K, device=key.device)).clamp(max=T - 1)  # (N, K): t + s
+            seen = position[rows.unsqueeze(1), ahead]
+
+            def keep(s: int) -> Tensor:
+                return (times + s < T) & (seen[:, s] >= s)
+
+            gx[rows, times] = _window(g, wt, None, rows, times, keep, +1)
     if need_w:
         gw = torch.zeros_like(wt)  # (K, C)
         torch.sum(g * x, dim=(0, 1), out=gw[K - 1])
@@ -57,6 +73,8 @@ def _shift_backward(g: Tensor, x: Tensor, wt: Tensor, position: Tensor | None, n
             s = K - 1 - k
             if s < T:
                 torch.sum(reached[s] * x[:, : T - s], dim=(0, 1), out=gw[k])
+        for s, (rows, times) in crossed.items():
+            gw[K - 1 - s].sub_((g[rows, times] * x[rows, times - s]).sum(0))
     return gx, gw
 
 
@@ -131,6 +149,45 @@ def _conv_op_autograd(ctx, g: Tensor):
 
 
 _conv_op.register_autograd(_conv_op_autograd, setup_context=_conv_op_setup)
+
+
+def _corrects(x: Tensor) -> bool:
+    """Packed documents on CPU: the taps run over the whole row, then the few outputs whose window crossed a
+    document start (and, in the backward, the inputs such a window reached) are computed again from their own
+    document alone and written over, so documents stay independent bit for bit; a mask per tap would cost a
+    full pass over the activations each, as much as the tap itself (conv forward + backward at (4, 512, 1024),
+    documents of 96 tokens on average: 16.9 ms masked, 9.2 ms written over, 7.5 ms with no documents at all).
+    Elsewhere (XLA, CUDA without causal-conv1d) the masks keep shapes static and the host out of the loop."""
+    return x.device.type == "cpu"
+
+
+def _arange(position: Tensor) -> Tensor:
+    return torch.arange(position.shape[1], device=position.device)
+
+
+def _window(v: Tensor, wt: Tensor, bias: Tensor | None, rows: Tensor, times: Tensor, keep: Callable[[int], Tensor],
+            direction: int) -> Tensor:
+    """``bias + sum_s [keep(s)] wt[K-1-s] v[rows, times + direction * s]`` for s in 0..K-1: the conv
+    (direction -1) or its transpose (+1) at a few positions, each tap that ``keep`` refuses an exact zero."""
+    K, T = wt.shape[0], v.shape[1]
+    out = torch.zeros(rows.shape[0], v.shape[2], dtype=v.dtype, device=v.device) if bias is None \
+        else bias.to(v.dtype).expand(rows.shape[0], -1).clone()
+    for s in range(K):
+        term = v[rows, (times + direction * s).clamp(0, T - 1)] * wt[K - 1 - s]
+        out += torch.where(keep(s).unsqueeze(-1), term, torch.zeros((), dtype=v.dtype, device=v.device))
+    return out
+
+
+def _crossings(position: Tensor, K: int) -> dict[int, tuple[Tensor, Tensor]]:
+    """For each step back ``s`` in 1..K-1, the (rows, times) of the outputs whose tap ``s`` reads the
+    previous document: ``position[t] < s <= t``. Of the order of K documents per row, not T."""
+    rows, times = torch.nonzero((position < K - 1) & (position < _arange(position)), as_tuple=True)
+    first = position[rows, times]
+    out = {}
+    for s in range(1, K):
+        hit = (first < s) & (times >= s)
+        out[s] = (rows[hit], times[hit])
+    return out
 
 
 def _reach(v: Tensor, position: Tensor | None, s: int) -> Tensor:
