@@ -480,6 +480,6 @@ def test_config_defaults_and_flops_terms() -> None:
     assert (m.Hk, m.H, m.dk, m.dv) == (4, 4, 16, 16)
     f = m.flops(128)
     assert f["proj"] == 128 * (64 * (3 * 64 + 64 + 4 + 4) + 64 * 64)
-    L, c = 64, 2
+    L, c = 32, 4
     assert f["intra"] == c * (4 * 2 * L * L * 16 + 4 * (L ** 3 + 2 * L * L * 32 + L * L * 16))
     assert f["state"] == c * 4 * 3 * L * 16 * 16

@@ -179,7 +179,7 @@ def zoo_cases(quick: bool) -> tuple[list[PeerCase], int, int]:
     lfm2 = Lfm2Config(**common, intermediate_size=f, block_auto_adjust_ff_dim=False, layer_types=["conv"] * n,
                       num_attention_heads=4, num_key_value_heads=2, conv_L_cache=3)
     gdn = {"n_k_heads": qwen.linear_num_key_heads, "n_v_heads": qwen.linear_num_value_heads, "head_k_dim": hk,
-           "head_v_dim": hk, "d_conv": 4, "chunk_size": 64}
+           "head_v_dim": hk, "d_conv": 4}  # chunk length: each side its own (transformers 64, amer 32)
     cases = [
         PeerCase(f"{g}+{e}", "Qwen3NextForCausalLM", ModelConfig(pattern=f"({g}{e})*{n}", deltanet=gdn, **base), qwen,
                  f"{n} Qwen3-Next layers, all gated DeltaNet ({gdn['n_k_heads']} key / {gdn['n_v_heads']} value heads "
