@@ -61,7 +61,7 @@ def test_all_ignored_is_nan_like_cross_entropy():
 
 
 def test_chunk_rows_bounds_the_logits():
-    assert chunk_rows(16384, 8192) * 8192 <= CHUNK_ELEMENTS  # 128 rows: 4 MiB of logits
+    assert chunk_rows(16384, 8192) * 8192 <= CHUNK_ELEMENTS  # 512 rows: 16 MiB of logits
     assert chunk_rows(16384, 32768) == MIN_CHUNK_ROWS  # never fewer rows than the weight-gradient floor
     assert chunk_rows(100, 260) == 100  # a byte vocabulary fits in one chunk
     assert chunk_rows(10, 10**9) == 10  # never more rows than tokens

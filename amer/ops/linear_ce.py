@@ -25,12 +25,13 @@ from torch import Tensor
 
 __all__ = ["linear_cross_entropy", "chunk_rows"]
 
-# fp32 elements in one chunk of logits (4 MiB): the softmax passes over a chunk then run in cache (on a
-# 2-core Xeon at vocabulary 8,192 the whole head + loss took 0.73x the time of 16 MiB chunks), yet at least
-# MIN_CHUNK_ROWS tokens, so that the head-gradient accumulation (a read and write of the (V, D) gradient per
-# chunk) stays small next to the chunk's GEMMs.
-CHUNK_ELEMENTS = 1 << 20
-MIN_CHUNK_ROWS = 128
+# fp32 elements in one chunk of logits (16 MiB), yet at least MIN_CHUNK_ROWS tokens: each chunk's GEMMs read
+# the whole (V, D) weight and its gradient, so a chunk needs enough rows to pay that back. Head + loss, forward
+# and backward, 2,048 tokens on a 2-core AMD EPYC: at vocabulary 8,192, 128 / 256 / 512 / 1,024 rows took 235 /
+# 203 / 200 / 209 ms; at 32,768 (width 384), 1,369 / 1,281 / 1,198 / 1,151 ms. (A 2-core Xeon preferred 4 MiB
+# chunks, 0.73x the time of 16 MiB at 8,192; the memory a chunk holds is the other side of the trade.)
+CHUNK_ELEMENTS = 1 << 22
+MIN_CHUNK_ROWS = 256
 
 
 def chunk_rows(n_tokens: int, vocab: int, elements: int = CHUNK_ELEMENTS) -> int:
