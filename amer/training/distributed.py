@@ -124,11 +124,21 @@ def setup(parallel: ParallelConfig, device: torch.device) -> Layout:
 
 
 def teardown(layout: Layout, *, clean: bool = True) -> None:
-    """End the process groups. After a clean finish the ranks do it in step: all wait, each destroys the
-    sub-groups (mesh dimensions, the tied-weight groups), all wait again, then the default group goes. A rank
-    that tears down a group while another still uses it aborts that rank (gloo: "terminate called without an
-    active exception"). After an error there is no waiting: the other ranks may never come."""
+    """End the process groups of a run (see ``end_process_groups``)."""
     if not (layout.distributed and dist.is_initialized()):
+        return
+    end_process_groups(clean=clean)
+    layout.mesh = None  # drop the last references to the groups now, not at interpreter exit
+    gc.collect()
+
+
+def end_process_groups(*, clean: bool = True) -> None:
+    """After a clean finish the ranks end the groups in step: all wait, each destroys the sub-groups (mesh
+    dimensions, the tied-weight groups), all wait again, then the default group goes. A rank that tears down a
+    group while another still uses it, or leaves sub-groups to interpreter exit, aborts that rank (gloo:
+    "terminate called without an active exception"). After an error there is no waiting: the other ranks may
+    never come."""
+    if not dist.is_initialized():
         return
     if clean:
         dist.barrier()
@@ -138,7 +148,6 @@ def teardown(layout: Layout, *, clean: bool = True) -> None:
             dist.destroy_process_group(g)
         dist.barrier()
     dist.destroy_process_group()
-    layout.mesh = None  # drop the last references to the groups now, not at interpreter exit
     gc.collect()
 
 

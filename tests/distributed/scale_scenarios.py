@@ -302,7 +302,6 @@ if __name__ == "__main__":
     try:
         SCENARIOS[sys.argv[1]]()
     except BaseException:
-        dist.destroy_process_group()
+        D.end_process_groups(clean=False)
         raise
-    dist.barrier()
-    dist.destroy_process_group()
+    D.end_process_groups()
