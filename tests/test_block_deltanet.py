@@ -481,5 +481,28 @@ def test_config_defaults_and_flops_terms() -> None:
     f = m.flops(128)
     assert f["proj"] == 128 * (64 * (3 * 64 + 64 + 4 + 4) + 64 * 64)
     L, c = 32, 4
-    assert f["intra"] == c * (4 * 2 * L * L * 16 + 4 * (L ** 3 + 2 * L * L * 32 + L * L * 16))
+    # per value head: the solve for (I + A)^-1 against L identity columns (L^3 / 2 multiply-adds), that inverse
+    # applied to the (L, dk + dv) right-hand sides, and the masked (L, L) @ (L, dv) attention
+    assert f["intra"] == c * (4 * 2 * L * L * 16 + 4 * (L ** 3 / 2 + L * L * 32 + L * L * 16))
     assert f["state"] == c * 4 * 3 * L * 16 * 16
+
+
+def test_flops_match_the_products_executed() -> None:
+    """The delta rule's FLOP terms, less the triangular solve (which torch's counter does not see), equal the
+    batched products ``delta_rule_chunked`` runs as counted by ``torch.utils.flop_counter``: a term counted
+    twice or left out shows here (for example the inverse's products counted as 2 L^2 (dk + dv))."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = ModelConfig(pattern="G", d_model=64, deltanet=DeltaNetConfig())
+    m = DeltaNetMixer(cfg.deltanet, cfg.dims, cfg.parsed.layers[0])
+    T = 128
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, T, m.Hk, m.dk, generator=g) for _ in range(2))
+    v = torch.randn(1, T, m.H, m.dv, generator=g)
+    with FlopCounterMode(display=False) as counter:
+        delta_rule_chunked(q, k, v, -torch.rand(1, T, m.H, generator=g), torch.rand(1, T, m.H, generator=g),
+                           m.chunk_size)
+    f = m.flops(T)
+    L, c = m.chunk_size, T // m.chunk_size
+    solve = c * m.H * L ** 3 / 2
+    assert counter.get_total_flops() == 2 * (f["intra"] - solve + f["state"])

@@ -289,6 +289,29 @@ def test_conv_stops_at_document_start(K: int, masks: bool, monkeypatch: pytest.M
     torch.testing.assert_close(gw, gw_ref, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("K", [2, 4])
+@pytest.mark.parametrize("masks", [False, True], ids=["taken-back", "masked"])
+def test_conv_documents_equal_alone_bit_for_bit(K: int, masks: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In float32 the packed conv's outputs and input gradient equal each document run alone exactly, not just
+    within rounding: the rewritten outputs add their taps in the whole-row order. (The weight gradient sums
+    over all documents at once, so only its rounding may differ.) 37 channels: vector lanes and a tail."""
+    monkeypatch.setattr(conv_mod, "_corrects", lambda x: not masks)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 40, 37, generator=g, requires_grad=True)
+    w = torch.randn(37, K, generator=g)
+    bias = torch.randn(37, generator=g)
+    cuts = ((0, 1, 3, 4, 17, 30), (0, 2, 21))
+    y, _ = causal_conv1d(x, w, bias, position=DocIds(doc_ids(cuts, 40)).position)
+    probe = torch.randn(y.shape, generator=g)
+    (gx,) = torch.autograd.grad((y * probe).sum(), [x])
+    for r, s, e in spans(cuts, 40):
+        xd = x.detach()[r:r + 1, s:e].clone().requires_grad_()
+        ref, _ = causal_conv1d(xd, w, bias)
+        (rx,) = torch.autograd.grad((ref * probe[r:r + 1, s:e]).sum(), [xd])
+        assert torch.equal(y[r:r + 1, s:e], ref), (r, s, e)
+        assert torch.equal(gx[r:r + 1, s:e], rx), (r, s, e)
+
+
 def test_rglru_state_resets_at_document_start() -> None:
     """The recurrent mixer in float64 against the plain recurrence restarted per document."""
     mixer = contract.make_mixer("R").double()

@@ -186,15 +186,15 @@ class DeltaNetMixer(Mixer):
     def flops(self, seq_len: int) -> dict[str, float]:
         """Projections, plus the chunked delta rule as executed (chunk ``L``, ``c`` chunks, per chunk):
         ``intra``: the (L, L) products ``K K^T`` and ``Q K^T`` (per key head for the head gate, per value
-        head for the channel gate), the inverse ``(I + A)^-1`` (a unit-triangular solve against the identity,
-        L^3), its products with ``V_beta`` and ``K_beta Gamma`` (2 L^2 (dk + dv)) and the masked attention
-        (L, L) @ (L, dv) per value head; ``state``: ``W S``, ``K^T delta`` and ``Q S`` (three (L, dk) x
-        (dk, dv) products per value head)."""
+        head for the channel gate), the inverse ``(I + A)^-1`` (a triangular solve against the L columns of
+        the identity, L^3 / 2), its products with ``V_beta`` and ``K_beta Gamma`` (L^2 (dk + dv)) and the
+        masked attention (L, L) @ (L, dv) per value head; ``state``: ``W S``, ``K^T delta`` and ``Q S`` (three
+        (L, dk) x (dk, dv) products per value head)."""
         H, dk, dv = self.H, self.dk, self.dv
         L = min(self.chunk_size, seq_len)
         c = math.ceil(seq_len / L)
         qk_heads = H if self.channel else self.Hk
-        intra = c * (qk_heads * 2 * L * L * dk + H * (L ** 3 + 2 * L * L * (dk + dv) + L * L * dv))
+        intra = c * (qk_heads * 2 * L * L * dk + H * (L ** 3 / 2 + L * L * (dk + dv) + L * L * dv))
         state = c * H * 3 * L * dk * dv
         return {"proj": self.linear_flops(seq_len), "intra": float(intra), "state": float(state)}
 

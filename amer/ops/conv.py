@@ -168,13 +168,19 @@ def _arange(position: Tensor) -> Tensor:
 def _window(v: Tensor, wt: Tensor, bias: Tensor | None, rows: Tensor, times: Tensor, keep: Callable[[int], Tensor],
             direction: int) -> Tensor:
     """``bias + sum_s [keep(s)] wt[K-1-s] v[rows, times + direction * s]`` for s in 0..K-1: the conv
-    (direction -1) or its transpose (+1) at a few positions, each tap that ``keep`` refuses an exact zero."""
+    (direction -1) or its transpose (+1) at a few positions, each tap that ``keep`` refuses an exact zero.
+    The terms are added in the order and with the ops of the whole-row taps (s = 0 first, then K-1 down to 1),
+    so a rewritten output rounds exactly as it does in its document run alone."""
     K, T = wt.shape[0], v.shape[1]
-    out = torch.zeros(rows.shape[0], v.shape[2], dtype=v.dtype, device=v.device) if bias is None \
-        else bias.to(v.dtype).expand(rows.shape[0], -1).clone()
-    for s in range(K):
-        term = v[rows, (times + direction * s).clamp(0, T - 1)] * wt[K - 1 - s]
-        out += torch.where(keep(s).unsqueeze(-1), term, torch.zeros((), dtype=v.dtype, device=v.device))
+    zero = torch.zeros((), dtype=v.dtype, device=v.device)
+
+    def tap(s: int) -> Tensor:
+        picked = v[rows, (times + direction * s).clamp(0, T - 1)]
+        return picked if s == 0 else torch.where(keep(s).unsqueeze(-1), picked, zero)
+
+    out = torch.addcmul(bias.to(v.dtype), tap(0), wt[K - 1]) if bias is not None else tap(0) * wt[K - 1]
+    for s in range(K - 1, 0, -1):
+        out.addcmul_(tap(s), wt[K - 1 - s])
     return out
 
 
