@@ -34,7 +34,7 @@ def _shift_forward(x: Tensor, wt: Tensor, bias: Tensor | None, position: Tensor 
         if s < T:
             y[:, s:].addcmul_(_reach(x[:, : T - s], masks, s), wt[k])
     if position is not None and masks is None:  # the outputs whose window crossed a start, again from their own
-        rows, times = torch.nonzero((position < K - 1) & (position < _arange(position)), as_tuple=True)
+        rows, times = _crossed(position, K)
         y[rows, times] = _window(x, wt, bias, rows, times, lambda s: s <= position[rows, times], -1)
     return y
 
@@ -161,8 +161,11 @@ def _corrects(x: Tensor) -> bool:
     return x.device.type == "cpu"
 
 
-def _arange(position: Tensor) -> Tensor:
-    return torch.arange(position.shape[1], device=position.device)
+def _crossed(position: Tensor, K: int) -> tuple[Tensor, Tensor]:
+    """The (rows, times) of the outputs whose window of K reaches back past their document's start:
+    ``position[t] < K - 1`` and ``position[t] < t`` (not the row's first document)."""
+    t = torch.arange(position.shape[1], device=position.device)
+    return torch.nonzero((position < K - 1) & (position < t), as_tuple=True)
 
 
 def _window(v: Tensor, wt: Tensor, bias: Tensor | None, rows: Tensor, times: Tensor, keep: Callable[[int], Tensor],
@@ -187,7 +190,7 @@ def _window(v: Tensor, wt: Tensor, bias: Tensor | None, rows: Tensor, times: Ten
 def _crossings(position: Tensor, K: int) -> dict[int, tuple[Tensor, Tensor]]:
     """For each step back ``s`` in 1..K-1, the (rows, times) of the outputs whose tap ``s`` reads the
     previous document: ``position[t] < s <= t``. Of the order of K documents per row, not T."""
-    rows, times = torch.nonzero((position < K - 1) & (position < _arange(position)), as_tuple=True)
+    rows, times = _crossed(position, K)
     first = position[rows, times]
     out = {}
     for s in range(1, K):

@@ -127,9 +127,8 @@ def teardown(layout: Layout, *, clean: bool = True) -> None:
     """End the process groups of a run (see ``end_process_groups``)."""
     if not (layout.distributed and dist.is_initialized()):
         return
+    layout.mesh = None  # drop the last references to the groups now (collected below), not at interpreter exit
     end_process_groups(clean=clean)
-    layout.mesh = None  # drop the last references to the groups now, not at interpreter exit
-    gc.collect()
 
 
 def end_process_groups(*, clean: bool = True) -> None:
@@ -148,7 +147,7 @@ def end_process_groups(*, clean: bool = True) -> None:
             dist.destroy_process_group(g)
         dist.barrier()
     dist.destroy_process_group()
-    gc.collect()
+    gc.collect()  # the groups' last references go now, not at interpreter exit
 
 
 def wrap_data_parallel(module: nn.Module, layout: Layout, kind: str, ignored: Iterable[nn.Parameter] = ()) -> nn.Module:
