@@ -139,7 +139,7 @@ def test_peers_suite_runs_or_says_why_not(tmp_path, capsys) -> None:
     assert {"jamba-like", "all-M", "A+E", "G+E", "all-S", "C+E"} <= names
     for r in res["rows"]:
         if "skipped" not in r:
-            assert r["amer_params"] > 0 and r["hf_params"] > 0 and r["speedup"] > 0
+            assert r["amer_params"] > 0 and r["hf_params"] > 0 and r["speedup"] > 0 and r["documents_speedup"] > 0
     imported = {r["name"]: r for r in res["rows"] if r.get("same_weights")}
     # the exactly importable pairs run the same weights
     assert set(imported) - {"all-S/mambapy"} == {"all-M", "A+E", "all-S", "C+E"}

@@ -236,7 +236,9 @@ def suite_peers(opts: BenchOptions) -> SuiteResult:
             _compare(case, cls[case.hf_class], B, T, opts, res, shape)
     res.notes.append("training step (forward, backward, AdamW) at the preset's shape, at vocabulary 8,192, width "
                      "256, twice the sequence, and at vocabulary 32,768, width 384, four times the sequence (same "
-                     "tokens per batch); speedup = median of per-round (transformers step / amer step)"
+                     "tokens per batch); speedup = median of per-round (transformers step / amer step), each row "
+                     "one sequence on both sides; documents_speedup: amer keeping the batch's packed documents apart "
+                     "(its training default; transformers' step does not)"
                      + ("; compiled: amer's blocks regionally compiled (backend "
                         f"{opts.compile_backend or ('aot_eager' if opts.quick else 'inductor')}), first_step_s its "
                         "warm-up" if opts.compile else "")
@@ -262,8 +264,14 @@ def _compare(case: PeerCase, hf_cls: Any, B: int, T: int, opts: BenchOptions, re
         amer_model = build_model(case.amer_cfg, opts.seed)
     # the same optimizer on both sides (the training loop's own adds clipping and param groups)
     # what the HF side computes: cross-entropy plus the MoE auxiliary losses, no STP and no clipping
-    amer_opt = torch.optim.AdamW(amer_model.parameters(), lr=1e-4)
-    fns = {"amer": train_step(amer_model, batch, no_stp(amer_model), amer_opt, grad_clip=None),
+    # "amer" sees each row as one sequence, as transformers does: the same function on both sides. "amer documents"
+    # keeps the batch's packed documents apart (its training default), which transformers' step does not do.
+    docs_twin = copy.deepcopy(amer_model)
+    fns = {"amer": train_step(amer_model, batch, no_stp(amer_model), torch.optim.AdamW(amer_model.parameters(),
+                                                                                       lr=1e-4),
+                              grad_clip=None, documents=False),
+           "amer documents": train_step(docs_twin, batch, no_stp(docs_twin),
+                                        torch.optim.AdamW(docs_twin.parameters(), lr=1e-4), grad_clip=None),
            "hf": _hf_step(hf, torch.optim.AdamW(hf.parameters(), lr=1e-4), batch)}
     compiled: dict[str, Any] = {}
     if opts.compile:  # a second copy with compiled blocks, timed in the same rounds as eager amer and transformers
@@ -271,7 +279,7 @@ def _compare(case: PeerCase, hf_cls: Any, B: int, T: int, opts: BenchOptions, re
         twin = copy.deepcopy(amer_model)
         compile_blocks(twin, backend=opts.compile_backend or ("aot_eager" if opts.quick else "inductor"))
         fns["amer compiled"] = train_step(twin, batch, no_stp(twin), torch.optim.AdamW(twin.parameters(), lr=1e-4),
-                                          grad_clip=None)
+                                          grad_clip=None, documents=False)
         t0 = time.perf_counter()
         fns["amer compiled"]()
         compiled["first_step_s"] = time.perf_counter() - t0
@@ -284,7 +292,8 @@ def _compare(case: PeerCase, hf_cls: Any, B: int, T: int, opts: BenchOptions, re
         "shape": f"V{case.amer_cfg.vocab_size} D{case.amer_cfg.d_model} {B}x{T}",
         "amer_params": amer_model.num_params(), "hf_params": sum(p.numel() for p in hf.parameters()),
         "amer_tok_s": B * T / median(times["amer"]), "hf_tok_s": B * T / median(times["hf"]),
-        "speedup": paired_ratio(times["hf"], times["amer"]), **compiled,
+        "speedup": paired_ratio(times["hf"], times["amer"]),
+        "documents_speedup": paired_ratio(times["hf"], times["amer documents"]), **compiled,
         "same_weights": diff is not None, "logits_max_diff": diff,
     })
     res.notes.append(f"{case.name} at {shape} shape: {case.matched}" + (

@@ -26,6 +26,7 @@ from amer.config import Dims
 from amer.configio import check, opt
 from amer.families import FamilySpec, register_family
 from amer.ops import kernels
+from amer.ops.doc_attention import SPLIT_MIN_MEAN, document_attention, per_document
 from amer.ops.fused import cast
 from amer.pattern import LayerSpec
 
@@ -105,17 +106,14 @@ class KVCache(NamedTuple):
     pos: int
 
 
-# Packed documents, measured on a 2-core CPU (fwd+bwd of the attention alone, small preset's heads):
-# - rows up to DOC_QUERY_BLOCK tokens: one call with the block-diagonal causal mask, 1.1x the causal
-#   kernel (one call per document row was slower: many small calls lose the batch's parallelism);
-# - longer rows, eager: one causal-kernel call per document (varlen attention by splitting), at most
-#   the cost of the causal kernel over the whole row and far less with short documents (0.3x at 2048
-#   tokens in documents of ~100); the explicit mask computes the whole (T, T) square, 1.3-1.4x;
-# - longer rows under torch.compile or off the CPU (static shapes, no host read of the layout), or with
-#   documents of under DOC_SPLIT_MIN_MEAN tokens on average: queries in blocks of DOC_QUERY_BLOCK, each
-#   against the keys up to its own end, so the masked work stays near the causal triangle.
+# Packed documents (the strategy is measured; :mod:`amer.ops.doc_attention` has the figures):
+# - on CPU, rows of doc_attention.MIN_LEN tokens or more, eager or compiled: one causal-kernel call per document;
+# - shorter rows: one call with the block-diagonal causal mask (many small calls lose the batch's parallelism);
+# - off the CPU without flex (XLA), with a sliding window or a soft cap: queries in blocks of DOC_QUERY_BLOCK,
+#   each against the keys up to its own end, so the masked work stays near the causal triangle; eager on CPU
+#   with a soft cap and rows longer than a block, one soft-capped call per document (SPLIT_MIN_MEAN tokens or
+#   more per document on average).
 DOC_QUERY_BLOCK = 512
-DOC_SPLIT_MIN_MEAN = 16
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -266,14 +264,19 @@ class AttentionMixer(Mixer):
         allowed = cols <= rows
         return allowed if self.window is None else allowed & (rows - cols < self.window)
 
+    def reads_document_mask(self, T: int, device: torch.device) -> bool:
+        return not (self.window is None and self.softcap is None
+                    and per_document(device, T, self.n_heads, self.n_kv_heads))
+
     def _attend_documents(self, q: Tensor, k: Tensor, v: Tensor, doc_ids: DocIds) -> Tensor:
         """Causal attention within each packed document: (B, H, T, hd); the strategy is chosen as measured
         (see DOC_QUERY_BLOCK)."""
         B, T = q.shape[0], q.shape[2]
-        eager_cpu = q.device.type == "cpu" and not torch.compiler.is_compiling()
-        if T > DOC_QUERY_BLOCK and eager_cpu and self.window is None:
-            lengths = doc_ids.lengths()
-            if sum(map(len, lengths)) * DOC_SPLIT_MIN_MEAN <= B * T:
+        if not self.reads_document_mask(T, q.device):
+            return document_attention(q, k, v, doc_ids.index, self.scale)
+        if q.device.type == "cpu" and T > DOC_QUERY_BLOCK and self.window is None and not torch.compiler.is_compiling():
+            lengths = doc_ids.lengths()  # a soft cap: no fused kernel caps the scores
+            if sum(map(len, lengths)) * SPLIT_MIN_MEAN <= B * T:
                 return self._attend_split(q, k, v, lengths)
         outs = []
         for start in range(0, T, DOC_QUERY_BLOCK):  # T / 512 calls: a fixed count per shape, not per token
@@ -299,7 +302,7 @@ class AttentionMixer(Mixer):
         return flex_attend(q, k, v, mask, self.scale, self.n_heads != self.n_kv_heads)
 
     def _attend_split(self, q: Tensor, k: Tensor, v: Tensor, lengths: list[list[int]]) -> Tensor:
-        """One causal-kernel call per document. unbind/split/cat/stack, not slicing: their backward is one
+        """One soft-capped call per document. unbind/split/cat/stack, not slicing: their backward is one
         concatenation, where every slice's backward would allocate a full-size zero gradient."""
         rows = []
         for qr, kr, vr, lens in zip(q.unbind(0), k.unbind(0), v.unbind(0), lengths):

@@ -133,6 +133,11 @@ class Mixer(nn.Module):
         self.dims = dims
         self.layer = layer
 
+    def reads_document_mask(self, T: int, device: torch.device) -> bool:
+        """Whether a packed forward of ``T`` tokens on ``device`` reads ``doc_ids.attention_mask``: compiled blocks
+        have it built ahead of them only then (:meth:`DocIds.prepare`)."""
+        return self.document_mask
+
     def reset_parameters(self) -> None:
         raise NotImplementedError(f"{type(self).__name__} must initialise its parameters")
 

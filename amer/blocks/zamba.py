@@ -34,6 +34,7 @@ from amer.config import Dims
 from amer.configio import check, opt
 from amer.families import FamilySpec, families, register_family
 from amer.ops.activation import activation
+from amer.ops.doc_attention import document_attention, per_document
 from amer.ops.fused import cast
 from amer.ops.rope import rope_inv_freq
 from amer.pattern import LayerSpec
@@ -182,6 +183,9 @@ class ZambaMixer(Mixer):
         with torch.device("meta"):
             return self._mamba_cls(self._mamba_cfg, self.dims, self.layer)
 
+    def reads_document_mask(self, T: int, device: torch.device) -> bool:
+        return not per_document(device, T, self.n_heads, self.n_kv_heads)
+
     def init_cache(self, batch_size: int, max_len: int, *, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> ZambaCache:
         device = device if device is not None else self.qkv.weight.device
@@ -205,6 +209,9 @@ class ZambaMixer(Mixer):
             freqs = pos.unsqueeze(-1) * self.inv_freq.to(h.device)  # (T, hd/2) or (B, 1, T, hd/2)
             q, k = apply_rope(q, freqs.cos(), freqs.sin()), apply_rope(k, freqs.cos(), freqs.sin())
         gqa = H != Hkv
+        if cache is None and doc_ids is not None and not self.reads_document_mask(T, h.device):
+            y = document_attention(q, k, v, doc_ids.index, self.scale)  # as the A family does
+            return y.transpose(1, 2).reshape(B, T, H * hd), None
         if cache is None:
             mask = None if doc_ids is None else doc_ids.attention_mask(0, T, q.dtype)  # (B, 1, T, T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,

@@ -88,7 +88,7 @@ def compile_blocks(model: nn.Module, *, backend: Any = "inductor", mode: str | N
             continue
         checkpointing = getattr(blk.forward, "amer_checkpointing", None)
         inner = blk.forward.__wrapped__ if checkpointing else blk.forward
-        blk.forward = _compiled(inner, backend, mode, blk.mixer.document_mask)
+        blk.forward = _compiled(inner, backend, mode, blk.mixer)
         if checkpointing:
             blk.forward = checkpointed(blk.forward, checkpointing)
         compiled.append(name)
@@ -102,15 +102,15 @@ def graph_count(model: nn.Module) -> int:
     return len(variants)
 
 
-def _compiled(forward: Callable[..., Any], backend: Any, mode: str | None, document_mask: bool) -> Callable[..., Any]:
+def _compiled(forward: Callable[..., Any], backend: Any, mode: str | None, mixer: Any) -> Callable[..., Any]:
     fast = torch.compile(forward, fullgraph=True, backend=backend, mode=mode)
 
     @functools.wraps(forward)
     def run(x: torch.Tensor, cache: Any = None, doc_ids: Any = None, *args: Any, **kwargs: Any) -> Any:
         if cache is not None:
             return forward(x, cache, doc_ids, *args, **kwargs)
-        if doc_ids is not None and document_mask:  # one shared mask, built here eagerly (see DocIds.cached)
-            kind = x.device.type
+        if doc_ids is not None and mixer.reads_document_mask(x.shape[1], x.device):
+            kind = x.device.type  # one shared mask, built here eagerly (see DocIds.cached)
             doc_ids.prepare(torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype)
         return fast(x, None, doc_ids, *args, **kwargs)
 
