@@ -465,3 +465,30 @@ def test_inference_paths_equal_dispatch(shared: bool, monkeypatch: pytest.Monkey
     monkeypatch.setattr(moe_mod, "PADDED_SLOTS", 0)
     with torch.no_grad():
         assert mixer(torch.randn(1, 1, 32, dtype=torch.float64)).stats and sum(calls.values()) == 0
+
+
+def test_compiled_inference_keeps_the_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiled, decoding-sized inference runs the static dispatch: the few-token and padded paths read counts on the
+    host, which inductor cannot lower (a compiled evaluation of one 100-token row failed with "could not guard on
+    data-dependent expression"). The output equals the eager one. Control: eager, the same input takes the padded
+    path."""
+    import amer.blocks.moe as moe_mod
+
+    mixer = make(n_experts=8, top_k=2).eval()  # fp32: the grouped GEMM, the dispatch that compiles
+    calls = []
+    for name in ("_few_tokens", "dispatch_padded"):
+        real = getattr(moe_mod, name)
+        monkeypatch.setattr(moe_mod, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name),
+                                                                                    _real(*a, **k))[1])
+    x = torch.randn(1, 40, 32)  # 80 slots: the padded path when eager
+    with torch.no_grad():
+        eager = mixer(x).y
+        assert calls == ["dispatch_padded"]
+        calls.clear()
+        torch._dynamo.reset()
+        try:
+            compiled = torch.compile(mixer, fullgraph=True, backend="aot_eager")(x).y
+        finally:
+            torch._dynamo.reset()
+    assert calls == []
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)

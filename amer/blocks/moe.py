@@ -286,9 +286,11 @@ class MoEMixer(Mixer):
 
         ep = self.expert_dispatch
         if not torch.is_grad_enabled() and cache is None and self.dispatch != "capacity" and ep is None \
-                and x.device.type == "cpu" and B * T * k <= PADDED_SLOTS:
+                and x.device.type == "cpu" and B * T * k <= PADDED_SLOTS and not torch.compiler.is_compiling():
             # decoding-sized inference: no sort-and-group dispatch, and no losses or training figures (nothing reads
-            # them); a handful of slots one matmul pair each, a few dozen tokens on padded batched matmuls
+            # them); a handful of slots one matmul pair each, a few dozen tokens on padded batched matmuls. Eager only:
+            # the padded count is read on the host, which inductor cannot lower (a compiled evaluation of a small
+            # batch failed with "could not guard on data-dependent expression")
             few = B * T * k <= FEW_SLOTS
             y = (_few_tokens(xe, idx, weights, self.w_gate_up, self.w_down, self.act) if few else
                  dispatch_padded(xe, idx, weights, self.w_gate_up, self.w_down, self.activation))
