@@ -73,10 +73,14 @@ def test_equals_the_block_diagonal_mask(scale: float | None) -> None:
 
 
 def test_bf16_keeps_an_fp32_logsumexp() -> None:
+    """bf16 queries, keys and values: a bf16 output and an fp32 log-sum-exp; fp32 keys and values beside bf16
+    queries are taken to bf16 (the same output as casting them first)."""
     q, k, v = (t.detach().to(torch.bfloat16) for t in _qkv(torch.float32))
     out, lse = doc_attention._attention_op(q, k, v, _index(), None)
     assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
     torch.testing.assert_close(out.float(), _reference(q, k, v, _index()).float(), rtol=2e-2, atol=2e-2)
+    mixed = document_attention(q, k.float(), v.float(), _index())
+    assert mixed.dtype == torch.bfloat16 and torch.equal(mixed, out)
 
 
 def test_compiled_runs_the_opaque_op_with_eager_results(monkeypatch: pytest.MonkeyPatch) -> None:

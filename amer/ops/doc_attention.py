@@ -159,9 +159,10 @@ def document_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, scale: fl
     q (B, H, T, d), k and v (B, Hkv, T, d) with ``H`` a multiple of ``Hkv`` (grouped heads; one width, as the
     CPU flash kernel requires);
     ``index`` (B, T) int, each token's document number, non-decreasing along a row (``DocIds.index``);
-    ``scale`` of the query-key products (default ``d ** -0.5``); q, k and v of one dtype (the kernel does not
-    cast under autocast). Returns (B, H, T, d).
+    ``scale`` of the query-key products (default ``d ** -0.5``). Keys and values are taken to the queries' dtype
+    (the kernel wants one dtype and, unlike SDPA, nothing casts it under autocast). Returns (B, H, T, d).
     """
+    k, v = k.to(q.dtype), v.to(q.dtype)
     if torch.compiler.is_compiling():
         return _attention_op(q, k, v, index, scale)[0]
     return _DocumentAttention.apply(q, k, v, index, scale)
