@@ -275,7 +275,7 @@ class AttentionMixer(Mixer):
         if not self.reads_document_mask(T, q.device):
             return document_attention(q, k, v, doc_ids.index, self.scale)
         if q.device.type == "cpu" and T > DOC_QUERY_BLOCK and self.window is None and not torch.compiler.is_compiling():
-            lengths = doc_ids.lengths()  # a soft cap: no fused kernel caps the scores
+            lengths = doc_ids.lengths()  # a soft cap (no fused kernel caps scores), or grouped heads before torch 2.9
             if sum(map(len, lengths)) * SPLIT_MIN_MEAN <= B * T:
                 return self._attend_split(q, k, v, lengths)
         outs = []

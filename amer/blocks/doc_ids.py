@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from amer.ops.doc_attention import block_causal_mask, document_spans
+
 __all__ = ["DocIds"]
 
 
@@ -56,12 +58,7 @@ class DocIds:
         """Each row's document lengths, read to the host once per forward (eager paths only: the count
         is data-dependent)."""
         if self._lengths is None:
-            B, T = self.ids.shape
-            starts = self.starts.nonzero().tolist()  # [(row, t)] in row-major order
-            bounds: list[list[int]] = [[] for _ in range(B)]
-            for row, t in starts:
-                bounds[row].append(t)
-            self._lengths = [[b - a for a, b in zip(s, [*s[1:], T])] for s in bounds]
+            self._lengths = [[e - s for s, e in row] for row in document_spans(self.index)]
         return self._lengths
 
     def cached(self, key: Any, build: Callable[[], Any]) -> Any:
@@ -87,11 +84,5 @@ class DocIds:
         Additive rather than bool: on CPU, ``scaled_dot_product_attention`` with a float mask measured
         as fast as its causal kernel at T = 256, a bool mask slower.
         """
-        def build() -> Tensor:
-            T = self.ids.shape[1]
-            pos = torch.arange(T, device=self.ids.device)
-            allowed = (self.index[:, :, None] == self.index[:, None, :]) & (pos[None, :] <= pos[:, None])  # (B, T, T)
-            mask = torch.zeros(allowed.shape, dtype=dtype, device=self.ids.device)
-            return mask.masked_fill_(~allowed, float("-inf")).unsqueeze(1)
-
-        return self.cached(("attention", dtype), build)[:, :, q_start:q_end, :q_end]
+        return self.cached(("attention", dtype), lambda: block_causal_mask(self.index, dtype))[:, :, q_start:q_end,
+                                                                                             :q_end]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["MIN_LEN", "SPLIT_MIN_MEAN", "document_attention", "per_document"]
+__all__ = ["MIN_LEN", "SPLIT_MIN_MEAN", "block_causal_mask", "document_attention", "document_spans", "per_document"]
 
 MIN_LEN = 512  # rows of at least this many tokens attend per document (see the module docstring)
 SPLIT_MIN_MEAN = 16  # mean document length (tokens) below which a row takes one masked call
@@ -34,7 +34,7 @@ def per_document(device: torch.device, T: int, n_heads: int, n_kv_heads: int) ->
     return device.type == "cpu" and T >= MIN_LEN and (n_heads == n_kv_heads or _GROUPED_HEADS)
 
 
-def _documents(index: Tensor) -> list[list[tuple[int, int]]]:
+def document_spans(index: Tensor) -> list[list[tuple[int, int]]]:
     """Each row's documents as (start, end) pairs, read to the host; ``index`` (B, T) non-decreasing per row."""
     B, T = index.shape
     if T == 0:
@@ -46,12 +46,14 @@ def _documents(index: Tensor) -> list[list[tuple[int, int]]]:
     return [[(a, b) for a, b in zip(s, [*s[1:], T])] for s in bounds]
 
 
-def _row_mask(index: Tensor, dtype: torch.dtype) -> Tensor:
-    """Additive block-diagonal causal mask of one row, (1, 1, T, T): 0 within a document at or before the query."""
-    T = index.shape[0]
+def block_causal_mask(index: Tensor, dtype: torch.dtype) -> Tensor:
+    """Additive block-diagonal causal mask (B, 1, T, T) of ``index`` (B, T): 0 where query i may see key j (same
+    document, j <= i), -inf elsewhere."""
+    T = index.shape[1]
     pos = torch.arange(T, device=index.device)
-    allowed = (index[:, None] == index[None, :]) & (pos[None, :] <= pos[:, None])
-    return torch.zeros(T, T, dtype=dtype, device=index.device).masked_fill_(~allowed, float("-inf"))[None, None]
+    allowed = (index[:, :, None] == index[:, None, :]) & (pos[None, :] <= pos[:, None])  # (B, T, T)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=index.device)
+    return mask.masked_fill_(~allowed, float("-inf")).unsqueeze(1)
 
 
 def _split(docs: list[tuple[int, int]], T: int) -> bool:
@@ -68,15 +70,15 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, index: Tensor, scale: float | None
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = q.new_empty(B, H, T, dtype=_lse_dtype(q.dtype))
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    for b, docs in enumerate(_documents(index)):
+    for b, docs in enumerate(document_spans(index)):
+        r = slice(b, b + 1)
         if not _split(docs, T):
-            o, m = flash(q[b:b + 1], k[b:b + 1], v[b:b + 1], 0.0, False, attn_mask=_row_mask(index[b], q.dtype),
-                         scale=scale)
-            out[b:b + 1], lse[b:b + 1] = o, m
+            out[r], lse[r] = flash(q[r], k[r], v[r], 0.0, False, attn_mask=block_causal_mask(index[r], q.dtype),
+                                   scale=scale)
             continue
         for s, e in docs:
-            o, m = flash(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e], 0.0, True, scale=scale)
-            out[b:b + 1, :, s:e], lse[b:b + 1, :, s:e] = o, m
+            t = slice(s, e)
+            out[r, :, t], lse[r, :, t] = flash(q[r, :, t], k[r, :, t], v[r, :, t], 0.0, True, scale=scale)
     return out, lse
 
 
@@ -86,14 +88,14 @@ def _backward(g: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tens
     T = q.shape[2]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-    for b, docs in enumerate(_documents(index)):
+    for b, docs in enumerate(document_spans(index)):
+        r = slice(b, b + 1)
         if not _split(docs, T):
-            r = slice(b, b + 1)
             dq[r], dk[r], dv[r] = flash_bwd(g[r], q[r], k[r], v[r], out[r], lse[r], 0.0, False,
-                                            attn_mask=_row_mask(index[b], q.dtype), scale=scale)
+                                            attn_mask=block_causal_mask(index[r], q.dtype), scale=scale)
             continue
         for s, e in docs:
-            r, t = slice(b, b + 1), slice(s, e)
+            t = slice(s, e)
             dq[r, :, t], dk[r, :, t], dv[r, :, t] = flash_bwd(
                 g[r, :, t], q[r, :, t], k[r, :, t], v[r, :, t], out[r, :, t], lse[r, :, t], 0.0, True, scale=scale)
     return dq, dk, dv
