@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from amer.config import ModelConfig
+from amer.interop.defaults import NEVER_TIED
 from amer.interop.source import Source, unsupported
 
 __all__ = ["Converted", "CONVERTERS", "converter", "layer_letters", "attention_weights", "attention_options",
@@ -28,6 +29,7 @@ class Converted(NamedTuple):
 
 
 CONVERTERS: dict[str, Callable[[Source], Converted]] = {}
+EMBED_KEYS = ("model.embed_tokens.weight", "backbone.embeddings.weight")  # where the classes keep the embedding
 
 
 def converter(*archs: str) -> Callable[[Callable[[Source], Converted]], Callable[[Source], Converted]]:
@@ -59,9 +61,21 @@ def shared_options(src: Source, *, eps_key: str = "rms_norm_eps") -> dict[str, A
 
 
 def tied_embeddings(src: Source) -> bool:
-    """Whether the LM head is the embedding: the config says so, or (unsaid) the folder stores no head."""
+    """Whether the LM head is the embedding, as transformers decides on load: never for the classes that do not tie;
+    otherwise as the config says (LFM2's legacy ``tie_embedding`` first), and where it says nothing, when the folder
+    stores no head. A stored head that differs from the embedding is used as it is, whatever the config says."""
+    if src.arch in NEVER_TIED:
+        return False
     tie = src.config.get("tie_word_embeddings")
-    return bool(tie) if tie is not None else not src.has("lm_head.weight")
+    if src.arch in ("Lfm2ForCausalLM", "Lfm2MoeForCausalLM"):
+        tie = src.config.get("tie_embedding", tie)
+    if tie is None:
+        return not src.has("lm_head.weight")
+    if tie and src.has("lm_head.weight"):
+        embed = next((k for k in EMBED_KEYS if src.has(k)), None)
+        if embed is not None and not torch.equal(src.get("lm_head.weight"), src.get(embed)):
+            return False
+    return bool(tie)
 
 
 def attention_options(src: Source, *, window: int | None = None) -> dict[str, Any]:
@@ -143,9 +157,9 @@ BAMBA_KEYS = {"d_state": "mamba_d_state", "d_conv": "mamba_d_conv", "expand": "m
               "head_dim": "mamba_d_head",
               "n_heads": "mamba_n_heads", "n_groups": "mamba_n_groups", "chunk_size": "mamba_chunk_size",
               "bias": "mamba_proj_bias", "conv_bias": "mamba_conv_bias", "act": "mamba_hidden_act"}
+# (Nemotron-H's Mamba projections take their biases from use_bias: its mamba_proj_bias is never read)
 NEMOTRON_H_KEYS = {**MAMBA2_KEYS, "head_dim": "mamba_head_dim", "n_heads": "mamba_num_heads",
-                   "d_state": "ssm_state_size",
-                   "bias": "mamba_proj_bias", "act": "mamba_hidden_act"}
+                   "d_state": "ssm_state_size", "act": "mamba_hidden_act"}
 
 
 def mamba_options(src: Source, keys: dict[str, str] = MAMBA2_KEYS) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from amer.interop.export_latent import latent_export, latent_target
 from amer.interop.export_minimax import minimax_export, minimax_target
 from amer.interop.export_moe import moe_export, moe_target
 from amer.interop.export_norms import norm_export, norm_target
+from amer.interop.export_parts import plain, rope_parameters
 from amer.interop.export_zoo import zoo_export, zoo_target
 from amer.weights import save_tensors
 
@@ -96,13 +97,9 @@ def _llama(model: Any, cfg: ModelConfig, arch: str) -> tuple[dict[str, Any], dic
     conf = {"architectures": [arch], "model_type": model_type, "hidden_size": cfg.d_model, "num_hidden_layers": L,
             "intermediate_size": moe.d_ff or 2 * cfg.d_model, "num_attention_heads": a.n_heads,
             "num_key_value_heads": a.n_kv_heads, "head_dim": hd, "rms_norm_eps": cfg.norm_eps,
-            "rope_parameters": {"rope_type": "default", "rope_theta": a.rope_theta}, "rope_theta": a.rope_theta,
+            "rope_parameters": rope_parameters(a), "rope_theta": a.rope_theta,
             "attention_bias": a.qkv_bias, "hidden_act": "silu", "sliding_window": a.window,
             "max_position_embeddings": cfg.max_seq_len}
-    if a.rope_scale_factor is not None:  # Llama 3.1's frequency-dependent RoPE scaling
-        conf["rope_parameters"] = {"rope_type": "llama3", "rope_theta": a.rope_theta, "factor": a.rope_scale_factor,
-                                   "low_freq_factor": a.rope_scale_low, "high_freq_factor": a.rope_scale_high,
-                                   "original_max_position_embeddings": a.rope_scale_original}
     if arch == "LlamaForCausalLM":
         conf["mlp_bias"] = False
     if arch == "MixtralForCausalLM":
@@ -141,6 +138,7 @@ def _llama(model: Any, cfg: ModelConfig, arch: str) -> tuple[dict[str, Any], dic
 
 def _mamba2(model: Any, cfg: ModelConfig) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     m = cfg.mamba
+    plain(m, "mamba", "Mamba2ForCausalLM", ("d_state", "d_conv", "expand", "head_dim", "n_groups", "bias"))
     d_inner = m.expand * cfg.d_model
     conf = {"architectures": ["Mamba2ForCausalLM"], "model_type": "mamba2", "hidden_size": cfg.d_model,
             "num_hidden_layers": cfg.n_layers, "state_size": m.d_state, "expand": m.expand, "head_dim": m.head_dim,

@@ -271,9 +271,9 @@ def nemotron_h(cfg: ModelConfig, sd: Tensors) -> Written:
     pre_norms(cfg, T, variants=("E",))
     a, m, d = cfg.attention, cfg.mamba, cfg.d_model
     _attention_or_none(cfg, letters, T, ("rope_theta", "rope_fraction", "qkv_bias", "out_bias"))
-    if "A" in letters and (a.rope_fraction != 0.0 or a.qkv_bias != a.out_bias):
+    if "A" in letters and (a.rope_fraction != 0.0 or a.qkv_bias or a.out_bias):
         raise refuse(f"{T}'s attention has no position encoding (attention.rope_fraction 0, got {a.rope_fraction}) "
-                     "and biases on all projections or none")
+                     "and no biases (attention.qkv_bias and out_bias false)")
     plain(m, "mamba", T, ("d_state", "d_conv", "expand", "head_dim", "n_groups", "bias"))
     ffn = ffn_layers(cfg, [x for x in layers if str(x.family) == "E"], T, activation="relu2")
     r, conf = ffn.routed, {}
@@ -295,11 +295,11 @@ def nemotron_h(cfg: ModelConfig, sd: Tensors) -> Written:
     conf.update({"architectures": [T], "model_type": "nemotron_h", "hidden_size": d, "num_hidden_layers": len(types),
                  "layers_block_type": types, "intermediate_size": (ffn.dense.d_ff or 2 * d) if ffn.dense else 2 * d,
                  "mlp_hidden_act": "relu2", "mlp_bias": False, "num_attention_heads": a.n_heads,
-                 "num_key_value_heads": a.n_kv_heads, "head_dim": head_dim(cfg), "attention_bias": a.qkv_bias,
+                 "num_key_value_heads": a.n_kv_heads, "head_dim": head_dim(cfg), "attention_bias": False,
                  "mamba_num_heads": m.expand * d // m.head_dim, "mamba_head_dim": m.head_dim,
                  "ssm_state_size": m.d_state,
                  "n_groups": m.n_groups, "conv_kernel": m.d_conv, "expand": m.expand, "chunk_size": m.chunk_size,
-                 "use_conv_bias": True, "mamba_proj_bias": m.bias, "mamba_hidden_act": "silu",
+                 "use_conv_bias": True, "use_bias": m.bias, "mamba_proj_bias": m.bias, "mamba_hidden_act": "silu",
                  "layer_norm_epsilon": cfg.norm_eps, "max_position_embeddings": cfg.max_seq_len,
                  "num_nextn_predict_layers": 0})
     out = {"backbone.embeddings.weight": sd["embed.weight"], "backbone.norm_f.weight": sd["norm.weight"]}

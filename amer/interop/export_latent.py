@@ -213,6 +213,8 @@ def latent_export(model: Any, cfg: ModelConfig, arch: str) -> tuple[dict[str, An
     conf = _config(cfg, arch, pairs, ffn, routed)
     sd = {name: t.detach() for name, t in model.state_dict().items()}
     out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"]}
+    if arch == KIMI and cfg.tie_embeddings:  # Kimi Linear never ties its head to the embedding: the folder holds a copy
+        out["lm_head.weight"] = sd["embed.weight"].clone()
     ffn_pre, names = ("mlp.", ("gate_proj", "up_proj", "down_proj")) if arch == DEEPSEEK else (
         "block_sparse_moe.", ("w1", "w3", "w2"))  # as each class saves them
     for i, ((layer, _), c) in enumerate(zip(pairs, ffn)):

@@ -16,6 +16,7 @@ import torch
 
 from amer.config import ModelConfig
 from amer.errors import InputError
+from amer.interop.export_parts import rope_parameters
 from amer.model_config import BlockOptions
 
 __all__ = ["norm_target", "norm_export"]
@@ -59,14 +60,13 @@ def norm_target(cfg: ModelConfig) -> str | None:
 
 def _check_attention(cfg: ModelConfig, arch: str) -> None:
     a = cfg.attention
-    if a.rope_fraction != 1.0 or a.qkv_bias != a.out_bias or a.rope_scale_factor is not None:
-        raise _refuse(arch, "attention.rope_fraction must be 1, qkv_bias equal to out_bias and no Llama 3.1 scaling")
+    if a.rope_fraction != 1.0 or a.qkv_bias != a.out_bias:
+        raise _refuse(arch, "attention.rope_fraction must be 1 and qkv_bias equal to out_bias")
     if arch == "Olmo2ForCausalLM":
         if not a.qk_norm or a.qk_norm_scope != "projection" or a.scale is not None or a.softcap is not None \
-                or a.window is not None or a.rope_linear_factor is not None or cfg.family_variants.get("attention") \
-                or cfg.logit_softcap is not None:
+                or a.window is not None or cfg.family_variants.get("attention") or cfg.logit_softcap is not None:
             raise _refuse(arch, "attention needs qk_norm over the whole projection (qk_norm_scope 'projection') and no "
-                          "scale, soft cap, window, linear RoPE scaling, variants or logit soft cap")
+                          "scale, soft cap, window, variants or logit soft cap")
         return
     if a.qk_norm_scope != "head" or (arch == "Gemma3ForCausalLM" and a.softcap is not None):
         raise _refuse(arch, "q/k norms per head (qk_norm_scope 'head'), and no attention soft cap with q/k norms "
@@ -88,8 +88,6 @@ def _check_attention(cfg: ModelConfig, arch: str) -> None:
         sliding = sliding or c
         if any(getattr(c, f) != getattr(sliding, f) for f in free):
             raise _refuse(arch, "every sliding-window layer needs the same window and RoPE")
-    if arch == "Gemma2ForCausalLM" and a.rope_linear_factor is not None:
-        raise _refuse(arch, "attention.rope_linear_factor (Gemma 2 has plain RoPE)")
 
 
 def _query_pre_attn_scalar(cfg: ModelConfig, arch: str) -> int:
@@ -101,12 +99,6 @@ def _query_pre_attn_scalar(cfg: ModelConfig, arch: str) -> int:
     if q < 1 or float(q) ** -0.5 != a.scale:
         raise _refuse(arch, f"attention.scale={a.scale!r} is not 1/sqrt of an integer query_pre_attn_scalar")
     return q
-
-
-def _rope(c: Any) -> dict[str, Any]:
-    if c.rope_linear_factor is not None:
-        return {"rope_type": "linear", "rope_theta": c.rope_theta, "factor": c.rope_linear_factor}
-    return {"rope_type": "default", "rope_theta": c.rope_theta}
 
 
 def norm_export(model: Any, cfg: ModelConfig, arch: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -121,7 +113,7 @@ def norm_export(model: Any, cfg: ModelConfig, arch: str) -> tuple[dict[str, Any]
         "num_key_value_heads": a.n_kv_heads, "rms_norm_eps": cfg.norm_eps, "attention_bias": a.qkv_bias,
         "max_position_embeddings": cfg.max_seq_len}
     if arch == "Olmo2ForCausalLM":
-        conf.update(model_type="olmo2", hidden_act="silu", rope_parameters=_rope(a))
+        conf.update(model_type="olmo2", hidden_act="silu", rope_parameters=rope_parameters(a))
     else:
         kinds = ["sliding_attention" if c.window is not None else "full_attention" for c in layers]
         swa = next((c for c in layers if c.window is not None), a)
@@ -129,10 +121,10 @@ def norm_export(model: Any, cfg: ModelConfig, arch: str) -> tuple[dict[str, Any]
                     query_pre_attn_scalar=_query_pre_attn_scalar(cfg, arch),
                     final_logit_softcapping=cfg.logit_softcap)
         if arch == "Gemma2ForCausalLM":
-            conf.update(model_type="gemma2", attn_logit_softcapping=a.softcap, rope_parameters=_rope(a))
+            conf.update(model_type="gemma2", attn_logit_softcapping=a.softcap, rope_parameters=rope_parameters(a))
         else:
-            conf.update(model_type="gemma3_text", rope_parameters={"full_attention": _rope(a),
-                                                                   "sliding_attention": _rope(swa)})
+            conf.update(model_type="gemma3_text", rope_parameters={"full_attention": rope_parameters(a),
+                                                                   "sliding_attention": rope_parameters(swa)})
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"]}
     sizes = [a.n_heads * hd, a.n_kv_heads * hd, a.n_kv_heads * hd]

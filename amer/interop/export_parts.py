@@ -21,7 +21,8 @@ from amer.config import ModelConfig
 from amer.errors import InputError
 from amer.pattern import LayerSpec
 
-__all__ = ["Tensors", "Written", "SHARED_DEFAULTS", "refuse", "plain", "moe_plain", "shared", "pre_norms",
+__all__ = ["Tensors", "Written", "SHARED_DEFAULTS", "ROPE_SCALING", "rope_parameters",
+           "refuse", "plain", "moe_plain", "shared", "pre_norms",
            "mixer_ffn_pairs", "FFN", "ffn_layers", "routed_out", "dense_out", "shared_out", "mamba1_out",
            "shortconv_out", "attention_out", "head_dim", "period"]
 
@@ -39,6 +40,24 @@ SHARED_DEFAULTS = (("embed_scale", 1.0), ("residual_scale", 1.0), ("logit_scale"
 
 def refuse(what: str) -> InputError:
     return InputError(f"cannot export as a transformers model: {what}")
+
+
+# the A family's RoPE scalings; every target class's rotary embedding reads rope_parameters' rope_type
+ROPE_SCALING = ("rope_linear_factor", "rope_scale_factor", "rope_scale_low", "rope_scale_high", "rope_scale_original")
+
+
+def rope_parameters(a: Any) -> dict[str, Any]:
+    """transformers' ``rope_parameters`` for attention config ``a``: plain RoPE, linear (position interpolation) or
+    Llama 3.1's frequency-dependent scaling."""
+    if a.rope_linear_factor is not None and a.rope_scale_factor is not None:
+        raise refuse("attention.rope_linear_factor and rope_scale_factor together (transformers has one rope_type)")
+    if a.rope_linear_factor is not None:
+        return {"rope_type": "linear", "rope_theta": a.rope_theta, "factor": a.rope_linear_factor}
+    if a.rope_scale_factor is not None:
+        return {"rope_type": "llama3", "rope_theta": a.rope_theta, "factor": a.rope_scale_factor,
+                "low_freq_factor": a.rope_scale_low, "high_freq_factor": a.rope_scale_high,
+                "original_max_position_embeddings": a.rope_scale_original}
+    return {"rope_type": "default", "rope_theta": a.rope_theta}
 
 
 def plain(obj: Any, where: str, target: str, allowed: Iterable[str] = ()) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 from amer.config import ModelConfig
 from amer.interop.export_parts import (
+    ROPE_SCALING,
     SHARED_DEFAULTS,
     Tensors,
     Written,
@@ -28,6 +29,7 @@ from amer.interop.export_parts import (
     plain,
     pre_norms,
     refuse,
+    rope_parameters,
     shared,
     shortconv_out,
 )
@@ -61,8 +63,10 @@ def zoo_target(cfg: ModelConfig) -> str | None:
         return "OlmoHybridForCausalLM"
     if mixers != {"A"} or any(cfg.block_options(layer).norm_placement != "pre" for layer in layers):
         return None
-    if any(m.variant is not None for m, _ in pairs) or (cfg.attention.qk_norm and cfg.attention.window is not None):
-        return "Qwen3ForCausalLM" if cfg.attention.qk_norm else "Qwen2ForCausalLM"
+    a = cfg.attention
+    if any(m.variant is not None for m, _ in pairs) or (a.qk_norm and a.window is not None) \
+            or (a.qkv_bias and not a.out_bias):  # Qwen2: biases on q, k and v only
+        return "Qwen3ForCausalLM" if a.qk_norm else "Qwen2ForCausalLM"
     granite = any(getattr(cfg, n) != d for n, d in SHARED_DEFAULTS[:3]) or cfg.attention.scale is not None
     return "GraniteForCausalLM" if granite else None
 
@@ -110,9 +114,9 @@ def _dense_ffn(cfg: ModelConfig, pairs: list[tuple[LayerSpec, LayerSpec]], arch:
 
 def _attention_conf(cfg: ModelConfig, arch: str, allowed: Iterable[str]) -> dict[str, Any]:
     a = cfg.attention
-    plain(a, "attention", arch, {"n_heads", "n_kv_heads", "head_dim", "rope_theta"} | set(allowed))
+    plain(a, "attention", arch, {"n_heads", "n_kv_heads", "head_dim", "rope_theta", *ROPE_SCALING} | set(allowed))
     return {"num_attention_heads": a.n_heads, "num_key_value_heads": a.n_kv_heads, "head_dim": head_dim(cfg),
-            "rope_parameters": {"rope_type": "default", "rope_theta": a.rope_theta}}
+            "rope_parameters": rope_parameters(a)}
 
 
 def _lfm2(cfg: ModelConfig, sd: Tensors, arch: str) -> Written:
@@ -171,7 +175,10 @@ def _olmo_hybrid(cfg: ModelConfig, sd: Tensors, arch: str) -> Written:
                                        "head_dim"})
     attn.pop("head_dim")
     if a.rope_fraction == 0:
-        attn["rope_parameters"] = {"rope_type": "default", "rope_theta": None}  # no RoPE (the released checkpoints)
+        # no RoPE (the released checkpoints), so no scaling of it either
+        _require(a.rope_linear_factor is None and a.rope_scale_factor is None,
+                 "attention without RoPE (rope_fraction 0) takes no RoPE scaling")
+        attn["rope_parameters"] = {"rope_type": "default", "rope_theta": None}
     dk = g.head_k_dim or cfg.d_model // g.n_k_heads
     H, dv = g.n_v_heads or g.n_k_heads, g.head_v_dim or dk
     conf = {"architectures": [arch], "model_type": "olmo_hybrid", "hidden_size": cfg.d_model,

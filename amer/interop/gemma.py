@@ -48,8 +48,6 @@ def convert_recurrent_gemma(src: Source) -> Converted:
     attn = attention_options(src, window=int(c.get("attention_window_size") or c.get("sliding_window") or 2048))
     attn.update(head_dim=d // n_heads, out_bias=True)
     attn["qkv_bias"] = bool(c.get("attention_bias", False))
-    if "partial_rotary_factor" not in (c.get("rope_parameters") or {}) and "partial_rotary_factor" not in c:
-        attn["rope_fraction"] = 0.5  # the class's default
     # the embedding normaliser is a bfloat16 constant in the reference implementation
     embed_scale = float(torch.tensor(math.sqrt(d), dtype=torch.bfloat16).float())
     cfg = ModelConfig(pattern="".join(x + "E" for x in letters), d_model=d, vocab_size=int(c["vocab_size"]),

@@ -34,8 +34,8 @@ __all__ = ["convert_bamba", "convert_granite_hybrid", "convert_nemotron_h"]
 
 def _layer_letters(src: Source, kinds: dict[str, str], key: str = "layer_types") -> list[str]:
     types = src.cfg(key) or src.cfg("layers_block_type")
-    if not types and src.cfg("attn_layer_indices") is not None:  # Bamba's older form
-        attn = set(src.cfg("attn_layer_indices"))
+    if not types and "attn_layer_indices" in src.config:  # Bamba's own form (null: every layer Mamba)
+        attn = set(src.cfg("attn_layer_indices") or ())
         n_layers = int(src.cfg("num_hidden_layers"))
         types = ["full_attention" if i in attn else "linear_attention" for i in range(n_layers)]
     if not types and isinstance(src.cfg("hybrid_override_pattern"), str):  # Nemotron-H's older form
@@ -136,7 +136,9 @@ def convert_nemotron_h(src: Source) -> Converted:
                       "E block's silu is the gated SwiGLU (its ungated activations: relu2, gelu)")
     src.require("mlp_bias", (False,), False, "the E feed-forward has no biases")
     attn = attention_options(src)
-    attn.update(rope_fraction=0.0)  # Nemotron-H attention has no position encoding: the Mamba layers carry order
+    # Nemotron-H attention has no position encoding (the Mamba layers carry order) and no biases, whatever
+    # attention_bias says
+    attn.update(rope_fraction=0.0, qkv_bias=False, out_bias=False)
     shared = shared_options(src, eps_key="layer_norm_epsilon")
     routed = nemotron_router(src) if ROUTED in letters else None
     moe, blocks = ffn_blocks(letters, routed, int(c["intermediate_size"]), {"activation": act})

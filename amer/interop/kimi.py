@@ -34,9 +34,10 @@ MIXERS = {"linear_attention": "G", "full_attention": "D"}
 
 
 def _linear(c: dict[str, Any], key: str, own: str, default: int) -> int:
-    """A KDA size: the flat key transformers writes, or the model's ``linear_attn_config`` entry."""
-    value = c.get(key)
-    return int(value if value is not None else (c.get("linear_attn_config") or {}).get(own, default))
+    """A KDA size: the model's ``linear_attn_config`` entry, or the flat key transformers writes (the class reads
+    them in that order)."""
+    value = (c.get("linear_attn_config") or {}).get(own)
+    return int(value if value is not None else c.get(key) or default)
 
 
 def kda_options(src: Source) -> dict[str, Any]:
@@ -78,6 +79,8 @@ def _layer_types(src: Source, L: int) -> list[str]:
         number = {**{i: "linear_attention" for i in own["kda_layers"]},
                   **{i: "full_attention" for i in own["full_attn_layers"]}}
         types = [number.get(i + 1) for i in range(L)]
+    elif types is None:  # the class's default: MLA on every fourth layer from the fifth
+        types = ["full_attention" if i and i % 4 == 0 else "linear_attention" for i in range(L)]
     if not isinstance(types, list) or len(types) != L or any(t not in MIXERS for t in types):
         raise unsupported(src.arch, f"layer_types must list linear_attention / full_attention for each of the {L} "
                           f"layers (or linear_attn_config its kda_layers and full_attn_layers), got {types!r}")
@@ -87,10 +90,7 @@ def _layer_types(src: Source, L: int) -> list[str]:
 def _sparse(src: Source, L: int) -> list[bool]:
     c = src.config
     kinds = c.get("mlp_layer_types")
-    if kinds is None:
-        if int(c.get("moe_layer_freq") or 1) != 1:
-            raise unsupported(src.arch, f"moe_layer_freq={c['moe_layer_freq']!r} (supported: 1, every layer after "
-                              "the first_k_dense_replace dense ones routes)")
+    if kinds is None:  # the class's default (it never reads moe_layer_freq)
         k = int(c.get("first_k_dense_replace", 1))
         kinds = ["dense" if i < k else "sparse" for i in range(L)]
     if not isinstance(kinds, list) or len(kinds) != L or any(t not in ("dense", "sparse") for t in kinds):

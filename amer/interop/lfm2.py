@@ -35,7 +35,7 @@ W1W3W2 = ("w1", "w3", "w2")  # LFM2's names of the gate, up and down projections
 
 def lfm2_ff_width(c: dict[str, Any]) -> int:
     """The feed-forward width an LFM2 config gives (transformers' ``Lfm2MLP``)."""
-    width = int(c["intermediate_size"])
+    width = int(c.get("block_ff_dim") or c["intermediate_size"])  # the legacy key wins, as in the class
     if c.get("block_auto_adjust_ff_dim", True):
         width = int(2 * width / 3)
         multiplier = c.get("block_ffn_dim_multiplier", 1.0)

@@ -22,19 +22,21 @@ from amer.interop.common import (
     experts_weights,
     shared_options,
 )
+from amer.interop.defaults import SLIDING_WINDOW
 from amer.interop.source import Source, unsupported
 
 __all__ = ["convert_llama", "convert_mixtral", "layer_window", "layer_windows", "attention_layers"]
 
 
 def layer_window(src: Source) -> int | None:
-    """The one sliding window every layer uses (None: full attention). Layers that differ are refused: amer
-    has one attention config per model."""
+    """The one sliding window every layer uses (None: full attention) in the classes that read ``sliding_window``
+    (another class ignores one its config names). Layers that differ are refused: amer has one attention config
+    per model. Phi-3 slides every layer whatever ``layer_types`` says."""
     c = src.config
-    window = c.get("sliding_window")
+    window = c.get("sliding_window") if src.arch in SLIDING_WINDOW else None
     if "use_sliding_window" in c and not c["use_sliding_window"]:
         window = None
-    kinds = set(c.get("layer_types") or [])
+    kinds = set(c.get("layer_types") or []) if src.arch != "Phi3ForCausalLM" else set()
     if kinds - {"full_attention", "sliding_attention"}:
         raise unsupported(src.arch, f"layer_types {sorted(kinds)} (expected full_attention / sliding_attention)")
     if len(kinds) == 2:
@@ -132,8 +134,9 @@ def convert_mixtral(src: Source) -> Converted:
     k = int(c.get("num_experts_per_tok", 2))
     moe: dict[str, Any] = {"n_experts": E, "top_k": k, "d_ff": int(c["intermediate_size"]), "renormalize_top1": True,
                            "aux_loss_coef": float(c.get("router_aux_loss_coef", 0.01))}
-    cfg = ModelConfig(pattern=f"(AE)*{L}", **shared_options(src),
-                      attention=attention_options(src, window=layer_window(src)), moe=moe)
+    # Mixtral's projections have no biases, whatever attention_bias says
+    attn = {**attention_options(src, window=layer_window(src)), "qkv_bias": False, "out_bias": False}
+    cfg = ModelConfig(pattern=f"(AE)*{L}", **shared_options(src), attention=attn, moe=moe)
     state = _embeddings(src, cfg)
     for i in range(L):
         pre = f"model.layers.{i}."
@@ -150,7 +153,7 @@ def _embeddings(src: Source, cfg: ModelConfig, *, embed: str = "model.embed_toke
     """Token embedding, final norm and LM head (the tied head is the embedding)."""
     state = {"embed.weight": src.get(embed), "norm.weight": src.get(norm)}
     if cfg.tie_embeddings:
-        src.get("lm_head.weight", optional=True)  # some writers store the tied copy too
+        src.get("lm_head.weight", optional=True)  # some writers store the tied copy too (equal: tied_embeddings)
         state["lm_head.weight"] = state["embed.weight"]
     else:
         state["lm_head.weight"] = src.get("lm_head.weight")

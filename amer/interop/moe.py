@@ -129,15 +129,25 @@ def ffn_weights(src: Source, pre: str, blk: int, state: dict[str, Tensor], *, in
 
 
 def attention_windows(src: Source, attn: dict[str, Any], n_layers: int) -> tuple[dict[str, Any], list[str]]:
-    """Sliding windows: none, one for every layer (``attention.window``), or per layer from ``layer_types`` (Qwen2-MoE)
-    as the A family's variant ``swa`` (``A.swa``)."""
+    """Sliding windows as each class reads them: none; one for every layer (``attention.window``: Qwen3-MoE with
+    ``use_sliding_window``, OLMoE whenever its config names one); or per layer (Qwen2-MoE: ``layer_types``, or the
+    class's rule, every other layer from the first below ``max_window_layers``) as the A family's variant ``swa``
+    (``A.swa``)."""
     c = src.config
-    window = c.get("sliding_window") if c.get("use_sliding_window", False) else None
-    kinds = c.get("layer_types")
-    if kinds is None or window in (None, 0):
+    qwen2 = src.arch == "Qwen2MoeForCausalLM"
+    window = c.get("sliding_window")
+    if src.arch != "OlmoeForCausalLM" and not c.get("use_sliding_window", False):
+        window = None
+    kinds = c.get("layer_types") if qwen2 else None
+    if window in (None, 0):  # (0: Qwen2-MoE's "none")
         if kinds is not None and "sliding_attention" in kinds:
             raise unsupported(src.arch, "layer_types name sliding_attention layers but the config sets no window")
-        return {**attn, "window": None if window in (None, 0) else int(window)}, ["A"] * n_layers
+        return {**attn, "window": None}, ["A"] * n_layers
+    if not qwen2:
+        return {**attn, "window": int(window)}, ["A"] * n_layers
+    if kinds is None:
+        first = int(c.get("max_window_layers", n_layers))
+        kinds = ["sliding_attention" if (i + 1) % 2 and i < first else "full_attention" for i in range(n_layers)]
     if not isinstance(kinds, list) or len(kinds) != n_layers:
         raise unsupported(src.arch, f"layer_types must list one type per layer ({n_layers}), got {kinds!r}")
     bad = sorted(set(kinds) - {"full_attention", "sliding_attention"})
@@ -188,6 +198,8 @@ def convert_qwen_moe(src: Source) -> Converted:
         if shared:
             ffn_weights(src, pre + "mlp.shared_expert.", blk + 1, state, into="shared.")
             state[f"blocks.{blk + 1}.mixer.shared_gate.weight"] = src.get(pre + "mlp.shared_expert_gate.weight")
+        else:  # a zero-width shared expert adds nothing: its gate is never read
+            src.skip(pre + "mlp.shared_expert")
     return Converted(cfg, state)
 
 
@@ -213,9 +225,9 @@ def nemotron_router(src: Source) -> dict[str, Any]:
                            score="sigmoid", expert_bias=True, n_groups=int(c.get("n_group") or 1),
                            topk_groups=int(c.get("topk_group") or 1),
                            routed_scale=float(c.get("routed_scaling_factor") or 1.0))
-    shared = int(c.get("moe_shared_expert_intermediate_size") or 0)
-    if shared:
-        table.update(shared_expert=True, d_ff_shared=shared)
+    # always there: a width of 0 (or null) means the dense MLP's width, as in the class
+    table.update(shared_expert=True,
+                 d_ff_shared=int(c.get("moe_shared_expert_intermediate_size") or c["intermediate_size"]))
     if c.get("moe_latent_size"):
         table["d_latent"] = int(c["moe_latent_size"])
     return table

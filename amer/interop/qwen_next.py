@@ -81,6 +81,9 @@ def convert_qwen3_next(src: Source) -> Converted:
     c = src.config
     L = int(c["num_hidden_layers"])
     types = c.get("layer_types")
+    if types is None:  # as the class derives them: full attention on every full_attention_interval-th layer
+        every = int(c.get("full_attention_interval", 4))
+        types = ["full_attention" if (i + 1) % every == 0 else "linear_attention" for i in range(L)]
     if not isinstance(types, list) or len(types) != L or set(types) - {"linear_attention", "full_attention"}:
         raise unsupported(src.arch, f"layer_types must list linear_attention / full_attention per layer ({L}), got "
                           f"{types!r}")

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from amer.errors import CheckpointError
 from amer.fileread import file_kind, json_loads, read_regular
+from amer.interop.defaults import CLASS_DEFAULTS, PARTIAL_ROTARY
 
 __all__ = ["Source", "unsupported"]
 
@@ -27,7 +28,8 @@ __all__ = ["Source", "unsupported"]
 # negative, fractional or textual one is refused by name, before it can become an internal pattern like (AE)*-1
 SIZES = {"num_hidden_layers": 1, "hidden_size": 1, "intermediate_size": 1, "num_attention_heads": 1,
          "num_key_value_heads": 1, "vocab_size": 1, "num_local_experts": 0, "num_experts_per_tok": 0,
-         "num_experts": 0}
+         "num_experts": 0, "block_multiple_of": 1, "attn_layer_period": 1, "expert_layer_period": 1,
+         "full_attention_interval": 1}
 
 
 def _first(err: BaseException) -> str:
@@ -46,13 +48,16 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"{path}: not readable as JSON ({_first(err)})") from None
 
 
-def _keys(shard: Path, index: Path | None = None) -> set[str]:
-    """The tensor names in safetensors file ``shard``'s header; a missing or damaged file is named."""
+def _keys(shard: Path, index: Path | None = None, empty: set[str] | None = None) -> set[str]:
+    """The tensor names in safetensors file ``shard``'s header (those with no elements also added to ``empty``); a
+    missing or damaged file is named."""
     kind = file_kind(shard)
     if kind is not None:
         raise CheckpointError(f"{index}: shard {shard.name} {kind}" if index else f"{shard} {kind}")
     try:
         with safe_open(str(shard), framework="pt") as f:
+            if empty is not None:
+                empty.update(k for k in f.keys() if 0 in f.get_slice(k).get_shape())
             return set(f.keys())
     except Exception as err:  # noqa: BLE001  (safetensors raises its own error types for a corrupt header)
         raise CheckpointError(f"{shard}: not a readable safetensors file ({_first(err)})") from None
@@ -91,11 +96,15 @@ class Source:
         if not isinstance(archs, list) or len(archs) != 1 or not isinstance(archs[0], str):
             raise CheckpointError(f"{cfg_file}: 'architectures' must name exactly one model class, got {archs!r:.80}")
         self.arch: str = archs[0]
+        self.config = {**CLASS_DEFAULTS.get(self.arch, {}), **config}  # what the class assumes for a setting left out
         for key, least in SIZES.items():
             value = self.config.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
                 raise unsupported(self.arch, f"config.json {key} must be a whole number >= {least}, got "
                                   f"{value!r:.40}")
+        # tensors with no elements (a zero-width shared expert, rank-0 adapters): transformers builds and runs them,
+        # and they add nothing, so a converter never needs them and none is left over
+        self._empty: set[str] = set()
         self._files = self._weight_files()
         self._used: set[str] = set()
 
@@ -116,7 +125,7 @@ class Source:
                                           "(absolute paths and '..' are refused, and nothing outside is opened)")
             files = {name: self.root / shard for name, shard in weight_map.items()}
             for shard in sorted(set(files.values())):
-                held = _keys(shard, index)
+                held = _keys(shard, index, self._empty)
                 lacking = sorted(k for k, f in files.items() if f == shard and k not in held)
                 if lacking:
                     raise CheckpointError(f"{index}: names tensor {lacking[0]!r} in shard {shard.name}, which does "
@@ -127,7 +136,7 @@ class Source:
             other = sorted(x.name for x in self.root.glob("*.bin"))
             hint = f" (found {other[0]}: re-save it with safe_serialization)" if other else ""
             raise CheckpointError(f"{self.root}: no model.safetensors or model.safetensors.index.json{hint}")
-        return dict.fromkeys(_keys(single), single)
+        return dict.fromkeys(_keys(single, empty=self._empty), single)
 
     def get(self, key: str, *, optional: bool = False) -> Tensor | None:
         """The tensor ``key`` in fp32 (marked used); None for an absent optional one."""
@@ -144,7 +153,8 @@ class Source:
             raise CheckpointError(f"{self._files[key]}: not a readable safetensors file ({_first(err)})") from None
 
     def has(self, key: str) -> bool:
-        return key in self._files
+        """Whether the folder holds tensor ``key`` with any elements."""
+        return key in self._files and key not in self._empty
 
     def skip(self, prefix: str) -> list[str]:
         """Leave out the weights under ``prefix`` (unread, and not an error for :meth:`check_all_used`): a part of
@@ -156,7 +166,7 @@ class Source:
 
     def check_all_used(self, ignore: tuple[str, ...] = ("rotary_emb.inv_freq",)) -> None:
         """Every weight of the source went somewhere; otherwise name what amer would drop."""
-        left = sorted(k for k in self._files if k not in self._used and not k.endswith(ignore))
+        left = sorted(k for k in self._files if k not in self._used and k not in self._empty and not k.endswith(ignore))
         if left:
             more = f" (and {len(left) - 1} more)" if len(left) > 1 else ""
             raise unsupported(self.arch, f"amer has no place for weight {left[0]!r}{more}: the source uses an "
@@ -178,22 +188,27 @@ class Source:
     def rope(self, params: dict[str, Any] | None = None) -> tuple[float, float, dict[str, Any]]:
         """(theta, rotated fraction of the head, the A family's scaling options) of RoPE: plain, linear (position
         interpolation) or Llama 3.1's frequency-dependent scaling (``rope_type`` llama3); other scaled variants are
-        refused by name. ``params``: one layer type's ``rope_parameters`` (Gemma 3) instead of the config's."""
-        scaling = self.config.get("rope_scaling") or {} if params is None else {}
-        params = self.config.get("rope_parameters") or {} if params is None else params
-        kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+        refused by name. ``params``: one layer type's ``rope_parameters`` (Gemma 3) instead of the config's.
+
+        As in transformers, a legacy ``rope_scaling`` replaces ``rope_parameters`` whole, and the rotated fraction
+        is read only by the classes whose rotary embedding reads it (the others turn the whole head)."""
+        if params is None:
+            params = self.config.get("rope_scaling") or self.config.get("rope_parameters") or {}
+        kind = params.get("rope_type") or params.get("type") or "default"
         theta = params.get("rope_theta", self.config.get("rope_theta", 10000.0))
-        fraction = params.get("partial_rotary_factor", self.config.get("partial_rotary_factor", 1.0))
+        fraction = 1.0
+        if self.arch in PARTIAL_ROTARY:
+            fraction = params.get("partial_rotary_factor", self.config.get("partial_rotary_factor", 1.0))
         if kind == "default":
             return float(theta), float(fraction), {}
         if kind == "linear":
-            return float(theta), float(fraction), {"rope_linear_factor": float({**scaling, **params}["factor"])}
+            return float(theta), float(fraction), {"rope_linear_factor": float(params["factor"])}
         if kind == "llama3":
-            p = {**scaling, **params}
-            original = p.get("original_max_position_embeddings") or self.config.get("max_position_embeddings")
+            original = params.get("original_max_position_embeddings") or self.config.get("max_position_embeddings")
             return float(theta), float(fraction), {
-                "rope_scale_factor": float(p["factor"]), "rope_scale_low": float(p.get("low_freq_factor", 1.0)),
-                "rope_scale_high": float(p.get("high_freq_factor", 4.0)), "rope_scale_original": int(original)}
+                "rope_scale_factor": float(params["factor"]),
+                "rope_scale_low": float(params.get("low_freq_factor", 1.0)),
+                "rope_scale_high": float(params.get("high_freq_factor", 4.0)), "rope_scale_original": int(original)}
         raise unsupported(self.arch, f"rope_type={kind!r} (amer's attention has plain RoPE, linear and Llama 3.1's "
                           "scaling: rope_type 'default', 'linear' or 'llama3')")
 

@@ -55,8 +55,6 @@ def zamba2_options(src: Source) -> dict[str, Any]:
              "expand": int(c.get("mamba_expand", 2)), "head_dim": d_inner // n_heads,
              "n_groups": int(c.get("mamba_ngroups", 1)), "chunk_size": int(c.get("chunk_size", 256)),
              "dt_clamp_min": float(c.get("time_step_min", 0.001)), "norm": "gated"}
-    if not c.get("use_conv_bias", True):
-        raise unsupported(src.arch, "use_conv_bias false (Zamba2's Mamba-2 conv always has a bias)")
     return {"pattern": " ".join(_letters(src)), **shared_options(src), "zamba": zamba, "mamba": mamba}
 
 

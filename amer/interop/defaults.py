@@ -1,0 +1,75 @@
+"""What each importable class assumes for a setting its ``config.json`` leaves out, where that differs from the
+fallback a converter would otherwise use, and which classes read the settings only some of them read.
+
+``save_pretrained`` writes every setting, but trimmed and hand-written configs (many on the Hub) leave settings
+to the class, and transformers then fills in the class's own default: Phi-3 and OLMo 2 norms use eps 1e-5 where
+Llama's use 1e-6, Gemma 2 soft-caps its logits at 30, Qwen3-Next rotates a quarter of each head. A converter that
+filled in its own value would import a different function without a word, so :class:`~amer.interop.source.Source`
+lays these defaults under the config before any converter reads it. ``tests/test_import_defaults.py`` checks every
+value against the class's config in the installed transformers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["CLASS_DEFAULTS", "PARTIAL_ROTARY", "SLIDING_WINDOW", "NEVER_TIED"]
+
+_EPS5 = {"rms_norm_eps": 1e-5}
+_MOE = {"router_aux_loss_coef": 0.001}
+CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "BambaForCausalLM": {**_EPS5, "partial_rotary_factor": 0.5},
+    "DeepseekV3ForCausalLM": {"n_group": 8, "topk_group": 4, "n_shared_experts": 1, "norm_topk_prob": True,
+                              "num_experts_per_tok": 8, "routed_scaling_factor": 2.5, "v_head_dim": 128,
+                              "first_k_dense_replace": 3, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128,
+                              "kv_lora_rank": 512},
+    "FalconH1ForCausalLM": _EPS5,
+    "FalconMambaForCausalLM": {"layer_norm_epsilon": 1e-5, "state_size": 16},
+    "Gemma2ForCausalLM": {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "head_dim": 256,
+                          "query_pre_attn_scalar": 256, "hidden_activation": "gelu_pytorch_tanh",
+                          "sliding_window": 4096},
+    "Gemma3ForCausalLM": {"head_dim": 256, "query_pre_attn_scalar": 256, "hidden_activation": "gelu_pytorch_tanh",
+                          "sliding_window": 4096},
+    "GraniteMoeHybridForCausalLM": {**_MOE, "attention_multiplier": 1.0, "num_local_experts": 8,
+                                    "num_experts_per_tok": 2},
+    "JambaForCausalLM": _MOE,
+    # (Kimi's config stores these under the names its attribute_map points to)
+    "KimiLinearForCausalLM": {**_EPS5, "routed_scaling_factor": 2.446, "num_experts_per_token": 8,
+                              "num_shared_experts": 1, "moe_renormalize": True, "v_head_dim": 128,
+                              "qk_rope_head_dim": 64, "kv_lora_rank": 512},
+    "Lfm2ForCausalLM": {"norm_eps": 1e-5, "rope_theta": 1e6},
+    "Lfm2MoeForCausalLM": {"norm_eps": 1e-5, "rope_theta": 1e6, "num_experts_per_tok": 4},
+    "Mamba2ForCausalLM": {"layer_norm_epsilon": 1e-5, "n_groups": 8, "conv_kernel": 4},
+    "MambaForCausalLM": {"layer_norm_epsilon": 1e-5, "state_size": 16},
+    "MiniMaxForCausalLM": {**_EPS5, "rope_theta": 1e6},
+    "MistralForCausalLM": {"sliding_window": 4096},
+    "MixtralForCausalLM": {**_EPS5, **_MOE, "rope_theta": 1e6, "num_local_experts": 8},
+    "NemotronHForCausalLM": {"layer_norm_epsilon": 1e-5, "n_groups": 8, "chunk_size": 128, "head_dim": 128,
+                             "moe_shared_expert_intermediate_size": 7688, "n_routed_experts": 8, "conv_kernel": 4,
+                             "mamba_head_dim": 64},
+    "Olmo2ForCausalLM": _EPS5,
+    "OlmoHybridForCausalLM": {"rope_theta": 10000.0},  # only an explicit null turns RoPE off
+    "OlmoeForCausalLM": {**_EPS5, "num_experts_per_tok": 8, "router_aux_loss_coef": 0.01},
+    "Phi3ForCausalLM": _EPS5,
+    "Qwen2ForCausalLM": {"use_sliding_window": False, "sliding_window": 4096},
+    "Qwen2MoeForCausalLM": {**_MOE, "num_experts_per_tok": 4, "use_sliding_window": False, "sliding_window": 4096,
+                            "max_window_layers": 28},
+    "Qwen3ForCausalLM": {"use_sliding_window": False, "sliding_window": 4096, "head_dim": 128},
+    "Qwen3MoeForCausalLM": {**_MOE, "num_experts_per_tok": 8, "use_sliding_window": False, "sliding_window": 4096},
+    "Qwen3NextForCausalLM": {**_MOE, "num_experts_per_tok": 10, "head_dim": 256, "partial_rotary_factor": 0.25,
+                             "num_key_value_heads": 2},
+    "RecurrentGemmaForCausalLM": {"partial_rotary_factor": 0.5, "logits_soft_cap": 30.0,
+                                  "attention_window_size": 2048},
+    "Zamba2ForCausalLM": {**_EPS5, "num_mem_blocks": 1},
+    "ZambaForCausalLM": _EPS5,
+}
+
+# the classes whose rotary embedding reads partial_rotary_factor: every other one turns the whole head whatever
+# the config says (the factor is a shared RoPE setting in transformers 5, so it turns up in configs of classes
+# that never read it)
+PARTIAL_ROTARY = frozenset({"BambaForCausalLM", "Phi3ForCausalLM", "Qwen3NextForCausalLM",
+                            "RecurrentGemmaForCausalLM"})
+# the Llama-style classes whose attention reads sliding_window (Phi-3 on every layer, whatever layer_types says)
+SLIDING_WINDOW = frozenset({"MistralForCausalLM", "MixtralForCausalLM", "Phi3ForCausalLM"})
+# classes whose LM head is never the embedding: tie_word_embeddings in their config changes nothing
+NEVER_TIED = frozenset({"KimiLinearForCausalLM", "NemotronHForCausalLM"})
