@@ -233,3 +233,25 @@ def test_qwen2_moe_windows_by_the_class_rule(tmp_path: Path) -> None:
     build_source(tmp_path / "q3", "Qwen3MoeForCausalLM", "Qwen3MoeConfig", **kw)
     assert from_transformers(tmp_path / "q3")[1].attention.window == 3
     assert _diff(tmp_path / "q3", LONG) <= ATOL
+
+
+def test_bamba_without_attention_layer_indices(tmp_path: Path) -> None:
+    """A Bamba config that names no attention layers at all (the class's default): every layer Mamba."""
+    build_source(tmp_path, "BambaForCausalLM", "BambaConfig", **dict(
+        LLAMA, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=2, mamba_chunk_size=8))
+    _drop(tmp_path, "attn_layer_indices", "layers_block_type")
+    assert from_transformers(tmp_path)[1].pattern == "MEME"
+    assert _diff(tmp_path) <= ATOL
+
+
+def test_nemotron_h_inner_width_is_heads_times_head_dim(tmp_path: Path) -> None:
+    """Nemotron-H's Mamba width is mamba_num_heads x mamba_head_dim whatever expand says (Nemotron Nano 2: 128 x 80
+    at width 4480): here 48 at width 32, ``mamba.d_inner``; it round trips through export too."""
+    from test_import import export_round_trip
+
+    build_source(tmp_path / "src", "NemotronHForCausalLM", "NemotronHConfig",
+                 **dict(NEMOTRON, mamba_head_dim=12, layers_block_type=["mamba", "moe", "attention", "mamba"]))
+    model, cfg = from_transformers(tmp_path / "src")
+    assert cfg.mamba.d_inner == 48
+    assert _diff(tmp_path / "src") <= ATOL
+    assert export_round_trip(model, cfg, tmp_path / "out") <= ATOL

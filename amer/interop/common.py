@@ -163,25 +163,33 @@ NEMOTRON_H_KEYS = {**MAMBA2_KEYS, "head_dim": "mamba_head_dim", "n_heads": "mamb
 
 
 def mamba_options(src: Source, keys: dict[str, str] = MAMBA2_KEYS) -> dict[str, Any]:
-    """The M family's options from a Mamba-2 mixer's config (``keys``: where each setting lives)."""
+    """The M family's options from a Mamba-2 mixer's config (``keys``: where each setting lives). Nemotron-H's
+    inner width is heads x head_dim whatever ``expand`` says (``mamba.d_inner`` where it is no multiple of the
+    model width); the other classes' is ``expand`` x hidden_size."""
     c = src.config
     d = int(c["hidden_size"])
     n_heads, head_dim = int(c[keys["n_heads"]]), int(c[keys["head_dim"]])
     d_inner = n_heads * head_dim
     expand = c.get(keys["expand"], 2)
-    if int(expand * d) != d_inner:
+    own_width: dict[str, Any] = {}
+    if src.arch == "NemotronHForCausalLM":
+        expand = max(1, d_inner // d)
+        if d_inner % d:
+            own_width = {"d_inner": d_inner}
+    elif int(expand * d) != d_inner:
         raise unsupported(src.arch, f"Mamba heads x head_dim ({n_heads} x {head_dim}) differ from expand x "
                           f"hidden_size ({expand} x {d})")
-    if d_inner % d:
+    elif d_inner % d:
         raise unsupported(src.arch, f"Mamba inner width {d_inner} is not a whole multiple of hidden_size {d} "
                           "(amer's mamba.expand is an integer)")
     if not src.time_step_limit_is_open():
         raise unsupported(src.arch, f"time_step_limit={c.get('time_step_limit')!r} (amer's Mamba-2 does not clamp "
                           "the time step; supported: (0, inf))")
     src.require(keys["act"], ("silu",), "silu", "amer's Mamba-2 uses silu")
-    return {"d_state": int(c[keys["d_state"]]), "d_conv": int(c[keys["d_conv"]]), "expand": d_inner // d,
+    return {"d_state": int(c[keys["d_state"]]), "d_conv": int(c[keys["d_conv"]]), "expand": max(1, d_inner // d),
             "head_dim": head_dim, "n_groups": int(c.get(keys["n_groups"], 1)),
-            "chunk_size": int(c.get(keys["chunk_size"], 256)), "bias": bool(c.get(keys["bias"], False))}
+            "chunk_size": int(c.get(keys["chunk_size"], 256)), "bias": bool(c.get(keys["bias"], False)),
+            **own_width}
 
 
 def mamba_weights(src: Source, pre: str, blk: int, state: dict[str, Tensor], *, norm: bool = True) -> None:

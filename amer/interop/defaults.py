@@ -41,7 +41,7 @@ CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
     "Lfm2MoeForCausalLM": {"norm_eps": 1e-5, "rope_theta": 1e6, "num_experts_per_tok": 4},
     "Mamba2ForCausalLM": {"layer_norm_epsilon": 1e-5, "n_groups": 8, "conv_kernel": 4},
     "MambaForCausalLM": {"layer_norm_epsilon": 1e-5, "state_size": 16},
-    "MiniMaxForCausalLM": {**_EPS5, "rope_theta": 1e6},
+    "MiniMaxForCausalLM": {**_EPS5, "rope_theta": 1e6, "num_local_experts": 8},
     "MistralForCausalLM": {"sliding_window": 4096},
     "MixtralForCausalLM": {**_EPS5, **_MOE, "rope_theta": 1e6, "num_local_experts": 8},
     "NemotronHForCausalLM": {"layer_norm_epsilon": 1e-5, "n_groups": 8, "chunk_size": 128, "head_dim": 128,

@@ -274,7 +274,7 @@ def nemotron_h(cfg: ModelConfig, sd: Tensors) -> Written:
     if "A" in letters and (a.rope_fraction != 0.0 or a.qkv_bias or a.out_bias):
         raise refuse(f"{T}'s attention has no position encoding (attention.rope_fraction 0, got {a.rope_fraction}) "
                      "and no biases (attention.qkv_bias and out_bias false)")
-    plain(m, "mamba", T, ("d_state", "d_conv", "expand", "head_dim", "n_groups", "bias"))
+    plain(m, "mamba", T, ("d_state", "d_conv", "expand", "head_dim", "n_groups", "bias", "d_inner"))
     ffn = ffn_layers(cfg, [x for x in layers if str(x.family) == "E"], T, activation="relu2")
     r, conf = ffn.routed, {}
     if r is not None:
@@ -296,7 +296,7 @@ def nemotron_h(cfg: ModelConfig, sd: Tensors) -> Written:
                  "layers_block_type": types, "intermediate_size": (ffn.dense.d_ff or 2 * d) if ffn.dense else 2 * d,
                  "mlp_hidden_act": "relu2", "mlp_bias": False, "num_attention_heads": a.n_heads,
                  "num_key_value_heads": a.n_kv_heads, "head_dim": head_dim(cfg), "attention_bias": False,
-                 "mamba_num_heads": m.expand * d // m.head_dim, "mamba_head_dim": m.head_dim,
+                 "mamba_num_heads": m.inner(d) // m.head_dim, "mamba_head_dim": m.head_dim,
                  "ssm_state_size": m.d_state,
                  "n_groups": m.n_groups, "conv_kernel": m.d_conv, "expand": m.expand, "chunk_size": m.chunk_size,
                  "use_conv_bias": True, "use_bias": m.bias, "mamba_proj_bias": m.bias, "mamba_hidden_act": "silu",

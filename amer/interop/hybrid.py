@@ -34,7 +34,7 @@ __all__ = ["convert_bamba", "convert_granite_hybrid", "convert_nemotron_h"]
 
 def _layer_letters(src: Source, kinds: dict[str, str], key: str = "layer_types") -> list[str]:
     types = src.cfg(key) or src.cfg("layers_block_type")
-    if not types and "attn_layer_indices" in src.config:  # Bamba's own form (null: every layer Mamba)
+    if not types and src.arch == "BambaForCausalLM":  # Bamba's own form (none: every layer Mamba)
         attn = set(src.cfg("attn_layer_indices") or ())
         n_layers = int(src.cfg("num_hidden_layers"))
         types = ["full_attention" if i in attn else "linear_attention" for i in range(n_layers)]
