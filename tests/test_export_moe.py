@@ -143,6 +143,24 @@ def test_qwen3_next_gains_shift_with_the_norm_offset(tmp_path: Path) -> None:
     ("MAEM", dict(moe={"n_experts": 1, "activation": "relu2"}), "no position encoding"),
     ("AEAE", dict(attention={"qk_norm": True}, moe={**ROUTED, "update_multiplier": 0.5}),
      r"E \(layer 1\) has the block option update_multiplier=0.5, which Qwen3MoeForCausalLM lacks"),
+    # options the Llama-style classes have no counterpart for (each was written as if absent: another function)
+    ("AEAE", dict(attention={"output_gate": True}, moe={"n_experts": 1}), r"attention.output_gate=True has no "
+     "counterpart in the Llama, Mistral, Qwen3 and Mixtral classes"),
+    ("AEAE", dict(attention={"softcap": 2.0}, moe=ROUTED), r"attention.softcap=2.0 has no counterpart"),
+    ("AEAE", dict(attention={"qk_norm": True, "qk_norm_scope": "projection"}, moe={"n_experts": 1}),
+     r"attention.qk_norm_scope='projection' has no counterpart"),
+    ("AEAE", dict(attention={"window": 4, "qkv_bias": True, "out_bias": True}, moe={"n_experts": 1}),
+     r"MistralForCausalLM \(sliding-window attention\) has no attention biases"),
+    # capacity dispatch drops tokens in evaluation too; every target class's experts are dropless
+    ("AEAE", dict(moe={**ROUTED, "dispatch": "capacity"}), r"moe.dispatch='capacity' has no counterpart in "
+     "MixtralForCausalLM"),
+    ("AEAE", dict(attention={"qk_norm": True}, moe={**ROUTED, "renormalize": False, "dispatch": "capacity"}),
+     r"moe.dispatch='capacity' has no counterpart in Qwen3MoeForCausalLM"),
+    ("(NE)*2 AE", dict(attention={"n_heads": 4, "head_dim": 8, "residual_normed": True},
+                       moe={**ROUTED, "residual_normed": True, "input_multiplier": 1.2},
+                       lightning={"n_heads": 4, "head_dim": 8, "depth_stride": 2, "norm_eps": 1e-6,
+                                  "residual_normed": True}),
+     r"E has the block option input_multiplier=1.2, which MiniMaxForCausalLM lacks"),
 ])
 def test_what_the_classes_cannot_express_is_refused(tmp_path: Path, pattern: str, kw: dict[str, Any],
                                                     message: str) -> None:

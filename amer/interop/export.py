@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 
-from amer.blocks.moe import ROUTER_OPTIONS, MoEConfig
 from amer.config import ModelConfig
 from amer.errors import InputError
 from amer.fileio import atomic_write_text, json_text, refuse_link
@@ -35,13 +34,16 @@ from amer.interop.export_latent import latent_export, latent_target
 from amer.interop.export_minimax import minimax_export, minimax_target
 from amer.interop.export_moe import moe_export, moe_target
 from amer.interop.export_norms import norm_export, norm_target
-from amer.interop.export_parts import plain, rope_parameters
+from amer.interop.export_parts import ROPE_SCALING, moe_plain, plain, rope_parameters
 from amer.interop.export_zoo import zoo_export, zoo_target
 from amer.weights import save_tensors
 
 __all__ = ["export_transformers", "EXPORT_FILES"]
 
 EXPORT_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+# the attention options the Llama, Mistral, Qwen3 and Mixtral classes express (which of them: _target)
+LLAMA_ATTENTION = ("n_heads", "n_kv_heads", "head_dim", "rope_theta", "window", "qk_norm", "qkv_bias", "out_bias",
+                   *ROPE_SCALING)
 _MARK = "amer_exported"
 
 
@@ -49,12 +51,11 @@ def _refuse(what: str) -> InputError:
     return InputError(f"cannot export as a transformers model: {what}")
 
 
-def _check_shared(cfg: ModelConfig) -> None:
+def _check_shared(cfg: ModelConfig, target: str = "the Llama, Mixtral or Mamba2 classes") -> None:
     for name, default in (("embed_scale", 1.0), ("residual_scale", 1.0), ("logit_scale", 1.0),
                           ("logit_softcap", None), ("norm_offset", 0.0)):
         if getattr(cfg, name) != default:
-            raise _refuse(f"model.{name}={getattr(cfg, name)!r} has no counterpart in the Llama, Mixtral or Mamba2 "
-                          f"classes (needs {default!r})")
+            raise _refuse(f"model.{name}={getattr(cfg, name)!r} has no counterpart in {target} (needs {default!r})")
 
 
 def _target(cfg: ModelConfig) -> str:
@@ -64,24 +65,22 @@ def _target(cfg: ModelConfig) -> str:
         return "Mamba2ForCausalLM"
     if L % 2 == 0 and letters == "AE" * (L // 2):
         a, moe = cfg.attention, cfg.moe
-        if a.rope_fraction != 1.0 or a.scale is not None or a.qkv_bias != a.out_bias:
-            raise _refuse("attention.rope_fraction must be 1, attention.scale unset and qkv_bias equal to out_bias "
-                          "for Llama-style attention")
-        if moe.activation != "silu" or moe.bias or moe.shared_expert:
-            raise _refuse("the E blocks must be plain SwiGLU (moe.activation silu, no bias, no shared expert)")
-        plain = MoEConfig()
-        changed = [f"moe.{name}={getattr(moe, name)!r}" for name in ROUTER_OPTIONS
-                   if getattr(moe, name) != getattr(plain, name)]
-        if changed and moe.n_experts > 1:
-            raise _refuse(f"{', '.join(changed)}: Mixtral's router is a renormalised softmax top-k (those options "
-                          "at their defaults)")
+        # every other attention option (an output gate, a soft cap, a scale, partial RoPE, projection-wide q/k
+        # norms...) has no counterpart in these classes
+        plain(a, "attention", "the Llama, Mistral, Qwen3 and Mixtral classes", LLAMA_ATTENTION)
+        if a.qkv_bias != a.out_bias:
+            raise _refuse("qkv_bias equal to out_bias for Llama-style attention (q/k/v biases alone: Qwen2)")
         if moe.n_experts > 1:
+            moe_plain(moe, "moe", "MixtralForCausalLM", ("n_experts", "top_k", "d_ff", "renormalize_top1"))
             if (moe.top_k < 2 and not moe.renormalize_top1) or a.qk_norm or a.qkv_bias:
                 raise _refuse("MixtralForCausalLM renormalises top-1 weights to 1 (set moe.renormalize_top1) "
                               "and has no q/k norm and no attention biases")
             return "MixtralForCausalLM"
+        moe_plain(moe, "moe", "the Llama, Mistral and Qwen3 classes", ("n_experts", "d_ff"))
         if a.qk_norm:  # with a window too: Qwen3 with every layer sliding (amer.interop.export_zoo)
             return "Qwen3ForCausalLM"
+        if a.window is not None and a.qkv_bias:
+            raise _refuse("MistralForCausalLM (sliding-window attention) has no attention biases")
         return "MistralForCausalLM" if a.window is not None else "LlamaForCausalLM"
     raise _refuse(f"pattern {cfg.pattern!r}: transformers classes express '(AE)*L' (Llama, Mistral, Qwen3, Mixtral, "
                   "Granite; 'A.swa E' layers: Qwen2/3), 'M' or 'S' repeated (Mamba2, Mamba, Falcon-Mamba), 'CE' / 'AE' "
@@ -190,14 +189,14 @@ def _special_ids(tokenizer: Any, vocab_size: int) -> dict[str, int | None]:
     return ids
 
 
-def _check_blocks(cfg: ModelConfig) -> None:
-    """Pre-norm blocks with the plain residual, as the Llama, Mixtral and Mamba2 classes have them."""
+def _check_blocks(cfg: ModelConfig, target: str = "the Llama, Mixtral and Mamba2 classes") -> None:
+    """Pre-norm blocks with the plain residual, as ``target`` has them."""
     for layer in cfg.parsed.layers:
         opts = cfg.block_options(layer)
         for f in dataclasses.fields(opts):
             if getattr(opts, f.name) != f.default:
-                raise _refuse(f"{layer.key} has the block option {f.name}={getattr(opts, f.name)!r}, which the "
-                              f"Llama, Mixtral and Mamba2 classes lack (needs {f.default!r})")
+                raise _refuse(f"{layer.key} has the block option {f.name}={getattr(opts, f.name)!r}, which "
+                              f"{target} lacks (needs {f.default!r})")
 
 
 def export_transformers(model: Any, cfg: ModelConfig, directory: str | Path, tokenizer: Any = None) -> Path:
@@ -212,8 +211,8 @@ def export_transformers(model: Any, cfg: ModelConfig, directory: str | Path, tok
     if (arch := falcon_target(cfg)) is not None:  # parallel layers: Falcon-H1
         conf, tensors = falcon_export(model, cfg)
     elif (arch := latent_target(cfg)) is not None:  # DeepSeek-V3, Kimi Linear
-        _check_shared(cfg)
-        _check_blocks(cfg)
+        _check_shared(cfg, arch)
+        _check_blocks(cfg, arch)
         conf, tensors = latent_export(model, cfg, arch)
     elif (arch := moe_target(cfg)) is not None:  # MoE and its hybrids: Jamba, Qwen3-Next, Granite-4.0-H, Qwen-MoE...
         conf, tensors = moe_export(model, cfg, arch)
@@ -222,7 +221,7 @@ def export_transformers(model: Any, cfg: ModelConfig, directory: str | Path, tok
     elif (arch := norm_target(cfg)) is not None:  # Gemma 2 / 3 and OLMo 2, by where the blocks' norms sit
         conf, tensors = norm_export(model, cfg, arch)
     elif (arch := minimax_target(cfg)) is not None:  # lightning attention, MiniMax's post-norm residual factors
-        _check_shared(cfg)
+        _check_shared(cfg, arch)
         conf, tensors = minimax_export(model, cfg)
     else:
         _check_shared(cfg)

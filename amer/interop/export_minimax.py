@@ -10,18 +10,21 @@ saves. The inverse of :mod:`amer.interop.minimax`; the caller checks the model-w
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from torch import Tensor
 
 from amer.config import ModelConfig
 from amer.errors import InputError
+from amer.interop.export_parts import moe_plain, plain
 from amer.interop.lightning import OUTPUT_NORM_EPS
 
 __all__ = ["minimax_target", "minimax_export"]
 
 ARCH = "MiniMaxForCausalLM"
 KINDS = {"N": "linear_attn", "A": "full_attn", "E": "mlp"}
+FACTORS = ("norm_placement", "residual_normed", "residual_multiplier", "update_multiplier")  # checked or written
 
 
 def _refuse(what: str) -> InputError:
@@ -48,6 +51,10 @@ def minimax_target(cfg: ModelConfig) -> str | None:
         if opts.norm_placement != "pre" or not opts.residual_normed:
             raise _refuse(f"{layer.key} blocks must take the residual from their normed input (residual_normed, "
                           f"norm_placement pre), as MiniMax's layers do (got {opts})")
+        for f in dataclasses.fields(opts):  # the residual factors are MiniMax's alpha and beta; nothing else
+            if f.name not in FACTORS and getattr(opts, f.name) != f.default:
+                raise _refuse(f"{layer.key} has the block option {f.name}={getattr(opts, f.name)!r}, which "
+                              f"{ARCH} lacks (needs {f.default!r})")
     n = cfg.lightning
     hd = n.head_dim or cfg.d_model // n.n_heads
     eps = n.norm_eps if n.norm_eps is not None else cfg.norm_eps
@@ -55,8 +62,11 @@ def minimax_target(cfg: ModelConfig) -> str | None:
             "silu", 8.0, True, 2, True, OUTPUT_NORM_EPS):
         raise _refuse(f"lightning attention as MiniMax has it: activation silu, decay_exponent 8, depth_decay on over "
                       f"depth_stride 2, the output gate, norm epsilon {OUTPUT_NORM_EPS}")
+    plain(n, "lightning", ARCH, ("n_heads", "head_dim", "activation", "decay_exponent", "depth_decay", "depth_stride",
+                                 "output_gate", "norm_eps"))
     if "A" in fams:
         a = cfg.attention
+        plain(a, "attention", ARCH, ("n_heads", "n_kv_heads", "head_dim", "rope_theta", "window"))
         if (a.n_heads, a.head_dim or cfg.d_model // a.n_heads) != (n.n_heads, hd):
             raise _refuse("softmax and lightning attention share the heads and head width (num_attention_heads, "
                           "head_dim)")
@@ -69,6 +79,7 @@ def minimax_target(cfg: ModelConfig) -> str | None:
             or m.activation != "silu" or m.bias or m.d_latent is not None:
         raise _refuse("the E blocks must route as Mixtral (softmax top-k over several SwiGLU experts, renormalised, "
                       "top-1 too; no bias, groups, scale or shared experts)")
+    moe_plain(m, "moe", ARCH, ("n_experts", "top_k", "d_ff", "renormalize_top1"))
     return ARCH
 
 

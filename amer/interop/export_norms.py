@@ -16,7 +16,7 @@ import torch
 
 from amer.config import ModelConfig
 from amer.errors import InputError
-from amer.interop.export_parts import rope_parameters
+from amer.interop.export_parts import ROPE_SCALING, plain, rope_parameters
 from amer.model_config import BlockOptions
 
 __all__ = ["norm_target", "norm_export"]
@@ -60,6 +60,8 @@ def norm_target(cfg: ModelConfig) -> str | None:
 
 def _check_attention(cfg: ModelConfig, arch: str) -> None:
     a = cfg.attention
+    plain(a, "attention", arch, ("n_heads", "n_kv_heads", "head_dim", "rope_theta", "qk_norm", "qk_norm_scope",
+                                 "qkv_bias", "out_bias", "window", "scale", "softcap", *ROPE_SCALING))
     if a.rope_fraction != 1.0 or a.qkv_bias != a.out_bias:
         raise _refuse(arch, "attention.rope_fraction must be 1 and qkv_bias equal to out_bias")
     if arch == "Olmo2ForCausalLM":

@@ -30,10 +30,12 @@ Tensors = dict[str, Tensor]
 Written = tuple[dict[str, Any], Tensors]  # what a writer returns: the config.json contents and the weights
 # fields that shape the initialisation, a training scan's blocking or a training loss, not the function computed
 NOT_FUNCTION = {"dt_min", "dt_max", "dt_init_floor", "dt_scale", "dt_init", "chunk_size", "a_init_range",
-                "aux_loss_coef", "z_loss_coef", "bias_update_rate", "dispatch", "capacity_factor", "capacity_block"}
-# E fields without effect when the block is one dense feed-forward (no router)
+                "aux_loss_coef", "z_loss_coef", "bias_update_rate"}
+# E fields without effect when the block is one dense feed-forward (no router). Capacity dispatch is not among the
+# inert ones for routed blocks: it drops the tokens over an expert's capacity in evaluation too, and every target
+# class's experts are dropless
 DENSE_INERT = {"top_k", "renormalize_top1", "score", "renormalize", "renormalize_eps", "routed_scale", "expert_bias",
-               "n_groups", "topk_groups"}
+               "n_groups", "topk_groups", "dispatch", "capacity_factor", "capacity_block"}
 SHARED_DEFAULTS = (("embed_scale", 1.0), ("residual_scale", 1.0), ("logit_scale", 1.0), ("logit_softcap", None),
                    ("norm_offset", 0.0))
 
