@@ -21,6 +21,7 @@ from torch import Tensor
 
 from amer.config import ModelConfig
 from amer.errors import InputError
+from amer.interop.export_parts import moe_plain
 
 __all__ = ["latent_target", "latent_export"]
 
@@ -69,6 +70,8 @@ def latent_target(cfg: ModelConfig) -> str | None:
                           "silu)")
         if c.n_experts == 1 and c.shared_expert:
             raise _refuse(arch, "a dense feed-forward layer with a shared expert")
+        if c.n_experts == 1:
+            moe_plain(c, "moe", arch, ("n_experts", "d_ff"))
     if any(routed):
         _check_router(ffn[routed.index(True)], arch)
     return arch
@@ -101,6 +104,9 @@ def _check_kda(cfg: ModelConfig) -> None:
 
 
 def _check_router(r: Any, arch: str) -> None:
+    moe_plain(r, "moe", arch, ("n_experts", "top_k", "d_ff", "score", "renormalize", "renormalize_top1", "routed_scale",
+                               "expert_bias", "n_groups", "topk_groups", "shared_expert", "d_ff_shared",
+                               "n_shared_experts", "renormalize_eps", "shared_expert_gate"))
     if r.score != "sigmoid" or r.renormalize_eps != 0 or r.shared_expert_gate:
         raise _refuse(arch, "the MoE scores experts by sigmoid (moe.score sigmoid), renormalises without an epsilon "
                       "and has no shared-expert gate")

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 from torch import Tensor
 
+from amer.blocks.attention import AttentionConfig
 from amer.blocks.moe import MoEConfig
 from amer.config import ModelConfig
 from amer.errors import InputError
@@ -62,9 +63,21 @@ def rope_parameters(a: Any) -> dict[str, Any]:
     return {"rope_type": "default", "rope_theta": a.rope_theta}
 
 
+def _inert(obj: Any) -> set[str]:
+    """Fields of ``obj`` without effect given its others: an attention's q/k norm scope without q/k norms, Llama 3.1
+    scaling's factors without its scale factor."""
+    inert = set()
+    if isinstance(obj, AttentionConfig):
+        if not obj.qk_norm:
+            inert.add("qk_norm_scope")
+        if obj.rope_scale_factor is None:
+            inert |= {"rope_scale_low", "rope_scale_high", "rope_scale_original"}
+    return inert
+
+
 def plain(obj: Any, where: str, target: str, allowed: Iterable[str] = ()) -> None:
-    """Every field of config ``obj`` outside ``allowed`` (and the non-function ones) at its default."""
-    default, allowed = type(obj)(), set(allowed) | NOT_FUNCTION
+    """Every field of config ``obj`` outside ``allowed`` (and the non-function and inert ones) at its default."""
+    default, allowed = type(obj)(), set(allowed) | NOT_FUNCTION | _inert(obj)
     for f in dataclasses.fields(obj):
         if f.name not in allowed and getattr(obj, f.name) != getattr(default, f.name):
             raise refuse(f"{where}.{f.name}={getattr(obj, f.name)!r} has no counterpart in {target} (needs "
@@ -77,6 +90,8 @@ def moe_plain(e: MoEConfig, where: str, target: str, allowed: Iterable[str] = ()
     inert = set(DENSE_INERT) if e.n_experts == 1 else set()
     if not e.shared_expert:
         inert |= {"d_ff_shared", "n_shared_experts"}
+    if e.dispatch != "capacity":
+        inert |= {"capacity_factor", "capacity_block"}
     plain(e, where, target, set(allowed) | inert)
 
 
