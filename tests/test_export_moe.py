@@ -192,3 +192,11 @@ def test_cli_exports_an_imported_hybrid_and_refuses_in_one_line(tmp_path: Path, 
     assert main(["export", str(tmp_path / "odd"), str(tmp_path / "x"), "--format", "transformers"]) == 2
     err = capsys.readouterr().err
     assert "attention layers are not periodic" in err and err.count("\n") == 1 and not (tmp_path / "x").exists()
+
+
+def test_settings_without_effect_do_not_block_an_export(tmp_path: Path) -> None:
+    """The control of the field-by-field refusals: a q/k norm scope without q/k norms, Llama 3.1 factors without its
+    scale factor and a capacity factor under dropless dispatch change nothing, and the model round trips."""
+    model, cfg = fresh("AEAE", attention={"qk_norm_scope": "projection", "rope_scale_low": 2.0},
+                       moe={**ROUTED, "renormalize_top1": True, "capacity_factor": 0.5})
+    assert export_round_trip(model, cfg, tmp_path / "out") <= ATOL
