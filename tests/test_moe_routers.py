@@ -473,5 +473,9 @@ def test_export_refuses_a_router_mixtral_has_not(tmp_path) -> None:
 
     cfg = ModelConfig(pattern="AE", d_model=D, vocab_size=64, attention={"n_heads": 4},
                       moe={"n_experts": 4, "score": "sigmoid", "routed_scale": 2.0})
-    with pytest.raises(InputError, match=r"moe.score='sigmoid', moe.routed_scale=2.0: Mixtral's router"):
+    with pytest.raises(InputError, match=r"moe.score='sigmoid' has no counterpart in MixtralForCausalLM"):
+        export_transformers(HybridLM(cfg), cfg, tmp_path / "out")
+    cfg = ModelConfig(pattern="AE", d_model=D, vocab_size=64, attention={"n_heads": 4},
+                      moe={"n_experts": 4, "routed_scale": 2.0})
+    with pytest.raises(InputError, match=r"moe.routed_scale=2.0 has no counterpart in MixtralForCausalLM"):
         export_transformers(HybridLM(cfg), cfg, tmp_path / "out")
