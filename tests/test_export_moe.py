@@ -143,7 +143,7 @@ def test_qwen3_next_gains_shift_with_the_norm_offset(tmp_path: Path) -> None:
     ("MAEM", dict(moe={"n_experts": 1, "activation": "relu2"}), "no position encoding"),
     ("AEAE", dict(attention={"qk_norm": True}, moe={**ROUTED, "update_multiplier": 0.5}),
      r"E \(layer 1\) has the block option update_multiplier=0.5, which Qwen3MoeForCausalLM lacks"),
-    # options the Llama-style classes have no counterpart for (each was written as if absent: another function)
+    # options the Llama-style classes have no counterpart for (written as if absent, they are another function)
     ("AEAE", dict(attention={"output_gate": True}, moe={"n_experts": 1}), r"attention.output_gate=True has no "
      "counterpart in the Llama, Mistral, Qwen3 and Mixtral classes"),
     ("AEAE", dict(attention={"softcap": 2.0}, moe=ROUTED), r"attention.softcap=2.0 has no counterpart"),

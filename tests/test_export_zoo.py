@@ -174,8 +174,8 @@ SMALL = dict(LLAMA, head_dim=8)
     ("Lfm2ForCausalLM", "Lfm2Config", dict(LFM2, rope_parameters=LINEAR)),
 ])
 def test_round_trip_keeps_the_rope_scaling(tmp_path: Path, cls: str, cfg_cls: str, kw: dict[str, Any]) -> None:
-    """Linear and Llama 3.1 RoPE scaling are written back as the class's rope_parameters (the Llama writer used to
-    drop a linear factor and write plain RoPE), and plain Qwen2 exports as itself."""
+    """Linear and Llama 3.1 RoPE scaling are written back as the class's rope_parameters (plain RoPE in their place
+    is another function), and plain Qwen2 exports as itself."""
     build_source(tmp_path / "src", cls, cfg_cls, **kw)
     model, cfg = from_transformers(tmp_path / "src")
     assert export_round_trip(model, cfg, tmp_path / "out") <= ATOL

@@ -211,7 +211,7 @@ def test_malformed_sizes_are_refused_in_one_line(tmp_path: Path, cls: str, cfg_c
 
 def test_gemma3_per_type_rope_without_a_theta(tmp_path: Path) -> None:
     """A per-layer-type rope_parameters entry without rope_theta takes the class's base for that type: 1e6 for the
-    global layers (amer took 1e4)."""
+    global layers, not the usual 1e4."""
     from test_import_norms import GEMMA3
 
     build_source(tmp_path, "Gemma3ForCausalLM", "Gemma3TextConfig", **GEMMA3)
@@ -223,8 +223,8 @@ def test_gemma3_per_type_rope_without_a_theta(tmp_path: Path) -> None:
 
 
 def test_qwen2_moe_windows_by_the_class_rule(tmp_path: Path) -> None:
-    """Without layer_types Qwen2-MoE slides every other layer from the first, below max_window_layers (amer slid
-    every layer); Qwen3-MoE slides every layer."""
+    """Without layer_types Qwen2-MoE slides every other layer from the first, below max_window_layers; Qwen3-MoE
+    slides every layer; OLMoE's mask is causal whatever sliding_window says."""
     kw = dict(QWEN_MOE, num_hidden_layers=4, use_sliding_window=True, sliding_window=3, max_window_layers=2)
     build_source(tmp_path / "q2", "Qwen2MoeForCausalLM", "Qwen2MoeConfig", **kw)
     _drop(tmp_path / "q2", "layer_types")
@@ -233,6 +233,9 @@ def test_qwen2_moe_windows_by_the_class_rule(tmp_path: Path) -> None:
     build_source(tmp_path / "q3", "Qwen3MoeForCausalLM", "Qwen3MoeConfig", **kw)
     assert from_transformers(tmp_path / "q3")[1].attention.window == 3
     assert _diff(tmp_path / "q3", LONG) <= ATOL
+    build_source(tmp_path / "olmoe", "OlmoeForCausalLM", "OlmoeConfig", **dict(kw, pad_token_id=0, eos_token_id=1))
+    assert from_transformers(tmp_path / "olmoe")[1].attention.window is None
+    assert _diff(tmp_path / "olmoe", LONG) <= ATOL
 
 
 def test_bamba_without_attention_layer_indices(tmp_path: Path) -> None:
@@ -255,3 +258,52 @@ def test_nemotron_h_inner_width_is_heads_times_head_dim(tmp_path: Path) -> None:
     assert cfg.mamba.d_inner == 48
     assert _diff(tmp_path / "src") <= ATOL
     assert export_round_trip(model, cfg, tmp_path / "out") <= ATOL
+
+
+def test_aliases_are_read_before_defaults(tmp_path: Path) -> None:
+    """A setting spelled by its alias (the class's attribute_map) is not hidden by the default of its kept name:
+    Mixtral's num_experts, RecurrentGemma's sliding_window."""
+    build_source(tmp_path / "mixtral", "MixtralForCausalLM", "MixtralConfig", **dict(LLAMA, num_local_experts=4))
+    conf = json.loads((tmp_path / "mixtral" / "config.json").read_text())
+    conf["num_experts"] = conf.pop("num_local_experts")
+    (tmp_path / "mixtral" / "config.json").write_text(json.dumps(conf))
+    assert from_transformers(tmp_path / "mixtral")[1].moe.n_experts == 4
+    assert _diff(tmp_path / "mixtral") <= ATOL
+    build_source(tmp_path / "rg", "RecurrentGemmaForCausalLM", "RecurrentGemmaConfig", hidden_size=32,
+                 intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1,
+                 attention_window_size=5, block_types=["recurrent", "recurrent", "attention"])
+    conf = json.loads((tmp_path / "rg" / "config.json").read_text())
+    conf.pop("attention_window_size")
+    conf["sliding_window"] = 5
+    (tmp_path / "rg" / "config.json").write_text(json.dumps(conf))
+    assert from_transformers(tmp_path / "rg")[1].attention.window == 5
+    assert _diff(tmp_path / "rg", LONG) <= ATOL
+
+
+def test_aliases_are_the_classes() -> None:
+    from amer.interop import supported_classes
+    from amer.interop.defaults import ALIASES
+
+    for arch in supported_classes():
+        assert ALIASES.get(arch, {}) == dict(getattr(transformers, arch).config_class.attribute_map), arch
+
+
+def test_qwen2_window_layers_default_and_bamba_partial_factor(tmp_path: Path) -> None:
+    """Qwen2 without max_window_layers slides from layer 28 on (its class default); Bamba's rotary fraction is
+    rope_parameters' or 0.5, whatever a top-level partial_rotary_factor says."""
+    kw = dict(LLAMA, num_hidden_layers=30, hidden_size=16, intermediate_size=16, num_attention_heads=2,
+              num_key_value_heads=1)
+    build_source(tmp_path / "q2", "Qwen2ForCausalLM", "Qwen2Config", use_sliding_window=True, sliding_window=3,
+                 max_window_layers=28, **kw)
+    _drop(tmp_path / "q2", "layer_types", "max_window_layers")
+    assert from_transformers(tmp_path / "q2")[1].pattern.split()[::2][27:] == ["A", "A.swa", "A.swa"]
+    assert _diff(tmp_path / "q2", LONG) <= ATOL
+    build_source(tmp_path / "bamba", "BambaForCausalLM", "BambaConfig", **dict(
+        LLAMA, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=2, mamba_chunk_size=8,
+        attn_layer_indices=[1]))
+    conf = json.loads((tmp_path / "bamba" / "config.json").read_text())
+    conf["rope_parameters"].pop("partial_rotary_factor", None)
+    conf["partial_rotary_factor"] = 1.0
+    (tmp_path / "bamba" / "config.json").write_text(json.dumps(conf))
+    assert from_transformers(tmp_path / "bamba")[1].attention.rope_fraction == 0.5
+    assert _diff(tmp_path / "bamba") <= ATOL

@@ -66,7 +66,9 @@ def from_transformers(path: str | Path, *, dtype: str | torch.dtype = torch.floa
         raise unsupported(src.arch, f"config.json lacks {err.args[0]!r}") from None
     except (TypeError, ValueError, AttributeError, IndexError, ZeroDivisionError, RuntimeError) as err:  # a value
         # of the wrong kind (null where a size belongs, a number where a table belongs, a size the weights do not
-        # have...): one line, whatever the converter tripped on
+        # have...): one line, whatever the converter tripped on; running out of memory is not the config's fault
+        if isinstance(err, torch.OutOfMemoryError) or "allocate" in str(err):
+            raise
         why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise unsupported(src.arch, f"config.json holds a value amer cannot read ({why})") from None
     src.check_all_used()

@@ -73,7 +73,8 @@ def tied_embeddings(src: Source) -> bool:
         return not src.has("lm_head.weight")
     if tie and src.has("lm_head.weight"):
         embed = next((k for k in EMBED_KEYS if src.has(k)), None)
-        if embed is not None and not torch.equal(src.get("lm_head.weight"), src.get(embed)):
+        if embed is not None and (src.shape("lm_head.weight") != src.shape(embed)
+                                  or not torch.equal(src.get("lm_head.weight"), src.get(embed))):
             return False
     return bool(tie)
 

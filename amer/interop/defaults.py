@@ -5,15 +5,37 @@ fallback a converter would otherwise use, and which classes read the settings on
 to the class, and transformers then fills in the class's own default: Phi-3 and OLMo 2 norms use eps 1e-5 where
 Llama's use 1e-6, Gemma 2 soft-caps its logits at 30, Qwen3-Next rotates a quarter of each head. A converter that
 filled in its own value would import a different function without a word, so :class:`~amer.interop.source.Source`
-lays these defaults under the config before any converter reads it. ``tests/test_import_defaults.py`` checks every
-value against the class's config in the installed transformers.
+lays these defaults under the config before any converter reads it. ``tests/test_import_config.py`` checks every
+value, and the aliases below, against the class's config in the installed transformers.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["CLASS_DEFAULTS", "PARTIAL_ROTARY", "SLIDING_WINDOW", "NEVER_TIED"]
+__all__ = ["CLASS_DEFAULTS", "ALIASES", "PARTIAL_ROTARY", "SLIDING_WINDOW", "NEVER_TIED"]
+
+# each class's attribute_map: a setting a config may spell by another name (alias -> the name the class keeps), folded
+# onto its kept name before the defaults go under it, so a default never hides a value given by its alias
+_LAYERS = {"layer_types": "layers_block_type"}
+ALIASES: dict[str, dict[str, str]] = {
+    "BambaForCausalLM": _LAYERS,
+    "DeepseekV3ForCausalLM": {"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"},
+    "FalconH1ForCausalLM": _LAYERS,
+    "GraniteMoeHybridForCausalLM": {"layers_block_type": "layer_types"},
+    "JambaForCausalLM": {"num_local_experts": "num_experts"},
+    "KimiLinearForCausalLM": {"max_position_embeddings": "model_max_length", "norm_topk_prob": "moe_renormalize",
+                              "n_group": "num_expert_group", "num_local_experts": "num_experts",
+                              "num_experts_per_tok": "num_experts_per_token", "n_shared_experts": "num_shared_experts"},
+    "MiniMaxForCausalLM": {"num_experts": "num_local_experts"},
+    "MixtralForCausalLM": {"num_experts": "num_local_experts"},
+    "NemotronHForCausalLM": {**_LAYERS, "num_local_experts": "n_routed_experts"},
+    "OlmoeForCausalLM": {"num_local_experts": "num_experts"},
+    "Qwen3MoeForCausalLM": {"num_experts": "num_local_experts"},
+    "RecurrentGemmaForCausalLM": {"sliding_window": "attention_window_size", **_LAYERS},
+    "Zamba2ForCausalLM": {**_LAYERS, "head_dim": "attention_head_dim"},
+    "ZambaForCausalLM": {**_LAYERS, "head_dim": "attention_head_dim"},
+}
 
 _EPS5 = {"rms_norm_eps": 1e-5}
 _MOE = {"router_aux_loss_coef": 0.001}
@@ -22,7 +44,7 @@ CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
     "DeepseekV3ForCausalLM": {"n_group": 8, "topk_group": 4, "n_shared_experts": 1, "norm_topk_prob": True,
                               "num_experts_per_tok": 8, "routed_scaling_factor": 2.5, "v_head_dim": 128,
                               "first_k_dense_replace": 3, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128,
-                              "kv_lora_rank": 512},
+                              "kv_lora_rank": 512, "q_lora_rank": 1536},
     "FalconH1ForCausalLM": _EPS5,
     "FalconMambaForCausalLM": {"layer_norm_epsilon": 1e-5, "state_size": 16},
     "Gemma2ForCausalLM": {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "head_dim": 256,
@@ -51,10 +73,11 @@ CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
     "OlmoHybridForCausalLM": {"rope_theta": 10000.0},  # only an explicit null turns RoPE off
     "OlmoeForCausalLM": {**_EPS5, "num_experts_per_tok": 8, "router_aux_loss_coef": 0.01},
     "Phi3ForCausalLM": _EPS5,
-    "Qwen2ForCausalLM": {"use_sliding_window": False, "sliding_window": 4096},
+    "Qwen2ForCausalLM": {"use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 28},
     "Qwen2MoeForCausalLM": {**_MOE, "num_experts_per_tok": 4, "use_sliding_window": False, "sliding_window": 4096,
                             "max_window_layers": 28},
-    "Qwen3ForCausalLM": {"use_sliding_window": False, "sliding_window": 4096, "head_dim": 128},
+    "Qwen3ForCausalLM": {"use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 28,
+                         "head_dim": 128},
     "Qwen3MoeForCausalLM": {**_MOE, "num_experts_per_tok": 8, "use_sliding_window": False, "sliding_window": 4096},
     "Qwen3NextForCausalLM": {**_MOE, "num_experts_per_tok": 10, "head_dim": 256, "partial_rotary_factor": 0.25,
                              "num_key_value_heads": 2},

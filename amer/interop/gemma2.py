@@ -41,9 +41,15 @@ def _gemma3_rope(c: dict[str, Any], kind: str) -> dict[str, Any]:
     """One layer type's RoPE parameters: ``rope_parameters[kind]``, or in configs written before per-type
     parameters ``rope_theta`` and ``rope_scaling`` (global layers) and ``rope_local_base_freq`` (sliding ones)."""
     per_type = c.get("rope_parameters") or {}
-    if kind in per_type:  # a theta it leaves out is the class's: rope_theta (1e6) or rope_local_base_freq (1e4)
+    if kind in per_type:  # as the class builds it: a legacy rope_scaling updates the global entry, and a theta
+        # the entry leaves out is rope_theta (1e6) or rope_local_base_freq (1e4)
+        entry = dict(per_type[kind])
+        scaling = c.get("rope_scaling") or {}
+        if kind == "full_attention" and scaling:
+            entry.update(scaling)
+            entry["rope_type"] = scaling.get("rope_type") or scaling.get("type") or entry.get("rope_type")
         base = (c.get("rope_theta") or 1e6) if kind == "full_attention" else (c.get("rope_local_base_freq") or 1e4)
-        return {"rope_theta": float(base), **per_type[kind]}
+        return {"rope_theta": float(base), **entry}
     if kind == "sliding_attention":
         return {"rope_type": "default", "rope_theta": float(c.get("rope_local_base_freq") or 10000.0)}
     scaling = c.get("rope_scaling") or {}

@@ -129,14 +129,14 @@ def ffn_weights(src: Source, pre: str, blk: int, state: dict[str, Tensor], *, in
 
 
 def attention_windows(src: Source, attn: dict[str, Any], n_layers: int) -> tuple[dict[str, Any], list[str]]:
-    """Sliding windows as each class reads them: none; one for every layer (``attention.window``: Qwen3-MoE with
-    ``use_sliding_window``, OLMoE whenever its config names one); or per layer (Qwen2-MoE: ``layer_types``, or the
-    class's rule, every other layer from the first below ``max_window_layers``) as the A family's variant ``swa``
-    (``A.swa``)."""
+    """Sliding windows as each class reads them: none (OLMoE's mask is causal whatever its config says); one for
+    every layer (``attention.window``: Qwen3-MoE with ``use_sliding_window``); or per layer (Qwen2-MoE:
+    ``layer_types``, or the class's rule, every other layer from the first below ``max_window_layers``) as the A
+    family's variant ``swa`` (``A.swa``)."""
     c = src.config
     qwen2 = src.arch == "Qwen2MoeForCausalLM"
     window = c.get("sliding_window")
-    if src.arch != "OlmoeForCausalLM" and not c.get("use_sliding_window", False):
+    if src.arch == "OlmoeForCausalLM" or not c.get("use_sliding_window", False):
         window = None
     kinds = c.get("layer_types") if qwen2 else None
     if window in (None, 0):  # (0: Qwen2-MoE's "none")

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from amer.errors import CheckpointError
 from amer.fileread import file_kind, json_loads, read_regular
-from amer.interop.defaults import CLASS_DEFAULTS, PARTIAL_ROTARY
+from amer.interop.defaults import ALIASES, CLASS_DEFAULTS, PARTIAL_ROTARY
 
 __all__ = ["Source", "unsupported"]
 
@@ -48,16 +48,16 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"{path}: not readable as JSON ({_first(err)})") from None
 
 
-def _keys(shard: Path, index: Path | None = None, empty: set[str] | None = None) -> set[str]:
-    """The tensor names in safetensors file ``shard``'s header (those with no elements also added to ``empty``); a
-    missing or damaged file is named."""
+def _keys(shard: Path, index: Path | None = None, shapes: dict[str, tuple[int, ...]] | None = None) -> set[str]:
+    """The tensor names in safetensors file ``shard``'s header (their shapes added to ``shapes``); a missing or
+    damaged file is named."""
     kind = file_kind(shard)
     if kind is not None:
         raise CheckpointError(f"{index}: shard {shard.name} {kind}" if index else f"{shard} {kind}")
     try:
         with safe_open(str(shard), framework="pt") as f:
-            if empty is not None:
-                empty.update(k for k in f.keys() if 0 in f.get_slice(k).get_shape())
+            if shapes is not None:
+                shapes.update((k, tuple(f.get_slice(k).get_shape())) for k in f.keys())
             return set(f.keys())
     except Exception as err:  # noqa: BLE001  (safetensors raises its own error types for a corrupt header)
         raise CheckpointError(f"{shard}: not a readable safetensors file ({_first(err)})") from None
@@ -96,6 +96,10 @@ class Source:
         if not isinstance(archs, list) or len(archs) != 1 or not isinstance(archs[0], str):
             raise CheckpointError(f"{cfg_file}: 'architectures' must name exactly one model class, got {archs!r:.80}")
         self.arch: str = archs[0]
+        config = dict(config)
+        for alias, kept in ALIASES.get(self.arch, {}).items():
+            if alias in config and kept not in config:
+                config[kept] = config[alias]
         self.config = {**CLASS_DEFAULTS.get(self.arch, {}), **config}  # what the class assumes for a setting left out
         for key, least in SIZES.items():
             value = self.config.get(key)
@@ -104,8 +108,9 @@ class Source:
                                   f"{value!r:.40}")
         # tensors with no elements (a zero-width shared expert, rank-0 adapters): transformers builds and runs them,
         # and they add nothing, so a converter never needs them and none is left over
-        self._empty: set[str] = set()
+        self._shapes: dict[str, tuple[int, ...]] = {}
         self._files = self._weight_files()
+        self._empty = {k for k, shape in self._shapes.items() if 0 in shape}
         self._used: set[str] = set()
 
     def _weight_files(self) -> dict[str, Path]:
@@ -125,7 +130,7 @@ class Source:
                                           "(absolute paths and '..' are refused, and nothing outside is opened)")
             files = {name: self.root / shard for name, shard in weight_map.items()}
             for shard in sorted(set(files.values())):
-                held = _keys(shard, index, self._empty)
+                held = _keys(shard, index, self._shapes)
                 lacking = sorted(k for k, f in files.items() if f == shard and k not in held)
                 if lacking:
                     raise CheckpointError(f"{index}: names tensor {lacking[0]!r} in shard {shard.name}, which does "
@@ -136,7 +141,7 @@ class Source:
             other = sorted(x.name for x in self.root.glob("*.bin"))
             hint = f" (found {other[0]}: re-save it with safe_serialization)" if other else ""
             raise CheckpointError(f"{self.root}: no model.safetensors or model.safetensors.index.json{hint}")
-        return dict.fromkeys(_keys(single, empty=self._empty), single)
+        return dict.fromkeys(_keys(single, shapes=self._shapes), single)
 
     def get(self, key: str, *, optional: bool = False) -> Tensor | None:
         """The tensor ``key`` in fp32 (marked used); None for an absent optional one."""
@@ -151,6 +156,10 @@ class Source:
                 return f.get_tensor(key).to(torch.float32)
         except Exception as err:  # noqa: BLE001  (safetensors raises its own types for a damaged file)
             raise CheckpointError(f"{self._files[key]}: not a readable safetensors file ({_first(err)})") from None
+
+    def shape(self, key: str) -> tuple[int, ...] | None:
+        """The shape of tensor ``key`` as stored (None: no such tensor), read from the header alone."""
+        return self._shapes.get(key)
 
     def has(self, key: str) -> bool:
         """Whether the folder holds tensor ``key`` with any elements."""
@@ -197,7 +206,9 @@ class Source:
         kind = params.get("rope_type") or params.get("type") or "default"
         theta = params.get("rope_theta", self.config.get("rope_theta", 10000.0))
         fraction = 1.0
-        if self.arch in PARTIAL_ROTARY:
+        if self.arch == "BambaForCausalLM":  # the class sets 0.5 over a top-level factor; rope_parameters' wins
+            fraction = params.get("partial_rotary_factor", 0.5)
+        elif self.arch in PARTIAL_ROTARY:
             fraction = params.get("partial_rotary_factor", self.config.get("partial_rotary_factor", 1.0))
         if kind == "default":
             return float(theta), float(fraction), {}
