@@ -39,7 +39,7 @@ from amer.interop import (  # noqa: F401  (register their converters)
     zamba2,
 )
 from amer.interop.common import CONVERTERS
-from amer.interop.source import Source, unsupported
+from amer.interop.source import Source, first_line, unsupported
 from amer.model import HybridLM
 from amer.weights import check_finite
 
@@ -69,8 +69,7 @@ def from_transformers(path: str | Path, *, dtype: str | torch.dtype = torch.floa
         # have...): one line, whatever the converter tripped on; running out of memory is not the config's fault
         if isinstance(err, torch.OutOfMemoryError) or "allocate" in str(err):
             raise
-        why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise unsupported(src.arch, f"config.json holds a value amer cannot read ({why})") from None
+        raise unsupported(src.arch, f"config.json holds a value amer cannot read ({first_line(err)})") from None
     src.check_all_used()
     cfg = converted.config
     model = _load(cfg, converted.state, src.arch)

@@ -174,7 +174,6 @@ def mamba_options(src: Source, keys: dict[str, str] = MAMBA2_KEYS) -> dict[str, 
     expand = c.get(keys["expand"], 2)
     own_width: dict[str, Any] = {}
     if src.arch == "NemotronHForCausalLM":
-        expand = max(1, d_inner // d)
         if d_inner % d:
             own_width = {"d_inner": d_inner}
     elif int(expand * d) != d_inner:

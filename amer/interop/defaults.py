@@ -40,7 +40,7 @@ ALIASES: dict[str, dict[str, str]] = {
 _EPS5 = {"rms_norm_eps": 1e-5}
 _MOE = {"router_aux_loss_coef": 0.001}
 CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
-    "BambaForCausalLM": {**_EPS5, "partial_rotary_factor": 0.5},
+    "BambaForCausalLM": _EPS5,  # (its rotary fraction: Source.rope)
     "DeepseekV3ForCausalLM": {"n_group": 8, "topk_group": 4, "n_shared_experts": 1, "norm_topk_prob": True,
                               "num_experts_per_tok": 8, "routed_scaling_factor": 2.5, "v_head_dim": 128,
                               "first_k_dense_replace": 3, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128,

@@ -153,7 +153,7 @@ def _embeddings(src: Source, cfg: ModelConfig, *, embed: str = "model.embed_toke
     """Token embedding, final norm and LM head (the tied head is the embedding)."""
     state = {"embed.weight": src.get(embed), "norm.weight": src.get(norm)}
     if cfg.tie_embeddings:
-        src.get("lm_head.weight", optional=True)  # some writers store the tied copy too (equal: tied_embeddings)
+        src.skip("lm_head.weight")  # some writers store the tied copy too (equal: tied_embeddings compared them)
         state["lm_head.weight"] = state["embed.weight"]
     else:
         state["lm_head.weight"] = src.get("lm_head.weight")

@@ -21,7 +21,7 @@ from amer.errors import CheckpointError
 from amer.fileread import file_kind, json_loads, read_regular
 from amer.interop.defaults import ALIASES, CLASS_DEFAULTS, PARTIAL_ROTARY
 
-__all__ = ["Source", "unsupported"]
+__all__ = ["Source", "unsupported", "first_line"]
 
 
 # sizes a converter multiplies or loops over, and the least each may be (no experts: a dense model): a
@@ -32,7 +32,8 @@ SIZES = {"num_hidden_layers": 1, "hidden_size": 1, "intermediate_size": 1, "num_
          "full_attention_interval": 1}
 
 
-def _first(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """The first line of ``err``'s message (its type's name when it has none): an error fit for one line."""
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
@@ -45,7 +46,7 @@ def _read_json(path: Path) -> Any:
     try:
         return json_loads(data)
     except ValueError as err:  # invalid JSON, not UTF-8, or nested thousands deep
-        raise CheckpointError(f"{path}: not readable as JSON ({_first(err)})") from None
+        raise CheckpointError(f"{path}: not readable as JSON ({first_line(err)})") from None
 
 
 def _keys(shard: Path, index: Path | None = None, shapes: dict[str, tuple[int, ...]] | None = None) -> set[str]:
@@ -60,7 +61,7 @@ def _keys(shard: Path, index: Path | None = None, shapes: dict[str, tuple[int, .
                 shapes.update((k, tuple(f.get_slice(k).get_shape())) for k in f.keys())
             return set(f.keys())
     except Exception as err:  # noqa: BLE001  (safetensors raises its own error types for a corrupt header)
-        raise CheckpointError(f"{shard}: not a readable safetensors file ({_first(err)})") from None
+        raise CheckpointError(f"{shard}: not a readable safetensors file ({first_line(err)})") from None
 
 
 def unsupported(arch: str, what: str) -> CheckpointError:
@@ -155,7 +156,7 @@ class Source:
             with safe_open(str(self._files[key]), framework="pt") as f:
                 return f.get_tensor(key).to(torch.float32)
         except Exception as err:  # noqa: BLE001  (safetensors raises its own types for a damaged file)
-            raise CheckpointError(f"{self._files[key]}: not a readable safetensors file ({_first(err)})") from None
+            raise CheckpointError(f"{self._files[key]}: not a readable safetensors file ({first_line(err)})") from None
 
     def shape(self, key: str) -> tuple[int, ...] | None:
         """The shape of tensor ``key`` as stored (None: no such tensor), read from the header alone."""
