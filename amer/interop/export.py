@@ -7,7 +7,8 @@ norms ``Olmo2ForCausalLM`` (:mod:`amer.interop.export_norms`); ``D E`` layers (m
 ``DeepseekV3ForCausalLM``, KDA and position-free MLA layers ``KimiLinearForCausalLM``
 (:mod:`amer.interop.export_latent`), lightning attention layers ``MiniMaxForCausalLM``
 (:mod:`amer.interop.export_minimax`), parallel ``[AM]E`` layers ``FalconH1ForCausalLM``
-(:mod:`amer.interop.export_falcon`). Patterns with MoE layers and the hybrids around them (Jamba, Qwen3-Next,
+(:mod:`amer.interop.export_falcon`), Griffin's ``RE`` / ``AE`` layers ``RecurrentGemmaForCausalLM``
+(:mod:`amer.interop.export_griffin`). Patterns with MoE layers and the hybrids around them (Jamba, Qwen3-Next,
 Granite-4.0-H, Qwen2/3-MoE, OLMoE, LFM2-MoE) are written by :mod:`amer.interop.export_moe`; the dense hybrid and
 state-space classes (Mamba, Falcon-Mamba, LFM2, OLMo-Hybrid, Granite, Qwen2/3 with per-layer windows) by
 :mod:`amer.interop.export_zoo`. The folder is config.json + model.safetensors (+ tokenizer.json), written whole
@@ -30,6 +31,7 @@ from amer.fileio import atomic_write_text, json_text, refuse_link
 from amer.fileread import json_loads, read_file
 from amer.hub import write_folder
 from amer.interop.export_falcon import falcon_export, falcon_target
+from amer.interop.export_griffin import griffin_export, griffin_target
 from amer.interop.export_latent import latent_export, latent_target
 from amer.interop.export_minimax import minimax_export, minimax_target
 from amer.interop.export_moe import moe_export, moe_target
@@ -84,7 +86,7 @@ def _target(cfg: ModelConfig) -> str:
         return "MistralForCausalLM" if a.window is not None else "LlamaForCausalLM"
     raise _refuse(f"pattern {cfg.pattern!r}: transformers classes express '(AE)*L' (Llama, Mistral, Qwen3, Mixtral, "
                   "Granite; 'A.swa E' layers: Qwen2/3), 'M' or 'S' repeated (Mamba2, Mamba, Falcon-Mamba), 'CE' / 'AE' "
-                  "layers (LFM2) or 'G E' / 'A E.post' layers (OLMo-Hybrid)")
+                  "layers (LFM2), 'G E' / 'A E.post' layers (OLMo-Hybrid) or 'RE' / 'AE' layers (RecurrentGemma)")
 
 
 def _llama(model: Any, cfg: ModelConfig, arch: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -214,6 +216,8 @@ def export_transformers(model: Any, cfg: ModelConfig, directory: str | Path, tok
         _check_shared(cfg, arch)
         _check_blocks(cfg, arch)
         conf, tensors = latent_export(model, cfg, arch)
+    elif (arch := griffin_target(cfg)) is not None:  # recurrent and local-attention layers: RecurrentGemma
+        conf, tensors = griffin_export(model, cfg)
     elif (arch := moe_target(cfg)) is not None:  # MoE and its hybrids: Jamba, Qwen3-Next, Granite-4.0-H, Qwen-MoE...
         conf, tensors = moe_export(model, cfg, arch)
     elif (arch := zoo_target(cfg)) is not None:  # Mamba-1, LFM2, OLMo-Hybrid, Granite, Qwen with per-layer windows

@@ -26,9 +26,14 @@ from amer.interop.common import (
 )
 from amer.interop.source import Source, unsupported
 
-__all__ = ["convert_recurrent_gemma"]
+__all__ = ["convert_recurrent_gemma", "embed_scale"]
 
 GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu_fast")
+
+
+def embed_scale(d_model: int) -> float:
+    """RecurrentGemma's embedding multiplier: sqrt(d) held as a bfloat16 constant (its reference implementation's)."""
+    return float(torch.tensor(math.sqrt(d_model), dtype=torch.bfloat16).float())
 
 
 @converter("RecurrentGemmaForCausalLM")
@@ -48,12 +53,10 @@ def convert_recurrent_gemma(src: Source) -> Converted:
     attn = attention_options(src, window=int(c.get("attention_window_size") or c.get("sliding_window") or 2048))
     attn.update(head_dim=d // n_heads, out_bias=True)
     attn["qkv_bias"] = bool(c.get("attention_bias", False))
-    # the embedding normaliser is a bfloat16 constant in the reference implementation
-    embed_scale = float(torch.tensor(math.sqrt(d), dtype=torch.bfloat16).float())
     cfg = ModelConfig(pattern="".join(x + "E" for x in letters), d_model=d, vocab_size=int(c["vocab_size"]),
                       max_seq_len=int(c.get("max_position_embeddings") or 1 << 20),
                       tie_embeddings=tied_embeddings(src), norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-                      norm_offset=1.0, embed_scale=embed_scale, logit_softcap=c.get("logits_soft_cap") or None,
+                      norm_offset=1.0, embed_scale=embed_scale(d), logit_softcap=c.get("logits_soft_cap") or None,
                       attention=attn,
                       recurrent={"lru_width": width, "n_heads": n_heads, "d_conv": int(c.get("conv1d_width", 4)),
                                  "c": 8.0, "bias": True, "normalise_first": False},
