@@ -15,11 +15,11 @@ import torch
 from torch import Tensor
 
 from amer.config import ModelConfig
-from amer.interop.defaults import NEVER_TIED
+from amer.interop.defaults import MLP_BIAS, NEVER_TIED
 from amer.interop.source import Source, unsupported
 
 __all__ = ["Converted", "CONVERTERS", "converter", "layer_letters", "attention_weights", "attention_options",
-           "dense_mlp_weights", "experts_weights", "mamba_weights", "tied_embeddings", "mamba_options",
+           "dense_mlp_weights", "mlp_bias", "experts_weights", "mamba_weights", "tied_embeddings", "mamba_options",
            "shared_options", "MAMBA2_KEYS", "BAMBA_KEYS", "NEMOTRON_H_KEYS"]
 
 
@@ -117,9 +117,15 @@ def attention_weights(src: Source, pre: str, blk: int, state: dict[str, Tensor],
         state[out + "k_norm.weight"] = src.get(f"{pre}{norm_names[1]}.weight")
 
 
+def mlp_bias(src: Source) -> bool:
+    """Whether the source's dense MLP has biases: ``mlp_bias`` in the classes that read it (:data:`MLP_BIAS`)."""
+    return src.arch in MLP_BIAS and bool(src.config.get("mlp_bias", False))
+
+
 def dense_mlp_weights(src: Source, pre: str, blk: int, state: dict[str, Tensor], *, gated: bool = True,
-                      names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")) -> None:
-    """A dense (gated) feed-forward into block ``blk``'s one-expert E mixer: w_gate_up (1, D, 2F), w_down (1, F, D)."""
+                      names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"), bias: bool = False) -> None:
+    """A dense (gated) feed-forward into block ``blk``'s one-expert E mixer: w_gate_up (1, D, 2F), w_down (1, F, D),
+    and with ``bias`` b_gate_up (1, 2F), b_down (1, D)."""
     gate, up, down = names
     out = f"blocks.{blk}.mixer."
     if gated and src.has(f"{pre}gate_up_proj.weight"):  # fused (Phi-3): (2F, D), the gate's rows first
@@ -130,6 +136,10 @@ def dense_mlp_weights(src: Source, pre: str, blk: int, state: dict[str, Tensor],
         w = src.get(f"{pre}{up}.weight").T
     state[out + "w_gate_up"] = w.unsqueeze(0).contiguous()
     state[out + "w_down"] = src.get(f"{pre}{down}.weight").T.unsqueeze(0).contiguous()
+    if bias:
+        b = [src.get(f"{pre}{n}.bias") for n in ((gate, up) if gated else (up,))]
+        state[out + "b_gate_up"] = torch.cat(b).unsqueeze(0)
+        state[out + "b_down"] = src.get(f"{pre}{down}.bias").unsqueeze(0)
 
 
 def experts_weights(src: Source, pre: str, blk: int, n_experts: int, state: dict[str, Tensor]) -> None:

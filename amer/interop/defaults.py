@@ -94,5 +94,9 @@ PARTIAL_ROTARY = frozenset({"BambaForCausalLM", "Phi3ForCausalLM", "Qwen3NextFor
                             "RecurrentGemmaForCausalLM"})
 # the Llama-style classes whose attention reads sliding_window (Phi-3 on every layer, whatever layer_types says)
 SLIDING_WINDOW = frozenset({"MistralForCausalLM", "MixtralForCausalLM", "Phi3ForCausalLM"})
+# the classes whose dense MLP reads mlp_bias (Nemotron-H's MoE layers too: their shared expert and latent
+# projections); another class ignores one its config names
+MLP_BIAS = frozenset({"LlamaForCausalLM", "GraniteForCausalLM", "BambaForCausalLM", "FalconH1ForCausalLM",
+                      "NemotronHForCausalLM"})
 # classes whose LM head is never the embedding: tie_word_embeddings in their config changes nothing
 NEVER_TIED = frozenset({"KimiLinearForCausalLM", "NemotronHForCausalLM"})

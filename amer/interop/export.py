@@ -36,7 +36,7 @@ from amer.interop.export_latent import latent_export, latent_target
 from amer.interop.export_minimax import minimax_export, minimax_target
 from amer.interop.export_moe import moe_export, moe_target
 from amer.interop.export_norms import norm_export, norm_target
-from amer.interop.export_parts import ROPE_SCALING, moe_plain, plain, rope_parameters
+from amer.interop.export_parts import ROPE_SCALING, dense_out, moe_plain, plain, rope_parameters
 from amer.interop.export_zoo import zoo_export, zoo_target
 from amer.weights import save_tensors
 
@@ -78,7 +78,10 @@ def _target(cfg: ModelConfig) -> str:
                 raise _refuse("MixtralForCausalLM renormalises top-1 weights to 1 (set moe.renormalize_top1) "
                               "and has no q/k norm and no attention biases")
             return "MixtralForCausalLM"
-        moe_plain(moe, "moe", "the Llama, Mistral and Qwen3 classes", ("n_experts", "d_ff"))
+        moe_plain(moe, "moe", "the Llama, Mistral and Qwen3 classes", ("n_experts", "d_ff", "bias"))
+        if moe.bias and (a.qk_norm or a.window is not None):
+            raise _refuse("moe.bias with q/k norms or a sliding window: of the Llama, Mistral and Qwen3 classes only "
+                          "Llama has MLP biases (mlp_bias)")
         if a.qk_norm:  # with a window too: Qwen3 with every layer sliding (amer.interop.export_zoo)
             return "Qwen3ForCausalLM"
         if a.window is not None and a.qkv_bias:
@@ -102,7 +105,7 @@ def _llama(model: Any, cfg: ModelConfig, arch: str) -> tuple[dict[str, Any], dic
             "attention_bias": a.qkv_bias, "hidden_act": "silu", "sliding_window": a.window,
             "max_position_embeddings": cfg.max_seq_len}
     if arch == "LlamaForCausalLM":
-        conf["mlp_bias"] = False
+        conf["mlp_bias"] = moe.bias
     if arch == "MixtralForCausalLM":
         conf.update(num_local_experts=moe.n_experts, num_experts_per_tok=moe.top_k,
                     router_aux_loss_coef=moe.aux_loss_coef)
@@ -132,8 +135,7 @@ def _llama(model: Any, cfg: ModelConfig, arch: str) -> tuple[dict[str, Any], dic
                 out[ex + "w1.weight"], out[ex + "w3.weight"] = gu[e, :, :F_].T, gu[e, :, F_:].T
                 out[ex + "w2.weight"] = dn[e].T
         else:
-            out[pre + "mlp.gate_proj.weight"], out[pre + "mlp.up_proj.weight"] = gu[0, :, :F_].T, gu[0, :, F_:].T
-            out[pre + "mlp.down_proj.weight"] = dn[0].T
+            dense_out(sd, E, pre + "mlp.", out)
     return conf, out
 
 

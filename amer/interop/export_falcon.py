@@ -50,7 +50,7 @@ def falcon_target(cfg: ModelConfig) -> str | None:
     plain(cfg.mamba, "model.mamba", ARCH, _MAMBA)
     if cfg.moe.n_experts != 1:
         raise refuse(f"moe.n_experts={cfg.moe.n_experts}: {ARCH}'s feed-forward is one dense SwiGLU (n_experts 1)")
-    moe_plain(cfg.moe, "model.moe", ARCH, ("d_ff", "n_experts", "top_k"))
+    moe_plain(cfg.moe, "model.moe", ARCH, ("d_ff", "n_experts", "top_k", "bias"))
     return ARCH
 
 
@@ -74,7 +74,7 @@ def falcon_export(model: Any, cfg: ModelConfig) -> tuple[dict[str, Any], dict[st
             "mamba_norm_before_gate": m.norm == "before_gate", "key_multiplier": 1.0,
             "attention_in_multiplier": att.input_multiplier, "attention_out_multiplier": att.update_multiplier,
             "ssm_in_multiplier": ssm.input_multiplier, "ssm_out_multiplier": ssm.update_multiplier,
-            "ssm_multipliers": [1.0] * 5, "mlp_multipliers": [1.0, 1.0],
+            "ssm_multipliers": [1.0] * 5, "mlp_multipliers": [1.0, 1.0], "mlp_bias": cfg.moe.bias,
             "embedding_multiplier": cfg.embed_scale, "lm_head_multiplier": cfg.logit_scale}
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     out = {"model.embed_tokens.weight": sd["embed.weight"], "model.final_layernorm.weight": sd["norm.weight"]}

@@ -104,10 +104,7 @@ def griffin_export(model: Any, cfg: ModelConfig) -> Written:
         else:
             _recurrent_out(sd, mix + "mixer.", pre + "temporal_block.", out)
         out[pre + "channel_pre_norm.weight"] = sd[ffn + "norm.weight"]
-        m = pre + "mlp_block."
-        dense_out(sd, ffn, m, out)
-        out[m + "gate_proj.bias"], out[m + "up_proj.bias"] = sd[ffn + "mixer.b_gate_up"][0].chunk(2)
-        out[m + "down_proj.bias"] = sd[ffn + "mixer.b_down"][0]
+        dense_out(sd, ffn, pre + "mlp_block.", out)  # with its biases
     return conf, out
 
 

@@ -1,8 +1,9 @@
 """amer -> transformers for the hybrid classes with mixture-of-experts layers: ``S``/``A`` + ``E``/``E.dense`` layers
 as ``JambaForCausalLM``, ``G``/``A`` + ``E``/``E.dense`` layers as ``Qwen3NextForCausalLM``, ``M``/``A`` + ``E``
-layers as ``GraniteMoeHybridForCausalLM``, and ``M``, ``A``, ``E`` blocks in any order as ``NemotronHForCausalLM``.
-Each writer is the inverse of its converter (:mod:`amer.interop.jamba`, :mod:`amer.interop.qwen_next`,
-:mod:`amer.interop.hybrid`); whatever the class cannot express is refused by name (:mod:`amer.interop.export_parts`).
+layers as ``GraniteMoeHybridForCausalLM`` (``BambaForCausalLM`` with partial RoPE or MLP biases), and ``M``, ``A``,
+``E`` blocks in any order as ``NemotronHForCausalLM``. Each writer is the inverse of its converter
+(:mod:`amer.interop.jamba`, :mod:`amer.interop.qwen_next`, :mod:`amer.interop.hybrid`); whatever the class cannot
+express is refused by name (:mod:`amer.interop.export_parts`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from amer.interop.export_parts import (
     shared_out,
 )
 
-__all__ = ["jamba", "qwen3_next", "granite_hybrid", "nemotron_h"]
+__all__ = ["jamba", "qwen3_next", "granite_hybrid", "bamba", "nemotron_h"]
 
 _HEADS = ("n_heads", "n_kv_heads", "head_dim")
 
@@ -250,6 +251,44 @@ def granite_hybrid(cfg: ModelConfig, sd: Tensors) -> Written:
     return conf, out
 
 
+def bamba(cfg: ModelConfig, sd: Tensors) -> Written:
+    """Dense ``ME`` / ``AE`` layers whose attention turns part of each head (partial RoPE) or whose feed-forwards
+    have biases, which Granite-4.0-H cannot express."""
+    T = "BambaForCausalLM"
+    letters, e_layers = _layout(cfg, T, {"M", "A"})
+    shared(cfg, T)
+    pre_norms(cfg, T)
+    a, m, d = cfg.attention, cfg.mamba, cfg.d_model
+    _attention_or_none(cfg, letters, T, ("rope_theta", "rope_fraction", "qkv_bias", "out_bias"))
+    if "A" in letters and a.qkv_bias != a.out_bias:
+        raise refuse(f"{T}'s attention_bias sets the q/k/v and output biases together")
+    plain(m, "mamba", T, ("d_state", "d_conv", "expand", "head_dim", "n_groups", "bias"))
+    ffn = ffn_layers(cfg, e_layers, T, mlp_bias=True)
+    if ffn.routed is not None:
+        raise refuse(f"moe.n_experts={ffn.routed.n_experts}: {T}'s feed-forward is one dense SwiGLU")
+    conf = {"architectures": [T], "model_type": "bamba", "hidden_size": d, "num_hidden_layers": len(letters),
+            "attn_layer_indices": [i for i, x in enumerate(letters) if x == "A"],
+            "intermediate_size": ffn.dense.d_ff or 2 * d, "mlp_bias": ffn.dense.bias, "hidden_act": "silu",
+            "num_attention_heads": a.n_heads, "num_key_value_heads": a.n_kv_heads, "head_dim": head_dim(cfg),
+            "attention_bias": a.qkv_bias, "rope_parameters": {"rope_type": "default", "rope_theta": a.rope_theta,
+                                                             "partial_rotary_factor": a.rope_fraction},
+            "mamba_n_heads": m.expand * d // m.head_dim, "mamba_d_head": m.head_dim, "mamba_d_state": m.d_state,
+            "mamba_d_conv": m.d_conv, "mamba_expand": m.expand, "mamba_n_groups": m.n_groups,
+            "mamba_chunk_size": m.chunk_size, "mamba_conv_bias": True, "mamba_proj_bias": m.bias,
+            "rms_norm_eps": cfg.norm_eps, "max_position_embeddings": cfg.max_seq_len}
+    out = {"model.embed_tokens.weight": sd["embed.weight"], "model.final_layernorm.weight": sd["norm.weight"]}
+    for i, letter in enumerate(letters):
+        pre, M, E = f"model.layers.{i}.", f"blocks.{2 * i}.", f"blocks.{2 * i + 1}."
+        out[pre + "input_layernorm.weight"] = sd[M + "norm.weight"]
+        out[pre + "pre_ff_layernorm.weight"] = sd[E + "norm.weight"]
+        if letter == "A":
+            attention_out(cfg, sd, M, pre + "self_attn.", out)
+        else:
+            _mamba2(sd, M + "mixer.", pre + "mamba.", out)
+        dense_out(sd, E, pre + "feed_forward.", out)
+    return conf, out
+
+
 def _mamba2(sd: Tensors, src: str, dst: str, out: Tensors) -> None:
     for a, b in (("in_proj.weight", "in_proj.weight"), ("in_proj.bias", "in_proj.bias"),
                  ("out_proj.weight", "out_proj.weight"), ("out_proj.bias", "out_proj.bias"), ("dt_bias", "dt_bias"),
@@ -275,7 +314,11 @@ def nemotron_h(cfg: ModelConfig, sd: Tensors) -> Written:
         raise refuse(f"{T}'s attention has no position encoding (attention.rope_fraction 0, got {a.rope_fraction}) "
                      "and no biases (attention.qkv_bias and out_bias false)")
     plain(m, "mamba", T, ("d_state", "d_conv", "expand", "head_dim", "n_groups", "bias", "d_inner"))
-    ffn = ffn_layers(cfg, [x for x in layers if str(x.family) == "E"], T, activation="relu2")
+    ffn = ffn_layers(cfg, [x for x in layers if str(x.family) == "E"], T, activation="relu2", mlp_bias=True)
+    bias = ffn.dense is not None and ffn.dense.bias
+    if bias and ffn.routed is not None:
+        raise refuse(f"moe.bias with routed layers: {T}'s mlp_bias puts biases on the shared expert and latent "
+                     "projections too, which amer's routed E has not")
     r, conf = ffn.routed, {}
     if r is not None:
         moe_plain(r, "moe", T, ("n_experts", "top_k", "d_ff", "score", "expert_bias", "n_groups", "topk_groups",
@@ -294,7 +337,7 @@ def nemotron_h(cfg: ModelConfig, sd: Tensors) -> Written:
     types = [{"M": "mamba", "A": "attention"}.get(x) or ("moe" if next(kinds) else "mlp") for x in letters]
     conf.update({"architectures": [T], "model_type": "nemotron_h", "hidden_size": d, "num_hidden_layers": len(types),
                  "layers_block_type": types, "intermediate_size": (ffn.dense.d_ff or 2 * d) if ffn.dense else 2 * d,
-                 "mlp_hidden_act": "relu2", "mlp_bias": False, "num_attention_heads": a.n_heads,
+                 "mlp_hidden_act": "relu2", "mlp_bias": bias, "num_attention_heads": a.n_heads,
                  "num_key_value_heads": a.n_kv_heads, "head_dim": head_dim(cfg), "attention_bias": False,
                  "mamba_num_heads": m.inner(d) // m.head_dim, "mamba_head_dim": m.head_dim,
                  "ssm_state_size": m.d_state,

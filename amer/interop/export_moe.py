@@ -36,8 +36,9 @@ from amer.interop.export_parts import (
 
 __all__ = ["moe_target", "moe_export", "MOE_TARGETS"]
 
-MOE_TARGETS = ("JambaForCausalLM", "Qwen3NextForCausalLM", "GraniteMoeHybridForCausalLM", "Qwen2MoeForCausalLM",
-               "Qwen3MoeForCausalLM", "OlmoeForCausalLM", "Lfm2MoeForCausalLM", "NemotronHForCausalLM")
+MOE_TARGETS = ("JambaForCausalLM", "Qwen3NextForCausalLM", "GraniteMoeHybridForCausalLM", "BambaForCausalLM",
+               "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM", "Lfm2MoeForCausalLM",
+               "NemotronHForCausalLM")
 _ROUTER = ("n_experts", "top_k", "d_ff", "renormalize", "renormalize_top1")
 
 
@@ -58,7 +59,12 @@ def moe_target(cfg: ModelConfig) -> str | None:
     if "G" in mixers and mixers <= {"G", "A"} and (routed or a.output_gate):
         return "Qwen3NextForCausalLM"
     if "M" in mixers and mixers <= {"M", "A"}:
-        return "GraniteMoeHybridForCausalLM"
+        # Bamba: dense layers only, and what Granite-4.0-H lacks: RoPE on part of each head, heads of another
+        # width than d-model / n-heads, MLP biases
+        ffns = [cfg.layer_config(e) for _, e in pairs]
+        heads = "A" in mixers and (a.rope_fraction not in (0.0, 1.0) or head_dim(cfg) * a.n_heads != cfg.d_model)
+        bamba = not routed and (heads or any(f.bias for f in ffns))
+        return "BambaForCausalLM" if bamba else "GraniteMoeHybridForCausalLM"
     if "C" in mixers and mixers <= {"C", "A"} and routed:
         return "Lfm2MoeForCausalLM"
     if mixers != {"A"} or not routed:
@@ -75,6 +81,7 @@ def moe_export(model: Any, cfg: ModelConfig, arch: str) -> Written:
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     writers = {"JambaForCausalLM": export_hybrid.jamba, "Qwen3NextForCausalLM": export_hybrid.qwen3_next,
                "GraniteMoeHybridForCausalLM": export_hybrid.granite_hybrid, "Lfm2MoeForCausalLM": _lfm2_moe,
+               "BambaForCausalLM": export_hybrid.bamba,
                "NemotronHForCausalLM": export_hybrid.nemotron_h}
     if arch in writers:
         return writers[arch](cfg, sd)

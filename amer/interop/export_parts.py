@@ -140,24 +140,29 @@ class FFN(NamedTuple):
     routes: list[bool]
 
 
-def ffn_layers(cfg: ModelConfig, layers: list[LayerSpec], target: str, *, activation: str = "silu") -> FFN:
+def ffn_layers(cfg: ModelConfig, layers: list[LayerSpec], target: str, *, activation: str = "silu",
+               mlp_bias: bool = False) -> FFN:
     """The E ``layers`` of ``cfg`` as one routed and one dense feed-forward configuration (transformers classes have
-    one of each at most), every expert of ``activation`` without biases."""
+    one of each at most), every expert of ``activation`` without biases; with ``mlp_bias`` (a class that reads
+    ``mlp_bias``) the dense ones may have biases, all or none."""
     routed: tuple[str, MoEConfig] | None = None
     dense: tuple[str, MoEConfig] | None = None
     routes = []
     for layer in layers:
         e = cfg.layer_config(layer)
-        if e.activation != activation or e.bias:
+        if e.activation != activation or (e.bias and not mlp_bias):
             raise refuse(f"{layer.key} (layer {layer.index}): {target}'s feed-forwards are {activation} without biases "
                          f"(moe.activation {e.activation!r}, moe.bias {e.bias})")
         routes.append(e.n_experts > 1)
         if e.n_experts == 1:
-            moe_plain(e, f"moe ({layer.key})", target, {"n_experts", "d_ff", "activation"})
+            moe_plain(e, f"moe ({layer.key})", target, {"n_experts", "d_ff", "activation", "bias"})
             dense = dense or (layer.key, e)
             if (e.d_ff or 2 * cfg.d_model) != (dense[1].d_ff or 2 * cfg.d_model):
                 raise refuse(f"{layer.key} (layer {layer.index}) and {dense[0]} are dense feed-forwards of two widths; "
                              f"{target} has one")
+            if e.bias != dense[1].bias:
+                raise refuse(f"{layer.key} (layer {layer.index}) and {dense[0]} differ in moe.bias; {target}'s "
+                             "mlp_bias sets every dense feed-forward's biases")
             continue
         routed = routed or (layer.key, e)
         if e != routed[1]:
@@ -182,7 +187,8 @@ def routed_out(sd: Tensors, blk: str, dst: str, out: Tensors, *,
 
 def dense_out(sd: Tensors, blk: str, dst: str, out: Tensors, *,
               names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"), gated: bool = True) -> None:
-    """Block ``blk``'s one-expert E as a feed-forward of three (two ungated) Linears under ``dst``."""
+    """Block ``blk``'s one-expert E as a feed-forward of three (two ungated) Linears under ``dst``, with their biases
+    where the block has them."""
     gu, dn = sd[blk + "mixer.w_gate_up"][0], sd[blk + "mixer.w_down"][0]
     F_ = dn.shape[0]
     gate, up, down = names
@@ -190,6 +196,12 @@ def dense_out(sd: Tensors, blk: str, dst: str, out: Tensors, *,
         out[f"{dst}{gate}.weight"] = gu[:, :F_].T
     out[f"{dst}{up}.weight"] = gu[:, F_:].T if gated else gu.T
     out[f"{dst}{down}.weight"] = dn.T
+    if blk + "mixer.b_gate_up" in sd:
+        b = sd[blk + "mixer.b_gate_up"][0]
+        if gated:
+            out[f"{dst}{gate}.bias"] = b[:F_]
+        out[f"{dst}{up}.bias"] = b[F_:] if gated else b
+        out[f"{dst}{down}.bias"] = sd[blk + "mixer.b_down"][0]
 
 
 def shared_out(sd: Tensors, blk: str, dst: str, out: Tensors, *,

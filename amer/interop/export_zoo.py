@@ -104,9 +104,10 @@ def _mamba1(cfg: ModelConfig, sd: Tensors, arch: str) -> Written:
     return conf, out
 
 
-def _dense_ffn(cfg: ModelConfig, pairs: list[tuple[LayerSpec, LayerSpec]], arch: str) -> int:
-    """The E blocks' one width, after checking they are the dense SwiGLU feed-forward the target has."""
-    ffn = ffn_layers(cfg, [e for _, e in pairs], arch)
+def _dense_ffn(cfg: ModelConfig, pairs: list[tuple[LayerSpec, LayerSpec]], arch: str, mlp_bias: bool = False) -> int:
+    """The E blocks' one width, after checking they are the dense SwiGLU feed-forward the target has (with
+    ``mlp_bias``, biased or not)."""
+    ffn = ffn_layers(cfg, [e for _, e in pairs], arch, mlp_bias=mlp_bias)
     if ffn.routed is not None:
         raise refuse(f"moe.n_experts={ffn.routed.n_experts}: {arch}'s feed-forward is one dense SwiGLU")
     return ffn.dense.d_ff or 2 * cfg.d_model
@@ -219,8 +220,8 @@ def _decoder(cfg: ModelConfig, sd: Tensors, arch: str) -> Written:
     pairs = mixer_ffn_pairs(cfg) or []
     allowed = {"qkv_bias", "out_bias", "window"} | ({"scale"} if granite else {"qk_norm"})
     conf = {"architectures": [arch], "hidden_size": cfg.d_model, "num_hidden_layers": len(pairs),
-            "intermediate_size": _dense_ffn(cfg, pairs, arch), "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
-            "max_position_embeddings": cfg.max_seq_len, **_attention_conf(cfg, arch, allowed)}
+            "intermediate_size": _dense_ffn(cfg, pairs, arch, granite), "rms_norm_eps": cfg.norm_eps,
+            "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len, **_attention_conf(cfg, arch, allowed)}
     if arch == "Qwen2ForCausalLM":
         _require(a.qkv_bias and not a.out_bias, "Qwen2's attention has q/k/v biases and no output bias")
     else:
@@ -232,7 +233,8 @@ def _decoder(cfg: ModelConfig, sd: Tensors, arch: str) -> Written:
         _require(a.window is None, "Granite's attention sees the whole causal past (attention.window unset)")
         conf.update(model_type="granite", embedding_multiplier=cfg.embed_scale, residual_multiplier=cfg.residual_scale,
                     logits_scaling=1.0 / cfg.logit_scale,
-                    attention_multiplier=a.scale if a.scale is not None else head_dim(cfg) ** -0.5, mlp_bias=False)
+                    attention_multiplier=a.scale if a.scale is not None else head_dim(cfg) ** -0.5,
+                    mlp_bias=cfg.moe.bias)
     else:
         swa = cfg.family_config("A", "swa") if "swa" in cfg.family_variants.get("attention", {}) else None
         if swa is not None:

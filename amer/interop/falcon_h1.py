@@ -27,6 +27,7 @@ from amer.interop.common import (
     converter,
     dense_mlp_weights,
     mamba_weights,
+    mlp_bias,
     shared_options,
 )
 from amer.interop.llama import _embeddings
@@ -75,14 +76,13 @@ def mup_rows(c: dict[str, Any], d_inner: int) -> Tensor:
 def convert_falcon_h1(src: Source) -> Converted:
     c = src.config
     src.require("hidden_act", ("silu",), "silu", "the E feed-forward and the Mamba-2 conv use silu")
-    src.require("mlp_bias", (False,), False, "the E feed-forward has no biases")
     L = int(c["num_hidden_layers"])
     attn = attention_options(src)
     attn.update(input_multiplier=float(c.get("attention_in_multiplier", 1.0)),
                 update_multiplier=float(c.get("attention_out_multiplier", 1.0)))
     mamba = falcon_h1_mamba(src)
     cfg = ModelConfig(pattern=f"([AM]E)*{L}", **shared_options(src), attention=attn, mamba=mamba,
-                      moe={"n_experts": 1, "top_k": 1, "d_ff": int(c["intermediate_size"])},
+                      moe={"n_experts": 1, "top_k": 1, "d_ff": int(c["intermediate_size"]), "bias": mlp_bias(src)},
                       embed_scale=float(c.get("embedding_multiplier", 1.0)),
                       logit_scale=float(c.get("lm_head_multiplier", 1.0)))
     state = _embeddings(src, cfg, norm="model.final_layernorm.weight")
@@ -102,11 +102,17 @@ def convert_falcon_h1(src: Source) -> Converted:
                 state[a + "mixer." + key] = t
         _falcon_mamba_weights(src, pre + "mamba.", 3 * i + 1, state, rows, mamba["norm"] != "none")
         state[e + "norm.weight"] = src.get(pre + "pre_ff_layernorm.weight")
-        dense_mlp_weights(src, pre + "feed_forward.", 3 * i + 2, state)
-        gu = state[e + "mixer.w_gate_up"].clone()  # (1, D, 2F): the gate's columns first
-        gu[..., : gu.shape[-1] // 2] *= gate_mult
-        state[e + "mixer.w_gate_up"] = gu
-        state[e + "mixer.w_down"] = state[e + "mixer.w_down"] * down_mult
+        dense_mlp_weights(src, pre + "feed_forward.", 3 * i + 2, state, bias=cfg.moe.bias)
+        # the MLP multipliers scale the gate's output and the down projection's, their biases included
+        for key, down in (("w_gate_up", False), ("b_gate_up", False), ("w_down", True), ("b_down", True)):
+            if e + "mixer." + key not in state:
+                continue
+            t = state[e + "mixer." + key].clone()  # gate_up: the gate's columns first
+            if down:
+                t *= down_mult
+            else:
+                t[..., : t.shape[-1] // 2] *= gate_mult
+            state[e + "mixer." + key] = t
     return Converted(cfg, state)
 
 

@@ -23,6 +23,7 @@ from amer.interop.common import (
     dense_mlp_weights,
     mamba_options,
     mamba_weights,
+    mlp_bias,
     shared_options,
 )
 from amer.interop.llama import _embeddings, layer_window
@@ -68,13 +69,15 @@ def _two_block_layers(src: Source, letters: list[str], state: dict[str, Tensor],
 def convert_bamba(src: Source) -> Converted:
     c = src.config
     src.require("hidden_act", ("silu",), "silu", "the E feed-forward is SwiGLU")
-    src.require("mlp_bias", (False,), False, "the E feed-forward has no biases")
+    bias = mlp_bias(src)
     letters = _layer_letters(src, {"linear_attention": "M", "full_attention": "A"}, "layers_block_type")
     cfg = ModelConfig(pattern="".join(x + "E" for x in letters), **shared_options(src),
                       attention=attention_options(src, window=layer_window(src) if "A" in letters else None),
-                      mamba=mamba_options(src, BAMBA_KEYS), moe={"n_experts": 1, "d_ff": int(c["intermediate_size"])})
+                      mamba=mamba_options(src, BAMBA_KEYS),
+                      moe={"n_experts": 1, "d_ff": int(c["intermediate_size"]), "bias": bias})
     state = _embeddings(src, cfg, norm="model.final_layernorm.weight")
-    _two_block_layers(src, letters, state, lambda pre, blk: dense_mlp_weights(src, pre + "feed_forward.", blk, state))
+    _two_block_layers(src, letters, state,
+                      lambda pre, blk: dense_mlp_weights(src, pre + "feed_forward.", blk, state, bias=bias))
     return Converted(cfg, state)
 
 
@@ -134,14 +137,17 @@ def convert_nemotron_h(src: Source) -> Converted:
     # the MLP is ungated, down(act(up(x))): amer's E has relu2 ungated, but silu only gated, as SwiGLU
     act = src.require("mlp_hidden_act", ("relu2",), "relu2", "Nemotron-H's MLP is ungated, down(act(up(x))), and the "
                       "E block's silu is the gated SwiGLU (its ungated activations: relu2, gelu)")
-    src.require("mlp_bias", (False,), False, "the E feed-forward has no biases")
+    bias = mlp_bias(src)
+    if bias and ROUTED in letters:
+        raise unsupported(src.arch, "mlp_bias with MoE layers (amer's feed-forward biases are the dense E block's; "
+                          "the shared expert and latent projections have none)")
     attn = attention_options(src)
     # Nemotron-H attention has no position encoding (the Mamba layers carry order) and no biases, whatever
     # attention_bias says
     attn.update(rope_fraction=0.0, qkv_bias=False, out_bias=False)
     shared = shared_options(src, eps_key="layer_norm_epsilon")
     routed = nemotron_router(src) if ROUTED in letters else None
-    moe, blocks = ffn_blocks(letters, routed, int(c["intermediate_size"]), {"activation": act})
+    moe, blocks = ffn_blocks(letters, routed, int(c["intermediate_size"]), {"activation": act, "bias": bias})
     cfg = ModelConfig(pattern=compact_pattern(blocks), **shared, attention=attn,
                       mamba=mamba_options(src, NEMOTRON_H_KEYS), moe=moe)
     src.skip("mtp.")  # the multi-token-prediction layers: not part of the causal LM (transformers drops them too)
@@ -156,5 +162,5 @@ def convert_nemotron_h(src: Source) -> Converted:
         elif letter == ROUTED:
             nemotron_moe_weights(src, pre + "mixer.", i, cfg.moe.n_experts, state)
         else:
-            dense_mlp_weights(src, pre + "mixer.", i, state, gated=False)
+            dense_mlp_weights(src, pre + "mixer.", i, state, gated=False, bias=bias)
     return Converted(cfg, state)

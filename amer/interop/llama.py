@@ -20,6 +20,7 @@ from amer.interop.common import (
     converter,
     dense_mlp_weights,
     experts_weights,
+    mlp_bias,
     shared_options,
 )
 from amer.interop.defaults import SLIDING_WINDOW
@@ -49,7 +50,6 @@ def layer_window(src: Source) -> int | None:
 
 def _common_checks(src: Source) -> None:
     src.require("hidden_act", ("silu",), "silu", "the E feed-forward is SwiGLU")
-    src.require("mlp_bias", (False,), False, "the E feed-forward has no biases")
 
 
 def layer_windows(src: Source) -> list[int | None]:
@@ -115,14 +115,14 @@ def convert_llama(src: Source) -> Converted:
                  "logit_scale": 1.0 / float(c.get("logits_scaling", 1.0))}
     cfg = ModelConfig(pattern=f"(AE)*{L}" if blocks == ["A"] * L else " ".join(b + " E" for b in blocks),
                       **shared_options(src), **model, attention=attn,
-                      moe={"n_experts": 1, "top_k": 1, "d_ff": int(c["intermediate_size"])})
+                      moe={"n_experts": 1, "top_k": 1, "d_ff": int(c["intermediate_size"]), "bias": mlp_bias(src)})
     state = _embeddings(src, cfg)
     for i in range(L):
         pre = f"model.layers.{i}."
         state[f"blocks.{2 * i}.norm.weight"] = src.get(pre + "input_layernorm.weight")
         attention_weights(src, pre + "self_attn.", 2 * i, state, qk_norm=qk_norm)
         state[f"blocks.{2 * i + 1}.norm.weight"] = src.get(pre + "post_attention_layernorm.weight")
-        dense_mlp_weights(src, pre + "mlp.", 2 * i + 1, state)
+        dense_mlp_weights(src, pre + "mlp.", 2 * i + 1, state, bias=cfg.moe.bias)
     return Converted(cfg, state)
 
 
