@@ -222,3 +222,40 @@ def test_classes_that_never_tie_get_a_head_of_their_own(tmp_path: Path) -> None:
     assert cfg.mamba.bias
     assert export_round_trip(model, cfg, tmp_path / "nem_out") <= ATOL
     assert json.loads((tmp_path / "nem_out" / "config.json").read_text())["use_bias"] is True
+
+
+@pytest.mark.parametrize("kw", [dict(partial_rotary_factor=0.5), dict(partial_rotary_factor=0.5, sliding_window=4),
+                                dict(partial_rotary_factor=0.25, head_dim=16)], ids=["half", "window", "head_dim"])
+def test_partial_rope_exports_as_phi3(tmp_path: Path, kw: dict[str, Any]) -> None:
+    """Partial RoPE on Llama-style layers is Phi-3's (fused projections written as amer holds them); a Phi-3 folder
+    round trips and imports back to the same config."""
+    factor = kw.pop("partial_rotary_factor")
+    build_source(tmp_path / "src", "Phi3ForCausalLM", "Phi3Config", pad_token_id=0, eos_token_id=1, **LLAMA, **kw,
+                 rope_parameters={"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": factor})
+    model, cfg = from_transformers(tmp_path / "src")
+    assert cfg.attention.rope_fraction == factor
+    assert export_round_trip(model, cfg, tmp_path / "out") <= ATOL
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["Phi3ForCausalLM"]
+    _, again = from_transformers(tmp_path / "out")
+    assert again.pattern == cfg.pattern and again.family_configs == cfg.family_configs
+
+
+def test_models_built_in_amer_with_partial_rope(tmp_path: Path) -> None:
+    """An amer model that rotates part of each head (none at all: rope_fraction 0) exports as Phi-3; with what Phi-3
+    lacks (attention biases, routed experts, RoPE scaling) it is refused by name."""
+    from amer import HybridLM, ModelConfig
+
+    base = dict(pattern="(AE)*2", d_model=32, vocab_size=VOCAB, max_seq_len=64, init_std=0.1)
+    for fraction in (0.5, 0.0):
+        torch.manual_seed(0)
+        cfg = ModelConfig(**base, attention={"rope_fraction": fraction}, moe={"n_experts": 1, "d_ff": 48})
+        assert export_round_trip(HybridLM(cfg).eval(), cfg, tmp_path / f"ok{fraction}") <= ATOL
+    for attn, moe, message in [
+        ({"qkv_bias": True, "out_bias": True}, {"n_experts": 1}, "qkv_bias=True has no counterpart in Phi3ForCausalLM"),
+        ({}, {"n_experts": 4}, r"one dense SwiGLU \(moe.n_experts 1, not 4\)"),
+        ({"rope_linear_factor": 2.0}, {"n_experts": 1}, "rope_linear_factor=2.0 has no counterpart in Phi3ForCausalLM"),
+    ]:
+        cfg = ModelConfig(**base, attention={"rope_fraction": 0.5, **attn}, moe=moe)
+        with pytest.raises(InputError, match=message):
+            export_transformers(HybridLM(cfg), cfg, tmp_path / "x")
+        assert not (tmp_path / "x").exists()

@@ -1,7 +1,8 @@
 """amer -> transformers: write a model whose pattern a transformers class can express as that class's folder.
 
 ``(AE)*L`` with one-expert E blocks is ``LlamaForCausalLM`` (``MistralForCausalLM`` with a sliding window,
-``Qwen3ForCausalLM`` with q/k norms), with routed experts ``MixtralForCausalLM``; ``M*L`` is
+``Qwen3ForCausalLM`` with q/k norms, ``Phi3ForCausalLM`` with partial RoPE), with routed experts
+``MixtralForCausalLM``; ``M*L`` is
 ``Mamba2ForCausalLM``; with sandwich norms ``(AE)*L`` is ``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM``, with post
 norms ``Olmo2ForCausalLM`` (:mod:`amer.interop.export_norms`); ``D E`` layers (multi-head latent attention) are
 ``DeepseekV3ForCausalLM``, KDA and position-free MLA layers ``KimiLinearForCausalLM``
@@ -67,8 +68,17 @@ def _target(cfg: ModelConfig) -> str:
         return "Mamba2ForCausalLM"
     if L % 2 == 0 and letters == "AE" * (L // 2):
         a, moe = cfg.attention, cfg.moe
-        # every other attention option (an output gate, a soft cap, a scale, partial RoPE, projection-wide q/k
-        # norms...) has no counterpart in these classes
+        if a.rope_fraction != 1.0:  # partial RoPE: Phi-3, the one Llama-style class with it
+            # its rope_type is default or longrope (which amer has not): no linear or Llama 3.1 scaling
+            plain(a, "attention", "Phi3ForCausalLM", ("n_heads", "n_kv_heads", "head_dim", "rope_theta", "window",
+                                                      "rope_fraction"))
+            if moe.n_experts > 1:
+                raise _refuse("partial RoPE (attention.rope_fraction) is Phi3ForCausalLM's, whose feed-forward is "
+                              f"one dense SwiGLU (moe.n_experts 1, not {moe.n_experts})")
+            moe_plain(moe, "moe", "Phi3ForCausalLM", ("n_experts", "d_ff"))
+            return "Phi3ForCausalLM"
+        # every other attention option (an output gate, a soft cap, a scale, projection-wide q/k norms...) has no
+        # counterpart in these classes
         plain(a, "attention", "the Llama, Mistral, Qwen3 and Mixtral classes", LLAMA_ATTENTION)
         if a.qkv_bias != a.out_bias:
             raise _refuse("qkv_bias equal to out_bias for Llama-style attention (q/k/v biases alone: Qwen2)")
@@ -87,9 +97,10 @@ def _target(cfg: ModelConfig) -> str:
         if a.window is not None and a.qkv_bias:
             raise _refuse("MistralForCausalLM (sliding-window attention) has no attention biases")
         return "MistralForCausalLM" if a.window is not None else "LlamaForCausalLM"
-    raise _refuse(f"pattern {cfg.pattern!r}: transformers classes express '(AE)*L' (Llama, Mistral, Qwen3, Mixtral, "
-                  "Granite; 'A.swa E' layers: Qwen2/3), 'M' or 'S' repeated (Mamba2, Mamba, Falcon-Mamba), 'CE' / 'AE' "
-                  "layers (LFM2), 'G E' / 'A E.post' layers (OLMo-Hybrid) or 'RE' / 'AE' layers (RecurrentGemma)")
+    raise _refuse(f"pattern {cfg.pattern!r}: transformers classes express '(AE)*L' (Llama, Mistral, Qwen3, Phi-3, "
+                  "Mixtral, Granite; 'A.swa E' layers: Qwen2/3), 'M' or 'S' repeated (Mamba2, Mamba, Falcon-Mamba), "
+                  "'CE' / 'AE' layers (LFM2), 'G E' / 'A E.post' layers (OLMo-Hybrid) or 'RE' / 'AE' layers "
+                  "(RecurrentGemma)")
 
 
 def _llama(model: Any, cfg: ModelConfig, arch: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -97,7 +108,7 @@ def _llama(model: Any, cfg: ModelConfig, arch: str) -> tuple[dict[str, Any], dic
     hd = a.head_dim or cfg.d_model // a.n_heads
     L = cfg.n_layers // 2
     model_type = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen3ForCausalLM": "qwen3",
-                  "MixtralForCausalLM": "mixtral"}[arch]
+                  "MixtralForCausalLM": "mixtral", "Phi3ForCausalLM": "phi3"}[arch]
     conf = {"architectures": [arch], "model_type": model_type, "hidden_size": cfg.d_model, "num_hidden_layers": L,
             "intermediate_size": moe.d_ff or 2 * cfg.d_model, "num_attention_heads": a.n_heads,
             "num_key_value_heads": a.n_kv_heads, "head_dim": hd, "rms_norm_eps": cfg.norm_eps,
@@ -106,6 +117,8 @@ def _llama(model: Any, cfg: ModelConfig, arch: str) -> tuple[dict[str, Any], dic
             "max_position_embeddings": cfg.max_seq_len}
     if arch == "LlamaForCausalLM":
         conf["mlp_bias"] = moe.bias
+    if arch == "Phi3ForCausalLM":
+        conf["rope_parameters"]["partial_rotary_factor"] = a.rope_fraction
     if arch == "MixtralForCausalLM":
         conf.update(num_local_experts=moe.n_experts, num_experts_per_tok=moe.top_k,
                     router_aux_loss_coef=moe.aux_loss_coef)
@@ -116,6 +129,12 @@ def _llama(model: Any, cfg: ModelConfig, arch: str) -> tuple[dict[str, Any], dic
         out[pre + "input_layernorm.weight"] = sd[A + "norm.weight"]
         out[pre + "post_attention_layernorm.weight"] = sd[E + "norm.weight"]
         sizes = [a.n_heads * hd, a.n_kv_heads * hd, a.n_kv_heads * hd]
+        if arch == "Phi3ForCausalLM":  # fused as amer holds them: q, k, v rows; gate, up rows
+            out[pre + "self_attn.qkv_proj.weight"] = sd[A + "mixer.qkv.weight"]
+            out[pre + "self_attn.o_proj.weight"] = sd[A + "mixer.out_proj.weight"]
+            out[pre + "mlp.gate_up_proj.weight"] = sd[E + "mixer.w_gate_up"][0].T
+            out[pre + "mlp.down_proj.weight"] = sd[E + "mixer.w_down"][0].T
+            continue
         for n, w in zip("qkv", sd[A + "mixer.qkv.weight"].split(sizes)):
             out[f"{pre}self_attn.{n}_proj.weight"] = w
         if a.qkv_bias:
