@@ -172,6 +172,36 @@ def test_fused_rglru_matches_autograd_reference(with_h0: bool) -> None:
         torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-10)
 
 
+def test_the_normaliser_is_exact_and_its_gradient_bounded() -> None:
+    """sqrt(1 - a^2) keeps its value however close a is to 1 (recurrentgemma's forward; a floor on 1 - a^2 computed
+    another function for slow channels with a closed recurrence gate), and its derivative is bounded at 1000 as
+    recurrentgemma bounds it; the fused node agrees with the reference there, values and gradients."""
+    from amer.blocks.recurrent import _BoundedSqrt
+
+    z = torch.tensor([0.0, 1e-12, 1e-8, 0.25], dtype=torch.float64, requires_grad=True)
+    root = _BoundedSqrt.apply(z)
+    torch.testing.assert_close(root, z.detach().sqrt(), rtol=0, atol=0)
+    root.sum().backward()
+    torch.testing.assert_close(z.grad, torch.tensor([1000.0, 1000.0, 1000.0, 1.0], dtype=torch.float64))
+    # slow channels (sigmoid(Lambda)^8 close to 1) and recurrence gates near 0: 1 - a^2 far below 1e-6
+    gates, u, Lambda, h0 = rglru_inputs(2, CHUNK + 3, 2, 3, seed=6)
+    gates[..., :3] -= 14.0
+    Lambda = Lambda + 8.0
+    results = []
+    for fused in (True, False):
+        g, uu, lam = (t.clone().requires_grad_() for t in (gates, u, Lambda))
+        if fused:
+            h = _RGLRUScan.apply(g, uu, lam, None, 8.0, None)
+        else:
+            a, b, _ = rglru_coeffs(g, uu, lam, 8.0)
+            h = linear_scan_sequential(a, b, None)
+            assert (1 - a.detach() ** 2).min() < 1e-9  # the region a floor changed
+        h.square().sum().backward()
+        results.append([h, g.grad, uu.grad, lam.grad])
+    for fast, ref in zip(*results):
+        torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-10)
+
+
 def test_registered_and_output_shape() -> None:
     assert Family("R").spec.mixer is RecurrentMixer and Family("R").spec.config is RecurrentConfig
     m = make(lru_width=48)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_import import VOCAB, build_source, export_round_trip
+from test_import import VOCAB, build_source, decode_logits, export_round_trip, tokens
 
 from amer.errors import InputError
 from amer.interop import export_transformers, from_transformers
@@ -96,6 +96,7 @@ def test_what_the_class_fixes_is_refused_by_name(tmp_path: Path) -> None:
         (griffin_config(**{"attention.rope_linear_factor": 2.0}), r"rope_linear_factor=2.0 has no counterpart"),
         (griffin_config(residual_scale=0.5), r"model.residual_scale=0.5 has no counterpart in RecurrentGemma"),
         (griffin_config(norm_placement="post"), r"norm_placement 'post'; RecurrentGemmaForCausalLM places it 'pre'"),
+        (griffin_config(pattern="RR"), r"pattern 'RR': transformers classes express .* 'RE' / 'AE' layers"),
     ]
     for cfg, message in refused:
         with pytest.raises(InputError, match=message):
@@ -103,3 +104,32 @@ def test_what_the_class_fixes_is_refused_by_name(tmp_path: Path) -> None:
         assert not (tmp_path / "x").exists()
     export_transformers(HybridLM(griffin_config()), griffin_config(), tmp_path / "ok")
     assert (tmp_path / "ok" / "model.safetensors").is_file()
+
+
+def test_slow_channels_with_a_closed_gate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow channel (sigmoid(Lambda)^8 ~ 0.999) whose recurrence gate is nearly closed has 1 - a^2 far below 1e-6;
+    its normaliser sqrt(1 - a^2) must keep its value, as transformers computes it. Reference: the exported folder in
+    float64 (transformers' own fp32 loses 1 - a^2 to cancellation there, 1.2e-5 off; amer takes it through expm1).
+    Forward and decoding both match; negative control: a floor on 1 - a^2 (what amer computed before) is seen."""
+    import transformers
+
+    from amer import HybridLM
+    from amer.blocks import recurrent
+
+    torch.manual_seed(0)
+    cfg = griffin_config(pattern="RERE")
+    model = HybridLM(cfg).eval()
+    with torch.no_grad():
+        for blk in (model.blocks[0].mixer, model.blocks[2].mixer):
+            blk.Lambda.fill_(9.0)
+            blk.gate_bias[:, :blk.head_width] = -10.0  # the recurrence gate's logit
+    export_transformers(model, cfg, tmp_path / "out")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").double().eval()
+    with torch.no_grad():
+        ref = hf(input_ids=tokens(), use_cache=False).logits.float()
+        assert (model(tokens(), taps=False).logits - ref).abs().max() <= ATOL
+        assert (decode_logits(model, tokens()) - ref).abs().max() <= ATOL
+        floor = recurrent._BoundedSqrt.forward
+        monkeypatch.setattr(recurrent._BoundedSqrt, "forward",
+                            staticmethod(lambda ctx, z: floor(ctx, z.clamp(min=1e-6))))
+        assert (decode_logits(model, tokens()) - ref).abs().max() > 3 * ATOL

@@ -259,3 +259,40 @@ def test_models_built_in_amer_with_partial_rope(tmp_path: Path) -> None:
         with pytest.raises(InputError, match=message):
             export_transformers(HybridLM(cfg), cfg, tmp_path / "x")
         assert not (tmp_path / "x").exists()
+
+
+def _head_width_cases() -> list[tuple[str, str, dict[str, Any]]]:
+    from test_export_moe import CASES as MOE_CASES
+
+    wide = ("Lfm2ForCausalLM", "OlmoHybridForCausalLM", "GraniteForCausalLM", "JambaForCausalLM",
+            "GraniteMoeHybridForCausalLM", "Lfm2MoeForCausalLM")
+    return [(c, cc, {**kw, "head_dim": 16}) for c, cc, kw in CASES + MOE_CASES if c in wide]
+
+
+@pytest.mark.parametrize("cls,cfg_cls,kw", _head_width_cases(), ids=lambda x: x if isinstance(x, str) else "")
+def test_heads_of_another_width_round_trip(tmp_path: Path, cls: str, cfg_cls: str, kw: dict[str, Any]) -> None:
+    """Attention heads wider than hidden / heads (16 at width 32 with 4 heads): these classes read head_dim, so the
+    export writes it (it was refused)."""
+    build_source(tmp_path / "src", cls, cfg_cls, **kw)
+    model, cfg = from_transformers(tmp_path / "src")
+    assert cfg.attention.head_dim == 16
+    assert export_round_trip(model, cfg, tmp_path / "out") <= ATOL
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == [cls]
+
+
+def test_olmoe_heads_stay_hidden_over_heads_wide(tmp_path: Path) -> None:
+    """OLMoE's q/k norms span hidden_size, so its heads cannot be wider: refused by name (control: the same model at
+    the default width exports)."""
+    from amer import HybridLM, ModelConfig
+
+    base = dict(pattern="(AE)*2", d_model=32, vocab_size=VOCAB, max_seq_len=64,
+                moe={"n_experts": 4, "top_k": 2, "renormalize": False})
+    for head_dim, ok in ((16, False), (None, True)):
+        cfg = ModelConfig(**base, attention={"n_heads": 4, "n_kv_heads": 2, "head_dim": head_dim, "qk_norm": True,
+                                             "qk_norm_scope": "projection"})
+        if ok:
+            export_transformers(HybridLM(cfg), cfg, tmp_path / "ok")
+            assert json.loads((tmp_path / "ok" / "config.json").read_text())["architectures"] == ["OlmoeForCausalLM"]
+        else:
+            with pytest.raises(InputError, match="its q/k norms span hidden_size"):
+                export_transformers(HybridLM(cfg), cfg, tmp_path / "x")

@@ -89,9 +89,8 @@ def test_nemotron_h_mlp_bias_with_moe_layers_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize("kw", [dict(attn_layer_indices=[1]), dict(attn_layer_indices=[0, 3], head_dim=16),
                                 dict(attn_layer_indices=[], mlp_bias=True)], ids=["plain", "head_dim", "mamba-only"])
 def test_bamba_exports_as_bamba(tmp_path: Path, kw: dict[str, Any]) -> None:
-    """Bamba's half-rotary attention, heads of another width and MLP biases have no counterpart in Granite-4.0-H: such
-    models export as Bamba and import back to the same config. Control: whole-head RoPE on heads of d-model / n-heads
-    without biases still exports as Granite-4.0-H."""
+    """Bamba's half-rotary attention and MLP biases have no counterpart in Granite-4.0-H: such models export as Bamba
+    and import back to the same config. Control: whole-head RoPE without biases still exports as Granite-4.0-H."""
     build_source(tmp_path / "src", "BambaForCausalLM", "BambaConfig", **{**HYBRID, **kw})
     model, cfg = from_transformers(tmp_path / "src")
     assert export_round_trip(model, cfg, tmp_path / "out") <= ATOL

@@ -66,10 +66,24 @@ class RecurrentConfig:
         check(width % self.n_heads == 0,
               f"recurrent.lru_width ({width}) must be divisible by recurrent.n_heads ({self.n_heads})")
 
-# Floor on 1 - a^2 under the square root: d sqrt(z)/dz = 1/(2 sqrt z) is unbounded as a -> 1
-# (r -> 0), which overflows in low precision. With this floor the derivative is at most 500,
-# the same order as recurrentgemma's bound of 1000 on the sqrt gradient.
-_MIN_ONE_MINUS_A2 = 1e-6
+# d sqrt(z)/dz = 1/(2 sqrt z) is unbounded as a -> 1 (r -> 0), which overflows in low precision. As in
+# recurrentgemma, the derivative of the normaliser sqrt(1 - a^2) is bounded at this value while its value stays
+# exact, so checkpoints computed with the reference give the same outputs here.
+_MAX_SQRT_GRADIENT = 1000.0
+
+
+class _BoundedSqrt(torch.autograd.Function):
+    """``sqrt(z)`` with the derivative ``1 / sqrt(max(4 z, 1 / 1000^2))`` (at most 1000)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(z)
+        return z.sqrt()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        (z,) = ctx.saved_tensors
+        return grad / (4.0 * z).clamp(min=_MAX_SQRT_GRADIENT ** -2).sqrt()
 
 
 def rglru_coeffs(gates: Tensor, u: Tensor, Lambda: Tensor, c: float,
@@ -92,7 +106,7 @@ def rglru_coeffs(gates: Tensor, u: Tensor, Lambda: Tensor, c: float,
     log_a = (-c * F.softplus(-Lambda.to(acc))) * r  # (B, T, W), <= 0
     a = torch.exp(log_a)
     # sqrt(1 - a^2) through expm1(2 log a): no cancellation when a is close to 1
-    norm = torch.sqrt(torch.clamp(-torch.expm1(2.0 * log_a), min=_MIN_ONE_MINUS_A2))
+    norm = _BoundedSqrt.apply(-torch.expm1(2.0 * log_a))
     if plain is not None:
         norm = norm.masked_fill(plain.unsqueeze(-1), 1.0)
     return a, norm * i * u.to(acc), sig
@@ -123,10 +137,9 @@ class _RGLRUScan(torch.autograd.Function):
         log_a = r * neg_c_s  # (B, T, H, bw) contiguous
         a = torch.exp(log_a)
         one_minus_a2 = torch.expm1(log_a.mul_(2.0)).neg_()
-        live = one_minus_a2 >= _MIN_ONE_MINUS_A2
-        norm = one_minus_a2.clamp_(min=_MIN_ONE_MINUS_A2).sqrt_()
-        # d norm / d log a = -a^2 / norm, zero where the clamp is active
-        dnorm = (a * a).div_(norm).neg_().mul_(live)
+        # d norm / d log a = -2 a^2 d sqrt(z)/dz, the latter bounded as in _BoundedSqrt
+        dnorm = (a * a).mul_(-2.0).div_(one_minus_a2.mul(4.0).clamp_(min=_MAX_SQRT_GRADIENT ** -2).sqrt_())
+        norm = one_minus_a2.sqrt_()
         ctx.n_plain = len(plain_starts)
         if plain_starts and plain_starts[0] and starts is not None:
             keep = starts.view(B, T, 1, 1)

@@ -248,10 +248,10 @@ def export_transformers(model: Any, cfg: ModelConfig, directory: str | Path, tok
     elif (arch := minimax_target(cfg)) is not None:  # lightning attention, MiniMax's post-norm residual factors
         _check_shared(cfg, arch)
         conf, tensors = minimax_export(model, cfg)
-    else:
-        _check_shared(cfg)
-        _check_blocks(cfg)
+    else:  # the pattern first: a pattern no class takes is the refusal to name, before any option
         arch = _target(cfg)
+        _check_shared(cfg, arch)
+        _check_blocks(cfg, arch)
         conf, tensors = _mamba2(model, cfg) if arch == "Mamba2ForCausalLM" else _llama(model, cfg, arch)
     conf.update(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, dtype="float32")
     conf.update(_special_ids(tokenizer, cfg.vocab_size))

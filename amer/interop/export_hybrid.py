@@ -57,9 +57,8 @@ def jamba(cfg: ModelConfig, sd: Tensors) -> Written:
     pre_norms(cfg, T, variants=("E",))
     a, s, d = cfg.attention, cfg.mamba1, cfg.d_model
     _attention_or_none(cfg, letters, T, ("rope_theta", "rope_fraction"))
-    if "A" in letters and (a.rope_fraction != 0.0 or head_dim(cfg) * a.n_heads != d):
-        raise refuse(f"{T}'s attention has no position encoding (attention.rope_fraction 0, got {a.rope_fraction}) "
-                     "and heads of d-model / n-heads")
+    if "A" in letters and a.rope_fraction != 0.0:
+        raise refuse(f"{T}'s attention has no position encoding (attention.rope_fraction 0, got {a.rope_fraction})")
     plain(s, "mamba1", T, ("d_state", "d_conv", "expand", "dt_rank", "conv_bias", "bias", "dt_bc_norm",
                            "dt_bc_norm_eps"))
     if "S" in letters and (s.dt_bc_norm != "weighted" or s.dt_bc_norm_eps != cfg.norm_eps):
@@ -85,7 +84,8 @@ def jamba(cfg: ModelConfig, sd: Tensors) -> Written:
             "num_experts_per_tok": r.top_k if r else 1, "mamba_d_state": s.d_state, "mamba_d_conv": s.d_conv,
             "mamba_expand": s.expand, "mamba_dt_rank": s.rank(d), "mamba_conv_bias": s.conv_bias,
             "mamba_proj_bias": s.bias, "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
-            "max_position_embeddings": cfg.max_seq_len, "router_aux_loss_coef": r.aux_loss_coef if r else 0.001}
+            "max_position_embeddings": cfg.max_seq_len, "router_aux_loss_coef": r.aux_loss_coef if r else 0.001,
+            "head_dim": head_dim(cfg)}
     out = {"model.embed_tokens.weight": sd["embed.weight"], "model.final_layernorm.weight": sd["norm.weight"]}
     for i, (letter, routes) in enumerate(zip(letters, ffn.routes)):
         pre, M, E = f"model.layers.{i}.", f"blocks.{2 * i}.", f"blocks.{2 * i + 1}."
@@ -218,7 +218,8 @@ def granite_hybrid(cfg: ModelConfig, sd: Tensors) -> Written:
     conf.update({"architectures": [T], "model_type": "granitemoehybrid", "hidden_size": d,
                  "num_hidden_layers": len(letters),
                  "layer_types": ["mamba" if x == "M" else "attention" for x in letters],
-                 "num_attention_heads": a.n_heads, "num_key_value_heads": a.n_kv_heads, "attention_bias": a.qkv_bias,
+                 "num_attention_heads": a.n_heads, "num_key_value_heads": a.n_kv_heads, "head_dim": hd,
+                 "attention_bias": a.qkv_bias,
                  "position_embedding_type": "rope" if a.rope_fraction == 1.0 else None,
                  "rope_parameters": {"rope_type": "default", "rope_theta": a.rope_theta},
                  "attention_multiplier": a.scale or hd ** -0.5, "embedding_multiplier": cfg.embed_scale,
@@ -227,8 +228,6 @@ def granite_hybrid(cfg: ModelConfig, sd: Tensors) -> Written:
                  "mamba_d_conv": m.d_conv, "mamba_expand": m.expand, "mamba_n_groups": m.n_groups,
                  "mamba_chunk_size": m.chunk_size, "mamba_conv_bias": True, "mamba_proj_bias": m.bias,
                  "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len})
-    if "A" in letters and hd * a.n_heads != d:
-        raise refuse(f"{T}'s attention heads are d-model / n-heads wide (attention.head_dim {hd})")
     out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"]}
     for i, (letter, routes) in enumerate(zip(letters, ffn.routes)):
         pre, M, E = f"model.layers.{i}.", f"blocks.{2 * i}.", f"blocks.{2 * i + 1}."

@@ -59,11 +59,10 @@ def moe_target(cfg: ModelConfig) -> str | None:
     if "G" in mixers and mixers <= {"G", "A"} and (routed or a.output_gate):
         return "Qwen3NextForCausalLM"
     if "M" in mixers and mixers <= {"M", "A"}:
-        # Bamba: dense layers only, and what Granite-4.0-H lacks: RoPE on part of each head, heads of another
-        # width than d-model / n-heads, MLP biases
+        # Bamba: dense layers only, and what Granite-4.0-H lacks: RoPE on part of each head, MLP biases
         ffns = [cfg.layer_config(e) for _, e in pairs]
-        heads = "A" in mixers and (a.rope_fraction not in (0.0, 1.0) or head_dim(cfg) * a.n_heads != cfg.d_model)
-        bamba = not routed and (heads or any(f.bias for f in ffns))
+        partial = "A" in mixers and a.rope_fraction not in (0.0, 1.0)
+        bamba = not routed and (partial or any(f.bias for f in ffns))
         return "BambaForCausalLM" if bamba else "GraniteMoeHybridForCausalLM"
     if "C" in mixers and mixers <= {"C", "A"} and routed:
         return "Lfm2MoeForCausalLM"
@@ -114,7 +113,8 @@ def _qwen_moe(cfg: ModelConfig, sd: Tensors, T: str) -> Written:
     if not qwen2 and a.qkv_bias != a.out_bias:
         raise refuse(f"{T}'s attention has biases on all projections or none (attention.qkv_bias = out_bias)")
     if olmoe and (a.window is not None or hd * a.n_heads != d):
-        raise refuse(f"{T}'s attention has no sliding window and heads of d-model / n-heads")
+        raise refuse(f"{T}'s attention has no sliding window, and its q/k norms span hidden_size: heads of d-model / "
+                     "n-heads")
     ffn = ffn_layers(cfg, [e for _, e in pairs], T)
     r = ffn.routed
     _router_checks(r, T, ("shared_expert", "d_ff_shared", "shared_expert_gate", "n_shared_experts") if qwen2 else ())
@@ -132,7 +132,7 @@ def _qwen_moe(cfg: ModelConfig, sd: Tensors, T: str) -> Written:
             "max_position_embeddings": cfg.max_seq_len}
     if olmoe:
         conf.update(intermediate_size=r.d_ff or 2 * d, attention_bias=a.qkv_bias, clip_qkv=None,
-                    router_z_loss_coef=r.z_loss_coef)
+                    router_z_loss_coef=r.z_loss_coef, head_dim=hd)
     else:
         conf.update(moe_intermediate_size=r.d_ff or 2 * d, decoder_sparse_step=1, head_dim=hd,
                     mlp_only_layers=[i for i, routes in enumerate(ffn.routes) if not routes],
@@ -174,8 +174,8 @@ def _lfm2_moe(cfg: ModelConfig, sd: Tensors) -> Written:
     a, c, d = cfg.attention, cfg.shortconv, cfg.d_model
     if "A" in letters:
         plain(a, "attention", T, ("n_heads", "n_kv_heads", "head_dim", "rope_theta", "qk_norm"))
-        if not a.qk_norm or head_dim(cfg) * a.n_heads != d:
-            raise refuse(f"{T}'s attention has per-head q/k norms (attention.qk_norm) and heads of d-model / n-heads")
+        if not a.qk_norm:
+            raise refuse(f"{T}'s attention has per-head q/k norms (attention.qk_norm)")
     plain(c, "shortconv", T, ("l_cache", "bias"))
     ffn = ffn_layers(cfg, [e for _, e in pairs], T)
     r, dense = ffn.routed, sum(not x for x in ffn.routes)
@@ -190,7 +190,7 @@ def _lfm2_moe(cfg: ModelConfig, sd: Tensors) -> Written:
             "intermediate_size": (ffn.dense.d_ff or 2 * d) if ffn.dense else 2 * d,
             "moe_intermediate_size": r.d_ff or 2 * d, "num_experts": r.n_experts, "num_experts_per_tok": r.top_k,
             "use_expert_bias": r.expert_bias, "routed_scaling_factor": r.routed_scale, "norm_topk_prob": r.renormalize,
-            "num_attention_heads": a.n_heads, "num_key_value_heads": a.n_kv_heads,
+            "num_attention_heads": a.n_heads, "num_key_value_heads": a.n_kv_heads, "head_dim": head_dim(cfg),
             "rope_parameters": {"rope_type": "default", "rope_theta": a.rope_theta}, "conv_L_cache": c.l_cache,
             "conv_bias": c.bias, "norm_eps": cfg.norm_eps, "max_position_embeddings": cfg.max_seq_len}
     out = {"model.embed_tokens.weight": sd["embed.weight"], "model.embedding_norm.weight": sd["norm.weight"]}

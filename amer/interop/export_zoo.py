@@ -129,15 +129,12 @@ def _lfm2(cfg: ModelConfig, sd: Tensors, arch: str) -> Written:
     if "A" in letters:
         _require(a.qk_norm and a.qk_norm_scope == "head", "LFM2's attention normalises q and k per head "
                  "(attention.qk_norm true, qk_norm_scope 'head')")
-        _require(a.head_dim in (None, cfg.d_model // a.n_heads), "LFM2's attention heads are hidden_size / heads wide "
-                 "(attention.head_dim unset)")
     conf = {"architectures": [arch], "model_type": "lfm2", "hidden_size": cfg.d_model,
             "num_hidden_layers": len(pairs), "intermediate_size": _dense_ffn(cfg, pairs, arch),
             "block_auto_adjust_ff_dim": False, "conv_bias": sc.bias, "conv_L_cache": sc.l_cache,
             "norm_eps": cfg.norm_eps, "max_position_embeddings": cfg.max_seq_len,
             "layer_types": ["conv" if x == "C" else "full_attention" for x in letters],
-            **_attention_conf(cfg, arch, {"qk_norm", "head_dim"})}
-    conf.pop("head_dim")
+            **_attention_conf(cfg, arch, {"qk_norm"})}
     plain(sc, "shortconv", arch, ("l_cache", "bias"))
     out = {"model.embed_tokens.weight": sd["embed.weight"], "model.embedding_norm.weight": sd["norm.weight"]}
     for i, x in enumerate(letters):
@@ -167,14 +164,11 @@ def _olmo_hybrid(cfg: ModelConfig, sd: Tensors, arch: str) -> Written:
     _require(a.rope_fraction in (0.0, 1.0), "OLMo-Hybrid's attention rotates whole heads or none (attention."
              "rope_fraction 1 or 0)")
     _require(a.qkv_bias == a.out_bias, "OLMo-Hybrid's attention_bias sets the q/k/v and output biases together")
-    _require(a.head_dim in (None, cfg.d_model // a.n_heads), "OLMo-Hybrid's attention heads are hidden_size / heads "
-             "wide (attention.head_dim unset)")
     _require(g.norm_eps == 1e-5, "OLMo-Hybrid's DeltaNet output norm has epsilon 1e-5 (deltanet.norm_eps 1e-5)")
     plain(g, "deltanet", arch, ("n_k_heads", "n_v_heads", "head_k_dim", "head_v_dim", "d_conv", "allow_neg_eigval",
                                 "norm_eps"))
     attn = _attention_conf(cfg, arch, {"qk_norm", "qk_norm_scope", "rope_fraction", "qkv_bias", "out_bias",
-                                       "head_dim"})
-    attn.pop("head_dim")
+                                       })
     if a.rope_fraction == 0:
         # no RoPE (the released checkpoints), so no scaling of it either
         _require(a.rope_linear_factor is None and a.rope_scale_factor is None,
@@ -227,8 +221,6 @@ def _decoder(cfg: ModelConfig, sd: Tensors, arch: str) -> Written:
     else:
         _require(a.qkv_bias == a.out_bias, f"{arch}'s attention_bias sets the q/k/v and output biases together")
         conf["attention_bias"] = a.qkv_bias
-    _require(a.head_dim in (None, cfg.d_model // a.n_heads) or arch == "Qwen3ForCausalLM",
-             f"{arch}'s attention heads are hidden_size / heads wide (attention.head_dim unset)")
     if granite:
         _require(a.window is None, "Granite's attention sees the whole causal past (attention.window unset)")
         conf.update(model_type="granite", embedding_multiplier=cfg.embed_scale, residual_multiplier=cfg.residual_scale,

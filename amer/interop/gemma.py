@@ -28,7 +28,8 @@ from amer.interop.source import Source, unsupported
 
 __all__ = ["convert_recurrent_gemma", "embed_scale"]
 
-GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu_fast")
+# transformers' activations that compute the tanh GeLU (gelu_fast to 1e-12 in float64)
+GELU_TANH = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu_python_tanh", "gelu_accurate")
 
 
 def embed_scale(d_model: int) -> float:
