@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_import import assert_same_function, build_source, edit_config, tokens
+from test_import import HYBRID, assert_same_function, build_source, edit_config, tokens
 from test_import_latent import KIMI
 from test_import_moe import NEMOTRON, NEXT, QWEN_MOE
 from test_import_norms import GEMMA2
@@ -92,6 +92,23 @@ def test_left_out_settings_take_the_class_default(tmp_path: Path, monkeypatch: p
     # negative control: without the class's defaults the same folder imports another function
     monkeypatch.setattr(source_mod, "CLASS_DEFAULTS", {})
     assert _diff(tmp_path) > 10 * ATOL
+
+
+@pytest.mark.parametrize("cls,cfg_cls,kw", [
+    ("BambaForCausalLM", "BambaConfig", dict(HYBRID, attn_layer_indices=[1])),
+    ("GraniteMoeHybridForCausalLM", "GraniteMoeHybridConfig",
+     dict(HYBRID, num_local_experts=0, layer_types=["mamba", "attention", "mamba", "mamba"])),
+])
+def test_left_out_mamba_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cls: str, cfg_cls: str,
+                                 kw: dict[str, Any]) -> None:
+    """Bamba's and Granite-4.0-H's Mamba-2 conv width and head width left out: the class's 4 and "auto" (the width
+    that fills expand x hidden_size), which were refused as missing. Control: without the defaults, refused."""
+    build_source(tmp_path, cls, cfg_cls, **{k: v for k, v in kw.items() if k != "mamba_d_head"})
+    _drop(tmp_path, "mamba_d_conv", "mamba_d_head")
+    assert_same_function(_loaded(tmp_path), tmp_path, ATOL)
+    monkeypatch.setattr(source_mod, "CLASS_DEFAULTS", {})
+    with pytest.raises(CheckpointError, match="lacks 'mamba_d_(conv|head)'"):
+        from_transformers(tmp_path)
 
 
 @pytest.mark.parametrize("cls,cfg_cls,kw", [

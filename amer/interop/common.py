@@ -179,9 +179,10 @@ def mamba_options(src: Source, keys: dict[str, str] = MAMBA2_KEYS) -> dict[str, 
     model width); the other classes' is ``expand`` x hidden_size."""
     c = src.config
     d = int(c["hidden_size"])
-    n_heads, head_dim = int(c[keys["n_heads"]]), int(c[keys["head_dim"]])
-    d_inner = n_heads * head_dim
     expand = c.get(keys["expand"], 2)
+    n_heads, head_dim = int(c[keys["n_heads"]]), c[keys["head_dim"]]
+    head_dim = int(expand * d) // n_heads if head_dim == "auto" else int(head_dim)  # Bamba's, Granite-4.0-H's
+    d_inner = n_heads * head_dim
     own_width: dict[str, Any] = {}
     if src.arch == "NemotronHForCausalLM":
         if d_inner % d:

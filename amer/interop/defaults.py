@@ -39,8 +39,11 @@ ALIASES: dict[str, dict[str, str]] = {
 
 _EPS5 = {"rms_norm_eps": 1e-5}
 _MOE = {"router_aux_loss_coef": 0.001}
+# Bamba's and Granite-4.0-H's Mamba-2 layers ("auto": the head width that fills expand x hidden_size)
+_MAMBA = {"mamba_n_heads": 128, "mamba_d_head": "auto", "mamba_d_state": 256, "mamba_d_conv": 4, "mamba_expand": 2,
+          "mamba_n_groups": 1, "mamba_chunk_size": 256}
 CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
-    "BambaForCausalLM": _EPS5,  # (its rotary fraction: Source.rope)
+    "BambaForCausalLM": {**_EPS5, **_MAMBA},  # (its rotary fraction: Source.rope)
     "DeepseekV3ForCausalLM": {"n_group": 8, "topk_group": 4, "n_shared_experts": 1, "norm_topk_prob": True,
                               "num_experts_per_tok": 8, "routed_scaling_factor": 2.5, "v_head_dim": 128,
                               "first_k_dense_replace": 3, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128,
@@ -52,7 +55,7 @@ CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
                           "sliding_window": 4096},
     "Gemma3ForCausalLM": {"head_dim": 256, "query_pre_attn_scalar": 256, "hidden_activation": "gelu_pytorch_tanh",
                           "sliding_window": 4096},
-    "GraniteMoeHybridForCausalLM": {**_MOE, "attention_multiplier": 1.0, "num_local_experts": 8,
+    "GraniteMoeHybridForCausalLM": {**_MOE, **_MAMBA, "attention_multiplier": 1.0, "num_local_experts": 8,
                                     "num_experts_per_tok": 2},
     "JambaForCausalLM": _MOE,
     # (Kimi's config stores these under the names its attribute_map points to)
