@@ -144,8 +144,9 @@ def test_qwen3_next_gains_shift_with_the_norm_offset(tmp_path: Path) -> None:
     ("AEAE", dict(attention={"qk_norm": True}, moe={**ROUTED, "update_multiplier": 0.5}),
      r"E \(layer 1\) has the block option update_multiplier=0.5, which Qwen3MoeForCausalLM lacks"),
     # options the Llama-style classes have no counterpart for (written as if absent, they are another function)
-    ("AEAE", dict(attention={"output_gate": True}, moe={"n_experts": 1}), r"attention.output_gate=True has no "
-     "counterpart in the Llama, Mistral, Qwen3 and Mixtral classes"),
+    # (an output gate is Qwen3-Next's alone: that class is named, with what else its attention has)
+    ("AEAE", dict(attention={"output_gate": True}, moe={"n_experts": 1}), r"Qwen3NextForCausalLM's attention has "
+     r"per-head q/k norms and an output gate"),
     ("AEAE", dict(attention={"softcap": 2.0}, moe=ROUTED), r"attention.softcap=2.0 has no counterpart"),
     ("AEAE", dict(attention={"qk_norm": True, "qk_norm_scope": "projection"}, moe={"n_experts": 1}),
      r"attention.qk_norm_scope='projection' has no counterpart"),
@@ -200,3 +201,29 @@ def test_settings_without_effect_do_not_block_an_export(tmp_path: Path) -> None:
     model, cfg = fresh("AEAE", attention={"qk_norm_scope": "projection", "rope_scale_low": 2.0},
                        moe={**ROUTED, "renormalize_top1": True, "capacity_factor": 0.5})
     assert export_round_trip(model, cfg, tmp_path / "out") <= ATOL
+
+
+ATTENTION_ONLY = [
+    ("Qwen3NextForCausalLM", "Qwen3NextConfig", dict(NEXT, num_hidden_layers=2, layer_types=["full_attention"] * 2)),
+    ("JambaForCausalLM", "JambaConfig", dict(JAMBA, num_hidden_layers=2, attn_layer_period=1, attn_layer_offset=0,
+                                             expert_layer_period=1, expert_layer_offset=0)),
+    ("Lfm2MoeForCausalLM", "Lfm2MoeConfig", dict(LFM2_MOE, layer_types=["full_attention"] * 4)),
+    ("MiniMaxForCausalLM", "MiniMaxConfig", "MINIMAX"),
+]
+
+
+@pytest.mark.parametrize("cls,cfg_cls,kw", ATTENTION_ONLY, ids=[c[0] for c in ATTENTION_ONLY])
+def test_attention_only_hybrids_export_as_their_class(tmp_path: Path, cls: str, cfg_cls: str, kw: Any) -> None:
+    """A hybrid checkpoint whose layers are all attention (an ablation, a distilled stack) exports as its own class:
+    what its attention or router has is that class's alone (Qwen3-Next's output gate, Jamba's position-free attention
+    before routed experts, LFM2-MoE's sigmoid router after per-head q/k norms, MiniMax's residual_normed blocks).
+    They were routed to Qwen3-MoE, Qwen2-MoE or Mixtral and refused there."""
+    if kw == "MINIMAX":
+        from test_import_latent import MINIMAX
+
+        kw = dict(MINIMAX, layer_types=["full_attention"] * 4)
+    build(tmp_path / "src", cls, cfg_cls, **kw)
+    model, cfg = from_transformers(tmp_path / "src")
+    assert {str(layer.family) for layer in cfg.parsed.layers} == {"A", "E"}
+    assert export_round_trip(model, cfg, tmp_path / "out") <= ATOL
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == [cls]

@@ -68,13 +68,10 @@ def _target(cfg: ModelConfig) -> str:
         return "Mamba2ForCausalLM"
     if L % 2 == 0 and letters == "AE" * (L // 2):
         a, moe = cfg.attention, cfg.moe
-        if a.rope_fraction != 1.0:  # partial RoPE: Phi-3, the one Llama-style class with it
+        if a.rope_fraction != 1.0 and moe.n_experts == 1:  # partial RoPE: Phi-3, the one Llama-style class with it
             # its rope_type is default or longrope (which amer has not): no linear or Llama 3.1 scaling
             plain(a, "attention", "Phi3ForCausalLM", ("n_heads", "n_kv_heads", "head_dim", "rope_theta", "window",
                                                       "rope_fraction"))
-            if moe.n_experts > 1:
-                raise _refuse("partial RoPE (attention.rope_fraction) is Phi3ForCausalLM's, whose feed-forward is "
-                              f"one dense SwiGLU (moe.n_experts 1, not {moe.n_experts})")
             moe_plain(moe, "moe", "Phi3ForCausalLM", ("n_experts", "d_ff"))
             return "Phi3ForCausalLM"
         # every other attention option (an output gate, a soft cap, a scale, projection-wide q/k norms...) has no

@@ -2,10 +2,11 @@
 by an ``E`` block are ``MiniMaxForCausalLM`` when every block takes its residual from its normed input
 (``residual_normed``, MiniMax's post-norm layers) and the E blocks route as Mixtral does.
 
-:func:`minimax_target` names the class for a pattern with N blocks (None for one without) and refuses, naming the
-setting, what the class cannot express; :func:`minimax_export` writes its config (each family's residual and update
-multipliers as the ``*_alpha_factor`` / ``*_beta_factor`` of its kind of layer) and tensors in the layout MiniMax
-saves. The inverse of :mod:`amer.interop.minimax`; the caller checks the model-wide scales.
+:func:`minimax_target` names the class for a pattern with N blocks or ``residual_normed`` blocks (None for other
+patterns) and refuses, naming the setting, what the class cannot express; :func:`minimax_export` writes its config
+(each family's residual and update multipliers as the ``*_alpha_factor`` / ``*_beta_factor`` of its kind of layer)
+and tensors in the layout MiniMax saves. The inverse of :mod:`amer.interop.minimax`; the caller checks the model-wide
+scales.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ def _pairs(cfg: ModelConfig) -> list[tuple[Any, Any]]:
 
 
 def minimax_target(cfg: ModelConfig) -> str | None:
-    if not any(layer.family == "N" for layer in cfg.parsed.layers):
+    # residual_normed blocks are MiniMax's alone: softmax attention layers without lightning ones are MiniMax too
+    lightning = any(layer.family == "N" for layer in cfg.parsed.layers)
+    if not lightning and not any(cfg.block_options(layer).residual_normed for layer in cfg.parsed.layers):
         return None
     _pairs(cfg)
     fams = {layer.family for layer in cfg.parsed.layers}
@@ -58,16 +61,17 @@ def minimax_target(cfg: ModelConfig) -> str | None:
     n = cfg.lightning
     hd = n.head_dim or cfg.d_model // n.n_heads
     eps = n.norm_eps if n.norm_eps is not None else cfg.norm_eps
-    if (n.activation, n.decay_exponent, n.depth_decay, n.depth_stride, n.output_gate, eps) != (
+    if lightning and (n.activation, n.decay_exponent, n.depth_decay, n.depth_stride, n.output_gate, eps) != (
             "silu", 8.0, True, 2, True, OUTPUT_NORM_EPS):
         raise _refuse(f"lightning attention as MiniMax has it: activation silu, decay_exponent 8, depth_decay on over "
                       f"depth_stride 2, the output gate, norm epsilon {OUTPUT_NORM_EPS}")
-    plain(n, "lightning", ARCH, ("n_heads", "head_dim", "activation", "decay_exponent", "depth_decay", "depth_stride",
-                                 "output_gate", "norm_eps"))
+    if lightning:
+        plain(n, "lightning", ARCH, ("n_heads", "head_dim", "activation", "decay_exponent", "depth_decay",
+                                     "depth_stride", "output_gate", "norm_eps"))
     if "A" in fams:
         a = cfg.attention
         plain(a, "attention", ARCH, ("n_heads", "n_kv_heads", "head_dim", "rope_theta", "window"))
-        if (a.n_heads, a.head_dim or cfg.d_model // a.n_heads) != (n.n_heads, hd):
+        if lightning and (a.n_heads, a.head_dim or cfg.d_model // a.n_heads) != (n.n_heads, hd):
             raise _refuse("softmax and lightning attention share the heads and head width (num_attention_heads, "
                           "head_dim)")
         if a.qk_norm or a.qkv_bias or a.out_bias or a.scale is not None or a.softcap is not None \
@@ -86,10 +90,12 @@ def minimax_target(cfg: ModelConfig) -> str | None:
 def minimax_export(model: Any, cfg: ModelConfig) -> tuple[dict[str, Any], dict[str, Tensor]]:
     pairs = _pairs(cfg)
     n, m = cfg.lightning, cfg.moe
+    # the heads both kinds of layer share; the softmax attention's where there is no lightning layer
+    heads = n if any(layer.family == "N" for layer, _ in pairs) else cfg.attention
     conf: dict[str, Any] = {
         "architectures": [ARCH], "model_type": "minimax", "hidden_size": cfg.d_model, "num_hidden_layers": len(pairs),
-        "intermediate_size": m.d_ff or 2 * cfg.d_model, "num_attention_heads": n.n_heads,
-        "head_dim": n.head_dim or cfg.d_model // n.n_heads, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
+        "intermediate_size": m.d_ff or 2 * cfg.d_model, "num_attention_heads": heads.n_heads,
+        "head_dim": heads.head_dim or cfg.d_model // heads.n_heads, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
         "max_position_embeddings": cfg.max_seq_len, "num_local_experts": m.n_experts, "num_experts_per_tok": m.top_k,
         "router_aux_loss_coef": m.aux_loss_coef, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
         "layer_types": ["linear_attention" if a.family == "N" else "full_attention" for a, _ in pairs]}

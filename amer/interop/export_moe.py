@@ -54,9 +54,12 @@ def moe_target(cfg: ModelConfig) -> str | None:
     mixers = {str(m.family) for m, _ in pairs}
     routed = [cfg.layer_config(e) for _, e in pairs if cfg.layer_config(e).n_experts > 1]
     a = cfg.attention
-    if "S" in mixers and mixers <= {"S", "A"}:
+    # attention layers alone go to the hybrid whose attention they have: an output gate is Qwen3-Next's alone,
+    # routed layers after position-free attention Jamba's, a sigmoid router after per-head q/k norms LFM2-MoE's
+    only_a = mixers == {"A"}
+    if "S" in mixers and mixers <= {"S", "A"} or only_a and routed and a.rope_fraction == 0.0:
         return "JambaForCausalLM"
-    if "G" in mixers and mixers <= {"G", "A"} and (routed or a.output_gate):
+    if "G" in mixers and mixers <= {"G", "A"} and (routed or a.output_gate) or only_a and a.output_gate:
         return "Qwen3NextForCausalLM"
     if "M" in mixers and mixers <= {"M", "A"}:
         # Bamba: dense layers only, and what Granite-4.0-H lacks: RoPE on part of each head, MLP biases
@@ -64,7 +67,8 @@ def moe_target(cfg: ModelConfig) -> str | None:
         partial = "A" in mixers and a.rope_fraction not in (0.0, 1.0)
         bamba = not routed and (partial or any(f.bias for f in ffns))
         return "BambaForCausalLM" if bamba else "GraniteMoeHybridForCausalLM"
-    if "C" in mixers and mixers <= {"C", "A"} and routed:
+    if "C" in mixers and mixers <= {"C", "A"} and routed or only_a and routed and routed[0].score == "sigmoid" \
+            and a.qk_norm and a.qk_norm_scope == "head":
         return "Lfm2MoeForCausalLM"
     if mixers != {"A"} or not routed:
         return None
