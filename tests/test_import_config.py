@@ -22,7 +22,7 @@ from test_import_moe import NEMOTRON, NEXT, QWEN_MOE
 from test_import_norms import GEMMA2
 
 import amer.interop.source as source_mod
-from amer.errors import CheckpointError
+from amer.errors import CheckpointError, InputError
 from amer.interop import from_transformers
 from amer.interop.defaults import CLASS_DEFAULTS
 
@@ -295,6 +295,23 @@ def test_aliases_are_read_before_defaults(tmp_path: Path) -> None:
     (tmp_path / "rg" / "config.json").write_text(json.dumps(conf))
     assert from_transformers(tmp_path / "rg")[1].attention.window == 5
     assert _diff(tmp_path / "rg", LONG) <= ATOL
+
+
+def test_nemotron_h_legacy_mamba_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nemotron-H configs written with the older mamba_* names (mamba_n_groups, mamba_d_conv, ...): the class still
+    reads them, over the current names. Control: without that table the import is refused or computes another
+    function."""
+    build_source(tmp_path, "NemotronHForCausalLM", "NemotronHConfig", conv_kernel=3,
+                 **dict(NEMOTRON, layers_block_type=["linear_attention", "mlp", "full_attention", "mlp"]))
+    conf = json.loads((tmp_path / "config.json").read_text())
+    for old, new in (("mamba_n_groups", "n_groups"), ("mamba_d_conv", "conv_kernel"),
+                     ("mamba_chunk_size", "chunk_size")):
+        conf[old] = conf.pop(new)
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    assert_same_function(_loaded(tmp_path), tmp_path, ATOL)
+    monkeypatch.setattr(source_mod, "LEGACY", {})
+    with pytest.raises(InputError, match=r"n_groups \(8\)"):
+        from_transformers(tmp_path)  # the class's default of 8 groups does not fit 4 heads
 
 
 def test_aliases_are_the_classes() -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["CLASS_DEFAULTS", "ALIASES", "PARTIAL_ROTARY", "SLIDING_WINDOW", "NEVER_TIED"]
+__all__ = ["CLASS_DEFAULTS", "ALIASES", "LEGACY", "PARTIAL_ROTARY", "SLIDING_WINDOW", "NEVER_TIED", "MLP_BIAS"]
 
 # each class's attribute_map: a setting a config may spell by another name (alias -> the name the class keeps), folded
 # onto its kept name before the defaults go under it, so a default never hides a value given by its alias
@@ -35,6 +35,14 @@ ALIASES: dict[str, dict[str, str]] = {
     "RecurrentGemmaForCausalLM": {"sliding_window": "attention_window_size", **_LAYERS},
     "Zamba2ForCausalLM": {**_LAYERS, "head_dim": "attention_head_dim"},
     "ZambaForCausalLM": {**_LAYERS, "head_dim": "attention_head_dim"},
+}
+
+# older names a class still reads on loading, and which win over the current name (Nemotron-H's config pops them
+# in its __post_init__): old name -> current name
+LEGACY: dict[str, dict[str, str]] = {
+    "NemotronHForCausalLM": {"mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", "mamba_expand": "expand",
+                             "mamba_chunk_size": "chunk_size", "mamba_conv_bias": "use_conv_bias",
+                             "mamba_dt_limit": "time_step_limit"},
 }
 
 _EPS5 = {"rms_norm_eps": 1e-5}

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from amer.errors import CheckpointError
 from amer.fileread import file_kind, json_loads, read_regular
-from amer.interop.defaults import ALIASES, CLASS_DEFAULTS, PARTIAL_ROTARY
+from amer.interop.defaults import ALIASES, CLASS_DEFAULTS, LEGACY, PARTIAL_ROTARY
 
 __all__ = ["Source", "unsupported", "first_line"]
 
@@ -101,6 +101,9 @@ class Source:
         for alias, kept in ALIASES.get(self.arch, {}).items():
             if alias in config and kept not in config:
                 config[kept] = config[alias]
+        for old, new in LEGACY.get(self.arch, {}).items():
+            if old in config:
+                config[new] = config.pop(old)
         self.config = {**CLASS_DEFAULTS.get(self.arch, {}), **config}  # what the class assumes for a setting left out
         for key, least in SIZES.items():
             value = self.config.get(key)
