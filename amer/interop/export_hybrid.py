@@ -8,6 +8,7 @@ express is refused by name (:mod:`amer.interop.export_parts`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -43,6 +44,21 @@ def _layout(cfg: ModelConfig, target: str, mixers: set[str]) -> tuple[list[str],
     if not pairs or not set(letters) <= mixers:
         raise refuse(f"pattern {cfg.pattern!r}: {target}'s layers are one of {sorted(mixers)} followed by an E block")
     return letters, [e for _, e in pairs]
+
+
+def _two_block_layer(cfg: ModelConfig, sd: Tensors, out: Tensors, i: int, letter: str,
+                     mamba: Callable[[Tensors, str, str, Tensors], None],
+                     ffn_norm: str = "pre_ff_layernorm") -> tuple[str, str]:
+    """Decoder layer ``i`` of a (mixer, E) stack: its two norms and its mixer (attention, or the Mamba layer
+    ``mamba`` writes); returns the layer's prefix and its E block's."""
+    pre, M, E = f"model.layers.{i}.", f"blocks.{2 * i}.", f"blocks.{2 * i + 1}."
+    out[pre + "input_layernorm.weight"] = sd[M + "norm.weight"]
+    out[pre + ffn_norm + ".weight"] = sd[E + "norm.weight"]
+    if letter == "A":
+        attention_out(cfg, sd, M, pre + "self_attn.", out)
+    else:
+        mamba(sd, M + "mixer.", pre + "mamba.", out)
+    return pre, E
 
 
 def _attention_or_none(cfg: ModelConfig, letters: list[str], target: str, allowed: tuple[str, ...]) -> None:
@@ -88,13 +104,7 @@ def jamba(cfg: ModelConfig, sd: Tensors) -> Written:
             "head_dim": head_dim(cfg)}
     out = {"model.embed_tokens.weight": sd["embed.weight"], "model.final_layernorm.weight": sd["norm.weight"]}
     for i, (letter, routes) in enumerate(zip(letters, ffn.routes)):
-        pre, M, E = f"model.layers.{i}.", f"blocks.{2 * i}.", f"blocks.{2 * i + 1}."
-        out[pre + "input_layernorm.weight"] = sd[M + "norm.weight"]
-        out[pre + "pre_ff_layernorm.weight"] = sd[E + "norm.weight"]
-        if letter == "A":
-            attention_out(cfg, sd, M, pre + "self_attn.", out)
-        else:
-            mamba1_out(sd, M + "mixer.", pre + "mamba.", out)
+        pre, E = _two_block_layer(cfg, sd, out, i, letter, mamba1_out)
         if routes:
             out[pre + "feed_forward.router.weight"] = sd[E + "mixer.router.weight"]
             routed_out(sd, E, pre + "feed_forward.experts.", out)
@@ -230,13 +240,7 @@ def granite_hybrid(cfg: ModelConfig, sd: Tensors) -> Written:
                  "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len})
     out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"]}
     for i, (letter, routes) in enumerate(zip(letters, ffn.routes)):
-        pre, M, E = f"model.layers.{i}.", f"blocks.{2 * i}.", f"blocks.{2 * i + 1}."
-        out[pre + "input_layernorm.weight"] = sd[M + "norm.weight"]
-        out[pre + "post_attention_layernorm.weight"] = sd[E + "norm.weight"]
-        if letter == "A":
-            attention_out(cfg, sd, M, pre + "self_attn.", out)
-        else:
-            _mamba2(sd, M + "mixer.", pre + "mamba.", out)
+        pre, E = _two_block_layer(cfg, sd, out, i, letter, _mamba2, "post_attention_layernorm")
         if not routes:
             out[pre + "shared_mlp.input_linear.weight"] = sd[E + "mixer.w_gate_up"][0].T
             out[pre + "shared_mlp.output_linear.weight"] = sd[E + "mixer.w_down"][0].T
@@ -277,13 +281,7 @@ def bamba(cfg: ModelConfig, sd: Tensors) -> Written:
             "rms_norm_eps": cfg.norm_eps, "max_position_embeddings": cfg.max_seq_len}
     out = {"model.embed_tokens.weight": sd["embed.weight"], "model.final_layernorm.weight": sd["norm.weight"]}
     for i, letter in enumerate(letters):
-        pre, M, E = f"model.layers.{i}.", f"blocks.{2 * i}.", f"blocks.{2 * i + 1}."
-        out[pre + "input_layernorm.weight"] = sd[M + "norm.weight"]
-        out[pre + "pre_ff_layernorm.weight"] = sd[E + "norm.weight"]
-        if letter == "A":
-            attention_out(cfg, sd, M, pre + "self_attn.", out)
-        else:
-            _mamba2(sd, M + "mixer.", pre + "mamba.", out)
+        pre, E = _two_block_layer(cfg, sd, out, i, letter, _mamba2)
         dense_out(sd, E, pre + "feed_forward.", out)
     return conf, out
 
