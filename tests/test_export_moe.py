@@ -227,3 +227,14 @@ def test_attention_only_hybrids_export_as_their_class(tmp_path: Path, cls: str, 
     assert {str(layer.family) for layer in cfg.parsed.layers} == {"A", "E"}
     assert export_round_trip(model, cfg, tmp_path / "out") <= ATOL
     assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == [cls]
+
+
+@pytest.mark.parametrize("types", [["full_attention", "mlp"], ["mlp", "mlp"], ["full_attention", "mlp", "mlp"]])
+def test_nemotron_h_without_mamba_layers(tmp_path: Path, types: list[str]) -> None:
+    """Nemotron-H layouts without Mamba-2 layers (attention and squared-ReLU MLPs): squared-ReLU MLPs are the class's
+    alone, so they export as Nemotron-H (they were routed by the absence of M and refused)."""
+    build(tmp_path / "src", "NemotronHForCausalLM", "NemotronHConfig", layers_block_type=types,
+          num_hidden_layers=len(types), **NEMOTRON)
+    model, cfg = from_transformers(tmp_path / "src")
+    assert export_round_trip(model, cfg, tmp_path / "out") <= ATOL
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["NemotronHForCausalLM"]

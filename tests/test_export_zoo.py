@@ -241,8 +241,9 @@ def test_partial_rope_exports_as_phi3(tmp_path: Path, kw: dict[str, Any]) -> Non
 
 
 def test_models_built_in_amer_with_partial_rope(tmp_path: Path) -> None:
-    """An amer model that rotates part of each head (none at all: rope_fraction 0) exports as Phi-3; with what Phi-3
-    lacks (attention biases, routed experts, RoPE scaling) it is refused by name."""
+    """An amer model that rotates part of each head (none at all: rope_fraction 0) exports as Phi-3, with attention
+    biases as Bamba; what neither has (q/k/v biases without an output bias, routed experts, RoPE scaling) is refused
+    by name."""
     from amer import HybridLM, ModelConfig
 
     base = dict(pattern="(AE)*2", d_model=32, vocab_size=VOCAB, max_seq_len=64, init_std=0.1)
@@ -250,8 +251,13 @@ def test_models_built_in_amer_with_partial_rope(tmp_path: Path) -> None:
         torch.manual_seed(0)
         cfg = ModelConfig(**base, attention={"rope_fraction": fraction}, moe={"n_experts": 1, "d_ff": 48})
         assert export_round_trip(HybridLM(cfg).eval(), cfg, tmp_path / f"ok{fraction}") <= ATOL
+        biased = ModelConfig(**base, attention={"rope_fraction": fraction, "qkv_bias": True, "out_bias": True},
+                             moe={"n_experts": 1, "d_ff": 48})
+        assert export_round_trip(HybridLM(biased).eval(), biased, tmp_path / f"bamba{fraction}") <= ATOL
+        assert json.loads((tmp_path / f"bamba{fraction}" / "config.json").read_text())["architectures"] == [
+            "BambaForCausalLM"]
     for attn, moe, message in [
-        ({"qkv_bias": True, "out_bias": True}, {"n_experts": 1}, "qkv_bias=True has no counterpart in Phi3ForCausalLM"),
+        ({"qkv_bias": True}, {"n_experts": 1}, "BambaForCausalLM's attention_bias sets the q/k/v and output biases"),
         ({}, {"n_experts": 4}, r"rope_fraction=0.5 has no counterpart in the Llama, Mistral, Qwen3 and Mixtral"),
         ({"rope_linear_factor": 2.0}, {"n_experts": 1}, "rope_linear_factor=2.0 has no counterpart in Phi3ForCausalLM"),
     ]:
@@ -296,3 +302,19 @@ def test_olmoe_heads_stay_hidden_over_heads_wide(tmp_path: Path) -> None:
         else:
             with pytest.raises(InputError, match="its q/k norms span hidden_size"):
                 export_transformers(HybridLM(cfg), cfg, tmp_path / "x")
+
+
+def test_position_free_attention_with_granite_scales(tmp_path: Path) -> None:
+    """Attention layers without RoPE and Granite's multipliers: Granite-4.0-H with every layer attention (Granite's
+    dense class always turns RoPE); with biases instead, Bamba (Phi-3, the other partial-RoPE class, has none)."""
+    from amer import HybridLM, ModelConfig
+
+    base = dict(pattern="(AE)*2", d_model=32, vocab_size=VOCAB, max_seq_len=64, init_std=0.1,
+                moe={"n_experts": 1, "d_ff": 48})
+    for kw, arch in ((dict(attention={"rope_fraction": 0.0}, logit_scale=0.5, embed_scale=2.0, residual_scale=0.7),
+                      "GraniteMoeHybridForCausalLM"),
+                     (dict(attention={"rope_fraction": 0.0, "qkv_bias": True, "out_bias": True}), "BambaForCausalLM")):
+        torch.manual_seed(0)
+        cfg = ModelConfig(**base, **kw)
+        assert export_round_trip(HybridLM(cfg).eval(), cfg, tmp_path / arch) <= ATOL
+        assert json.loads((tmp_path / arch / "config.json").read_text())["architectures"] == [arch]

@@ -58,12 +58,19 @@ def test_mlp_biases_import_and_export(tmp_path: Path, cls: str, cfg_cls: str, kw
     assert_same_function_and_control(hf, tmp_path / "ctl", perturb)
 
 
-def test_a_class_that_ignores_mlp_bias_imports_without(tmp_path: Path) -> None:
-    """Mistral's MLP has no biases whatever its config says (the key was refused before); Llama reads it."""
-    hf = build_source(tmp_path, "MistralForCausalLM", "MistralConfig", mlp_bias=True, **LLAMA)
+@pytest.mark.parametrize("cls,cfg_cls,kw", [
+    ("MistralForCausalLM", "MistralConfig", LLAMA),
+    ("Phi3ForCausalLM", "Phi3Config", dict(LLAMA, pad_token_id=0, eos_token_id=1)),
+    ("Lfm2ForCausalLM", "Lfm2Config", dict(LLAMA, layer_types=["conv", "full_attention", "conv"])),
+], ids=["Mistral", "Phi3", "Lfm2"])
+def test_classes_that_ignore_the_bias_keys_import_without(tmp_path: Path, cls: str, cfg_cls: str,
+                                                         kw: dict[str, Any]) -> None:
+    """Their MLP and attention projections have no biases whatever mlp_bias and attention_bias say (the keys were
+    refused before, or the import looked for bias weights the folder cannot hold)."""
+    hf = build_source(tmp_path, cls, cfg_cls, mlp_bias=True, attention_bias=True, **kw)
     assert_same_function(hf, tmp_path)
     _, cfg = from_transformers(tmp_path)
-    assert not cfg.moe.bias
+    assert not cfg.moe.bias and not cfg.attention.qkv_bias and not cfg.attention.out_bias
 
 
 def test_nemotron_h_mlp_bias_with_moe_layers_is_refused(tmp_path: Path) -> None:
@@ -87,7 +94,9 @@ def test_nemotron_h_mlp_bias_with_moe_layers_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kw", [dict(attn_layer_indices=[1]), dict(attn_layer_indices=[0, 3], head_dim=16),
-                                dict(attn_layer_indices=[], mlp_bias=True)], ids=["plain", "head_dim", "mamba-only"])
+                                dict(attn_layer_indices=[], mlp_bias=True),
+                                dict(attn_layer_indices=[0, 1, 2, 3], mlp_bias=True, attention_bias=True)],
+                         ids=["plain", "head_dim", "mamba-only", "attention-only"])
 def test_bamba_exports_as_bamba(tmp_path: Path, kw: dict[str, Any]) -> None:
     """Bamba's half-rotary attention and MLP biases have no counterpart in Granite-4.0-H: such models export as Bamba
     and import back to the same config. Control: whole-head RoPE without biases still exports as Granite-4.0-H."""

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from amer.config import ModelConfig
-from amer.interop.defaults import MLP_BIAS, NEVER_TIED
+from amer.interop.defaults import MLP_BIAS, NEVER_TIED, NO_ATTENTION_BIAS
 from amer.interop.source import Source, unsupported
 
 __all__ = ["Converted", "CONVERTERS", "converter", "layer_letters", "attention_weights", "attention_options",
@@ -85,7 +85,7 @@ def attention_options(src: Source, *, window: int | None = None) -> dict[str, An
     theta, fraction, scaling = src.rope()
     n_heads = int(c["num_attention_heads"])
     head_dim = c.get("head_dim") or c.get("attention_head_dim") or int(c["hidden_size"]) // n_heads
-    bias = bool(c.get("attention_bias", False))
+    bias = bool(c.get("attention_bias", False)) and src.arch not in NO_ATTENTION_BIAS
     return {"n_heads": n_heads, "n_kv_heads": int(c.get("num_key_value_heads") or n_heads), "head_dim": int(head_dim),
             "rope_theta": theta, "rope_fraction": fraction, "qkv_bias": bias, "out_bias": bias, "window": window,
             **scaling}

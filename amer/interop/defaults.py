@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["CLASS_DEFAULTS", "ALIASES", "LEGACY", "PARTIAL_ROTARY", "SLIDING_WINDOW", "NEVER_TIED", "MLP_BIAS"]
+__all__ = ["CLASS_DEFAULTS", "ALIASES", "LEGACY", "PARTIAL_ROTARY", "SLIDING_WINDOW", "NEVER_TIED", "MLP_BIAS",
+           "NO_ATTENTION_BIAS"]
 
 # each class's attribute_map: a setting a config may spell by another name (alias -> the name the class keeps), folded
 # onto its kept name before the defaults go under it, so a default never hides a value given by its alias
@@ -109,5 +110,10 @@ SLIDING_WINDOW = frozenset({"MistralForCausalLM", "MixtralForCausalLM", "Phi3For
 # projections); another class ignores one its config names
 MLP_BIAS = frozenset({"LlamaForCausalLM", "GraniteForCausalLM", "BambaForCausalLM", "FalconH1ForCausalLM",
                       "NemotronHForCausalLM"})
+# the classes whose attention projections never have biases, whatever attention_bias says (Qwen2's and Qwen2-MoE's
+# have q/k/v biases of their own; their converters set them)
+NO_ATTENTION_BIAS = frozenset({"MistralForCausalLM", "MixtralForCausalLM", "Phi3ForCausalLM", "Lfm2ForCausalLM",
+                               "Lfm2MoeForCausalLM", "JambaForCausalLM", "NemotronHForCausalLM", "MiniMaxForCausalLM",
+                               "ZambaForCausalLM", "Zamba2ForCausalLM"})
 # classes whose LM head is never the embedding: tie_word_embeddings in their config changes nothing
 NEVER_TIED = frozenset({"KimiLinearForCausalLM", "NemotronHForCausalLM"})

@@ -47,8 +47,10 @@ def moe_target(cfg: ModelConfig) -> str | None:
     pairs = mixer_ffn_pairs(cfg)
     letters = {str(layer.family) for layer in cfg.parsed.layers}
     relu2 = any(cfg.layer_config(x).activation == "relu2" for x in cfg.parsed.layers if str(x.family) == "E")
-    if "M" in letters and letters <= {"M", "A", "E"} and len(letters) > 1 and (not pairs or relu2):
-        return "NemotronHForCausalLM"  # one block per layer in any order (a Mamba-2 / attention + MLP pair: Granite)
+    # one block per layer in any order (a Mamba-2 / attention + MLP pair: Granite); squared-ReLU MLPs are Nemotron-H's
+    # alone, with or without Mamba-2 layers
+    if letters <= {"M", "A", "E"} and (relu2 or "M" in letters and len(letters) > 1 and not pairs):
+        return "NemotronHForCausalLM"
     if not pairs:
         return None
     mixers = {str(m.family) for m, _ in pairs}
@@ -61,12 +63,21 @@ def moe_target(cfg: ModelConfig) -> str | None:
         return "JambaForCausalLM"
     if "G" in mixers and mixers <= {"G", "A"} and (routed or a.output_gate) or only_a and a.output_gate:
         return "Qwen3NextForCausalLM"
+    biased = any(cfg.layer_config(e).bias for _, e in pairs) or a.qkv_bias or a.out_bias
     if "M" in mixers and mixers <= {"M", "A"}:
         # Bamba: dense layers only, and what Granite-4.0-H lacks: RoPE on part of each head, MLP biases
-        ffns = [cfg.layer_config(e) for _, e in pairs]
         partial = "A" in mixers and a.rope_fraction not in (0.0, 1.0)
-        bamba = not routed and (partial or any(f.bias for f in ffns))
+        bamba = not routed and (partial or any(cfg.layer_config(e).bias for _, e in pairs))
         return "BambaForCausalLM" if bamba else "GraniteMoeHybridForCausalLM"
+    if only_a and not routed and a.rope_fraction != 1.0:
+        # attention without RoPE on every dimension: biases make it Bamba's (Phi-3 has none), Granite's multipliers
+        # without RoPE Granite-4.0-H's; otherwise Phi-3's (amer.interop.export)
+        if biased:
+            return "BambaForCausalLM"
+        scaled = any(getattr(cfg, n) != 1.0 for n in ("embed_scale", "residual_scale", "logit_scale")) \
+            or a.scale is not None
+        if scaled and a.rope_fraction == 0.0:
+            return "GraniteMoeHybridForCausalLM"
     if "C" in mixers and mixers <= {"C", "A"} and routed or only_a and routed and routed[0].score == "sigmoid" \
             and a.qk_norm and a.qk_norm_scope == "head":
         return "Lfm2MoeForCausalLM"

@@ -142,9 +142,8 @@ def convert_nemotron_h(src: Source) -> Converted:
         raise unsupported(src.arch, "mlp_bias with MoE layers (amer's feed-forward biases are the dense E block's; "
                           "the shared expert and latent projections have none)")
     attn = attention_options(src)
-    # Nemotron-H attention has no position encoding (the Mamba layers carry order) and no biases, whatever
-    # attention_bias says
-    attn.update(rope_fraction=0.0, qkv_bias=False, out_bias=False)
+    # Nemotron-H attention has no position encoding (the Mamba layers carry order)
+    attn.update(rope_fraction=0.0)
     shared = shared_options(src, eps_key="layer_norm_epsilon")
     routed = nemotron_router(src) if ROUTED in letters else None
     moe, blocks = ffn_blocks(letters, routed, int(c["intermediate_size"]), {"activation": act, "bias": bias})

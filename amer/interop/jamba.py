@@ -67,8 +67,8 @@ def convert_jamba(src: Source) -> Converted:
         "expand": int(c.get("mamba_expand", 2)), "dt_rank": math.ceil(d / 16) if rank == "auto" else int(rank),
         "conv_bias": bool(c.get("mamba_conv_bias", True)), "bias": bool(c.get("mamba_proj_bias", False)),
         "dt_bc_norm": "weighted", "dt_bc_norm_eps": float(c.get("rms_norm_eps", 1e-6))}
-    # Jamba's attention has no position encoding and no biases, whatever the config says
-    attn = {**attention_options(src), "rope_fraction": 0.0, "qkv_bias": False, "out_bias": False}
+    # Jamba's attention has no position encoding
+    attn = {**attention_options(src), "rope_fraction": 0.0}
     routed = router_options(src, d_ff="intermediate_size", renormalize=False) if any(sparse) else None
     moe, ffn = ffn_table(routed, int(c["intermediate_size"]), sparse)
     shared = shared_options(src)

@@ -134,8 +134,7 @@ def convert_mixtral(src: Source) -> Converted:
     k = int(c.get("num_experts_per_tok", 2))
     moe: dict[str, Any] = {"n_experts": E, "top_k": k, "d_ff": int(c["intermediate_size"]), "renormalize_top1": True,
                            "aux_loss_coef": float(c.get("router_aux_loss_coef", 0.01))}
-    # Mixtral's projections have no biases, whatever attention_bias says
-    attn = {**attention_options(src, window=layer_window(src)), "qkv_bias": False, "out_bias": False}
+    attn = attention_options(src, window=layer_window(src))
     cfg = ModelConfig(pattern=f"(AE)*{L}", **shared_options(src), attention=attn, moe=moe)
     state = _embeddings(src, cfg)
     for i in range(L):

@@ -62,10 +62,9 @@ def convert_minimax(src: Source) -> Converted:
         tables["lightning"] = {**lightning_options(src), **minimax_block_options(src, "linear_attn")}
     if "full_attention" in types:
         window = c.get("sliding_window")
-        # MiniMax's default RoPE turns the whole head (a partial_rotary_factor in the config is not read), and its
-        # projections have no biases whatever attention_bias says
+        # MiniMax's default RoPE turns the whole head (a partial_rotary_factor in the config is not read)
         tables["attention"] = {**attention_options(src, window=None if window is None else int(window)),
-                               "rope_fraction": 1.0, "qkv_bias": False, "out_bias": False,
+                               "rope_fraction": 1.0,
                                **minimax_block_options(src, "full_attn")}
     letters = [MIXERS[t] for t in types]
     cfg = ModelConfig(pattern=_units(letters), **shared_options(src), **tables)
