@@ -110,7 +110,9 @@ def test_slow_channels_with_a_closed_gate(tmp_path: Path, monkeypatch: pytest.Mo
     """A slow channel (sigmoid(Lambda)^8 ~ 0.999) whose recurrence gate is nearly closed has 1 - a^2 far below 1e-6;
     its normaliser sqrt(1 - a^2) must keep its value, as transformers computes it. Reference: the exported folder in
     float64 (transformers' own fp32 loses 1 - a^2 to cancellation there, 1.2e-5 off; amer takes it through expm1).
-    Forward and decoding both match; negative control: a floor on 1 - a^2 (what amer computed before) is seen."""
+    Forward and decoding both match; negative control: a floor on 1 - a^2 (what amer computed before) in the
+    decoding path's normaliser is seen (the training scan's own normaliser is held to that path, values and gradients,
+    in tests/test_block_recurrent.py)."""
     import transformers
 
     from amer import HybridLM

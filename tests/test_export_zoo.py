@@ -305,15 +305,18 @@ def test_olmoe_heads_stay_hidden_over_heads_wide(tmp_path: Path) -> None:
 
 
 def test_position_free_attention_with_granite_scales(tmp_path: Path) -> None:
-    """Attention layers without RoPE and Granite's multipliers: Granite-4.0-H with every layer attention (Granite's
-    dense class always turns RoPE); with biases instead, Bamba (Phi-3, the other partial-RoPE class, has none)."""
+    """Attention layers without RoPE and Granite's multipliers (with attention biases or not): Granite-4.0-H with every
+    layer attention (Granite's dense class always turns RoPE); biases without the multipliers: Bamba (Phi-3, the
+    other class with partial or no RoPE, has no biases)."""
     from amer import HybridLM, ModelConfig
 
     base = dict(pattern="(AE)*2", d_model=32, vocab_size=VOCAB, max_seq_len=64, init_std=0.1,
                 moe={"n_experts": 1, "d_ff": 48})
-    for kw, arch in ((dict(attention={"rope_fraction": 0.0}, logit_scale=0.5, embed_scale=2.0, residual_scale=0.7),
-                      "GraniteMoeHybridForCausalLM"),
-                     (dict(attention={"rope_fraction": 0.0, "qkv_bias": True, "out_bias": True}), "BambaForCausalLM")):
+    scales = dict(logit_scale=0.5, embed_scale=2.0, residual_scale=0.7)
+    biases = {"rope_fraction": 0.0, "qkv_bias": True, "out_bias": True}
+    for kw, arch in ((dict(attention={"rope_fraction": 0.0}, **scales), "GraniteMoeHybridForCausalLM"),
+                     (dict(attention=biases, **scales), "GraniteMoeHybridForCausalLM"),  # its attention_bias
+                     (dict(attention=biases), "BambaForCausalLM")):
         torch.manual_seed(0)
         cfg = ModelConfig(**base, **kw)
         assert export_round_trip(HybridLM(cfg).eval(), cfg, tmp_path / arch) <= ATOL

@@ -62,15 +62,19 @@ def test_mlp_biases_import_and_export(tmp_path: Path, cls: str, cfg_cls: str, kw
     ("MistralForCausalLM", "MistralConfig", LLAMA),
     ("Phi3ForCausalLM", "Phi3Config", dict(LLAMA, pad_token_id=0, eos_token_id=1)),
     ("Lfm2ForCausalLM", "Lfm2Config", dict(LLAMA, layer_types=["conv", "full_attention", "conv"])),
-], ids=["Mistral", "Phi3", "Lfm2"])
+    ("Qwen3MoeForCausalLM", "Qwen3MoeConfig", dict(LLAMA, num_experts=4, num_experts_per_tok=2,
+                                                   moe_intermediate_size=16)),
+], ids=["Mistral", "Phi3", "Lfm2", "Qwen3Moe"])
 def test_classes_that_ignore_the_bias_keys_import_without(tmp_path: Path, cls: str, cfg_cls: str,
                                                          kw: dict[str, Any]) -> None:
-    """Their MLP and attention projections have no biases whatever mlp_bias and attention_bias say (the keys were
-    refused before, or the import looked for bias weights the folder cannot hold)."""
-    hf = build_source(tmp_path, cls, cfg_cls, mlp_bias=True, attention_bias=True, **kw)
+    """Their MLPs have no biases whatever mlp_bias says, and (but Qwen3-MoE's) their attention projections none
+    whatever attention_bias says (the keys were refused before, or the import looked for bias weights the folder
+    cannot hold)."""
+    bias = {"attention_bias": cls != "Qwen3MoeForCausalLM"}
+    hf = build_source(tmp_path, cls, cfg_cls, mlp_bias=True, **bias, **kw)
     assert_same_function(hf, tmp_path)
     _, cfg = from_transformers(tmp_path)
-    assert not cfg.moe.bias and not cfg.attention.qkv_bias and not cfg.attention.out_bias
+    assert not cfg.layer_config(cfg.parsed.layers[1]).bias and not cfg.attention.qkv_bias
 
 
 def test_nemotron_h_mlp_bias_with_moe_layers_is_refused(tmp_path: Path) -> None:
@@ -118,3 +122,18 @@ def test_bamba_exports_as_bamba(tmp_path: Path, kw: dict[str, Any]) -> None:
     export_transformers(HybridLM(whole), whole, tmp_path / "granite")
     assert json.loads((tmp_path / "granite" / "config.json").read_text())["architectures"] == [
         "GraniteMoeHybridForCausalLM"]
+
+
+def test_a_biased_feed_forward_of_another_activation_names_the_activation(tmp_path: Path) -> None:
+    """Bamba has MLP biases, so a GeGLU with biases is refused for its activation alone (the message said "silu
+    without biases"); control: Granite-4.0-H, without MLP biases, still says both."""
+    from amer import HybridLM, ModelConfig
+
+    base = dict(pattern="M E A E", d_model=32, vocab_size=64, max_seq_len=64, mamba={"head_dim": 16})
+    for moe, message in (({"n_experts": 1, "bias": True, "activation": "gelu_tanh"},
+                          r"BambaForCausalLM's feed-forwards are silu \(moe.activation 'gelu_tanh'"),
+                         ({"n_experts": 1, "activation": "gelu_tanh"},
+                          r"GraniteMoeHybridForCausalLM's feed-forwards are silu without biases")):
+        cfg = ModelConfig(**base, moe=moe)
+        with pytest.raises(InputError, match=message):
+            export_transformers(HybridLM(cfg), cfg, tmp_path / "x")

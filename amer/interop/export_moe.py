@@ -1,11 +1,12 @@
-"""amer -> transformers for patterns with mixture-of-experts layers (and the hybrids around them): which class a
-pattern is (:func:`moe_target`) and its folder's contents (:func:`moe_export`).
+"""amer -> transformers for patterns with mixture-of-experts layers, the hybrids around them, and the dense stacks only
+a hybrid class expresses: which class a pattern is (:func:`moe_target`) and its folder's contents (:func:`moe_export`).
 
 ``A`` + ``E``/``E.dense`` layers with routed experts are ``Qwen2MoeForCausalLM`` (a gated shared expert, q/k/v biases,
 per-layer windows as ``A.swa``), ``Qwen3MoeForCausalLM`` (per-head q/k norms) or ``OlmoeForCausalLM`` (q/k norms over
 the whole projections); ``C``/``A`` + ``E.dense``/``E`` layers with the sigmoid router are ``Lfm2MoeForCausalLM``.
-The hybrids (Jamba, Qwen3-Next, Granite-4.0-H, and Nemotron-H for ``M``, ``A``, ``E`` blocks in any order or with
-squared-ReLU E blocks) are written by :mod:`amer.interop.export_hybrid`. A Mixtral-style model (the default router,
+The hybrids (Jamba, Qwen3-Next, Granite-4.0-H, Bamba for dense stacks with partial RoPE or biases, and Nemotron-H for
+``M``, ``A``, ``E`` blocks in any order or with squared-ReLU E blocks) are written by :mod:`amer.interop.export_hybrid`;
+attention-only stacks go to the hybrid whose attention or router they have. A Mixtral-style model (the default router,
 no q/k norm) is left to the Llama / Mixtral writers of :mod:`amer.interop.export`. Each writer is the inverse of its
 converter, and whatever the class cannot express is refused by name.
 """
@@ -49,7 +50,7 @@ def moe_target(cfg: ModelConfig) -> str | None:
     relu2 = any(cfg.layer_config(x).activation == "relu2" for x in cfg.parsed.layers if str(x.family) == "E")
     # one block per layer in any order (a Mamba-2 / attention + MLP pair: Granite); squared-ReLU MLPs are Nemotron-H's
     # alone, with or without Mamba-2 layers
-    if letters <= {"M", "A", "E"} and (relu2 or "M" in letters and len(letters) > 1 and not pairs):
+    if letters <= {"M", "A", "E"} and (relu2 or ("M" in letters and len(letters) > 1 and not pairs)):
         return "NemotronHForCausalLM"
     if not pairs:
         return None
@@ -59,27 +60,26 @@ def moe_target(cfg: ModelConfig) -> str | None:
     # attention layers alone go to the hybrid whose attention they have: an output gate is Qwen3-Next's alone,
     # routed layers after position-free attention Jamba's, a sigmoid router after per-head q/k norms LFM2-MoE's
     only_a = mixers == {"A"}
-    if "S" in mixers and mixers <= {"S", "A"} or only_a and routed and a.rope_fraction == 0.0:
+    if ("S" in mixers and mixers <= {"S", "A"}) or (only_a and routed and a.rope_fraction == 0.0):
         return "JambaForCausalLM"
-    if "G" in mixers and mixers <= {"G", "A"} and (routed or a.output_gate) or only_a and a.output_gate:
+    if ("G" in mixers and mixers <= {"G", "A"} and (routed or a.output_gate)) or (only_a and a.output_gate):
         return "Qwen3NextForCausalLM"
-    biased = any(cfg.layer_config(e).bias for _, e in pairs) or a.qkv_bias or a.out_bias
+    mlp_bias = any(cfg.layer_config(e).bias for _, e in pairs)
     if "M" in mixers and mixers <= {"M", "A"}:
         # Bamba: dense layers only, and what Granite-4.0-H lacks: RoPE on part of each head, MLP biases
         partial = "A" in mixers and a.rope_fraction not in (0.0, 1.0)
-        bamba = not routed and (partial or any(cfg.layer_config(e).bias for _, e in pairs))
-        return "BambaForCausalLM" if bamba else "GraniteMoeHybridForCausalLM"
+        return "BambaForCausalLM" if not routed and (partial or mlp_bias) else "GraniteMoeHybridForCausalLM"
     if only_a and not routed and a.rope_fraction != 1.0:
-        # attention without RoPE on every dimension: biases make it Bamba's (Phi-3 has none), Granite's multipliers
-        # without RoPE Granite-4.0-H's; otherwise Phi-3's (amer.interop.export)
-        if biased:
-            return "BambaForCausalLM"
-        scaled = any(getattr(cfg, n) != 1.0 for n in ("embed_scale", "residual_scale", "logit_scale")) \
-            or a.scale is not None
-        if scaled and a.rope_fraction == 0.0:
+        # attention without RoPE on every dimension: Granite's multipliers without RoPE (and without MLP biases) are
+        # Granite-4.0-H's; biases then make it Bamba's (Phi-3 has none); otherwise Phi-3's (amer.interop.export)
+        scaled = a.scale is not None or any(getattr(cfg, n) != 1.0 for n in ("embed_scale", "residual_scale",
+                                                                              "logit_scale"))
+        if scaled and a.rope_fraction == 0.0 and not mlp_bias:
             return "GraniteMoeHybridForCausalLM"
-    if "C" in mixers and mixers <= {"C", "A"} and routed or only_a and routed and routed[0].score == "sigmoid" \
-            and a.qk_norm and a.qk_norm_scope == "head":
+        if mlp_bias or a.qkv_bias or a.out_bias:
+            return "BambaForCausalLM"
+    lfm2_router = bool(routed) and routed[0].score == "sigmoid" and a.qk_norm and a.qk_norm_scope == "head"
+    if ("C" in mixers and mixers <= {"C", "A"} and routed) or (only_a and lfm2_router):
         return "Lfm2MoeForCausalLM"
     if mixers != {"A"} or not routed:
         return None

@@ -151,8 +151,9 @@ def ffn_layers(cfg: ModelConfig, layers: list[LayerSpec], target: str, *, activa
     for layer in layers:
         e = cfg.layer_config(layer)
         if e.activation != activation or (e.bias and not mlp_bias):
-            raise refuse(f"{layer.key} (layer {layer.index}): {target}'s feed-forwards are {activation} without biases "
-                         f"(moe.activation {e.activation!r}, moe.bias {e.bias})")
+            what = f"{activation}" if mlp_bias else f"{activation} without biases"
+            raise refuse(f"{layer.key} (layer {layer.index}): {target}'s feed-forwards are {what} (moe.activation "
+                         f"{e.activation!r}, moe.bias {e.bias})")
         routes.append(e.n_experts > 1)
         if e.n_experts == 1:
             moe_plain(e, f"moe ({layer.key})", target, {"n_experts", "d_ff", "activation", "bias"})

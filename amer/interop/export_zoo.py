@@ -167,8 +167,7 @@ def _olmo_hybrid(cfg: ModelConfig, sd: Tensors, arch: str) -> Written:
     _require(g.norm_eps == 1e-5, "OLMo-Hybrid's DeltaNet output norm has epsilon 1e-5 (deltanet.norm_eps 1e-5)")
     plain(g, "deltanet", arch, ("n_k_heads", "n_v_heads", "head_k_dim", "head_v_dim", "d_conv", "allow_neg_eigval",
                                 "norm_eps"))
-    attn = _attention_conf(cfg, arch, {"qk_norm", "qk_norm_scope", "rope_fraction", "qkv_bias", "out_bias",
-                                       })
+    attn = _attention_conf(cfg, arch, {"qk_norm", "qk_norm_scope", "rope_fraction", "qkv_bias", "out_bias"})
     if a.rope_fraction == 0:
         # no RoPE (the released checkpoints), so no scaling of it either
         _require(a.rope_linear_factor is None and a.rope_scale_factor is None,

@@ -162,7 +162,6 @@ def convert_qwen_moe(src: Source) -> Converted:
     q/k norms) and OLMoE (q/k norms over the whole projections, raw top-k weights, no dense layers)."""
     c = src.config
     src.require("hidden_act", ("silu",), "silu", "the experts are SwiGLU")
-    src.require("mlp_bias", (False,), False, "the E feed-forward has no biases")
     L = int(c["num_hidden_layers"])
     attn = attention_options(src)
     olmoe, qwen2 = src.arch == "OlmoeForCausalLM", src.arch == "Qwen2MoeForCausalLM"
