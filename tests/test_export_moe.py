@@ -238,3 +238,33 @@ def test_nemotron_h_without_mamba_layers(tmp_path: Path, types: list[str]) -> No
     model, cfg = from_transformers(tmp_path / "src")
     assert export_round_trip(model, cfg, tmp_path / "out") <= ATOL
     assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["NemotronHForCausalLM"]
+
+
+TRAIT_CASES = [  # (a model that has one hybrid class's defining trait and settings that class lacks, what is named)
+    (dict(pattern="MMM", mamba={"head_dim": 16, "residual_normed": True}), "residual_normed=True, which Mamba2"),
+    (dict(pattern="A E A.swa E", attention={"qkv_bias": True, "rope_fraction": 0.5, "variants": {"swa": {"window": 4}}},
+          moe={"n_experts": 1}), "rope_fraction=0.5 has no counterpart in Qwen2ForCausalLM"),
+    (dict(pattern="(AE)*2", attention={"qk_norm": True, "rope_fraction": 0.5}, moe={"n_experts": 1}),
+     "rope_fraction=0.5 has no counterpart in the Llama, Mistral, Qwen3"),
+    (dict(pattern="A.swa E A E", norm_placement="sandwich", norm_offset=1.0, embed_scale=32 ** 0.5, logit_softcap=30.0,
+          attention={"softcap": 20.0, "rope_fraction": 0.0, "variants": {"swa": {"window": 4}}},
+          moe={"n_experts": 1, "activation": "gelu_tanh"}), "rope_fraction=0.0 has no counterpart in Gemma2"),
+    (dict(pattern="(AE)*2", norm_placement="post", moe={"n_experts": 1},
+          attention={"qk_norm": True, "qk_norm_scope": "projection", "output_gate": True}),
+     "output_gate=True has no counterpart in Olmo2ForCausalLM"),
+    (dict(pattern="(AE)*2", attention={"qk_norm": True, "rope_fraction": 0.0}, moe={"n_experts": 4}),
+     "rope_fraction=0.0 has no counterpart in Qwen3MoeForCausalLM"),
+    (dict(pattern="(AE)*2", attention={"qk_norm": True}, moe={"n_experts": 1, "activation": "relu2"}),
+     "moe.activation='relu2' has no counterpart in the Llama, Mistral and Qwen3 classes"),
+]
+
+
+@pytest.mark.parametrize("kw,message", TRAIT_CASES, ids=range(len(TRAIT_CASES)))
+def test_a_trait_sends_attention_stacks_to_a_hybrid_only_when_it_fits(tmp_path: Path, kw: dict[str, Any],
+                                                                       message: str) -> None:
+    """Attention-only stacks go to a hybrid class for its defining trait (an output gate, position-free attention,
+    squared-ReLU MLPs, residual_normed blocks, partial RoPE) only when the rest of their layout is that class's;
+    otherwise the class the model is closest to names the setting the user changed, not the hybrid's defaults."""
+    cfg = ModelConfig(d_model=32, vocab_size=VOCAB, max_seq_len=64, **kw)
+    with pytest.raises(InputError, match=message):
+        export_transformers(HybridLM(cfg), cfg, tmp_path / "x")

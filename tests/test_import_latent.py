@@ -221,3 +221,25 @@ def test_export_refuses_what_the_classes_cannot_express(tmp_path: Path) -> None:
         with pytest.raises(InputError, match=message):
             export_transformers(HybridLM(cfg), cfg, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_position_free_mla_with_a_yarn_softmax_scale_is_refused_for_kimi(tmp_path: Path) -> None:
+    """Without RoPE, YaRN's frequencies do nothing but its mscale_all_dim still scales every softmax, which a Kimi
+    Linear folder has no place for: refused by name (it exported, 0.24 off). Control: YaRN without that scale, which
+    changes nothing here, still exports and round trips."""
+    from amer import HybridLM, ModelConfig
+    from amer.errors import InputError
+    from amer.interop import export_transformers
+
+    def model(**yarn: Any) -> tuple[Any, Any]:
+        cfg = ModelConfig(pattern="D E", d_model=32, vocab_size=VOCAB, max_seq_len=64, init_std=0.1, norm_eps=1e-6,
+                          mla={"n_heads": 2, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8,
+                               "v_head_dim": 8, "rope": False, "norm_eps": 1e-6, "yarn_factor": 40.0, **yarn},
+                          moe={"n_experts": 4, "top_k": 2, "d_ff": 24, "score": "sigmoid", "expert_bias": True,
+                               "shared_expert": True})
+        torch.manual_seed(0)
+        return HybridLM(cfg).eval(), cfg
+
+    with pytest.raises(InputError, match="mla.yarn_mscale_all_dim=1.0 with mla.yarn_factor scales the softmax"):
+        export_transformers(*model(yarn_mscale_all_dim=1.0), tmp_path / "x")
+    assert export_round_trip(*model(), tmp_path / "ok") <= ATOL

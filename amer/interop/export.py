@@ -68,7 +68,8 @@ def _target(cfg: ModelConfig) -> str:
         return "Mamba2ForCausalLM"
     if L % 2 == 0 and letters == "AE" * (L // 2):
         a, moe = cfg.attention, cfg.moe
-        if a.rope_fraction != 1.0 and moe.n_experts == 1:  # partial RoPE: Phi-3, the one Llama-style class with it
+        # partial RoPE: Phi-3, the one Llama-style class with it (q/k norms are Qwen3's: that class names the fraction)
+        if a.rope_fraction != 1.0 and moe.n_experts == 1 and not a.qk_norm:
             # its rope_type is default or longrope (which amer has not): no linear or Llama 3.1 scaling
             plain(a, "attention", "Phi3ForCausalLM", ("n_heads", "n_kv_heads", "head_dim", "rope_theta", "window",
                                                       "rope_fraction"))

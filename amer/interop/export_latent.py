@@ -87,6 +87,11 @@ def _check_mla(cfg: ModelConfig, arch: str) -> None:
                       f"{m.scale}, eps={eps})")
     if arch == KIMI and m.rope:
         raise _refuse(arch, "Kimi Linear's MLA has no position encoding (mla.rope must be off beside KDA layers)")
+    if arch == KIMI and m.yarn_factor is not None and m.yarn_mscale_all_dim:
+        # without RoPE YaRN's frequencies do nothing, but its mscale_all_dim still scales every softmax, which
+        # Kimi's config has no place for
+        raise _refuse(arch, f"mla.yarn_mscale_all_dim={m.yarn_mscale_all_dim} with mla.yarn_factor scales the softmax; "
+                      "Kimi Linear's MLA has no YaRN (needs 0 or no yarn_factor)")
 
 
 def _check_kda(cfg: ModelConfig) -> None:

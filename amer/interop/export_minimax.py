@@ -40,9 +40,12 @@ def _pairs(cfg: ModelConfig) -> list[tuple[Any, Any]]:
 
 
 def minimax_target(cfg: ModelConfig) -> str | None:
-    # residual_normed blocks are MiniMax's alone: softmax attention layers without lightning ones are MiniMax too
-    lightning = any(layer.family == "N" for layer in cfg.parsed.layers)
-    if not lightning and not any(cfg.block_options(layer).residual_normed for layer in cfg.parsed.layers):
+    # residual_normed blocks are MiniMax's alone: softmax attention layers with routed E blocks, every block
+    # residual_normed, are MiniMax too without lightning ones
+    layers = cfg.parsed.layers
+    lightning = any(layer.family == "N" for layer in layers)
+    if not lightning and not ({layer.family for layer in layers} == {"A", "E"} and cfg.moe.n_experts > 1
+                              and all(cfg.block_options(layer).residual_normed for layer in layers)):
         return None
     _pairs(cfg)
     fams = {layer.family for layer in cfg.parsed.layers}

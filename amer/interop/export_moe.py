@@ -18,6 +18,7 @@ from typing import Any
 from amer.config import ModelConfig
 from amer.interop import export_hybrid
 from amer.interop.export_parts import (
+    SHARED_DEFAULTS,
     Tensors,
     Written,
     attention_out,
@@ -41,6 +42,21 @@ MOE_TARGETS = ("JambaForCausalLM", "Qwen3NextForCausalLM", "GraniteMoeHybridForC
                "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM", "Lfm2MoeForCausalLM",
                "NemotronHForCausalLM")
 _ROUTER = ("n_experts", "top_k", "d_ff", "renormalize", "renormalize_top1")
+SHARED_SCALES = ("embed_scale", "residual_scale", "logit_scale")  # Granite's multipliers
+
+
+def _plain_stack(cfg: ModelConfig, variants: tuple[str, ...] = (), shared_ok: tuple[str, ...] = ()) -> bool:
+    """Pre-norm layers with the plain residual, no variants but of the families in ``variants``, and the model-wide
+    options at their defaults but ``shared_ok``: what a hybrid class needs besides its defining trait. An attention
+    stack goes to a hybrid class for that trait only when it has this layout; otherwise the class it would have gone
+    to names what it lacks, which is the setting the user changed (a sandwich-norm Gemma, say, not the hybrid's
+    defaults)."""
+    for layer in cfg.parsed.layers:
+        opts = cfg.block_options(layer)
+        if layer.branch is not None or opts != type(opts)() or (
+                layer.variant is not None and str(layer.family) not in variants):
+            return False
+    return all(getattr(cfg, n) == d for n, d in SHARED_DEFAULTS if n not in shared_ok)
 
 
 def moe_target(cfg: ModelConfig) -> str | None:
@@ -48,38 +64,41 @@ def moe_target(cfg: ModelConfig) -> str | None:
     pairs = mixer_ffn_pairs(cfg)
     letters = {str(layer.family) for layer in cfg.parsed.layers}
     relu2 = any(cfg.layer_config(x).activation == "relu2" for x in cfg.parsed.layers if str(x.family) == "E")
+    a = cfg.attention
     # one block per layer in any order (a Mamba-2 / attention + MLP pair: Granite); squared-ReLU MLPs are Nemotron-H's
-    # alone, with or without Mamba-2 layers
-    if letters <= {"M", "A", "E"} and (relu2 or ("M" in letters and len(letters) > 1 and not pairs)):
+    # alone, without Mamba-2 layers too where the attention is its (position-free)
+    nemotron_attention = "A" not in letters or a.rope_fraction == 0.0
+    if letters <= {"M", "A", "E"} and (("M" in letters and len(letters) > 1 and (not pairs or relu2)) or (
+            relu2 and nemotron_attention and _plain_stack(cfg, ("E",)))):
         return "NemotronHForCausalLM"
     if not pairs:
         return None
     mixers = {str(m.family) for m, _ in pairs}
     routed = [cfg.layer_config(e) for _, e in pairs if cfg.layer_config(e).n_experts > 1]
-    a = cfg.attention
     # attention layers alone go to the hybrid whose attention they have: an output gate is Qwen3-Next's alone,
     # routed layers after position-free attention Jamba's, a sigmoid router after per-head q/k norms LFM2-MoE's
     only_a = mixers == {"A"}
-    if ("S" in mixers and mixers <= {"S", "A"}) or (only_a and routed and a.rope_fraction == 0.0):
+    jamba_like = routed and a.rope_fraction == 0.0 and not a.qk_norm and routed[0].score == "softmax"
+    if ("S" in mixers and mixers <= {"S", "A"}) or (only_a and jamba_like and _plain_stack(cfg, ("E",))):
         return "JambaForCausalLM"
-    if ("G" in mixers and mixers <= {"G", "A"} and (routed or a.output_gate)) or (only_a and a.output_gate):
+    if ("G" in mixers and mixers <= {"G", "A"} and (routed or a.output_gate)) or (
+            only_a and a.output_gate and _plain_stack(cfg, ("E",), ("norm_offset",))):
         return "Qwen3NextForCausalLM"
     mlp_bias = any(cfg.layer_config(e).bias for _, e in pairs)
     if "M" in mixers and mixers <= {"M", "A"}:
         # Bamba: dense layers only, and what Granite-4.0-H lacks: RoPE on part of each head, MLP biases
         partial = "A" in mixers and a.rope_fraction not in (0.0, 1.0)
         return "BambaForCausalLM" if not routed and (partial or mlp_bias) else "GraniteMoeHybridForCausalLM"
-    if only_a and not routed and a.rope_fraction != 1.0:
+    if only_a and not routed and a.rope_fraction != 1.0 and _plain_stack(cfg, (), SHARED_SCALES):
         # attention without RoPE on every dimension: Granite's multipliers without RoPE (and without MLP biases) are
         # Granite-4.0-H's; biases then make it Bamba's (Phi-3 has none); otherwise Phi-3's (amer.interop.export)
-        scaled = a.scale is not None or any(getattr(cfg, n) != 1.0 for n in ("embed_scale", "residual_scale",
-                                                                              "logit_scale"))
+        scaled = a.scale is not None or any(getattr(cfg, n) != 1.0 for n in SHARED_SCALES)
         if scaled and a.rope_fraction == 0.0 and not mlp_bias:
             return "GraniteMoeHybridForCausalLM"
-        if mlp_bias or a.qkv_bias or a.out_bias:
+        if (mlp_bias or a.qkv_bias or a.out_bias) and not scaled:
             return "BambaForCausalLM"
     lfm2_router = bool(routed) and routed[0].score == "sigmoid" and a.qk_norm and a.qk_norm_scope == "head"
-    if ("C" in mixers and mixers <= {"C", "A"} and routed) or (only_a and lfm2_router):
+    if ("C" in mixers and mixers <= {"C", "A"} and routed) or (only_a and lfm2_router and _plain_stack(cfg, ("E",))):
         return "Lfm2MoeForCausalLM"
     if mixers != {"A"} or not routed:
         return None
