@@ -37,7 +37,7 @@ from amer.interop.export_latent import latent_export, latent_target
 from amer.interop.export_minimax import minimax_export, minimax_target
 from amer.interop.export_moe import moe_export, moe_target
 from amer.interop.export_norms import norm_export, norm_target
-from amer.interop.export_parts import ROPE_SCALING, dense_out, moe_plain, plain, rope_parameters
+from amer.interop.export_parts import ROPE_SCALING, dense_out, moe_plain, plain, refuse, rope_parameters, shared
 from amer.interop.export_zoo import zoo_export, zoo_target
 from amer.weights import save_tensors
 
@@ -48,17 +48,6 @@ EXPORT_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 LLAMA_ATTENTION = ("n_heads", "n_kv_heads", "head_dim", "rope_theta", "window", "qk_norm", "qkv_bias", "out_bias",
                    *ROPE_SCALING)
 _MARK = "amer_exported"
-
-
-def _refuse(what: str) -> InputError:
-    return InputError(f"cannot export as a transformers model: {what}")
-
-
-def _check_shared(cfg: ModelConfig, target: str = "the Llama, Mixtral or Mamba2 classes") -> None:
-    for name, default in (("embed_scale", 1.0), ("residual_scale", 1.0), ("logit_scale", 1.0),
-                          ("logit_softcap", None), ("norm_offset", 0.0)):
-        if getattr(cfg, name) != default:
-            raise _refuse(f"model.{name}={getattr(cfg, name)!r} has no counterpart in {target} (needs {default!r})")
 
 
 def _target(cfg: ModelConfig) -> str:
@@ -79,23 +68,23 @@ def _target(cfg: ModelConfig) -> str:
         # counterpart in these classes
         plain(a, "attention", "the Llama, Mistral, Qwen3 and Mixtral classes", LLAMA_ATTENTION)
         if a.qkv_bias != a.out_bias:
-            raise _refuse("qkv_bias equal to out_bias for Llama-style attention (q/k/v biases alone: Qwen2)")
+            raise refuse("qkv_bias equal to out_bias for Llama-style attention (q/k/v biases alone: Qwen2)")
         if moe.n_experts > 1:
             moe_plain(moe, "moe", "MixtralForCausalLM", ("n_experts", "top_k", "d_ff", "renormalize_top1"))
             if (moe.top_k < 2 and not moe.renormalize_top1) or a.qk_norm or a.qkv_bias:
-                raise _refuse("MixtralForCausalLM renormalises top-1 weights to 1 (set moe.renormalize_top1) "
+                raise refuse("MixtralForCausalLM renormalises top-1 weights to 1 (set moe.renormalize_top1) "
                               "and has no q/k norm and no attention biases")
             return "MixtralForCausalLM"
         moe_plain(moe, "moe", "the Llama, Mistral and Qwen3 classes", ("n_experts", "d_ff", "bias"))
         if moe.bias and (a.qk_norm or a.window is not None):
-            raise _refuse("moe.bias with q/k norms or a sliding window: of the Llama, Mistral and Qwen3 classes only "
+            raise refuse("moe.bias with q/k norms or a sliding window: of the Llama, Mistral and Qwen3 classes only "
                           "Llama has MLP biases (mlp_bias)")
         if a.qk_norm:  # with a window too: Qwen3 with every layer sliding (amer.interop.export_zoo)
             return "Qwen3ForCausalLM"
         if a.window is not None and a.qkv_bias:
-            raise _refuse("MistralForCausalLM (sliding-window attention) has no attention biases")
+            raise refuse("MistralForCausalLM (sliding-window attention) has no attention biases")
         return "MistralForCausalLM" if a.window is not None else "LlamaForCausalLM"
-    raise _refuse(f"pattern {cfg.pattern!r}: transformers classes express '(AE)*L' (Llama, Mistral, Qwen3, Phi-3, "
+    raise refuse(f"pattern {cfg.pattern!r}: transformers classes express '(AE)*L' (Llama, Mistral, Qwen3, Phi-3, "
                   "Mixtral, Granite; 'A.swa E' layers: Qwen2/3), 'M' or 'S' repeated (Mamba2, Mamba, Falcon-Mamba), "
                   "'CE' / 'AE' layers (LFM2), 'G E' / 'A E.post' layers (OLMo-Hybrid) or 'RE' / 'AE' layers "
                   "(RecurrentGemma)")
@@ -205,7 +194,7 @@ def _special_ids(tokenizer: Any, vocab_size: int) -> dict[str, int | None]:
            for k in ("bos", "eos", "pad")}
     for key, i in ids.items():
         if i is not None and not 0 <= i < vocab_size:
-            raise _refuse(f"the tokenizer's {key.split('_')[0]} id {i} is outside the model's vocabulary of "
+            raise refuse(f"the tokenizer's {key.split('_')[0]} id {i} is outside the model's vocabulary of "
                           f"{vocab_size}: the tokenizer is not this model's")
     return ids
 
@@ -216,7 +205,7 @@ def _check_blocks(cfg: ModelConfig, target: str = "the Llama, Mixtral and Mamba2
         opts = cfg.block_options(layer)
         for f in dataclasses.fields(opts):
             if getattr(opts, f.name) != f.default:
-                raise _refuse(f"{layer.key} has the block option {f.name}={getattr(opts, f.name)!r}, which "
+                raise refuse(f"{layer.key} has the block option {f.name}={getattr(opts, f.name)!r}, which "
                               f"{target} lacks (needs {f.default!r})")
 
 
@@ -227,12 +216,12 @@ def export_transformers(model: Any, cfg: ModelConfig, directory: str | Path, tok
     # attention layers)
     share = next((layer for layer in cfg.parsed.layers if layer.share is not None), None)
     if share is not None:
-        raise _refuse(f"the shared block {share.written} (block {share.index}): amer exports no transformers class "
+        raise refuse(f"the shared block {share.written} (block {share.index}): amer exports no transformers class "
                       "that reuses a block's weights")
     if (arch := falcon_target(cfg)) is not None:  # parallel layers: Falcon-H1
         conf, tensors = falcon_export(model, cfg)
     elif (arch := latent_target(cfg)) is not None:  # DeepSeek-V3, Kimi Linear
-        _check_shared(cfg, arch)
+        shared(cfg, arch)
         _check_blocks(cfg, arch)
         conf, tensors = latent_export(model, cfg, arch)
     elif (arch := griffin_target(cfg)) is not None:  # recurrent and local-attention layers: RecurrentGemma
@@ -244,11 +233,11 @@ def export_transformers(model: Any, cfg: ModelConfig, directory: str | Path, tok
     elif (arch := norm_target(cfg)) is not None:  # Gemma 2 / 3 and OLMo 2, by where the blocks' norms sit
         conf, tensors = norm_export(model, cfg, arch)
     elif (arch := minimax_target(cfg)) is not None:  # lightning attention, MiniMax's post-norm residual factors
-        _check_shared(cfg, arch)
+        shared(cfg, arch)
         conf, tensors = minimax_export(model, cfg)
     else:  # the pattern first: a pattern no class takes is the refusal to name, before any option
         arch = _target(cfg)
-        _check_shared(cfg, arch)
+        shared(cfg, arch)
         _check_blocks(cfg, arch)
         conf, tensors = _mamba2(model, cfg) if arch == "Mamba2ForCausalLM" else _llama(model, cfg, arch)
     conf.update(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, dtype="float32")
@@ -258,7 +247,7 @@ def export_transformers(model: Any, cfg: ModelConfig, directory: str | Path, tok
         tensors["lm_head.weight"] = model.lm_head.weight.detach()
     for name, t in tensors.items():
         if not torch.isfinite(t).all():
-            raise _refuse(f"{name} has non-finite values")
+            raise refuse(f"{name} has non-finite values")
     directory = Path(directory)
     check_target(directory)
 

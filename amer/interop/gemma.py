@@ -77,10 +77,7 @@ def convert_recurrent_gemma(src: Source) -> Converted:
             _recurrent_weights(src, t, blk, state)
         state[f"blocks.{blk + 1}.norm.weight"] = src.get(pre + "channel_pre_norm.weight")
         m = pre + "mlp_block."
-        dense_mlp_weights(src, m, blk + 1, state)
-        out = f"blocks.{blk + 1}.mixer."
-        state[out + "b_gate_up"] = torch.cat([src.get(m + "gate_proj.bias"), src.get(m + "up_proj.bias")]).unsqueeze(0)
-        state[out + "b_down"] = src.get(m + "down_proj.bias").unsqueeze(0)
+        dense_mlp_weights(src, m, blk + 1, state, bias=True)
     return Converted(cfg, state)
 
 
