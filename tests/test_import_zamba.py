@@ -2,7 +2,7 @@
 per-use LoRA adapters, a per-use linear and the concat(stream, embedding) input. Same logits as transformers within
 1e-5 (fp32), for the full forward and for token-by-token decoding through amer's caches; negative controls take away
 what the import maps (a use's own adapter, the embedding input, the time-step floor, the weight a second use reads)
-and see the logits move; the export refuses cleanly.
+and see the logits move.
 
 Sources are small random transformers models built here (norm gains perturbed, see test_import.py);
 ``python -m pytest -s`` prints the measured differences.
@@ -20,7 +20,7 @@ from test_import import assert_same_function, assert_same_function_and_control, 
 
 from amer.blocks import SharedUse, residual_layer
 from amer.errors import InputError
-from amer.interop import export_transformers, from_transformers
+from amer.interop import from_transformers
 
 transformers = pytest.importorskip("transformers")
 
@@ -106,11 +106,18 @@ def test_zamba2_second_use_reads_its_own_adapter(tmp_path: Path) -> None:
 
 
 def test_zamba2_refusals(tmp_path: Path) -> None:
-    """What amer cannot express is named in one line; the export refuses the shared hybrid layer."""
+    """What amer cannot express is named in one line (the export: tests/test_export_zamba.py)."""
     build_source(tmp_path / "bias", "Zamba2ForCausalLM", "Zamba2Config", **ZAMBA2, add_bias_linear=True)
     with pytest.raises(InputError, match="add_bias_linear"):
         from_transformers(tmp_path / "bias")
-    build_source(tmp_path / "src", "Zamba2ForCausalLM", "Zamba2Config", **ZAMBA2)
-    model, cfg = from_transformers(tmp_path / "src")
-    with pytest.raises(InputError, match="shared block H:z0"):
-        export_transformers(model, cfg, tmp_path / "out")
+
+
+def test_a_block_per_hybrid_layer_is_no_sharing(tmp_path: Path) -> None:
+    """As many blocks as hybrid layers share nothing: each layer an unshared H, same logits. Control: one block
+    fewer, and the first block's second use is a share again."""
+    hf = build_source(tmp_path, "Zamba2ForCausalLM", "Zamba2Config", **{**ZAMBA2, "num_mem_blocks": 4})
+    fwd, dec = assert_same_function(hf, tmp_path)
+    assert max(fwd, dec) <= ATOL
+    assert from_transformers(tmp_path)[1].pattern.split() == ["M" if t == "mamba" else "H" for t in TYPES]
+    build_source(tmp_path / "three", "Zamba2ForCausalLM", "Zamba2Config", **{**ZAMBA2, "num_mem_blocks": 3})
+    assert from_transformers(tmp_path / "three")[1].pattern.split()[-1] == "H:z0"

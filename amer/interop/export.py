@@ -9,8 +9,10 @@ norms ``Olmo2ForCausalLM`` (:mod:`amer.interop.export_norms`); ``D E`` layers (m
 (:mod:`amer.interop.export_latent`), lightning attention layers ``MiniMaxForCausalLM``
 (:mod:`amer.interop.export_minimax`), parallel ``[AM]E`` layers ``FalconH1ForCausalLM``
 (:mod:`amer.interop.export_falcon`), Griffin's ``RE`` / ``AE`` layers ``RecurrentGemmaForCausalLM``
-(:mod:`amer.interop.export_griffin`). Patterns with MoE layers and the hybrids around them (Jamba, Qwen3-Next,
-Granite-4.0-H, Qwen2/3-MoE, OLMoE, LFM2-MoE) are written by :mod:`amer.interop.export_moe`; the dense hybrid and
+(:mod:`amer.interop.export_griffin`), ``M`` / ``H`` and ``S`` / ``H`` layers (shared hybrid transformers)
+``Zamba2ForCausalLM`` and ``ZambaForCausalLM`` (:mod:`amer.interop.export_zamba`). Patterns with MoE layers and
+the hybrids around them (Jamba, Qwen3-Next, Granite-4.0-H, Qwen2/3-MoE, OLMoE, LFM2-MoE) are written by
+:mod:`amer.interop.export_moe`; the dense hybrid and
 state-space classes (Mamba, Falcon-Mamba, LFM2, OLMo-Hybrid, Granite, Qwen2/3 with per-layer windows) by
 :mod:`amer.interop.export_zoo`. The folder is config.json + model.safetensors (+ tokenizer.json), written whole
 into a temporary sibling and renamed into place; the ``transformers`` package is not needed to write it. Anything
@@ -37,7 +39,17 @@ from amer.interop.export_latent import latent_export, latent_target
 from amer.interop.export_minimax import minimax_export, minimax_target
 from amer.interop.export_moe import moe_export, moe_target
 from amer.interop.export_norms import norm_export, norm_target
-from amer.interop.export_parts import ROPE_SCALING, dense_out, moe_plain, plain, refuse, rope_parameters, shared
+from amer.interop.export_parts import (
+    ROPE_SCALING,
+    dense_out,
+    mamba2_out,
+    moe_plain,
+    plain,
+    refuse,
+    rope_parameters,
+    shared,
+)
+from amer.interop.export_zamba import zamba_export, zamba_target
 from amer.interop.export_zoo import zoo_export, zoo_target
 from amer.weights import save_tensors
 
@@ -159,14 +171,7 @@ def _mamba2(model: Any, cfg: ModelConfig) -> tuple[dict[str, Any], dict[str, tor
     for i in range(cfg.n_layers):
         pre, M = f"backbone.layers.{i}.", f"blocks.{i}."
         out[pre + "norm.weight"] = sd[M + "norm.weight"]
-        for a, b in (("in_proj.weight", "in_proj.weight"), ("out_proj.weight", "out_proj.weight"),
-                     ("dt_bias", "dt_bias"), ("A_log", "A_log"), ("D", "D"), ("norm_weight", "norm.weight"),
-                     ("conv_bias", "conv1d.bias")):
-            out[pre + "mixer." + b] = sd[M + "mixer." + a]
-        out[pre + "mixer.conv1d.weight"] = sd[M + "mixer.conv_weight"].unsqueeze(1)
-        if m.bias:
-            out[pre + "mixer.in_proj.bias"] = sd[M + "mixer.in_proj.bias"]
-            out[pre + "mixer.out_proj.bias"] = sd[M + "mixer.out_proj.bias"]
+        mamba2_out(sd, M + "mixer.", pre + "mixer.", out)
     return conf, out
 
 
@@ -215,10 +220,12 @@ def export_transformers(model: Any, cfg: ModelConfig, directory: str | Path, tok
     # alone; the zoo's before the norm placements: OLMo-Hybrid mixes pre-norm DeltaNet layers with post-norm
     # attention layers)
     share = next((layer for layer in cfg.parsed.layers if layer.share is not None), None)
-    if share is not None:
-        raise refuse(f"the shared block {share.written} (block {share.index}): amer exports no transformers class "
-                      "that reuses a block's weights")
-    if (arch := falcon_target(cfg)) is not None:  # parallel layers: Falcon-H1
+    if (arch := zamba_target(cfg)) is not None:  # hybrid layers, their transformers shared: Zamba, Zamba2
+        conf, tensors = zamba_export(model, cfg, arch)
+    elif share is not None:
+        raise refuse(f"the shared block {share.written} (block {share.index}): of the transformers classes only "
+                      "Zamba and Zamba2 reuse a block's weights, their hybrid layers' (H)")
+    elif (arch := falcon_target(cfg)) is not None:  # parallel layers: Falcon-H1
         conf, tensors = falcon_export(model, cfg)
     elif (arch := latent_target(cfg)) is not None:  # DeepSeek-V3, Kimi Linear
         shared(cfg, arch)

@@ -22,6 +22,7 @@ from amer.interop.export_parts import (
     ffn_layers,
     head_dim,
     mamba1_out,
+    mamba2_out,
     mixer_ffn_pairs,
     moe_plain,
     period,
@@ -240,7 +241,7 @@ def granite_hybrid(cfg: ModelConfig, sd: Tensors) -> Written:
                  "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len})
     out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"]}
     for i, (letter, routes) in enumerate(zip(letters, ffn.routes)):
-        pre, E = _two_block_layer(cfg, sd, out, i, letter, _mamba2, "post_attention_layernorm")
+        pre, E = _two_block_layer(cfg, sd, out, i, letter, mamba2_out, "post_attention_layernorm")
         if not routes:
             out[pre + "shared_mlp.input_linear.weight"] = sd[E + "mixer.w_gate_up"][0].T
             out[pre + "shared_mlp.output_linear.weight"] = sd[E + "mixer.w_down"][0].T
@@ -281,18 +282,9 @@ def bamba(cfg: ModelConfig, sd: Tensors) -> Written:
             "rms_norm_eps": cfg.norm_eps, "max_position_embeddings": cfg.max_seq_len}
     out = {"model.embed_tokens.weight": sd["embed.weight"], "model.final_layernorm.weight": sd["norm.weight"]}
     for i, letter in enumerate(letters):
-        pre, E = _two_block_layer(cfg, sd, out, i, letter, _mamba2)
+        pre, E = _two_block_layer(cfg, sd, out, i, letter, mamba2_out)
         dense_out(sd, E, pre + "feed_forward.", out)
     return conf, out
-
-
-def _mamba2(sd: Tensors, src: str, dst: str, out: Tensors) -> None:
-    for a, b in (("in_proj.weight", "in_proj.weight"), ("in_proj.bias", "in_proj.bias"),
-                 ("out_proj.weight", "out_proj.weight"), ("out_proj.bias", "out_proj.bias"), ("dt_bias", "dt_bias"),
-                 ("A_log", "A_log"), ("D", "D"), ("norm_weight", "norm.weight"), ("conv_bias", "conv1d.bias")):
-        if src + a in sd:
-            out[dst + b] = sd[src + a]
-    out[dst + "conv1d.weight"] = sd[src + "conv_weight"].unsqueeze(1)
 
 
 def nemotron_h(cfg: ModelConfig, sd: Tensors) -> Written:
@@ -349,7 +341,7 @@ def nemotron_h(cfg: ModelConfig, sd: Tensors) -> Written:
         pre, blk = f"backbone.layers.{i}.", f"blocks.{i}."
         out[pre + "norm.weight"] = sd[blk + "norm.weight"]
         if kind == "mamba":
-            _mamba2(sd, blk + "mixer.", pre + "mixer.", out)
+            mamba2_out(sd, blk + "mixer.", pre + "mixer.", out)
         elif kind == "attention":
             attention_out(cfg, sd, blk, pre + "mixer.", out)
         elif kind == "mlp":

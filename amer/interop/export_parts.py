@@ -24,7 +24,7 @@ from amer.pattern import LayerSpec
 
 __all__ = ["Tensors", "Written", "SHARED_DEFAULTS", "ROPE_SCALING", "rope_parameters",
            "refuse", "plain", "moe_plain", "shared", "pre_norms",
-           "mixer_ffn_pairs", "FFN", "ffn_layers", "routed_out", "dense_out", "shared_out", "mamba1_out",
+           "mixer_ffn_pairs", "FFN", "ffn_layers", "routed_out", "dense_out", "shared_out", "mamba1_out", "mamba2_out",
            "shortconv_out", "attention_out", "head_dim", "period"]
 
 Tensors = dict[str, Tensor]
@@ -215,6 +215,16 @@ def shared_out(sd: Tensors, blk: str, dst: str, out: Tensors, *,
     else:
         out[f"{dst}{up}.weight"] = w
     out[f"{dst}{down}.weight"] = sd[blk + "mixer.shared.down.weight"]
+
+
+def mamba2_out(sd: Tensors, src: str, dst: str, out: Tensors) -> None:
+    """The M mixer at ``src`` in transformers' Mamba-2 names under ``dst``, with the biases it has."""
+    for a, b in (("in_proj.weight", "in_proj.weight"), ("in_proj.bias", "in_proj.bias"),
+                 ("out_proj.weight", "out_proj.weight"), ("out_proj.bias", "out_proj.bias"), ("dt_bias", "dt_bias"),
+                 ("A_log", "A_log"), ("D", "D"), ("norm_weight", "norm.weight"), ("conv_bias", "conv1d.bias")):
+        if src + a in sd:
+            out[dst + b] = sd[src + a]
+    out[dst + "conv1d.weight"] = sd[src + "conv_weight"].unsqueeze(1)
 
 
 def mamba1_out(sd: Tensors, src: str, dst: str, out: Tensors) -> None:

@@ -5,7 +5,7 @@ attention + MLP on concat(stream, embedding) whose output, through a per-use lin
 input). The ``num_mem_blocks`` shared blocks take turns over the hybrid layers, so the hybrid layers' share names
 cycle ``z0, z1, ..., z0, ...``. Each shared block's tensors are stored under its first use's layer, the per-use
 LoRA adapters of every use of block ``b`` under that same layer (indexed by the use's rank among hybrid layers).
-No transformers class other than Zamba2's expresses this layer, and amer writes none: the export refuses it.
+The export writes such models back as this class (:mod:`amer.interop.export_zamba`).
 """
 
 from __future__ import annotations
@@ -61,13 +61,15 @@ def zamba2_options(src: Source) -> dict[str, Any]:
 def _letters(src: Source) -> list[str]:
     """One pattern token per layer: ``M`` or ``H:z<b>``, the shared blocks taking turns over the hybrid layers; ``H``
     alone for every hybrid layer when the checkpoint stores a transformer per layer (transformers unties the shared
-    blocks along with the head when ``tie_word_embeddings`` is false, so each layer then has its own)."""
+    blocks along with the head when ``tie_word_embeddings`` is false, so each layer then has its own) or has a block
+    per hybrid layer (none is shared)."""
     types = src.config.get("layers_block_type") or src.config.get("layer_types")
     if not types:
         raise unsupported(src.arch, "no layers_block_type in the config")
     blocks = int(src.config.get("num_mem_blocks", 1))
     hybrid = [i for i, t in enumerate(types) if str(t).lower() in _HYBRID_TYPES]
-    separate = any(src.has(f"model.layers.{i}.shared_transformer.input_layernorm.weight") for i in hybrid[blocks:])
+    separate = len(hybrid) <= blocks or any(src.has(f"model.layers.{i}.shared_transformer.input_layernorm.weight")
+                                            for i in hybrid[blocks:])
     out = []
     for i, t in enumerate(types):
         if str(t).lower() in _MAMBA_TYPES:
