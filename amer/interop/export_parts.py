@@ -18,6 +18,7 @@ from torch import Tensor
 
 from amer.blocks.attention import AttentionConfig
 from amer.blocks.moe import MoEConfig
+from amer.blocks.zamba import ZambaConfig
 from amer.config import ModelConfig
 from amer.errors import InputError
 from amer.pattern import LayerSpec
@@ -65,8 +66,10 @@ def rope_parameters(a: Any) -> dict[str, Any]:
 
 def _inert(obj: Any) -> set[str]:
     """Fields of ``obj`` without effect given its others: an attention's q/k norm scope without q/k norms, Llama 3.1
-    scaling's factors without its scale factor."""
+    scaling's factors without its scale factor, a zamba RoPE base without RoPE."""
     inert = set()
+    if isinstance(obj, ZambaConfig) and not obj.rope:
+        inert.add("rope_theta")
     if isinstance(obj, AttentionConfig):
         if not obj.qk_norm:
             inert.add("qk_norm_scope")

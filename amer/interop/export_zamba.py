@@ -9,7 +9,10 @@ head unties them too). So shared blocks export when their uses take turns in tha
 ``H`` layers when nothing would tie them (Zamba2: one block per hybrid layer; Zamba: an untied head, which one
 hybrid layer needs too, since transformers cannot build Zamba's tie without a second); anything else is refused by
 name, since the folder would load as another model. A block's tensors are written under its first use's layer,
-every use's LoRA adapters in that layer's lists at the use's rank, where transformers looks for them.
+every use's LoRA adapters in that layer's lists at the use's rank, where transformers looks for them. Zamba2
+floors its Mamba-2 time step at ``time_step_min`` and cannot be built with 0; a model without a floor is written
+with the smallest normal float32, which binds only where softplus(dt) is below float32's normal range (there the
+time step's whole contribution is under 1e-38), and reads back as no floor.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 
 from amer.config import ModelConfig
 from amer.interop.export_parts import Tensors, Written, mamba2_out, plain, pre_norms, refuse, shared
+from amer.interop.zamba2 import NO_FLOOR
 from amer.pattern import LayerSpec
 
 __all__ = ["zamba_target", "zamba_export", "ZAMBA", "ZAMBA2"]
@@ -54,11 +58,11 @@ def _blocks(cfg: ModelConfig, target: str) -> tuple[list[LayerSpec], int]:
         raise refuse(f"{target} with a tied head ties the other hybrid layers' transformers to the first's, and "
                      "transformers fails to build it when there is none: with one hybrid layer untie the head "
                      "(tie_embeddings false)")
-    if all(s is None for s in shares):  # each its own: as many blocks as uses (Zamba2); Zamba's tie follows the head
+    if not any(s is not None and shares.count(s) > 1 for s in shares):  # each transformer its own
         if target == ZAMBA and len(hybrid) > 1 and cfg.tie_embeddings:
             raise refuse(f"{target} with a tied head ties every hybrid layer's transformer to the first's: share "
                          "one block over the H layers (H:z0) or untie the head (tie_embeddings false)")
-        return hybrid, len(hybrid)
+        return hybrid, len(hybrid)  # Zamba2: a block per use, none tied
     if None in shares:
         raise refuse(f"{target}'s hybrid layers are all shared or all unshared (pattern {cfg.pattern!r})")
     names = list(dict.fromkeys(shares))
@@ -93,32 +97,27 @@ def zamba_export(model: Any, cfg: ModelConfig, target: str) -> Written:
     else:
         conf.update(_zamba2(cfg, n_blocks))
     out = {"model.embed_tokens.weight": sd["embed.weight"], "model.final_layernorm.weight": sd["norm.weight"]}
-    def ssm(src: str, dst: str) -> None:
-        if target == ZAMBA:
-            _mamba1(cfg.mamba1.n_heads, sd, src, dst, out)
-        else:
-            mamba2_out(sd, src, dst, out)
-
     st = "shared_transf." if target == ZAMBA else "shared_transformer."
     home: dict[int, str] = {}  # block -> the prefix of its first use's transformer
+    uses = 0  # hybrid layers so far: a use's rank
     for i, layer in enumerate(cfg.parsed.layers):
         pre, blk = f"model.layers.{i}.", f"blocks.{i}."
         if str(layer.family) != "H":
             out[pre + "input_layernorm.weight"] = sd[blk + "norm.weight"]
-            ssm(blk + "mixer.", pre + "mamba.")
+            _ssm(cfg, sd, blk + "mixer.", pre + "mamba.", out, target)
             continue
-        j = hybrid.index(layer)
         own = layer.share is None
         src = blk + "mixer." if own else f"shared.{layer.share}.mixer."
-        if j % n_blocks not in home:
-            home[j % n_blocks] = pre + st
+        block, uses = uses % n_blocks, uses + 1
+        if block not in home:
+            home[block] = pre + st
             _transformer(cfg, sd, src, pre + st, out, target)
         parts = blk + ("mixer." if own else "parts.")
         if target == ZAMBA2:
-            _adapters(cfg, sd, parts, home[j % n_blocks], j, out)
+            _adapters(cfg, sd, parts, home[block], uses - 1, out)
         out[pre + "linear.weight"] = sd[parts + "linear.weight"]
         out[pre + "mamba_decoder.input_layernorm.weight"] = sd[parts + "mamba_norm.weight"]
-        ssm(parts + "mamba.", pre + "mamba_decoder.mamba.")
+        _ssm(cfg, sd, parts + "mamba.", pre + "mamba_decoder.mamba.", out, target)
     return conf, out
 
 
@@ -138,9 +137,6 @@ def _zamba2(cfg: ModelConfig, n_blocks: int) -> dict[str, Any]:
     plain(z, "zamba", ZAMBA2, ("n_heads", "n_kv_heads", "d_ff", "act", "adapter_rank", "attention_adapter", "rope",
                                "rope_theta"))
     plain(m, "mamba", ZAMBA2, ("d_state", "d_conv", "expand", "head_dim", "n_groups", "dt_clamp_min"))
-    if m.dt_clamp_min <= 0:
-        raise refuse(f"{ZAMBA2} floors the Mamba-2 time step at time_step_min > 0 in every forward (mamba.dt_clamp_min "
-                     f"{m.dt_clamp_min}; with 0 the class cannot be built)")
     if cfg.norm_eps != 1e-5:
         raise refuse(f"model.norm_eps={cfg.norm_eps}: {ZAMBA2}'s Mamba-2 norms use 1e-5 whatever rms_norm_eps says "
                      "(needs 1e-5)")
@@ -149,7 +145,7 @@ def _zamba2(cfg: ModelConfig, n_blocks: int) -> dict[str, Any]:
             "rope_parameters": {"rope_type": "default", "rope_theta": z.rope_theta}, "use_long_context": False,
             "add_bias_linear": False, "mamba_d_state": m.d_state, "mamba_d_conv": m.d_conv, "mamba_expand": m.expand,
             "n_mamba_heads": m.inner(d) // m.head_dim, "mamba_ngroups": m.n_groups, "chunk_size": m.chunk_size,
-            "use_conv_bias": True, "time_step_min": m.dt_clamp_min, "time_step_max": m.dt_max,
+            "use_conv_bias": True, "time_step_min": max(m.dt_clamp_min, NO_FLOOR), "time_step_max": m.dt_max,
             "time_step_floor": m.dt_init_floor}
 
 
@@ -184,6 +180,14 @@ def _adapters(cfg: ModelConfig, sd: Tensors, parts: str, dst: str, j: int, out: 
             if w is None:  # rank 0: Linear(d, 0) and Linear(0, 2 d_ff)
                 w = torch.zeros((0, d) if k == 0 else (2 * (z.d_ff or 4 * d), 0))
             out[f"{dst}{key}.{k}.weight"] = w
+
+
+def _ssm(cfg: ModelConfig, sd: Tensors, src: str, dst: str, out: Tensors, target: str) -> None:
+    """The state-space mixer at ``src``: Zamba's multi-head Mamba-1 or Zamba2's Mamba-2."""
+    if target == ZAMBA:
+        _mamba1(cfg.mamba1.n_heads, sd, src, dst, out)
+    else:
+        mamba2_out(sd, src, dst, out)
 
 
 def _mamba1(H: int, sd: Tensors, src: str, dst: str, out: Tensors) -> None:

@@ -20,7 +20,10 @@ from amer.interop.common import Converted, converter, shared_options
 from amer.interop.llama import _embeddings
 from amer.interop.source import Source, unsupported
 
-__all__ = ["convert_zamba2", "zamba2_options"]
+__all__ = ["convert_zamba2", "zamba2_options", "NO_FLOOR"]
+
+# the time-step floor the export writes for none (Zamba2 cannot be built with 0): the smallest normal float32
+NO_FLOOR = torch.finfo(torch.float32).tiny
 
 _MAMBA_TYPES = ("linear_attention", "mamba", "m")
 _HYBRID_TYPES = ("hybrid", "g")
@@ -54,8 +57,13 @@ def zamba2_options(src: Source) -> dict[str, Any]:
     mamba = {"d_state": int(c.get("mamba_d_state", 64)), "d_conv": int(c.get("mamba_d_conv", 4)),
              "expand": int(c.get("mamba_expand", 2)), "head_dim": d_inner // n_heads,
              "n_groups": int(c.get("mamba_ngroups", 1)), "chunk_size": int(c.get("chunk_size", 256)),
-             "dt_clamp_min": float(c.get("time_step_min", 0.001)), "norm": "gated"}
+             "dt_clamp_min": _floor(float(c.get("time_step_min", 0.001))), "norm": "gated"}
     return {"pattern": " ".join(_letters(src)), **shared_options(src), "zamba": zamba, "mamba": mamba}
+
+
+def _floor(time_step_min: float) -> float:
+    """Zamba2's time-step floor as ``mamba.dt_clamp_min``: none for the export's stand-in for none."""
+    return 0.0 if time_step_min <= NO_FLOOR else time_step_min
 
 
 def _letters(src: Source) -> list[str]:
