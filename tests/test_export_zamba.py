@@ -78,7 +78,7 @@ def trained(cfg: ModelConfig) -> HybridLM:
 BUILT = {"preset": {}, "rank-0": {"zamba.adapter_rank": 0}, "unshared": {"pattern": "M H M M H:x H M"},
          "attention-adapters": {"zamba.attention_adapter": True, "zamba.rope": True, "zamba.rope_theta": 37.0,
                                 "zamba.act": "silu"},
-         "no-floor": {"mamba.dt_clamp_min": 0.0}}
+         "no-floor": {"mamba.dt_clamp_min": 0.0}, "mixed": {"pattern": "M H:a M H M M H:a"}}
 
 
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # transformers initialising rank-0 pairs
@@ -86,15 +86,16 @@ BUILT = {"preset": {}, "rank-0": {"zamba.adapter_rank": 0}, "unshared": {"patter
 def test_models_built_in_amer_export(tmp_path: Path, case: str) -> None:
     """The preset's options (two blocks in turn, MLP adapters); no adapters at all (the class's rank-0 pairs, empty
     tensors); a transformer per hybrid layer, a share name used once included (one Zamba2 block per layer, so
-    nothing ties); q/k/v adapters with RoPE; no time-step floor (written as the smallest normal float32). Each
-    folder imports back to the same pattern and configs."""
+    nothing ties); q/k/v adapters with RoPE; no time-step floor (written as the smallest normal float32); an
+    unshared layer between a shared block's uses (a block used once). Each folder imports back to the same configs
+    and, where no block is used once, the same pattern."""
     cfg = zamba2_config(**BUILT[case])
     assert export_round_trip(trained(cfg), cfg, tmp_path / "out") <= ATOL
     conf = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert conf["num_mem_blocks"] == (3 if case == "unshared" else 2)
+    assert conf["num_mem_blocks"] == (3 if case == "unshared" else 2)  # mixed: H:a and the H between its uses
     assert conf["time_step_min"] == (torch.finfo(torch.float32).tiny if case == "no-floor" else 0.001)
     _, again = from_transformers(tmp_path / "out")
-    assert again.pattern.split() == [x.written for x in cfg.parsed.layers] or case == "unshared"
+    assert again.pattern.split() == [x.written for x in cfg.parsed.layers] or case in ("unshared", "mixed")
     assert again.zamba == replace(cfg.zamba, n_kv_heads=cfg.zamba.kv_heads()) and again.mamba == cfg.mamba
 
 
@@ -112,7 +113,8 @@ def test_zamba_built_in_amer(tmp_path: Path) -> None:
     assert again.pattern == "S H:z0 S S H:z0" and again.norm_eps == 1e-3 and again.mamba1 == cfg.mamba1
     for pattern in ("S H:a S H:b", "S H:t S", "S H S"):  # names used once share nothing
         cfg = ModelConfig(pattern=pattern, d_model=16, vocab_size=VOCAB, max_seq_len=64, tie_embeddings=False,
-                          init_std=0.1, zamba={"companion": "mamba1", "n_heads": 4}, mamba1=mamba1)
+                          init_std=0.1, zamba={"companion": "mamba1", "n_heads": 4},
+                          mamba1={**mamba1, "dt_bc_norm_eps": 1e-3})  # no effect without dt/B/C norms
         assert export_round_trip(trained(cfg), cfg, tmp_path / pattern) <= ATOL
     cfg = replace(cfg, tie_embeddings=True)
     with pytest.raises(InputError, match="with one hybrid layer untie the head"):
@@ -160,7 +162,10 @@ def test_zamba_rows_are_interleaved(tmp_path: Path) -> None:
 
 REFUSALS = [
     (dict(pattern="M H:a M H:b H:b M H:a"), "take turns over the hybrid layers in order"),
-    (dict(pattern="M H:a M H:a M H"), "all shared or all unshared"),
+    (dict(pattern="M H:a M H:a M H"), r"take turns over the hybrid layers in order \(H:a H H:a\), got H:a H:a H"),
+    (dict(d_model=20, **{"zamba.n_heads": 8}), "makes heads 5 wide .* above 4, with RoPE or without"),
+    (dict(d_model=12, **{"zamba.n_heads": 8, "zamba.rope": True}), "makes heads 3 wide .* with zamba.rope"),
+    (dict(**{"mamba.d_inner": 48}), "mamba.d_inner=48: Zamba2ForCausalLM's Mamba-2 is mamba.expand"),
     (dict(tie_embeddings=False), "only with a tied head"),
     (dict(pattern="M H:z0 A"), "layers are M or H blocks"),
     (dict(pattern="M:s M:s H"), "shares its hybrid transformers alone"),
@@ -183,7 +188,7 @@ def test_what_zamba_cannot_express_is_refused(tmp_path: Path) -> None:
     outside the H family still names the classes that have one. Control: one block over every hybrid layer exports."""
     base = dict(d_model=16, vocab_size=VOCAB, max_seq_len=64, tie_embeddings=True, mamba1={"n_heads": 2})
     z = {"companion": "mamba1", "n_heads": 4}
-    cases = [(dict(pattern="S H:a S H:a S H:b"), "one shared transformer"),
+    cases = [(dict(pattern="S H:a S H:a S H:b"), "runs one transformer in every hybrid layer"),
              (dict(pattern="S H:a S H:b"), "ties every hybrid layer's transformer"),
              (dict(pattern="S H S H"), "ties every hybrid layer's transformer"),
              (dict(pattern="S H:a S H:a", tie_embeddings=False), "only with a tied head"),

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 from torch import Tensor
 
 from amer.blocks.attention import AttentionConfig
+from amer.blocks.mamba1 import Mamba1Config
 from amer.blocks.moe import MoEConfig
 from amer.blocks.zamba import ZambaConfig
 from amer.config import ModelConfig
@@ -66,10 +67,12 @@ def rope_parameters(a: Any) -> dict[str, Any]:
 
 def _inert(obj: Any) -> set[str]:
     """Fields of ``obj`` without effect given its others: an attention's q/k norm scope without q/k norms, Llama 3.1
-    scaling's factors without its scale factor, a zamba RoPE base without RoPE."""
+    scaling's factors without its scale factor, a zamba RoPE base without RoPE, dt/B/C norms' epsilon without them."""
     inert = set()
     if isinstance(obj, ZambaConfig) and not obj.rope:
         inert.add("rope_theta")
+    if isinstance(obj, Mamba1Config) and obj.dt_bc_norm == "none":
+        inert.add("dt_bc_norm_eps")
     if isinstance(obj, AttentionConfig):
         if not obj.qk_norm:
             inert.add("qk_norm_scope")

@@ -53,30 +53,31 @@ def _blocks(cfg: ModelConfig, target: str) -> tuple[list[LayerSpec], int]:
         raise refuse(f"the shared block {other.written} (block {other.index}): {target} shares its hybrid "
                      "transformers alone")
     hybrid = [x for x in layers if str(x.family) == "H"]
-    shares = [x.share for x in hybrid]
     if target == ZAMBA and len(hybrid) == 1 and cfg.tie_embeddings:
         raise refuse(f"{target} with a tied head ties the other hybrid layers' transformers to the first's, and "
                      "transformers fails to build it when there is none: with one hybrid layer untie the head "
                      "(tie_embeddings false)")
-    if not any(s is not None and shares.count(s) > 1 for s in shares):  # each transformer its own
+    names = [x.share or f"#{x.index}" for x in hybrid]  # an unshared layer: a block of its own
+    if all(names.count(n) == 1 for n in names):  # each transformer its own
         if target == ZAMBA and len(hybrid) > 1 and cfg.tie_embeddings:
             raise refuse(f"{target} with a tied head ties every hybrid layer's transformer to the first's: share "
                          "one block over the H layers (H:z0) or untie the head (tie_embeddings false)")
         return hybrid, len(hybrid)  # Zamba2: a block per use, none tied
-    if None in shares:
-        raise refuse(f"{target}'s hybrid layers are all shared or all unshared (pattern {cfg.pattern!r})")
-    names = list(dict.fromkeys(shares))
-    turns = [names[j % len(names)] for j in range(len(shares))]
-    if target == ZAMBA and len(names) > 1:
-        raise refuse(f"{target} has one shared transformer (H:{names[0]} for every hybrid layer; got "
-                     f"{', '.join('H:' + s for s in names)}; Zamba2 takes turns over several)")
-    if shares != turns:
-        raise refuse(f"{target}'s {len(names)} shared blocks take turns over the hybrid layers in order ("
-                     f"{' '.join('H:' + s for s in turns)}), got {' '.join('H:' + s for s in shares)}")
-    if len(names) < len(hybrid) and not cfg.tie_embeddings:
+    if not cfg.tie_embeddings:
         raise refuse(f"{target} ties its shared transformers only with a tied head (tie_embeddings true): an "
                      "untied head unties them")
-    return hybrid, len(names)
+    blocks = list(dict.fromkeys(names))
+    shown: dict[str, str] = {}  # a block as the pattern writes it
+    for n, x in zip(names, hybrid):
+        shown.setdefault(n, x.written)
+    if target == ZAMBA and len(blocks) > 1:
+        raise refuse(f"{target} with a tied head runs one transformer in every hybrid layer (got "
+                     f"{', '.join(shown[n] for n in blocks)})")
+    turns = [blocks[j % len(blocks)] for j in range(len(names))]
+    if names != turns:
+        raise refuse(f"{target}'s {len(blocks)} transformer blocks take turns over the hybrid layers in order ("
+                     f"{' '.join(shown[n] for n in turns)}), got {' '.join(x.written for x in hybrid)}")
+    return hybrid, len(blocks)
 
 
 def zamba_export(model: Any, cfg: ModelConfig, target: str) -> Written:
@@ -136,7 +137,13 @@ def _zamba2(cfg: ModelConfig, n_blocks: int) -> dict[str, Any]:
     z, m, d = cfg.zamba, cfg.mamba, cfg.d_model
     plain(z, "zamba", ZAMBA2, ("n_heads", "n_kv_heads", "d_ff", "act", "adapter_rank", "attention_adapter", "rope",
                                "rope_theta"))
-    plain(m, "mamba", ZAMBA2, ("d_state", "d_conv", "expand", "head_dim", "n_groups", "dt_clamp_min"))
+    plain(m, "mamba", ZAMBA2, ("d_state", "d_conv", "expand", "head_dim", "n_groups", "dt_clamp_min", "d_inner"))
+    hd = 2 * d // z.n_heads
+    if hd % 2 and (hd > 4 or z.rope):  # its config validates a full-width rotation even without use_mem_rope
+        raise refuse(f"zamba.n_heads={z.n_heads} makes heads {hd} wide (2 * d_model / n_heads): {ZAMBA2} needs an "
+                     f"even width{' with zamba.rope' if hd <= 4 else ' above 4, with RoPE or without'}")
+    if m.d_inner not in (None, m.expand * d):
+        raise refuse(f"mamba.d_inner={m.d_inner}: {ZAMBA2}'s Mamba-2 is mamba.expand * d_model = {m.expand * d} wide")
     if cfg.norm_eps != 1e-5:
         raise refuse(f"model.norm_eps={cfg.norm_eps}: {ZAMBA2}'s Mamba-2 norms use 1e-5 whatever rms_norm_eps says "
                      "(needs 1e-5)")
