@@ -10,6 +10,7 @@ than transformers' so the choice of experts differs from token to token.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from test_import import (
     build_source,
     decode_logits,
     edit_config,
+    export_round_trip,
     tokens,
 )
 
@@ -142,6 +144,32 @@ def test_qwen3_next(tmp_path: Path, extra: dict[str, Any]) -> None:
     _, cfg = from_transformers(tmp_path)
     assert cfg.norm_offset == 1.0 and cfg.attention.output_gate and cfg.attention.rope_fraction == 0.25
     assert cfg.pattern == ("G E.dense G E A E.dense G E.dense" if extra else "GEGEAEGE")
+
+
+QWEN3_5 = {k: v for k, v in NEXT.items() if not k.startswith(("num_experts", "moe_", "shared_expert"))}
+
+
+@pytest.mark.parametrize("cls,cfg_cls,extra", [
+    ("Qwen3_5ForCausalLM", "Qwen3_5TextConfig", dict(attention_bias=True)),
+    ("Qwen3_5MoeForCausalLM", "Qwen3_5MoeTextConfig",
+     dict(num_experts=8, num_experts_per_tok=1, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+          rope_parameters={"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.5,
+                           "mrope_section": [1, 1, 2], "mrope_interleaved": True})),
+], ids=["dense", "moe"])
+def test_qwen3_5(tmp_path: Path, cls: str, cfg_cls: str, extra: dict[str, Any]) -> None:
+    """Qwen3.5's text models: Qwen3-Next's layers with the DeltaNet's projections apart (in amer's order), dense
+    feed-forwards after every mixer or routed ones in every layer (the router renormalises even a top-1 choice), and
+    multimodal RoPE whose position axes coincide for text. Negative control: one row of the DeltaNet's ``b``
+    projection perturbed moves the logits. The export writes the same layers as Qwen3-Next."""
+    types = ["linear_attention", "linear_attention", "full_attention", "linear_attention"]
+    hf = build(tmp_path, cls, cfg_cls, num_hidden_layers=4, layer_types=types, **{**QWEN3_5, **extra})
+    model, cfg = from_transformers(tmp_path)
+    assert cfg.norm_offset == 1.0 and cfg.attention.output_gate and cfg.pattern == "GEGEAEGE"
+    assert export_round_trip(model, cfg, tmp_path / "out") <= 1e-5
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["Qwen3NextForCausalLM"]
+    assert_same_function_and_control(hf, tmp_path, "model.layers.1.linear_attn.in_proj_b.weight")
+    assert (cfg.moe.n_experts, cfg.moe.renormalize_top1) == ((8, True) if "moe_intermediate_size" in extra else
+                                                              (1, False))
 
 
 LFM2_MOE = dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,

@@ -93,6 +93,9 @@ CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
     "Qwen3MoeForCausalLM": {**_MOE, "num_experts_per_tok": 8, "use_sliding_window": False, "sliding_window": 4096},
     "Qwen3NextForCausalLM": {**_MOE, "num_experts_per_tok": 10, "head_dim": 256, "partial_rotary_factor": 0.25,
                              "num_key_value_heads": 2},
+    "Qwen3_5ForCausalLM": {"head_dim": 256, "partial_rotary_factor": 0.25, "num_key_value_heads": 4},
+    "Qwen3_5MoeForCausalLM": {**_MOE, "num_experts": 256, "num_experts_per_tok": 8, "head_dim": 256,
+                              "partial_rotary_factor": 0.25, "num_key_value_heads": 2},
     "RecurrentGemmaForCausalLM": {"partial_rotary_factor": 0.5, "logits_soft_cap": 30.0,
                                   "attention_window_size": 2048},
     "Zamba2ForCausalLM": {**_EPS5, "num_mem_blocks": 1},
@@ -102,8 +105,8 @@ CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
 # the classes whose rotary embedding reads partial_rotary_factor: every other one turns the whole head whatever
 # the config says (the factor is a shared RoPE setting in transformers 5, so it turns up in configs of classes
 # that never read it)
-PARTIAL_ROTARY = frozenset({"BambaForCausalLM", "Phi3ForCausalLM", "Qwen3NextForCausalLM",
-                            "RecurrentGemmaForCausalLM"})
+PARTIAL_ROTARY = frozenset({"BambaForCausalLM", "Phi3ForCausalLM", "Qwen3NextForCausalLM", "Qwen3_5ForCausalLM",
+                            "Qwen3_5MoeForCausalLM", "RecurrentGemmaForCausalLM"})
 # the Llama-style classes whose attention reads sliding_window (Phi-3 on every layer, whatever layer_types says)
 SLIDING_WINDOW = frozenset({"MistralForCausalLM", "MixtralForCausalLM", "Phi3ForCausalLM"})
 # the classes whose dense MLP reads mlp_bias (Nemotron-H's MoE layers too: their shared expert and latent

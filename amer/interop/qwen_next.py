@@ -10,6 +10,11 @@ the router of ``docs/moe.md`` (shared expert with a sigmoid gate). ``q_proj`` ho
 rows in turn, ``(H, 2, hd, D)``; the DeltaNet's ``in_proj_qkvz`` / ``in_proj_ba`` are grouped by key head (see
 :mod:`amer.blocks.gated_deltanet`). The multi-token-prediction head (``mtp.*``) is not part of the causal LM and
 is left out, as transformers leaves it out.
+
+Qwen3.5 (``Qwen3_5ForCausalLM``, ``Qwen3_5MoeForCausalLM``: the text models) has the same layers, with the
+DeltaNet's projections stored apart in amer's order, a dense SwiGLU after every mixer (every layer routed in the
+MoE model, whose router always renormalises its top-k), and multimodal RoPE whose three position axes are the
+token's position for text, which makes it the plain partial RoPE above.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ from amer.interop.llama import _embeddings
 from amer.interop.moe import compact_pattern, ffn_table, ffn_weights, routed_weights, router_options, sparse_layers
 from amer.interop.source import Source, unsupported
 
-__all__ = ["convert_qwen3_next", "deltanet_options", "deltanet_weights", "gated_attention_weights"]
+__all__ = ["convert_qwen3_next", "deltanet_options", "deltanet_weights", "gated_attention_weights", "QWEN3_5"]
+
+QWEN3_5 = ("Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM")
 
 
 def deltanet_options(src: Source) -> dict[str, Any]:
@@ -47,6 +54,18 @@ def deltanet_weights(src: Source, pre: str, blk: int, state: dict[str, Tensor], 
     ba = src.get(pre + "in_proj_ba.weight").view(Hk, 2 * R, -1).split([R, R], dim=1)
     out = f"blocks.{blk}.mixer."
     state[out + "in_proj.weight"] = torch.cat([p.flatten(0, 1) for p in (*qkvz, *ba)])
+    _deltanet_rest(src, pre, out, state)
+
+
+def qwen3_5_deltanet_weights(src: Source, pre: str, blk: int, state: dict[str, Tensor], g: dict[str, Any]) -> None:
+    """A ``Qwen3_5GatedDeltaNet`` into block ``blk``'s G mixer: its projections are apart and in amer's order
+    (``in_proj_qkv`` holds ``[q; k; v]``, then ``z``, ``b``, ``a``), so ``in_proj`` is their concatenation."""
+    out = f"blocks.{blk}.mixer."
+    state[out + "in_proj.weight"] = torch.cat([src.get(f"{pre}in_proj_{p}.weight") for p in ("qkv", "z", "b", "a")])
+    _deltanet_rest(src, pre, out, state)
+
+
+def _deltanet_rest(src: Source, pre: str, out: str, state: dict[str, Tensor]) -> None:
     state[out + "conv_weight"] = src.get(pre + "conv1d.weight").squeeze(1)
     for name in ("A_log", "dt_bias", "out_proj.weight"):
         state[out + name] = src.get(pre + name)
@@ -76,9 +95,10 @@ def gated_attention_weights(src: Source, pre: str, blk: int, state: dict[str, Te
         state[f"{out}{n}_norm.weight"] = src.get(f"{pre}{n}_norm.weight")
 
 
-@converter("Qwen3NextForCausalLM")
+@converter("Qwen3NextForCausalLM", *QWEN3_5)
 def convert_qwen3_next(src: Source) -> Converted:
     c = src.config
+    qwen3_5 = src.arch in QWEN3_5
     L = int(c["num_hidden_layers"])
     types = c.get("layer_types")
     if types is None:  # as the class derives them: full attention on every full_attention_interval-th layer
@@ -91,13 +111,15 @@ def convert_qwen3_next(src: Source) -> Converted:
     g = deltanet_options(src)
     bias = bool(c.get("attention_bias", False))
     attn = {**attention_options(src), "qk_norm": True, "output_gate": True, "qkv_bias": bias, "out_bias": bias}
-    sparse = sparse_layers(src, L)
+    # Qwen3.5 routes every layer (MoE) or none, and its router always renormalises
+    sparse = [src.arch == "Qwen3_5MoeForCausalLM"] * L if qwen3_5 else sparse_layers(src, L)
     routed = None
     if any(sparse):
-        routed = router_options(src, d_ff="moe_intermediate_size", renormalize=bool(c.get("norm_topk_prob", True)),
-                                shared_expert=True, d_ff_shared=int(c["shared_expert_intermediate_size"]),
-                                shared_expert_gate=True)
-    moe, ffn = ffn_table(routed, int(c["intermediate_size"]), sparse)
+        renormalize = True if qwen3_5 else bool(c.get("norm_topk_prob", True))
+        routed = router_options(src, d_ff="moe_intermediate_size", renormalize=renormalize, shared_expert=True,
+                                d_ff_shared=int(c["shared_expert_intermediate_size"]), shared_expert_gate=True)
+    dense_d_ff = c.get("intermediate_size")
+    moe, ffn = ffn_table(routed, None if dense_d_ff is None else int(dense_d_ff), sparse)
     cfg = ModelConfig(pattern=compact_pattern([b for pair in zip(mixers, ffn) for b in pair]), **shared_options(src),
                       norm_offset=1.0, attention=attn, deltanet=g, moe=moe)
     state = _embeddings(src, cfg)
@@ -107,7 +129,7 @@ def convert_qwen3_next(src: Source) -> Converted:
         pre, blk = f"model.layers.{i}.", 2 * i
         state[f"blocks.{blk}.norm.weight"] = src.get(pre + "input_layernorm.weight")
         if mixer == "G":
-            deltanet_weights(src, pre + "linear_attn.", blk, state, g)
+            (qwen3_5_deltanet_weights if qwen3_5 else deltanet_weights)(src, pre + "linear_attn.", blk, state, g)
         else:
             gated_attention_weights(src, pre + "self_attn.", blk, state, a.n_heads, a.head_dim)
         state[f"blocks.{blk + 1}.norm.weight"] = src.get(pre + "post_attention_layernorm.weight")
