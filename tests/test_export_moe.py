@@ -1,7 +1,7 @@
 """Exporting MoE models and the hybrids around them back to transformers (``amer export --format transformers``):
-Jamba, Qwen3-Next, Granite-4.0-H (GraniteMoeHybrid), Qwen2-MoE, Qwen3-MoE, OLMoE and LFM2-MoE, each a round trip
-(transformers -> amer -> a transformers folder -> ``AutoModelForCausalLM.from_pretrained``) to 1e-5 in the logits,
-and models built in amer with those patterns; what a class cannot express is refused by name, in one line."""
+Jamba, Qwen3-Next, Granite-4.0-H (GraniteMoeHybrid), Qwen2-MoE, Qwen3-MoE, OLMoE, LFM2-MoE and Lara-4-Mini, each a
+round trip (transformers -> amer -> a transformers folder -> ``AutoModelForCausalLM.from_pretrained``) to 1e-5 in the
+logits, and models built in amer with those patterns; what a class cannot express is refused by name, in one line."""
 
 from __future__ import annotations
 
@@ -268,3 +268,53 @@ def test_a_trait_sends_attention_stacks_to_a_hybrid_only_when_it_fits(tmp_path: 
     cfg = ModelConfig(d_model=32, vocab_size=VOCAB, max_seq_len=64, **kw)
     with pytest.raises(InputError, match=message):
         export_transformers(HybridLM(cfg), cfg, tmp_path / "x")
+
+
+def lara_config(pattern: str = "G E A.swa E G E A E", **over: Any) -> ModelConfig:
+    """Lara-4-Mini's layers built in amer: DeltaNet, sliding-window attention with RoPE, global attention without."""
+    attention = {"n_heads": 4, "n_kv_heads": 2, "qk_norm": True, "rope_fraction": 0.0,
+                 "variants": {"swa": {"window": 5, "rope_fraction": 1.0}}, **over.pop("attention", {})}
+    moe = {"n_experts": 4, "top_k": 2, "d_ff": 16, "shared_expert": True, "d_ff_shared": 24, **over.pop("moe", {})}
+    return ModelConfig(pattern=pattern, d_model=32, vocab_size=VOCAB, max_seq_len=64, init_std=0.1,
+                       attention=attention, deltanet={"n_k_heads": 2, "n_v_heads": 4}, moe=moe, **over)
+
+
+def test_lara_mini_built_in_amer(tmp_path: Path) -> None:
+    """A model built in amer with Lara-4-Mini's layers (norms and biases moved off their initial values) is served by
+    transformers with the same logits; its folder names the layer kinds. The same stack with a gated shared expert
+    and an output gate is Qwen3-Next's (control: the trait decides the class)."""
+    torch.manual_seed(0)
+    cfg = lara_config()
+    model = HybridLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.3 * torch.randn_like(p))
+    assert export_round_trip(model, cfg, tmp_path / "lara") <= ATOL
+    conf = json.loads((tmp_path / "lara" / "config.json").read_text())
+    assert conf["architectures"] == ["LaraMiniForCausalLM"] and conf["sliding_window"] == 5
+    assert conf["layer_types"] == ["linear_attention", "sliding_attention", "linear_attention", "full_attention"]
+    gated = lara_config("G E A E", attention={"output_gate": True, "rope_fraction": 0.25, "variants": {}},
+                        moe={"shared_expert_gate": True}, norm_offset=1.0)
+    export_transformers(HybridLM(gated), gated, tmp_path / "next")
+    assert json.loads((tmp_path / "next" / "config.json").read_text())["architectures"] == ["Qwen3NextForCausalLM"]
+
+
+@pytest.mark.parametrize("over,match", [
+    (dict(attention={"variants": {"swa": {"window": 5, "rope_fraction": 0.5}}}), "either a window with RoPE"),
+    (dict(attention={"rope_fraction": 1.0}), "either a window with RoPE on whole heads or neither"),
+    (dict(pattern="G E A.swa E A.w E", attention={"variants": {"swa": {"window": 5, "rope_fraction": 1.0},
+                                                               "w": {"window": 7, "rope_fraction": 1.0}}}),
+     r"sliding windows \[5, 7\]"),
+    (dict(pattern="G E A.swa E A.h E", attention={"variants": {"swa": {"window": 5, "rope_fraction": 1.0},
+                                                               "h": {"n_kv_heads": 4}}}),
+     "differ in more than the window and RoPE"),
+    (dict(pattern="G E G E.d", moe={"variants": {"d": {"n_experts": 1, "shared_expert": False}}}),
+     "routes every layer"),
+    (dict(norm_offset=1.0), "model.norm_offset=1.0 has no counterpart in LaraMiniForCausalLM"),
+], ids=["partial-rope", "global-rope", "two-windows", "two-configs", "dense-layer", "norm-offset"])
+def test_what_lara_mini_cannot_express_is_refused(tmp_path: Path, over: dict[str, Any], match: str) -> None:
+    cfg = lara_config(**over)
+    with pytest.raises(InputError, match=match):
+        export_transformers(HybridLM(cfg), cfg, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -172,6 +172,31 @@ def test_qwen3_5(tmp_path: Path, cls: str, cfg_cls: str, extra: dict[str, Any]) 
                                                               (1, False))
 
 
+LARA = {**QWEN3_5, "num_hidden_layers": 5, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+        "shared_expert_intermediate_size": 24, "sliding_window": 3}
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(norm_topk_prob=False, num_experts_per_tok=1, attention_bias=True,
+                                                tie_word_embeddings=False, rms_norm_eps=1e-5)])
+def test_lara_mini(tmp_path: Path, extra: dict[str, Any]) -> None:
+    """Lara-4-Mini's period of five: G, sliding-window attention with RoPE (A.swa, a window of 3 over 12 tokens),
+    G, global attention without position encoding (A), A.swa; routed experts with an ungated shared expert in every
+    layer, renormalised or raw top-k. The checkpoint's fused DeltaNet ``in_proj`` is read as amer's rows (negative
+    control: one of them perturbed moves the logits). The export writes the class back, importing to the same
+    configs."""
+    hf = build(tmp_path, "LaraMiniForCausalLM", "LaraMiniConfig", **{**LARA, **extra})
+    model, cfg = from_transformers(tmp_path)
+    assert export_round_trip(model, cfg, tmp_path / "out") <= 1e-5
+    _, again = from_transformers(tmp_path / "out")
+    assert again.pattern == cfg.pattern and again.family_configs == cfg.family_configs
+    assert_same_function_and_control(hf, tmp_path, "model.layers.2.linear_attn.in_proj.weight")
+    assert cfg.pattern == "G E A.swa E G E A E A.swa E" and cfg.norm_offset == 0.0
+    full, swa = (cfg.layer_config(cfg.parsed.layers[i]) for i in (6, 2))
+    assert (full.rope_fraction, full.window, swa.rope_fraction, swa.window) == (0.0, None, 1.0, 3) and full.qk_norm
+    assert cfg.moe.shared_expert and not cfg.moe.shared_expert_gate and cfg.moe.renormalize == ("norm_topk_prob"
+                                                                                                 not in extra)
+
+
 LFM2_MOE = dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
                 num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4, num_dense_layers=1,
                 layer_types=["conv", "full_attention", "conv", "conv"])

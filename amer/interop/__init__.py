@@ -27,6 +27,7 @@ from amer.interop import (  # noqa: F401  (register their converters)
     hybrid,
     jamba,
     kimi,
+    lara,
     lfm2,
     lfm2_moe,
     llama,

@@ -5,7 +5,8 @@ a hybrid class expresses: which class a pattern is (:func:`moe_target`) and its 
 per-layer windows as ``A.swa``), ``Qwen3MoeForCausalLM`` (per-head q/k norms) or ``OlmoeForCausalLM`` (q/k norms over
 the whole projections); ``C``/``A`` + ``E.dense``/``E`` layers with the sigmoid router are ``Lfm2MoeForCausalLM``.
 The hybrids (Jamba, Qwen3-Next, Granite-4.0-H, Bamba for dense stacks with partial RoPE or biases, and Nemotron-H for
-``M``, ``A``, ``E`` blocks in any order or with squared-ReLU E blocks) are written by :mod:`amer.interop.export_hybrid`;
+``M``, ``A``, ``E`` blocks in any order or with squared-ReLU E blocks) are written by :mod:`amer.interop.export_hybrid`,
+Lara-4-Mini (DeltaNet and attention layers with an ungated shared expert) by :mod:`amer.interop.export_lara`;
 attention-only stacks go to the hybrid whose attention or router they have. A Mixtral-style model (the default router,
 no q/k norm) is left to the Llama / Mixtral writers of :mod:`amer.interop.export`. Each writer is the inverse of its
 converter, and whatever the class cannot express is refused by name.
@@ -17,6 +18,7 @@ from typing import Any
 
 from amer.config import ModelConfig
 from amer.interop import export_hybrid
+from amer.interop.export_lara import LARA, lara_mini
 from amer.interop.export_parts import (
     SHARED_DEFAULTS,
     Tensors,
@@ -40,7 +42,7 @@ __all__ = ["moe_target", "moe_export", "MOE_TARGETS"]
 
 MOE_TARGETS = ("JambaForCausalLM", "Qwen3NextForCausalLM", "GraniteMoeHybridForCausalLM", "BambaForCausalLM",
                "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM", "Lfm2MoeForCausalLM",
-               "NemotronHForCausalLM")
+               "NemotronHForCausalLM", LARA)
 _ROUTER = ("n_experts", "top_k", "d_ff", "renormalize", "renormalize_top1")
 SHARED_SCALES = ("embed_scale", "residual_scale", "logit_scale")  # Granite's multipliers
 
@@ -81,6 +83,10 @@ def moe_target(cfg: ModelConfig) -> str | None:
     jamba_like = routed and a.rope_fraction == 0.0 and not a.qk_norm and routed[0].score == "softmax"
     if ("S" in mixers and mixers <= {"S", "A"}) or (only_a and jamba_like and _plain_stack(cfg, ("E",))):
         return "JambaForCausalLM"
+    # an ungated shared expert after DeltaNet layers (and attention without an output gate) is Lara-4-Mini's
+    if "G" in mixers and mixers <= {"G", "A"} and routed and routed[0].shared_expert and (
+            not routed[0].shared_expert_gate and not ("A" in mixers and a.output_gate)):
+        return LARA
     if ("G" in mixers and mixers <= {"G", "A"} and (routed or a.output_gate)) or (
             only_a and a.output_gate and _plain_stack(cfg, ("E",), ("norm_offset",))):
         return "Qwen3NextForCausalLM"
@@ -114,7 +120,7 @@ def moe_export(model: Any, cfg: ModelConfig, arch: str) -> Written:
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     writers = {"JambaForCausalLM": export_hybrid.jamba, "Qwen3NextForCausalLM": export_hybrid.qwen3_next,
                "GraniteMoeHybridForCausalLM": export_hybrid.granite_hybrid, "Lfm2MoeForCausalLM": _lfm2_moe,
-               "BambaForCausalLM": export_hybrid.bamba,
+               "BambaForCausalLM": export_hybrid.bamba, LARA: lara_mini,
                "NemotronHForCausalLM": export_hybrid.nemotron_h}
     if arch in writers:
         return writers[arch](cfg, sd)
