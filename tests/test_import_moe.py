@@ -22,6 +22,7 @@ from test_import import (
     decode_logits,
     edit_config,
     export_round_trip,
+    reference_logits,
     tokens,
 )
 
@@ -195,6 +196,46 @@ def test_lara_mini(tmp_path: Path, extra: dict[str, Any]) -> None:
     assert (full.rope_fraction, full.window, swa.rope_fraction, swa.window) == (0.0, None, 1.0, 3) and full.qk_norm
     assert cfg.moe.shared_expert and not cfg.moe.shared_expert_gate and cfg.moe.renormalize == ("norm_topk_prob"
                                                                                                  not in extra)
+
+
+LFM3 = dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+            num_hidden_layers=5, sliding_window=3, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            layer_types=["conv", "sliding_attention", "full_attention", "conv", "full_attention"])
+
+
+@pytest.mark.parametrize("extra", [
+    dict(),
+    dict(use_sandwich_norm=False, use_attention_gate=False, attention_bias=True, conv_bias=True,
+         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 500.0},
+                          "full_attention": {"rope_type": "proportional", "rope_theta": 1e4,
+                                             "partial_rotary_factor": 0.75}}),
+    dict(head_dim=16, rope_parameters={"sliding_attention": {"rope_type": "linear", "rope_theta": 500.0, "factor": 2.0},
+                                       "full_attention": {"rope_type": "proportional", "rope_theta": 1e4,
+                                                          "partial_rotary_factor": 0.25, "factor": 4.0}}),
+], ids=["defaults", "plain", "scaled"])
+def test_lfm3(tmp_path: Path, extra: dict[str, Any]) -> None:
+    """LFM3: short convolutions, sliding-window attention (A.swa, a window of 3 over 12 tokens) and global attention
+    with proportional RoPE (partial RoPE once each q/k head's dimensions are reordered), sandwich norms, a sigmoid gate
+    per head (amer's per-channel gate with each head's row repeated). Negative control: the gate of a global layer
+    perturbed moves the logits."""
+    hf = build_source(tmp_path, "Lfm3ForCausalLM", "Lfm3Config", **{**LFM3, **extra})
+    perturb = ("model.layers.2.self_attn.q_proj.weight" if extra.get("use_attention_gate") is False
+               else "model.layers.4.self_attn.gate_proj.weight")
+    assert_same_function_and_control(hf, tmp_path, perturb)
+    _, cfg = from_transformers(tmp_path)
+    assert cfg.pattern == "C E A.swa E A E C E A E"
+    assert cfg.block_options(cfg.parsed.layers[0]).norm_placement == (
+        "pre" if extra.get("use_sandwich_norm") is False else "sandwich")
+
+
+def test_lfm3_proportional_rope_needs_the_reordered_heads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Negative control for the reordering: with each head's dimensions kept in LFM3's order, amer's partial RoPE
+    rotates other pairs and the logits move."""
+    hf = build_source(tmp_path, "Lfm3ForCausalLM", "Lfm3Config", **LFM3)
+    monkeypatch.setattr("amer.interop.lfm3._reorder", lambda *args: None)
+    model, _ = from_transformers(tmp_path)
+    with torch.no_grad():
+        assert (model(tokens(), taps=False).logits - reference_logits(hf, tokens())).abs().max() > 1e-3
 
 
 LFM2_MOE = dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,

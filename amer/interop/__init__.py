@@ -30,6 +30,7 @@ from amer.interop import (  # noqa: F401  (register their converters)
     lara,
     lfm2,
     lfm2_moe,
+    lfm3,
     llama,
     minimax,
     moe,
