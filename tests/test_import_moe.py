@@ -156,7 +156,10 @@ QWEN3_5 = {k: v for k, v in NEXT.items() if not k.startswith(("num_experts", "mo
      dict(num_experts=8, num_experts_per_tok=1, moe_intermediate_size=16, shared_expert_intermediate_size=24,
           rope_parameters={"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.5,
                            "mrope_section": [1, 1, 2], "mrope_interleaved": True})),
-], ids=["dense", "moe"])
+    ("Qwen3_5ForCausalLM", "Qwen3_5TextConfig", dict(rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                                       "rope_theta": 500.0,
+                                                                       "partial_rotary_factor": 0.5})),
+], ids=["dense", "moe", "linear-rope"])
 def test_qwen3_5(tmp_path: Path, cls: str, cfg_cls: str, extra: dict[str, Any]) -> None:
     """Qwen3.5's text models: Qwen3-Next's layers with the DeltaNet's projections apart (in amer's order), dense
     feed-forwards after every mixer or routed ones in every layer (the router renormalises even a top-1 choice), and
@@ -217,8 +220,13 @@ def test_lfm3(tmp_path: Path, extra: dict[str, Any]) -> None:
     """LFM3: short convolutions, sliding-window attention (A.swa, a window of 3 over 12 tokens) and global attention
     with proportional RoPE (partial RoPE once each q/k head's dimensions are reordered), sandwich norms, a sigmoid gate
     per head (amer's per-channel gate with each head's row repeated). Negative control: the gate of a global layer
-    perturbed moves the logits."""
+    perturbed moves the logits. The export writes the class back (gate rows, head order and RoPE base undone),
+    importing to the same configs."""
     hf = build_source(tmp_path, "Lfm3ForCausalLM", "Lfm3Config", **{**LFM3, **extra})
+    model, cfg = from_transformers(tmp_path)
+    assert export_round_trip(model, cfg, tmp_path / "out") <= 1e-5
+    _, again = from_transformers(tmp_path / "out")
+    assert again.pattern == cfg.pattern and again.family_configs == cfg.family_configs
     perturb = ("model.layers.2.self_attn.q_proj.weight" if extra.get("use_attention_gate") is False
                else "model.layers.4.self_attn.gate_proj.weight")
     assert_same_function_and_control(hf, tmp_path, perturb)
@@ -236,6 +244,48 @@ def test_lfm3_proportional_rope_needs_the_reordered_heads(tmp_path: Path, monkey
     model, _ = from_transformers(tmp_path)
     with torch.no_grad():
         assert (model(tokens(), taps=False).logits - reference_logits(hf, tokens())).abs().max() > 1e-3
+
+
+def test_lfm3_built_in_amer(tmp_path: Path) -> None:
+    """LFM3's layers built in amer (sandwich norms, a sliding variant, partial RoPE on the global layers) export as
+    LFM3. Refused by name: a per-channel output gate (LFM3 gates per head; the control ties each head's rows and
+    exports), blocks of two norm placements, Llama 3.1 scaling on partial RoPE."""
+    from amer import HybridLM, ModelConfig
+    from amer.errors import InputError
+    from amer.interop import export_transformers
+
+    def config(**over: Any) -> ModelConfig:
+        attention = {"n_heads": 4, "n_kv_heads": 2, "qk_norm": True, "rope_fraction": 0.5,
+                     "variants": {"swa": {"window": 4, "rope_fraction": 1.0, "rope_theta": 500.0}},
+                     **over.pop("attention", {})}
+        return ModelConfig(**{"pattern": "C E A.swa E A E", "d_model": 32, "vocab_size": 64, "max_seq_len": 64,
+                              "init_std": 0.1, "norm_placement": "sandwich", "attention": attention,
+                              "moe": {"n_experts": 1}, **over})
+
+    torch.manual_seed(0)
+    cfg = config()
+    model = HybridLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.3 * torch.randn_like(p))
+    assert export_round_trip(model, cfg, tmp_path / "lfm3") <= 1e-5
+    assert json.loads((tmp_path / "lfm3" / "config.json").read_text())["architectures"] == ["Lfm3ForCausalLM"]
+    gated = config(attention={"output_gate": True})
+    model = HybridLM(gated).eval()
+    with pytest.raises(InputError, match="differs within a head"):
+        export_transformers(model, gated, tmp_path / "gated")
+    with torch.no_grad():
+        for block in (model.blocks[2], model.blocks[4]):
+            w = block.mixer.gate.weight.view(4, 8, -1)
+            w.copy_(w[:, :1].expand_as(w))
+    assert export_round_trip(model, gated, tmp_path / "per-head") <= 1e-5
+    swa_sandwich = {"variants": {"swa": {"window": 4, "rope_fraction": 1.0, "norm_placement": "sandwich"}}}
+    for over, match in ((dict(norm_placement="pre", attention=swa_sandwich), "all pre-normed or all sandwich"),
+                        (dict(attention={"rope_scale_factor": 8.0}), "proportional RoPE has linear scaling alone")):
+        bad = config(**over)
+        with pytest.raises(InputError, match=match):
+            export_transformers(HybridLM(bad), bad, tmp_path / "bad")
 
 
 LFM2_MOE = dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from amer.config import ModelConfig
-from amer.errors import AmerError, InputError
+from amer.errors import AmerError, ConfigError, InputError
 from amer.interop import (  # noqa: F401  (register their converters)
     deepseek,
     falcon_h1,
@@ -62,6 +62,8 @@ def from_transformers(path: str | Path, *, dtype: str | torch.dtype = torch.floa
         raise unsupported(src.arch, f"no converter for this class (supported: {', '.join(supported_classes())})")
     try:
         converted = conv(src)
+    except ConfigError as err:  # a setting the config maps to that amer refuses: name the class it came from
+        raise unsupported(src.arch, f"its config gives {first_line(err)}") from None
     except AmerError:
         raise
     except KeyError as err:

@@ -29,6 +29,7 @@ from amer.interop.export_parts import (
     plain,
     pre_norms,
     refuse,
+    rope_parameters,
     routed_out,
     shared,
     shared_out,
@@ -121,7 +122,7 @@ def qwen3_next(cfg: ModelConfig, sd: Tensors) -> Written:
     pre_norms(cfg, T, variants=("E",))
     a, g, d, hd = cfg.attention, cfg.deltanet, cfg.d_model, head_dim(cfg)
     _attention_or_none(cfg, letters, T, ("rope_theta", "rope_fraction", "qk_norm", "qkv_bias", "out_bias",
-                                         "output_gate"))
+                                         "output_gate", "rope_linear_factor"))
     if "A" in letters and not (a.qk_norm and a.output_gate and a.qkv_bias == a.out_bias):
         raise refuse(f"{T}'s attention has per-head q/k norms and an output gate, and biases on all projections or "
                      "none (attention.qk_norm, output_gate, qkv_bias = out_bias)")
@@ -148,8 +149,8 @@ def qwen3_next(cfg: ModelConfig, sd: Tensors) -> Written:
                  "decoder_sparse_step": 1, "num_experts": conf.get("num_experts", 0),
                  "intermediate_size": (ffn.dense.d_ff or 2 * d) if ffn.dense else 2 * d,
                  "num_attention_heads": a.n_heads, "num_key_value_heads": a.n_kv_heads, "head_dim": hd,
-                 "attention_bias": a.qkv_bias, "rope_parameters": {"rope_type": "default", "rope_theta": a.rope_theta,
-                                                                   "partial_rotary_factor": a.rope_fraction},
+                 "attention_bias": a.qkv_bias,  # linear scaling or none: its rotary embedding slices either
+                 "rope_parameters": {**rope_parameters(a), "partial_rotary_factor": a.rope_fraction},
                  "linear_num_key_heads": Hk, "linear_num_value_heads": H, "linear_key_head_dim": dk,
                  "linear_value_head_dim": dv, "linear_conv_kernel_dim": g.d_conv, "rms_norm_eps": cfg.norm_eps,
                  "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len})

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from amer.blocks.attention import AttentionConfig
 from amer.config import ModelConfig
 from amer.interop.export_parts import (
     Tensors,
@@ -38,10 +39,15 @@ _ATTENTION = ("n_heads", "n_kv_heads", "head_dim", "rope_theta", "rope_fraction"
               "rope_scale_original")
 
 
-def _layer_types(cfg: ModelConfig) -> tuple[list[str], int | None]:
-    """Each layer's type and the sliding window, or the refusal naming the attention layer the class cannot hold."""
-    types, windows = [], set()
-    base = None  # (layer key, its attention but for the window and RoPE): every attention layer's must be equal
+_ROPE = {"window": None, "rope_theta": 1.0, "rope_fraction": 0.0, "rope_linear_factor": None,
+         "rope_scale_factor": None}  # what the two kinds of attention layer may differ in
+
+
+def _layer_types(cfg: ModelConfig) -> tuple[list[str], AttentionConfig | None, AttentionConfig | None]:
+    """Each layer's type, and the sliding and the global layers' attention (each kind's layers alike), or the refusal
+    naming the attention layer the class cannot hold."""
+    types: list[str] = []
+    kinds: dict[str, tuple[str, AttentionConfig]] = {}
     for layer in (m for m, _ in mixer_ffn_pairs(cfg) or []):
         if str(layer.family) == "G":
             types.append("linear_attention")
@@ -53,17 +59,19 @@ def _layer_types(cfg: ModelConfig) -> tuple[list[str], int | None]:
             raise refuse(f"{layer.key} (layer {layer.index}): {LARA}'s attention layers have per-head q/k norms, "
                          "biases on all projections or none, and either a window with RoPE on whole heads or neither "
                          f"(attention.window {a.window}, rope_fraction {a.rope_fraction}, qk_norm {a.qk_norm})")
-        rest = dataclasses.replace(a, window=None, rope_fraction=0.0)
-        base = base or (layer.key, rest)
-        if rest != base[1]:
-            raise refuse(f"{layer.key} (layer {layer.index}) and {base[0]} differ in more than the window and RoPE; "
-                         f"{LARA} has one attention configuration")
-        if sliding:
-            windows.add(a.window)
-        types.append("sliding_attention" if sliding else "full_attention")
-    if len(windows) > 1:
-        raise refuse(f"sliding windows {sorted(windows)}: {LARA} has one sliding_window")
-    return types, windows.pop() if windows else None
+        kind = "sliding_attention" if sliding else "full_attention"
+        key, first = kinds.setdefault(kind, (layer.key, a))
+        # a global layer's RoPE base and scaling do nothing (it rotates nothing)
+        if (a if sliding else dataclasses.replace(a, **_ROPE)) != (first if sliding else dataclasses.replace(
+                first, **_ROPE)):
+            raise refuse(f"{layer.key} (layer {layer.index}) and {key} differ; {LARA} has one sliding_window and one "
+                         "configuration per attention layer type")
+        types.append(kind)
+    swa, full = (kinds[k][1] if k in kinds else None for k in ("sliding_attention", "full_attention"))
+    if swa and full and dataclasses.replace(swa, **_ROPE) != dataclasses.replace(full, **_ROPE):
+        raise refuse(f"{kinds['sliding_attention'][0]} and {kinds['full_attention'][0]} differ in more than the window "
+                     f"and RoPE; {LARA} has one attention configuration")
+    return types, swa, full
 
 
 def lara_mini(cfg: ModelConfig, sd: Tensors) -> Written:
@@ -73,7 +81,8 @@ def lara_mini(cfg: ModelConfig, sd: Tensors) -> Written:
         raise refuse(f"pattern {cfg.pattern!r}: {LARA}'s layers are a G or A block followed by an E block")
     shared(cfg, LARA)
     pre_norms(cfg, LARA, variants=("A", "E"))  # the E blocks: checked with the feed-forwards
-    types, window = _layer_types(cfg)
+    types, swa, full = _layer_types(cfg)
+    view = dataclasses.replace(cfg, attention=swa or full) if swa or full else cfg  # the layers' own attention
     g, d = cfg.deltanet, cfg.d_model
     plain(g, "deltanet", LARA, ("n_k_heads", "n_v_heads", "head_k_dim", "head_v_dim", "d_conv", "norm_eps"))
     if (g.norm_eps or cfg.norm_eps) != cfg.norm_eps:
@@ -87,14 +96,14 @@ def lara_mini(cfg: ModelConfig, sd: Tensors) -> Written:
     if not r.shared_expert or (r.top_k == 1 and r.renormalize_top1 != r.renormalize):
         raise refuse(f"{LARA}'s routed layers add a shared expert without a gate (moe.shared_expert) and renormalise "
                      "a top-1 choice exactly when they renormalise")
-    a = next((cfg.layer_config(m) for m, _ in pairs if str(m.family) == "A" and cfg.layer_config(m).window), None)
+    a = view.attention
     H, Hk = g.n_v_heads or g.n_k_heads, g.n_k_heads
     dk = g.head_k_dim or d // Hk
     conf = {"architectures": [LARA], "model_type": "lara_mini", "hidden_size": d, "num_hidden_layers": len(types),
-            "layer_types": types, "num_attention_heads": cfg.attention.n_heads,
-            "num_key_value_heads": cfg.attention.n_kv_heads, "head_dim": head_dim(cfg),
-            "attention_bias": cfg.attention.qkv_bias, "sliding_window": window or 512,
-            "rope_parameters": rope_parameters(a or cfg.attention), "linear_num_key_heads": Hk,
+            "layer_types": types, "num_attention_heads": a.n_heads, "num_key_value_heads": a.n_kv_heads,
+            "head_dim": head_dim(view), "attention_bias": a.qkv_bias,
+            "sliding_window": swa.window if swa else 512, "rope_parameters": rope_parameters(a),
+            "linear_num_key_heads": Hk,
             "linear_num_value_heads": H, "linear_key_head_dim": dk, "linear_value_head_dim": g.head_v_dim or dk,
             "linear_conv_kernel_dim": g.d_conv, "num_experts": r.n_experts, "num_experts_per_tok": r.top_k,
             "moe_intermediate_size": r.d_ff or 2 * d, "norm_topk_prob": r.renormalize,
@@ -107,7 +116,7 @@ def lara_mini(cfg: ModelConfig, sd: Tensors) -> Written:
         out[pre + "input_layernorm.weight"] = sd[M + "norm.weight"]
         out[pre + "post_attention_layernorm.weight"] = sd[E + "norm.weight"]
         if letter == "A":
-            attention_out(cfg, sd, M, pre + "self_attn.", out)
+            attention_out(view, sd, M, pre + "self_attn.", out)
         else:
             src, dst = M + "mixer.", pre + "linear_attn."
             out[dst + "in_proj.weight"] = sd[src + "in_proj.weight"]

@@ -90,6 +90,9 @@ def moe_target(cfg: ModelConfig) -> str | None:
     if ("G" in mixers and mixers <= {"G", "A"} and (routed or a.output_gate)) or (
             only_a and a.output_gate and _plain_stack(cfg, ("E",), ("norm_offset",))):
         return "Qwen3NextForCausalLM"
+    if only_a and routed and routed[0].shared_expert and not routed[0].shared_expert_gate and a.qk_norm and (
+            a.qk_norm_scope == "head" and not a.output_gate and _plain_stack(cfg, ("A", "E"))):
+        return LARA  # attention layers alone with Lara-4-Mini's ungated shared expert
     mlp_bias = any(cfg.layer_config(e).bias for _, e in pairs)
     if "M" in mixers and mixers <= {"M", "A"}:
         # Bamba: dense layers only, and what Granite-4.0-H lacks: RoPE on part of each head, MLP biases

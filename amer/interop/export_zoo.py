@@ -1,5 +1,6 @@
 """amer -> transformers for the zoo's dense hybrid and state-space classes: ``S*L`` as ``MambaForCausalLM`` (or
-``FalconMambaForCausalLM`` with weightless dt/B/C norms), ``CE``/``AE`` layers as ``Lfm2ForCausalLM``, ``G E`` /
+``FalconMambaForCausalLM`` with weightless dt/B/C norms), ``CE``/``AE`` layers as ``Lfm2ForCausalLM`` (with sandwich
+norms, sliding layers or an output gate as ``Lfm3ForCausalLM``, :mod:`amer.interop.export_lfm3`), ``G E`` /
 ``A E.post`` layers as ``OlmoHybridForCausalLM``, ``(AE)*L`` with multipliers as ``GraniteForCausalLM`` and ``AE`` /
 ``A.swa E`` layers as ``Qwen3ForCausalLM`` (``Qwen2ForCausalLM`` with q/k/v biases) with per-layer ``layer_types``.
 
@@ -15,6 +16,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from amer.config import ModelConfig
+from amer.interop.export_lfm3 import LFM3, lfm3, lfm3_traits
 from amer.interop.export_parts import (
     ROPE_SCALING,
     SHARED_DEFAULTS,
@@ -38,7 +40,7 @@ from amer.pattern import LayerSpec
 __all__ = ["zoo_target", "zoo_export", "ZOO_TARGETS"]
 
 ZOO_TARGETS = ("MambaForCausalLM", "FalconMambaForCausalLM", "Lfm2ForCausalLM", "OlmoHybridForCausalLM",
-               "GraniteForCausalLM", "Qwen3ForCausalLM", "Qwen2ForCausalLM")
+               "GraniteForCausalLM", "Qwen3ForCausalLM", "Qwen2ForCausalLM", LFM3)
 
 
 def _require(ok: bool, what: str) -> None:
@@ -57,8 +59,8 @@ def zoo_target(cfg: ModelConfig) -> str | None:
     if not pairs:
         return None
     mixers = {str(m.family) for m, _ in pairs}
-    if "C" in mixers and mixers <= {"A", "C"}:
-        return "Lfm2ForCausalLM"
+    if "C" in mixers and mixers <= {"A", "C"}:  # LFM3 where it has what LFM3 adds: sandwich norms, windows, a gate
+        return LFM3 if lfm3_traits(cfg) else "Lfm2ForCausalLM"
     if "G" in mixers and mixers <= {"A", "G"}:
         return "OlmoHybridForCausalLM"
     if mixers != {"A"} or any(cfg.block_options(layer).norm_placement != "pre" for layer in layers):
@@ -77,7 +79,7 @@ def zoo_export(model: Any, cfg: ModelConfig, arch: str) -> Written:
     writer: Callable[[ModelConfig, Tensors, str], Written] = {
         "MambaForCausalLM": _mamba1, "FalconMambaForCausalLM": _mamba1, "Lfm2ForCausalLM": _lfm2,
         "OlmoHybridForCausalLM": _olmo_hybrid, "GraniteForCausalLM": _decoder, "Qwen3ForCausalLM": _decoder,
-        "Qwen2ForCausalLM": _decoder}[arch]
+        "Qwen2ForCausalLM": _decoder, LFM3: lfm3}[arch]
     return writer(cfg, sd, arch)
 
 

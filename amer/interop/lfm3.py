@@ -51,7 +51,9 @@ def _rope(src: Source, kind: str, head_dim: int) -> tuple[dict[str, Any], Tensor
         return {"rope_theta": theta, "rope_fraction": fraction, **clear, **scaling}, None
     half, R = head_dim // 2, int(float(params.get("partial_rotary_factor", 1.0)) * head_dim // 2)
     fraction = 2 * R / head_dim
-    table = {"rope_theta": float(params["rope_theta"]) ** fraction, "rope_fraction": fraction, **clear}
+    # 12 significant digits: the power's rounding off (1e4 ** 0.75 is 999.9999999999995), far below fp32's
+    table = {"rope_theta": float(f"{float(params['rope_theta']) ** fraction:.12g}"), "rope_fraction": fraction,
+             **clear}
     if float(params.get("factor", 1.0)) != 1.0:
         table["rope_linear_factor"] = float(params["factor"])
     order = [*range(R), *range(half, half + R), *range(R, half), *range(half + R, head_dim)]
