@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 from test_import import (
+    assert_refused,
     assert_same_function_and_control,
     build_source,
     decode_logits,
@@ -174,6 +175,30 @@ def test_qwen3_5(tmp_path: Path, cls: str, cfg_cls: str, extra: dict[str, Any]) 
     assert_same_function_and_control(hf, tmp_path, "model.layers.1.linear_attn.in_proj_b.weight")
     assert (cfg.moe.n_experts, cfg.moe.renormalize_top1) == ((8, True) if "moe_intermediate_size" in extra else
                                                               (1, False))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_qwen3_5_vision_language_folder(tmp_path: Path, tied: bool) -> None:
+    """A ``Qwen3_5ForConditionalGeneration`` folder (how Qwen3.5 is published): its language model imports as
+    ``Qwen3_5ForCausalLM`` (settings under ``text_config``, weights under ``model.language_model.``, the head tied as
+    the top level says), the vision tower left out; same logits as the multimodal model on text. Negative control: a
+    language-model weight perturbed in the folder moves amer's logits."""
+    types = ["linear_attention", "linear_attention", "full_attention", "linear_attention"]
+    text = {**QWEN3_5, "num_hidden_layers": 4, "layer_types": types, "vocab_size": 64, "initializer_range": 0.1}
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=2,
+                  temporal_patch_size=1, spatial_merge_size=1)
+    torch.manual_seed(0)
+    config = transformers.Qwen3_5Config(text_config=text, vision_config=vision, tie_word_embeddings=tied)
+    hf = transformers.Qwen3_5ForConditionalGeneration(config).float().eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if p.dim() == 1 and "A_log" not in name:
+                p.add_(0.2 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path)
+    assert_same_function_and_control(hf, tmp_path, "model.language_model.layers.2.self_attn.k_proj.weight")
+    _, cfg = from_transformers(tmp_path)
+    assert cfg.pattern == "GEGEAEGE" and cfg.tie_embeddings == tied
+    assert_refused(tmp_path, {"text_config": None}, "no text_config object in config.json")
 
 
 LARA = {**QWEN3_5, "num_hidden_layers": 5, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 16,

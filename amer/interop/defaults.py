@@ -14,7 +14,15 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = ["CLASS_DEFAULTS", "ALIASES", "LEGACY", "PARTIAL_ROTARY", "SLIDING_WINDOW", "NEVER_TIED", "MLP_BIAS",
-           "NO_ATTENTION_BIAS"]
+           "NO_ATTENTION_BIAS", "TEXT_MODELS"]
+
+# multimodal classes whose language model an import reads as its causal-LM class: (that class, the prefix of its
+# weights in the folder, the prefix of the weights it leaves, such as the vision tower). Their config.json nests the
+# language model's settings under text_config; the head's tying is the top level's.
+TEXT_MODELS: dict[str, tuple[str, str, str]] = {
+    "Qwen3_5ForConditionalGeneration": ("Qwen3_5ForCausalLM", "model.language_model.", "model.visual."),
+    "Qwen3_5MoeForConditionalGeneration": ("Qwen3_5MoeForCausalLM", "model.language_model.", "model.visual."),
+}
 
 # each class's attribute_map: a setting a config may spell by another name (alias -> the name the class keeps), folded
 # onto its kept name before the defaults go under it, so a default never hides a value given by its alias

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from amer.errors import CheckpointError
 from amer.fileread import file_kind, json_loads, read_regular
-from amer.interop.defaults import ALIASES, CLASS_DEFAULTS, LEGACY, PARTIAL_ROTARY
+from amer.interop.defaults import ALIASES, CLASS_DEFAULTS, LEGACY, PARTIAL_ROTARY, TEXT_MODELS
 
 __all__ = ["Source", "unsupported", "first_line"]
 
@@ -97,6 +97,14 @@ class Source:
         if not isinstance(archs, list) or len(archs) != 1 or not isinstance(archs[0], str):
             raise CheckpointError(f"{cfg_file}: 'architectures' must name exactly one model class, got {archs!r:.80}")
         self.arch: str = archs[0]
+        text = TEXT_MODELS.get(self.arch)
+        if text is not None:  # a multimodal folder: its language model, as its causal-LM class
+            nested = config.get("text_config")
+            if not isinstance(nested, dict):
+                raise unsupported(self.arch, "no text_config object in config.json (the language model's settings)")
+            config = {**nested, "tie_word_embeddings": config.get("tie_word_embeddings",
+                                                                  nested.get("tie_word_embeddings"))}
+            self.arch = text[0]
         config = dict(config)
         for alias, kept in ALIASES.get(self.arch, {}).items():
             if alias in config and kept not in config:
@@ -114,6 +122,9 @@ class Source:
         # and they add nothing, so a converter never needs them and none is left over
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._files = self._weight_files()
+        self._stored: dict[str, str] = {}  # a weight's name as a converter asks for it -> as the folder stores it
+        if text is not None:
+            self._text_weights(*text[1:])
         self._empty = {k for k, shape in self._shapes.items() if 0 in shape}
         self._used: set[str] = set()
 
@@ -147,6 +158,17 @@ class Source:
             raise CheckpointError(f"{self.root}: no model.safetensors or model.safetensors.index.json{hint}")
         return dict.fromkeys(_keys(single, shapes=self._shapes), single)
 
+    def _text_weights(self, prefix: str, other: str) -> None:
+        """The language model's weights under the names its causal-LM class stores (``model.`` for ``prefix``); the
+        rest of the multimodal model (``other``) left out, as its causal-LM class has none of it."""
+        files, shapes = {}, {}
+        for name, file in self._files.items():
+            if name.startswith(other):
+                continue
+            key = "model." + name[len(prefix):] if name.startswith(prefix) else name
+            files[key], shapes[key], self._stored[key] = file, self._shapes[name], name
+        self._files, self._shapes = files, shapes
+
     def get(self, key: str, *, optional: bool = False) -> Tensor | None:
         """The tensor ``key`` in fp32 (marked used); None for an absent optional one."""
 
@@ -157,7 +179,7 @@ class Source:
         self._used.add(key)
         try:
             with safe_open(str(self._files[key]), framework="pt") as f:
-                return f.get_tensor(key).to(torch.float32)
+                return f.get_tensor(self._stored.get(key, key)).to(torch.float32)
         except Exception as err:  # noqa: BLE001  (safetensors raises its own types for a damaged file)
             raise CheckpointError(f"{self._files[key]}: not a readable safetensors file ({first_line(err)})") from None
 
