@@ -174,3 +174,27 @@ def test_llama_linear_rope_scaling(tmp_path: Path) -> None:
         blk.mixer.cfg_rope = dataclasses.replace(cfg.attention, rope_linear_factor=None)
         blk.mixer.init_buffers()
     assert differs(model, hf) > 100 * ATOL
+
+
+def test_gemma3_multimodal_folder(tmp_path: Path) -> None:
+    """A ``Gemma3ForConditionalGeneration`` folder (how the larger Gemma 3 models are published): its language model
+    imports as ``Gemma3ForCausalLM`` (settings under ``text_config``, weights under ``language_model.model.``, the
+    vision tower and projector left out); same logits as the multimodal model on text. Negative control: a language
+    model weight perturbed in the folder moves amer's logits."""
+    from test_import import assert_same_function_and_control
+
+    text = {**GEMMA3, "vocab_size": 64, "initializer_range": 0.1}
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8,
+                  patch_size=4)
+    torch.manual_seed(0)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       boi_token_index=60, eoi_token_index=61, image_token_index=62)
+    hf = transformers.Gemma3ForConditionalGeneration(config).float().eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() == 1:
+                p.add_(0.2 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path)
+    assert_same_function_and_control(hf, tmp_path, "language_model.model.layers.1.self_attn.k_proj.weight")
+    _, cfg = from_transformers(tmp_path)
+    assert cfg.pattern == "A.swa E A E A.swa E A.swa E" and cfg.tie_embeddings

@@ -16,12 +16,18 @@ from typing import Any
 __all__ = ["CLASS_DEFAULTS", "ALIASES", "LEGACY", "PARTIAL_ROTARY", "SLIDING_WINDOW", "NEVER_TIED", "MLP_BIAS",
            "NO_ATTENTION_BIAS", "TEXT_MODELS"]
 
-# multimodal classes whose language model an import reads as its causal-LM class: (that class, the prefix of its
-# weights in the folder, the prefix of the weights it leaves, such as the vision tower). Their config.json nests the
-# language model's settings under text_config; the head's tying is the top level's.
-TEXT_MODELS: dict[str, tuple[str, str, str]] = {
-    "Qwen3_5ForConditionalGeneration": ("Qwen3_5ForCausalLM", "model.language_model.", "model.visual."),
-    "Qwen3_5MoeForConditionalGeneration": ("Qwen3_5MoeForCausalLM", "model.language_model.", "model.visual."),
+# multimodal classes whose language model an import reads as its causal-LM class: (that class, where its weights
+# sit in the folder -> where the causal-LM class keeps them, the prefixes of the weights it leaves, such as the vision
+# tower). Their config.json nests the language model's settings under text_config; the head's tying is the top
+# level's. Gemma 3's folders are written in the older layout (language_model.model.*) or the newer one.
+_QWEN3_5_VL = ({"model.language_model.": "model."}, ("model.visual.",))
+_GEMMA3_VL = ({"model.language_model.": "model.", "language_model.model.": "model.",
+               "language_model.lm_head.": "lm_head."},
+              ("model.vision_tower.", "vision_tower.", "model.multi_modal_projector.", "multi_modal_projector."))
+TEXT_MODELS: dict[str, tuple[str, dict[str, str], tuple[str, ...]]] = {
+    "Qwen3_5ForConditionalGeneration": ("Qwen3_5ForCausalLM", *_QWEN3_5_VL),
+    "Qwen3_5MoeForConditionalGeneration": ("Qwen3_5MoeForCausalLM", *_QWEN3_5_VL),
+    "Gemma3ForConditionalGeneration": ("Gemma3ForCausalLM", *_GEMMA3_VL),
 }
 
 # each class's attribute_map: a setting a config may spell by another name (alias -> the name the class keeps), folded

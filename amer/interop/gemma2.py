@@ -62,7 +62,8 @@ def convert_gemma2(src: Source) -> Converted:
     c = src.config
     gemma3 = src.arch == "Gemma3ForCausalLM"
     if "text_config" in c:
-        raise unsupported(src.arch, "a multimodal Gemma 3 config (text_config): import the text model's folder")
+        raise unsupported(src.arch, "a multimodal Gemma 3 config (text_config) naming the text class: its class is "
+                          "Gemma3ForConditionalGeneration, whose language model imports")
     act = c.get("hidden_activation") or c.get("hidden_act") or "gelu_pytorch_tanh"
     if act not in GELU_TANH:
         raise unsupported(src.arch, f"hidden_activation={act!r} (amer's GeGLU uses the tanh GeLU)")

@@ -158,14 +158,16 @@ class Source:
             raise CheckpointError(f"{self.root}: no model.safetensors or model.safetensors.index.json{hint}")
         return dict.fromkeys(_keys(single, shapes=self._shapes), single)
 
-    def _text_weights(self, prefix: str, other: str) -> None:
-        """The language model's weights under the names its causal-LM class stores (``model.`` for ``prefix``); the
-        rest of the multimodal model (``other``) left out, as its causal-LM class has none of it."""
+    def _text_weights(self, renames: dict[str, str], others: tuple[str, ...]) -> None:
+        """The language model's weights under the names its causal-LM class stores (``renames``: stored prefix ->
+        that class's); the rest of the multimodal model (``others``) left out, as its causal-LM class has none of
+        it."""
         files, shapes = {}, {}
         for name, file in self._files.items():
-            if name.startswith(other):
+            if name.startswith(others):
                 continue
-            key = "model." + name[len(prefix):] if name.startswith(prefix) else name
+            old = next((p for p in renames if name.startswith(p)), None)
+            key = name if old is None else renames[old] + name[len(old):]
             files[key], shapes[key], self._stored[key] = file, self._shapes[name], name
         self._files, self._shapes = files, shapes
 
