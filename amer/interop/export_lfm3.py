@@ -89,7 +89,7 @@ def lfm3(cfg: ModelConfig, sd: Tensors, arch: str = LFM3) -> Written:
     sandwich = _placement(cfg)
     d, sc = cfg.d_model, cfg.shortconv
     plain(sc, "shortconv", LFM3, ("l_cache", "bias"))
-    types, windows, kinds = [], set(), {}
+    types, kinds = [], {}
     for m, _ in pairs:
         if str(m.family) == "C":
             types.append("conv")
@@ -102,7 +102,6 @@ def lfm3(cfg: ModelConfig, sd: Tensors, arch: str = LFM3) -> Written:
         kind = "sliding_attention" if a.window is not None else "full_attention"
         if kinds.setdefault(kind, a) != a:
             raise refuse(f"{m.key} (layer {m.index}): {LFM3} has one configuration per attention layer type")
-        windows.add(a.window)
         types.append(kind)
     rest = [dataclasses.replace(a, window=None, rope_theta=1.0, rope_fraction=0.0, rope_linear_factor=None,
                                 rope_scale_factor=None) for a in kinds.values()]
@@ -121,7 +120,7 @@ def lfm3(cfg: ModelConfig, sd: Tensors, arch: str = LFM3) -> Written:
             "intermediate_size": _dense_width(cfg, pairs), "conv_bias": sc.bias, "conv_L_cache": sc.l_cache,
             "norm_eps": cfg.norm_eps, "max_position_embeddings": cfg.max_seq_len, "layer_types": types,
             "num_attention_heads": a.n_heads, "num_key_value_heads": a.n_kv_heads, "head_dim": hd,
-            "attention_bias": a.qkv_bias, "sliding_window": next((w for w in windows if w), 256),
+            "attention_bias": a.qkv_bias, "sliding_window": swa.window if swa else 256,
             "use_sandwich_norm": sandwich, "use_attention_gate": gate, "rope_parameters": rope}
     out = {"model.embed_tokens.weight": sd["embed.weight"], "model.embedding_norm.weight": sd["norm.weight"]}
     for i, (x, kind) in enumerate(zip(letters, types)):

@@ -14,33 +14,17 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-from torch import Tensor
-
 from amer.config import ModelConfig
 from amer.interop.common import Converted, attention_options, attention_weights, converter, shared_options
 from amer.interop.llama import _embeddings
 from amer.interop.moe import compact_pattern, ffn_weights, routed_weights, router_options
-from amer.interop.qwen_next import deltanet_options
+from amer.interop.qwen_next import deltanet_options, qwen3_5_deltanet_weights
 from amer.interop.source import Source, unsupported
 
 __all__ = ["convert_lara_mini"]
 
 _MIXERS = {"linear_attention": "G", "sliding_attention": "A.swa", "full_attention": "A"}
 _PERIOD = ["linear_attention", "sliding_attention", "linear_attention", "full_attention", "sliding_attention"]
-
-
-def _deltanet_weights(src: Source, pre: str, blk: int, state: dict[str, Tensor]) -> None:
-    out = f"blocks.{blk}.mixer."
-    if src.has(pre + "in_proj.weight"):
-        state[out + "in_proj.weight"] = src.get(pre + "in_proj.weight")
-    else:
-        state[out + "in_proj.weight"] = torch.cat([src.get(f"{pre}in_proj_{p}.weight") for p in ("qkv", "z", "b", "a")])
-    state[out + "conv_weight"] = src.get(pre + "conv1d.weight").squeeze(1)
-    for name in ("A_log", "dt_bias", "out_proj.weight"):
-        state[out + name] = src.get(pre + name)
-    norm = "out_norm.weight" if src.has(pre + "out_norm.weight") else "norm.weight"
-    state[out + "norm_weight"] = src.get(pre + norm)
 
 
 @converter("LaraMiniForCausalLM")
@@ -63,7 +47,7 @@ def convert_lara_mini(src: Source) -> Converted:
         pre, blk = f"model.layers.{i}.", 2 * i
         state[f"blocks.{blk}.norm.weight"] = src.get(pre + "input_layernorm.weight")
         if kind == "linear_attention":
-            _deltanet_weights(src, pre + "linear_attn.", blk, state)
+            qwen3_5_deltanet_weights(src, pre + "linear_attn.", blk, state)
         else:
             attention_weights(src, pre + "self_attn.", blk, state, qk_norm=True)
         state[f"blocks.{blk + 1}.norm.weight"] = src.get(pre + "post_attention_layernorm.weight")

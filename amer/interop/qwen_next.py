@@ -30,7 +30,8 @@ from amer.interop.llama import _embeddings
 from amer.interop.moe import compact_pattern, ffn_table, ffn_weights, routed_weights, router_options, sparse_layers
 from amer.interop.source import Source, unsupported
 
-__all__ = ["convert_qwen3_next", "deltanet_options", "deltanet_weights", "gated_attention_weights", "QWEN3_5"]
+__all__ = ["convert_qwen3_next", "deltanet_options", "deltanet_weights", "gated_attention_weights", "QWEN3_5",
+           "qwen3_5_deltanet_weights"]
 
 QWEN3_5 = ("Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM")
 
@@ -57,11 +58,17 @@ def deltanet_weights(src: Source, pre: str, blk: int, state: dict[str, Tensor], 
     _deltanet_rest(src, pre, out, state)
 
 
-def qwen3_5_deltanet_weights(src: Source, pre: str, blk: int, state: dict[str, Tensor], g: dict[str, Any]) -> None:
+def qwen3_5_deltanet_weights(src: Source, pre: str, blk: int, state: dict[str, Tensor], g: Any = None) -> None:
     """A ``Qwen3_5GatedDeltaNet`` into block ``blk``'s G mixer: its projections are apart and in amer's order
-    (``in_proj_qkv`` holds ``[q; k; v]``, then ``z``, ``b``, ``a``), so ``in_proj`` is their concatenation."""
+    (``in_proj_qkv`` holds ``[q; k; v]``, then ``z``, ``b``, ``a``), so ``in_proj`` is their concatenation; a
+    checkpoint that stores them fused (Lara-4-Mini's ``in_proj``, its gated norm as ``out_norm``) holds that
+    already."""
     out = f"blocks.{blk}.mixer."
-    state[out + "in_proj.weight"] = torch.cat([src.get(f"{pre}in_proj_{p}.weight") for p in ("qkv", "z", "b", "a")])
+    if src.has(pre + "in_proj.weight"):
+        state[out + "in_proj.weight"] = src.get(pre + "in_proj.weight")
+    else:
+        parts = ("qkv", "z", "b", "a")
+        state[out + "in_proj.weight"] = torch.cat([src.get(f"{pre}in_proj_{p}.weight") for p in parts])
     _deltanet_rest(src, pre, out, state)
 
 
@@ -69,7 +76,8 @@ def _deltanet_rest(src: Source, pre: str, out: str, state: dict[str, Tensor]) ->
     state[out + "conv_weight"] = src.get(pre + "conv1d.weight").squeeze(1)
     for name in ("A_log", "dt_bias", "out_proj.weight"):
         state[out + name] = src.get(pre + name)
-    state[out + "norm_weight"] = src.get(pre + "norm.weight")
+    norm = "out_norm.weight" if src.has(pre + "out_norm.weight") else "norm.weight"
+    state[out + "norm_weight"] = src.get(pre + norm)
 
 
 def gated_attention_weights(src: Source, pre: str, blk: int, state: dict[str, Tensor], heads: int,
